@@ -1,0 +1,360 @@
+//! The `egress.dev/v1alpha1` API: `EgressPolicy` (namespaced) and `ClusterEgressPolicy`
+//! (cluster-scoped), shared by the gateway and the node-redirector.
+//!
+//! This crate depends on nothing of the gateway: it holds the types (with their generated CRD
+//! schema), label-selector matching, domain-pattern normalisation and validation with precise
+//! field paths.
+
+pub mod domain;
+pub mod manifests;
+pub mod selector;
+pub mod validate;
+
+use std::collections::BTreeMap;
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub use selector::{LabelSelector, LabelSelectorRequirement};
+pub use validate::FieldError;
+
+/// API group of every kind in this crate.
+pub const GROUP: &str = "egress.dev";
+/// API version of every kind in this crate.
+pub const VERSION: &str = "v1alpha1";
+/// `apiVersion` as written in documents.
+pub const API_VERSION: &str = "egress.dev/v1alpha1";
+
+/// Desired egress of the Pods of one namespace.
+#[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[kube(
+    group = "egress.dev",
+    version = "v1alpha1",
+    kind = "EgressPolicy",
+    namespaced,
+    shortname = "egp",
+    status = "PolicyStatus",
+    derive = "PartialEq",
+    doc = "EgressPolicy allows selected Pods of its namespace to reach declared domains, CIDRs and ports through the egress gateway. Allows are additive; a Pod selected by no policy gets the gateway's defaultAction.",
+    printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
+    printcolumn(name = "Redirect", type_ = "string", json_path = ".spec.redirect"),
+    printcolumn(name = "Pods", type_ = "integer", json_path = ".status.selectedPods"),
+    printcolumn(
+        name = "Accepted",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EgressPolicySpec {
+    /// Selects the Pods of this namespace the policy applies to. `{}` selects every Pod of the namespace.
+    pub pod_selector: LabelSelector,
+    /// `Enforce` (default) denies what no rule allows; `Audit` lets would-deny connections through and
+    /// records them. Audit never overrides the built-in guard or a cluster Deny rule.
+    #[serde(default)]
+    pub mode: Mode,
+    /// `Transparent` asks the node-redirector to steer all TCP egress of the selected Pods to the
+    /// gateway; `None` (default) relies on the application's proxy settings.
+    #[serde(default)]
+    pub redirect: Redirect,
+    /// Name of a source-address pool configured on the gateway (`egressAddresses`); absent means `default`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_address: Option<String>,
+    /// Allow rules. An empty list allows nothing (the selected Pods are isolated).
+    #[serde(default)]
+    pub rules: Vec<EgressRule>,
+    /// Token bucket applied per client Pod to the requests this policy allows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// Platform-wide egress rules that select Pods across namespaces.
+#[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[kube(
+    group = "egress.dev",
+    version = "v1alpha1",
+    kind = "ClusterEgressPolicy",
+    shortname = "cegp",
+    status = "PolicyStatus",
+    derive = "PartialEq",
+    doc = "ClusterEgressPolicy selects Pods across namespaces. Its Deny rules beat every namespaced Allow; its Allow rules add to the namespaced ones.",
+    printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
+    printcolumn(name = "Redirect", type_ = "string", json_path = ".spec.redirect"),
+    printcolumn(name = "Pods", type_ = "integer", json_path = ".status.selectedPods"),
+    printcolumn(
+        name = "Accepted",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClusterEgressPolicySpec {
+    /// Selects the namespaces by their labels. Every namespace carries
+    /// `kubernetes.io/metadata.name: <name>`. `{}` selects every namespace.
+    pub namespace_selector: LabelSelector,
+    /// Selects Pods within the selected namespaces. `{}` selects every Pod.
+    pub pod_selector: LabelSelector,
+    /// `Enforce` (default) or `Audit`; see EgressPolicy.
+    #[serde(default)]
+    pub mode: Mode,
+    /// `None` (default) or `Transparent`; see EgressPolicy.
+    #[serde(default)]
+    pub redirect: Redirect,
+    /// Name of a source-address pool configured on the gateway; absent means `default`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_address: Option<String>,
+    /// Rules with an explicit action. Deny rules are evaluated before any Allow rule of any policy.
+    #[serde(default)]
+    pub rules: Vec<ClusterEgressRule>,
+    /// Token bucket applied per client Pod to the requests this policy allows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// Whether a policy enforces its decisions or only records them.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default, JsonSchema)]
+pub enum Mode {
+    /// Deny what no rule allows.
+    #[default]
+    Enforce,
+    /// Let would-deny connections through and record them as `audit_would_deny`.
+    Audit,
+}
+
+/// How the selected Pods reach the gateway.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default, JsonSchema)]
+pub enum Redirect {
+    /// The application uses the gateway as an explicit proxy.
+    #[default]
+    None,
+    /// The node-redirector steers all TCP egress of the selected Pods to the gateway.
+    Transparent,
+}
+
+/// Action of a ClusterEgressPolicy rule.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, JsonSchema)]
+pub enum RuleAction {
+    /// Allow matching connections (additive with namespaced allows).
+    Allow,
+    /// Deny matching connections, whatever any other policy allows.
+    Deny,
+}
+
+/// One allow rule: destinations, optional ports, optional HTTP constraints.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EgressRule {
+    /// Name reported in audit events and decisions. Defaults to `rules[N]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Destinations (at least one): each either a `domain` or a `cidr`.
+    pub to: Vec<Peer>,
+    /// Destination ports. Empty means any port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortRange>,
+    /// Method and path constraints. A rule with `http` only matches plain-HTTP requests the gateway
+    /// sees in full (absolute-form); it never matches a CONNECT, SOCKS or TLS target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpMatch>,
+}
+
+/// One ClusterEgressPolicy rule.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClusterEgressRule {
+    /// Name reported in audit events and decisions. Defaults to `rules[N]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `Allow` or `Deny`.
+    pub action: RuleAction,
+    /// Destinations (at least one): each either a `domain` or a `cidr`.
+    pub to: Vec<Peer>,
+    /// Destination ports. Empty means any port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortRange>,
+    /// Method and path constraints, as in EgressPolicy rules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpMatch>,
+}
+
+impl ClusterEgressRule {
+    /// The matching part of the rule, without its action.
+    pub fn matcher(&self) -> EgressRule {
+        EgressRule {
+            name: self.name.clone(),
+            to: self.to.clone(),
+            ports: self.ports.clone(),
+            http: self.http.clone(),
+        }
+    }
+}
+
+/// A destination: exactly one of `domain` or `cidr`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Peer {
+    /// An exact host name (`api.stripe.com`) or `*.` followed by a name (`*.stripe.com`: one or more
+    /// labels below stripe.com, never stripe.com itself). Case-insensitive; IDNA names are compared
+    /// in punycode. A domain never opens private (RFC 1918, CGNAT, ULA) addresses, whatever it resolves to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+    /// An IPv4 or IPv6 prefix such as `10.40.0.0/16`. Matches targets given as IP addresses.
+    /// The only way to open private ranges.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cidr: Option<String>,
+    /// Prefixes inside `cidr` that stay closed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub except: Vec<String>,
+}
+
+/// A TCP port or an inclusive range of ports.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PortRange {
+    /// The port, 1..65535.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: u32,
+    /// Last port of the range (inclusive), not below `port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub end_port: Option<u32>,
+}
+
+/// HTTP constraints of a rule.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpMatch {
+    /// Allowed methods (upper case). Empty means any method.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    /// Allowed paths: a pattern ending in `*` matches every path starting with what precedes the `*`;
+    /// any other pattern matches that path exactly. The query string never takes part. Empty means any path.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+}
+
+/// A token bucket per client Pod.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateLimit {
+    /// Sustained requests (HTTP requests or new connections) per second, at least 1.
+    #[schemars(range(min = 1))]
+    pub requests_per_second: u32,
+    /// Bucket size; defaults to `requestsPerSecond`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub burst: Option<u32>,
+}
+
+/// Status written by the gateway.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Accepted`: `True` with reason `Valid`, or `False` with the reason and the exact problem.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// How many Pods the policy selects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selected_pods: Option<i64>,
+}
+
+/// A status condition, as in `metav1.Condition`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// Condition type, e.g. `Accepted`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// Machine-readable reason in CamelCase.
+    #[serde(default)]
+    pub reason: String,
+    /// Human-readable detail.
+    #[serde(default)]
+    pub message: String,
+    /// When the status last changed (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<String>,
+    /// The generation this condition was set for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// Either kind of policy, as read from a YAML document.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AnyPolicy {
+    /// A namespaced policy.
+    Namespaced(EgressPolicy),
+    /// A cluster-scoped policy.
+    Cluster(ClusterEgressPolicy),
+}
+
+/// Error reading a policy document.
+#[derive(Debug, thiserror::Error)]
+pub enum DocumentError {
+    /// The document is not a mapping with `apiVersion` and `kind`.
+    #[error("{0}")]
+    Shape(String),
+    /// The document does not deserialise into its kind.
+    #[error("{0}")]
+    Decode(String),
+}
+
+impl AnyPolicy {
+    /// Reads one document (already parsed as YAML/JSON) into its kind.
+    pub fn from_value(value: serde_json::Value) -> Result<Self, DocumentError> {
+        let api_version = value.get("apiVersion").and_then(|v| v.as_str()).unwrap_or("");
+        let kind = value.get("kind").and_then(|v| v.as_str()).unwrap_or("");
+        if api_version != API_VERSION {
+            return Err(DocumentError::Shape(format!(
+                "apiVersion: expected {API_VERSION:?}, found {api_version:?}"
+            )));
+        }
+        match kind {
+            "EgressPolicy" => serde_json::from_value(value)
+                .map(AnyPolicy::Namespaced)
+                .map_err(|e| DocumentError::Decode(e.to_string())),
+            "ClusterEgressPolicy" => serde_json::from_value(value)
+                .map(AnyPolicy::Cluster)
+                .map_err(|e| DocumentError::Decode(e.to_string())),
+            other => Err(DocumentError::Shape(format!(
+                "kind: expected EgressPolicy or ClusterEgressPolicy, found {other:?}"
+            ))),
+        }
+    }
+
+    /// `namespace/name` for namespaced policies, `name` for cluster ones.
+    pub fn key(&self) -> String {
+        match self {
+            AnyPolicy::Namespaced(p) => format!(
+                "{}/{}",
+                p.metadata.namespace.as_deref().unwrap_or(""),
+                p.metadata.name.as_deref().unwrap_or("")
+            ),
+            AnyPolicy::Cluster(p) => p.metadata.name.clone().unwrap_or_default(),
+        }
+    }
+
+    /// Every problem of the document, with field paths.
+    pub fn validate(&self) -> Vec<FieldError> {
+        match self {
+            AnyPolicy::Namespaced(p) => validate::egress_policy(p),
+            AnyPolicy::Cluster(p) => validate::cluster_egress_policy(p),
+        }
+    }
+}
+
+/// Labels of a namespace as Kubernetes sets them: its own labels plus
+/// `kubernetes.io/metadata.name: <name>`.
+pub fn namespace_labels(name: &str, labels: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let mut all = labels.clone();
+    all.insert("kubernetes.io/metadata.name".to_string(), name.to_string());
+    all
+}

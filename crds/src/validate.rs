@@ -1,0 +1,269 @@
+//! Validation of policy objects with exact field paths. The gateway refuses a whole object with
+//! any error: a policy is never half-applied.
+
+use std::fmt;
+
+use ipnet::IpNet;
+
+use crate::domain::DomainPattern;
+use crate::{ClusterEgressPolicy, EgressPolicy, EgressRule, HttpMatch, LabelSelector, RateLimit};
+
+/// One problem, at one field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// JSON path of the field, e.g. `spec.rules[0].to[1].domain`.
+    pub path: String,
+    /// What is wrong, in words a user can act on.
+    pub message: String,
+    /// Short machine-readable reason (`InvalidDomain`, `InvalidCidr`, ...), for status conditions.
+    pub reason: &'static str,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+struct Errors(Vec<FieldError>);
+
+impl Errors {
+    fn push(&mut self, path: impl Into<String>, reason: &'static str, message: impl Into<String>) {
+        self.0.push(FieldError { path: path.into(), message: message.into(), reason });
+    }
+}
+
+/// Validates a namespaced policy.
+pub fn egress_policy(p: &EgressPolicy) -> Vec<FieldError> {
+    let mut e = Errors(Vec::new());
+    metadata(&mut e, p.metadata.name.as_deref(), p.metadata.namespace.as_deref(), true);
+    selector(&mut e, "spec.podSelector", &p.spec.pod_selector);
+    common(&mut e, p.spec.egress_address.as_deref(), p.spec.rate_limit.as_ref());
+    let mut names = Vec::new();
+    for (i, r) in p.spec.rules.iter().enumerate() {
+        rule(&mut e, &format!("spec.rules[{i}]"), r, &mut names);
+    }
+    e.0
+}
+
+/// Validates a cluster-scoped policy.
+pub fn cluster_egress_policy(p: &ClusterEgressPolicy) -> Vec<FieldError> {
+    let mut e = Errors(Vec::new());
+    metadata(&mut e, p.metadata.name.as_deref(), p.metadata.namespace.as_deref(), false);
+    selector(&mut e, "spec.namespaceSelector", &p.spec.namespace_selector);
+    selector(&mut e, "spec.podSelector", &p.spec.pod_selector);
+    common(&mut e, p.spec.egress_address.as_deref(), p.spec.rate_limit.as_ref());
+    let mut names = Vec::new();
+    for (i, r) in p.spec.rules.iter().enumerate() {
+        rule(&mut e, &format!("spec.rules[{i}]"), &r.matcher(), &mut names);
+    }
+    e.0
+}
+
+fn metadata(e: &mut Errors, name: Option<&str>, namespace: Option<&str>, namespaced: bool) {
+    if name.is_none_or(str::is_empty) {
+        e.push("metadata.name", "InvalidMetadata", "required");
+    }
+    match (namespaced, namespace.is_some_and(|n| !n.is_empty())) {
+        (true, false) => e.push("metadata.namespace", "InvalidMetadata", "required for EgressPolicy"),
+        (false, true) => e.push(
+            "metadata.namespace",
+            "InvalidMetadata",
+            "ClusterEgressPolicy is cluster-scoped and takes no namespace",
+        ),
+        _ => {}
+    }
+}
+
+fn selector(e: &mut Errors, path: &str, s: &LabelSelector) {
+    for p in s.problems() {
+        e.push(format!("{path}.{p}"), "InvalidSelector", "");
+    }
+    // `problems` embeds the sub-path and the message in one string; split it back out.
+    for fe in e.0.iter_mut().filter(|f| f.reason == "InvalidSelector" && f.message.is_empty()) {
+        if let Some((p, m)) = fe.path.split_once(": ") {
+            let (p, m) = (p.to_string(), m.to_string());
+            fe.path = p;
+            fe.message = m;
+        }
+    }
+}
+
+fn common(e: &mut Errors, egress_address: Option<&str>, rate: Option<&RateLimit>) {
+    if egress_address.is_some_and(str::is_empty) {
+        e.push("spec.egressAddress", "InvalidEgressAddress", "must not be empty (omit it for `default`)");
+    }
+    if let Some(r) = rate {
+        if r.requests_per_second == 0 {
+            e.push("spec.rateLimit.requestsPerSecond", "InvalidRateLimit", "must be at least 1");
+        }
+        if r.burst == Some(0) {
+            e.push("spec.rateLimit.burst", "InvalidRateLimit", "must be at least 1");
+        }
+    }
+}
+
+/// Parses a CIDR strictly: host bits must be zero.
+pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    let net: IpNet = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not an IP prefix like 10.0.0.0/8 or 2001:db8::/32"))?;
+    if net.trunc() != net {
+        return Err(format!("{s:?} has host bits set; did you mean {}?", net.trunc()));
+    }
+    Ok(net)
+}
+
+fn rule(e: &mut Errors, path: &str, r: &EgressRule, names: &mut Vec<String>) {
+    if let Some(n) = &r.name {
+        if n.is_empty() || n.len() > 253 || n.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            e.push(format!("{path}.name"), "InvalidRuleName", "must be 1-253 characters without spaces");
+        } else if names.contains(n) {
+            e.push(format!("{path}.name"), "InvalidRuleName", format!("duplicate rule name {n:?}"));
+        } else {
+            names.push(n.clone());
+        }
+    }
+    if r.to.is_empty() {
+        e.push(format!("{path}.to"), "InvalidPeer", "at least one destination (domain or cidr) is required");
+    }
+    for (j, peer) in r.to.iter().enumerate() {
+        let pp = format!("{path}.to[{j}]");
+        match (&peer.domain, &peer.cidr) {
+            (Some(_), Some(_)) | (None, None) => {
+                e.push(pp.clone(), "InvalidPeer", "set exactly one of domain or cidr")
+            }
+            (Some(d), None) => {
+                if let Err(err) = DomainPattern::parse(d) {
+                    e.push(format!("{pp}.domain"), "InvalidDomain", format!("{d:?}: {err}"));
+                }
+                if !peer.except.is_empty() {
+                    e.push(format!("{pp}.except"), "InvalidCidr", "except only applies to a cidr");
+                }
+            }
+            (None, Some(c)) => match parse_cidr(c) {
+                Err(m) => e.push(format!("{pp}.cidr"), "InvalidCidr", m),
+                Ok(net) => {
+                    for (k, x) in peer.except.iter().enumerate() {
+                        let xp = format!("{pp}.except[{k}]");
+                        match parse_cidr(x) {
+                            Err(m) => e.push(xp, "InvalidCidr", m),
+                            Ok(xn) if !net.contains(&xn) || xn.prefix_len() <= net.prefix_len() => {
+                                e.push(xp, "InvalidCidr", format!("{x:?} is not strictly inside {c:?}"))
+                            }
+                            Ok(_) => {}
+                        }
+                    }
+                }
+            },
+        }
+    }
+    for (j, p) in r.ports.iter().enumerate() {
+        let pp = format!("{path}.ports[{j}]");
+        if !(1..=65535).contains(&p.port) {
+            e.push(format!("{pp}.port"), "InvalidPort", format!("{} is outside 1..65535", p.port));
+        }
+        if let Some(end) = p.end_port {
+            if !(1..=65535).contains(&end) {
+                e.push(format!("{pp}.endPort"), "InvalidPort", format!("{end} is outside 1..65535"));
+            } else if end < p.port {
+                e.push(format!("{pp}.endPort"), "InvalidPort", format!("{end} is below port {}", p.port));
+            }
+        }
+    }
+    if let Some(h) = &r.http {
+        http(e, &format!("{path}.http"), h);
+    }
+}
+
+fn http(e: &mut Errors, path: &str, h: &HttpMatch) {
+    for (i, m) in h.methods.iter().enumerate() {
+        let token = !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_');
+        if !token {
+            e.push(format!("{path}.methods[{i}]"), "InvalidHttp", format!("{m:?} is not an upper-case HTTP method"));
+        } else if m == "CONNECT" {
+            e.push(
+                format!("{path}.methods[{i}]"),
+                "InvalidHttp",
+                "CONNECT tunnels are opaque; allow the host and port without an http section",
+            );
+        }
+    }
+    for (i, p) in h.paths.iter().enumerate() {
+        let star = p.find('*');
+        if !p.starts_with('/') {
+            e.push(format!("{path}.paths[{i}]"), "InvalidHttp", format!("{p:?} must start with '/'"));
+        } else if star.is_some_and(|s| s != p.len() - 1) {
+            e.push(format!("{path}.paths[{i}]"), "InvalidHttp", format!("{p:?}: '*' is only allowed at the end"));
+        } else if p.contains('?') || p.contains('#') {
+            e.push(format!("{path}.paths[{i}]"), "InvalidHttp", format!("{p:?}: the query string never takes part in matching"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::AnyPolicy;
+
+    fn policy(spec: &str) -> AnyPolicy {
+        let doc = format!(
+            "apiVersion: egress.dev/v1alpha1\nkind: EgressPolicy\nmetadata: {{name: p, namespace: ns}}\nspec:\n{spec}"
+        );
+        let v: serde_json::Value = serde_yaml_ng::from_str(&doc).unwrap();
+        AnyPolicy::from_value(v).unwrap()
+    }
+
+    fn paths(p: &AnyPolicy) -> Vec<String> {
+        p.validate().into_iter().map(|e| e.path).collect()
+    }
+
+    #[test]
+    fn valid_policy_has_no_errors() {
+        let p = policy(
+            "  podSelector: {matchLabels: {app: api}}\n  rules:\n  - name: a\n    to: [{domain: '*.stripe.com'}, {cidr: 10.0.0.0/8, except: [10.1.0.0/16]}]\n    ports: [{port: 443}, {port: 8000, endPort: 8100}]\n    http: {methods: [GET], paths: ['/v1/*', /x]}\n  rateLimit: {requestsPerSecond: 5}\n",
+        );
+        assert_eq!(p.validate(), vec![]);
+    }
+
+    #[test]
+    fn every_error_names_its_field() {
+        let p = policy(
+            "  podSelector: {matchExpressions: [{key: a, operator: In}]}\n  rules:\n  - name: a\n    to: [{domain: 'a.*.com'}, {cidr: 10.0.0.1/8}, {cidr: 10.0.0.0/8, except: [11.0.0.0/16]}, {domain: x.com, cidr: 1.0.0.0/8}, {}]\n    ports: [{port: 0}, {port: 90, endPort: 80}, {port: 70000}]\n    http: {methods: [get, CONNECT], paths: [v1, '/a*b', '/a?b']}\n  - name: a\n    to: []\n  rateLimit: {requestsPerSecond: 0, burst: 0}\n",
+        );
+        assert_eq!(
+            paths(&p),
+            vec![
+                "spec.podSelector.matchExpressions[0]",
+                "spec.rateLimit.requestsPerSecond",
+                "spec.rateLimit.burst",
+                "spec.rules[0].to[0].domain",
+                "spec.rules[0].to[1].cidr",
+                "spec.rules[0].to[2].except[0]",
+                "spec.rules[0].to[3]",
+                "spec.rules[0].to[4]",
+                "spec.rules[0].ports[0].port",
+                "spec.rules[0].ports[1].endPort",
+                "spec.rules[0].ports[2].port",
+                "spec.rules[0].http.methods[0]",
+                "spec.rules[0].http.methods[1]",
+                "spec.rules[0].http.paths[0]",
+                "spec.rules[0].http.paths[1]",
+                "spec.rules[0].http.paths[2]",
+                "spec.rules[1].name",
+                "spec.rules[1].to",
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_not_ignored() {
+        let doc = "apiVersion: egress.dev/v1alpha1\nkind: EgressPolicy\nmetadata: {name: p, namespace: ns}\nspec:\n  podSelector: {matchLabel: {app: api}}\n";
+        let v: serde_json::Value = serde_yaml_ng::from_str(doc).unwrap();
+        let err = AnyPolicy::from_value(v).unwrap_err().to_string();
+        assert!(err.contains("matchLabel"), "{err}");
+        let doc = "apiVersion: egress.dev/v1alpha1\nkind: EgressPolicy\nmetadata: {name: p, namespace: ns}\nspec:\n  podSelector: {}\n  rules: [{to: [{domain: a.com}], port: [{port: 1}]}]\n";
+        let v: serde_json::Value = serde_yaml_ng::from_str(doc).unwrap();
+        assert!(AnyPolicy::from_value(v).is_err());
+    }
+}
