@@ -45,7 +45,11 @@ pub const API_VERSION: &str = "egress.dev/v1alpha1";
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
     ),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EgressPolicySpec {
@@ -88,7 +92,11 @@ pub struct EgressPolicySpec {
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
     ),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ClusterEgressPolicySpec {
@@ -310,7 +318,10 @@ pub enum DocumentError {
 impl AnyPolicy {
     /// Reads one document (already parsed as YAML/JSON) into its kind.
     pub fn from_value(value: serde_json::Value) -> Result<Self, DocumentError> {
-        let api_version = value.get("apiVersion").and_then(|v| v.as_str()).unwrap_or("");
+        let api_version = value
+            .get("apiVersion")
+            .and_then(|v| v.as_str())
+            .unwrap_or("");
         let kind = value.get("kind").and_then(|v| v.as_str()).unwrap_or("");
         if api_version != API_VERSION {
             return Err(DocumentError::Shape(format!(

@@ -59,7 +59,8 @@ impl LabelSelector {
             .iter()
             .enumerate()
             .filter_map(|(i, r)| {
-                let needs_values = matches!(r.operator, SelectorOperator::In | SelectorOperator::NotIn);
+                let needs_values =
+                    matches!(r.operator, SelectorOperator::In | SelectorOperator::NotIn);
                 match (needs_values, r.values.is_empty()) {
                     (true, true) => Some(format!(
                         "matchExpressions[{i}]: operator {:?} needs at least one value",
@@ -94,7 +95,10 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn req(key: &str, operator: SelectorOperator, values: &[&str]) -> LabelSelectorRequirement {

@@ -1,0 +1,604 @@
+//! The gateway's YAML configuration: parsing, validation with precise errors (file, document,
+//! field), and loading of the policy documents it names.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use egress_crds::AnyPolicy;
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer};
+
+/// `Allow` or `Deny`, for clients no policy selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+pub enum DefaultAction {
+    /// Allow (still subject to the guard).
+    Allow,
+    /// Deny (the default).
+    #[default]
+    Deny,
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Config {
+    /// Listener addresses; each absent one is off.
+    #[serde(default)]
+    pub listen: Listen,
+    /// Action for clients no policy selects.
+    #[serde(default)]
+    pub default_action: DefaultAction,
+    /// DNS resolution.
+    #[serde(default)]
+    pub resolver: ResolverConfig,
+    /// Built-in guard exemptions.
+    #[serde(default)]
+    pub guard: GuardConfig,
+    /// Source-address pools: name -> source IPs. `default` (when absent or empty) lets the kernel choose.
+    #[serde(default)]
+    pub egress_addresses: BTreeMap<String, Vec<IpAddr>>,
+    /// Standalone identity: source CIDR -> who.
+    #[serde(default)]
+    pub clients: Vec<ClientEntry>,
+    /// Files or directories of YAML policy documents.
+    #[serde(default)]
+    pub policy_files: Vec<PathBuf>,
+    /// Inline policy documents.
+    #[serde(default)]
+    pub policies: Vec<serde_json::Value>,
+    /// SOCKS5 settings.
+    #[serde(default)]
+    pub socks5: Socks5Config,
+    /// Audit sinks.
+    #[serde(default)]
+    pub audit: AuditConfig,
+    /// Timeouts and sizes.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Graceful shutdown.
+    #[serde(default)]
+    pub shutdown: Shutdown,
+}
+
+/// Listener addresses.
+#[derive(Debug, Clone, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Listen {
+    /// Explicit HTTP proxy (absolute-form and CONNECT).
+    pub http: Option<SocketAddr>,
+    /// SOCKS5 proxy.
+    pub socks5: Option<SocketAddr>,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    pub admin: Option<SocketAddr>,
+}
+
+/// DNS resolution settings.
+#[derive(Debug, Clone, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ResolverConfig {
+    /// `ip:port` of the nameservers (UDP, TCP fallback). Empty: the system's resolv.conf.
+    #[serde(default)]
+    pub nameservers: Vec<SocketAddr>,
+}
+
+/// Guard settings.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GuardConfig {
+    /// Ranges exempted from the built-in guard (both tiers). Logged at start-up, named in every
+    /// decision that used them.
+    #[serde(default)]
+    pub allow_cidrs: Vec<IpNet>,
+}
+
+/// One row of the standalone identity table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClientEntry {
+    /// Source prefix of the client.
+    pub cidr: IpNet,
+    /// Namespace the client belongs to.
+    pub namespace: String,
+    /// Client (Pod) name.
+    pub name: String,
+    /// Service account.
+    #[serde(default)]
+    pub service_account: Option<String>,
+    /// Labels, matched by `podSelector`.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// SOCKS5 settings.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Socks5Config {
+    /// RFC 1929 users; when non-empty, authentication is required.
+    #[serde(default)]
+    pub users: Vec<Socks5User>,
+}
+
+/// A SOCKS5 user.
+#[derive(Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Socks5User {
+    /// User name (1-255 bytes).
+    pub username: String,
+    /// Password (1-255 bytes).
+    pub password: String,
+}
+
+impl fmt::Debug for Socks5User {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Socks5User")
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Audit settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Where events go. Default: one stdout sink.
+    #[serde(default = "default_sinks")]
+    pub sinks: Vec<SinkConfig>,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            sinks: default_sinks(),
+        }
+    }
+}
+
+fn default_sinks() -> Vec<SinkConfig> {
+    vec![SinkConfig {
+        kind: SinkKind::Stdout,
+        path: None,
+        format: AuditFormat::Json,
+    }]
+}
+
+/// One audit sink.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SinkConfig {
+    /// `stdout` or `file`.
+    #[serde(rename = "type")]
+    pub kind: SinkKind,
+    /// File path (type `file`).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Serialisation; `json` (egress.v1 JSON lines).
+    #[serde(default)]
+    pub format: AuditFormat,
+}
+
+/// Sink type.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkKind {
+    /// Standard output.
+    Stdout,
+    /// An append-only file.
+    File,
+}
+
+/// Event serialisation.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditFormat {
+    /// egress.v1 JSON lines.
+    #[default]
+    Json,
+}
+
+/// Timeouts and sizes.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Limits {
+    /// Upstream TCP connect timeout (all addresses together).
+    #[serde(deserialize_with = "duration", default = "d5s")]
+    pub connect_timeout: Duration,
+    /// A tunnel or keep-alive connection with no traffic either way for this long is closed.
+    #[serde(deserialize_with = "duration", default = "d300s")]
+    pub idle_timeout: Duration,
+    /// Time a client has to send a complete request head (HTTP) or handshake (SOCKS5).
+    #[serde(deserialize_with = "duration", default = "d10s")]
+    pub header_timeout: Duration,
+    /// Largest request head accepted (HTTP); larger gets 431.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            connect_timeout: d5s(),
+            idle_timeout: d300s(),
+            header_timeout: d10s(),
+            max_header_bytes: default_max_header_bytes(),
+        }
+    }
+}
+
+/// Graceful shutdown.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Shutdown {
+    /// After SIGTERM, how long open connections may finish before they are closed.
+    #[serde(deserialize_with = "duration", default = "d30s")]
+    pub grace: Duration,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Shutdown { grace: d30s() }
+    }
+}
+
+fn d5s() -> Duration {
+    Duration::from_secs(5)
+}
+fn d10s() -> Duration {
+    Duration::from_secs(10)
+}
+fn d30s() -> Duration {
+    Duration::from_secs(30)
+}
+fn d300s() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_max_header_bytes() -> usize {
+    65536
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| {
+        serde::de::Error::custom(format!("{s:?} is not a duration like 5s or 2m: {e}"))
+    })
+}
+
+/// Where a policy document came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// The file.
+    pub file: PathBuf,
+    /// Zero-based document index in the file (or in the inline `policies` list).
+    pub document: usize,
+    /// Whether it is inline in the config file.
+    pub inline: bool,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.inline {
+            write!(f, "{}: policies[{}]", self.file.display(), self.document)
+        } else {
+            write!(f, "{}: document {}", self.file.display(), self.document + 1)
+        }
+    }
+}
+
+/// A configuration with its policy documents, all validated.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The config file's path.
+    pub path: PathBuf,
+    /// The parsed config.
+    pub config: Config,
+    /// Every policy document with its origin.
+    pub policies: Vec<(Origin, AnyPolicy)>,
+}
+
+/// Every error found while loading, each naming file, document and field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Loads and validates the config file and every policy document it names. All errors are
+/// collected, not just the first.
+pub fn load(path: &Path) -> Result<Loaded, ConfigErrors> {
+    let file = path.display().to_string();
+    let text =
+        std::fs::read_to_string(path).map_err(|e| ConfigErrors(vec![format!("{file}: {e}")]))?;
+    let config: Config =
+        serde_yaml_ng::from_str(&text).map_err(|e| ConfigErrors(vec![format!("{file}: {e}")]))?;
+    let mut errors = Vec::new();
+    validate_config(&config, &file, &mut errors);
+    let base = path.parent().unwrap_or(Path::new("."));
+    let mut policies = Vec::new();
+    for (i, v) in config.policies.iter().enumerate() {
+        let origin = Origin {
+            file: path.to_path_buf(),
+            document: i,
+            inline: true,
+        };
+        read_document(v.clone(), origin, &mut policies, &mut errors);
+    }
+    for p in &config.policy_files {
+        let p = if p.is_absolute() {
+            p.clone()
+        } else {
+            base.join(p)
+        };
+        for f in policy_paths(&p, &mut errors) {
+            read_policy_file(&f, &mut policies, &mut errors);
+        }
+    }
+    check_policy_set(&config, &policies, &mut errors);
+    if errors.is_empty() {
+        Ok(Loaded {
+            path: path.to_path_buf(),
+            config,
+            policies,
+        })
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+fn validate_config(c: &Config, file: &str, errors: &mut Vec<String>) {
+    let mut err = |field: &str, m: String| errors.push(format!("{file}: {field}: {m}"));
+    for (name, addrs) in &c.egress_addresses {
+        if name != "default" && addrs.is_empty() {
+            err(
+                &format!("egressAddresses.{name}"),
+                "a pool needs at least one source address".into(),
+            );
+        }
+        for (i, a) in addrs.iter().enumerate() {
+            if a.is_unspecified() || a.is_multicast() {
+                err(
+                    &format!("egressAddresses.{name}[{i}]"),
+                    format!("{a} cannot be a source address"),
+                );
+            }
+        }
+    }
+    for (i, s) in c.audit.sinks.iter().enumerate() {
+        if s.kind == SinkKind::File && s.path.is_none() {
+            err(
+                &format!("audit.sinks[{i}].path"),
+                "required for type file".into(),
+            );
+        }
+        if s.kind == SinkKind::Stdout && s.path.is_some() {
+            err(
+                &format!("audit.sinks[{i}].path"),
+                "only for type file".into(),
+            );
+        }
+    }
+    if c.audit.sinks.is_empty() {
+        err(
+            "audit.sinks",
+            "at least one sink is required: every decision is audited".into(),
+        );
+    }
+    for (i, u) in c.socks5.users.iter().enumerate() {
+        if u.username.is_empty() || u.username.len() > 255 {
+            err(
+                &format!("socks5.users[{i}].username"),
+                "must be 1-255 bytes".into(),
+            );
+        }
+        if u.password.is_empty() || u.password.len() > 255 {
+            err(
+                &format!("socks5.users[{i}].password"),
+                "must be 1-255 bytes".into(),
+            );
+        }
+    }
+    if c.limits.max_header_bytes < 8192 {
+        err("limits.maxHeaderBytes", "must be at least 8192".into());
+    }
+    for (name, d) in [
+        ("limits.connectTimeout", c.limits.connect_timeout),
+        ("limits.idleTimeout", c.limits.idle_timeout),
+        ("limits.headerTimeout", c.limits.header_timeout),
+    ] {
+        if d.is_zero() {
+            err(name, "must be greater than zero".into());
+        }
+    }
+    for (i, e) in c.clients.iter().enumerate() {
+        if e.cidr.trunc() != e.cidr {
+            err(
+                &format!("clients[{i}].cidr"),
+                format!(
+                    "{} has host bits set; did you mean {}?",
+                    e.cidr,
+                    e.cidr.trunc()
+                ),
+            );
+        }
+        if e.namespace.is_empty() {
+            err(
+                &format!("clients[{i}].namespace"),
+                "must not be empty".into(),
+            );
+        }
+    }
+    let listeners = [c.listen.http, c.listen.socks5, c.listen.admin];
+    let set: Vec<_> = listeners.iter().flatten().collect();
+    for (i, a) in set.iter().enumerate() {
+        if set[..i].contains(a) && a.port() != 0 {
+            err("listen", format!("{a} is used by two listeners"));
+        }
+    }
+}
+
+fn policy_paths(p: &Path, errors: &mut Vec<String>) -> Vec<PathBuf> {
+    if p.is_dir() {
+        match std::fs::read_dir(p) {
+            Ok(rd) => {
+                let mut files: Vec<PathBuf> = rd
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|f| {
+                        f.is_file()
+                            && matches!(
+                                f.extension().and_then(|e| e.to_str()),
+                                Some("yaml" | "yml" | "json")
+                            )
+                    })
+                    .collect();
+                files.sort();
+                files
+            }
+            Err(e) => {
+                errors.push(format!("{}: {e}", p.display()));
+                Vec::new()
+            }
+        }
+    } else {
+        vec![p.to_path_buf()]
+    }
+}
+
+fn read_policy_file(f: &Path, out: &mut Vec<(Origin, AnyPolicy)>, errors: &mut Vec<String>) {
+    let text = match std::fs::read_to_string(f) {
+        Ok(t) => t,
+        Err(e) => {
+            errors.push(format!("{}: {e}", f.display()));
+            return;
+        }
+    };
+    for (i, doc) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
+        let origin = Origin {
+            file: f.to_path_buf(),
+            document: i,
+            inline: false,
+        };
+        match serde_json::Value::deserialize(doc) {
+            Ok(serde_json::Value::Null) => {} // empty document (e.g. a trailing `---`)
+            Ok(v) => read_document(v, origin, out, errors),
+            Err(e) => {
+                errors.push(format!("{origin}: {e}"));
+                return; // the YAML stream is broken past this point
+            }
+        }
+    }
+}
+
+fn read_document(
+    v: serde_json::Value,
+    origin: Origin,
+    out: &mut Vec<(Origin, AnyPolicy)>,
+    errors: &mut Vec<String>,
+) {
+    match AnyPolicy::from_value(v) {
+        Ok(p) => {
+            let problems = p.validate();
+            if problems.is_empty() {
+                out.push((origin, p));
+            } else {
+                for e in problems {
+                    errors.push(format!("{origin} ({}): {e}", p.key()));
+                }
+            }
+        }
+        Err(e) => errors.push(format!("{origin}: {e}")),
+    }
+}
+
+fn check_policy_set(c: &Config, policies: &[(Origin, AnyPolicy)], errors: &mut Vec<String>) {
+    let mut seen: BTreeMap<(bool, String), &Origin> = BTreeMap::new();
+    for (origin, p) in policies {
+        let key = (matches!(p, AnyPolicy::Cluster(_)), p.key());
+        if let Some(first) = seen.get(&key) {
+            errors.push(format!(
+                "{origin} ({}): metadata.name: duplicate of {first}",
+                p.key()
+            ));
+        } else {
+            seen.insert(key, origin);
+        }
+        let pool = match p {
+            AnyPolicy::Namespaced(p) => p.spec.egress_address.as_deref(),
+            AnyPolicy::Cluster(p) => p.spec.egress_address.as_deref(),
+        };
+        if let Some(pool) = pool
+            && pool != "default"
+            && !c.egress_addresses.contains_key(pool)
+        {
+            errors.push(format!(
+                "{origin} ({}): spec.egressAddress: pool {pool:?} is not configured in egressAddresses",
+                p.key()
+            ));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn errors_name_file_document_and_field() {
+        let dir = std::env::temp_dir().join(format!("egw-config-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("pol")).unwrap();
+        write(
+            &dir.join("pol"),
+            "a.yaml",
+            "apiVersion: egress.dev/v1alpha1\nkind: EgressPolicy\nmetadata: {name: ok, namespace: ns}\nspec: {podSelector: {}}\n---\napiVersion: egress.dev/v1alpha1\nkind: EgressPolicy\nmetadata: {name: bad, namespace: ns}\nspec:\n  podSelector: {}\n  rules: [{to: [{domain: 'a.*.b'}]}]\n---\napiVersion: egress.dev/v1alpha1\nkind: EgressPolicy\nmetadata: {name: pool, namespace: ns}\nspec: {podSelector: {}, egressAddress: nowhere}\n",
+        );
+        let cfg = write(
+            &dir,
+            "gw.yaml",
+            "policyFiles: [pol]\nlimits: {connectTimeout: 0s}\naudit: {sinks: [{type: file}]}\n",
+        );
+        let errs = load(&cfg).unwrap_err().0;
+        let f = cfg.display().to_string();
+        let pf = dir.join("pol/a.yaml").display().to_string();
+        assert!(
+            errs.contains(&format!("{f}: audit.sinks[0].path: required for type file")),
+            "{errs:#?}"
+        );
+        assert!(
+            errs.contains(&format!(
+                "{f}: limits.connectTimeout: must be greater than zero"
+            )),
+            "{errs:#?}"
+        );
+        assert!(
+            errs.iter().any(|e| e.starts_with(&format!(
+                "{pf}: document 2 (ns/bad): spec.rules[0].to[0].domain:"
+            ))),
+            "{errs:#?}"
+        );
+        assert!(
+            errs.iter().any(|e| e.starts_with(&format!("{pf}: document 3 (ns/pool): spec.egressAddress:"))),
+            "{errs:#?}"
+        );
+        let cfg = write(&dir, "gw2.yaml", "listen: {htp: 1.2.3.4:5}\n");
+        let errs = load(&cfg).unwrap_err().0;
+        assert!(errs[0].contains("unknown field `htp`"), "{errs:#?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,487 @@
+//! HTTP/1.1 explicit proxy (hyper): absolute-form requests of every method with bodies streamed
+//! both ways, and CONNECT tunnels. A policy decision is made for every request, never per
+//! connection; an upstream connection is reused only for a request whose checked addresses
+//! include the address it is connected to.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::SendRequest;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::audit::End;
+use crate::pipeline::{CloseLog, Gateway, Refusal, RefusalKind, http_facts};
+use crate::policy::Reason;
+use crate::request::{ClientConn, EgressRequest, Front, RawTarget};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type ProxyBody = BoxBody<Bytes, BoxError>;
+
+/// An upstream connection kept for the next request of the same client connection.
+struct Cached {
+    dialled: SocketAddr,
+    source: Option<SocketAddr>,
+    pool: Arc<str>,
+    sender: SendRequest<TrackedBody>,
+}
+
+/// Serves the explicit HTTP proxy on `listener` until the gateway drains.
+pub async fn serve(gw: Arc<Gateway>, listener: TcpListener) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = gw.draining.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let gw2 = gw.clone();
+                gw.tracker.spawn(serve_conn(gw2, stream, peer));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed on the HTTP listener");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve_conn(gw: Arc<Gateway>, stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let conn = gw.new_conn(peer, Front::Http);
+    gw.metrics.active_connections.inc();
+    let limits = gw.state().loaded.config.limits.clone();
+    let cache: Arc<Mutex<Option<Cached>>> = Arc::new(Mutex::new(None));
+    let svc = {
+        let (gw, conn) = (gw.clone(), conn.clone());
+        service_fn(move |req| {
+            let (gw, conn, cache) = (gw.clone(), conn.clone(), cache.clone());
+            async move { Ok::<_, Infallible>(handle(gw, conn, cache, req).await) }
+        })
+    };
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(limits.max_header_bytes)
+        .keep_alive(true);
+    let served = builder
+        .serve_connection(TokioIo::new(stream), svc)
+        .with_upgrades();
+    tokio::pin!(served);
+    let result = tokio::select! {
+        r = served.as_mut() => r,
+        _ = gw.draining.cancelled() => {
+            served.as_mut().graceful_shutdown();
+            served.await
+        }
+    };
+    if let Err(e) = result {
+        let reason = if e.is_timeout() {
+            Some(Reason::HeaderTimeout)
+        } else if e.is_parse() || e.is_parse_too_large() {
+            Some(Reason::MalformedRequest)
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            let req = EgressRequest {
+                id: conn.next_request_id(),
+                conn: conn.clone(),
+                front: Front::Http,
+                target: RawTarget::Authority(String::new()),
+                http: None,
+            };
+            gw.refuse_malformed(&req, reason, &e.to_string());
+        }
+    }
+    gw.metrics.active_connections.dec();
+}
+
+async fn handle(
+    gw: Arc<Gateway>,
+    conn: Arc<ClientConn>,
+    cache: Arc<Mutex<Option<Cached>>>,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let id = conn.next_request_id();
+    if req.method() == Method::CONNECT {
+        let authority = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .unwrap_or_default();
+        let ereq = EgressRequest {
+            conn,
+            id,
+            front: Front::Connect,
+            target: RawTarget::Authority(authority),
+            http: None,
+        };
+        return connect(gw, ereq, req).await;
+    }
+    let uri = req.uri().clone();
+    let facts = http_facts(req.method().as_str(), uri.path());
+    let mut ereq = EgressRequest {
+        conn,
+        id,
+        front: Front::Http,
+        target: RawTarget::Authority(String::new()),
+        http: Some(facts),
+    };
+    match (uri.scheme_str(), uri.host()) {
+        (Some("http"), Some(host)) => {
+            ereq.target = RawTarget::HostPort(host.to_string(), uri.port_u16().unwrap_or(80));
+            forward(gw, ereq, cache, req).await
+        }
+        (None, _) => {
+            let r = gw.refuse_malformed(
+                &ereq,
+                Reason::OriginForm,
+                "this is an egress proxy: send absolute-form requests (GET http://host/path) or CONNECT host:port",
+            );
+            refusal(&r, true)
+        }
+        (Some(scheme), _) => {
+            let msg = if scheme == "https" {
+                "https:// in absolute form is not proxied: use CONNECT host:443".to_string()
+            } else {
+                format!("scheme {scheme:?} is not supported: only http:// and CONNECT")
+            };
+            let r = gw.refuse_malformed(&ereq, Reason::MalformedRequest, &msg);
+            refusal(&r, false)
+        }
+    }
+}
+
+async fn connect(
+    gw: Arc<Gateway>,
+    ereq: EgressRequest,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let permit = match gw.authorize(&ereq).await {
+        Ok(p) => p,
+        Err(r) => return refusal(&r, false),
+    };
+    let up = match permit.connect().await {
+        Ok(u) => u,
+        Err(r) => return refusal(&r, false),
+    };
+    let idle = gw.state().loaded.config.limits.idle_timeout;
+    let gw2 = gw.clone();
+    gw.tracker.spawn(async move {
+        match hyper::upgrade::on(req).await {
+            Ok(upgraded) => {
+                let r =
+                    crate::relay::relay(TokioIo::new(upgraded), up.stream, idle, &gw2.stop).await;
+                up.log.finish(r.up, r.down, r.end, None, r.error);
+            }
+            Err(e) => up
+                .log
+                .finish(0, 0, End::ClientClosed, None, Some(e.to_string())),
+        }
+    });
+    Response::new(empty())
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the proxy ones; headers named in `Connection` too.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in [
+        header::CONNECTION,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        h.remove(n);
+    }
+    h.remove("keep-alive");
+    h.remove("proxy-connection");
+}
+
+async fn forward(
+    gw: Arc<Gateway>,
+    ereq: EgressRequest,
+    cache: Arc<Mutex<Option<Cached>>>,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let permit = match gw.authorize(&ereq).await {
+        Ok(p) => p,
+        Err(r) => return refusal(&r, false),
+    };
+    let cached = cache.lock().ok().and_then(|mut c| c.take());
+    let (mut sender, log, dialled, source, pool) = match cached {
+        Some(c) if permit.accepts(c.dialled, &c.pool) && !c.sender.is_closed() => {
+            let log = permit.reuse(c.dialled, c.source);
+            (c.sender, log, c.dialled, c.source, c.pool)
+        }
+        _ => {
+            let pool = permit.pool.clone();
+            let up = match permit.connect().await {
+                Ok(u) => u,
+                Err(r) => return refusal(&r, false),
+            };
+            let source = up.stream.local_addr().ok();
+            let handshake = hyper::client::conn::http1::Builder::new()
+                .handshake(TokioIo::new(up.stream))
+                .await;
+            match handshake {
+                Ok((sender, connection)) => {
+                    gw.tracker.spawn(async move {
+                        let _ = connection.await;
+                    });
+                    (sender, up.log, up.dialled, source, pool)
+                }
+                Err(e) => {
+                    up.log.finish(0, 0, End::Error, None, Some(e.to_string()));
+                    return upstream_error(&ereq.id, StatusCode::BAD_GATEWAY, &e.to_string());
+                }
+            }
+        }
+    };
+    let (mut parts, body) = req.into_parts();
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .unwrap_or_default();
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    parts.uri = Uri::try_from(pq).unwrap_or_else(|_| Uri::from_static("/"));
+    strip_hop_by_hop(&mut parts.headers);
+    if let Ok(v) = HeaderValue::from_str(&authority) {
+        parts.headers.insert(header::HOST, v);
+    }
+    let counters = Arc::new(Counters::default());
+    let upstream_req = Request::from_parts(parts, TrackedBody::request(body, counters.clone()));
+    if sender.ready().await.is_err() {
+        log.finish(
+            0,
+            0,
+            End::UpstreamClosed,
+            None,
+            Some("upstream connection closed".into()),
+        );
+        return upstream_error(
+            &ereq.id,
+            StatusCode::BAD_GATEWAY,
+            "upstream connection closed",
+        );
+    }
+    match sender.send_request(upstream_req).await {
+        Ok(resp) => {
+            if let Ok(mut c) = cache.lock() {
+                *c = Some(Cached {
+                    dialled,
+                    source,
+                    pool,
+                    sender,
+                });
+            }
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            let status = parts.status.as_u16();
+            let body = TrackedBody::response(body, counters, log, status);
+            Response::from_parts(parts, body.boxed())
+        }
+        Err(e) => {
+            let up = counters.up.load(Ordering::Relaxed);
+            log.finish(up, 0, End::UpstreamClosed, None, Some(e.to_string()));
+            upstream_error(&ereq.id, StatusCode::BAD_GATEWAY, &e.to_string())
+        }
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    up: AtomicU64,
+    down: AtomicU64,
+}
+
+/// A body that counts what passes and, for responses, emits the close event at its end.
+struct TrackedBody {
+    inner: Incoming,
+    counters: Arc<Counters>,
+    upstream: bool,
+    close: Option<(CloseLog, u16)>,
+}
+
+impl TrackedBody {
+    fn request(inner: Incoming, counters: Arc<Counters>) -> Self {
+        TrackedBody {
+            inner,
+            counters,
+            upstream: true,
+            close: None,
+        }
+    }
+
+    fn response(inner: Incoming, counters: Arc<Counters>, log: CloseLog, status: u16) -> Self {
+        let mut b = TrackedBody {
+            inner,
+            counters,
+            upstream: false,
+            close: Some((log, status)),
+        };
+        if b.inner.is_end_stream() {
+            b.finish(End::Completed, None);
+        }
+        b
+    }
+
+    fn finish(&mut self, end: End, error: Option<String>) {
+        if let Some((log, status)) = self.close.take() {
+            let up = self.counters.up.load(Ordering::Relaxed);
+            let down = self.counters.down.load(Ordering::Relaxed);
+            log.finish(up, down, end, Some(status), error);
+        }
+    }
+}
+
+impl Body for TrackedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    let c = if self.upstream {
+                        &self.counters.up
+                    } else {
+                        &self.counters.down
+                    };
+                    c.fetch_add(d.len() as u64, Ordering::Relaxed);
+                }
+                if self.inner.is_end_stream() {
+                    self.finish(End::Completed, None);
+                }
+            }
+            Poll::Ready(None) => self.finish(End::Completed, None),
+            Poll::Ready(Some(Err(e))) => {
+                let msg = e.to_string();
+                self.finish(End::UpstreamClosed, Some(msg));
+            }
+            Poll::Pending => {}
+        }
+        r.map(|o| o.map(|res| res.map_err(|e| Box::new(e) as BoxError)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for TrackedBody {
+    fn drop(&mut self) {
+        self.finish(
+            End::ClientClosed,
+            Some("client stopped reading the response".into()),
+        );
+    }
+}
+
+fn empty() -> ProxyBody {
+    Full::new(Bytes::new())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+fn text(
+    status: StatusCode,
+    body: String,
+    reason: &str,
+    request_id: &str,
+    close: bool,
+) -> Response<ProxyBody> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if let Ok(v) = HeaderValue::from_str(reason) {
+        h.insert("x-egress-reason", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        h.insert("x-egress-request-id", v);
+    }
+    if close {
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    r
+}
+
+/// The protocol answer to a refusal.
+fn refusal(r: &Refusal, close: bool) -> Response<ProxyBody> {
+    let (status, what) = match r.kind {
+        RefusalKind::Denied => (StatusCode::FORBIDDEN, "denied by egress policy"),
+        RefusalKind::RateLimited => (StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded"),
+        RefusalKind::BadRequest => (StatusCode::BAD_REQUEST, "bad request"),
+        RefusalKind::DnsFailure => (StatusCode::BAD_GATEWAY, "name resolution failed"),
+        RefusalKind::ConnectRefused | RefusalKind::Unreachable => {
+            (StatusCode::BAD_GATEWAY, "upstream unreachable")
+        }
+        RefusalKind::ConnectTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream connect timed out"),
+    };
+    let reason = r.reason.as_str();
+    let mut body = format!(
+        "egress gateway: {what}\nreason: {reason}\nrequest_id: {}\n",
+        r.request_id
+    );
+    if !r.detail.is_empty() {
+        body.push_str(&format!("detail: {}\n", r.detail));
+    }
+    text(
+        status,
+        body,
+        reason,
+        &r.request_id,
+        close || r.kind == RefusalKind::BadRequest,
+    )
+}
+
+fn upstream_error(request_id: &str, status: StatusCode, detail: &str) -> Response<ProxyBody> {
+    let body =
+        format!("egress gateway: upstream error\nrequest_id: {request_id}\ndetail: {detail}\n");
+    text(status, body, "upstream_error", request_id, false)
+}

@@ -1,0 +1,301 @@
+//! SOCKS5 (RFC 1928) CONNECT with IPv4, IPv6 and domain targets, and RFC 1929 username/password
+//! authentication when users are configured. Domain targets are resolved by the gateway.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::pipeline::{Gateway, Refusal, RefusalKind};
+use crate::policy::Reason;
+use crate::request::{ClientConn, EgressRequest, Front, RawTarget};
+
+/// RFC 1928 reply codes.
+pub mod reply {
+    /// Succeeded.
+    pub const SUCCEEDED: u8 = 0x00;
+    /// General SOCKS server failure.
+    pub const GENERAL_FAILURE: u8 = 0x01;
+    /// Connection not allowed by ruleset.
+    pub const NOT_ALLOWED: u8 = 0x02;
+    /// Host unreachable.
+    pub const HOST_UNREACHABLE: u8 = 0x04;
+    /// Connection refused.
+    pub const CONNECTION_REFUSED: u8 = 0x05;
+    /// Command not supported.
+    pub const COMMAND_NOT_SUPPORTED: u8 = 0x07;
+    /// Address type not supported.
+    pub const ADDRESS_TYPE_NOT_SUPPORTED: u8 = 0x08;
+}
+
+/// Serves SOCKS5 on `listener` until the gateway drains.
+pub async fn serve(gw: Arc<Gateway>, listener: TcpListener) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = gw.draining.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let gw2 = gw.clone();
+                gw.tracker.spawn(async move {
+                    gw2.metrics.active_connections.inc();
+                    serve_conn(&gw2, stream, peer).await;
+                    gw2.metrics.active_connections.dec();
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed on the SOCKS5 listener");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// What went wrong in the handshake.
+enum Handshake {
+    /// Close without a reply (not SOCKS5, or the client went away).
+    Malformed(String),
+    /// Authentication failed (already answered).
+    AuthFailed(String),
+    /// Answer with this reply code.
+    Reply(u8, Reason, String),
+}
+
+async fn serve_conn(gw: &Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let conn = gw.new_conn(peer, Front::Socks5);
+    let state = gw.state();
+    let cfg = &state.loaded.config;
+    let users = cfg.socks5.users.clone();
+    let (header_timeout, idle) = (cfg.limits.header_timeout, cfg.limits.idle_timeout);
+    drop(state);
+    let shake = tokio::time::timeout(header_timeout, handshake(&mut stream, &users)).await;
+    let target = match shake {
+        Ok(Ok(t)) => t,
+        Ok(Err(h)) => {
+            let (reason, detail, code) = match h {
+                Handshake::Malformed(d) => (Reason::MalformedRequest, d, None),
+                Handshake::AuthFailed(d) => (Reason::AuthFailed, d, None),
+                Handshake::Reply(code, reason, d) => (reason, d, Some(code)),
+            };
+            gw.refuse_malformed(&bare_request(&conn), reason, &detail);
+            if let Some(code) = code {
+                let _ = stream.write_all(&reply_bytes(code, None)).await;
+            }
+            return;
+        }
+        Err(_) => {
+            gw.refuse_malformed(
+                &bare_request(&conn),
+                Reason::HeaderTimeout,
+                "SOCKS5 handshake not completed in time",
+            );
+            return;
+        }
+    };
+    let req = EgressRequest {
+        id: conn.next_request_id(),
+        conn,
+        front: Front::Socks5,
+        target,
+        http: None,
+    };
+    let permit = match gw.authorize(&req).await {
+        Ok(p) => p,
+        Err(r) => {
+            let _ = stream.write_all(&reply_bytes(code_for(&r), None)).await;
+            return;
+        }
+    };
+    let up = match permit.connect().await {
+        Ok(u) => u,
+        Err(r) => {
+            let _ = stream.write_all(&reply_bytes(code_for(&r), None)).await;
+            return;
+        }
+    };
+    let bound = up.stream.local_addr().ok();
+    if let Err(e) = stream
+        .write_all(&reply_bytes(reply::SUCCEEDED, bound))
+        .await
+    {
+        up.log.finish(
+            0,
+            0,
+            crate::audit::End::ClientClosed,
+            None,
+            Some(e.to_string()),
+        );
+        return;
+    }
+    let r = crate::relay::relay(stream, up.stream, idle, &gw.stop).await;
+    up.log.finish(r.up, r.down, r.end, None, r.error);
+}
+
+fn bare_request(conn: &Arc<ClientConn>) -> EgressRequest {
+    EgressRequest {
+        id: conn.next_request_id(),
+        conn: conn.clone(),
+        front: Front::Socks5,
+        target: RawTarget::Authority(String::new()),
+        http: None,
+    }
+}
+
+fn code_for(r: &Refusal) -> u8 {
+    match r.kind {
+        RefusalKind::Denied | RefusalKind::RateLimited => reply::NOT_ALLOWED,
+        RefusalKind::DnsFailure | RefusalKind::Unreachable | RefusalKind::ConnectTimeout => {
+            reply::HOST_UNREACHABLE
+        }
+        RefusalKind::ConnectRefused => reply::CONNECTION_REFUSED,
+        RefusalKind::BadRequest => reply::GENERAL_FAILURE,
+    }
+}
+
+/// `VER REP RSV ATYP BND.ADDR BND.PORT`.
+pub fn reply_bytes(code: u8, bound: Option<SocketAddr>) -> Vec<u8> {
+    let mut v = vec![5, code, 0];
+    match bound.unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)) {
+        SocketAddr::V4(a) => {
+            v.push(1);
+            v.extend_from_slice(&a.ip().octets());
+            v.extend_from_slice(&a.port().to_be_bytes());
+        }
+        SocketAddr::V6(a) => {
+            v.push(4);
+            v.extend_from_slice(&a.ip().octets());
+            v.extend_from_slice(&a.port().to_be_bytes());
+        }
+    }
+    v
+}
+
+fn malformed(e: std::io::Error) -> Handshake {
+    Handshake::Malformed(format!("SOCKS5 handshake: {e}"))
+}
+
+async fn handshake(
+    s: &mut TcpStream,
+    users: &[crate::config::Socks5User],
+) -> Result<RawTarget, Handshake> {
+    let mut head = [0u8; 2];
+    s.read_exact(&mut head).await.map_err(malformed)?;
+    if head[0] != 5 {
+        return Err(Handshake::Malformed(format!(
+            "not SOCKS5 (version byte {:#04x})",
+            head[0]
+        )));
+    }
+    let mut methods = vec![0u8; head[1] as usize];
+    s.read_exact(&mut methods).await.map_err(malformed)?;
+    let wanted = if users.is_empty() { 0x00 } else { 0x02 };
+    if !methods.contains(&wanted) {
+        let _ = s.write_all(&[5, 0xff]).await;
+        return Err(Handshake::AuthFailed(if users.is_empty() {
+            "client offered no 'no authentication' method".into()
+        } else {
+            "client did not offer username/password authentication, which is required".into()
+        }));
+    }
+    s.write_all(&[5, wanted]).await.map_err(malformed)?;
+    if wanted == 0x02 {
+        let mut ver = [0u8; 2];
+        s.read_exact(&mut ver).await.map_err(malformed)?;
+        if ver[0] != 1 {
+            return Err(Handshake::Malformed(format!(
+                "bad RFC 1929 version {:#04x}",
+                ver[0]
+            )));
+        }
+        let mut user = vec![0u8; ver[1] as usize];
+        s.read_exact(&mut user).await.map_err(malformed)?;
+        let mut plen = [0u8; 1];
+        s.read_exact(&mut plen).await.map_err(malformed)?;
+        let mut pass = vec![0u8; plen[0] as usize];
+        s.read_exact(&mut pass).await.map_err(malformed)?;
+        let ok = users.iter().fold(false, |acc, u| {
+            acc | (ct_eq(u.username.as_bytes(), &user) & ct_eq(u.password.as_bytes(), &pass))
+        });
+        if !ok {
+            let _ = s.write_all(&[1, 1]).await;
+            return Err(Handshake::AuthFailed(format!(
+                "bad username or password (user {:?})",
+                String::from_utf8_lossy(&user)
+            )));
+        }
+        s.write_all(&[1, 0]).await.map_err(malformed)?;
+    }
+    let mut req = [0u8; 4];
+    s.read_exact(&mut req).await.map_err(malformed)?;
+    if req[0] != 5 {
+        return Err(Handshake::Malformed(format!(
+            "bad request version {:#04x}",
+            req[0]
+        )));
+    }
+    if req[1] != 1 {
+        return Err(Handshake::Reply(
+            reply::COMMAND_NOT_SUPPORTED,
+            Reason::UnsupportedCommand,
+            format!("command {:#04x} is not supported: only CONNECT", req[1]),
+        ));
+    }
+    let target = match req[3] {
+        1 => {
+            let mut b = [0u8; 6];
+            s.read_exact(&mut b).await.map_err(malformed)?;
+            let ip = Ipv4Addr::new(b[0], b[1], b[2], b[3]);
+            RawTarget::Addr(SocketAddr::new(
+                IpAddr::V4(ip),
+                u16::from_be_bytes([b[4], b[5]]),
+            ))
+        }
+        4 => {
+            let mut b = [0u8; 18];
+            s.read_exact(&mut b).await.map_err(malformed)?;
+            let mut o = [0u8; 16];
+            o.copy_from_slice(&b[..16]);
+            RawTarget::Addr(SocketAddr::new(
+                IpAddr::V6(Ipv6Addr::from(o)),
+                u16::from_be_bytes([b[16], b[17]]),
+            ))
+        }
+        3 => {
+            let mut len = [0u8; 1];
+            s.read_exact(&mut len).await.map_err(malformed)?;
+            let mut name = vec![0u8; len[0] as usize + 2];
+            s.read_exact(&mut name).await.map_err(malformed)?;
+            let port = u16::from_be_bytes([name[len[0] as usize], name[len[0] as usize + 1]]);
+            name.truncate(len[0] as usize);
+            match String::from_utf8(name) {
+                Ok(n) => RawTarget::HostPort(n, port),
+                Err(_) => {
+                    return Err(Handshake::Reply(
+                        reply::GENERAL_FAILURE,
+                        Reason::InvalidTarget,
+                        "domain name is not UTF-8".into(),
+                    ));
+                }
+            }
+        }
+        other => {
+            return Err(Handshake::Reply(
+                reply::ADDRESS_TYPE_NOT_SUPPORTED,
+                Reason::UnsupportedAddressType,
+                format!("address type {other:#04x} is not supported"),
+            ));
+        }
+    };
+    Ok(target)
+}
+
+/// Constant-time byte comparison (length leaks, content does not).
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,76 @@
+//! Client identity: who a source address is. Standalone mode maps source CIDRs to a namespace,
+//! name, service account and labels (the `clients` table); the most specific prefix wins.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use prefix_trie::PrefixMap;
+use serde::Serialize;
+
+use crate::config::ClientEntry;
+
+/// Who a client is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Identity {
+    /// Namespace.
+    pub namespace: String,
+    /// Pod (or client) name.
+    pub name: String,
+    /// Service account.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
+    /// Pod labels.
+    pub labels: BTreeMap<String, String>,
+    /// Labels of the namespace, including `kubernetes.io/metadata.name`.
+    #[serde(skip)]
+    pub namespace_labels: BTreeMap<String, String>,
+}
+
+/// Source address -> identity, by longest prefix.
+#[derive(Debug, Default)]
+pub struct IdentityTable {
+    v4: PrefixMap<ipnet::Ipv4Net, Arc<Identity>>,
+    v6: PrefixMap<ipnet::Ipv6Net, Arc<Identity>>,
+}
+
+impl IdentityTable {
+    /// Builds the table from the config's `clients` list (later rows win on equal prefixes).
+    pub fn from_clients(clients: &[ClientEntry]) -> Self {
+        let mut t = IdentityTable::default();
+        for c in clients {
+            let id = Arc::new(Identity {
+                namespace: c.namespace.clone(),
+                name: c.name.clone(),
+                service_account: c.service_account.clone(),
+                labels: c.labels.clone(),
+                namespace_labels: egress_crds::namespace_labels(&c.namespace, &BTreeMap::new()),
+            });
+            match c.cidr {
+                IpNet::V4(n) => {
+                    t.v4.insert(n, id);
+                }
+                IpNet::V6(n) => {
+                    t.v6.insert(n, id);
+                }
+            }
+        }
+        t
+    }
+
+    /// The identity of a source address, if known.
+    pub fn lookup(&self, ip: IpAddr) -> Option<Arc<Identity>> {
+        match crate::target::canonical_ip(ip) {
+            IpAddr::V4(a) => self
+                .v4
+                .get_lpm(&ipnet::Ipv4Net::from(a))
+                .map(|(_, v)| v.clone()),
+            IpAddr::V6(a) => self
+                .v6
+                .get_lpm(&ipnet::Ipv6Net::from(a))
+                .map(|(_, v)| v.clone()),
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! Prometheus metrics. Counters on the hot path are pre-created (no map lookup, no lock).
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::policy::Reason;
+use crate::request::Front;
+
+/// Every metric the gateway exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Accepted client connections per front.
+    pub connections: [Counter; Front::ALL.len()],
+    /// Client connections currently open.
+    pub active_connections: Gauge,
+    decisions_allow: Vec<Counter>,
+    decisions_deny: Vec<Counter>,
+    /// Bytes client -> upstream.
+    pub bytes_up: Counter,
+    /// Bytes upstream -> client.
+    pub bytes_down: Counter,
+    /// Upstream TCP connect latency (successful connects).
+    pub connect_seconds: Histogram,
+    /// Upstream connect failures.
+    pub connect_failures: Counter,
+    /// DNS lookup latency.
+    pub dns_seconds: Histogram,
+    /// DNS lookup failures.
+    pub dns_failures: Counter,
+    /// Config reloads by result.
+    pub reloads_ok: Counter,
+    /// Failed config reloads (the previous config stays in force).
+    pub reloads_failed: Counter,
+    /// 1 when the last reload attempt failed.
+    pub config_stale: Gauge,
+    /// Audit events written.
+    pub audit_events: Counter,
+    /// Audit write errors.
+    pub audit_errors: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct DecisionLabels {
+    action: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct FrontLabels {
+    front: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct DirLabels {
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("egress");
+        let conns = Family::<FrontLabels, Counter>::default();
+        let connections = Front::ALL.map(|f| {
+            conns
+                .get_or_create(&FrontLabels { front: f.as_str() })
+                .clone()
+        });
+        registry.register("connections", "Accepted client connections", conns);
+        let active_connections = Gauge::default();
+        registry.register(
+            "active_connections",
+            "Client connections currently open",
+            active_connections.clone(),
+        );
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        let mk = |action| {
+            Reason::ALL
+                .iter()
+                .map(|r| {
+                    decisions
+                        .get_or_create(&DecisionLabels {
+                            action,
+                            reason: r.as_str(),
+                        })
+                        .clone()
+                })
+                .collect::<Vec<_>>()
+        };
+        let (decisions_allow, decisions_deny) = (mk("allow"), mk("deny"));
+        registry.register("decisions", "Decisions by action and reason", decisions);
+        let bytes = Family::<DirLabels, Counter>::default();
+        let bytes_up = bytes.get_or_create(&DirLabels { direction: "up" }).clone();
+        let bytes_down = bytes
+            .get_or_create(&DirLabels { direction: "down" })
+            .clone();
+        registry.register("bytes", "Bytes relayed (up: client to upstream)", bytes);
+        let connect_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        registry.register(
+            "upstream_connect_seconds",
+            "Upstream TCP connect latency",
+            connect_seconds.clone(),
+        );
+        let connect_failures = Counter::default();
+        registry.register(
+            "upstream_connect_failures",
+            "Upstream connects that failed",
+            connect_failures.clone(),
+        );
+        let dns_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
+        registry.register(
+            "dns_lookup_seconds",
+            "DNS lookup latency (cache hits included)",
+            dns_seconds.clone(),
+        );
+        let dns_failures = Counter::default();
+        registry.register(
+            "dns_lookup_failures",
+            "DNS lookups that failed",
+            dns_failures.clone(),
+        );
+        let reloads = Family::<ResultLabels, Counter>::default();
+        let reloads_ok = reloads
+            .get_or_create(&ResultLabels { result: "ok" })
+            .clone();
+        let reloads_failed = reloads
+            .get_or_create(&ResultLabels { result: "failed" })
+            .clone();
+        registry.register(
+            "config_reloads",
+            "Config reload attempts by result",
+            reloads,
+        );
+        let config_stale = Gauge::default();
+        registry.register(
+            "config_reload_failing",
+            "1 while the last reload failed and the previous config is in force",
+            config_stale.clone(),
+        );
+        let audit_events = Counter::default();
+        registry.register("audit_events", "Audit events written", audit_events.clone());
+        let audit_errors = Counter::default();
+        registry.register(
+            "audit_write_errors",
+            "Audit sink write errors",
+            audit_errors.clone(),
+        );
+        Metrics {
+            registry,
+            connections,
+            active_connections,
+            decisions_allow,
+            decisions_deny,
+            bytes_up,
+            bytes_down,
+            connect_seconds,
+            connect_failures,
+            dns_seconds,
+            dns_failures,
+            reloads_ok,
+            reloads_failed,
+            config_stale,
+            audit_events,
+            audit_errors,
+        }
+    }
+
+    /// Counts a decision.
+    pub fn decision(&self, allow: bool, reason: Reason) {
+        let v = if allow {
+            &self.decisions_allow
+        } else {
+            &self.decisions_deny
+        };
+        v[reason.index()].inc();
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut s, &self.registry);
+        s
+    }
+}

@@ -1,0 +1,262 @@
+//! API objects -> an immutable, indexed snapshot.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use egress_crds::domain::DomainPattern;
+use egress_crds::validate::parse_cidr;
+use egress_crds::{AnyPolicy, EgressRule, LabelSelector, Mode, RateLimit, RuleAction};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use ipnet::IpNet;
+use prefix_trie::PrefixMap;
+
+use crate::config::DefaultAction;
+
+/// A per-client token bucket of one policy.
+pub type Limiter = DefaultKeyedRateLimiter<IpAddr>;
+
+/// One policy, compiled.
+#[derive(Debug)]
+pub struct CompiledPolicy {
+    /// `namespace/name` or, for cluster policies, `name`.
+    pub key: Arc<str>,
+    /// `EgressPolicy` or `ClusterEgressPolicy`.
+    pub cluster: bool,
+    /// Namespace of a namespaced policy.
+    pub namespace: Option<String>,
+    /// Pod selector.
+    pub pod_selector: LabelSelector,
+    /// Namespace selector (cluster policies).
+    pub namespace_selector: Option<LabelSelector>,
+    /// Enforce or Audit.
+    pub mode: Mode,
+    /// Source-address pool name.
+    pub egress_address: Arc<str>,
+    /// Whether selecting a client isolates it (namespaced: always; cluster: with an Allow rule).
+    pub isolates: bool,
+    /// Rate limit and its buckets (kept across reloads while the policy and limit are unchanged).
+    pub rate_limit: Option<(RateLimit, Arc<Limiter>)>,
+}
+
+/// What a rule matched a target on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerMatch {
+    /// A `domain` peer.
+    Domain,
+    /// A `cidr` peer.
+    Cidr,
+}
+
+/// One rule, compiled.
+#[derive(Debug)]
+pub struct CompiledRule {
+    /// Index of its policy in `Snapshot::policies`.
+    pub policy: usize,
+    /// Rule name (`rules[N]` when unnamed).
+    pub name: Arc<str>,
+    /// Allow or Deny.
+    pub action: RuleAction,
+    /// Inclusive port ranges; empty = any.
+    pub ports: Vec<(u16, u16)>,
+    /// HTTP constraints: methods (empty = any), paths (empty = any) as (pattern, is_prefix).
+    pub http: Option<(Vec<String>, Vec<(String, bool)>)>,
+}
+
+impl CompiledRule {
+    /// Whether the port is allowed by the rule.
+    pub fn port_matches(&self, port: u16) -> bool {
+        self.ports.is_empty() || self.ports.iter().any(|(a, b)| (*a..=*b).contains(&port))
+    }
+}
+
+/// A CIDR peer entry: rule index and the excepted prefixes.
+#[derive(Debug, Clone)]
+pub struct CidrEntry {
+    /// Rule index.
+    pub rule: usize,
+    /// Prefixes inside the CIDR that stay closed.
+    pub except: Vec<IpNet>,
+}
+
+/// The compiled policy set, swapped whole on change.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Action for clients no policy selects.
+    pub default_action: DefaultAction,
+    /// Policies in load order.
+    pub policies: Vec<CompiledPolicy>,
+    /// Rules in load order (their index orders matches).
+    pub rules: Vec<CompiledRule>,
+    /// Namespace -> indices of its namespaced policies.
+    pub by_namespace: HashMap<String, Vec<usize>>,
+    /// Indices of cluster policies.
+    pub cluster: Vec<usize>,
+    /// Exact domain -> rule indices.
+    pub exact: HashMap<String, Vec<usize>>,
+    /// Wildcard base domain (`stripe.com` for `*.stripe.com`) -> rule indices.
+    pub suffix: HashMap<String, Vec<usize>>,
+    /// IPv4 CIDR peers.
+    pub cidr_v4: PrefixMap<ipnet::Ipv4Net, Vec<CidrEntry>>,
+    /// IPv6 CIDR peers.
+    pub cidr_v6: PrefixMap<ipnet::Ipv6Net, Vec<CidrEntry>>,
+}
+
+impl Snapshot {
+    /// Compiles validated policies. `previous` lends its rate-limit buckets to unchanged policies.
+    pub fn compile(
+        default_action: DefaultAction,
+        policies: &[AnyPolicy],
+        previous: Option<&Snapshot>,
+    ) -> Snapshot {
+        let mut s = Snapshot {
+            default_action,
+            policies: Vec::new(),
+            rules: Vec::new(),
+            by_namespace: HashMap::new(),
+            cluster: Vec::new(),
+            exact: HashMap::new(),
+            suffix: HashMap::new(),
+            cidr_v4: PrefixMap::new(),
+            cidr_v6: PrefixMap::new(),
+        };
+        let old_limiters: BTreeMap<(bool, &str), &(RateLimit, Arc<Limiter>)> = previous
+            .map(|p| {
+                p.policies
+                    .iter()
+                    .filter_map(|cp| {
+                        cp.rate_limit
+                            .as_ref()
+                            .map(|rl| ((cp.cluster, &*cp.key), rl))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        for p in policies {
+            let idx = s.policies.len();
+            let key: Arc<str> = p.key().into();
+            let (cluster, namespace, pod_selector, namespace_selector, mode, egress, rate, rules) =
+                match p {
+                    AnyPolicy::Namespaced(p) => (
+                        false,
+                        p.metadata.namespace.clone(),
+                        p.spec.pod_selector.clone(),
+                        None,
+                        p.spec.mode,
+                        p.spec.egress_address.clone(),
+                        p.spec.rate_limit,
+                        p.spec
+                            .rules
+                            .iter()
+                            .map(|r| (RuleAction::Allow, r.clone()))
+                            .collect::<Vec<_>>(),
+                    ),
+                    AnyPolicy::Cluster(p) => (
+                        true,
+                        None,
+                        p.spec.pod_selector.clone(),
+                        Some(p.spec.namespace_selector.clone()),
+                        p.spec.mode,
+                        p.spec.egress_address.clone(),
+                        p.spec.rate_limit,
+                        p.spec
+                            .rules
+                            .iter()
+                            .map(|r| (r.action, r.matcher()))
+                            .collect(),
+                    ),
+                };
+            let isolates = !cluster || rules.iter().any(|(a, _)| *a == RuleAction::Allow);
+            let rate_limit = rate.map(|rl| match old_limiters.get(&(cluster, &*key)) {
+                Some((old, limiter)) if *old == rl => (rl, limiter.clone()),
+                _ => (rl, Arc::new(new_limiter(rl))),
+            });
+            s.policies.push(CompiledPolicy {
+                key,
+                cluster,
+                namespace: namespace.clone(),
+                pod_selector,
+                namespace_selector,
+                mode,
+                egress_address: egress.unwrap_or_else(|| "default".into()).into(),
+                isolates,
+                rate_limit,
+            });
+            match namespace {
+                Some(ns) => s.by_namespace.entry(ns).or_default().push(idx),
+                None => s.cluster.push(idx),
+            }
+            for (i, (action, rule)) in rules.into_iter().enumerate() {
+                s.add_rule(idx, i, action, &rule);
+            }
+        }
+        s
+    }
+
+    fn add_rule(&mut self, policy: usize, index: usize, action: RuleAction, r: &EgressRule) {
+        let ri = self.rules.len();
+        self.rules.push(CompiledRule {
+            policy,
+            name: r
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("rules[{index}]"))
+                .into(),
+            action,
+            ports: r
+                .ports
+                .iter()
+                .map(|p| (p.port as u16, p.end_port.unwrap_or(p.port) as u16))
+                .collect(),
+            http: r.http.as_ref().map(|h| {
+                let paths = h
+                    .paths
+                    .iter()
+                    .map(|p| match p.strip_suffix('*') {
+                        Some(prefix) => (prefix.to_string(), true),
+                        None => (p.clone(), false),
+                    })
+                    .collect();
+                (h.methods.clone(), paths)
+            }),
+        });
+        for peer in &r.to {
+            if let Some(d) = &peer.domain {
+                // Validated before compilation; an invalid pattern cannot reach here.
+                match DomainPattern::parse(d) {
+                    Ok(DomainPattern::Exact(n)) => self.exact.entry(n).or_default().push(ri),
+                    Ok(DomainPattern::Suffix(n)) => self.suffix.entry(n).or_default().push(ri),
+                    Err(_) => {}
+                }
+            }
+            if let Some(Ok(net)) = peer.cidr.as_deref().map(parse_cidr) {
+                let except = peer
+                    .except
+                    .iter()
+                    .filter_map(|x| parse_cidr(x).ok())
+                    .collect();
+                let entry = CidrEntry { rule: ri, except };
+                match net {
+                    IpNet::V4(n) => push_trie(&mut self.cidr_v4, n, entry),
+                    IpNet::V6(n) => push_trie(&mut self.cidr_v6, n, entry),
+                }
+            }
+        }
+    }
+}
+
+fn push_trie<P: prefix_trie::Prefix>(m: &mut PrefixMap<P, Vec<CidrEntry>>, p: P, e: CidrEntry) {
+    match m.get_mut(&p) {
+        Some(v) => v.push(e),
+        None => {
+            m.insert(p, vec![e]);
+        }
+    }
+}
+
+fn new_limiter(rl: RateLimit) -> Limiter {
+    let rps = NonZeroU32::new(rl.requests_per_second).unwrap_or(NonZeroU32::MIN);
+    let burst = rl.burst.and_then(NonZeroU32::new).unwrap_or(rps);
+    RateLimiter::keyed(Quota::per_second(rps).allow_burst(burst))
+}

@@ -1,0 +1,132 @@
+//! Bidirectional relay with byte counters, an idle timeout and shutdown. One pair of 64 KiB
+//! buffers per connection, allocated once; nothing is allocated per chunk.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::sync::CancellationToken;
+
+use crate::audit::End;
+
+const BUF: usize = 64 * 1024;
+
+/// Result of a relay.
+#[derive(Debug)]
+pub struct Relayed {
+    /// Bytes client -> upstream.
+    pub up: u64,
+    /// Bytes upstream -> client.
+    pub down: u64,
+    /// How it ended.
+    pub end: End,
+    /// Error text, if any.
+    pub error: Option<String>,
+}
+
+pin_project_lite::pin_project! {
+    /// Counts bytes read from the inner stream.
+    struct Counted<'a, S> {
+        #[pin]
+        inner: S,
+        read: &'a AtomicU64,
+    }
+}
+
+impl<S: AsyncRead> AsyncRead for Counted<'_, S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let r = this.inner.poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            this.read.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite> AsyncWrite for Counted<'_, S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
+
+/// Relays until both directions are done, the connection is idle for `idle`, or `stop` fires.
+pub async fn relay<C, U>(
+    client: C,
+    upstream: U,
+    idle: Duration,
+    stop: &CancellationToken,
+) -> Relayed
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let up = AtomicU64::new(0);
+    let down = AtomicU64::new(0);
+    let mut c = Counted {
+        inner: client,
+        read: &up,
+    };
+    let mut u = Counted {
+        inner: upstream,
+        read: &down,
+    };
+    let copy = tokio::io::copy_bidirectional_with_sizes(&mut c, &mut u, BUF, BUF);
+    let watch = async {
+        let tick = (idle / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
+        let mut last = 0u64;
+        let mut quiet = Duration::ZERO;
+        loop {
+            tokio::time::sleep(tick).await;
+            let now = up.load(Ordering::Relaxed) + down.load(Ordering::Relaxed);
+            if now == last {
+                quiet += tick;
+                if quiet >= idle {
+                    return;
+                }
+            } else {
+                quiet = Duration::ZERO;
+                last = now;
+            }
+        }
+    };
+    let (end, error) = tokio::select! {
+        r = copy => match r {
+            Ok(_) => (End::Completed, None),
+            Err(e) => {
+                let end = match e.kind() {
+                    io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::UnexpectedEof => End::UpstreamClosed,
+                    _ => End::Error,
+                };
+                (end, Some(e.to_string()))
+            }
+        },
+        _ = watch => (End::IdleTimeout, None),
+        _ = stop.cancelled() => (End::Shutdown, None),
+    };
+    Relayed {
+        up: up.load(Ordering::Relaxed),
+        down: down.load(Ordering::Relaxed),
+        end,
+        error,
+    }
+}

@@ -1,0 +1,92 @@
+//! The one request type every front builds.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::policy::HttpFacts;
+
+/// Which front a request came through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Front {
+    /// Absolute-form HTTP request through the explicit proxy.
+    Http,
+    /// CONNECT tunnel through the explicit proxy.
+    Connect,
+    /// SOCKS5 CONNECT.
+    Socks5,
+}
+
+impl Front {
+    /// Every front.
+    pub const ALL: [Front; 3] = [Front::Http, Front::Connect, Front::Socks5];
+
+    /// Stable name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Front::Http => "http",
+            Front::Connect => "connect",
+            Front::Socks5 => "socks5",
+        }
+    }
+}
+
+/// One client connection.
+#[derive(Debug)]
+pub struct ClientConn {
+    /// Connection id, unique per gateway instance run.
+    pub id: Arc<str>,
+    /// The client's address as the gateway sees it.
+    pub peer: SocketAddr,
+    /// When it was accepted.
+    pub accepted: Instant,
+    requests: AtomicU32,
+}
+
+impl ClientConn {
+    /// A new connection record.
+    pub fn new(id: Arc<str>, peer: SocketAddr) -> Self {
+        ClientConn {
+            id,
+            peer,
+            accepted: Instant::now(),
+            requests: AtomicU32::new(0),
+        }
+    }
+
+    /// The next request id on this connection: `<connection id>.<n>`.
+    pub fn next_request_id(&self) -> Arc<str> {
+        let n = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        format!("{}.{n}", self.id).into()
+    }
+}
+
+/// Where the client wants to go, as its protocol spelled it (normalised by the pipeline).
+#[derive(Debug, Clone)]
+pub enum RawTarget {
+    /// `host:port` (CONNECT request target).
+    Authority(String),
+    /// Host as written, and port (absolute-form URI, SOCKS5 domain).
+    HostPort(String, u16),
+    /// An address (SOCKS5 IPv4/IPv6).
+    Addr(SocketAddr),
+}
+
+/// What every front hands to the pipeline.
+#[derive(Debug, Clone)]
+pub struct EgressRequest {
+    /// The client connection.
+    pub conn: Arc<ClientConn>,
+    /// Request id (decision and close events share it; denial bodies name it).
+    pub id: Arc<str>,
+    /// The front.
+    pub front: Front,
+    /// Where to.
+    pub target: RawTarget,
+    /// Method and path for plain-HTTP requests.
+    pub http: Option<HttpFacts>,
+}

@@ -1,0 +1,156 @@
+//! `egress-gateway run`: binds the listeners, serves, reloads on file change or SIGHUP, and
+//! drains on SIGTERM/SIGINT.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use notify::{RecursiveMode, Watcher};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::config::Loaded;
+use crate::metrics::Metrics;
+use crate::pipeline::Gateway;
+
+async fn bind(what: &str, addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)
+        .with_context(|| format!("listen.{what}: cannot bind {addr}"))?;
+    sock.listen(4096)
+        .with_context(|| format!("listen.{what}: cannot listen on {addr}"))
+}
+
+/// Runs the gateway until SIGTERM/SIGINT and the drain that follows.
+pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
+    let listen = loaded.config.listen.clone();
+    if listen.http.is_none() && listen.socks5.is_none() {
+        anyhow::bail!(
+            "{}: listen: neither listen.http nor listen.socks5 is set; nothing to serve",
+            loaded.path.display()
+        );
+    }
+    let watch_paths = watched_paths(&loaded);
+    let metrics = Arc::new(Metrics::new());
+    let gw = Gateway::new(loaded, metrics)?;
+    let http = match listen.http {
+        Some(a) => Some(bind("http", a).await?),
+        None => None,
+    };
+    let socks = match listen.socks5 {
+        Some(a) => Some(bind("socks5", a).await?),
+        None => None,
+    };
+    let admin = match listen.admin {
+        Some(a) => Some(bind("admin", a).await?),
+        None => None,
+    };
+    let mut fronts = tokio::task::JoinSet::new();
+    if let Some(l) = http {
+        tracing::info!(addr = %l.local_addr()?, "HTTP proxy listening");
+        fronts.spawn(crate::front::http::serve(gw.clone(), l));
+    }
+    if let Some(l) = socks {
+        tracing::info!(addr = %l.local_addr()?, "SOCKS5 proxy listening");
+        fronts.spawn(crate::front::socks5::serve(gw.clone(), l));
+    }
+    if let Some(l) = admin {
+        tracing::info!(addr = %l.local_addr()?, "admin listening");
+        tokio::spawn(crate::admin::serve(gw.clone(), l));
+    }
+    gw.set_ready();
+    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let _watcher = start_watcher(&watch_paths, reload_tx.clone());
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => { let _ = reload_tx.try_send(()); }
+            Some(()) = reload_rx.recv() => {
+                // Let a burst of file events settle, then reload once.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                while reload_rx.try_recv().is_ok() {}
+                let gw2 = gw.clone();
+                let _ = tokio::task::spawn_blocking(move || gw2.reload()).await;
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    let grace = gw.state().loaded.config.shutdown.grace;
+    tracing::info!(grace = ?grace, "shutting down: no new connections, draining open ones");
+    gw.draining.cancel();
+    while fronts.join_next().await.is_some() {}
+    gw.tracker.close();
+    if tokio::time::timeout(grace, gw.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("grace period over: closing the remaining connections");
+        gw.stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(2), gw.tracker.wait()).await;
+    }
+    gw.audit.close();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn watched_paths(loaded: &Loaded) -> Vec<PathBuf> {
+    let base = loaded.path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let mut v = vec![loaded.path.clone()];
+    for p in &loaded.config.policy_files {
+        v.push(if p.is_absolute() {
+            p.clone()
+        } else {
+            base.join(p)
+        });
+    }
+    v
+}
+
+/// Watches the config file and the policy files/directories (their parent directories, so that
+/// editors and ConfigMap symlink swaps that replace files are seen).
+fn start_watcher(
+    paths: &[PathBuf],
+    tx: tokio::sync::mpsc::Sender<()>,
+) -> Option<notify::RecommendedWatcher> {
+    let targets: Vec<PathBuf> = paths
+        .iter()
+        .filter_map(|p| std::fs::canonicalize(p).ok().or(Some(p.clone())))
+        .collect();
+    let interesting = targets.clone();
+    let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res
+            && !ev.kind.is_access()
+            && ev.paths.iter().any(|p| {
+                interesting
+                    .iter()
+                    .any(|t| p.starts_with(t) || t.parent() == p.parent() || p.parent() == Some(t))
+            })
+        {
+            let _ = tx.try_send(());
+        }
+    })
+    .map_err(|e| tracing::warn!(error = %e, "file watching unavailable; reload with SIGHUP"))
+    .ok()?;
+    for t in &targets {
+        let dir = if t.is_dir() {
+            t.clone()
+        } else {
+            t.parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| t.clone())
+        };
+        if let Err(e) = w.watch(&dir, RecursiveMode::NonRecursive) {
+            tracing::warn!(path = %dir.display(), error = %e, "cannot watch; reload with SIGHUP");
+        }
+    }
+    Some(w)
+}
