@@ -5,6 +5,9 @@
 //! schema), label-selector matching, domain-pattern normalisation and validation with precise
 //! field paths.
 
+// kube-derive repeats `type_` in each `printcolumn(...)`; clippy takes them for duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 pub mod domain;
 pub mod manifests;
 pub mod selector;

@@ -308,7 +308,6 @@ fn http(e: &mut Errors, path: &str, h: &HttpMatch) {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use crate::AnyPolicy;
 
     fn policy(spec: &str) -> AnyPolicy {

@@ -20,6 +20,10 @@ pub struct Pools {
     pools: HashMap<String, (Vec<IpAddr>, AtomicUsize)>,
 }
 
+/// The pool is unknown or has no source address of the destination's family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoSource;
+
 /// Why a dial failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
@@ -51,17 +55,17 @@ impl Pools {
 
     /// The source address to use towards `dest` from pool `name`: `Ok(None)` lets the kernel
     /// choose (`default` without addresses), `Err` when the pool has no address of that family.
-    pub fn source_for(&self, name: &str, dest: IpAddr) -> Result<Option<IpAddr>, ()> {
+    pub fn source_for(&self, name: &str, dest: IpAddr) -> Result<Option<IpAddr>, NoSource> {
         match self.pools.get(name) {
             None if name == "default" => Ok(None),
-            None => Err(()),
+            None => Err(NoSource),
             Some((addrs, cursor)) => {
                 let same: Vec<&IpAddr> = addrs
                     .iter()
                     .filter(|a| a.is_ipv4() == dest.is_ipv4())
                     .collect();
                 if same.is_empty() {
-                    return Err(());
+                    return Err(NoSource);
                 }
                 let i = cursor.fetch_add(1, Ordering::Relaxed);
                 Ok(Some(*same[i % same.len()]))
@@ -187,6 +191,6 @@ mod tests {
             Some("2001:db8::1".parse().unwrap())
         );
         assert_eq!(pools.source_for("default", v4), Ok(None));
-        assert_eq!(pools.source_for("missing", v4), Err(()));
+        assert_eq!(pools.source_for("missing", v4), Err(NoSource));
     }
 }

@@ -60,14 +60,38 @@ pub struct CompiledRule {
     pub action: RuleAction,
     /// Inclusive port ranges; empty = any.
     pub ports: Vec<(u16, u16)>,
-    /// HTTP constraints: methods (empty = any), paths (empty = any) as (pattern, is_prefix).
-    pub http: Option<(Vec<String>, Vec<(String, bool)>)>,
+    /// HTTP constraints.
+    pub http: Option<HttpRule>,
 }
 
 impl CompiledRule {
     /// Whether the port is allowed by the rule.
     pub fn port_matches(&self, port: u16) -> bool {
         self.ports.is_empty() || self.ports.iter().any(|(a, b)| (*a..=*b).contains(&port))
+    }
+}
+
+/// Compiled HTTP constraints of a rule.
+#[derive(Debug)]
+pub struct HttpRule {
+    /// Allowed methods; empty = any.
+    pub methods: Vec<String>,
+    /// Path patterns as (text, is_prefix); empty = any.
+    pub paths: Vec<(String, bool)>,
+}
+
+impl HttpRule {
+    /// Whether a method and path match.
+    pub fn matches(&self, method: &str, path: &str) -> bool {
+        (self.methods.is_empty() || self.methods.iter().any(|m| m == method))
+            && (self.paths.is_empty()
+                || self.paths.iter().any(|(p, prefix)| {
+                    if *prefix {
+                        path.starts_with(p.as_str())
+                    } else {
+                        path == p
+                    }
+                }))
     }
 }
 
@@ -218,7 +242,10 @@ impl Snapshot {
                         None => (p.clone(), false),
                     })
                     .collect();
-                (h.methods.clone(), paths)
+                HttpRule {
+                    methods: h.methods.clone(),
+                    paths,
+                }
             }),
         });
         for peer in &r.to {

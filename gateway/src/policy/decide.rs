@@ -153,21 +153,11 @@ impl Snapshot {
         match (&r.http, http) {
             (None, _) => true,
             (Some(_), None) => false,
-            (Some((methods, paths)), Some(h)) => {
-                (methods.is_empty() || methods.iter().any(|m| *m == h.method))
-                    && (paths.is_empty()
-                        || paths.iter().any(|(p, prefix)| {
-                            if *prefix {
-                                h.path.starts_with(p.as_str())
-                            } else {
-                                h.path == *p
-                            }
-                        }))
-            }
+            (Some(rule), Some(h)) => rule.matches(&h.method, &h.path),
         }
     }
 
-    fn from_rule(&self, ri: usize, mut d: Decision, via: PeerMatch) -> Decision {
+    fn decided_by(&self, ri: usize, mut d: Decision, via: PeerMatch) -> Decision {
         let r = &self.rules[ri];
         let p = &self.policies[r.policy];
         d.policy = Some(p.key.clone());
@@ -225,12 +215,12 @@ impl Snapshot {
             .iter()
             .find(|&&ri| self.rules[ri].action == RuleAction::Allow);
         let mut d = match (deny, allow) {
-            (Some(&ri), _) => self.from_rule(
+            (Some(&ri), _) => self.decided_by(
                 ri,
                 Decision::new(Action::Deny, Reason::ClusterDeny, selected),
                 via,
             ),
-            (None, Some(&ri)) => self.from_rule(
+            (None, Some(&ri)) => self.decided_by(
                 ri,
                 Decision::new(Action::Allow, Reason::RuleAllow, selected),
                 via,
