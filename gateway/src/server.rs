@@ -115,6 +115,15 @@ fn watched_paths(loaded: &Loaded) -> Vec<PathBuf> {
     v
 }
 
+/// Whether a changed path concerns a watched file or directory: the path itself, a file in a
+/// watched directory, or a Kubernetes ConfigMap `..data` symlink swap next to a watched file.
+fn relevant(changed: &Path, watched: &Path) -> bool {
+    changed == watched
+        || changed.parent() == Some(watched)
+        || (changed.parent() == watched.parent()
+            && changed.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("..")))
+}
+
 /// Watches the config file and the policy files/directories (their parent directories, so that
 /// editors and ConfigMap symlink swaps that replace files are seen).
 fn start_watcher(
@@ -129,11 +138,7 @@ fn start_watcher(
     let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(ev) = res
             && !ev.kind.is_access()
-            && ev.paths.iter().any(|p| {
-                interesting
-                    .iter()
-                    .any(|t| p.starts_with(t) || t.parent() == p.parent() || p.parent() == Some(t))
-            })
+            && ev.paths.iter().any(|p| interesting.iter().any(|t| relevant(p, t)))
         {
             let _ = tx.try_send(());
         }
