@@ -24,8 +24,7 @@ pub const METADATA_NAMES: &[&str] = &[
 ];
 
 /// The guard's verdict on one address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case", tag = "verdict", content = "category")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     /// Not in any guarded range.
     Pass,
@@ -35,6 +34,30 @@ pub enum Verdict {
     Blocked(&'static str),
     /// Internal (category): only an explicit cidr rule opens it.
     Internal(&'static str),
+}
+
+impl Serialize for Verdict {
+    /// `{"verdict": "pass" | "exempt" | "blocked" | "internal", "category": ..., "exempt_by": ...}`
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        match self {
+            Verdict::Pass => m.serialize_entry("verdict", "pass")?,
+            Verdict::Exempt(n) => {
+                m.serialize_entry("verdict", "exempt")?;
+                m.serialize_entry("exempt_by", n)?;
+            }
+            Verdict::Blocked(c) => {
+                m.serialize_entry("verdict", "blocked")?;
+                m.serialize_entry("category", c)?;
+            }
+            Verdict::Internal(c) => {
+                m.serialize_entry("verdict", "internal")?;
+                m.serialize_entry("category", c)?;
+            }
+        }
+        m.end()
+    }
 }
 
 /// The guard with its configuration.

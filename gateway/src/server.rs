@@ -121,7 +121,10 @@ fn relevant(changed: &Path, watched: &Path) -> bool {
     changed == watched
         || changed.parent() == Some(watched)
         || (changed.parent() == watched.parent()
-            && changed.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("..")))
+            && changed
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("..")))
 }
 
 /// Watches the config file and the policy files/directories (their parent directories, so that
@@ -138,7 +141,10 @@ fn start_watcher(
     let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(ev) = res
             && !ev.kind.is_access()
-            && ev.paths.iter().any(|p| interesting.iter().any(|t| relevant(p, t)))
+            && ev
+                .paths
+                .iter()
+                .any(|p| interesting.iter().any(|t| relevant(p, t)))
         {
             let _ = tx.try_send(());
         }

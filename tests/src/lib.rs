@@ -1,1 +1,542 @@
+//! End-to-end test harness: the real `egress-gateway` binary, a real DNS server (dnsmasq), real
+//! upstream HTTP servers on loopback aliases, and real clients (curl, raw sockets).
+//!
+//! Every process a test starts is killed when its handle drops, also when the test fails.
+//! Addresses: upstreams on 127.0.0.2-127.0.0.9 (exempted in each test's `guard.allowCidrs`), so
+//! 127.0.0.1 stays a guarded loopback address for the guard tests.
 
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The gateway binary: `EGRESS_GATEWAY_BIN`, or `target/<profile>/egress-gateway` next to this
+/// test executable (build it first: `cargo build -p egress-gateway`).
+pub fn gateway_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("EGRESS_GATEWAY_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
+    let bin = dir.join("egress-gateway");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p egress-gateway` first",
+        bin.display()
+    );
+    bin
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repo root")
+        .to_path_buf()
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Kills a child process on drop.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A dnsmasq instance answering for test names only (no upstream, no hosts file).
+pub struct Dns {
+    _proc: Proc,
+    /// `127.0.0.1:port`.
+    pub addr: SocketAddr,
+}
+
+impl Dns {
+    /// Starts dnsmasq with `(name, address)` records (several per name allowed).
+    pub fn start(records: &[(&str, &str)]) -> Dns {
+        let port = loop {
+            let p = UdpSocket::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            if TcpListener::bind(("127.0.0.1", p)).is_ok() {
+                break p;
+            }
+        };
+        let mut cmd = Command::new("dnsmasq");
+        cmd.args([
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--no-poll",
+            "--bind-interfaces",
+            "--listen-address=127.0.0.1",
+            "--pid-file=",
+            "--user=root",
+            "--local-ttl=1",
+            "--log-facility=-",
+        ])
+        .arg(format!("--port={port}"));
+        let mut by_name: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for (n, a) in records {
+            by_name.entry(n).or_default().push(a);
+        }
+        for (n, addrs) in by_name {
+            cmd.arg(format!("--host-record={n},{}", addrs.join(",")));
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dnsmasq (apt-get install dnsmasq-base)");
+        let dns = Dns {
+            _proc: Proc(child),
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        };
+        wait_until(Duration::from_secs(10), || {
+            TcpStream::connect(dns.addr).is_ok()
+        });
+        dns
+    }
+}
+
+/// Polls `f` until it is true or the deadline passes (then panics).
+pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < limit,
+            "condition not reached within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// An upstream HTTP/1.1 server answering every request with JSON describing it:
+/// `{"method","path","peer","host","body_len"}`; `/bytes/N` answers N bytes.
+pub struct Upstream {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Upstream {
+    /// Starts on `ip:0`.
+    pub fn start(ip: &str) -> Upstream {
+        let std_listener = TcpListener::bind((ip, 0)).expect("bind upstream");
+        std_listener.set_nonblocking(true).unwrap();
+        let addr = std_listener.local_addr().unwrap();
+        let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+                loop {
+                    tokio::select! {
+                        _ = &mut rx => return,
+                        a = listener.accept() => {
+                            let Ok((s, peer)) = a else { continue };
+                            tokio::spawn(serve_upstream(s, peer));
+                        }
+                    }
+                }
+            });
+        });
+        Upstream {
+            addr,
+            stop: Some(tx),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn serve_upstream(s: tokio::net::TcpStream, peer: SocketAddr) {
+    use http_body_util::BodyExt;
+    let svc = hyper::service::service_fn(
+        move |req: hyper::Request<hyper::body::Incoming>| async move {
+            let method = req.method().to_string();
+            let path = req.uri().path().to_string();
+            let host = req
+                .headers()
+                .get("host")
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            let hop = req.headers().contains_key("proxy-authorization")
+                || req.headers().contains_key("proxy-connection");
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let out = if let Some(n) = path.strip_prefix("/bytes/") {
+                bytes::Bytes::from(vec![b'x'; n.parse().unwrap_or(0)])
+            } else {
+                let v = serde_json::json!({
+                    "method": method, "path": path, "peer": peer.to_string(), "host": host,
+                    "body_len": body.len(), "proxy_headers_seen": hop,
+                });
+                bytes::Bytes::from(v.to_string())
+            };
+            Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(out)))
+        },
+    );
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+        .await;
+}
+
+/// A running gateway with its own config directory, listeners and audit file.
+pub struct Gateway {
+    proc: Option<Proc>,
+    /// Config directory (kept until drop).
+    pub dir: tempfile::TempDir,
+    /// Explicit proxy.
+    pub http: SocketAddr,
+    /// SOCKS5.
+    pub socks: SocketAddr,
+    /// Admin.
+    pub admin: SocketAddr,
+    /// stderr log of the process.
+    pub log: PathBuf,
+}
+
+impl Gateway {
+    /// Writes `gateway.yaml` = listeners + audit file + resolver + `body`, starts the binary
+    /// and waits until `/readyz` answers 200.
+    pub fn start(dns: &Dns, body: &str) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let (http, socks, admin) = (free_port(), free_port(), free_port());
+        let mk = |p| SocketAddr::from(([127, 0, 0, 1], p));
+        let g = Gateway {
+            proc: None,
+            http: mk(http),
+            socks: mk(socks),
+            admin: mk(admin),
+            log: dir.path().join("gateway.log"),
+            dir,
+        };
+        g.write_config(dns, body);
+        let mut g = g;
+        g.spawn();
+        g
+    }
+
+    /// The config file path.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("gateway.yaml")
+    }
+
+    /// The audit file path.
+    pub fn audit_path(&self) -> PathBuf {
+        self.dir.path().join("audit.jsonl")
+    }
+
+    /// (Re)writes the config file (atomically, as editors and ConfigMaps do).
+    pub fn write_config(&self, dns: &Dns, body: &str) {
+        let text = format!(
+            "listen: {{http: {}, socks5: {}, admin: {}}}\nresolver: {{nameservers: [{}]}}\naudit: {{sinks: [{{type: file, path: {}}}]}}\n{body}\n",
+            self.http,
+            self.socks,
+            self.admin,
+            dns.addr,
+            self.audit_path().display()
+        );
+        let tmp = self.dir.path().join(".gateway.yaml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.config_path()).unwrap();
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(&self.log).unwrap();
+        let child = Command::new(gateway_bin())
+            .args(["run", "--config"])
+            .arg(self.config_path())
+            .env("EGRESS_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start egress-gateway");
+        self.proc = Some(Proc(child));
+        let admin = self.admin;
+        let start = Instant::now();
+        while admin_get(admin, "/readyz").map(|(s, _)| s) != Some(200) {
+            if let Some(Some(status)) = self.proc.as_mut().map(|p| p.0.try_wait().ok().flatten()) {
+                panic!(
+                    "gateway exited with {status}: {}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "gateway not ready: {}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// The process's stderr so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The child process.
+    pub fn child(&mut self) -> &mut Child {
+        &mut self.proc.as_mut().expect("running").0
+    }
+
+    /// Sends a signal to the gateway.
+    pub fn signal(&mut self, sig: &str) {
+        let pid = self.child().id().to_string();
+        let ok = Command::new("kill")
+            .args(["-s", sig, &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -s {sig} {pid}");
+    }
+
+    /// Every audit event written so far (waits briefly for the writer to flush `min` events).
+    pub fn events_at_least(&self, min: usize) -> Vec<Value> {
+        let start = Instant::now();
+        loop {
+            let v = self.events();
+            if v.len() >= min || start.elapsed() > Duration::from_secs(5) {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// Every audit event written so far.
+    pub fn events(&self) -> Vec<Value> {
+        let text = std::fs::read_to_string(self.audit_path()).unwrap_or_default();
+        text.lines()
+            .map(|l| {
+                serde_json::from_str(l)
+                    .unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {l}"))
+            })
+            .collect()
+    }
+
+    /// Events of one request id (waits until at least one is written).
+    pub fn request_events(&self, request_id: &str) -> Vec<Value> {
+        let start = Instant::now();
+        loop {
+            let v: Vec<Value> = self
+                .events()
+                .into_iter()
+                .filter(|e| e["request_id"] == request_id)
+                .collect();
+            if !v.is_empty() || start.elapsed() > Duration::from_secs(5) {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until an event with `decision.reason == reason` is written.
+    pub fn wait_reason(&self, reason: &str) {
+        let start = Instant::now();
+        while !self
+            .events()
+            .iter()
+            .any(|e| e["decision"]["reason"] == reason)
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "no {reason} event in {:#?}",
+                self.events()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A metric's value from `/metrics` (the first sample whose line starts with `prefix`).
+    pub fn metric(&self, prefix: &str) -> Option<f64> {
+        let (_, body) = admin_get(self.admin, "/metrics")?;
+        body.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    /// Stops the process and returns its exit status.
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child().try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "gateway did not exit within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+}
+
+/// `GET path` on the admin listener: (status, body).
+pub fn admin_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.split(' ').nth(1)?.parse().ok()?;
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// The result of one curl run.
+#[derive(Debug)]
+pub struct CurlResult {
+    /// curl's exit code.
+    pub exit: i32,
+    /// HTTP status of the last response (0 when none).
+    pub status: u16,
+    /// Body.
+    pub body: String,
+}
+
+impl CurlResult {
+    /// The body as JSON (the upstream's echo).
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"))
+    }
+
+    /// `request_id:` line of a gateway refusal body.
+    pub fn request_id(&self) -> String {
+        self.body
+            .lines()
+            .find_map(|l| l.strip_prefix("request_id: "))
+            .unwrap_or_else(|| panic!("no request_id in {self:?}"))
+            .to_string()
+    }
+}
+
+/// Runs curl with `args` (silent, 10 s limit, no environment proxies) and the status appended.
+pub fn curl(args: &[&str]) -> CurlResult {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "--max-time",
+            "10",
+            "--noproxy",
+            "",
+            "-w",
+            "\n%{http_code}",
+        ])
+        .args(args)
+        .env_remove("http_proxy")
+        .env_remove("HTTP_PROXY")
+        .env_remove("https_proxy")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("ALL_PROXY")
+        .env_remove("all_proxy")
+        .output()
+        .expect("curl (apt-get install curl)");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    CurlResult {
+        exit: out.status.code().unwrap_or(-1),
+        status: code.trim().parse().unwrap_or(0),
+        body: body.to_string(),
+    }
+}
+
+/// Sends raw bytes on a fresh connection and reads the answer until close or `limit`.
+pub fn raw_exchange(addr: SocketAddr, bytes: &[u8], limit: Duration) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(limit)).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return out,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Reads one HTTP/1.1 response head from a buffered stream: (status, headers lower-cased).
+pub fn read_head(r: &mut BufReader<TcpStream>) -> (u16, BTreeMap<String, String>) {
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let status = line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let mut headers = BTreeMap::new();
+    loop {
+        let mut l = String::new();
+        if r.read_line(&mut l).unwrap() == 0 || l == "\r\n" {
+            return (status, headers);
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        }
+    }
+}
+
+/// SOCKS5 CONNECT by hand (no auth) with a domain target: returns the reply code.
+pub fn socks5_domain(addr: SocketAddr, host: &str, port: u16) -> (TcpStream, u8) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&[5, 1, 0]).unwrap();
+    let mut m = [0u8; 2];
+    s.read_exact(&mut m).unwrap();
+    assert_eq!(m, [5, 0]);
+    let mut req = vec![5, 1, 0, 3, host.len() as u8];
+    req.extend_from_slice(host.as_bytes());
+    req.extend_from_slice(&port.to_be_bytes());
+    s.write_all(&req).unwrap();
+    let mut rep = [0u8; 10];
+    s.read_exact(&mut rep).unwrap();
+    (s, rep[1])
+}

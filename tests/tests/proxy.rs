@@ -1,0 +1,1012 @@
+//! End-to-end: the real gateway binary with curl, dnsmasq and upstream servers on loopback.
+
+use std::io::{BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use egress_e2e::*;
+use serde_json::Value;
+
+/// Names used by the tests: `up.test` and friends resolve to the upstream's address (127.0.0.2,
+/// exempted from the guard by allowCidrs); the others to guarded addresses.
+fn dns() -> Dns {
+    Dns::start(&[
+        ("up.test", "127.0.0.2"),
+        ("api.up.test", "127.0.0.2"),
+        ("a.b.up.test", "127.0.0.2"),
+        ("other.test", "127.0.0.2"),
+        ("meta.test", "169.254.169.254"),
+        ("loop.test", "127.0.0.1"),
+        ("priv.test", "10.0.0.1"),
+        ("mixed.test", "127.0.0.2"),
+        ("mixed.test", "fd00:ec2::254"),
+        ("mapped.test", "::ffff:169.254.169.254"),
+    ])
+}
+
+/// The standard policy set: client 127.0.0.1 is `shop/api`.
+fn config(upstream_port: u16, extra: &str) -> String {
+    format!(
+        r#"
+guard: {{allowCidrs: [127.0.0.2/32, 127.0.0.3/32, 127.0.0.4/32]}}
+clients:
+  - {{cidr: 127.0.0.1/32, namespace: shop, name: api, serviceAccount: api-sa, labels: {{app: api}}}}
+  - {{cidr: 127.0.0.5/32, namespace: shop, name: web, serviceAccount: web, labels: {{app: web}}}}
+policies:
+  - apiVersion: egress.dev/v1alpha1
+    kind: EgressPolicy
+    metadata: {{name: api-egress, namespace: shop}}
+    spec:
+      podSelector: {{matchLabels: {{app: api}}}}
+      rules:
+        - name: upstream
+          to: [{{domain: up.test}}, {{domain: "*.up.test"}}, {{domain: meta.test}}, {{domain: loop.test}}, {{domain: priv.test}}, {{domain: mixed.test}}, {{domain: mapped.test}}]
+          ports: [{{port: {upstream_port}}}]
+        - name: read-only
+          to: [{{domain: other.test}}]
+          ports: [{{port: {upstream_port}}}]
+          http: {{methods: [GET], paths: ["/ok", "/api/*"]}}
+        - name: loopback-cidr
+          to: [{{cidr: 127.0.0.0/29, except: [127.0.0.3/32]}}]
+          ports: [{{port: {upstream_port}}}]
+  - apiVersion: egress.dev/v1alpha1
+    kind: EgressPolicy
+    metadata: {{name: web-observe, namespace: shop}}
+    spec:
+      podSelector: {{matchLabels: {{app: web}}}}
+      mode: Audit
+      rules:
+        - name: nothing-much
+          to: [{{domain: nothing.test}}]
+{extra}
+"#
+    )
+}
+
+fn proxy(gw: &Gateway) -> String {
+    format!("http://{}", gw.http)
+}
+
+fn socks(gw: &Gateway) -> String {
+    format!("{}", gw.socks)
+}
+
+/// The latest decision event matching `f`, waiting for the audit writer to flush it.
+fn decision(gw: &Gateway, f: impl Fn(&Value) -> bool) -> Value {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(e) = gw
+            .events()
+            .into_iter()
+            .rev()
+            .find(|e| e["event"] == "decision" && f(e))
+        {
+            return e;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no matching decision in {:#?}",
+            gw.events()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn allowed_exact_and_wildcard_domains_through_every_front() {
+    let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
+    let gw = Gateway::start(&dns, &config(up.addr.port(), ""));
+    let p = up.addr.port();
+    for host in ["up.test", "api.up.test", "a.b.up.test", "UP.Test."] {
+        let url = format!("http://{host}:{p}/x");
+        let r = curl(&["-x", &proxy(&gw), &url]);
+        assert_eq!(r.status, 200, "http {host}: {r:?}");
+        assert_eq!(r.json()["path"], "/x");
+        let r = curl(&["-p", "-x", &proxy(&gw), &url]);
+        assert_eq!(r.status, 200, "connect {host}: {r:?}");
+        let r = curl(&["--socks5-hostname", &socks(&gw), &url]);
+        assert_eq!(r.status, 200, "socks5h {host}: {r:?}");
+    }
+}
+
+#[test]
+fn wildcard_never_matches_the_apex_and_ports_are_enforced() {
+    let dns = Dns::start(&[("up.test", "127.0.0.2"), ("api.up.test", "127.0.0.2")]);
+    let up = Upstream::start("127.0.0.2");
+    let other = Upstream::start("127.0.0.2");
+    let p = up.addr.port();
+    let body = format!(
+        r#"
+guard: {{allowCidrs: [127.0.0.2/32]}}
+clients: [{{cidr: 127.0.0.1/32, namespace: ns, name: c, labels: {{}}}}]
+policies:
+  - apiVersion: egress.dev/v1alpha1
+    kind: EgressPolicy
+    metadata: {{name: wild, namespace: ns}}
+    spec:
+      podSelector: {{}}
+      rules: [{{name: wild, to: [{{domain: "*.up.test"}}], ports: [{{port: {p}}}]}}]
+"#
+    );
+    let gw = Gateway::start(&dns, &body);
+    assert_eq!(
+        curl(&["-x", &proxy(&gw), &format!("http://api.up.test:{p}/")]).status,
+        200
+    );
+    let apex = curl(&["-x", &proxy(&gw), &format!("http://up.test:{p}/")]);
+    assert_eq!(apex.status, 403);
+    assert!(apex.body.contains("reason: no_rule_matched"), "{apex:?}");
+    let wrong_port = curl(&[
+        "-x",
+        &proxy(&gw),
+        &format!("http://api.up.test:{}/", other.addr.port()),
+    ]);
+    assert_eq!(wrong_port.status, 403, "{wrong_port:?}");
+    let ev = gw.request_events(&wrong_port.request_id());
+    assert_eq!(ev.len(), 1);
+    assert_eq!(ev[0]["decision"]["reason"], "no_rule_matched");
+    assert_eq!(ev[0]["decision"]["policy"], "ns/wild");
+}
+
+#[test]
+fn cidr_rules_with_except() {
+    let (dns, up2, up3) = (
+        dns(),
+        Upstream::start("127.0.0.2"),
+        Upstream::start("127.0.0.3"),
+    );
+    // Both upstreams need one port for the rule; bind the second on the first's port.
+    drop(up3);
+    let p = up2.addr.port();
+    let up3 = std::net::TcpListener::bind(("127.0.0.3", p));
+    let gw = Gateway::start(&dns, &config(p, ""));
+    let ok = curl(&["-x", &proxy(&gw), &format!("http://127.0.0.2:{p}/")]);
+    assert_eq!(ok.status, 200, "{ok:?}");
+    assert_eq!(
+        decision(&gw, |e| e["target"]["host"] == "127.0.0.2")["decision"]["rule"],
+        "loopback-cidr"
+    );
+    if up3.is_ok() {
+        let excepted = curl(&["-x", &proxy(&gw), &format!("http://127.0.0.3:{p}/")]);
+        assert_eq!(excepted.status, 403, "{excepted:?}");
+        assert!(
+            excepted.body.contains("reason: no_rule_matched"),
+            "{excepted:?}"
+        );
+    }
+}
+
+#[test]
+fn http_method_and_path_rules() {
+    let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
+    let gw = Gateway::start(&dns, &config(up.addr.port(), ""));
+    let p = up.addr.port();
+    let base = format!("http://other.test:{p}");
+    assert_eq!(
+        curl(&["-x", &proxy(&gw), &format!("{base}/ok")]).status,
+        200
+    );
+    assert_eq!(
+        curl(&["-x", &proxy(&gw), &format!("{base}/ok?q=1")]).status,
+        200
+    );
+    assert_eq!(
+        curl(&["-x", &proxy(&gw), &format!("{base}/api/v1/x")]).status,
+        200
+    );
+    assert_eq!(
+        curl(&["-x", &proxy(&gw), &format!("{base}/okx")]).status,
+        403
+    );
+    assert_eq!(
+        curl(&[
+            "-x",
+            &proxy(&gw),
+            "-X",
+            "POST",
+            "-d",
+            "x=1",
+            &format!("{base}/ok")
+        ])
+        .status,
+        403
+    );
+    // An http rule never matches a tunnel: the gateway cannot see the method or path inside.
+    assert_eq!(
+        curl(&["-p", "-x", &proxy(&gw), &format!("{base}/ok")]).status,
+        0
+    );
+    assert_eq!(
+        decision(&gw, |e| e["front"] == "connect")["decision"]["reason"],
+        "no_rule_matched"
+    );
+}
+
+#[test]
+fn request_and_response_bodies_stream_both_ways_and_proxy_headers_are_stripped() {
+    let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
+    let gw = Gateway::start(&dns, &config(up.addr.port(), ""));
+    let p = up.addr.port();
+    let file = gw.dir.path().join("body.bin");
+    std::fs::write(&file, vec![7u8; 300_000]).unwrap();
+    let data = format!("@{}", file.display());
+    // Content-Length body
+    let r = curl(&[
+        "-x",
+        &proxy(&gw),
+        "--data-binary",
+        &data,
+        "-H",
+        "Proxy-Authorization: Basic eDp5",
+        &format!("http://up.test:{p}/upload"),
+    ]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["body_len"], 300_000);
+    assert_eq!(r.json()["method"], "POST");
+    assert_eq!(r.json()["proxy_headers_seen"], false);
+    assert_eq!(r.json()["host"], format!("up.test:{p}"));
+    // chunked body
+    let r = curl(&[
+        "-x",
+        &proxy(&gw),
+        "-H",
+        "Transfer-Encoding: chunked",
+        "--data-binary",
+        &data,
+        &format!("http://up.test:{p}/chunked"),
+    ]);
+    assert_eq!(r.json()["body_len"], 300_000, "{r:?}");
+    // large response
+    let r = curl(&[
+        "-x",
+        &proxy(&gw),
+        &format!("http://up.test:{p}/bytes/5000000"),
+    ]);
+    assert_eq!(r.body.len(), 5_000_000);
+    let ev: Vec<Value> = gw
+        .events_at_least(6)
+        .into_iter()
+        .filter(|e| e["event"] == "close")
+        .collect();
+    let big = ev
+        .iter()
+        .find(|e| e["target"]["http"]["path"] == "/bytes/5000000")
+        .expect("close of the download");
+    assert!(
+        big["close"]["bytes_down"].as_u64().unwrap() >= 5_000_000,
+        "{big}"
+    );
+    let upl = ev
+        .iter()
+        .find(|e| e["target"]["http"]["path"] == "/upload")
+        .expect("close of the upload");
+    assert_eq!(upl["close"]["bytes_up"], 300_000);
+    assert_eq!(upl["close"]["http_status"], 200);
+}
+
+#[test]
+fn audit_mode_lets_a_would_deny_through_and_logs_it() {
+    let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
+    let gw = Gateway::start(&dns, &config(up.addr.port(), ""));
+    let p = up.addr.port();
+    let r = curl(&[
+        "--interface",
+        "127.0.0.5",
+        "-x",
+        &proxy(&gw),
+        &format!("http://up.test:{p}/"),
+    ]);
+    assert_eq!(r.status, 200, "{r:?}");
+    let d = decision(&gw, |e| e["client"]["name"] == "web");
+    assert_eq!(d["decision"]["action"], "allow");
+    assert_eq!(d["decision"]["reason"], "audit_would_deny");
+    assert_eq!(d["decision"]["mode"], "Audit");
+    assert_eq!(d["decision"]["policy"], "shop/web-observe");
+    assert_eq!(d["client"]["name"], "web");
+    // Audit mode never bypasses the guard.
+    let r = curl(&[
+        "--interface",
+        "127.0.0.5",
+        "-x",
+        &proxy(&gw),
+        "http://169.254.169.254/latest/meta-data/",
+    ]);
+    assert_eq!(r.status, 403, "{r:?}");
+    let r = curl(&[
+        "--interface",
+        "127.0.0.5",
+        "-x",
+        &proxy(&gw),
+        &format!("http://meta.test:{p}/"),
+    ]);
+    assert_eq!(r.status, 403, "{r:?}");
+}
+
+#[test]
+fn unknown_client_gets_the_default_action() {
+    let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
+    let gw = Gateway::start(&dns, &config(up.addr.port(), ""));
+    let r = curl(&[
+        "--interface",
+        "127.0.0.9",
+        "-x",
+        &proxy(&gw),
+        &format!("http://up.test:{}/", up.addr.port()),
+    ]);
+    assert_eq!(r.status, 403, "{r:?}");
+    let d = decision(&gw, |e| e["client"]["address"] == "127.0.0.9");
+    assert_eq!(d["decision"]["reason"], "default_deny");
+    assert!(d["client"].get("namespace").is_none(), "{d}");
+    assert_eq!(d["client"]["address"], "127.0.0.9");
+    let (dns2, up2) = (
+        Dns::start(&[("up.test", "127.0.0.2")]),
+        Upstream::start("127.0.0.2"),
+    );
+    let gw2 = Gateway::start(
+        &dns2,
+        "guard: {allowCidrs: [127.0.0.2/32]}\ndefaultAction: Allow\n",
+    );
+    let r = curl(&[
+        "-x",
+        &proxy(&gw2),
+        &format!("http://up.test:{}/", up2.addr.port()),
+    ]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        decision(&gw2, |_| true)["decision"]["reason"],
+        "default_allow"
+    );
+    // defaultAction Allow still never opens the guard.
+    assert_eq!(
+        curl(&["-x", &proxy(&gw2), "http://[::ffff:169.254.169.254]/"]).status,
+        403
+    );
+}
+
+#[test]
+fn domains_resolving_to_guarded_addresses_are_denied() {
+    let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
+    let gw = Gateway::start(&dns, &config(up.addr.port(), ""));
+    let p = up.addr.port();
+    for (host, reason) in [
+        ("meta.test", "dns_guard_blocked"),
+        ("loop.test", "dns_guard_blocked"),
+        ("mapped.test", "dns_guard_blocked"),
+        ("priv.test", "dns_internal_address"),
+    ] {
+        let url = format!("http://{host}:{p}/");
+        let r = curl(&["-x", &proxy(&gw), &url]);
+        assert_eq!(r.status, 403, "{host}: {r:?}");
+        assert!(
+            r.body.contains(&format!("reason: {reason}")),
+            "{host}: {r:?}"
+        );
+        let ev = gw.request_events(&r.request_id());
+        assert_eq!(ev[0]["decision"]["reason"], reason);
+        assert!(
+            !ev[0]["resolved"].as_array().unwrap().is_empty(),
+            "{}",
+            ev[0]
+        );
+        assert_ne!(
+            curl(&["-p", "-x", &proxy(&gw), &url]).status,
+            200,
+            "connect {host}"
+        );
+        let (_, code) = socks5_domain(gw.socks, host, p);
+        assert_eq!(code, 0x02, "socks {host}");
+    }
+    // A name with a guarded and a public answer: only the checked address is dialled.
+    let r = curl(&["-x", &proxy(&gw), &format!("http://mixed.test:{p}/")]);
+    assert_eq!(r.status, 200, "{r:?}");
+    let d = decision(&gw, |e| {
+        e["target"]["host"] == "mixed.test" && e["front"] == "http"
+    });
+    assert_eq!(d["dialled"], format!("127.0.0.2:{p}"));
+    let verdicts: Vec<&str> = d["resolved"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["verdict"].as_str().unwrap())
+        .collect();
+    assert!(
+        verdicts.contains(&"blocked") && verdicts.contains(&"exempt"),
+        "{d}"
+    );
+}
+
+/// Every spelling of a guarded address, through every front, for a client with broad allows.
+#[test]
+fn every_guarded_range_in_every_spelling_through_every_front() {
+    let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
+    let extra = r#"
+  - apiVersion: egress.dev/v1alpha1
+    kind: EgressPolicy
+    metadata: {name: everything, namespace: shop}
+    spec:
+      podSelector: {matchLabels: {app: api}}
+      rules: [{name: all, to: [{cidr: 0.0.0.0/0}, {cidr: "::/0"}]}]
+"#;
+    let gw = Gateway::start(&dns, &config(up.addr.port(), extra));
+    let spellings = [
+        "169.254.169.254",
+        "2852039166",
+        "0xA9FEA9FE",
+        "0251.0376.0251.0376",
+        "169.254.43518",
+        "169.254.169.254.",
+        "[::ffff:169.254.169.254]",
+        "[::ffff:a9fe:a9fe]",
+        "[64:ff9b::a9fe:a9fe]",
+        "[fd00:ec2::254]",
+        "100.100.100.200",
+        "168.63.129.16",
+        "metadata.google.internal",
+        "127.0.0.1",
+        "127.1",
+        "0",
+        "0.0.0.0",
+        "[::1]",
+        "[::]",
+        "169.254.1.1",
+        "[fe80::1]",
+        "224.0.0.1",
+        "255.255.255.255",
+        "[2002:a9fe:a9fe::1]",
+    ];
+    for host in spellings {
+        // absolute-form, raw so that the client does not normalise the spelling first
+        let req = format!(
+            "GET http://{host}/latest/meta-data/ HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        );
+        let out = String::from_utf8_lossy(&raw_exchange(
+            gw.http,
+            req.as_bytes(),
+            Duration::from_secs(5),
+        ))
+        .to_string();
+        assert!(out.starts_with("HTTP/1.1 403"), "http {host}: {out}");
+        assert!(out.contains("reason: guard_"), "http {host}: {out}");
+        // CONNECT
+        let req =
+            format!("CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\nConnection: close\r\n\r\n");
+        let out = String::from_utf8_lossy(&raw_exchange(
+            gw.http,
+            req.as_bytes(),
+            Duration::from_secs(5),
+        ))
+        .to_string();
+        assert!(out.starts_with("HTTP/1.1 403"), "connect {host}: {out}");
+        // SOCKS5 with the spelling as a domain name (what socks5h clients send)
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let (_, code) = socks5_domain(gw.socks, bare, 80);
+        assert_eq!(code, 0x02, "socks5 {host}");
+    }
+    // curl's own spellings too
+    for url in [
+        "http://2852039166/",
+        "http://0xA9FEA9FE/",
+        "http://[::ffff:169.254.169.254]/",
+        "http://0251.0376.0251.0376/",
+    ] {
+        assert_eq!(curl(&["-x", &proxy(&gw), url]).status, 403, "{url}");
+        assert_ne!(curl(&["-p", "-x", &proxy(&gw), url]).status, 200, "{url}");
+        let r = curl(&["--socks5-hostname", &socks(&gw), url]);
+        assert_eq!(r.exit, 97, "socks5h {url}: {r:?}");
+        let r = curl(&["--socks5", &socks(&gw), url]);
+        assert_eq!(r.exit, 97, "socks5 {url}: {r:?}");
+    }
+    // Private ranges through an explicit cidr rule are a decision of the operator's policy:
+    // that is what `everything` says, so 10.0.0.1 is allowed by policy (and then unreachable).
+    let d = Command::check(&gw, "10.0.0.1:80");
+    assert_eq!(d["reason_code"], "rule_allow");
+}
+
+struct Command;
+impl Command {
+    fn check(gw: &Gateway, target: &str) -> Value {
+        let out = std::process::Command::new(gateway_bin())
+            .args(["check", "--no-resolve", "--client", "127.0.0.1", "--config"])
+            .arg(gw.config_path())
+            .arg(target)
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
+#[test]
+fn a_second_request_on_a_keep_alive_connection_is_decided_again() {
+    let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
+    let gw = Gateway::start(&dns, &config(up.addr.port(), ""));
+    let p = up.addr.port();
+    let mut s = TcpStream::connect(gw.http).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    write!(
+        s,
+        "GET http://up.test:{p}/one HTTP/1.1\r\nHost: up.test:{p}\r\n\r\n"
+    )
+    .unwrap();
+    let (status, h) = read_head(&mut r);
+    assert_eq!(status, 200);
+    let mut body = vec![0u8; h["content-length"].parse().unwrap()];
+    r.read_exact(&mut body).unwrap();
+    write!(
+        s,
+        "GET http://meta.test:{p}/two HTTP/1.1\r\nHost: meta.test:{p}\r\n\r\n"
+    )
+    .unwrap();
+    let (status, h) = read_head(&mut r);
+    assert_eq!(status, 403);
+    let mut body = vec![0u8; h["content-length"].parse().unwrap()];
+    r.read_exact(&mut body).unwrap();
+    write!(
+        s,
+        "GET http://up.test:{p}/three HTTP/1.1\r\nHost: up.test:{p}\r\n\r\n"
+    )
+    .unwrap();
+    let (status, _) = read_head(&mut r);
+    assert_eq!(status, 200, "the connection keeps serving after a denial");
+    let ev = gw.events_at_least(4);
+    let decisions: Vec<&Value> = ev.iter().filter(|e| e["event"] == "decision").collect();
+    assert_eq!(decisions.len(), 3, "{ev:#?}");
+    assert!(
+        decisions
+            .iter()
+            .all(|e| e["connection_id"] == decisions[0]["connection_id"])
+    );
+    assert_eq!(decisions[1]["decision"]["reason"], "dns_guard_blocked");
+    assert_ne!(decisions[0]["request_id"], decisions[2]["request_id"]);
+}
+
+#[test]
+fn rate_limit_answers_429_and_socks_0x02_once_the_burst_is_spent() {
+    let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
+    let p = up.addr.port();
+    let body = format!(
+        r#"
+guard: {{allowCidrs: [127.0.0.2/32]}}
+clients: [{{cidr: 127.0.0.1/32, namespace: ns, name: c, labels: {{}}}}]
+policies:
+  - apiVersion: egress.dev/v1alpha1
+    kind: EgressPolicy
+    metadata: {{name: limited, namespace: ns}}
+    spec:
+      podSelector: {{}}
+      rateLimit: {{requestsPerSecond: 1, burst: 3}}
+      rules: [{{name: up, to: [{{domain: up.test}}], ports: [{{port: {p}}}]}}]
+"#
+    );
+    let gw = Gateway::start(&dns, &body);
+    let url = format!("http://up.test:{p}/");
+    let codes: Vec<u16> = (0..6)
+        .map(|_| curl(&["-x", &proxy(&gw), &url]).status)
+        .collect();
+    assert_eq!(&codes[..3], &[200, 200, 200], "{codes:?}");
+    assert!(codes[3..].contains(&429), "{codes:?}");
+    let (_, code) = socks5_domain(gw.socks, "up.test", p);
+    assert_eq!(code, 0x02);
+    assert_eq!(
+        decision(&gw, |e| e["front"] == "socks5")["decision"]["reason"],
+        "rate_limited"
+    );
+}
+
+#[test]
+fn egress_source_address_pools_are_used() {
+    let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
+    let p = up.addr.port();
+    let body = format!(
+        r#"
+guard: {{allowCidrs: [127.0.0.2/32]}}
+egressAddresses:
+  fixed: [127.0.0.3, 127.0.0.4]
+clients: [{{cidr: 127.0.0.1/32, namespace: ns, name: c, labels: {{}}}}]
+policies:
+  - apiVersion: egress.dev/v1alpha1
+    kind: EgressPolicy
+    metadata: {{name: pooled, namespace: ns}}
+    spec:
+      podSelector: {{}}
+      egressAddress: fixed
+      rules: [{{name: up, to: [{{domain: up.test}}]}}]
+"#
+    );
+    let gw = Gateway::start(&dns, &body);
+    let mut seen = std::collections::BTreeSet::new();
+    for args in [vec!["-x"], vec!["-p", "-x"], vec!["-x"], vec!["-p", "-x"]] {
+        let mut a: Vec<&str> = args.clone();
+        let px = proxy(&gw);
+        let url = format!("http://up.test:{p}/");
+        a.push(&px);
+        a.push(&url);
+        let r = curl(&a);
+        assert_eq!(r.status, 200, "{r:?}");
+        let peer = r.json()["peer"].as_str().unwrap().to_string();
+        let ip = peer.rsplit_once(':').unwrap().0.to_string();
+        assert!(
+            ip == "127.0.0.3" || ip == "127.0.0.4",
+            "upstream saw {peer}"
+        );
+        seen.insert(ip);
+    }
+    assert_eq!(seen.len(), 2, "round robin over the pool: {seen:?}");
+    let d = decision(&gw, |e| e["dialled"].is_string());
+    assert_eq!(d["egress_pool"], "fixed");
+    assert!(
+        d["egress_source"].as_str().unwrap().starts_with("127.0.0."),
+        "{d}"
+    );
+}
+
+#[test]
+fn socks5_username_password_authentication() {
+    let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
+    let extra = "socks5: {users: [{username: alice, password: s3cret}]}\n";
+    let gw = Gateway::start(&dns, &format!("{}{extra}", config(up.addr.port(), "")));
+    let url = format!("http://up.test:{}/", up.addr.port());
+    let ok = curl(&[
+        "--socks5-hostname",
+        &socks(&gw),
+        "--proxy-user",
+        "alice:s3cret",
+        &url,
+    ]);
+    assert_eq!(ok.status, 200, "{ok:?}");
+    let bad = curl(&[
+        "--socks5-hostname",
+        &socks(&gw),
+        "--proxy-user",
+        "alice:wrong",
+        &url,
+    ]);
+    assert_eq!(bad.status, 0);
+    assert_ne!(bad.exit, 0);
+    decision(&gw, |e| e["decision"]["reason"] == "auth_failed");
+    let none = curl(&["--socks5-hostname", &socks(&gw), &url]);
+    assert_ne!(none.exit, 0);
+    // The password never reaches the audit trail.
+    let all = std::fs::read_to_string(gw.audit_path()).unwrap();
+    assert!(!all.contains("wrong") && !all.contains("s3cret"));
+}
+
+#[test]
+fn socks5_protocol_errors_get_the_right_reply_codes() {
+    let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
+    let gw = Gateway::start(&dns, &config(up.addr.port(), ""));
+    // BIND (0x02) -> 0x07
+    let out = raw_exchange(
+        gw.socks,
+        &[5, 1, 0, 5, 2, 0, 1, 1, 2, 3, 4, 0, 80],
+        Duration::from_secs(5),
+    );
+    assert_eq!(&out[..4], &[5, 0, 5, 7], "{out:?}");
+    // address type 0x05 -> 0x08
+    let out = raw_exchange(
+        gw.socks,
+        &[5, 1, 0, 5, 1, 0, 5, 1, 2, 3, 4, 0, 80],
+        Duration::from_secs(5),
+    );
+    assert_eq!(&out[..4], &[5, 0, 5, 8], "{out:?}");
+    // connection refused -> 0x05 (nothing listens on the rule's port at 127.0.0.2 after drop)
+    let p = up.addr.port();
+    drop(up);
+    let (_, code) = socks5_domain(gw.socks, "up.test", p);
+    assert_eq!(code, 0x05);
+    // unknown name -> 0x04
+    let (_, code) = socks5_domain(gw.socks, "nxdomain.up.test", p);
+    assert_eq!(code, 0x04);
+    // IPv4 and IPv6 address types reach policy (and the guard)
+    let out = raw_exchange(
+        gw.socks,
+        &[5, 1, 0, 5, 1, 0, 1, 169, 254, 169, 254, 0, 80],
+        Duration::from_secs(5),
+    );
+    assert_eq!(&out[..4], &[5, 0, 5, 2], "{out:?}");
+    let mut v6 = vec![5, 1, 0, 5, 1, 0, 4];
+    v6.extend_from_slice(
+        &"::ffff:169.254.169.254"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets(),
+    );
+    v6.extend_from_slice(&[0, 80]);
+    let out = raw_exchange(gw.socks, &v6, Duration::from_secs(5));
+    assert_eq!(&out[..4], &[5, 0, 5, 2], "{out:?}");
+    // not SOCKS5 at all: closed, audited, and the gateway keeps serving
+    let out = raw_exchange(gw.socks, b"GET / HTTP/1.1\r\n\r\n", Duration::from_secs(5));
+    assert!(out.is_empty());
+    for r in [
+        "unsupported_command",
+        "unsupported_address_type",
+        "dns_failure",
+        "guard_blocked",
+        "malformed_request",
+    ] {
+        gw.wait_reason(r);
+    }
+}
+
+#[test]
+fn hostile_http_input_gets_a_protocol_answer_and_an_audit_event() {
+    let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
+    let gw = Gateway::start(
+        &dns,
+        &format!(
+            "{}limits: {{headerTimeout: 1s, maxHeaderBytes: 16384}}\n",
+            config(up.addr.port(), "")
+        ),
+    );
+    // origin-form to the proxy port: answered by the proxy, never forwarded
+    let out = raw_exchange(
+        gw.http,
+        b"GET /admin HTTP/1.1\r\nHost: up.test\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.contains("origin_form"), "{text}");
+    // garbage request line
+    let out = raw_exchange(
+        gw.http,
+        b"\x16\x03\x01 not http at all\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    assert!(
+        String::from_utf8_lossy(&out).starts_with("HTTP/1.1 400"),
+        "{out:?}"
+    );
+    // oversized headers
+    let big = format!(
+        "GET http://up.test:{}/ HTTP/1.1\r\nHost: up.test\r\nX-Big: {}\r\n\r\n",
+        up.addr.port(),
+        "a".repeat(40_000)
+    );
+    let out = raw_exchange(gw.http, big.as_bytes(), Duration::from_secs(5));
+    assert!(
+        String::from_utf8_lossy(&out).starts_with("HTTP/1.1 431"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    // slow client: half a request head, then silence
+    let mut slow = TcpStream::connect(gw.http).unwrap();
+    slow.write_all(b"GET http://up.test/ HTTP/1.1\r\nHo")
+        .unwrap();
+    // an invalid host
+    let out = raw_exchange(
+        gw.http,
+        b"GET http://a..b/ HTTP/1.1\r\nHost: a..b\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    assert!(
+        String::from_utf8_lossy(&out).starts_with("HTTP/1.1 400")
+            || String::from_utf8_lossy(&out).starts_with("HTTP/1.1 403"),
+        "{out:?}"
+    );
+    // https:// in absolute form
+    let out = raw_exchange(
+        gw.http,
+        b"GET https://up.test/ HTTP/1.1\r\nHost: up.test\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    assert!(
+        String::from_utf8_lossy(&out).starts_with("HTTP/1.1 400"),
+        "{out:?}"
+    );
+    // meanwhile everyone else is served
+    let r = curl(&[
+        "-x",
+        &proxy(&gw),
+        &format!("http://up.test:{}/", up.addr.port()),
+    ]);
+    assert_eq!(r.status, 200);
+    for r in [
+        "origin_form",
+        "malformed_request",
+        "header_timeout",
+        "invalid_target",
+    ] {
+        gw.wait_reason(r);
+    }
+    drop(slow);
+}
+
+#[test]
+fn audit_events_carry_every_field() {
+    let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
+    let gw = Gateway::start(&dns, &config(up.addr.port(), ""));
+    let p = up.addr.port();
+    let r = curl(&[
+        "-p",
+        "-x",
+        &proxy(&gw),
+        &format!("http://api.up.test:{p}/hello"),
+    ]);
+    assert_eq!(r.status, 200);
+    let ev = gw.events_at_least(2);
+    assert_eq!(ev.len(), 2, "{ev:#?}");
+    let (d, c) = (&ev[0], &ev[1]);
+    for e in [d, c] {
+        assert_eq!(e["schema"], "egress.v1");
+        assert_eq!(e["front"], "connect");
+        assert_eq!(e["client"]["address"], "127.0.0.1");
+        assert_eq!(e["client"]["namespace"], "shop");
+        assert_eq!(e["client"]["name"], "api");
+        assert_eq!(e["client"]["serviceAccount"], "api-sa");
+        assert_eq!(e["client"]["labels"]["app"], "api");
+        assert_eq!(e["target"]["host"], "api.up.test");
+        assert_eq!(e["target"]["port"], p);
+        assert_eq!(e["decision"]["action"], "allow");
+        assert_eq!(e["decision"]["reason"], "rule_allow");
+        assert_eq!(e["decision"]["policy"], "shop/api-egress");
+        assert_eq!(e["decision"]["rule"], "upstream");
+        assert_eq!(e["decision"]["mode"], "Enforce");
+        assert_eq!(e["decision"]["guard_exempt"][0], "127.0.0.2/32");
+        assert_eq!(e["dialled"], format!("127.0.0.2:{p}"));
+        assert_eq!(e["egress_pool"], "default");
+        assert!(e["egress_source"].as_str().unwrap().starts_with("127.0.0."));
+        assert_eq!(e["id"].as_str().unwrap().len(), 36);
+        assert!(e["time"].as_str().unwrap().ends_with('Z'));
+    }
+    assert_eq!(d["event"], "decision");
+    assert_eq!(c["event"], "close");
+    assert_eq!(d["seq"], 1);
+    assert_eq!(c["seq"], 2);
+    assert_eq!(d["connection_id"], c["connection_id"]);
+    assert_eq!(d["request_id"], c["request_id"]);
+    assert_ne!(d["id"], c["id"]);
+    assert_eq!(d["resolved"][0]["address"], "127.0.0.2");
+    assert_eq!(d["resolved"][0]["verdict"], "exempt");
+    assert!(c["close"]["bytes_up"].as_u64().unwrap() > 30);
+    assert!(c["close"]["bytes_down"].as_u64().unwrap() > 30);
+    assert!(c["close"]["duration_ms"].is_u64());
+    assert_eq!(c["close"]["end"], "completed");
+    // every line stays well under 8 KiB
+    let text = std::fs::read_to_string(gw.audit_path()).unwrap();
+    assert!(text.lines().all(|l| l.len() < 8192));
+}
+
+#[test]
+fn hot_reload_adds_and_removes_rules_without_dropping_open_tunnels_and_keeps_the_old_policy_when_invalid()
+ {
+    let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
+    let p = up.addr.port();
+    let gw = Gateway::start(&dns, &config(p, ""));
+    // an open tunnel
+    let mut t = TcpStream::connect(gw.http).unwrap();
+    t.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        t,
+        "CONNECT up.test:{p} HTTP/1.1\r\nHost: up.test:{p}\r\n\r\n"
+    )
+    .unwrap();
+    let mut tr = BufReader::new(t.try_clone().unwrap());
+    assert_eq!(read_head(&mut tr).0, 200);
+    let tunnel_get = |t: &mut TcpStream, tr: &mut BufReader<TcpStream>, path: &str| {
+        write!(t, "GET {path} HTTP/1.1\r\nHost: up.test\r\n\r\n").unwrap();
+        let (s, h) = read_head(tr);
+        let mut b = vec![0u8; h["content-length"].parse().unwrap()];
+        tr.read_exact(&mut b).unwrap();
+        s
+    };
+    assert_eq!(tunnel_get(&mut t, &mut tr, "/before"), 200);
+    assert_eq!(
+        curl(&["-x", &proxy(&gw), &format!("http://up.test:{p}/")]).status,
+        200
+    );
+    // remove every allow
+    let empty = "guard: {allowCidrs: [127.0.0.2/32]}\nclients: [{cidr: 127.0.0.1/32, namespace: shop, name: api, labels: {app: api}}]\npolicies:\n  - {apiVersion: egress.dev/v1alpha1, kind: EgressPolicy, metadata: {name: api-egress, namespace: shop}, spec: {podSelector: {}}}\n";
+    gw.write_config(&dns, empty);
+    wait_until(Duration::from_secs(10), || {
+        gw.metric("egress_config_reloads_total{result=\"ok\"}") >= Some(1.0)
+    });
+    assert_eq!(
+        curl(&["-x", &proxy(&gw), &format!("http://up.test:{p}/")]).status,
+        403
+    );
+    assert_eq!(
+        tunnel_get(&mut t, &mut tr, "/after-removal"),
+        200,
+        "open tunnel survives the reload"
+    );
+    // add it back
+    gw.write_config(&dns, &config(p, ""));
+    wait_until(Duration::from_secs(10), || {
+        gw.metric("egress_config_reloads_total{result=\"ok\"}") >= Some(2.0)
+    });
+    assert_eq!(
+        curl(&["-x", &proxy(&gw), &format!("http://up.test:{p}/")]).status,
+        200
+    );
+    // an invalid config keeps the previous policy
+    gw.write_config(&dns, &config(p, "  - {apiVersion: egress.dev/v1alpha1, kind: EgressPolicy, metadata: {name: bad, namespace: shop}, spec: {podSelector: {}, rules: [{to: [{domain: 'a.*.b'}]}]}}"));
+    wait_until(Duration::from_secs(10), || {
+        gw.metric("egress_config_reloads_total{result=\"failed\"}") >= Some(1.0)
+    });
+    assert_eq!(gw.metric("egress_config_reload_failing"), Some(1.0));
+    assert_eq!(
+        curl(&["-x", &proxy(&gw), &format!("http://up.test:{p}/")]).status,
+        200
+    );
+    assert!(
+        gw.log_text().contains("spec.rules[0].to[0].domain"),
+        "{}",
+        gw.log_text()
+    );
+    // SIGHUP reloads too
+    gw.write_config(&dns, empty);
+    let mut gw = gw;
+    gw.signal("HUP");
+    wait_until(Duration::from_secs(10), || {
+        gw.metric("egress_config_reloads_total{result=\"ok\"}") >= Some(3.0)
+    });
+    assert_eq!(
+        curl(&["-x", &proxy(&gw), &format!("http://up.test:{p}/")]).status,
+        403
+    );
+    assert_eq!(tunnel_get(&mut t, &mut tr, "/still-open"), 200);
+}
+
+#[test]
+fn sigterm_stops_accepting_and_drains_open_connections() {
+    let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
+    let p = up.addr.port();
+    let mut gw = Gateway::start(
+        &dns,
+        &format!("{}shutdown: {{grace: 20s}}\n", config(p, "")),
+    );
+    let mut t = TcpStream::connect(gw.http).unwrap();
+    t.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        t,
+        "CONNECT up.test:{p} HTTP/1.1\r\nHost: up.test:{p}\r\n\r\n"
+    )
+    .unwrap();
+    let mut tr = BufReader::new(t.try_clone().unwrap());
+    assert_eq!(read_head(&mut tr).0, 200);
+    gw.signal("TERM");
+    wait_until(Duration::from_secs(5), || {
+        admin_get(gw.admin, "/readyz").map(|r| r.0) == Some(503)
+    });
+    wait_until(Duration::from_secs(5), || {
+        TcpStream::connect(gw.http).is_err()
+    });
+    // the open tunnel still works during the grace period
+    write!(t, "GET /during-drain HTTP/1.1\r\nHost: up.test\r\n\r\n").unwrap();
+    assert_eq!(read_head(&mut tr).0, 200);
+    assert!(gw.child().try_wait().unwrap().is_none(), "still draining");
+    drop(tr);
+    drop(t);
+    let status = gw.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status}");
+    let ev = gw.events();
+    let close = ev
+        .iter()
+        .find(|e| e["event"] == "close")
+        .expect("close event written before exit");
+    assert!(close["close"]["bytes_up"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn policy_conformance_vectors() {
+    let run = repo_root().join("../shared/vectors/run.sh");
+    assert!(
+        run.exists(),
+        "{} is missing: the shared/ folder must sit beside the repository",
+        run.display()
+    );
+    let out = std::process::Command::new("bash")
+        .arg(&run)
+        .arg(gateway_bin())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains(" 0 failed"), "{text}");
+}
