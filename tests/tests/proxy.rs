@@ -611,7 +611,7 @@ policies:
     spec:
       podSelector: {{}}
       egressAddress: fixed
-      rules: [{{name: up, to: [{{domain: up.test}}]}}]
+      rules: [{{name: up, to: [{{domain: up.test}}], ports: [{{port: {p}}}]}}]
 "#
     );
     let gw = Gateway::start(&dns, &body);
