@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The project's test command: installs what the tests need on a fresh Debian machine, then runs
+# formatting, lint, every unit test, the end-to-end tests (real gateway binary, curl, dnsmasq,
+# upstream servers on loopback) and the shared policy conformance vectors.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v curl >/dev/null || need+=(curl)
+command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
+command -v python3 >/dev/null || need+=(python3)
+command -v ip >/dev/null || need+=(iproute2)
+if ((${#need[@]})); then
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "missing packages: ${need[*]} (run as root, or install them first)" >&2
+    exit 1
+  fi
+  echo "installing: ${need[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+if [[ ! -f ../shared/vectors/run.sh ]]; then
+  echo "warning: ../shared/vectors/run.sh not found; the conformance-vector test will fail" >&2
+fi
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+# The end-to-end tests drive the real binary.
+cargo build --locked -p egress-gateway
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast
+else
+  cargo test --workspace --locked --no-fail-fast
+fi
