@@ -27,6 +27,10 @@ pub struct Identity {
     /// Labels of the namespace, including `kubernetes.io/metadata.name`.
     #[serde(skip)]
     pub namespace_labels: BTreeMap<String, String>,
+    /// Indices of the policies (in the snapshot built with this identity) that select it,
+    /// computed once per snapshot so that a decision never scans the policy list.
+    #[serde(skip)]
+    pub selected: Arc<[usize]>,
 }
 
 /// Source address -> identity, by longest prefix.
@@ -37,17 +41,21 @@ pub struct IdentityTable {
 }
 
 impl IdentityTable {
-    /// Builds the table from the config's `clients` list (later rows win on equal prefixes).
-    pub fn from_clients(clients: &[ClientEntry]) -> Self {
+    /// Builds the table from the config's `clients` list (later rows win on equal prefixes);
+    /// `select` gives the policies selecting each identity.
+    pub fn from_clients(clients: &[ClientEntry], select: impl Fn(&Identity) -> Vec<usize>) -> Self {
         let mut t = IdentityTable::default();
         for c in clients {
-            let id = Arc::new(Identity {
+            let mut id = Identity {
                 namespace: c.namespace.clone(),
                 name: c.name.clone(),
                 service_account: c.service_account.clone(),
                 labels: c.labels.clone(),
                 namespace_labels: egress_crds::namespace_labels(&c.namespace, &BTreeMap::new()),
-            });
+                selected: Arc::from([]),
+            };
+            id.selected = select(&id).into();
+            let id = Arc::new(id);
             match c.cidr {
                 IpNet::V4(n) => {
                     t.v4.insert(n, id);

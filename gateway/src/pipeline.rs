@@ -47,9 +47,11 @@ impl State {
     pub fn build(loaded: Loaded, previous: Option<&State>, own: &[IpAddr]) -> State {
         let c = &loaded.config;
         let policies: Vec<_> = loaded.policies.iter().map(|(_, p)| p.clone()).collect();
+        let snapshot =
+            Snapshot::compile(c.default_action, &policies, previous.map(|p| &p.snapshot));
         State {
-            snapshot: Snapshot::compile(c.default_action, &policies, previous.map(|p| &p.snapshot)),
-            identities: IdentityTable::from_clients(&c.clients),
+            identities: IdentityTable::from_clients(&c.clients, |id| snapshot.selected(Some(id))),
+            snapshot,
             guard: Guard::new(c.guard.allow_cidrs.clone(), own.to_vec()),
             pools: Pools::new(&c.egress_addresses),
             loaded,

@@ -58,11 +58,11 @@ pub struct Decision {
     /// Source-address pool to dial from.
     pub egress_address: Arc<str>,
     /// Policies selecting the client.
-    pub selected: Vec<usize>,
+    pub selected: Arc<[usize]>,
 }
 
 impl Decision {
-    fn new(action: Action, reason: Reason, selected: Vec<usize>) -> Self {
+    fn new(action: Action, reason: Reason, selected: Arc<[usize]>) -> Self {
         Decision {
             action,
             reason,
@@ -87,7 +87,8 @@ impl Decision {
 }
 
 impl Snapshot {
-    /// Indices of the policies selecting a client.
+    /// Indices of the policies selecting a client, from its labels (computed once per identity
+    /// and snapshot; `decide` uses the precomputed `Identity::selected`).
     pub fn selected(&self, id: Option<&Identity>) -> Vec<usize> {
         let Some(id) = id else { return Vec::new() };
         let mut out: Vec<usize> = self
@@ -177,7 +178,9 @@ impl Snapshot {
         target: &Target,
         http: Option<&HttpFacts>,
     ) -> Decision {
-        let selected = self.selected(id);
+        let selected: Arc<[usize]> = id
+            .map(|i| i.selected.clone())
+            .unwrap_or_else(|| Arc::from([]));
         let mut exempt = None;
         let mut internal = None;
         let (candidates, via) = match &target.host {
@@ -240,7 +243,7 @@ impl Snapshot {
 
     /// No rule matched: isolated clients are denied (or let through by Audit mode), others get
     /// the default action.
-    fn fallback(&self, selected: Vec<usize>) -> Decision {
+    fn fallback(&self, selected: Arc<[usize]>) -> Decision {
         let isolating: Vec<usize> = selected
             .iter()
             .copied()
