@@ -1010,3 +1010,88 @@ fn policy_conformance_vectors() {
     );
     assert!(text.contains(" 0 failed"), "{text}");
 }
+
+/// A real HTTPS upstream (openssl s_server) through CONNECT and SOCKS5, with the client verifying
+/// the upstream's certificate end to end: the gateway never touches TLS.
+#[test]
+fn https_upstream_through_connect_and_socks5() {
+    let dns = dns();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let ok = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=up.test",
+            "-addext",
+            "subjectAltName=DNS:up.test",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let port = std::net::TcpListener::bind("127.0.0.2:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = std::process::Command::new("openssl")
+        .args([
+            "s_server",
+            "-quiet",
+            "-www",
+            "-accept",
+            &format!("127.0.0.2:{port}"),
+        ])
+        .arg("-cert")
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _server = Proc(server);
+    wait_until(Duration::from_secs(10), || {
+        TcpStream::connect(("127.0.0.2", port)).is_ok()
+    });
+    let gw = Gateway::start(&dns, &config(port, ""));
+    let url = format!("https://up.test:{port}/");
+    let cacert = cert.display().to_string();
+    let r = curl(&["--cacert", &cacert, "-x", &proxy(&gw), &url]);
+    assert_eq!(r.status, 200, "CONNECT: {r:?}");
+    let r = curl(&["--cacert", &cacert, "--socks5-hostname", &socks(&gw), &url]);
+    assert_eq!(r.status, 200, "SOCKS5: {r:?}");
+    let closes: Vec<Value> = gw
+        .events_at_least(4)
+        .into_iter()
+        .filter(|e| e["event"] == "close")
+        .collect();
+    assert_eq!(closes.len(), 2, "{closes:#?}");
+    for c in closes {
+        assert!(
+            c["close"]["bytes_up"].as_u64().unwrap() > 200,
+            "the ClientHello went through: {c}"
+        );
+        assert!(
+            c["close"]["bytes_down"].as_u64().unwrap() > 500,
+            "certificate and page came back: {c}"
+        );
+    }
+}
