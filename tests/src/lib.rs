@@ -142,7 +142,11 @@ pub struct Upstream {
 impl Upstream {
     /// Starts on `ip:0`.
     pub fn start(ip: &str) -> Upstream {
-        let std_listener = TcpListener::bind((ip, 0)).expect("bind upstream");
+        Upstream::serve(TcpListener::bind((ip, 0)).expect("bind upstream"))
+    }
+
+    /// Serves on an already bound listener.
+    pub fn serve(std_listener: TcpListener) -> Upstream {
         std_listener.set_nonblocking(true).unwrap();
         let addr = std_listener.local_addr().unwrap();
         let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
@@ -233,12 +237,19 @@ pub struct Gateway {
     pub admin: SocketAddr,
     /// stderr log of the process.
     pub log: PathBuf,
+    /// Network namespace the gateway runs in (None: the test's own).
+    pub netns: Option<String>,
 }
 
 impl Gateway {
     /// Writes `gateway.yaml` = listeners + audit file + resolver + `body`, starts the binary
     /// and waits until `/readyz` answers 200.
     pub fn start(dns: &Dns, body: &str) -> Gateway {
+        Gateway::start_with(Some(dns.addr), None, body)
+    }
+
+    /// Like `start`, with an optional nameserver and inside an optional network namespace.
+    pub fn start_with(dns: Option<SocketAddr>, netns: Option<&Netns>, body: &str) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let (http, socks, admin) = (free_port(), free_port(), free_port());
         let mk = |p| SocketAddr::from(([127, 0, 0, 1], p));
@@ -248,9 +259,10 @@ impl Gateway {
             socks: mk(socks),
             admin: mk(admin),
             log: dir.path().join("gateway.log"),
+            netns: netns.map(|n| n.name.clone()),
             dir,
         };
-        g.write_config(dns, body);
+        g.write_config_with(dns, body);
         let mut g = g;
         g.spawn();
         g
@@ -268,12 +280,18 @@ impl Gateway {
 
     /// (Re)writes the config file (atomically, as editors and ConfigMaps do).
     pub fn write_config(&self, dns: &Dns, body: &str) {
+        self.write_config_with(Some(dns.addr), body)
+    }
+
+    fn write_config_with(&self, dns: Option<SocketAddr>, body: &str) {
+        let resolver = dns
+            .map(|d| format!("resolver: {{nameservers: [{d}]}}\n"))
+            .unwrap_or_default();
         let text = format!(
-            "listen: {{http: {}, socks5: {}, admin: {}}}\nresolver: {{nameservers: [{}]}}\naudit: {{sinks: [{{type: file, path: {}}}]}}\n{body}\n",
+            "listen: {{http: {}, socks5: {}, admin: {}}}\n{resolver}audit: {{sinks: [{{type: file, path: {}}}]}}\n{body}\n",
             self.http,
             self.socks,
             self.admin,
-            dns.addr,
             self.audit_path().display()
         );
         let tmp = self.dir.path().join(".gateway.yaml.tmp");
@@ -283,7 +301,15 @@ impl Gateway {
 
     fn spawn(&mut self) {
         let log = std::fs::File::create(&self.log).unwrap();
-        let child = Command::new(gateway_bin())
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(gateway_bin());
+                c
+            }
+            None => Command::new(gateway_bin()),
+        };
+        let child = cmd
             .args(["run", "--config"])
             .arg(self.config_path())
             .env("EGRESS_LOG", "info")
@@ -292,9 +318,8 @@ impl Gateway {
             .spawn()
             .expect("start egress-gateway");
         self.proc = Some(Proc(child));
-        let admin = self.admin;
         let start = Instant::now();
-        while admin_get(admin, "/readyz").map(|(s, _)| s) != Some(200) {
+        while self.admin_get("/readyz").map(|(s, _)| s) != Some(200) {
             if let Some(Some(status)) = self.proc.as_mut().map(|p| p.0.try_wait().ok().flatten()) {
                 panic!(
                     "gateway exited with {status}: {}",
@@ -387,9 +412,22 @@ impl Gateway {
         }
     }
 
+    /// `GET path` on the admin listener, from the gateway's network namespace.
+    pub fn admin_get(&self, path: &str) -> Option<(u16, String)> {
+        match &self.netns {
+            None => admin_get(self.admin, path),
+            Some(ns) => {
+                let (ns, admin, path) = (Netns { name: ns.clone() }, self.admin, path.to_string());
+                let r = ns.enter(move || admin_get(admin, &path));
+                std::mem::forget(ns); // not ours to delete
+                r
+            }
+        }
+    }
+
     /// A metric's value from `/metrics` (the first sample whose line starts with `prefix`).
     pub fn metric(&self, prefix: &str) -> Option<f64> {
-        let (_, body) = admin_get(self.admin, "/metrics")?;
+        let (_, body) = self.admin_get("/metrics")?;
         body.lines()
             .find(|l| l.starts_with(prefix))
             .and_then(|l| l.rsplit(' ').next())
@@ -460,7 +498,16 @@ impl CurlResult {
 
 /// Runs curl with `args` (silent, 10 s limit, no environment proxies) and the status appended.
 pub fn curl(args: &[&str]) -> CurlResult {
-    let out = Command::new("curl")
+    curl_in(None, args)
+}
+
+/// `curl` inside a network namespace.
+pub fn curl_in(ns: Option<&Netns>, args: &[&str]) -> CurlResult {
+    let mut cmd = match ns {
+        Some(n) => n.command("curl"),
+        None => Command::new("curl"),
+    };
+    let out = cmd
         .args([
             "-s",
             "--max-time",
@@ -539,4 +586,101 @@ pub fn socks5_domain(addr: SocketAddr, host: &str, port: u16) -> (TcpStream, u8)
     let mut rep = [0u8; 10];
     s.read_exact(&mut rep).unwrap();
     (s, rep[1])
+}
+
+/// A network namespace created by a test, with its veth links; deleted on drop (also when the
+/// test fails). Names carry the test process id so that parallel tests never collide.
+pub struct Netns {
+    /// The namespace name (`ip netns` name).
+    pub name: String,
+}
+
+impl Netns {
+    /// Creates an empty namespace with loopback up.
+    pub fn new(tag: &str) -> Netns {
+        let name = format!("egw-{tag}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        run("ip", &["netns", "add", &name]);
+        let ns = Netns { name };
+        ns.exec_ok("ip", &["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Runs a command inside the namespace and asserts success.
+    pub fn exec_ok(&self, cmd: &str, args: &[&str]) {
+        let mut a = vec!["netns", "exec", &self.name, cmd];
+        a.extend_from_slice(args);
+        run("ip", &a);
+    }
+
+    /// A `Command` that runs inside the namespace.
+    pub fn command(&self, cmd: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(cmd);
+        c
+    }
+
+    /// Connects two namespaces with a veth pair: `(a_if, a_addrs) <-> (b_if, b_addrs)`, addresses
+    /// in CIDR form; the first address of each side is primary.
+    pub fn link(a: &Netns, a_if: &str, a_addrs: &[&str], b: &Netns, b_if: &str, b_addrs: &[&str]) {
+        run(
+            "ip",
+            &[
+                "link", "add", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if,
+                "netns", &b.name,
+            ],
+        );
+        for (ns, ifname, addrs) in [(a, a_if, a_addrs), (b, b_if, b_addrs)] {
+            for addr in addrs {
+                ns.exec_ok("ip", &["addr", "add", addr, "dev", ifname]);
+            }
+            ns.exec_ok("ip", &["link", "set", ifname, "up"]);
+        }
+    }
+
+    /// Runs `f` on a thread that has entered this namespace: sockets it creates live there.
+    pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).expect("netns file");
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on a valid namespace fd affects only this (new) thread.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("netns thread")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting the namespace also deletes its veth ends (and their peers).
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Upstream {
+    /// Starts an upstream whose listening socket lives in `ns`.
+    pub fn start_in(ns: &Netns, ip: &str) -> Upstream {
+        let ip = ip.to_string();
+        let std_listener =
+            ns.enter(move || TcpListener::bind((ip.as_str(), 0)).expect("bind upstream in netns"));
+        Upstream::serve(std_listener)
+    }
 }

@@ -1095,3 +1095,114 @@ fn https_upstream_through_connect_and_socks5() {
         );
     }
 }
+
+/// Egress source pools, observed by an upstream in another network namespace: the gateway (and
+/// its client) run in namespace `gw` holding 10.77.0.2 and 10.77.0.3; the upstream runs in `up`
+/// at 10.77.0.1. Everything lives in namespaces this test creates and deletes.
+#[test]
+fn egress_pools_seen_from_an_upstream_in_another_network_namespace() {
+    let gwns = Netns::new("gw");
+    let upns = Netns::new("up");
+    let tag = std::process::id() % 100_000;
+    let (a_if, b_if) = (format!("egwg{tag}"), format!("egwu{tag}"));
+    Netns::link(
+        &gwns,
+        &a_if,
+        &["10.77.0.2/24", "10.77.0.3/24", "10.77.0.4/24"],
+        &upns,
+        &b_if,
+        &["10.77.0.1/24"],
+    );
+    let up = Upstream::start_in(&upns, "10.77.0.1");
+    let p = up.addr.port();
+    let body = format!(
+        r#"
+egressAddresses:
+  pinned: [10.77.0.3]
+  pair: [10.77.0.2, 10.77.0.4]
+clients:
+  - {{cidr: 127.0.0.1/32, namespace: a, name: one, labels: {{app: one}}}}
+  - {{cidr: 127.0.0.2/32, namespace: b, name: two, labels: {{app: two}}}}
+policies:
+  - apiVersion: egress.dev/v1alpha1
+    kind: EgressPolicy
+    metadata: {{name: pinned, namespace: a}}
+    spec:
+      podSelector: {{}}
+      egressAddress: pinned
+      rules: [{{name: up, to: [{{cidr: 10.77.0.1/32}}], ports: [{{port: {p}}}]}}]
+  - apiVersion: egress.dev/v1alpha1
+    kind: EgressPolicy
+    metadata: {{name: pair, namespace: b}}
+    spec:
+      podSelector: {{}}
+      egressAddress: pair
+      rules: [{{name: up, to: [{{cidr: 10.77.0.0/24}}], ports: [{{port: {p}}}]}}]
+"#
+    );
+    let gw = Gateway::start_with(None, Some(&gwns), &body);
+    let url = format!("http://10.77.0.1:{p}/");
+    let seen = |iface: &str, args: &[&str]| -> String {
+        let px = format!("http://{}", gw.http);
+        let mut a = vec!["--interface", iface];
+        a.extend_from_slice(args);
+        a.extend_from_slice(&[&px, &url]);
+        let r = curl_in(Some(&gwns), &a);
+        assert_eq!(r.status, 200, "{r:?} {}", gw.log_text());
+        r.json()["peer"]
+            .as_str()
+            .unwrap()
+            .rsplit_once(':')
+            .unwrap()
+            .0
+            .to_string()
+    };
+    for args in [&["-x"][..], &["-p", "-x"][..]] {
+        assert_eq!(
+            seen("127.0.0.1", args),
+            "10.77.0.3",
+            "client one always leaves from its pinned address"
+        );
+    }
+    let mut pair = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        pair.insert(seen("127.0.0.2", &["-x"]));
+    }
+    assert_eq!(
+        pair.into_iter().collect::<Vec<_>>(),
+        ["10.77.0.2", "10.77.0.4"]
+    );
+    // SOCKS5 too
+    let r = curl_in(
+        Some(&gwns),
+        &[
+            "--interface",
+            "127.0.0.1",
+            "--socks5",
+            &gw.socks.to_string(),
+            &url,
+        ],
+    );
+    assert_eq!(
+        r.json()["peer"]
+            .as_str()
+            .unwrap()
+            .rsplit_once(':')
+            .unwrap()
+            .0,
+        "10.77.0.3"
+    );
+    // The gateway's own addresses are guarded even though a cidr rule covers them.
+    let r = curl_in(
+        Some(&gwns),
+        &[
+            "--interface",
+            "127.0.0.2",
+            "-x",
+            &format!("http://{}", gw.http),
+            &format!("http://10.77.0.2:{p}/"),
+        ],
+    );
+    assert_eq!(r.status, 403, "{r:?}");
+    assert!(r.body.contains("reason: guard_blocked"), "{r:?}");
+}
