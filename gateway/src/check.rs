@@ -1,7 +1,7 @@
 //! `egress-gateway check`: the policy simulator. Runs the same decision and resolution code as
 //! the proxy for one client and target and prints the verdict as JSON.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
 use serde_json::json;
 
@@ -63,13 +63,7 @@ pub async fn check(
     } else {
         None
     };
-    let listen = loaded.config.listen.clone();
-    let own: Vec<IpAddr> = [listen.http, listen.socks5, listen.admin]
-        .into_iter()
-        .flatten()
-        .map(|a: SocketAddr| a.ip())
-        .filter(|ip| !ip.is_unspecified())
-        .collect();
+    let own = crate::pipeline::own_addresses(&loaded.config.listen);
     let state = State::build(loaded, None, &own);
     let identity = state.identities.lookup(client);
     let decision = state

@@ -736,7 +736,7 @@ fn raw_host_port(raw: &RawTarget) -> (String, u16) {
 }
 
 /// The gateway's own addresses (every interface, and the listeners'), blocked by the guard.
-fn own_addresses(listen: &config::Listen) -> Vec<IpAddr> {
+pub fn own_addresses(listen: &config::Listen) -> Vec<IpAddr> {
     let mut v: Vec<IpAddr> = if_addrs::get_if_addrs()
         .map(|l| l.into_iter().map(|i| i.ip()).collect())
         .unwrap_or_default();

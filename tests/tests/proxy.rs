@@ -1206,3 +1206,24 @@ policies:
     assert_eq!(r.status, 403, "{r:?}");
     assert!(r.body.contains("reason: guard_blocked"), "{r:?}");
 }
+
+#[test]
+fn userinfo_in_the_url_never_changes_the_decided_host() {
+    let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
+    let gw = Gateway::start(&dns, &config(up.addr.port(), ""));
+    let p = up.addr.port();
+    // The host is what follows '@': up.test is decided, and the upstream sees exactly that.
+    let req = format!(
+        "GET http://meta.test:{p}@up.test:{p}/x HTTP/1.1\r\nHost: meta.test\r\nConnection: close\r\n\r\n"
+    );
+    let out = String::from_utf8_lossy(&raw_exchange(
+        gw.http,
+        req.as_bytes(),
+        Duration::from_secs(5),
+    ))
+    .to_string();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.contains(&format!("\"host\":\"up.test:{p}\"")), "{out}");
+    let d = decision(&gw, |e| e["target"]["http"]["path"] == "/x");
+    assert_eq!(d["target"]["host"], "up.test");
+}

@@ -263,11 +263,13 @@ async fn forward(
         }
     };
     let (mut parts, body) = req.into_parts();
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .unwrap_or_default();
+    // Host from the URI's host and port only (never its userinfo), so that the upstream sees the
+    // name that was decided.
+    let authority = match (parts.uri.host(), parts.uri.port_u16()) {
+        (Some(h), Some(p)) => format!("{h}:{p}"),
+        (Some(h), None) => h.to_string(),
+        (None, _) => String::new(),
+    };
     let pq = parts
         .uri
         .path_and_query()
