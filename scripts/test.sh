@@ -11,6 +11,7 @@ command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
 command -v python3 >/dev/null || need+=(python3)
 command -v ip >/dev/null || need+=(iproute2)
 command -v openssl >/dev/null || need+=(openssl)
+command -v nft >/dev/null || need+=(nftables)
 if ((${#need[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
     echo "missing packages: ${need[*]} (run as root, or install them first)" >&2

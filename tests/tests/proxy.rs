@@ -1227,3 +1227,116 @@ fn userinfo_in_the_url_never_changes_the_decided_host() {
     let d = decision(&gw, |e| e["target"]["http"]["path"] == "/x");
     assert_eq!(d["target"]["host"], "up.test");
 }
+
+/// Upstream failures: refused -> 502 / SOCKS 0x05, silently dropped -> 504 / SOCKS 0x04 after
+/// `limits.connectTimeout`; each audited as an allow followed by a `connect_failed` close.
+#[test]
+fn upstream_refused_and_timed_out_connects() {
+    let gwns = Netns::new("gwf");
+    let upns = Netns::new("upf");
+    let tag = std::process::id() % 100_000;
+    let (a_if, b_if) = (format!("egfg{tag}"), format!("egfu{tag}"));
+    Netns::link(
+        &gwns,
+        &a_if,
+        &["10.78.0.2/24"],
+        &upns,
+        &b_if,
+        &["10.78.0.1/24"],
+    );
+    // In the upstream namespace, SYNs to port 9 vanish.
+    upns.exec_ok("nft", &["add", "table", "inet", "t"]);
+    upns.exec_ok(
+        "nft",
+        &[
+            "add",
+            "chain",
+            "inet",
+            "t",
+            "in",
+            "{ type filter hook input priority 0; }",
+        ],
+    );
+    upns.exec_ok(
+        "nft",
+        &[
+            "add", "rule", "inet", "t", "in", "tcp", "dport", "9", "drop",
+        ],
+    );
+    let body = r#"
+limits: {connectTimeout: 1s}
+clients: [{cidr: 127.0.0.1/32, namespace: a, name: one, labels: {}}]
+policies:
+  - apiVersion: egress.dev/v1alpha1
+    kind: EgressPolicy
+    metadata: {name: p, namespace: a}
+    spec:
+      podSelector: {}
+      rules: [{name: up, to: [{cidr: 10.78.0.1/32}], ports: [{port: 9}, {port: 10}]}]
+"#;
+    let gw = Gateway::start_with(None, Some(&gwns), body);
+    let px = format!("http://{}", gw.http);
+    let r = curl_in(Some(&gwns), &["-x", &px, "http://10.78.0.1:10/"]);
+    assert_eq!(r.status, 502, "refused: {r:?}");
+    let r = curl_in(Some(&gwns), &["-x", &px, "http://10.78.0.1:9/"]);
+    assert_eq!(r.status, 504, "dropped: {r:?}");
+    let r = curl_in(Some(&gwns), &["-p", "-x", &px, "http://10.78.0.1:9/"]);
+    assert_ne!(r.exit, 0, "CONNECT to a dropped port: {r:?}");
+    let socks_reply = |port: u8| {
+        let addr = gw.socks;
+        gwns.enter(move || {
+            let out = raw_exchange(
+                addr,
+                &[5, 1, 0, 5, 1, 0, 1, 10, 78, 0, 1, 0, port],
+                Duration::from_secs(5),
+            );
+            out.get(3).copied()
+        })
+    };
+    assert_eq!(socks_reply(10), Some(0x05), "SOCKS5 refused");
+    assert_eq!(
+        socks_reply(9),
+        Some(0x04),
+        "SOCKS5 connect timed out: host unreachable"
+    );
+    let ev = gw.events_at_least(10);
+    let failed: Vec<&Value> = ev
+        .iter()
+        .filter(|e| e["close"]["end"] == "connect_failed")
+        .collect();
+    assert_eq!(failed.len(), 5, "{ev:#?}");
+    for f in failed {
+        let d = ev
+            .iter()
+            .find(|e| e["event"] == "decision" && e["request_id"] == f["request_id"])
+            .unwrap();
+        assert_eq!(d["decision"]["action"], "allow");
+    }
+}
+
+/// The README's quick-start config stays valid and decides what the README says.
+#[test]
+fn quick_start_example_is_valid() {
+    let cfg = repo_root().join("examples/gateway.yaml");
+    let v = std::process::Command::new(gateway_bin())
+        .args(["validate", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    let check = |target: &str| {
+        std::process::Command::new(gateway_bin())
+            .args(["check", "--no-resolve", "--client", "127.0.0.1", "--config"])
+            .arg(&cfg)
+            .arg(target)
+            .status()
+            .unwrap()
+            .code()
+    };
+    assert_eq!(check("http://example.com/"), Some(0));
+    assert_eq!(check("https://example.com"), Some(0));
+    assert_eq!(check("http://example.org/"), Some(1));
+    assert_eq!(check("http://169.254.169.254/latest/meta-data/"), Some(1));
+    assert_eq!(check("http://2852039166/"), Some(1));
+    assert_eq!(check("https://www.pastebin.com"), Some(1));
+}
