@@ -64,7 +64,7 @@ pub async fn check(
         None
     };
     let own = crate::pipeline::own_addresses(&loaded.config.listen);
-    let state = State::build(loaded, None, &own);
+    let state = State::build(loaded, None, None, &own);
     let identity = state.identities.lookup(client);
     let decision = state
         .snapshot

@@ -61,6 +61,21 @@ pub struct Config {
     /// Graceful shutdown.
     #[serde(default)]
     pub shutdown: Shutdown,
+    /// Kubernetes mode.
+    #[serde(default)]
+    pub kubernetes: KubernetesConfig,
+}
+
+/// Kubernetes mode settings.
+#[derive(Debug, Clone, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// Watch EgressPolicy, ClusterEgressPolicy, Namespaces and Pods and decide with them.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Kubeconfig file; absent: `KUBECONFIG`, `~/.kube/config`, then the in-cluster service account.
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// Listener addresses.

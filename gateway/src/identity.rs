@@ -41,6 +41,44 @@ pub struct IdentityTable {
 }
 
 impl IdentityTable {
+    /// Builds the table from the config's `clients` list (later rows win on equal prefixes) and
+    /// the Pods of the Kubernetes index (a Pod IP beats a `clients` row); `select` gives the
+    /// policies selecting each identity.
+    pub fn build(
+        clients: &[ClientEntry],
+        pods: &[crate::k8s::PodIdentity],
+        select: impl Fn(&Identity) -> Vec<usize>,
+    ) -> Self {
+        let mut t = IdentityTable::from_clients(clients, &select);
+        for p in pods {
+            let mut id = Identity {
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+                service_account: p.service_account.clone(),
+                labels: p.labels.clone(),
+                namespace_labels: p.namespace_labels.clone(),
+                selected: Arc::from([]),
+            };
+            id.selected = select(&id).into();
+            let id = Arc::new(id);
+            for ip in &p.ips {
+                t.insert(IpNet::from(*ip), id.clone());
+            }
+        }
+        t
+    }
+
+    fn insert(&mut self, net: IpNet, id: Arc<Identity>) {
+        match net {
+            IpNet::V4(n) => {
+                self.v4.insert(n, id);
+            }
+            IpNet::V6(n) => {
+                self.v6.insert(n, id);
+            }
+        }
+    }
+
     /// Builds the table from the config's `clients` list (later rows win on equal prefixes);
     /// `select` gives the policies selecting each identity.
     pub fn from_clients(clients: &[ClientEntry], select: impl Fn(&Identity) -> Vec<usize>) -> Self {
@@ -55,15 +93,7 @@ impl IdentityTable {
                 selected: Arc::from([]),
             };
             id.selected = select(&id).into();
-            let id = Arc::new(id);
-            match c.cidr {
-                IpNet::V4(n) => {
-                    t.v4.insert(n, id);
-                }
-                IpNet::V6(n) => {
-                    t.v6.insert(n, id);
-                }
-            }
+            t.insert(c.cidr, Arc::new(id));
         }
         t
     }

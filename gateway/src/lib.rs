@@ -14,6 +14,7 @@ pub mod dial;
 pub mod front;
 pub mod guard;
 pub mod identity;
+pub mod k8s;
 pub mod metrics;
 pub mod pipeline;
 pub mod policy;

@@ -41,6 +41,8 @@ pub struct Metrics {
     pub audit_events: Counter,
     /// Audit write errors.
     pub audit_errors: Counter,
+    /// Seconds the Kubernetes snapshot has been possibly stale (0: watchers healthy).
+    pub kube_stale_seconds: Gauge,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -159,7 +161,14 @@ impl Metrics {
             "Audit sink write errors",
             audit_errors.clone(),
         );
+        let kube_stale_seconds = Gauge::default();
+        registry.register(
+            "kube_stale_seconds",
+            "Seconds since a Kubernetes watcher started failing (0 while all are healthy); the last snapshot keeps serving",
+            kube_stale_seconds.clone(),
+        );
         Metrics {
+            kube_stale_seconds,
             registry,
             connections,
             active_connections,

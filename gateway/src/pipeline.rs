@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -22,6 +22,7 @@ use crate::config::{self, Loaded};
 use crate::dial::{self, DialError, Pools};
 use crate::guard::{Guard, Verdict};
 use crate::identity::{Identity, IdentityTable};
+use crate::k8s::{KubeInputs, Stores, WatchHealth};
 use crate::metrics::Metrics;
 use crate::policy::{Action, Decision, HttpFacts, Reason, Snapshot};
 use crate::request::{ClientConn, EgressRequest, Front, RawTarget};
@@ -43,14 +44,24 @@ pub struct State {
 }
 
 impl State {
-    /// Compiles a loaded config. `previous` lends its rate-limit buckets to unchanged policies.
-    pub fn build(loaded: Loaded, previous: Option<&State>, own: &[IpAddr]) -> State {
+    /// Compiles a loaded config and, in Kubernetes mode, the API's policies and Pods.
+    /// `previous` lends its rate-limit buckets to unchanged policies.
+    pub fn build(
+        loaded: Loaded,
+        kube: Option<&KubeInputs>,
+        previous: Option<&State>,
+        own: &[IpAddr],
+    ) -> State {
         let c = &loaded.config;
-        let policies: Vec<_> = loaded.policies.iter().map(|(_, p)| p.clone()).collect();
+        let mut policies: Vec<_> = loaded.policies.iter().map(|(_, p)| p.clone()).collect();
+        if let Some(k) = kube {
+            policies.extend(k.policies.iter().cloned());
+        }
         let snapshot =
             Snapshot::compile(c.default_action, &policies, previous.map(|p| &p.snapshot));
+        let pods = kube.map(|k| k.pods.as_slice()).unwrap_or(&[]);
         State {
-            identities: IdentityTable::from_clients(&c.clients, |id| snapshot.selected(Some(id))),
+            identities: IdentityTable::build(&c.clients, pods, |id| snapshot.selected(Some(id))),
             snapshot,
             guard: Guard::new(c.guard.allow_cidrs.clone(), own.to_vec()),
             pools: Pools::new(&c.egress_addresses),
@@ -275,6 +286,10 @@ pub struct Gateway {
     /// Tracks every connection task, for draining.
     pub tracker: TaskTracker,
     ready: AtomicBool,
+    kube_ready: AtomicBool,
+    kube: ArcSwapOption<KubeInputs>,
+    /// Health of the Kubernetes watchers.
+    pub kube_health: Arc<WatchHealth>,
 }
 
 impl Gateway {
@@ -292,7 +307,8 @@ impl Gateway {
             metrics.clone(),
         )?;
         let config_path = loaded.path.clone();
-        let state = State::build(loaded, None, &own);
+        let kube_mode = loaded.config.kubernetes.enabled;
+        let state = State::build(loaded, None, None, &own);
         Ok(Arc::new(Gateway {
             state: ArcSwap::from_pointee(state),
             config_path,
@@ -306,6 +322,9 @@ impl Gateway {
             draining: CancellationToken::new(),
             tracker: TaskTracker::new(),
             ready: AtomicBool::new(false),
+            kube_ready: AtomicBool::new(!kube_mode),
+            kube: ArcSwapOption::empty(),
+            kube_health: Arc::new(WatchHealth::default()),
         }))
     }
 
@@ -314,9 +333,44 @@ impl Gateway {
         self.state.load_full()
     }
 
-    /// Whether the gateway serves (listeners bound, not draining).
+    /// Whether the gateway serves: listeners bound, Kubernetes watchers synced (in Kubernetes
+    /// mode), not draining.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed) && !self.draining.is_cancelled()
+        self.ready.load(Ordering::Relaxed)
+            && self.kube_ready.load(Ordering::Relaxed)
+            && !self.draining.is_cancelled()
+    }
+
+    /// Marks the Kubernetes watchers synced.
+    pub fn set_kube_ready(&self) {
+        self.kube_ready.store(true, Ordering::Relaxed);
+    }
+
+    /// Rebuilds the snapshot from the stores (called on every watch change, coalesced).
+    pub fn apply_kube(&self, stores: &Stores) {
+        let state = self.state.load();
+        let pools = &state.loaded.config.egress_addresses;
+        let inputs = stores.inputs(&|p: &str| pools.contains_key(p));
+        let before = self.kube.load();
+        let old_invalid: Vec<&String> = before
+            .as_ref()
+            .map(|k| k.invalid.iter().map(|(_, key, _)| key).collect())
+            .unwrap_or_default();
+        for (kind, key, errors) in &inputs.invalid {
+            if !old_invalid.contains(&key) {
+                let msg: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+                tracing::warn!(kind = kind, policy = %key, errors = %msg.join("; "), "invalid policy skipped whole");
+            }
+        }
+        self.kube.store(Some(Arc::new(inputs)));
+        let kube = self.kube.load_full();
+        let next = State::build(
+            state.loaded.clone(),
+            kube.as_deref(),
+            Some(&state),
+            &self.own,
+        );
+        self.state.store(Arc::new(next));
     }
 
     /// Marks the gateway ready.
@@ -347,7 +401,8 @@ impl Gateway {
                     tracing::warn!(cidr = %net, "guard.allowCidrs exempts this range from the built-in guard");
                 }
                 let n = loaded.policies.len();
-                let state = State::build(loaded, Some(&old), &self.own);
+                let kube = self.kube.load_full();
+                let state = State::build(loaded, kube.as_deref(), Some(&old), &self.own);
                 self.state.store(Arc::new(state));
                 self.metrics.reloads_ok.inc();
                 self.metrics.config_stale.set(0);

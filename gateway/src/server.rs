@@ -37,8 +37,14 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         );
     }
     let watch_paths = watched_paths(&loaded);
+    let kube = loaded.config.kubernetes.clone();
     let metrics = Arc::new(Metrics::new());
     let gw = Gateway::new(loaded, metrics)?;
+    if kube.enabled {
+        crate::k8s::start(gw.clone(), kube.kubeconfig.clone())
+            .await
+            .context("kubernetes")?;
+    }
     let http = match listen.http {
         Some(a) => Some(bind("http", a).await?),
         None => None,

@@ -264,7 +264,25 @@ impl Gateway {
         };
         g.write_config_with(dns, body);
         let mut g = g;
-        g.spawn();
+        g.spawn("/readyz");
+        g
+    }
+
+    /// Starts the gateway and waits only until it is alive (`/healthz`), not ready.
+    pub fn start_alive(dns: &Dns, body: &str) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let mk = |p| SocketAddr::from(([127, 0, 0, 1], p));
+        let mut g = Gateway {
+            proc: None,
+            http: mk(free_port()),
+            socks: mk(free_port()),
+            admin: mk(free_port()),
+            log: dir.path().join("gateway.log"),
+            netns: None,
+            dir,
+        };
+        g.write_config(dns, body);
+        g.spawn("/healthz");
         g
     }
 
@@ -299,7 +317,7 @@ impl Gateway {
         std::fs::rename(&tmp, self.config_path()).unwrap();
     }
 
-    fn spawn(&mut self) {
+    fn spawn(&mut self, wait_for: &str) {
         let log = std::fs::File::create(&self.log).unwrap();
         let mut cmd = match &self.netns {
             Some(ns) => {
@@ -319,7 +337,7 @@ impl Gateway {
             .expect("start egress-gateway");
         self.proc = Some(Proc(child));
         let start = Instant::now();
-        while self.admin_get("/readyz").map(|(s, _)| s) != Some(200) {
+        while self.admin_get(wait_for).map(|(s, _)| s) != Some(200) {
             if let Some(Some(status)) = self.proc.as_mut().map(|p| p.0.try_wait().ok().flatten()) {
                 panic!(
                     "gateway exited with {status}: {}",
@@ -684,3 +702,4 @@ impl Upstream {
         Upstream::serve(std_listener)
     }
 }
+pub mod kubeapi;

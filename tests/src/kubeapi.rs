@@ -1,0 +1,314 @@
+//! A scripted Kubernetes API server: it speaks the real list and watch JSON of the API server
+//! (`PodList` with `metadata.resourceVersion`, newline-delimited `WatchEvent`s, `410 Gone` as an
+//! `ERROR` event with a `Status`), over plain HTTP on loopback, so that kube-rs runs unchanged
+//! against it. The test changes objects; watchers see ADDED / MODIFIED / DELETED events.
+//!
+//! Behaviour relied on (Kubernetes API concepts, "Efficient detection of changes" and
+//! "Resource versions"): a list returns the collection's `resourceVersion`; a watch from that
+//! version streams every later change; a watch from a compacted version gets an `ERROR` event
+//! with `code: 410`, after which clients relist.
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::Frame;
+use serde_json::{Value, json};
+
+/// The collections served.
+pub const PODS: &str = "/api/v1/pods";
+/// Namespaces.
+pub const NAMESPACES: &str = "/api/v1/namespaces";
+/// EgressPolicies.
+pub const POLICIES: &str = "/apis/egress.dev/v1alpha1/egresspolicies";
+/// ClusterEgressPolicies.
+pub const CLUSTER_POLICIES: &str = "/apis/egress.dev/v1alpha1/clusteregresspolicies";
+
+#[derive(Default)]
+struct Kind {
+    objects: BTreeMap<String, Value>,
+    log: Vec<(u64, &'static str, Value)>,
+    compacted_below: u64,
+}
+
+#[derive(Default)]
+struct State {
+    rv: u64,
+    kinds: HashMap<&'static str, Kind>,
+    requests: Vec<String>,
+    down: bool,
+}
+
+/// The scripted API.
+pub struct FakeApi {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    notify: tokio::sync::broadcast::Sender<()>,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+fn key(obj: &Value) -> String {
+    let m = &obj["metadata"];
+    format!(
+        "{}/{}",
+        m["namespace"].as_str().unwrap_or(""),
+        m["name"].as_str().unwrap_or("")
+    )
+}
+
+fn list_kind(path: &str) -> &'static str {
+    match path {
+        PODS => "PodList",
+        NAMESPACES => "NamespaceList",
+        POLICIES => "EgressPolicyList",
+        _ => "ClusterEgressPolicyList",
+    }
+}
+
+impl FakeApi {
+    /// Starts on 127.0.0.1 with empty collections.
+    pub fn start() -> FakeApi {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut st = State {
+            rv: 1,
+            ..Default::default()
+        };
+        for k in [PODS, NAMESPACES, POLICIES, CLUSTER_POLICIES] {
+            st.kinds.insert(k, Kind::default());
+        }
+        let state = Arc::new(Mutex::new(st));
+        let (notify, _) = tokio::sync::broadcast::channel(1024);
+        let (s2, n2) = (state.clone(), notify.clone());
+        rt.spawn(async move {
+            loop {
+                let Ok((sock, _)) = listener.accept().await else {
+                    continue;
+                };
+                if s2.lock().unwrap().down {
+                    drop(sock);
+                    continue;
+                }
+                let (s3, n3) = (s2.clone(), n2.clone());
+                tokio::spawn(async move {
+                    let svc =
+                        hyper::service::service_fn(move |req| handle(s3.clone(), n3.clone(), req));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(sock), svc)
+                        .await;
+                });
+            }
+        });
+        FakeApi {
+            addr,
+            state,
+            notify,
+            rt: Some(rt),
+        }
+    }
+
+    /// A kubeconfig pointing at this server.
+    pub fn kubeconfig(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: 'http://{}'}}}}]\nusers: [{{name: u, user: {{token: test}}}}]\ncontexts: [{{name: c, context: {{cluster: fake, user: u}}}}]\ncurrent-context: c\n",
+            self.addr
+        )
+    }
+
+    /// Creates or replaces an object (ADDED or MODIFIED).
+    pub fn apply(&self, path: &'static str, mut obj: Value) {
+        let mut st = self.state.lock().unwrap();
+        st.rv += 1;
+        let rv = st.rv;
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let k = st.kinds.get_mut(path).unwrap();
+        let kind = if k.objects.contains_key(&key(&obj)) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        k.objects.insert(key(&obj), obj.clone());
+        k.log.push((rv, kind, obj));
+        drop(st);
+        let _ = self.notify.send(());
+    }
+
+    /// Deletes an object (DELETED).
+    pub fn delete(&self, path: &'static str, namespace: &str, name: &str) {
+        let mut st = self.state.lock().unwrap();
+        st.rv += 1;
+        let rv = st.rv;
+        let k = st.kinds.get_mut(path).unwrap();
+        if let Some(mut obj) = k.objects.remove(&format!("{namespace}/{name}")) {
+            obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+            k.log.push((rv, "DELETED", obj));
+        }
+        drop(st);
+        let _ = self.notify.send(());
+    }
+
+    /// Compacts a collection's history: open watches get `410 Gone` and must relist.
+    pub fn compact(&self, path: &'static str) {
+        let mut st = self.state.lock().unwrap();
+        st.rv += 1;
+        let rv = st.rv;
+        st.kinds.get_mut(path).unwrap().compacted_below = rv;
+        drop(st);
+        let _ = self.notify.send(());
+    }
+
+    /// Makes the API unreachable (open watches end, new connections are closed) or back.
+    pub fn set_down(&self, down: bool) {
+        self.state.lock().unwrap().down = down;
+        let _ = self.notify.send(());
+    }
+
+    /// Request lines seen so far (`GET /api/v1/pods?...`).
+    pub fn requests(&self) -> Vec<String> {
+        self.state.lock().unwrap().requests.clone()
+    }
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+fn json_response(status: u16, v: &Value) -> hyper::Response<Body> {
+    let mut r = hyper::Response::new(Full::new(Bytes::from(v.to_string())).boxed());
+    *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    r
+}
+
+async fn handle(
+    state: Arc<Mutex<State>>,
+    notify: tokio::sync::broadcast::Sender<()>,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> Result<hyper::Response<Body>, Infallible> {
+    let path = req.uri().path().to_string();
+    let query: HashMap<String, String> = req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect();
+    let line = format!("{} {}", req.method(), req.uri());
+    let kind: &'static str = match path.as_str() {
+        PODS => PODS,
+        NAMESPACES => NAMESPACES,
+        POLICIES => POLICIES,
+        CLUSTER_POLICIES => CLUSTER_POLICIES,
+        _ => {
+            state.lock().unwrap().requests.push(line);
+            return Ok(json_response(
+                404,
+                &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404, "reason": "NotFound"}),
+            ));
+        }
+    };
+    let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
+    let mut st = state.lock().unwrap();
+    st.requests.push(line);
+    if !watch {
+        let rv = st.rv;
+        let items: Vec<Value> = st.kinds[kind].objects.values().cloned().collect();
+        let list = json!({"apiVersion": if kind.starts_with("/apis") { "egress.dev/v1alpha1" } else { "v1" },
+            "kind": list_kind(kind), "metadata": {"resourceVersion": rv.to_string()}, "items": items});
+        return Ok(json_response(200, &list));
+    }
+    let mut cursor: u64 = query
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    drop(st);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    let mut sub = notify.subscribe();
+    tokio::spawn(async move {
+        loop {
+            let (events, gone, down) = {
+                let st = state.lock().unwrap();
+                let k = &st.kinds[kind];
+                let gone = cursor < k.compacted_below;
+                let ev: Vec<(u64, &'static str, Value)> = k
+                    .log
+                    .iter()
+                    .filter(|(rv, _, _)| *rv > cursor)
+                    .cloned()
+                    .collect();
+                (ev, gone, st.down)
+            };
+            if down {
+                return;
+            }
+            if gone {
+                let status = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "message": "too old resource version", "reason": "Expired", "code": 410}});
+                let _ = tx.send(Bytes::from(format!("{status}\n"))).await;
+                return;
+            }
+            for (rv, t, obj) in events {
+                cursor = rv;
+                if tx
+                    .send(Bytes::from(format!(
+                        "{}\n",
+                        json!({"type": t, "object": obj})
+                    )))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(500), sub.recv()).await;
+        }
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+    });
+    let mut r = hyper::Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    Ok(r)
+}
+
+/// A Pod object.
+pub fn pod(namespace: &str, name: &str, ips: &[&str], labels: Value, phase: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "uid": format!("uid-{namespace}-{name}"), "labels": labels,
+                     "creationTimestamp": "2026-11-26T00:00:00Z"},
+        "spec": {"containers": [{"name": "c", "image": "x"}], "serviceAccountName": format!("{name}-sa"), "nodeName": "node-1"},
+        "status": {"phase": phase, "podIP": ips.first().copied().unwrap_or(""),
+                   "podIPs": ips.iter().map(|i| json!({"ip": i})).collect::<Vec<_>>()}
+    })
+}
+
+/// A Namespace object.
+pub fn namespace(name: &str, labels: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
+}
