@@ -43,16 +43,8 @@ pub const API_VERSION: &str = "egress.dev/v1alpha1";
     printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
     printcolumn(name = "Redirect", type_ = "string", json_path = ".spec.redirect"),
     printcolumn(name = "Pods", type_ = "integer", json_path = ".status.selectedPods"),
-    printcolumn(
-        name = "Accepted",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn(name = "Accepted", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].status"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EgressPolicySpec {
@@ -90,16 +82,8 @@ pub struct EgressPolicySpec {
     printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
     printcolumn(name = "Redirect", type_ = "string", json_path = ".spec.redirect"),
     printcolumn(name = "Pods", type_ = "integer", json_path = ".status.selectedPods"),
-    printcolumn(
-        name = "Accepted",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn(name = "Accepted", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].status"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ClusterEgressPolicySpec {
@@ -194,12 +178,7 @@ pub struct ClusterEgressRule {
 impl ClusterEgressRule {
     /// The matching part of the rule, without its action.
     pub fn matcher(&self) -> EgressRule {
-        EgressRule {
-            name: self.name.clone(),
-            to: self.to.clone(),
-            ports: self.ports.clone(),
-            http: self.http.clone(),
-        }
+        EgressRule { name: self.name.clone(), to: self.to.clone(), ports: self.ports.clone(), http: self.http.clone() }
     }
 }
 
@@ -321,23 +300,18 @@ pub enum DocumentError {
 impl AnyPolicy {
     /// Reads one document (already parsed as YAML/JSON) into its kind.
     pub fn from_value(value: serde_json::Value) -> Result<Self, DocumentError> {
-        let api_version = value
-            .get("apiVersion")
-            .and_then(|v| v.as_str())
-            .unwrap_or("");
+        let api_version = value.get("apiVersion").and_then(|v| v.as_str()).unwrap_or("");
         let kind = value.get("kind").and_then(|v| v.as_str()).unwrap_or("");
         if api_version != API_VERSION {
-            return Err(DocumentError::Shape(format!(
-                "apiVersion: expected {API_VERSION:?}, found {api_version:?}"
-            )));
+            return Err(DocumentError::Shape(format!("apiVersion: expected {API_VERSION:?}, found {api_version:?}")));
         }
         match kind {
             "EgressPolicy" => serde_json::from_value(value)
                 .map(AnyPolicy::Namespaced)
                 .map_err(|e| DocumentError::Decode(e.to_string())),
-            "ClusterEgressPolicy" => serde_json::from_value(value)
-                .map(AnyPolicy::Cluster)
-                .map_err(|e| DocumentError::Decode(e.to_string())),
+            "ClusterEgressPolicy" => {
+                serde_json::from_value(value).map(AnyPolicy::Cluster).map_err(|e| DocumentError::Decode(e.to_string()))
+            }
             other => Err(DocumentError::Shape(format!(
                 "kind: expected EgressPolicy or ClusterEgressPolicy, found {other:?}"
             ))),

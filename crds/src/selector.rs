@@ -47,9 +47,7 @@ pub enum SelectorOperator {
 impl LabelSelector {
     /// Whether `labels` satisfy every requirement.
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.match_labels
-            .iter()
-            .all(|(k, v)| labels.get(k) == Some(v))
+        self.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
             && self.match_expressions.iter().all(|r| r.matches(labels))
     }
 
@@ -59,17 +57,12 @@ impl LabelSelector {
             .iter()
             .enumerate()
             .filter_map(|(i, r)| {
-                let needs_values =
-                    matches!(r.operator, SelectorOperator::In | SelectorOperator::NotIn);
+                let needs_values = matches!(r.operator, SelectorOperator::In | SelectorOperator::NotIn);
                 match (needs_values, r.values.is_empty()) {
-                    (true, true) => Some(format!(
-                        "matchExpressions[{i}]: operator {:?} needs at least one value",
-                        r.operator
-                    )),
-                    (false, false) => Some(format!(
-                        "matchExpressions[{i}]: operator {:?} takes no values",
-                        r.operator
-                    )),
+                    (true, true) => {
+                        Some(format!("matchExpressions[{i}]: operator {:?} needs at least one value", r.operator))
+                    }
+                    (false, false) => Some(format!("matchExpressions[{i}]: operator {:?} takes no values", r.operator)),
                     _ => None,
                 }
             })
@@ -95,18 +88,11 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     fn req(key: &str, operator: SelectorOperator, values: &[&str]) -> LabelSelectorRequirement {
-        LabelSelectorRequirement {
-            key: key.into(),
-            operator,
-            values: values.iter().map(|v| v.to_string()).collect(),
-        }
+        LabelSelectorRequirement { key: key.into(), operator, values: values.iter().map(|v| v.to_string()).collect() }
     }
 
     #[test]
@@ -131,10 +117,8 @@ mod tests {
         assert!(!s.matches(&labels(&[("app", "api"), ("tier", "db")])));
         assert!(!s.matches(&labels(&[("app", "api"), ("tier", "web"), ("canary", "1")])));
         assert!(!s.matches(&labels(&[("app", "web"), ("tier", "web")])));
-        let exists = LabelSelector {
-            match_expressions: vec![req("team", SelectorOperator::Exists, &[])],
-            ..Default::default()
-        };
+        let exists =
+            LabelSelector { match_expressions: vec![req("team", SelectorOperator::Exists, &[])], ..Default::default() };
         assert!(exists.matches(&labels(&[("team", "")])));
         assert!(!exists.matches(&labels(&[])));
     }
@@ -142,10 +126,7 @@ mod tests {
     #[test]
     fn problems_name_inconsistent_requirements() {
         let s = LabelSelector {
-            match_expressions: vec![
-                req("a", SelectorOperator::In, &[]),
-                req("b", SelectorOperator::Exists, &["x"]),
-            ],
+            match_expressions: vec![req("a", SelectorOperator::In, &[]), req("b", SelectorOperator::Exists, &["x"])],
             ..Default::default()
         };
         assert_eq!(s.problems().len(), 2);

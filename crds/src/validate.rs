@@ -29,29 +29,16 @@ struct Errors(Vec<FieldError>);
 
 impl Errors {
     fn push(&mut self, path: impl Into<String>, reason: &'static str, message: impl Into<String>) {
-        self.0.push(FieldError {
-            path: path.into(),
-            message: message.into(),
-            reason,
-        });
+        self.0.push(FieldError { path: path.into(), message: message.into(), reason });
     }
 }
 
 /// Validates a namespaced policy.
 pub fn egress_policy(p: &EgressPolicy) -> Vec<FieldError> {
     let mut e = Errors(Vec::new());
-    metadata(
-        &mut e,
-        p.metadata.name.as_deref(),
-        p.metadata.namespace.as_deref(),
-        true,
-    );
+    metadata(&mut e, p.metadata.name.as_deref(), p.metadata.namespace.as_deref(), true);
     selector(&mut e, "spec.podSelector", &p.spec.pod_selector);
-    common(
-        &mut e,
-        p.spec.egress_address.as_deref(),
-        p.spec.rate_limit.as_ref(),
-    );
+    common(&mut e, p.spec.egress_address.as_deref(), p.spec.rate_limit.as_ref());
     let mut names = Vec::new();
     for (i, r) in p.spec.rules.iter().enumerate() {
         rule(&mut e, &format!("spec.rules[{i}]"), r, &mut names);
@@ -62,27 +49,13 @@ pub fn egress_policy(p: &EgressPolicy) -> Vec<FieldError> {
 /// Validates a cluster-scoped policy.
 pub fn cluster_egress_policy(p: &ClusterEgressPolicy) -> Vec<FieldError> {
     let mut e = Errors(Vec::new());
-    metadata(
-        &mut e,
-        p.metadata.name.as_deref(),
-        p.metadata.namespace.as_deref(),
-        false,
-    );
+    metadata(&mut e, p.metadata.name.as_deref(), p.metadata.namespace.as_deref(), false);
     selector(&mut e, "spec.namespaceSelector", &p.spec.namespace_selector);
     selector(&mut e, "spec.podSelector", &p.spec.pod_selector);
-    common(
-        &mut e,
-        p.spec.egress_address.as_deref(),
-        p.spec.rate_limit.as_ref(),
-    );
+    common(&mut e, p.spec.egress_address.as_deref(), p.spec.rate_limit.as_ref());
     let mut names = Vec::new();
     for (i, r) in p.spec.rules.iter().enumerate() {
-        rule(
-            &mut e,
-            &format!("spec.rules[{i}]"),
-            &r.matcher(),
-            &mut names,
-        );
+        rule(&mut e, &format!("spec.rules[{i}]"), &r.matcher(), &mut names);
     }
     e.0
 }
@@ -92,11 +65,7 @@ fn metadata(e: &mut Errors, name: Option<&str>, namespace: Option<&str>, namespa
         e.push("metadata.name", "InvalidMetadata", "required");
     }
     match (namespaced, namespace.is_some_and(|n| !n.is_empty())) {
-        (true, false) => e.push(
-            "metadata.namespace",
-            "InvalidMetadata",
-            "required for EgressPolicy",
-        ),
+        (true, false) => e.push("metadata.namespace", "InvalidMetadata", "required for EgressPolicy"),
         (false, true) => e.push(
             "metadata.namespace",
             "InvalidMetadata",
@@ -111,10 +80,7 @@ fn selector(e: &mut Errors, path: &str, s: &LabelSelector) {
         e.push(format!("{path}.{p}"), "InvalidSelector", "");
     }
     // `problems` embeds the sub-path and the message in one string; split it back out.
-    for fe in
-        e.0.iter_mut()
-            .filter(|f| f.reason == "InvalidSelector" && f.message.is_empty())
-    {
+    for fe in e.0.iter_mut().filter(|f| f.reason == "InvalidSelector" && f.message.is_empty()) {
         if let Some((p, m)) = fe.path.split_once(": ") {
             let (p, m) = (p.to_string(), m.to_string());
             fe.path = p;
@@ -125,40 +91,23 @@ fn selector(e: &mut Errors, path: &str, s: &LabelSelector) {
 
 fn common(e: &mut Errors, egress_address: Option<&str>, rate: Option<&RateLimit>) {
     if egress_address.is_some_and(str::is_empty) {
-        e.push(
-            "spec.egressAddress",
-            "InvalidEgressAddress",
-            "must not be empty (omit it for `default`)",
-        );
+        e.push("spec.egressAddress", "InvalidEgressAddress", "must not be empty (omit it for `default`)");
     }
     if let Some(r) = rate {
         if r.requests_per_second == 0 {
-            e.push(
-                "spec.rateLimit.requestsPerSecond",
-                "InvalidRateLimit",
-                "must be at least 1",
-            );
+            e.push("spec.rateLimit.requestsPerSecond", "InvalidRateLimit", "must be at least 1");
         }
         if r.burst == Some(0) {
-            e.push(
-                "spec.rateLimit.burst",
-                "InvalidRateLimit",
-                "must be at least 1",
-            );
+            e.push("spec.rateLimit.burst", "InvalidRateLimit", "must be at least 1");
         }
     }
 }
 
 /// Parses a CIDR strictly: host bits must be zero.
 pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
-    let net: IpNet = s
-        .parse()
-        .map_err(|_| format!("{s:?} is not an IP prefix like 10.0.0.0/8 or 2001:db8::/32"))?;
+    let net: IpNet = s.parse().map_err(|_| format!("{s:?} is not an IP prefix like 10.0.0.0/8 or 2001:db8::/32"))?;
     if net.trunc() != net {
-        return Err(format!(
-            "{s:?} has host bits set; did you mean {}?",
-            net.trunc()
-        ));
+        return Err(format!("{s:?} has host bits set; did you mean {}?", net.trunc()));
     }
     Ok(net)
 }
@@ -166,50 +115,26 @@ pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
 fn rule(e: &mut Errors, path: &str, r: &EgressRule, names: &mut Vec<String>) {
     if let Some(n) = &r.name {
         if n.is_empty() || n.len() > 253 || n.chars().any(|c| c.is_control() || c.is_whitespace()) {
-            e.push(
-                format!("{path}.name"),
-                "InvalidRuleName",
-                "must be 1-253 characters without spaces",
-            );
+            e.push(format!("{path}.name"), "InvalidRuleName", "must be 1-253 characters without spaces");
         } else if names.contains(n) {
-            e.push(
-                format!("{path}.name"),
-                "InvalidRuleName",
-                format!("duplicate rule name {n:?}"),
-            );
+            e.push(format!("{path}.name"), "InvalidRuleName", format!("duplicate rule name {n:?}"));
         } else {
             names.push(n.clone());
         }
     }
     if r.to.is_empty() {
-        e.push(
-            format!("{path}.to"),
-            "InvalidPeer",
-            "at least one destination (domain or cidr) is required",
-        );
+        e.push(format!("{path}.to"), "InvalidPeer", "at least one destination (domain or cidr) is required");
     }
     for (j, peer) in r.to.iter().enumerate() {
         let pp = format!("{path}.to[{j}]");
         match (&peer.domain, &peer.cidr) {
-            (Some(_), Some(_)) | (None, None) => e.push(
-                pp.clone(),
-                "InvalidPeer",
-                "set exactly one of domain or cidr",
-            ),
+            (Some(_), Some(_)) | (None, None) => e.push(pp.clone(), "InvalidPeer", "set exactly one of domain or cidr"),
             (Some(d), None) => {
                 if let Err(err) = DomainPattern::parse(d) {
-                    e.push(
-                        format!("{pp}.domain"),
-                        "InvalidDomain",
-                        format!("{d:?}: {err}"),
-                    );
+                    e.push(format!("{pp}.domain"), "InvalidDomain", format!("{d:?}: {err}"));
                 }
                 if !peer.except.is_empty() {
-                    e.push(
-                        format!("{pp}.except"),
-                        "InvalidCidr",
-                        "except only applies to a cidr",
-                    );
+                    e.push(format!("{pp}.except"), "InvalidCidr", "except only applies to a cidr");
                 }
             }
             (None, Some(c)) => match parse_cidr(c) {
@@ -220,11 +145,7 @@ fn rule(e: &mut Errors, path: &str, r: &EgressRule, names: &mut Vec<String>) {
                         match parse_cidr(x) {
                             Err(m) => e.push(xp, "InvalidCidr", m),
                             Ok(xn) if !net.contains(&xn) || xn.prefix_len() <= net.prefix_len() => {
-                                e.push(
-                                    xp,
-                                    "InvalidCidr",
-                                    format!("{x:?} is not strictly inside {c:?}"),
-                                )
+                                e.push(xp, "InvalidCidr", format!("{x:?} is not strictly inside {c:?}"))
                             }
                             Ok(_) => {}
                         }
@@ -236,25 +157,13 @@ fn rule(e: &mut Errors, path: &str, r: &EgressRule, names: &mut Vec<String>) {
     for (j, p) in r.ports.iter().enumerate() {
         let pp = format!("{path}.ports[{j}]");
         if !(1..=65535).contains(&p.port) {
-            e.push(
-                format!("{pp}.port"),
-                "InvalidPort",
-                format!("{} is outside 1..65535", p.port),
-            );
+            e.push(format!("{pp}.port"), "InvalidPort", format!("{} is outside 1..65535", p.port));
         }
         if let Some(end) = p.end_port {
             if !(1..=65535).contains(&end) {
-                e.push(
-                    format!("{pp}.endPort"),
-                    "InvalidPort",
-                    format!("{end} is outside 1..65535"),
-                );
+                e.push(format!("{pp}.endPort"), "InvalidPort", format!("{end} is outside 1..65535"));
             } else if end < p.port {
-                e.push(
-                    format!("{pp}.endPort"),
-                    "InvalidPort",
-                    format!("{end} is below port {}", p.port),
-                );
+                e.push(format!("{pp}.endPort"), "InvalidPort", format!("{end} is below port {}", p.port));
             }
         }
     }
@@ -265,15 +174,9 @@ fn rule(e: &mut Errors, path: &str, r: &EgressRule, names: &mut Vec<String>) {
 
 fn http(e: &mut Errors, path: &str, h: &HttpMatch) {
     for (i, m) in h.methods.iter().enumerate() {
-        let token = !m.is_empty()
-            && m.bytes()
-                .all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_');
+        let token = !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_');
         if !token {
-            e.push(
-                format!("{path}.methods[{i}]"),
-                "InvalidHttp",
-                format!("{m:?} is not an upper-case HTTP method"),
-            );
+            e.push(format!("{path}.methods[{i}]"), "InvalidHttp", format!("{m:?} is not an upper-case HTTP method"));
         } else if m == "CONNECT" {
             e.push(
                 format!("{path}.methods[{i}]"),
@@ -285,17 +188,9 @@ fn http(e: &mut Errors, path: &str, h: &HttpMatch) {
     for (i, p) in h.paths.iter().enumerate() {
         let star = p.find('*');
         if !p.starts_with('/') {
-            e.push(
-                format!("{path}.paths[{i}]"),
-                "InvalidHttp",
-                format!("{p:?} must start with '/'"),
-            );
+            e.push(format!("{path}.paths[{i}]"), "InvalidHttp", format!("{p:?} must start with '/'"));
         } else if star.is_some_and(|s| s != p.len() - 1) {
-            e.push(
-                format!("{path}.paths[{i}]"),
-                "InvalidHttp",
-                format!("{p:?}: '*' is only allowed at the end"),
-            );
+            e.push(format!("{path}.paths[{i}]"), "InvalidHttp", format!("{p:?}: '*' is only allowed at the end"));
         } else if p.contains('?') || p.contains('#') {
             e.push(
                 format!("{path}.paths[{i}]"),

@@ -49,26 +49,11 @@ fn bench(c: &mut Criterion) {
     for n in [10usize, 1_000, 10_000] {
         let snap = Snapshot::compile(DefaultAction::Deny, &policies(n), None);
         id.selected = snap.selected(Some(&id)).into();
-        let wild = Target {
-            host: Host::Name("a.b.tenant0.example.net".into()),
-            port: 443,
-        };
-        let miss = Target {
-            host: Host::Name("www.unknown-site.example".into()),
-            port: 443,
-        };
-        let ip = Target {
-            host: Host::Ip("10.0.0.7".parse().unwrap()),
-            port: 5432,
-        };
-        let http_t = Target {
-            host: Host::Name("api0.example.org".into()),
-            port: 80,
-        };
-        let facts = HttpFacts {
-            method: "GET".into(),
-            path: "/v1/charges".into(),
-        };
+        let wild = Target { host: Host::Name("a.b.tenant0.example.net".into()), port: 443 };
+        let miss = Target { host: Host::Name("www.unknown-site.example".into()), port: 443 };
+        let ip = Target { host: Host::Ip("10.0.0.7".parse().unwrap()), port: 5432 };
+        let http_t = Target { host: Host::Name("api0.example.org".into()), port: 80 };
+        let facts = HttpFacts { method: "GET".into(), path: "/v1/charges".into() };
         g.bench_with_input(BenchmarkId::new("wildcard_allow", n), &snap, |b, s| {
             b.iter(|| s.decide(&guard, Some(&id), black_box(&wild), None))
         });

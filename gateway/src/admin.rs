@@ -39,33 +39,16 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener) {
 fn route(gw: &Gateway, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let (status, ctype, body) = match req.uri().path() {
         "/metrics" => {
-            gw.metrics
-                .kube_stale_seconds
-                .set(gw.kube_health.stale_seconds() as i64);
-            (
-                StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                gw.metrics.render(),
-            )
+            gw.metrics.kube_stale_seconds.set(gw.kube_health.stale_seconds() as i64);
+            (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", gw.metrics.render())
         }
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
         "/readyz" if gw.is_ready() => (StatusCode::OK, "text/plain", "ready\n".to_string()),
-        "/readyz" => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            "not ready\n".to_string(),
-        ),
-        _ => (
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "not found\n".to_string(),
-        ),
+        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n".to_string()),
+        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),
     };
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
-    r.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static(ctype),
-    );
+    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(ctype));
     r
 }

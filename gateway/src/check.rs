@@ -12,40 +12,23 @@ use crate::resolve::Resolver;
 use crate::target::{self, Target};
 
 /// A `check` target: the parsed target and what the gateway would see of HTTP.
-pub fn parse_check_target(
-    raw: &str,
-    method: Option<&str>,
-) -> Result<(Target, Option<HttpFacts>), String> {
+pub fn parse_check_target(raw: &str, method: Option<&str>) -> Result<(Target, Option<HttpFacts>), String> {
     if let Some((scheme, _)) = raw.split_once("://") {
-        let uri: http::Uri = raw
-            .parse()
-            .map_err(|e| format!("{raw:?} is not a URL: {e}"))?;
+        let uri: http::Uri = raw.parse().map_err(|e| format!("{raw:?} is not a URL: {e}"))?;
         let host = uri.host().ok_or_else(|| format!("{raw:?} has no host"))?;
         let host = target::parse_host(host).map_err(|e| e.to_string())?;
         match scheme.to_ascii_lowercase().as_str() {
             "http" => {
                 let port = uri.port_u16().unwrap_or(80);
-                let facts = HttpFacts {
-                    method: method.unwrap_or("GET").to_ascii_uppercase(),
-                    path: uri.path().to_string(),
-                };
+                let facts =
+                    HttpFacts { method: method.unwrap_or("GET").to_ascii_uppercase(), path: uri.path().to_string() };
                 Ok((Target { host, port }, Some(facts)))
             }
-            "https" => Ok((
-                Target {
-                    host,
-                    port: uri.port_u16().unwrap_or(443),
-                },
-                None,
-            )),
-            other => Err(format!(
-                "scheme {other:?} is not supported: use http://, https:// or host:port"
-            )),
+            "https" => Ok((Target { host, port: uri.port_u16().unwrap_or(443) }, None)),
+            other => Err(format!("scheme {other:?} is not supported: use http://, https:// or host:port")),
         }
     } else {
-        target::parse_authority(raw)
-            .map(|t| (t, None))
-            .map_err(|e| e.to_string())
+        target::parse_authority(raw).map(|t| (t, None)).map_err(|e| e.to_string())
     }
 }
 
@@ -58,17 +41,11 @@ pub async fn check(
     resolve: bool,
 ) -> anyhow::Result<(serde_json::Value, bool)> {
     let (target, http) = parse_check_target(raw_target, method).map_err(anyhow::Error::msg)?;
-    let resolver = if resolve {
-        Some(Resolver::new(&loaded.config.resolver)?)
-    } else {
-        None
-    };
+    let resolver = if resolve { Some(Resolver::new(&loaded.config.resolver)?) } else { None };
     let own = crate::pipeline::own_addresses(&loaded.config.listen);
     let state = State::build(loaded, None, None, &own);
     let identity = state.identities.lookup(client);
-    let decision = state
-        .snapshot
-        .decide(&state.guard, identity.as_deref(), &target, http.as_ref());
+    let decision = state.snapshot.decide(&state.guard, identity.as_deref(), &target, http.as_ref());
     let checked = resolve_checked(&state, resolver.as_ref(), None, decision, &target).await;
     let d = &checked.decision;
     let allowed = d.action == Action::Allow;

@@ -67,7 +67,7 @@ pub struct Config {
 }
 
 /// Kubernetes mode settings.
-#[derive(Debug, Clone, Deserialize, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct KubernetesConfig {
     /// Watch EgressPolicy, ClusterEgressPolicy, Namespaces and Pods and decide with them.
@@ -76,6 +76,41 @@ pub struct KubernetesConfig {
     /// Kubeconfig file; absent: `KUBECONFIG`, `~/.kube/config`, then the in-cluster service account.
     #[serde(default)]
     pub kubeconfig: Option<PathBuf>,
+    /// Write policy status (only the replica holding the Lease writes).
+    #[serde(default = "yes")]
+    pub write_status: bool,
+    /// Namespace of the status-writer Lease; default `$POD_NAMESPACE`, else `default`.
+    #[serde(default)]
+    pub lease_namespace: Option<String>,
+    /// Name of the status-writer Lease.
+    #[serde(default = "default_lease_name")]
+    pub lease_name: String,
+    /// A holder that has not renewed for this long loses the Lease.
+    #[serde(deserialize_with = "duration", default = "d15s")]
+    pub lease_duration: Duration,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        KubernetesConfig {
+            enabled: false,
+            kubeconfig: None,
+            write_status: true,
+            lease_namespace: None,
+            lease_name: default_lease_name(),
+            lease_duration: d15s(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_lease_name() -> String {
+    "egress-gateway-status".into()
+}
+fn d15s() -> Duration {
+    Duration::from_secs(15)
 }
 
 /// Listener addresses.
@@ -148,9 +183,7 @@ pub struct Socks5User {
 
 impl fmt::Debug for Socks5User {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Socks5User")
-            .field("username", &self.username)
-            .finish_non_exhaustive()
+        f.debug_struct("Socks5User").field("username", &self.username).finish_non_exhaustive()
     }
 }
 
@@ -165,18 +198,12 @@ pub struct AuditConfig {
 
 impl Default for AuditConfig {
     fn default() -> Self {
-        AuditConfig {
-            sinks: default_sinks(),
-        }
+        AuditConfig { sinks: default_sinks() }
     }
 }
 
 fn default_sinks() -> Vec<SinkConfig> {
-    vec![SinkConfig {
-        kind: SinkKind::Stdout,
-        path: None,
-        format: AuditFormat::Json,
-    }]
+    vec![SinkConfig { kind: SinkKind::Stdout, path: None, format: AuditFormat::Json }]
 }
 
 /// One audit sink.
@@ -275,9 +302,8 @@ fn default_max_header_bytes() -> usize {
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
-    humantime::parse_duration(&s).map_err(|e| {
-        serde::de::Error::custom(format!("{s:?} is not a duration like 5s or 2m: {e}"))
-    })
+    humantime::parse_duration(&s)
+        .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration like 5s or 2m: {e}")))
 }
 
 /// Where a policy document came from.
@@ -334,39 +360,25 @@ impl std::error::Error for ConfigErrors {}
 /// collected, not just the first.
 pub fn load(path: &Path) -> Result<Loaded, ConfigErrors> {
     let file = path.display().to_string();
-    let text =
-        std::fs::read_to_string(path).map_err(|e| ConfigErrors(vec![format!("{file}: {e}")]))?;
-    let config: Config =
-        serde_yaml_ng::from_str(&text).map_err(|e| ConfigErrors(vec![format!("{file}: {e}")]))?;
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors(vec![format!("{file}: {e}")]))?;
+    let config: Config = serde_yaml_ng::from_str(&text).map_err(|e| ConfigErrors(vec![format!("{file}: {e}")]))?;
     let mut errors = Vec::new();
     validate_config(&config, &file, &mut errors);
     let base = path.parent().unwrap_or(Path::new("."));
     let mut policies = Vec::new();
     for (i, v) in config.policies.iter().enumerate() {
-        let origin = Origin {
-            file: path.to_path_buf(),
-            document: i,
-            inline: true,
-        };
+        let origin = Origin { file: path.to_path_buf(), document: i, inline: true };
         read_document(v.clone(), origin, &mut policies, &mut errors);
     }
     for p in &config.policy_files {
-        let p = if p.is_absolute() {
-            p.clone()
-        } else {
-            base.join(p)
-        };
+        let p = if p.is_absolute() { p.clone() } else { base.join(p) };
         for f in policy_paths(&p, &mut errors) {
             read_policy_file(&f, &mut policies, &mut errors);
         }
     }
     check_policy_set(&config, &policies, &mut errors);
     if errors.is_empty() {
-        Ok(Loaded {
-            path: path.to_path_buf(),
-            config,
-            policies,
-        })
+        Ok(Loaded { path: path.to_path_buf(), config, policies })
     } else {
         Err(ConfigErrors(errors))
     }
@@ -376,52 +388,31 @@ fn validate_config(c: &Config, file: &str, errors: &mut Vec<String>) {
     let mut err = |field: &str, m: String| errors.push(format!("{file}: {field}: {m}"));
     for (name, addrs) in &c.egress_addresses {
         if name != "default" && addrs.is_empty() {
-            err(
-                &format!("egressAddresses.{name}"),
-                "a pool needs at least one source address".into(),
-            );
+            err(&format!("egressAddresses.{name}"), "a pool needs at least one source address".into());
         }
         for (i, a) in addrs.iter().enumerate() {
             if a.is_unspecified() || a.is_multicast() {
-                err(
-                    &format!("egressAddresses.{name}[{i}]"),
-                    format!("{a} cannot be a source address"),
-                );
+                err(&format!("egressAddresses.{name}[{i}]"), format!("{a} cannot be a source address"));
             }
         }
     }
     for (i, s) in c.audit.sinks.iter().enumerate() {
         if s.kind == SinkKind::File && s.path.is_none() {
-            err(
-                &format!("audit.sinks[{i}].path"),
-                "required for type file".into(),
-            );
+            err(&format!("audit.sinks[{i}].path"), "required for type file".into());
         }
         if s.kind == SinkKind::Stdout && s.path.is_some() {
-            err(
-                &format!("audit.sinks[{i}].path"),
-                "only for type file".into(),
-            );
+            err(&format!("audit.sinks[{i}].path"), "only for type file".into());
         }
     }
     if c.audit.sinks.is_empty() {
-        err(
-            "audit.sinks",
-            "at least one sink is required: every decision is audited".into(),
-        );
+        err("audit.sinks", "at least one sink is required: every decision is audited".into());
     }
     for (i, u) in c.socks5.users.iter().enumerate() {
         if u.username.is_empty() || u.username.len() > 255 {
-            err(
-                &format!("socks5.users[{i}].username"),
-                "must be 1-255 bytes".into(),
-            );
+            err(&format!("socks5.users[{i}].username"), "must be 1-255 bytes".into());
         }
         if u.password.is_empty() || u.password.len() > 255 {
-            err(
-                &format!("socks5.users[{i}].password"),
-                "must be 1-255 bytes".into(),
-            );
+            err(&format!("socks5.users[{i}].password"), "must be 1-255 bytes".into());
         }
     }
     if c.limits.max_header_bytes < 8192 {
@@ -440,18 +431,11 @@ fn validate_config(c: &Config, file: &str, errors: &mut Vec<String>) {
         if e.cidr.trunc() != e.cidr {
             err(
                 &format!("clients[{i}].cidr"),
-                format!(
-                    "{} has host bits set; did you mean {}?",
-                    e.cidr,
-                    e.cidr.trunc()
-                ),
+                format!("{} has host bits set; did you mean {}?", e.cidr, e.cidr.trunc()),
             );
         }
         if e.namespace.is_empty() {
-            err(
-                &format!("clients[{i}].namespace"),
-                "must not be empty".into(),
-            );
+            err(&format!("clients[{i}].namespace"), "must not be empty".into());
         }
     }
     let listeners = [c.listen.http, c.listen.socks5, c.listen.admin];
@@ -470,11 +454,7 @@ fn policy_paths(p: &Path, errors: &mut Vec<String>) -> Vec<PathBuf> {
                 let mut files: Vec<PathBuf> = rd
                     .filter_map(|e| e.ok().map(|e| e.path()))
                     .filter(|f| {
-                        f.is_file()
-                            && matches!(
-                                f.extension().and_then(|e| e.to_str()),
-                                Some("yaml" | "yml" | "json")
-                            )
+                        f.is_file() && matches!(f.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
                     })
                     .collect();
                 files.sort();
@@ -499,11 +479,7 @@ fn read_policy_file(f: &Path, out: &mut Vec<(Origin, AnyPolicy)>, errors: &mut V
         }
     };
     for (i, doc) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
-        let origin = Origin {
-            file: f.to_path_buf(),
-            document: i,
-            inline: false,
-        };
+        let origin = Origin { file: f.to_path_buf(), document: i, inline: false };
         match serde_json::Value::deserialize(doc) {
             Ok(serde_json::Value::Null) => {} // empty document (e.g. a trailing `---`)
             Ok(v) => read_document(v, origin, out, errors),
@@ -515,12 +491,7 @@ fn read_policy_file(f: &Path, out: &mut Vec<(Origin, AnyPolicy)>, errors: &mut V
     }
 }
 
-fn read_document(
-    v: serde_json::Value,
-    origin: Origin,
-    out: &mut Vec<(Origin, AnyPolicy)>,
-    errors: &mut Vec<String>,
-) {
+fn read_document(v: serde_json::Value, origin: Origin, out: &mut Vec<(Origin, AnyPolicy)>, errors: &mut Vec<String>) {
     match AnyPolicy::from_value(v) {
         Ok(p) => {
             let problems = p.validate();
@@ -541,10 +512,7 @@ fn check_policy_set(c: &Config, policies: &[(Origin, AnyPolicy)], errors: &mut V
     for (origin, p) in policies {
         let key = (matches!(p, AnyPolicy::Cluster(_)), p.key());
         if let Some(first) = seen.get(&key) {
-            errors.push(format!(
-                "{origin} ({}): metadata.name: duplicate of {first}",
-                p.key()
-            ));
+            errors.push(format!("{origin} ({}): metadata.name: duplicate of {first}", p.key()));
         } else {
             seen.insert(key, origin);
         }
@@ -591,20 +559,10 @@ mod tests {
         let errs = load(&cfg).unwrap_err().0;
         let f = cfg.display().to_string();
         let pf = dir.join("pol/a.yaml").display().to_string();
+        assert!(errs.contains(&format!("{f}: audit.sinks[0].path: required for type file")), "{errs:#?}");
+        assert!(errs.contains(&format!("{f}: limits.connectTimeout: must be greater than zero")), "{errs:#?}");
         assert!(
-            errs.contains(&format!("{f}: audit.sinks[0].path: required for type file")),
-            "{errs:#?}"
-        );
-        assert!(
-            errs.contains(&format!(
-                "{f}: limits.connectTimeout: must be greater than zero"
-            )),
-            "{errs:#?}"
-        );
-        assert!(
-            errs.iter().any(|e| e.starts_with(&format!(
-                "{pf}: document 2 (ns/bad): spec.rules[0].to[0].domain:"
-            ))),
+            errs.iter().any(|e| e.starts_with(&format!("{pf}: document 2 (ns/bad): spec.rules[0].to[0].domain:"))),
             "{errs:#?}"
         );
         assert!(

@@ -60,10 +60,7 @@ impl Pools {
             None if name == "default" => Ok(None),
             None => Err(NoSource),
             Some((addrs, cursor)) => {
-                let same: Vec<&IpAddr> = addrs
-                    .iter()
-                    .filter(|a| a.is_ipv4() == dest.is_ipv4())
-                    .collect();
+                let same: Vec<&IpAddr> = addrs.iter().filter(|a| a.is_ipv4() == dest.is_ipv4()).collect();
                 if same.is_empty() {
                     return Err(NoSource);
                 }
@@ -88,11 +85,7 @@ pub fn interleave(addrs: &[SocketAddr]) -> Vec<SocketAddr> {
 }
 
 async fn connect_one(dest: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
-    let sock = if dest.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
+    let sock = if dest.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     if let Some(src) = source {
         sock.bind(SocketAddr::new(src, 0))?;
     }
@@ -119,14 +112,8 @@ pub async fn happy_eyeballs(
                         set.spawn(async move { (dest, connect_one(dest, src).await) });
                     }
                     None => {
-                        let e = last_err
-                            .map(|e| e.to_string())
-                            .unwrap_or_else(|| "no address".into());
-                        return Err(if refused {
-                            DialError::Refused(e)
-                        } else {
-                            DialError::Unreachable(e)
-                        });
+                        let e = last_err.map(|e| e.to_string()).unwrap_or_else(|| "no address".into());
+                        return Err(if refused { DialError::Refused(e) } else { DialError::Unreachable(e) });
                     }
                 }
             }
@@ -150,9 +137,7 @@ pub async fn happy_eyeballs(
             }
         }
     };
-    tokio::time::timeout(timeout, work)
-        .await
-        .unwrap_or(Err(DialError::Timeout(timeout)))
+    tokio::time::timeout(timeout, work).await.unwrap_or(Err(DialError::Timeout(timeout)))
 }
 
 #[cfg(test)]
@@ -161,10 +146,8 @@ mod tests {
 
     #[test]
     fn interleaves_v6_first() {
-        let a: Vec<SocketAddr> = ["1.1.1.1:1", "2.2.2.2:1", "[::1]:1", "3.3.3.3:1"]
-            .iter()
-            .map(|s| s.parse().unwrap())
-            .collect();
+        let a: Vec<SocketAddr> =
+            ["1.1.1.1:1", "2.2.2.2:1", "[::1]:1", "3.3.3.3:1"].iter().map(|s| s.parse().unwrap()).collect();
         let got: Vec<String> = interleave(&a).iter().map(|s| s.to_string()).collect();
         assert_eq!(got, ["[::1]:1", "1.1.1.1:1", "2.2.2.2:1", "3.3.3.3:1"]);
     }
@@ -174,11 +157,7 @@ mod tests {
         let mut cfg = std::collections::BTreeMap::new();
         cfg.insert(
             "p".to_string(),
-            vec![
-                "192.0.2.1".parse().unwrap(),
-                "192.0.2.2".parse().unwrap(),
-                "2001:db8::1".parse().unwrap(),
-            ],
+            vec!["192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap(), "2001:db8::1".parse().unwrap()],
         );
         let pools = Pools::new(&cfg);
         let v4: IpAddr = "198.51.100.1".parse().unwrap();
@@ -186,10 +165,7 @@ mod tests {
         let a = pools.source_for("p", v4).unwrap().unwrap();
         let b = pools.source_for("p", v4).unwrap().unwrap();
         assert_ne!(a, b);
-        assert_eq!(
-            pools.source_for("p", v6).unwrap(),
-            Some("2001:db8::1".parse().unwrap())
-        );
+        assert_eq!(pools.source_for("p", v6).unwrap(), Some("2001:db8::1".parse().unwrap()));
         assert_eq!(pools.source_for("default", v4), Ok(None));
         assert_eq!(pools.source_for("missing", v4), Err(NoSource));
     }

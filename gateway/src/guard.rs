@@ -149,11 +149,7 @@ fn classify_v4(ip: Ipv4Addr) -> Verdict {
 }
 
 fn in6(ip: Ipv6Addr, net: Ipv6Addr, len: u8) -> bool {
-    let mask = if len == 0 {
-        0
-    } else {
-        u128::MAX << (128 - len)
-    };
+    let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
     u128::from(ip) & mask == u128::from(net) & mask
 }
 
@@ -280,38 +276,17 @@ mod tests {
 
     #[test]
     fn public_passes() {
-        for s in [
-            "93.184.216.34",
-            "172.32.0.1",
-            "2606:4700::1111",
-            "64:ff9b::808:808",
-            "100.128.0.1",
-        ] {
+        for s in ["93.184.216.34", "172.32.0.1", "2606:4700::1111", "64:ff9b::808:808", "100.128.0.1"] {
             assert_eq!(v(s), Verdict::Pass, "{s}");
         }
     }
 
     #[test]
     fn allow_cidrs_exempt_and_own_addresses_block() {
-        let g = Guard::new(
-            vec!["127.0.0.2/32".parse().unwrap()],
-            vec!["203.0.113.9".parse().unwrap()],
-        );
-        assert_eq!(
-            g.check("127.0.0.2".parse().unwrap()),
-            Verdict::Exempt("127.0.0.2/32".parse().unwrap())
-        );
-        assert_eq!(
-            g.check("127.0.0.1".parse().unwrap()),
-            Verdict::Blocked("loopback")
-        );
-        assert_eq!(
-            g.check("203.0.113.9".parse().unwrap()),
-            Verdict::Blocked("gateway_self")
-        );
-        assert_eq!(
-            g.check("::ffff:127.0.0.2".parse().unwrap()),
-            Verdict::Exempt("127.0.0.2/32".parse().unwrap())
-        );
+        let g = Guard::new(vec!["127.0.0.2/32".parse().unwrap()], vec!["203.0.113.9".parse().unwrap()]);
+        assert_eq!(g.check("127.0.0.2".parse().unwrap()), Verdict::Exempt("127.0.0.2/32".parse().unwrap()));
+        assert_eq!(g.check("127.0.0.1".parse().unwrap()), Verdict::Blocked("loopback"));
+        assert_eq!(g.check("203.0.113.9".parse().unwrap()), Verdict::Blocked("gateway_self"));
+        assert_eq!(g.check("::ffff:127.0.0.2".parse().unwrap()), Verdict::Exempt("127.0.0.2/32".parse().unwrap()));
     }
 }

@@ -101,14 +101,8 @@ impl IdentityTable {
     /// The identity of a source address, if known.
     pub fn lookup(&self, ip: IpAddr) -> Option<Arc<Identity>> {
         match crate::target::canonical_ip(ip) {
-            IpAddr::V4(a) => self
-                .v4
-                .get_lpm(&ipnet::Ipv4Net::from(a))
-                .map(|(_, v)| v.clone()),
-            IpAddr::V6(a) => self
-                .v6
-                .get_lpm(&ipnet::Ipv6Net::from(a))
-                .map(|(_, v)| v.clone()),
+            IpAddr::V4(a) => self.v4.get_lpm(&ipnet::Ipv4Net::from(a)).map(|(_, v)| v.clone()),
+            IpAddr::V6(a) => self.v6.get_lpm(&ipnet::Ipv6Net::from(a)).map(|(_, v)| v.clone()),
         }
     }
 }

@@ -60,10 +60,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("EGRESS_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("EGRESS_LOG").unwrap_or_else(|_| "info".into()))
         .init();
     match cli.command {
         Command::Validate { config } => match load(&config) {
@@ -73,41 +70,22 @@ fn main() -> ExitCode {
             }
             Err(c) => c,
         },
-        Command::Check {
-            config,
-            client,
-            method,
-            no_resolve,
-            target,
-        } => {
+        Command::Check { config, client, method, no_resolve, target } => {
             let loaded = match load(&config) {
                 Ok(l) => l,
                 Err(c) => return c,
             };
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("error: {e}");
                     return ExitCode::from(2);
                 }
             };
-            match rt.block_on(egress_gateway::check::check(
-                loaded,
-                client,
-                method.as_deref(),
-                &target,
-                !no_resolve,
-            )) {
+            match rt.block_on(egress_gateway::check::check(loaded, client, method.as_deref(), &target, !no_resolve)) {
                 Ok((json, allowed)) => {
                     println!("{json}");
-                    if allowed {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::from(1)
-                    }
+                    if allowed { ExitCode::SUCCESS } else { ExitCode::from(1) }
                 }
                 Err(e) => {
                     eprintln!("error: {e:#}");
@@ -120,10 +98,7 @@ fn main() -> ExitCode {
                 Ok(l) => l,
                 Err(c) => return c,
             };
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("error: {e}");

@@ -77,76 +77,35 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("egress");
         let conns = Family::<FrontLabels, Counter>::default();
-        let connections = Front::ALL.map(|f| {
-            conns
-                .get_or_create(&FrontLabels { front: f.as_str() })
-                .clone()
-        });
+        let connections = Front::ALL.map(|f| conns.get_or_create(&FrontLabels { front: f.as_str() }).clone());
         registry.register("connections", "Accepted client connections", conns);
         let active_connections = Gauge::default();
-        registry.register(
-            "active_connections",
-            "Client connections currently open",
-            active_connections.clone(),
-        );
+        registry.register("active_connections", "Client connections currently open", active_connections.clone());
         let decisions = Family::<DecisionLabels, Counter>::default();
         let mk = |action| {
             Reason::ALL
                 .iter()
-                .map(|r| {
-                    decisions
-                        .get_or_create(&DecisionLabels {
-                            action,
-                            reason: r.as_str(),
-                        })
-                        .clone()
-                })
+                .map(|r| decisions.get_or_create(&DecisionLabels { action, reason: r.as_str() }).clone())
                 .collect::<Vec<_>>()
         };
         let (decisions_allow, decisions_deny) = (mk("allow"), mk("deny"));
         registry.register("decisions", "Decisions by action and reason", decisions);
         let bytes = Family::<DirLabels, Counter>::default();
         let bytes_up = bytes.get_or_create(&DirLabels { direction: "up" }).clone();
-        let bytes_down = bytes
-            .get_or_create(&DirLabels { direction: "down" })
-            .clone();
+        let bytes_down = bytes.get_or_create(&DirLabels { direction: "down" }).clone();
         registry.register("bytes", "Bytes relayed (up: client to upstream)", bytes);
         let connect_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
-        registry.register(
-            "upstream_connect_seconds",
-            "Upstream TCP connect latency",
-            connect_seconds.clone(),
-        );
+        registry.register("upstream_connect_seconds", "Upstream TCP connect latency", connect_seconds.clone());
         let connect_failures = Counter::default();
-        registry.register(
-            "upstream_connect_failures",
-            "Upstream connects that failed",
-            connect_failures.clone(),
-        );
+        registry.register("upstream_connect_failures", "Upstream connects that failed", connect_failures.clone());
         let dns_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
-        registry.register(
-            "dns_lookup_seconds",
-            "DNS lookup latency (cache hits included)",
-            dns_seconds.clone(),
-        );
+        registry.register("dns_lookup_seconds", "DNS lookup latency (cache hits included)", dns_seconds.clone());
         let dns_failures = Counter::default();
-        registry.register(
-            "dns_lookup_failures",
-            "DNS lookups that failed",
-            dns_failures.clone(),
-        );
+        registry.register("dns_lookup_failures", "DNS lookups that failed", dns_failures.clone());
         let reloads = Family::<ResultLabels, Counter>::default();
-        let reloads_ok = reloads
-            .get_or_create(&ResultLabels { result: "ok" })
-            .clone();
-        let reloads_failed = reloads
-            .get_or_create(&ResultLabels { result: "failed" })
-            .clone();
-        registry.register(
-            "config_reloads",
-            "Config reload attempts by result",
-            reloads,
-        );
+        let reloads_ok = reloads.get_or_create(&ResultLabels { result: "ok" }).clone();
+        let reloads_failed = reloads.get_or_create(&ResultLabels { result: "failed" }).clone();
+        registry.register("config_reloads", "Config reload attempts by result", reloads);
         let config_stale = Gauge::default();
         registry.register(
             "config_reload_failing",
@@ -156,11 +115,7 @@ impl Metrics {
         let audit_events = Counter::default();
         registry.register("audit_events", "Audit events written", audit_events.clone());
         let audit_errors = Counter::default();
-        registry.register(
-            "audit_write_errors",
-            "Audit sink write errors",
-            audit_errors.clone(),
-        );
+        registry.register("audit_write_errors", "Audit sink write errors", audit_errors.clone());
         let kube_stale_seconds = Gauge::default();
         registry.register(
             "kube_stale_seconds",
@@ -190,11 +145,7 @@ impl Metrics {
 
     /// Counts a decision.
     pub fn decision(&self, allow: bool, reason: Reason) {
-        let v = if allow {
-            &self.decisions_allow
-        } else {
-            &self.decisions_deny
-        };
+        let v = if allow { &self.decisions_allow } else { &self.decisions_deny };
         v[reason.index()].inc();
     }
 

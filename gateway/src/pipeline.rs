@@ -15,8 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::audit::{
-    Audit, ClientInfo, CloseInfo, DecisionInfo, End, Event, EventKind, ResolvedAddr, TargetInfo,
-    now_rfc3339,
+    Audit, ClientInfo, CloseInfo, DecisionInfo, End, Event, EventKind, ResolvedAddr, TargetInfo, now_rfc3339,
 };
 use crate::config::{self, Loaded};
 use crate::dial::{self, DialError, Pools};
@@ -46,19 +45,13 @@ pub struct State {
 impl State {
     /// Compiles a loaded config and, in Kubernetes mode, the API's policies and Pods.
     /// `previous` lends its rate-limit buckets to unchanged policies.
-    pub fn build(
-        loaded: Loaded,
-        kube: Option<&KubeInputs>,
-        previous: Option<&State>,
-        own: &[IpAddr],
-    ) -> State {
+    pub fn build(loaded: Loaded, kube: Option<&KubeInputs>, previous: Option<&State>, own: &[IpAddr]) -> State {
         let c = &loaded.config;
         let mut policies: Vec<_> = loaded.policies.iter().map(|(_, p)| p.clone()).collect();
         if let Some(k) = kube {
             policies.extend(k.policies.iter().cloned());
         }
-        let snapshot =
-            Snapshot::compile(c.default_action, &policies, previous.map(|p| &p.snapshot));
+        let snapshot = Snapshot::compile(c.default_action, &policies, previous.map(|p| &p.snapshot));
         let pods = kube.map(|k| k.pods.as_slice()).unwrap_or(&[]);
         State {
             identities: IdentityTable::build(&c.clients, pods, |id| snapshot.selected(Some(id))),
@@ -94,30 +87,15 @@ pub async fn resolve_checked(
 ) -> Checked {
     let name = match (&target.host, decision.action) {
         (_, Action::Deny) => {
-            return Checked {
-                decision,
-                resolved: vec![],
-                addrs: vec![],
-                detail: None,
-            };
+            return Checked { decision, resolved: vec![], addrs: vec![], detail: None };
         }
         (Host::Ip(ip), _) => {
-            return Checked {
-                decision,
-                resolved: vec![],
-                addrs: vec![*ip],
-                detail: None,
-            };
+            return Checked { decision, resolved: vec![], addrs: vec![*ip], detail: None };
         }
         (Host::Name(n), _) => n,
     };
     let Some(resolver) = resolver else {
-        return Checked {
-            decision,
-            resolved: vec![],
-            addrs: vec![],
-            detail: None,
-        };
+        return Checked { decision, resolved: vec![], addrs: vec![], detail: None };
     };
     let started = Instant::now();
     let lookup = resolver.lookup(name).await;
@@ -145,10 +123,8 @@ pub async fn resolve_checked(
         let verdict = state.guard.check(ip);
         let mut denied_by = None;
         if matches!(verdict, Verdict::Pass | Verdict::Exempt(_)) {
-            denied_by = state
-                .snapshot
-                .deny_for_address(&decision.selected, ip, target.port)
-                .map(|(p, r)| format!("{p}/{r}"));
+            denied_by =
+                state.snapshot.deny_for_address(&decision.selected, ip, target.port).map(|(p, r)| format!("{p}/{r}"));
             if denied_by.is_none() {
                 addrs.push(ip);
                 if let Verdict::Exempt(n) = verdict
@@ -158,11 +134,7 @@ pub async fn resolve_checked(
                 }
             }
         }
-        resolved.push(ResolvedAddr {
-            address: ip,
-            verdict,
-            denied_by,
-        });
+        resolved.push(ResolvedAddr { address: ip, verdict, denied_by });
     }
     if addrs.is_empty() {
         let blocked = resolved.iter().find_map(|r| match r.verdict {
@@ -182,25 +154,13 @@ pub async fn resolve_checked(
                 decision.guard_category = Some(c);
                 decision.deny(Reason::DnsInternalAddress)
             }
-            (None, None) if resolved.iter().any(|r| r.denied_by.is_some()) => {
-                decision.deny(Reason::ClusterDeny)
-            }
+            (None, None) if resolved.iter().any(|r| r.denied_by.is_some()) => decision.deny(Reason::ClusterDeny),
             (None, None) => decision.deny(Reason::DnsFailure),
         };
         let detail = resolved.is_empty().then(|| "no address".to_string());
-        return Checked {
-            decision,
-            resolved,
-            addrs,
-            detail,
-        };
+        return Checked { decision, resolved, addrs, detail };
     }
-    Checked {
-        decision,
-        resolved,
-        addrs,
-        detail: None,
-    }
+    Checked { decision, resolved, addrs, detail: None }
 }
 
 /// How a front must refuse.
@@ -301,11 +261,7 @@ impl Gateway {
             tracing::warn!(cidr = %net, "guard.allowCidrs exempts this range from the built-in guard");
         }
         let resolver = Resolver::new(&loaded.config.resolver)?;
-        let audit = Audit::start(
-            &loaded.config.audit.sinks,
-            instance.clone(),
-            metrics.clone(),
-        )?;
+        let audit = Audit::start(&loaded.config.audit.sinks, instance.clone(), metrics.clone())?;
         let config_path = loaded.path.clone();
         let kube_mode = loaded.config.kubernetes.enabled;
         let state = State::build(loaded, None, None, &own);
@@ -336,9 +292,7 @@ impl Gateway {
     /// Whether the gateway serves: listeners bound, Kubernetes watchers synced (in Kubernetes
     /// mode), not draining.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
-            && self.kube_ready.load(Ordering::Relaxed)
-            && !self.draining.is_cancelled()
+        self.ready.load(Ordering::Relaxed) && self.kube_ready.load(Ordering::Relaxed) && !self.draining.is_cancelled()
     }
 
     /// Marks the Kubernetes watchers synced.
@@ -346,31 +300,26 @@ impl Gateway {
         self.kube_ready.store(true, Ordering::Relaxed);
     }
 
-    /// Rebuilds the snapshot from the stores (called on every watch change, coalesced).
-    pub fn apply_kube(&self, stores: &Stores) {
+    /// Rebuilds the snapshot from the stores (called on every watch change, coalesced) and
+    /// returns what the API contributed.
+    pub fn apply_kube(&self, stores: &Stores) -> Arc<KubeInputs> {
         let state = self.state.load();
         let pools = &state.loaded.config.egress_addresses;
         let inputs = stores.inputs(&|p: &str| pools.contains_key(p));
         let before = self.kube.load();
-        let old_invalid: Vec<&String> = before
-            .as_ref()
-            .map(|k| k.invalid.iter().map(|(_, key, _)| key).collect())
-            .unwrap_or_default();
+        let old_invalid: Vec<&String> =
+            before.as_ref().map(|k| k.invalid.iter().map(|(_, key, _)| key).collect()).unwrap_or_default();
         for (kind, key, errors) in &inputs.invalid {
             if !old_invalid.contains(&key) {
                 let msg: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
                 tracing::warn!(kind = kind, policy = %key, errors = %msg.join("; "), "invalid policy skipped whole");
             }
         }
-        self.kube.store(Some(Arc::new(inputs)));
-        let kube = self.kube.load_full();
-        let next = State::build(
-            state.loaded.clone(),
-            kube.as_deref(),
-            Some(&state),
-            &self.own,
-        );
+        let inputs = Arc::new(inputs);
+        self.kube.store(Some(inputs.clone()));
+        let next = State::build(state.loaded.clone(), Some(&inputs), Some(&state), &self.own);
         self.state.store(Arc::new(next));
+        inputs
     }
 
     /// Marks the gateway ready.
@@ -384,20 +333,10 @@ impl Gateway {
             Ok(loaded) => {
                 let old = self.state.load();
                 let (a, b) = (&old.loaded.config, &loaded.config);
-                if a.listen != b.listen
-                    || a.resolver != b.resolver
-                    || a.audit.sinks != b.audit.sinks
-                {
-                    tracing::warn!(
-                        "listen, resolver and audit changes take effect at the next restart"
-                    );
+                if a.listen != b.listen || a.resolver != b.resolver || a.audit.sinks != b.audit.sinks {
+                    tracing::warn!("listen, resolver and audit changes take effect at the next restart");
                 }
-                for net in b
-                    .guard
-                    .allow_cidrs
-                    .iter()
-                    .filter(|n| !a.guard.allow_cidrs.contains(n))
-                {
+                for net in b.guard.allow_cidrs.iter().filter(|n| !a.guard.allow_cidrs.contains(n)) {
                     tracing::warn!(cidr = %net, "guard.allowCidrs exempts this range from the built-in guard");
                 }
                 let n = loaded.policies.len();
@@ -422,10 +361,7 @@ impl Gateway {
     pub fn new_conn(&self, peer: SocketAddr, front: Front) -> Arc<ClientConn> {
         let n = self.next_conn.fetch_add(1, Ordering::Relaxed) + 1;
         self.metrics.connections[front_index(front)].inc();
-        Arc::new(ClientConn::new(
-            format!("{}-{n}", self.instance).into(),
-            peer,
-        ))
+        Arc::new(ClientConn::new(format!("{}-{n}", self.instance).into(), peer))
     }
 
     fn client_info(peer: SocketAddr, id: Option<&Identity>) -> ClientInfo {
@@ -439,12 +375,7 @@ impl Gateway {
         }
     }
 
-    fn event(
-        req: &EgressRequest,
-        client: ClientInfo,
-        target: TargetInfo,
-        decision: DecisionInfo,
-    ) -> Event {
+    fn event(req: &EgressRequest, client: ClientInfo, target: TargetInfo, decision: DecisionInfo) -> Event {
         Event {
             schema: "egress.v1",
             event: EventKind::Decision,
@@ -474,11 +405,7 @@ impl Gateway {
         let ev = Self::event(
             req,
             Self::client_info(req.conn.peer, id.as_deref()),
-            TargetInfo {
-                host,
-                port,
-                http: req.http.clone(),
-            },
+            TargetInfo { host, port, http: req.http.clone() },
             DecisionInfo {
                 action: Action::Deny,
                 reason,
@@ -492,17 +419,8 @@ impl Gateway {
         );
         self.audit.emit(ev);
         self.metrics.decision(false, reason);
-        let kind = if reason == Reason::AuthFailed {
-            RefusalKind::Denied
-        } else {
-            RefusalKind::BadRequest
-        };
-        Refusal {
-            kind,
-            reason,
-            request_id: req.id.clone(),
-            detail: detail.to_string(),
-        }
+        let kind = if reason == Reason::AuthFailed { RefusalKind::Denied } else { RefusalKind::BadRequest };
+        Refusal { kind, reason, request_id: req.id.clone(), detail: detail.to_string() }
     }
 
     /// Runs identity, normalisation, policy, rate limit, resolution and the guard. A denial is
@@ -517,12 +435,7 @@ impl Gateway {
                 return Err(self.refuse_malformed(req, Reason::InvalidTarget, &e.to_string()));
             }
         };
-        let mut decision = state.snapshot.decide(
-            &state.guard,
-            identity.as_deref(),
-            &target,
-            req.http.as_ref(),
-        );
+        let mut decision = state.snapshot.decide(&state.guard, identity.as_deref(), &target, req.http.as_ref());
         if decision.action == Action::Allow
             && let Some(pi) = decision.policy_index
             && let Some((_, limiter)) = &state.snapshot.policies[pi].rate_limit
@@ -530,23 +443,12 @@ impl Gateway {
         {
             decision = decision.deny(Reason::RateLimited);
         }
-        let checked = resolve_checked(
-            &state,
-            Some(&self.resolver),
-            Some(&self.metrics),
-            decision,
-            &target,
-        )
-        .await;
+        let checked = resolve_checked(&state, Some(&self.resolver), Some(&self.metrics), decision, &target).await;
         let d = &checked.decision;
         let mut ev = Self::event(
             req,
             client,
-            TargetInfo {
-                host: target.host.to_string(),
-                port: target.port,
-                http: req.http.clone(),
-            },
+            TargetInfo { host: target.host.to_string(), port: target.port, http: req.http.clone() },
             DecisionInfo {
                 action: d.action,
                 reason: d.reason,
@@ -569,30 +471,16 @@ impl Gateway {
                 _ => RefusalKind::Denied,
             };
             let detail = checked.detail.unwrap_or_default();
-            return Err(Refusal {
-                kind,
-                reason: d.reason,
-                request_id: req.id.clone(),
-                detail,
-            });
+            return Err(Refusal { kind, reason: d.reason, request_id: req.id.clone(), detail });
         }
-        Ok(Permit {
-            gw: self.clone(),
-            pool: d.egress_address.clone(),
-            base: ev,
-            target,
-            addrs: checked.addrs,
-            state,
-        })
+        Ok(Permit { gw: self.clone(), pool: d.egress_address.clone(), base: ev, target, addrs: checked.addrs, state })
     }
 }
 
 impl Permit {
     /// Whether an existing upstream connection to `dialled` from pool `pool` may carry this request.
     pub fn accepts(&self, dialled: SocketAddr, pool: &str) -> bool {
-        dialled.port() == self.target.port
-            && self.addrs.contains(&dialled.ip())
-            && *self.pool == *pool
+        dialled.port() == self.target.port && self.addrs.contains(&dialled.ip()) && *self.pool == *pool
     }
 
     fn allowed(mut self, dialled: SocketAddr, source: Option<SocketAddr>) -> CloseLog {
@@ -600,11 +488,7 @@ impl Permit {
         self.base.egress_source = source;
         self.gw.metrics.decision(true, self.base.decision.reason);
         self.gw.audit.emit(self.base.clone());
-        CloseLog {
-            gw: self.gw,
-            base: Some(self.base),
-            started: Instant::now(),
-        }
+        CloseLog { gw: self.gw, base: Some(self.base), started: Instant::now() }
     }
 
     /// Reuses an upstream connection (plain HTTP keep-alive): audits the allow.
@@ -616,20 +500,10 @@ impl Permit {
     /// audited as an allow followed by a `connect_failed` close.
     pub async fn connect(self) -> Result<Upstream, Refusal> {
         let port = self.target.port;
-        let dests: Vec<SocketAddr> = self
-            .addrs
-            .iter()
-            .map(|ip| SocketAddr::new(*ip, port))
-            .collect();
+        let dests: Vec<SocketAddr> = self.addrs.iter().map(|ip| SocketAddr::new(*ip, port)).collect();
         let candidates: Vec<(SocketAddr, Option<IpAddr>)> = dial::interleave(&dests)
             .into_iter()
-            .filter_map(|d| {
-                self.state
-                    .pools
-                    .source_for(&self.pool, d.ip())
-                    .ok()
-                    .map(|s| (d, s))
-            })
+            .filter_map(|d| self.state.pools.source_for(&self.pool, d.ip()).ok().map(|s| (d, s)))
             .collect();
         let request_id = self.base.request_id.clone();
         if candidates.is_empty() {
@@ -637,34 +511,22 @@ impl Permit {
             ev.decision.action = Action::Deny;
             ev.decision.reason = Reason::EgressAddressUnavailable;
             self.gw.audit.emit(ev);
-            self.gw
-                .metrics
-                .decision(false, Reason::EgressAddressUnavailable);
+            self.gw.metrics.decision(false, Reason::EgressAddressUnavailable);
             return Err(Refusal {
                 kind: RefusalKind::Denied,
                 reason: Reason::EgressAddressUnavailable,
                 request_id,
-                detail: format!(
-                    "egress address pool {:?} cannot reach this destination",
-                    self.pool
-                ),
+                detail: format!("egress address pool {:?} cannot reach this destination", self.pool),
             });
         }
         let timeout = self.state.loaded.config.limits.connect_timeout;
         let started = Instant::now();
         match dial::happy_eyeballs(candidates, timeout).await {
             Ok((stream, dialled)) => {
-                self.gw
-                    .metrics
-                    .connect_seconds
-                    .observe(started.elapsed().as_secs_f64());
+                self.gw.metrics.connect_seconds.observe(started.elapsed().as_secs_f64());
                 let source = stream.local_addr().ok();
                 let log = self.allowed(dialled, source);
-                Ok(Upstream {
-                    stream,
-                    dialled,
-                    log,
-                })
+                Ok(Upstream { stream, dialled, log })
             }
             Err(e) => {
                 self.gw.metrics.connect_failures.inc();
@@ -676,12 +538,7 @@ impl Permit {
                 let reason = self.base.decision.reason;
                 let log = self.allowed_without_dial();
                 log.finish(0, 0, End::ConnectFailed, None, Some(e.to_string()));
-                Err(Refusal {
-                    kind,
-                    reason,
-                    request_id,
-                    detail: e.to_string(),
-                })
+                Err(Refusal { kind, reason, request_id, detail: e.to_string() })
             }
         }
     }
@@ -689,35 +546,17 @@ impl Permit {
     fn allowed_without_dial(self) -> CloseLog {
         self.gw.metrics.decision(true, self.base.decision.reason);
         self.gw.audit.emit(self.base.clone());
-        CloseLog {
-            gw: self.gw,
-            base: Some(self.base),
-            started: Instant::now(),
-        }
+        CloseLog { gw: self.gw, base: Some(self.base), started: Instant::now() }
     }
 }
 
 impl CloseLog {
     /// Emits the close event.
-    pub fn finish(
-        mut self,
-        up: u64,
-        down: u64,
-        end: End,
-        http_status: Option<u16>,
-        error: Option<String>,
-    ) {
+    pub fn finish(mut self, up: u64, down: u64, end: End, http_status: Option<u16>, error: Option<String>) {
         self.emit(up, down, end, http_status, error);
     }
 
-    fn emit(
-        &mut self,
-        up: u64,
-        down: u64,
-        end: End,
-        http_status: Option<u16>,
-        error: Option<String>,
-    ) {
+    fn emit(&mut self, up: u64, down: u64, end: End, http_status: Option<u16>, error: Option<String>) {
         if let Some(mut ev) = self.base.take() {
             self.gw.metrics.bytes_up.inc_by(up);
             self.gw.metrics.bytes_down.inc_by(down);
@@ -740,13 +579,7 @@ impl CloseLog {
 impl Drop for CloseLog {
     fn drop(&mut self) {
         // A request abandoned mid-way (client gone, task cancelled) still gets its close event.
-        self.emit(
-            0,
-            0,
-            End::Error,
-            None,
-            Some("abandoned before completion".into()),
-        );
+        self.emit(0, 0, End::Error, None, Some("abandoned before completion".into()));
     }
 }
 
@@ -762,19 +595,13 @@ pub fn parse_target(raw: &RawTarget) -> Result<Target, TargetError> {
             if *p == 0 {
                 return Err(TargetError::Port(format!("{h}:0")));
             }
-            Ok(Target {
-                host: target::parse_host(h)?,
-                port: *p,
-            })
+            Ok(Target { host: target::parse_host(h)?, port: *p })
         }
         RawTarget::Addr(sa) => {
             if sa.port() == 0 {
                 return Err(TargetError::Port(sa.to_string()));
             }
-            Ok(Target {
-                host: Host::Ip(target::canonical_ip(sa.ip())),
-                port: sa.port(),
-            })
+            Ok(Target { host: Host::Ip(target::canonical_ip(sa.ip())), port: sa.port() })
         }
     }
 }
@@ -792,13 +619,9 @@ fn raw_host_port(raw: &RawTarget) -> (String, u16) {
 
 /// The gateway's own addresses (every interface, and the listeners'), blocked by the guard.
 pub fn own_addresses(listen: &config::Listen) -> Vec<IpAddr> {
-    let mut v: Vec<IpAddr> = if_addrs::get_if_addrs()
-        .map(|l| l.into_iter().map(|i| i.ip()).collect())
-        .unwrap_or_default();
-    for sa in [listen.http, listen.socks5, listen.admin]
-        .into_iter()
-        .flatten()
-    {
+    let mut v: Vec<IpAddr> =
+        if_addrs::get_if_addrs().map(|l| l.into_iter().map(|i| i.ip()).collect()).unwrap_or_default();
+    for sa in [listen.http, listen.socks5, listen.admin].into_iter().flatten() {
         if !sa.ip().is_unspecified() {
             v.push(sa.ip());
         }
@@ -810,8 +633,5 @@ pub fn own_addresses(listen: &config::Listen) -> Vec<IpAddr> {
 
 /// HTTP facts of a request.
 pub fn http_facts(method: &str, path: &str) -> HttpFacts {
-    HttpFacts {
-        method: method.to_string(),
-        path: path.to_string(),
-    }
+    HttpFacts { method: method.to_string(), path: path.to_string() }
 }

@@ -37,11 +37,7 @@ pin_project_lite::pin_project! {
 }
 
 impl<S: AsyncRead> AsyncRead for Counted<'_, S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.project();
         let before = buf.filled().len();
         let r = this.inner.poll_read(cx, buf);
@@ -54,11 +50,7 @@ impl<S: AsyncRead> AsyncRead for Counted<'_, S> {
 }
 
 impl<S: AsyncWrite> AsyncWrite for Counted<'_, S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         self.project().inner.poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -70,26 +62,15 @@ impl<S: AsyncWrite> AsyncWrite for Counted<'_, S> {
 }
 
 /// Relays until both directions are done, the connection is idle for `idle`, or `stop` fires.
-pub async fn relay<C, U>(
-    client: C,
-    upstream: U,
-    idle: Duration,
-    stop: &CancellationToken,
-) -> Relayed
+pub async fn relay<C, U>(client: C, upstream: U, idle: Duration, stop: &CancellationToken) -> Relayed
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
     let up = AtomicU64::new(0);
     let down = AtomicU64::new(0);
-    let mut c = Counted {
-        inner: client,
-        read: &up,
-    };
-    let mut u = Counted {
-        inner: upstream,
-        read: &down,
-    };
+    let mut c = Counted { inner: client, read: &up };
+    let mut u = Counted { inner: upstream, read: &down };
     let copy = tokio::io::copy_bidirectional_with_sizes(&mut c, &mut u, BUF, BUF);
     let watch = async {
         let tick = (idle / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
@@ -123,10 +104,5 @@ where
         _ = watch => (End::IdleTimeout, None),
         _ = stop.cancelled() => (End::Shutdown, None),
     };
-    Relayed {
-        up: up.load(Ordering::Relaxed),
-        down: down.load(Ordering::Relaxed),
-        end,
-        error,
-    }
+    Relayed { up: up.load(Ordering::Relaxed), down: down.load(Ordering::Relaxed), end, error }
 }

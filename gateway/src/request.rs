@@ -50,12 +50,7 @@ pub struct ClientConn {
 impl ClientConn {
     /// A new connection record.
     pub fn new(id: Arc<str>, peer: SocketAddr) -> Self {
-        ClientConn {
-            id,
-            peer,
-            accepted: Instant::now(),
-            requests: AtomicU32::new(0),
-        }
+        ClientConn { id, peer, accepted: Instant::now(), requests: AtomicU32::new(0) }
     }
 
     /// The next request id on this connection: `<connection id>.<n>`.

@@ -6,8 +6,7 @@ use std::net::IpAddr;
 
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{
-    ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolveHosts,
-    ResolverConfig as HickoryConfig,
+    ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolveHosts, ResolverConfig as HickoryConfig,
 };
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 
@@ -47,9 +46,7 @@ impl Resolver {
         opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
         opts.ndots = 0;
         opts.cache_size = 4096;
-        Ok(Resolver {
-            inner: builder.build()?,
-        })
+        Ok(Resolver { inner: builder.build()? })
     }
 
     /// Every address of a (normalised) name, A and AAAA.

@@ -15,16 +15,10 @@ use crate::metrics::Metrics;
 use crate::pipeline::Gateway;
 
 async fn bind(what: &str, addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
-    let sock = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
+    let sock = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
     sock.set_reuseaddr(true)?;
-    sock.bind(addr)
-        .with_context(|| format!("listen.{what}: cannot bind {addr}"))?;
-    sock.listen(4096)
-        .with_context(|| format!("listen.{what}: cannot listen on {addr}"))
+    sock.bind(addr).with_context(|| format!("listen.{what}: cannot bind {addr}"))?;
+    sock.listen(4096).with_context(|| format!("listen.{what}: cannot listen on {addr}"))
 }
 
 /// Runs the gateway until SIGTERM/SIGINT and the drain that follows.
@@ -41,9 +35,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let gw = Gateway::new(loaded, metrics)?;
     if kube.enabled {
-        crate::k8s::start(gw.clone(), kube.kubeconfig.clone())
-            .await
-            .context("kubernetes")?;
+        crate::k8s::start(gw.clone(), kube.clone()).await.context("kubernetes")?;
     }
     let http = match listen.http {
         Some(a) => Some(bind("http", a).await?),
@@ -95,10 +87,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     gw.draining.cancel();
     while fronts.join_next().await.is_some() {}
     gw.tracker.close();
-    if tokio::time::timeout(grace, gw.tracker.wait())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(grace, gw.tracker.wait()).await.is_err() {
         tracing::warn!("grace period over: closing the remaining connections");
         gw.stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(2), gw.tracker.wait()).await;
@@ -112,11 +101,7 @@ fn watched_paths(loaded: &Loaded) -> Vec<PathBuf> {
     let base = loaded.path.parent().unwrap_or(Path::new(".")).to_path_buf();
     let mut v = vec![loaded.path.clone()];
     for p in &loaded.config.policy_files {
-        v.push(if p.is_absolute() {
-            p.clone()
-        } else {
-            base.join(p)
-        });
+        v.push(if p.is_absolute() { p.clone() } else { base.join(p) });
     }
     v
 }
@@ -127,30 +112,19 @@ fn relevant(changed: &Path, watched: &Path) -> bool {
     changed == watched
         || changed.parent() == Some(watched)
         || (changed.parent() == watched.parent()
-            && changed
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("..")))
+            && changed.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("..")))
 }
 
 /// Watches the config file and the policy files/directories (their parent directories, so that
 /// editors and ConfigMap symlink swaps that replace files are seen).
-fn start_watcher(
-    paths: &[PathBuf],
-    tx: tokio::sync::mpsc::Sender<()>,
-) -> Option<notify::RecommendedWatcher> {
-    let targets: Vec<PathBuf> = paths
-        .iter()
-        .filter_map(|p| std::fs::canonicalize(p).ok().or(Some(p.clone())))
-        .collect();
+fn start_watcher(paths: &[PathBuf], tx: tokio::sync::mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
+    let targets: Vec<PathBuf> =
+        paths.iter().filter_map(|p| std::fs::canonicalize(p).ok().or(Some(p.clone()))).collect();
     let interesting = targets.clone();
     let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(ev) = res
             && !ev.kind.is_access()
-            && ev
-                .paths
-                .iter()
-                .any(|p| interesting.iter().any(|t| relevant(p, t)))
+            && ev.paths.iter().any(|p| interesting.iter().any(|t| relevant(p, t)))
         {
             let _ = tx.try_send(());
         }
@@ -158,13 +132,7 @@ fn start_watcher(
     .map_err(|e| tracing::warn!(error = %e, "file watching unavailable; reload with SIGHUP"))
     .ok()?;
     for t in &targets {
-        let dir = if t.is_dir() {
-            t.clone()
-        } else {
-            t.parent()
-                .map(Path::to_path_buf)
-                .unwrap_or_else(|| t.clone())
-        };
+        let dir = if t.is_dir() { t.clone() } else { t.parent().map(Path::to_path_buf).unwrap_or_else(|| t.clone()) };
         if let Err(e) = w.watch(&dir, RecursiveMode::NonRecursive) {
             tracing::warn!(path = %dir.display(), error = %e, "cannot watch; reload with SIGHUP");
         }

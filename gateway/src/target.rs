@@ -55,10 +55,7 @@ pub enum TargetError {
 /// Canonicalises an IP address: IPv4-mapped IPv6 becomes IPv4.
 pub fn canonical_ip(ip: IpAddr) -> IpAddr {
     match ip {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
         v4 => v4,
     }
 }
@@ -90,29 +87,19 @@ pub fn parse_host(raw: &str) -> Result<Host, TargetError> {
     }
     match domain::normalize_name(raw) {
         Ok(n) => Ok(Host::Name(n)),
-        Err(domain::DomainError::NumericTld) => {
-            Err(err("numeric host that is not a valid IPv4 address"))
-        }
+        Err(domain::DomainError::NumericTld) => Err(err("numeric host that is not a valid IPv4 address")),
         Err(e) => Err(err(&e.to_string())),
     }
 }
 
 /// Parses `host:port` (`[v6]:port` for IPv6), as in a CONNECT request line or `check` target.
 pub fn parse_authority(raw: &str) -> Result<Target, TargetError> {
-    let (host, port) = raw
-        .rsplit_once(':')
-        .ok_or_else(|| TargetError::Port(raw.to_string()))?;
+    let (host, port) = raw.rsplit_once(':').ok_or_else(|| TargetError::Port(raw.to_string()))?;
     if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
-        return Err(TargetError::Host(
-            raw.to_string(),
-            "IPv6 literals need brackets".into(),
-        ));
+        return Err(TargetError::Host(raw.to_string(), "IPv6 literals need brackets".into()));
     }
     let port = parse_port(port).ok_or_else(|| TargetError::Port(raw.to_string()))?;
-    Ok(Target {
-        host: parse_host(host)?,
-        port,
-    })
+    Ok(Target { host: parse_host(host)?, port })
 }
 
 /// A decimal port 1..65535, no sign, no leading `+`.
@@ -202,29 +189,15 @@ mod tests {
 
     #[test]
     fn ambiguous_numeric_hosts_are_rejected() {
-        for s in [
-            "256.0.0.1",
-            "1.2.3.4.5",
-            "4294967296",
-            "1.2.3.09",
-            "1..2",
-            "a.b.0x",
-            "1.2.3.4..",
-        ] {
+        for s in ["256.0.0.1", "1.2.3.4.5", "4294967296", "1.2.3.09", "1..2", "a.b.0x", "1.2.3.4.."] {
             assert!(parse_host(s).is_err(), "{s} should be rejected");
         }
     }
 
     #[test]
     fn names_are_canonical() {
-        assert_eq!(
-            parse_host("API.Stripe.COM.").unwrap(),
-            Host::Name("api.stripe.com".into())
-        );
-        assert_eq!(
-            parse_host("bücher.example").unwrap(),
-            Host::Name("xn--bcher-kva.example".into())
-        );
+        assert_eq!(parse_host("API.Stripe.COM.").unwrap(), Host::Name("api.stripe.com".into()));
+        assert_eq!(parse_host("bücher.example").unwrap(), Host::Name("xn--bcher-kva.example".into()));
         assert!(parse_host("a%2eb.com").is_err());
         assert!(parse_host("").is_err());
         assert!(parse_host("[fe80::1%eth0]").is_err());
@@ -232,17 +205,8 @@ mod tests {
 
     #[test]
     fn authorities() {
-        assert_eq!(
-            parse_authority("[2001:db8::1]:443").unwrap(),
-            Target {
-                host: ip("2001:db8::1"),
-                port: 443
-            }
-        );
-        assert_eq!(
-            parse_authority("Example.COM:80").unwrap().to_string(),
-            "example.com:80"
-        );
+        assert_eq!(parse_authority("[2001:db8::1]:443").unwrap(), Target { host: ip("2001:db8::1"), port: 443 });
+        assert_eq!(parse_authority("Example.COM:80").unwrap().to_string(), "example.com:80");
         assert!(parse_authority("example.com").is_err());
         assert!(parse_authority("example.com:0").is_err());
         assert!(parse_authority("example.com:+80").is_err());

@@ -41,6 +41,23 @@ struct State {
     kinds: HashMap<&'static str, Kind>,
     requests: Vec<String>,
     down: bool,
+    leases: BTreeMap<String, Value>,
+    patches: Vec<Patch>,
+}
+
+/// A status patch the API received.
+#[derive(Debug, Clone)]
+pub struct Patch {
+    /// Bearer token of the client that sent it (tells replicas apart).
+    pub token: String,
+    /// Request path.
+    pub path: String,
+    /// Query string (`fieldManager=...&force=true`).
+    pub query: String,
+    /// Content type (`application/apply-patch+yaml` for server-side apply).
+    pub content_type: String,
+    /// The body.
+    pub body: Value,
 }
 
 /// The scripted API.
@@ -54,11 +71,7 @@ pub struct FakeApi {
 
 fn key(obj: &Value) -> String {
     let m = &obj["metadata"];
-    format!(
-        "{}/{}",
-        m["namespace"].as_str().unwrap_or(""),
-        m["name"].as_str().unwrap_or("")
-    )
+    format!("{}/{}", m["namespace"].as_str().unwrap_or(""), m["name"].as_str().unwrap_or(""))
 }
 
 fn list_kind(path: &str) -> &'static str {
@@ -73,19 +86,10 @@ fn list_kind(path: &str) -> &'static str {
 impl FakeApi {
     /// Starts on 127.0.0.1 with empty collections.
     pub fn start() -> FakeApi {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut st = State {
-            rv: 1,
-            ..Default::default()
-        };
+        let mut st = State { rv: 1, ..Default::default() };
         for k in [PODS, NAMESPACES, POLICIES, CLUSTER_POLICIES] {
             st.kinds.insert(k, Kind::default());
         }
@@ -103,20 +107,14 @@ impl FakeApi {
                 }
                 let (s3, n3) = (s2.clone(), n2.clone());
                 tokio::spawn(async move {
-                    let svc =
-                        hyper::service::service_fn(move |req| handle(s3.clone(), n3.clone(), req));
+                    let svc = hyper::service::service_fn(move |req| handle(s3.clone(), n3.clone(), req));
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(sock), svc)
                         .await;
                 });
             }
         });
-        FakeApi {
-            addr,
-            state,
-            notify,
-            rt: Some(rt),
-        }
+        FakeApi { addr, state, notify, rt: Some(rt) }
     }
 
     /// A kubeconfig pointing at this server.
@@ -134,11 +132,7 @@ impl FakeApi {
         let rv = st.rv;
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
         let k = st.kinds.get_mut(path).unwrap();
-        let kind = if k.objects.contains_key(&key(&obj)) {
-            "MODIFIED"
-        } else {
-            "ADDED"
-        };
+        let kind = if k.objects.contains_key(&key(&obj)) { "MODIFIED" } else { "ADDED" };
         k.objects.insert(key(&obj), obj.clone());
         k.log.push((rv, kind, obj));
         drop(st);
@@ -179,6 +173,26 @@ impl FakeApi {
     pub fn requests(&self) -> Vec<String> {
         self.state.lock().unwrap().requests.clone()
     }
+
+    /// Status patches received so far.
+    pub fn patches(&self) -> Vec<Patch> {
+        self.state.lock().unwrap().patches.clone()
+    }
+
+    /// A Lease as stored.
+    pub fn lease(&self, namespace: &str, name: &str) -> Option<Value> {
+        self.state.lock().unwrap().leases.get(&format!("{namespace}/{name}")).cloned()
+    }
+
+    /// The stored object.
+    pub fn object(&self, path: &'static str, namespace: &str, name: &str) -> Option<Value> {
+        self.state.lock().unwrap().kinds[path].objects.get(&format!("{namespace}/{name}")).cloned()
+    }
+
+    /// A kubeconfig pointing at this server with a given bearer token.
+    pub fn kubeconfig_with_token(&self, token: &str) -> String {
+        self.kubeconfig().replace("token: test", &format!("token: {token}"))
+    }
 }
 
 impl Drop for FakeApi {
@@ -194,26 +208,27 @@ type Body = BoxBody<Bytes, Infallible>;
 fn json_response(status: u16, v: &Value) -> hyper::Response<Body> {
     let mut r = hyper::Response::new(Full::new(Bytes::from(v.to_string())).boxed());
     *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
-    r.headers_mut()
-        .insert("content-type", "application/json".parse().unwrap());
+    r.headers_mut().insert("content-type", "application/json".parse().unwrap());
     r
 }
 
+/// While the API is "down", every request on an already open connection fails and the
+/// connection is closed (hyper closes a connection whose service errors), like a dead server.
 async fn handle(
     state: Arc<Mutex<State>>,
     notify: tokio::sync::broadcast::Sender<()>,
     req: hyper::Request<hyper::body::Incoming>,
-) -> Result<hyper::Response<Body>, Infallible> {
+) -> Result<hyper::Response<Body>, std::io::Error> {
+    if state.lock().unwrap().down {
+        return Err(std::io::Error::other("API down"));
+    }
     let path = req.uri().path().to_string();
     let query: HashMap<String, String> = req
         .uri()
         .query()
         .unwrap_or("")
         .split('&')
-        .filter_map(|kv| {
-            kv.split_once('=')
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-        })
+        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
         .collect();
     let line = format!("{} {}", req.method(), req.uri());
     let kind: &'static str = match path.as_str() {
@@ -221,13 +236,7 @@ async fn handle(
         NAMESPACES => NAMESPACES,
         POLICIES => POLICIES,
         CLUSTER_POLICIES => CLUSTER_POLICIES,
-        _ => {
-            state.lock().unwrap().requests.push(line);
-            return Ok(json_response(
-                404,
-                &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404, "reason": "NotFound"}),
-            ));
-        }
+        _ => return Ok(other(state, notify, req, line).await),
     };
     let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
     let mut st = state.lock().unwrap();
@@ -239,10 +248,7 @@ async fn handle(
             "kind": list_kind(kind), "metadata": {"resourceVersion": rv.to_string()}, "items": items});
         return Ok(json_response(200, &list));
     }
-    let mut cursor: u64 = query
-        .get("resourceVersion")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let mut cursor: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
     drop(st);
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
     let mut sub = notify.subscribe();
@@ -252,12 +258,8 @@ async fn handle(
                 let st = state.lock().unwrap();
                 let k = &st.kinds[kind];
                 let gone = cursor < k.compacted_below;
-                let ev: Vec<(u64, &'static str, Value)> = k
-                    .log
-                    .iter()
-                    .filter(|(rv, _, _)| *rv > cursor)
-                    .cloned()
-                    .collect();
+                let ev: Vec<(u64, &'static str, Value)> =
+                    k.log.iter().filter(|(rv, _, _)| *rv > cursor).cloned().collect();
                 (ev, gone, st.down)
             };
             if down {
@@ -271,14 +273,7 @@ async fn handle(
             }
             for (rv, t, obj) in events {
                 cursor = rv;
-                if tx
-                    .send(Bytes::from(format!(
-                        "{}\n",
-                        json!({"type": t, "object": obj})
-                    )))
-                    .await
-                    .is_err()
-                {
+                if tx.send(Bytes::from(format!("{}\n", json!({"type": t, "object": obj})))).await.is_err() {
                     return;
                 }
             }
@@ -286,14 +281,113 @@ async fn handle(
         }
     });
     let stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+        rx.recv().await.map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
     });
     let mut r = hyper::Response::new(BodyExt::boxed(StreamBody::new(stream)));
-    r.headers_mut()
-        .insert("content-type", "application/json".parse().unwrap());
+    r.headers_mut().insert("content-type", "application/json".parse().unwrap());
     Ok(r)
+}
+
+fn status(code: u16, reason: &str) -> hyper::Response<Body> {
+    json_response(
+        code,
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "code": code, "reason": reason, "message": reason}),
+    )
+}
+
+/// Leases and status subresources.
+async fn other(
+    state: Arc<Mutex<State>>,
+    notify: tokio::sync::broadcast::Sender<()>,
+    req: hyper::Request<hyper::body::Incoming>,
+    line: String,
+) -> hyper::Response<Body> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let header = |n: &str| req.headers().get(n).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let token = header("authorization").trim_start_matches("Bearer ").to_string();
+    let content_type = header("content-type");
+    let bytes = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let mut st = state.lock().unwrap();
+    st.requests.push(line);
+    if path == "/version" {
+        return json_response(
+            200,
+            &json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0", "platform": "linux/amd64"}),
+        );
+    }
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    // /apis/coordination.k8s.io/v1/namespaces/{ns}/leases[/{name}]
+    if parts.len() >= 6 && parts[1] == "coordination.k8s.io" && parts[5] == "leases" {
+        let ns = parts[4];
+        match (method.as_str(), parts.get(6)) {
+            ("GET", Some(name)) => {
+                return match st.leases.get(&format!("{ns}/{name}")) {
+                    Some(l) => json_response(200, l),
+                    None => status(404, "NotFound"),
+                };
+            }
+            ("POST", None) => {
+                let name = body["metadata"]["name"].as_str().unwrap_or("").to_string();
+                if st.leases.contains_key(&format!("{ns}/{name}")) {
+                    return status(409, "AlreadyExists");
+                }
+                st.rv += 1;
+                let mut l = body.clone();
+                l["metadata"]["namespace"] = json!(ns);
+                l["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+                l["apiVersion"] = json!("coordination.k8s.io/v1");
+                l["kind"] = json!("Lease");
+                st.leases.insert(format!("{ns}/{name}"), l.clone());
+                return json_response(201, &l);
+            }
+            ("PUT", Some(name)) => {
+                let k = format!("{ns}/{name}");
+                let Some(cur) = st.leases.get(&k) else {
+                    return status(404, "NotFound");
+                };
+                if cur["metadata"]["resourceVersion"] != body["metadata"]["resourceVersion"] {
+                    return status(409, "Conflict");
+                }
+                st.rv += 1;
+                let mut l = body.clone();
+                l["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+                st.leases.insert(k, l.clone());
+                return json_response(200, &l);
+            }
+            _ => return status(405, "MethodNotAllowed"),
+        }
+    }
+    // PATCH /apis/egress.dev/v1alpha1/namespaces/{ns}/egresspolicies/{name}/status
+    // PATCH /apis/egress.dev/v1alpha1/clusteregresspolicies/{name}/status
+    if method == "PATCH" && parts.last() == Some(&"status") {
+        let (kind, key) = match parts.as_slice() {
+            ["apis", "egress.dev", "v1alpha1", "namespaces", ns, "egresspolicies", name, "status"] => {
+                (POLICIES, format!("{ns}/{name}"))
+            }
+            ["apis", "egress.dev", "v1alpha1", "clusteregresspolicies", name, "status"] => {
+                (CLUSTER_POLICIES, format!("/{name}"))
+            }
+            _ => return status(404, "NotFound"),
+        };
+        st.patches.push(Patch { token, path: path.clone(), query, content_type, body: body.clone() });
+        st.rv += 1;
+        let rv = st.rv;
+        let k = st.kinds.get_mut(kind).unwrap();
+        let Some(obj) = k.objects.get_mut(&key) else {
+            return status(404, "NotFound");
+        };
+        obj["status"] = body["status"].clone();
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let obj = obj.clone();
+        k.log.push((rv, "MODIFIED", obj.clone()));
+        drop(st);
+        let _ = notify.send(());
+        return json_response(200, &obj);
+    }
+    status(404, "NotFound")
 }
 
 /// A Pod object.

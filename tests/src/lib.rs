@@ -21,34 +21,20 @@ pub fn gateway_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
     let bin = dir.join("egress-gateway");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build -p egress-gateway` first",
-        bin.display()
-    );
+    assert!(bin.exists(), "{} is missing: run `cargo build -p egress-gateway` first", bin.display());
     bin
 }
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("repo root")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
 }
 
 /// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Kills a child process on drop.
@@ -72,11 +58,7 @@ impl Dns {
     /// Starts dnsmasq with `(name, address)` records (several per name allowed).
     pub fn start(records: &[(&str, &str)]) -> Dns {
         let port = loop {
-            let p = UdpSocket::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
+            let p = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
             if TcpListener::bind(("127.0.0.1", p)).is_ok() {
                 break p;
             }
@@ -102,18 +84,10 @@ impl Dns {
         for (n, addrs) in by_name {
             cmd.arg(format!("--host-record={n},{}", addrs.join(",")));
         }
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("dnsmasq (apt-get install dnsmasq-base)");
-        let dns = Dns {
-            _proc: Proc(child),
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        };
-        wait_until(Duration::from_secs(10), || {
-            TcpStream::connect(dns.addr).is_ok()
-        });
+        let child =
+            cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("dnsmasq (apt-get install dnsmasq-base)");
+        let dns = Dns { _proc: Proc(child), addr: SocketAddr::from(([127, 0, 0, 1], port)) };
+        wait_until(Duration::from_secs(10), || TcpStream::connect(dns.addr).is_ok());
         dns
     }
 }
@@ -122,10 +96,7 @@ impl Dns {
 pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
-        assert!(
-            start.elapsed() < limit,
-            "condition not reached within {limit:?}"
-        );
+        assert!(start.elapsed() < limit, "condition not reached within {limit:?}");
         std::thread::sleep(Duration::from_millis(25));
     }
 }
@@ -151,10 +122,7 @@ impl Upstream {
         let addr = std_listener.local_addr().unwrap();
         let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
                 loop {
@@ -168,11 +136,7 @@ impl Upstream {
                 }
             });
         });
-        Upstream {
-            addr,
-            stop: Some(tx),
-            thread: Some(thread),
-        }
+        Upstream { addr, stop: Some(tx), thread: Some(thread) }
     }
 }
 
@@ -189,39 +153,24 @@ impl Drop for Upstream {
 
 async fn serve_upstream(s: tokio::net::TcpStream, peer: SocketAddr) {
     use http_body_util::BodyExt;
-    let svc = hyper::service::service_fn(
-        move |req: hyper::Request<hyper::body::Incoming>| async move {
-            let method = req.method().to_string();
-            let path = req.uri().path().to_string();
-            let host = req
-                .headers()
-                .get("host")
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or("")
-                .to_string();
-            let hop = req.headers().contains_key("proxy-authorization")
-                || req.headers().contains_key("proxy-connection");
-            let body = req
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            let out = if let Some(n) = path.strip_prefix("/bytes/") {
-                bytes::Bytes::from(vec![b'x'; n.parse().unwrap_or(0)])
-            } else {
-                let v = serde_json::json!({
-                    "method": method, "path": path, "peer": peer.to_string(), "host": host,
-                    "body_len": body.len(), "proxy_headers_seen": hop,
-                });
-                bytes::Bytes::from(v.to_string())
-            };
-            Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(out)))
-        },
-    );
-    let _ = hyper::server::conn::http1::Builder::new()
-        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
-        .await;
+    let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| async move {
+        let method = req.method().to_string();
+        let path = req.uri().path().to_string();
+        let host = req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or("").to_string();
+        let hop = req.headers().contains_key("proxy-authorization") || req.headers().contains_key("proxy-connection");
+        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let out = if let Some(n) = path.strip_prefix("/bytes/") {
+            bytes::Bytes::from(vec![b'x'; n.parse().unwrap_or(0)])
+        } else {
+            let v = serde_json::json!({
+                "method": method, "path": path, "peer": peer.to_string(), "host": host,
+                "body_len": body.len(), "proxy_headers_seen": hop,
+            });
+            bytes::Bytes::from(v.to_string())
+        };
+        Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(out)))
+    });
+    let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(s), svc).await;
 }
 
 /// A running gateway with its own config directory, listeners and audit file.
@@ -302,9 +251,7 @@ impl Gateway {
     }
 
     fn write_config_with(&self, dns: Option<SocketAddr>, body: &str) {
-        let resolver = dns
-            .map(|d| format!("resolver: {{nameservers: [{d}]}}\n"))
-            .unwrap_or_default();
+        let resolver = dns.map(|d| format!("resolver: {{nameservers: [{d}]}}\n")).unwrap_or_default();
         let text = format!(
             "listen: {{http: {}, socks5: {}, admin: {}}}\n{resolver}audit: {{sinks: [{{type: file, path: {}}}]}}\n{body}\n",
             self.http,
@@ -339,16 +286,9 @@ impl Gateway {
         let start = Instant::now();
         while self.admin_get(wait_for).map(|(s, _)| s) != Some(200) {
             if let Some(Some(status)) = self.proc.as_mut().map(|p| p.0.try_wait().ok().flatten()) {
-                panic!(
-                    "gateway exited with {status}: {}",
-                    std::fs::read_to_string(&self.log).unwrap_or_default()
-                );
+                panic!("gateway exited with {status}: {}", std::fs::read_to_string(&self.log).unwrap_or_default());
             }
-            assert!(
-                start.elapsed() < Duration::from_secs(15),
-                "gateway not ready: {}",
-                self.log_text()
-            );
+            assert!(start.elapsed() < Duration::from_secs(15), "gateway not ready: {}", self.log_text());
             std::thread::sleep(Duration::from_millis(25));
         }
     }
@@ -366,11 +306,7 @@ impl Gateway {
     /// Sends a signal to the gateway.
     pub fn signal(&mut self, sig: &str) {
         let pid = self.child().id().to_string();
-        let ok = Command::new("kill")
-            .args(["-s", sig, &pid])
-            .status()
-            .unwrap()
-            .success();
+        let ok = Command::new("kill").args(["-s", sig, &pid]).status().unwrap().success();
         assert!(ok, "kill -s {sig} {pid}");
     }
 
@@ -390,10 +326,7 @@ impl Gateway {
     pub fn events(&self) -> Vec<Value> {
         let text = std::fs::read_to_string(self.audit_path()).unwrap_or_default();
         text.lines()
-            .map(|l| {
-                serde_json::from_str(l)
-                    .unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {l}"))
-            })
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {l}")))
             .collect()
     }
 
@@ -401,11 +334,7 @@ impl Gateway {
     pub fn request_events(&self, request_id: &str) -> Vec<Value> {
         let start = Instant::now();
         loop {
-            let v: Vec<Value> = self
-                .events()
-                .into_iter()
-                .filter(|e| e["request_id"] == request_id)
-                .collect();
+            let v: Vec<Value> = self.events().into_iter().filter(|e| e["request_id"] == request_id).collect();
             if !v.is_empty() || start.elapsed() > Duration::from_secs(5) {
                 return v;
             }
@@ -416,16 +345,8 @@ impl Gateway {
     /// Waits until an event with `decision.reason == reason` is written.
     pub fn wait_reason(&self, reason: &str) {
         let start = Instant::now();
-        while !self
-            .events()
-            .iter()
-            .any(|e| e["decision"]["reason"] == reason)
-        {
-            assert!(
-                start.elapsed() < Duration::from_secs(5),
-                "no {reason} event in {:#?}",
-                self.events()
-            );
+        while !self.events().iter().any(|e| e["decision"]["reason"] == reason) {
+            assert!(start.elapsed() < Duration::from_secs(5), "no {reason} event in {:#?}", self.events());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -446,10 +367,7 @@ impl Gateway {
     /// A metric's value from `/metrics` (the first sample whose line starts with `prefix`).
     pub fn metric(&self, prefix: &str) -> Option<f64> {
         let (_, body) = self.admin_get("/metrics")?;
-        body.lines()
-            .find(|l| l.starts_with(prefix))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
+        body.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
     }
 
     /// Stops the process and returns its exit status.
@@ -459,10 +377,7 @@ impl Gateway {
             if let Some(s) = self.child().try_wait().unwrap() {
                 return s;
             }
-            assert!(
-                start.elapsed() < limit,
-                "gateway did not exit within {limit:?}"
-            );
+            assert!(start.elapsed() < limit, "gateway did not exit within {limit:?}");
             std::thread::sleep(Duration::from_millis(25));
         }
     }
@@ -472,18 +387,11 @@ impl Gateway {
 pub fn admin_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     let status = out.split(' ').nth(1)?.parse().ok()?;
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     Some((status, body))
 }
 
@@ -526,15 +434,7 @@ pub fn curl_in(ns: Option<&Netns>, args: &[&str]) -> CurlResult {
         None => Command::new("curl"),
     };
     let out = cmd
-        .args([
-            "-s",
-            "--max-time",
-            "10",
-            "--noproxy",
-            "",
-            "-w",
-            "\n%{http_code}",
-        ])
+        .args(["-s", "--max-time", "10", "--noproxy", "", "-w", "\n%{http_code}"])
         .args(args)
         .env_remove("http_proxy")
         .env_remove("HTTP_PROXY")
@@ -572,11 +472,7 @@ pub fn raw_exchange(addr: SocketAddr, bytes: &[u8], limit: Duration) -> Vec<u8> 
 pub fn read_head(r: &mut BufReader<TcpStream>) -> (u16, BTreeMap<String, String>) {
     let mut line = String::new();
     r.read_line(&mut line).unwrap();
-    let status = line
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
+    let status = line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     let mut headers = BTreeMap::new();
     loop {
         let mut l = String::new();
@@ -641,13 +537,7 @@ impl Netns {
     /// Connects two namespaces with a veth pair: `(a_if, a_addrs) <-> (b_if, b_addrs)`, addresses
     /// in CIDR form; the first address of each side is primary.
     pub fn link(a: &Netns, a_if: &str, a_addrs: &[&str], b: &Netns, b_if: &str, b_addrs: &[&str]) {
-        run(
-            "ip",
-            &[
-                "link", "add", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if,
-                "netns", &b.name,
-            ],
-        );
+        run("ip", &["link", "add", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if, "netns", &b.name]);
         for (ns, ifname, addrs) in [(a, a_if, a_addrs), (b, b_if, b_addrs)] {
             for addr in addrs {
                 ns.exec_ok("ip", &["addr", "add", addr, "dev", ifname]);
@@ -675,30 +565,20 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         // Deleting the namespace also deletes its veth ends (and their peers).
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
     }
 }
 
 fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 impl Upstream {
     /// Starts an upstream whose listening socket lives in `ns`.
     pub fn start_in(ns: &Netns, ip: &str) -> Upstream {
         let ip = ip.to_string();
-        let std_listener =
-            ns.enter(move || TcpListener::bind((ip.as_str(), 0)).expect("bind upstream in netns"));
+        let std_listener = ns.enter(move || TcpListener::bind((ip.as_str(), 0)).expect("bind upstream in netns"));
         Upstream::serve(std_listener)
     }
 }

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use egress_e2e::kubeapi::Patch;
 use egress_e2e::kubeapi::*;
 use egress_e2e::*;
 use serde_json::{Value, json};
@@ -41,13 +42,7 @@ fn setup(populate: impl FnOnce(&FakeApi, u16)) -> Setup {
         kc_path.display()
     );
     let gw = Gateway::start(&dns, &body);
-    Setup {
-        api,
-        gw,
-        _dns: dns,
-        port: up.addr.port(),
-        _up: up,
-    }
+    Setup { api, gw, _dns: dns, port: up.addr.port(), _up: up }
 }
 
 impl Setup {
@@ -87,24 +82,10 @@ fn allow_up(port: u16) -> Value {
 fn pods_and_policies_from_the_api_drive_decisions() {
     let s = setup(|api, port| {
         api.apply(NAMESPACES, namespace("shop", json!({"team": "payments"})));
-        api.apply(
-            PODS,
-            pod(
-                "shop",
-                "api-1",
-                &["127.0.0.1", "fd00::1"],
-                json!({"app": "api"}),
-                "Running",
-            ),
-        );
+        api.apply(PODS, pod("shop", "api-1", &["127.0.0.1", "fd00::1"], json!({"app": "api"}), "Running"));
         api.apply(
             POLICIES,
-            egress_policy(
-                "shop",
-                "api-egress",
-                json!({"matchLabels": {"app": "api"}}),
-                allow_up(port),
-            ),
+            egress_policy("shop", "api-egress", json!({"matchLabels": {"app": "api"}}), allow_up(port)),
         );
     });
     let r = s.eventually("127.0.0.1", "up.test", 200);
@@ -132,16 +113,7 @@ fn pods_and_policies_from_the_api_drive_decisions() {
     assert_eq!(s.get("127.0.0.1", "other.test").status, 200);
 
     // Pod labels changed: no longer selected -> default deny.
-    s.api.apply(
-        PODS,
-        pod(
-            "shop",
-            "api-1",
-            &["127.0.0.1"],
-            json!({"app": "batch"}),
-            "Running",
-        ),
-    );
+    s.api.apply(PODS, pod("shop", "api-1", &["127.0.0.1"], json!({"app": "batch"}), "Running"));
     let r = s.eventually("127.0.0.1", "other.test", 403);
     assert!(r.body.contains("default_deny"), "{r:?}");
 
@@ -156,11 +128,9 @@ fn pods_and_policies_from_the_api_drive_decisions() {
     );
     s.eventually("127.0.0.1", "up.test", 200);
     // Namespace labels changed: the cluster policy stops selecting.
-    s.api
-        .apply(NAMESPACES, namespace("shop", json!({"team": "growth"})));
+    s.api.apply(NAMESPACES, namespace("shop", json!({"team": "growth"})));
     s.eventually("127.0.0.1", "up.test", 403);
-    s.api
-        .apply(NAMESPACES, namespace("shop", json!({"team": "payments"})));
+    s.api.apply(NAMESPACES, namespace("shop", json!({"team": "payments"})));
     s.eventually("127.0.0.1", "up.test", 200);
 
     // Pod deleted: the address is unknown again.
@@ -170,16 +140,7 @@ fn pods_and_policies_from_the_api_drive_decisions() {
 
     // Policy deleted.
     s.api.delete(CLUSTER_POLICIES, "", "payments");
-    s.api.apply(
-        PODS,
-        pod(
-            "shop",
-            "api-2",
-            &["127.0.0.1"],
-            json!({"app": "api"}),
-            "Running",
-        ),
-    );
+    s.api.apply(PODS, pod("shop", "api-2", &["127.0.0.1"], json!({"app": "api"}), "Running"));
     s.eventually("127.0.0.1", "other.test", 200);
     s.api.delete(POLICIES, "shop", "api-egress");
     s.eventually("127.0.0.1", "other.test", 403);
@@ -190,42 +151,25 @@ fn a_reused_ip_belongs_to_the_live_pod_and_host_network_pods_own_no_ip() {
     let s = setup(|api, port| {
         api.apply(NAMESPACES, namespace("a", json!({})));
         api.apply(NAMESPACES, namespace("b", json!({})));
-        api.apply(
-            POLICIES,
-            egress_policy("a", "a-up", json!({}), allow_up(port)),
-        );
+        api.apply(POLICIES, egress_policy("a", "a-up", json!({}), allow_up(port)));
         // An old, finished Pod of namespace a still reports the IP.
-        api.apply(
-            PODS,
-            pod("a", "old", &["127.0.0.1"], json!({}), "Succeeded"),
-        );
+        api.apply(PODS, pod("a", "old", &["127.0.0.1"], json!({}), "Succeeded"));
         // The IP now belongs to a running Pod of namespace b (no policy: default deny).
         api.apply(PODS, pod("b", "new", &["127.0.0.1"], json!({}), "Running"));
     });
     let r = s.eventually("127.0.0.1", "up.test", 403);
     assert!(r.body.contains("default_deny"), "{r:?}");
-    let d =
-        s.gw.events_at_least(1)
-            .into_iter()
-            .rev()
-            .find(|e| e["event"] == "decision")
-            .unwrap();
+    let d = s.gw.events_at_least(1).into_iter().rev().find(|e| e["event"] == "decision").unwrap();
     assert_eq!(d["client"]["name"], "new");
     // The running Pod goes away and a new Pod of namespace a gets the IP.
     s.api.delete(PODS, "b", "new");
-    s.api.apply(
-        PODS,
-        pod("a", "newer", &["127.0.0.1"], json!({}), "Running"),
-    );
+    s.api.apply(PODS, pod("a", "newer", &["127.0.0.1"], json!({}), "Running"));
     s.eventually("127.0.0.1", "up.test", 200);
     // A hostNetwork Pod reporting the node's address never owns it.
     let mut hn = pod("b", "hostnet", &["127.0.0.5"], json!({}), "Running");
     hn["spec"]["hostNetwork"] = json!(true);
     s.api.apply(PODS, hn);
-    s.api.apply(
-        POLICIES,
-        egress_policy("b", "b-up", json!({}), allow_up(s.port)),
-    );
+    s.api.apply(POLICIES, egress_policy("b", "b-up", json!({}), allow_up(s.port)));
     std::thread::sleep(Duration::from_millis(300));
     let r = s.get("127.0.0.5", "up.test");
     assert_eq!(r.status, 403, "{r:?}");
@@ -236,31 +180,17 @@ fn a_reused_ip_belongs_to_the_live_pod_and_host_network_pods_own_no_ip() {
 fn invalid_policies_are_skipped_whole() {
     let s = setup(|api, port| {
         api.apply(NAMESPACES, namespace("shop", json!({})));
-        api.apply(
-            PODS,
-            pod("shop", "api", &["127.0.0.1"], json!({}), "Running"),
-        );
+        api.apply(PODS, pod("shop", "api", &["127.0.0.1"], json!({}), "Running"));
         let mut rules = allow_up(port);
-        rules
-            .as_array_mut()
-            .unwrap()
-            .push(json!({"name": "bad", "to": [{"domain": "a.*.b"}]}));
-        api.apply(
-            POLICIES,
-            egress_policy("shop", "half-bad", json!({}), rules),
-        );
+        rules.as_array_mut().unwrap().push(json!({"name": "bad", "to": [{"domain": "a.*.b"}]}));
+        api.apply(POLICIES, egress_policy("shop", "half-bad", json!({}), rules));
     });
     // The valid rule of an invalid policy is not applied either.
     let r = s.eventually("127.0.0.1", "up.test", 403);
     assert!(r.body.contains("default_deny"), "{r:?}");
-    wait_until(Duration::from_secs(5), || {
-        s.gw.log_text().contains("spec.rules[1].to[0].domain")
-    });
+    wait_until(Duration::from_secs(5), || s.gw.log_text().contains("spec.rules[1].to[0].domain"));
     // Fixed: applied.
-    s.api.apply(
-        POLICIES,
-        egress_policy("shop", "half-bad", json!({}), allow_up(s.port)),
-    );
+    s.api.apply(POLICIES, egress_policy("shop", "half-bad", json!({}), allow_up(s.port)));
     s.eventually("127.0.0.1", "up.test", 200);
 }
 
@@ -268,41 +198,22 @@ fn invalid_policies_are_skipped_whole() {
 fn watch_410_gone_relists_and_api_outage_keeps_the_last_snapshot() {
     let s = setup(|api, port| {
         api.apply(NAMESPACES, namespace("shop", json!({})));
-        api.apply(
-            PODS,
-            pod("shop", "api", &["127.0.0.1"], json!({}), "Running"),
-        );
-        api.apply(
-            POLICIES,
-            egress_policy("shop", "p", json!({}), allow_up(port)),
-        );
+        api.apply(PODS, pod("shop", "api", &["127.0.0.1"], json!({}), "Running"));
+        api.apply(POLICIES, egress_policy("shop", "p", json!({}), allow_up(port)));
     });
     s.eventually("127.0.0.1", "up.test", 200);
-    let lists_before = s
-        .api
-        .requests()
-        .iter()
-        .filter(|r| r.starts_with("GET /api/v1/pods?") && !r.contains("watch="))
-        .count();
+    let lists_before =
+        s.api.requests().iter().filter(|r| r.starts_with("GET /api/v1/pods?") && !r.contains("watch=")).count();
     s.api.compact(PODS);
     s.api.compact(POLICIES);
     // Changes made after the compaction arrive through the relist.
     s.api.apply(
         POLICIES,
-        egress_policy(
-            "shop",
-            "p",
-            json!({}),
-            json!([{"name": "o", "to": [{"domain": "other.test"}]}]),
-        ),
+        egress_policy("shop", "p", json!({}), json!([{"name": "o", "to": [{"domain": "other.test"}]}])),
     );
     s.eventually("127.0.0.1", "up.test", 403);
     wait_until(Duration::from_secs(10), || {
-        s.api
-            .requests()
-            .iter()
-            .filter(|r| r.starts_with("GET /api/v1/pods?") && !r.contains("watch="))
-            .count()
+        s.api.requests().iter().filter(|r| r.starts_with("GET /api/v1/pods?") && !r.contains("watch=")).count()
             > lists_before
     });
     // API outage: decisions keep using the last snapshot; readiness stays true.
@@ -311,23 +222,13 @@ fn watch_410_gone_relists_and_api_outage_keeps_the_last_snapshot() {
     assert_eq!(s.get("127.0.0.1", "other.test").status, 200);
     assert_eq!(s.get("127.0.0.1", "up.test").status, 403);
     assert_eq!(s.gw.admin_get("/readyz").map(|r| r.0), Some(200));
-    wait_until(Duration::from_secs(10), || {
-        s.gw.log_text().contains("serving the last snapshot")
-    });
-    wait_until(Duration::from_secs(10), || {
-        s.gw.metric("egress_kube_stale_seconds")
-            .is_some_and(|v| v >= 1.0)
-    });
+    wait_until(Duration::from_secs(10), || s.gw.log_text().contains("serving the last snapshot"));
+    wait_until(Duration::from_secs(10), || s.gw.metric("egress_kube_stale_seconds").is_some_and(|v| v >= 1.0));
     // Back: changes flow again and staleness returns to 0.
     s.api.set_down(false);
-    s.api.apply(
-        POLICIES,
-        egress_policy("shop", "p", json!({}), allow_up(s.port)),
-    );
+    s.api.apply(POLICIES, egress_policy("shop", "p", json!({}), allow_up(s.port)));
     s.eventually("127.0.0.1", "up.test", 200);
-    wait_until(Duration::from_secs(10), || {
-        s.gw.metric("egress_kube_stale_seconds") == Some(0.0)
-    });
+    wait_until(Duration::from_secs(10), || s.gw.metric("egress_kube_stale_seconds") == Some(0.0));
 }
 
 #[test]
@@ -339,17 +240,119 @@ fn not_ready_while_the_api_is_unreachable_at_start() {
     std::fs::write(&kc, format!(
         "apiVersion: v1\nkind: Config\nclusters: [{{name: x, cluster: {{server: 'http://127.0.0.1:{dead}'}}}}]\nusers: [{{name: u, user: {{token: t}}}}]\ncontexts: [{{name: c, context: {{cluster: x, user: u}}}}]\ncurrent-context: c\n"
     )).unwrap();
-    let gw = Gateway::start_alive(
-        &dns,
-        &format!(
-            "kubernetes: {{enabled: true, kubeconfig: {}}}\n",
-            kc.display()
-        ),
-    );
+    let gw = Gateway::start_alive(&dns, &format!("kubernetes: {{enabled: true, kubeconfig: {}}}\n", kc.display()));
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(gw.admin_get("/readyz").map(|r| r.0), Some(503));
     assert_eq!(gw.admin_get("/healthz").map(|r| r.0), Some(200));
     // Nothing is allowed meanwhile: no policy is known yet, defaultAction applies.
     let r = curl(&["-x", &format!("http://{}", gw.http), "http://up.test/"]);
     assert_eq!(r.status, 403, "{r:?}");
+}
+
+fn wait_patch(api: &FakeApi, pred: impl Fn(&Patch) -> bool) -> Patch {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(p) = api.patches().into_iter().rev().find(|p| pred(p)) {
+            return p;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "no matching status patch in {:#?}", api.patches());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn start_gateway(api: &FakeApi, dns: &Dns, token: &str, extra: &str) -> Gateway {
+    let dir = tempfile::tempdir().unwrap();
+    let kc = dir.keep().join("kubeconfig");
+    std::fs::write(&kc, api.kubeconfig_with_token(token)).unwrap();
+    Gateway::start(
+        dns,
+        &format!(
+            "guard: {{allowCidrs: [127.0.0.2/32]}}\nkubernetes: {{enabled: true, kubeconfig: {}, leaseNamespace: egress-system{extra}}}\n",
+            kc.display()
+        ),
+    )
+}
+
+#[test]
+fn status_accepted_false_for_an_invalid_policy_and_true_once_fixed() {
+    let dns = Dns::start(&[("up.test", "127.0.0.2")]);
+    let api = FakeApi::start();
+    api.apply(NAMESPACES, namespace("shop", json!({})));
+    api.apply(PODS, pod("shop", "a", &["127.0.0.1"], json!({"app": "api"}), "Running"));
+    api.apply(PODS, pod("shop", "b", &["127.0.0.3"], json!({"app": "api"}), "Running"));
+    api.apply(PODS, pod("shop", "c", &["127.0.0.4"], json!({"app": "web"}), "Running"));
+    let mut bad = egress_policy(
+        "shop",
+        "p",
+        json!({"matchLabels": {"app": "api"}}),
+        json!([{"name": "ok", "to": [{"domain": "up.test"}]}, {"name": "bad", "to": [{"domain": "*.*.example.com"}]}]),
+    );
+    bad["metadata"]["generation"] = json!(3);
+    api.apply(POLICIES, bad);
+    let _gw = start_gateway(&api, &dns, "gw-a", "");
+    let p = wait_patch(&api, |p| p.path.ends_with("/namespaces/shop/egresspolicies/p/status"));
+    assert_eq!(p.content_type, "application/apply-patch+yaml", "server-side apply");
+    assert!(p.query.contains("fieldManager=egress-gateway") && p.query.contains("force=true"), "{}", p.query);
+    let st = &p.body["status"];
+    assert_eq!(st["observedGeneration"], 3);
+    let c = &st["conditions"][0];
+    assert_eq!(c["type"], "Accepted");
+    assert_eq!(c["status"], "False");
+    assert_eq!(c["reason"], "InvalidDomain");
+    assert!(c["message"].as_str().unwrap().contains("spec.rules[1].to[0].domain"), "{c}");
+    assert_eq!(p.body["kind"], "EgressPolicy");
+    assert_eq!(p.body["apiVersion"], "egress.dev/v1alpha1");
+    // Fixed, as generation 4.
+    let mut good = egress_policy(
+        "shop",
+        "p",
+        json!({"matchLabels": {"app": "api"}}),
+        json!([{"name": "ok", "to": [{"domain": "up.test"}]}]),
+    );
+    good["metadata"]["generation"] = json!(4);
+    api.apply(POLICIES, good);
+    let p = wait_patch(&api, |p| p.body["status"]["observedGeneration"] == 4);
+    let st = &p.body["status"];
+    assert_eq!(st["conditions"][0]["status"], "True");
+    assert_eq!(st["conditions"][0]["reason"], "Valid");
+    assert_eq!(st["selectedPods"], 2);
+    // A status that did not change is not written again.
+    let n = api.patches().len();
+    api.apply(PODS, pod("shop", "c", &["127.0.0.4"], json!({"app": "web", "x": "y"}), "Running"));
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(api.patches().len(), n, "{:#?}", api.patches());
+    // A cluster policy gets its status too.
+    api.apply(
+        CLUSTER_POLICIES,
+        cluster_policy("all", json!({}), json!([{"name": "d", "action": "Deny", "to": [{"cidr": "203.0.113.0/24"}]}])),
+    );
+    let p = wait_patch(&api, |p| p.path.ends_with("/clusteregresspolicies/all/status"));
+    assert_eq!(p.body["status"]["selectedPods"], 3);
+    assert_eq!(p.body["status"]["conditions"][0]["status"], "True");
+}
+
+#[test]
+fn only_the_lease_holder_writes_status_and_another_replica_takes_over() {
+    let dns = Dns::start(&[("up.test", "127.0.0.2")]);
+    let api = FakeApi::start();
+    api.apply(NAMESPACES, namespace("shop", json!({})));
+    api.apply(POLICIES, egress_policy("shop", "p1", json!({}), json!([{"to": [{"domain": "up.test"}]}])));
+    let a = start_gateway(&api, &dns, "gw-a", ", leaseDuration: 2s");
+    wait_patch(&api, |p| p.path.ends_with("/egresspolicies/p1/status"));
+    let b = start_gateway(&api, &dns, "gw-b", ", leaseDuration: 2s");
+    api.apply(POLICIES, egress_policy("shop", "p2", json!({}), json!([{"to": [{"domain": "up.test"}]}])));
+    wait_patch(&api, |p| p.path.ends_with("/egresspolicies/p2/status"));
+    std::thread::sleep(Duration::from_millis(1500));
+    let tokens: std::collections::BTreeSet<String> = api.patches().iter().map(|p| p.token.clone()).collect();
+    assert_eq!(tokens.into_iter().collect::<Vec<_>>(), ["gw-a"], "only the leader writes");
+    let holder = api.lease("egress-system", "egress-gateway-status").unwrap()["spec"]["holderIdentity"].clone();
+    // The leader goes away; after the lease expires the other replica writes.
+    drop(a);
+    api.apply(POLICIES, egress_policy("shop", "p3", json!({}), json!([{"to": [{"domain": "up.test"}]}])));
+    let p = wait_patch(&api, |p| p.path.ends_with("/egresspolicies/p3/status"));
+    assert_eq!(p.token, "gw-b");
+    let lease = api.lease("egress-system", "egress-gateway-status").unwrap();
+    assert_ne!(lease["spec"]["holderIdentity"], holder);
+    assert_eq!(lease["spec"]["leaseTransitions"], 1);
+    drop(b);
 }

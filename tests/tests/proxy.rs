@@ -75,19 +75,10 @@ fn socks(gw: &Gateway) -> String {
 fn decision(gw: &Gateway, f: impl Fn(&Value) -> bool) -> Value {
     let start = std::time::Instant::now();
     loop {
-        if let Some(e) = gw
-            .events()
-            .into_iter()
-            .rev()
-            .find(|e| e["event"] == "decision" && f(e))
-        {
+        if let Some(e) = gw.events().into_iter().rev().find(|e| e["event"] == "decision" && f(e)) {
             return e;
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "no matching decision in {:#?}",
-            gw.events()
-        );
+        assert!(start.elapsed() < Duration::from_secs(5), "no matching decision in {:#?}", gw.events());
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -129,18 +120,11 @@ policies:
 "#
     );
     let gw = Gateway::start(&dns, &body);
-    assert_eq!(
-        curl(&["-x", &proxy(&gw), &format!("http://api.up.test:{p}/")]).status,
-        200
-    );
+    assert_eq!(curl(&["-x", &proxy(&gw), &format!("http://api.up.test:{p}/")]).status, 200);
     let apex = curl(&["-x", &proxy(&gw), &format!("http://up.test:{p}/")]);
     assert_eq!(apex.status, 403);
     assert!(apex.body.contains("reason: no_rule_matched"), "{apex:?}");
-    let wrong_port = curl(&[
-        "-x",
-        &proxy(&gw),
-        &format!("http://api.up.test:{}/", other.addr.port()),
-    ]);
+    let wrong_port = curl(&["-x", &proxy(&gw), &format!("http://api.up.test:{}/", other.addr.port())]);
     assert_eq!(wrong_port.status, 403, "{wrong_port:?}");
     let ev = gw.request_events(&wrong_port.request_id());
     assert_eq!(ev.len(), 1);
@@ -150,11 +134,7 @@ policies:
 
 #[test]
 fn cidr_rules_with_except() {
-    let (dns, up2, up3) = (
-        dns(),
-        Upstream::start("127.0.0.2"),
-        Upstream::start("127.0.0.3"),
-    );
+    let (dns, up2, up3) = (dns(), Upstream::start("127.0.0.2"), Upstream::start("127.0.0.3"));
     // Both upstreams need one port for the rule; bind the second on the first's port.
     drop(up3);
     let p = up2.addr.port();
@@ -162,17 +142,11 @@ fn cidr_rules_with_except() {
     let gw = Gateway::start(&dns, &config(p, ""));
     let ok = curl(&["-x", &proxy(&gw), &format!("http://127.0.0.2:{p}/")]);
     assert_eq!(ok.status, 200, "{ok:?}");
-    assert_eq!(
-        decision(&gw, |e| e["target"]["host"] == "127.0.0.2")["decision"]["rule"],
-        "loopback-cidr"
-    );
+    assert_eq!(decision(&gw, |e| e["target"]["host"] == "127.0.0.2")["decision"]["rule"], "loopback-cidr");
     if up3.is_ok() {
         let excepted = curl(&["-x", &proxy(&gw), &format!("http://127.0.0.3:{p}/")]);
         assert_eq!(excepted.status, 403, "{excepted:?}");
-        assert!(
-            excepted.body.contains("reason: no_rule_matched"),
-            "{excepted:?}"
-        );
+        assert!(excepted.body.contains("reason: no_rule_matched"), "{excepted:?}");
     }
 }
 
@@ -182,44 +156,14 @@ fn http_method_and_path_rules() {
     let gw = Gateway::start(&dns, &config(up.addr.port(), ""));
     let p = up.addr.port();
     let base = format!("http://other.test:{p}");
-    assert_eq!(
-        curl(&["-x", &proxy(&gw), &format!("{base}/ok")]).status,
-        200
-    );
-    assert_eq!(
-        curl(&["-x", &proxy(&gw), &format!("{base}/ok?q=1")]).status,
-        200
-    );
-    assert_eq!(
-        curl(&["-x", &proxy(&gw), &format!("{base}/api/v1/x")]).status,
-        200
-    );
-    assert_eq!(
-        curl(&["-x", &proxy(&gw), &format!("{base}/okx")]).status,
-        403
-    );
-    assert_eq!(
-        curl(&[
-            "-x",
-            &proxy(&gw),
-            "-X",
-            "POST",
-            "-d",
-            "x=1",
-            &format!("{base}/ok")
-        ])
-        .status,
-        403
-    );
+    assert_eq!(curl(&["-x", &proxy(&gw), &format!("{base}/ok")]).status, 200);
+    assert_eq!(curl(&["-x", &proxy(&gw), &format!("{base}/ok?q=1")]).status, 200);
+    assert_eq!(curl(&["-x", &proxy(&gw), &format!("{base}/api/v1/x")]).status, 200);
+    assert_eq!(curl(&["-x", &proxy(&gw), &format!("{base}/okx")]).status, 403);
+    assert_eq!(curl(&["-x", &proxy(&gw), "-X", "POST", "-d", "x=1", &format!("{base}/ok")]).status, 403);
     // An http rule never matches a tunnel: the gateway cannot see the method or path inside.
-    assert_eq!(
-        curl(&["-p", "-x", &proxy(&gw), &format!("{base}/ok")]).status,
-        0
-    );
-    assert_eq!(
-        decision(&gw, |e| e["front"] == "connect")["decision"]["reason"],
-        "no_rule_matched"
-    );
+    assert_eq!(curl(&["-p", "-x", &proxy(&gw), &format!("{base}/ok")]).status, 0);
+    assert_eq!(decision(&gw, |e| e["front"] == "connect")["decision"]["reason"], "no_rule_matched");
 }
 
 #[test]
@@ -257,29 +201,12 @@ fn request_and_response_bodies_stream_both_ways_and_proxy_headers_are_stripped()
     ]);
     assert_eq!(r.json()["body_len"], 300_000, "{r:?}");
     // large response
-    let r = curl(&[
-        "-x",
-        &proxy(&gw),
-        &format!("http://up.test:{p}/bytes/5000000"),
-    ]);
+    let r = curl(&["-x", &proxy(&gw), &format!("http://up.test:{p}/bytes/5000000")]);
     assert_eq!(r.body.len(), 5_000_000);
-    let ev: Vec<Value> = gw
-        .events_at_least(6)
-        .into_iter()
-        .filter(|e| e["event"] == "close")
-        .collect();
-    let big = ev
-        .iter()
-        .find(|e| e["target"]["http"]["path"] == "/bytes/5000000")
-        .expect("close of the download");
-    assert!(
-        big["close"]["bytes_down"].as_u64().unwrap() >= 5_000_000,
-        "{big}"
-    );
-    let upl = ev
-        .iter()
-        .find(|e| e["target"]["http"]["path"] == "/upload")
-        .expect("close of the upload");
+    let ev: Vec<Value> = gw.events_at_least(6).into_iter().filter(|e| e["event"] == "close").collect();
+    let big = ev.iter().find(|e| e["target"]["http"]["path"] == "/bytes/5000000").expect("close of the download");
+    assert!(big["close"]["bytes_down"].as_u64().unwrap() >= 5_000_000, "{big}");
+    let upl = ev.iter().find(|e| e["target"]["http"]["path"] == "/upload").expect("close of the upload");
     assert_eq!(upl["close"]["bytes_up"], 300_000);
     assert_eq!(upl["close"]["http_status"], 200);
 }
@@ -289,13 +216,7 @@ fn audit_mode_lets_a_would_deny_through_and_logs_it() {
     let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
     let gw = Gateway::start(&dns, &config(up.addr.port(), ""));
     let p = up.addr.port();
-    let r = curl(&[
-        "--interface",
-        "127.0.0.5",
-        "-x",
-        &proxy(&gw),
-        &format!("http://up.test:{p}/"),
-    ]);
+    let r = curl(&["--interface", "127.0.0.5", "-x", &proxy(&gw), &format!("http://up.test:{p}/")]);
     assert_eq!(r.status, 200, "{r:?}");
     let d = decision(&gw, |e| e["client"]["name"] == "web");
     assert_eq!(d["decision"]["action"], "allow");
@@ -304,21 +225,9 @@ fn audit_mode_lets_a_would_deny_through_and_logs_it() {
     assert_eq!(d["decision"]["policy"], "shop/web-observe");
     assert_eq!(d["client"]["name"], "web");
     // Audit mode never bypasses the guard.
-    let r = curl(&[
-        "--interface",
-        "127.0.0.5",
-        "-x",
-        &proxy(&gw),
-        "http://169.254.169.254/latest/meta-data/",
-    ]);
+    let r = curl(&["--interface", "127.0.0.5", "-x", &proxy(&gw), "http://169.254.169.254/latest/meta-data/"]);
     assert_eq!(r.status, 403, "{r:?}");
-    let r = curl(&[
-        "--interface",
-        "127.0.0.5",
-        "-x",
-        &proxy(&gw),
-        &format!("http://meta.test:{p}/"),
-    ]);
+    let r = curl(&["--interface", "127.0.0.5", "-x", &proxy(&gw), &format!("http://meta.test:{p}/")]);
     assert_eq!(r.status, 403, "{r:?}");
 }
 
@@ -326,41 +235,19 @@ fn audit_mode_lets_a_would_deny_through_and_logs_it() {
 fn unknown_client_gets_the_default_action() {
     let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
     let gw = Gateway::start(&dns, &config(up.addr.port(), ""));
-    let r = curl(&[
-        "--interface",
-        "127.0.0.9",
-        "-x",
-        &proxy(&gw),
-        &format!("http://up.test:{}/", up.addr.port()),
-    ]);
+    let r = curl(&["--interface", "127.0.0.9", "-x", &proxy(&gw), &format!("http://up.test:{}/", up.addr.port())]);
     assert_eq!(r.status, 403, "{r:?}");
     let d = decision(&gw, |e| e["client"]["address"] == "127.0.0.9");
     assert_eq!(d["decision"]["reason"], "default_deny");
     assert!(d["client"].get("namespace").is_none(), "{d}");
     assert_eq!(d["client"]["address"], "127.0.0.9");
-    let (dns2, up2) = (
-        Dns::start(&[("up.test", "127.0.0.2")]),
-        Upstream::start("127.0.0.2"),
-    );
-    let gw2 = Gateway::start(
-        &dns2,
-        "guard: {allowCidrs: [127.0.0.2/32]}\ndefaultAction: Allow\n",
-    );
-    let r = curl(&[
-        "-x",
-        &proxy(&gw2),
-        &format!("http://up.test:{}/", up2.addr.port()),
-    ]);
+    let (dns2, up2) = (Dns::start(&[("up.test", "127.0.0.2")]), Upstream::start("127.0.0.2"));
+    let gw2 = Gateway::start(&dns2, "guard: {allowCidrs: [127.0.0.2/32]}\ndefaultAction: Allow\n");
+    let r = curl(&["-x", &proxy(&gw2), &format!("http://up.test:{}/", up2.addr.port())]);
     assert_eq!(r.status, 200, "{r:?}");
-    assert_eq!(
-        decision(&gw2, |_| true)["decision"]["reason"],
-        "default_allow"
-    );
+    assert_eq!(decision(&gw2, |_| true)["decision"]["reason"], "default_allow");
     // defaultAction Allow still never opens the guard.
-    assert_eq!(
-        curl(&["-x", &proxy(&gw2), "http://[::ffff:169.254.169.254]/"]).status,
-        403
-    );
+    assert_eq!(curl(&["-x", &proxy(&gw2), "http://[::ffff:169.254.169.254]/"]).status, 403);
 }
 
 #[test]
@@ -377,42 +264,22 @@ fn domains_resolving_to_guarded_addresses_are_denied() {
         let url = format!("http://{host}:{p}/");
         let r = curl(&["-x", &proxy(&gw), &url]);
         assert_eq!(r.status, 403, "{host}: {r:?}");
-        assert!(
-            r.body.contains(&format!("reason: {reason}")),
-            "{host}: {r:?}"
-        );
+        assert!(r.body.contains(&format!("reason: {reason}")), "{host}: {r:?}");
         let ev = gw.request_events(&r.request_id());
         assert_eq!(ev[0]["decision"]["reason"], reason);
-        assert!(
-            !ev[0]["resolved"].as_array().unwrap().is_empty(),
-            "{}",
-            ev[0]
-        );
-        assert_ne!(
-            curl(&["-p", "-x", &proxy(&gw), &url]).status,
-            200,
-            "connect {host}"
-        );
+        assert!(!ev[0]["resolved"].as_array().unwrap().is_empty(), "{}", ev[0]);
+        assert_ne!(curl(&["-p", "-x", &proxy(&gw), &url]).status, 200, "connect {host}");
         let (_, code) = socks5_domain(gw.socks, host, p);
         assert_eq!(code, 0x02, "socks {host}");
     }
     // A name with a guarded and a public answer: only the checked address is dialled.
     let r = curl(&["-x", &proxy(&gw), &format!("http://mixed.test:{p}/")]);
     assert_eq!(r.status, 200, "{r:?}");
-    let d = decision(&gw, |e| {
-        e["target"]["host"] == "mixed.test" && e["front"] == "http"
-    });
+    let d = decision(&gw, |e| e["target"]["host"] == "mixed.test" && e["front"] == "http");
     assert_eq!(d["dialled"], format!("127.0.0.2:{p}"));
-    let verdicts: Vec<&str> = d["resolved"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["verdict"].as_str().unwrap())
-        .collect();
-    assert!(
-        verdicts.contains(&"blocked") && verdicts.contains(&"exempt"),
-        "{d}"
-    );
+    let verdicts: Vec<&str> =
+        d["resolved"].as_array().unwrap().iter().map(|r| r["verdict"].as_str().unwrap()).collect();
+    assert!(verdicts.contains(&"blocked") && verdicts.contains(&"exempt"), "{d}");
 }
 
 /// Every spelling of a guarded address, through every front, for a client with broad allows.
@@ -456,26 +323,13 @@ fn every_guarded_range_in_every_spelling_through_every_front() {
     ];
     for host in spellings {
         // absolute-form, raw so that the client does not normalise the spelling first
-        let req = format!(
-            "GET http://{host}/latest/meta-data/ HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-        );
-        let out = String::from_utf8_lossy(&raw_exchange(
-            gw.http,
-            req.as_bytes(),
-            Duration::from_secs(5),
-        ))
-        .to_string();
+        let req = format!("GET http://{host}/latest/meta-data/ HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let out = String::from_utf8_lossy(&raw_exchange(gw.http, req.as_bytes(), Duration::from_secs(5))).to_string();
         assert!(out.starts_with("HTTP/1.1 403"), "http {host}: {out}");
         assert!(out.contains("reason: guard_"), "http {host}: {out}");
         // CONNECT
-        let req =
-            format!("CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\nConnection: close\r\n\r\n");
-        let out = String::from_utf8_lossy(&raw_exchange(
-            gw.http,
-            req.as_bytes(),
-            Duration::from_secs(5),
-        ))
-        .to_string();
+        let req = format!("CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\nConnection: close\r\n\r\n");
+        let out = String::from_utf8_lossy(&raw_exchange(gw.http, req.as_bytes(), Duration::from_secs(5))).to_string();
         assert!(out.starts_with("HTTP/1.1 403"), "connect {host}: {out}");
         // SOCKS5 with the spelling as a domain name (what socks5h clients send)
         let bare = host.trim_start_matches('[').trim_end_matches(']');
@@ -483,12 +337,9 @@ fn every_guarded_range_in_every_spelling_through_every_front() {
         assert_eq!(code, 0x02, "socks5 {host}");
     }
     // curl's own spellings too
-    for url in [
-        "http://2852039166/",
-        "http://0xA9FEA9FE/",
-        "http://[::ffff:169.254.169.254]/",
-        "http://0251.0376.0251.0376/",
-    ] {
+    for url in
+        ["http://2852039166/", "http://0xA9FEA9FE/", "http://[::ffff:169.254.169.254]/", "http://0251.0376.0251.0376/"]
+    {
         assert_eq!(curl(&["-x", &proxy(&gw), url]).status, 403, "{url}");
         assert_ne!(curl(&["-p", "-x", &proxy(&gw), url]).status, 200, "{url}");
         let r = curl(&["--socks5-hostname", &socks(&gw), url]);
@@ -511,8 +362,7 @@ impl Command {
             .arg(target)
             .output()
             .unwrap();
-        serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)))
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)))
     }
 }
 
@@ -524,39 +374,23 @@ fn a_second_request_on_a_keep_alive_connection_is_decided_again() {
     let mut s = TcpStream::connect(gw.http).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut r = BufReader::new(s.try_clone().unwrap());
-    write!(
-        s,
-        "GET http://up.test:{p}/one HTTP/1.1\r\nHost: up.test:{p}\r\n\r\n"
-    )
-    .unwrap();
+    write!(s, "GET http://up.test:{p}/one HTTP/1.1\r\nHost: up.test:{p}\r\n\r\n").unwrap();
     let (status, h) = read_head(&mut r);
     assert_eq!(status, 200);
     let mut body = vec![0u8; h["content-length"].parse().unwrap()];
     r.read_exact(&mut body).unwrap();
-    write!(
-        s,
-        "GET http://meta.test:{p}/two HTTP/1.1\r\nHost: meta.test:{p}\r\n\r\n"
-    )
-    .unwrap();
+    write!(s, "GET http://meta.test:{p}/two HTTP/1.1\r\nHost: meta.test:{p}\r\n\r\n").unwrap();
     let (status, h) = read_head(&mut r);
     assert_eq!(status, 403);
     let mut body = vec![0u8; h["content-length"].parse().unwrap()];
     r.read_exact(&mut body).unwrap();
-    write!(
-        s,
-        "GET http://up.test:{p}/three HTTP/1.1\r\nHost: up.test:{p}\r\n\r\n"
-    )
-    .unwrap();
+    write!(s, "GET http://up.test:{p}/three HTTP/1.1\r\nHost: up.test:{p}\r\n\r\n").unwrap();
     let (status, _) = read_head(&mut r);
     assert_eq!(status, 200, "the connection keeps serving after a denial");
     let ev = gw.events_at_least(4);
     let decisions: Vec<&Value> = ev.iter().filter(|e| e["event"] == "decision").collect();
     assert_eq!(decisions.len(), 3, "{ev:#?}");
-    assert!(
-        decisions
-            .iter()
-            .all(|e| e["connection_id"] == decisions[0]["connection_id"])
-    );
+    assert!(decisions.iter().all(|e| e["connection_id"] == decisions[0]["connection_id"]));
     assert_eq!(decisions[1]["decision"]["reason"], "dns_guard_blocked");
     assert_ne!(decisions[0]["request_id"], decisions[2]["request_id"]);
 }
@@ -581,17 +415,12 @@ policies:
     );
     let gw = Gateway::start(&dns, &body);
     let url = format!("http://up.test:{p}/");
-    let codes: Vec<u16> = (0..6)
-        .map(|_| curl(&["-x", &proxy(&gw), &url]).status)
-        .collect();
+    let codes: Vec<u16> = (0..6).map(|_| curl(&["-x", &proxy(&gw), &url]).status).collect();
     assert_eq!(&codes[..3], &[200, 200, 200], "{codes:?}");
     assert!(codes[3..].contains(&429), "{codes:?}");
     let (_, code) = socks5_domain(gw.socks, "up.test", p);
     assert_eq!(code, 0x02);
-    assert_eq!(
-        decision(&gw, |e| e["front"] == "socks5")["decision"]["reason"],
-        "rate_limited"
-    );
+    assert_eq!(decision(&gw, |e| e["front"] == "socks5")["decision"]["reason"], "rate_limited");
 }
 
 #[test]
@@ -626,19 +455,13 @@ policies:
         assert_eq!(r.status, 200, "{r:?}");
         let peer = r.json()["peer"].as_str().unwrap().to_string();
         let ip = peer.rsplit_once(':').unwrap().0.to_string();
-        assert!(
-            ip == "127.0.0.3" || ip == "127.0.0.4",
-            "upstream saw {peer}"
-        );
+        assert!(ip == "127.0.0.3" || ip == "127.0.0.4", "upstream saw {peer}");
         seen.insert(ip);
     }
     assert_eq!(seen.len(), 2, "round robin over the pool: {seen:?}");
     let d = decision(&gw, |e| e["dialled"].is_string());
     assert_eq!(d["egress_pool"], "fixed");
-    assert!(
-        d["egress_source"].as_str().unwrap().starts_with("127.0.0."),
-        "{d}"
-    );
+    assert!(d["egress_source"].as_str().unwrap().starts_with("127.0.0."), "{d}");
 }
 
 #[test]
@@ -647,21 +470,9 @@ fn socks5_username_password_authentication() {
     let extra = "socks5: {users: [{username: alice, password: s3cret}]}\n";
     let gw = Gateway::start(&dns, &format!("{}{extra}", config(up.addr.port(), "")));
     let url = format!("http://up.test:{}/", up.addr.port());
-    let ok = curl(&[
-        "--socks5-hostname",
-        &socks(&gw),
-        "--proxy-user",
-        "alice:s3cret",
-        &url,
-    ]);
+    let ok = curl(&["--socks5-hostname", &socks(&gw), "--proxy-user", "alice:s3cret", &url]);
     assert_eq!(ok.status, 200, "{ok:?}");
-    let bad = curl(&[
-        "--socks5-hostname",
-        &socks(&gw),
-        "--proxy-user",
-        "alice:wrong",
-        &url,
-    ]);
+    let bad = curl(&["--socks5-hostname", &socks(&gw), "--proxy-user", "alice:wrong", &url]);
     assert_eq!(bad.status, 0);
     assert_ne!(bad.exit, 0);
     decision(&gw, |e| e["decision"]["reason"] == "auth_failed");
@@ -677,18 +488,10 @@ fn socks5_protocol_errors_get_the_right_reply_codes() {
     let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
     let gw = Gateway::start(&dns, &config(up.addr.port(), ""));
     // BIND (0x02) -> 0x07
-    let out = raw_exchange(
-        gw.socks,
-        &[5, 1, 0, 5, 2, 0, 1, 1, 2, 3, 4, 0, 80],
-        Duration::from_secs(5),
-    );
+    let out = raw_exchange(gw.socks, &[5, 1, 0, 5, 2, 0, 1, 1, 2, 3, 4, 0, 80], Duration::from_secs(5));
     assert_eq!(&out[..4], &[5, 0, 5, 7], "{out:?}");
     // address type 0x05 -> 0x08
-    let out = raw_exchange(
-        gw.socks,
-        &[5, 1, 0, 5, 1, 0, 5, 1, 2, 3, 4, 0, 80],
-        Duration::from_secs(5),
-    );
+    let out = raw_exchange(gw.socks, &[5, 1, 0, 5, 1, 0, 5, 1, 2, 3, 4, 0, 80], Duration::from_secs(5));
     assert_eq!(&out[..4], &[5, 0, 5, 8], "{out:?}");
     // connection refused -> 0x05 (nothing listens on the rule's port at 127.0.0.2 after drop)
     let p = up.addr.port();
@@ -699,32 +502,17 @@ fn socks5_protocol_errors_get_the_right_reply_codes() {
     let (_, code) = socks5_domain(gw.socks, "nxdomain.up.test", p);
     assert_eq!(code, 0x04);
     // IPv4 and IPv6 address types reach policy (and the guard)
-    let out = raw_exchange(
-        gw.socks,
-        &[5, 1, 0, 5, 1, 0, 1, 169, 254, 169, 254, 0, 80],
-        Duration::from_secs(5),
-    );
+    let out = raw_exchange(gw.socks, &[5, 1, 0, 5, 1, 0, 1, 169, 254, 169, 254, 0, 80], Duration::from_secs(5));
     assert_eq!(&out[..4], &[5, 0, 5, 2], "{out:?}");
     let mut v6 = vec![5, 1, 0, 5, 1, 0, 4];
-    v6.extend_from_slice(
-        &"::ffff:169.254.169.254"
-            .parse::<std::net::Ipv6Addr>()
-            .unwrap()
-            .octets(),
-    );
+    v6.extend_from_slice(&"::ffff:169.254.169.254".parse::<std::net::Ipv6Addr>().unwrap().octets());
     v6.extend_from_slice(&[0, 80]);
     let out = raw_exchange(gw.socks, &v6, Duration::from_secs(5));
     assert_eq!(&out[..4], &[5, 0, 5, 2], "{out:?}");
     // not SOCKS5 at all: closed, audited, and the gateway keeps serving
     let out = raw_exchange(gw.socks, b"GET / HTTP/1.1\r\n\r\n", Duration::from_secs(5));
     assert!(out.is_empty());
-    for r in [
-        "unsupported_command",
-        "unsupported_address_type",
-        "dns_failure",
-        "guard_blocked",
-        "malformed_request",
-    ] {
+    for r in ["unsupported_command", "unsupported_address_type", "dns_failure", "guard_blocked", "malformed_request"] {
         gw.wait_reason(r);
     }
 }
@@ -734,30 +522,16 @@ fn hostile_http_input_gets_a_protocol_answer_and_an_audit_event() {
     let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
     let gw = Gateway::start(
         &dns,
-        &format!(
-            "{}limits: {{headerTimeout: 1s, maxHeaderBytes: 16384}}\n",
-            config(up.addr.port(), "")
-        ),
+        &format!("{}limits: {{headerTimeout: 1s, maxHeaderBytes: 16384}}\n", config(up.addr.port(), "")),
     );
     // origin-form to the proxy port: answered by the proxy, never forwarded
-    let out = raw_exchange(
-        gw.http,
-        b"GET /admin HTTP/1.1\r\nHost: up.test\r\n\r\n",
-        Duration::from_secs(5),
-    );
+    let out = raw_exchange(gw.http, b"GET /admin HTTP/1.1\r\nHost: up.test\r\n\r\n", Duration::from_secs(5));
     let text = String::from_utf8_lossy(&out);
     assert!(text.starts_with("HTTP/1.1 400"), "{text}");
     assert!(text.contains("origin_form"), "{text}");
     // garbage request line
-    let out = raw_exchange(
-        gw.http,
-        b"\x16\x03\x01 not http at all\r\n\r\n",
-        Duration::from_secs(5),
-    );
-    assert!(
-        String::from_utf8_lossy(&out).starts_with("HTTP/1.1 400"),
-        "{out:?}"
-    );
+    let out = raw_exchange(gw.http, b"\x16\x03\x01 not http at all\r\n\r\n", Duration::from_secs(5));
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 400"), "{out:?}");
     // oversized headers
     let big = format!(
         "GET http://up.test:{}/ HTTP/1.1\r\nHost: up.test\r\nX-Big: {}\r\n\r\n",
@@ -765,49 +539,24 @@ fn hostile_http_input_gets_a_protocol_answer_and_an_audit_event() {
         "a".repeat(40_000)
     );
     let out = raw_exchange(gw.http, big.as_bytes(), Duration::from_secs(5));
-    assert!(
-        String::from_utf8_lossy(&out).starts_with("HTTP/1.1 431"),
-        "{}",
-        String::from_utf8_lossy(&out)
-    );
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 431"), "{}", String::from_utf8_lossy(&out));
     // slow client: half a request head, then silence
     let mut slow = TcpStream::connect(gw.http).unwrap();
-    slow.write_all(b"GET http://up.test/ HTTP/1.1\r\nHo")
-        .unwrap();
+    slow.write_all(b"GET http://up.test/ HTTP/1.1\r\nHo").unwrap();
     // an invalid host
-    let out = raw_exchange(
-        gw.http,
-        b"GET http://a..b/ HTTP/1.1\r\nHost: a..b\r\n\r\n",
-        Duration::from_secs(5),
-    );
+    let out = raw_exchange(gw.http, b"GET http://a..b/ HTTP/1.1\r\nHost: a..b\r\n\r\n", Duration::from_secs(5));
     assert!(
         String::from_utf8_lossy(&out).starts_with("HTTP/1.1 400")
             || String::from_utf8_lossy(&out).starts_with("HTTP/1.1 403"),
         "{out:?}"
     );
     // https:// in absolute form
-    let out = raw_exchange(
-        gw.http,
-        b"GET https://up.test/ HTTP/1.1\r\nHost: up.test\r\n\r\n",
-        Duration::from_secs(5),
-    );
-    assert!(
-        String::from_utf8_lossy(&out).starts_with("HTTP/1.1 400"),
-        "{out:?}"
-    );
+    let out = raw_exchange(gw.http, b"GET https://up.test/ HTTP/1.1\r\nHost: up.test\r\n\r\n", Duration::from_secs(5));
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 400"), "{out:?}");
     // meanwhile everyone else is served
-    let r = curl(&[
-        "-x",
-        &proxy(&gw),
-        &format!("http://up.test:{}/", up.addr.port()),
-    ]);
+    let r = curl(&["-x", &proxy(&gw), &format!("http://up.test:{}/", up.addr.port())]);
     assert_eq!(r.status, 200);
-    for r in [
-        "origin_form",
-        "malformed_request",
-        "header_timeout",
-        "invalid_target",
-    ] {
+    for r in ["origin_form", "malformed_request", "header_timeout", "invalid_target"] {
         gw.wait_reason(r);
     }
     drop(slow);
@@ -818,12 +567,7 @@ fn audit_events_carry_every_field() {
     let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
     let gw = Gateway::start(&dns, &config(up.addr.port(), ""));
     let p = up.addr.port();
-    let r = curl(&[
-        "-p",
-        "-x",
-        &proxy(&gw),
-        &format!("http://api.up.test:{p}/hello"),
-    ]);
+    let r = curl(&["-p", "-x", &proxy(&gw), &format!("http://api.up.test:{p}/hello")]);
     assert_eq!(r.status, 200);
     let ev = gw.events_at_least(2);
     assert_eq!(ev.len(), 2, "{ev:#?}");
@@ -869,19 +613,14 @@ fn audit_events_carry_every_field() {
 }
 
 #[test]
-fn hot_reload_adds_and_removes_rules_without_dropping_open_tunnels_and_keeps_the_old_policy_when_invalid()
- {
+fn hot_reload_adds_and_removes_rules_without_dropping_open_tunnels_and_keeps_the_old_policy_when_invalid() {
     let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
     let p = up.addr.port();
     let gw = Gateway::start(&dns, &config(p, ""));
     // an open tunnel
     let mut t = TcpStream::connect(gw.http).unwrap();
     t.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        t,
-        "CONNECT up.test:{p} HTTP/1.1\r\nHost: up.test:{p}\r\n\r\n"
-    )
-    .unwrap();
+    write!(t, "CONNECT up.test:{p} HTTP/1.1\r\nHost: up.test:{p}\r\n\r\n").unwrap();
     let mut tr = BufReader::new(t.try_clone().unwrap());
     assert_eq!(read_head(&mut tr).0, 200);
     let tunnel_get = |t: &mut TcpStream, tr: &mut BufReader<TcpStream>, path: &str| {
@@ -892,60 +631,29 @@ fn hot_reload_adds_and_removes_rules_without_dropping_open_tunnels_and_keeps_the
         s
     };
     assert_eq!(tunnel_get(&mut t, &mut tr, "/before"), 200);
-    assert_eq!(
-        curl(&["-x", &proxy(&gw), &format!("http://up.test:{p}/")]).status,
-        200
-    );
+    assert_eq!(curl(&["-x", &proxy(&gw), &format!("http://up.test:{p}/")]).status, 200);
     // remove every allow
     let empty = "guard: {allowCidrs: [127.0.0.2/32]}\nclients: [{cidr: 127.0.0.1/32, namespace: shop, name: api, labels: {app: api}}]\npolicies:\n  - {apiVersion: egress.dev/v1alpha1, kind: EgressPolicy, metadata: {name: api-egress, namespace: shop}, spec: {podSelector: {}}}\n";
     gw.write_config(&dns, empty);
-    wait_until(Duration::from_secs(10), || {
-        gw.metric("egress_config_reloads_total{result=\"ok\"}") >= Some(1.0)
-    });
-    assert_eq!(
-        curl(&["-x", &proxy(&gw), &format!("http://up.test:{p}/")]).status,
-        403
-    );
-    assert_eq!(
-        tunnel_get(&mut t, &mut tr, "/after-removal"),
-        200,
-        "open tunnel survives the reload"
-    );
+    wait_until(Duration::from_secs(10), || gw.metric("egress_config_reloads_total{result=\"ok\"}") >= Some(1.0));
+    assert_eq!(curl(&["-x", &proxy(&gw), &format!("http://up.test:{p}/")]).status, 403);
+    assert_eq!(tunnel_get(&mut t, &mut tr, "/after-removal"), 200, "open tunnel survives the reload");
     // add it back
     gw.write_config(&dns, &config(p, ""));
-    wait_until(Duration::from_secs(10), || {
-        gw.metric("egress_config_reloads_total{result=\"ok\"}") >= Some(2.0)
-    });
-    assert_eq!(
-        curl(&["-x", &proxy(&gw), &format!("http://up.test:{p}/")]).status,
-        200
-    );
+    wait_until(Duration::from_secs(10), || gw.metric("egress_config_reloads_total{result=\"ok\"}") >= Some(2.0));
+    assert_eq!(curl(&["-x", &proxy(&gw), &format!("http://up.test:{p}/")]).status, 200);
     // an invalid config keeps the previous policy
     gw.write_config(&dns, &config(p, "  - {apiVersion: egress.dev/v1alpha1, kind: EgressPolicy, metadata: {name: bad, namespace: shop}, spec: {podSelector: {}, rules: [{to: [{domain: 'a.*.b'}]}]}}"));
-    wait_until(Duration::from_secs(10), || {
-        gw.metric("egress_config_reloads_total{result=\"failed\"}") >= Some(1.0)
-    });
+    wait_until(Duration::from_secs(10), || gw.metric("egress_config_reloads_total{result=\"failed\"}") >= Some(1.0));
     assert_eq!(gw.metric("egress_config_reload_failing"), Some(1.0));
-    assert_eq!(
-        curl(&["-x", &proxy(&gw), &format!("http://up.test:{p}/")]).status,
-        200
-    );
-    assert!(
-        gw.log_text().contains("spec.rules[0].to[0].domain"),
-        "{}",
-        gw.log_text()
-    );
+    assert_eq!(curl(&["-x", &proxy(&gw), &format!("http://up.test:{p}/")]).status, 200);
+    assert!(gw.log_text().contains("spec.rules[0].to[0].domain"), "{}", gw.log_text());
     // SIGHUP reloads too
     gw.write_config(&dns, empty);
     let mut gw = gw;
     gw.signal("HUP");
-    wait_until(Duration::from_secs(10), || {
-        gw.metric("egress_config_reloads_total{result=\"ok\"}") >= Some(3.0)
-    });
-    assert_eq!(
-        curl(&["-x", &proxy(&gw), &format!("http://up.test:{p}/")]).status,
-        403
-    );
+    wait_until(Duration::from_secs(10), || gw.metric("egress_config_reloads_total{result=\"ok\"}") >= Some(3.0));
+    assert_eq!(curl(&["-x", &proxy(&gw), &format!("http://up.test:{p}/")]).status, 403);
     assert_eq!(tunnel_get(&mut t, &mut tr, "/still-open"), 200);
 }
 
@@ -953,26 +661,15 @@ fn hot_reload_adds_and_removes_rules_without_dropping_open_tunnels_and_keeps_the
 fn sigterm_stops_accepting_and_drains_open_connections() {
     let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
     let p = up.addr.port();
-    let mut gw = Gateway::start(
-        &dns,
-        &format!("{}shutdown: {{grace: 20s}}\n", config(p, "")),
-    );
+    let mut gw = Gateway::start(&dns, &format!("{}shutdown: {{grace: 20s}}\n", config(p, "")));
     let mut t = TcpStream::connect(gw.http).unwrap();
     t.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        t,
-        "CONNECT up.test:{p} HTTP/1.1\r\nHost: up.test:{p}\r\n\r\n"
-    )
-    .unwrap();
+    write!(t, "CONNECT up.test:{p} HTTP/1.1\r\nHost: up.test:{p}\r\n\r\n").unwrap();
     let mut tr = BufReader::new(t.try_clone().unwrap());
     assert_eq!(read_head(&mut tr).0, 200);
     gw.signal("TERM");
-    wait_until(Duration::from_secs(5), || {
-        admin_get(gw.admin, "/readyz").map(|r| r.0) == Some(503)
-    });
-    wait_until(Duration::from_secs(5), || {
-        TcpStream::connect(gw.http).is_err()
-    });
+    wait_until(Duration::from_secs(5), || admin_get(gw.admin, "/readyz").map(|r| r.0) == Some(503));
+    wait_until(Duration::from_secs(5), || TcpStream::connect(gw.http).is_err());
     // the open tunnel still works during the grace period
     write!(t, "GET /during-drain HTTP/1.1\r\nHost: up.test\r\n\r\n").unwrap();
     assert_eq!(read_head(&mut tr).0, 200);
@@ -982,32 +679,17 @@ fn sigterm_stops_accepting_and_drains_open_connections() {
     let status = gw.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "{status}");
     let ev = gw.events();
-    let close = ev
-        .iter()
-        .find(|e| e["event"] == "close")
-        .expect("close event written before exit");
+    let close = ev.iter().find(|e| e["event"] == "close").expect("close event written before exit");
     assert!(close["close"]["bytes_up"].as_u64().unwrap() > 0);
 }
 
 #[test]
 fn policy_conformance_vectors() {
     let run = repo_root().join("../shared/vectors/run.sh");
-    assert!(
-        run.exists(),
-        "{} is missing: the shared/ folder must sit beside the repository",
-        run.display()
-    );
-    let out = std::process::Command::new("bash")
-        .arg(&run)
-        .arg(gateway_bin())
-        .output()
-        .unwrap();
+    assert!(run.exists(), "{} is missing: the shared/ folder must sit beside the repository", run.display());
+    let out = std::process::Command::new("bash").arg(&run).arg(gateway_bin()).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains(" 0 failed"), "{text}");
 }
 
@@ -1019,23 +701,8 @@ fn https_upstream_through_connect_and_socks5() {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
     let ok = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "1",
-        ])
-        .args([
-            "-subj",
-            "/CN=up.test",
-            "-addext",
-            "subjectAltName=DNS:up.test",
-        ])
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+        .args(["-subj", "/CN=up.test", "-addext", "subjectAltName=DNS:up.test"])
         .arg("-keyout")
         .arg(&key)
         .arg("-out")
@@ -1045,19 +712,9 @@ fn https_upstream_through_connect_and_socks5() {
         .status()
         .unwrap();
     assert!(ok.success());
-    let port = std::net::TcpListener::bind("127.0.0.2:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.2:0").unwrap().local_addr().unwrap().port();
     let server = std::process::Command::new("openssl")
-        .args([
-            "s_server",
-            "-quiet",
-            "-www",
-            "-accept",
-            &format!("127.0.0.2:{port}"),
-        ])
+        .args(["s_server", "-quiet", "-www", "-accept", &format!("127.0.0.2:{port}")])
         .arg("-cert")
         .arg(&cert)
         .arg("-key")
@@ -1068,9 +725,7 @@ fn https_upstream_through_connect_and_socks5() {
         .spawn()
         .unwrap();
     let _server = Proc(server);
-    wait_until(Duration::from_secs(10), || {
-        TcpStream::connect(("127.0.0.2", port)).is_ok()
-    });
+    wait_until(Duration::from_secs(10), || TcpStream::connect(("127.0.0.2", port)).is_ok());
     let gw = Gateway::start(&dns, &config(port, ""));
     let url = format!("https://up.test:{port}/");
     let cacert = cert.display().to_string();
@@ -1078,21 +733,11 @@ fn https_upstream_through_connect_and_socks5() {
     assert_eq!(r.status, 200, "CONNECT: {r:?}");
     let r = curl(&["--cacert", &cacert, "--socks5-hostname", &socks(&gw), &url]);
     assert_eq!(r.status, 200, "SOCKS5: {r:?}");
-    let closes: Vec<Value> = gw
-        .events_at_least(4)
-        .into_iter()
-        .filter(|e| e["event"] == "close")
-        .collect();
+    let closes: Vec<Value> = gw.events_at_least(4).into_iter().filter(|e| e["event"] == "close").collect();
     assert_eq!(closes.len(), 2, "{closes:#?}");
     for c in closes {
-        assert!(
-            c["close"]["bytes_up"].as_u64().unwrap() > 200,
-            "the ClientHello went through: {c}"
-        );
-        assert!(
-            c["close"]["bytes_down"].as_u64().unwrap() > 500,
-            "certificate and page came back: {c}"
-        );
+        assert!(c["close"]["bytes_up"].as_u64().unwrap() > 200, "the ClientHello went through: {c}");
+        assert!(c["close"]["bytes_down"].as_u64().unwrap() > 500, "certificate and page came back: {c}");
     }
 }
 
@@ -1105,14 +750,7 @@ fn egress_pools_seen_from_an_upstream_in_another_network_namespace() {
     let upns = Netns::new("up");
     let tag = std::process::id() % 100_000;
     let (a_if, b_if) = (format!("egwg{tag}"), format!("egwu{tag}"));
-    Netns::link(
-        &gwns,
-        &a_if,
-        &["10.77.0.2/24", "10.77.0.3/24", "10.77.0.4/24"],
-        &upns,
-        &b_if,
-        &["10.77.0.1/24"],
-    );
+    Netns::link(&gwns, &a_if, &["10.77.0.2/24", "10.77.0.3/24", "10.77.0.4/24"], &upns, &b_if, &["10.77.0.1/24"]);
     let up = Upstream::start_in(&upns, "10.77.0.1");
     let p = up.addr.port();
     let body = format!(
@@ -1149,59 +787,23 @@ policies:
         a.extend_from_slice(&[&px, &url]);
         let r = curl_in(Some(&gwns), &a);
         assert_eq!(r.status, 200, "{r:?} {}", gw.log_text());
-        r.json()["peer"]
-            .as_str()
-            .unwrap()
-            .rsplit_once(':')
-            .unwrap()
-            .0
-            .to_string()
+        r.json()["peer"].as_str().unwrap().rsplit_once(':').unwrap().0.to_string()
     };
     for args in [&["-x"][..], &["-p", "-x"][..]] {
-        assert_eq!(
-            seen("127.0.0.1", args),
-            "10.77.0.3",
-            "client one always leaves from its pinned address"
-        );
+        assert_eq!(seen("127.0.0.1", args), "10.77.0.3", "client one always leaves from its pinned address");
     }
     let mut pair = std::collections::BTreeSet::new();
     for _ in 0..4 {
         pair.insert(seen("127.0.0.2", &["-x"]));
     }
-    assert_eq!(
-        pair.into_iter().collect::<Vec<_>>(),
-        ["10.77.0.2", "10.77.0.4"]
-    );
+    assert_eq!(pair.into_iter().collect::<Vec<_>>(), ["10.77.0.2", "10.77.0.4"]);
     // SOCKS5 too
-    let r = curl_in(
-        Some(&gwns),
-        &[
-            "--interface",
-            "127.0.0.1",
-            "--socks5",
-            &gw.socks.to_string(),
-            &url,
-        ],
-    );
-    assert_eq!(
-        r.json()["peer"]
-            .as_str()
-            .unwrap()
-            .rsplit_once(':')
-            .unwrap()
-            .0,
-        "10.77.0.3"
-    );
+    let r = curl_in(Some(&gwns), &["--interface", "127.0.0.1", "--socks5", &gw.socks.to_string(), &url]);
+    assert_eq!(r.json()["peer"].as_str().unwrap().rsplit_once(':').unwrap().0, "10.77.0.3");
     // The gateway's own addresses are guarded even though a cidr rule covers them.
     let r = curl_in(
         Some(&gwns),
-        &[
-            "--interface",
-            "127.0.0.2",
-            "-x",
-            &format!("http://{}", gw.http),
-            &format!("http://10.77.0.2:{p}/"),
-        ],
+        &["--interface", "127.0.0.2", "-x", &format!("http://{}", gw.http), &format!("http://10.77.0.2:{p}/")],
     );
     assert_eq!(r.status, 403, "{r:?}");
     assert!(r.body.contains("reason: guard_blocked"), "{r:?}");
@@ -1213,15 +815,9 @@ fn userinfo_in_the_url_never_changes_the_decided_host() {
     let gw = Gateway::start(&dns, &config(up.addr.port(), ""));
     let p = up.addr.port();
     // The host is what follows '@': up.test is decided, and the upstream sees exactly that.
-    let req = format!(
-        "GET http://meta.test:{p}@up.test:{p}/x HTTP/1.1\r\nHost: meta.test\r\nConnection: close\r\n\r\n"
-    );
-    let out = String::from_utf8_lossy(&raw_exchange(
-        gw.http,
-        req.as_bytes(),
-        Duration::from_secs(5),
-    ))
-    .to_string();
+    let req =
+        format!("GET http://meta.test:{p}@up.test:{p}/x HTTP/1.1\r\nHost: meta.test\r\nConnection: close\r\n\r\n");
+    let out = String::from_utf8_lossy(&raw_exchange(gw.http, req.as_bytes(), Duration::from_secs(5))).to_string();
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     assert!(out.contains(&format!("\"host\":\"up.test:{p}\"")), "{out}");
     let d = decision(&gw, |e| e["target"]["http"]["path"] == "/x");
@@ -1236,33 +832,11 @@ fn upstream_refused_and_timed_out_connects() {
     let upns = Netns::new("upf");
     let tag = std::process::id() % 100_000;
     let (a_if, b_if) = (format!("egfg{tag}"), format!("egfu{tag}"));
-    Netns::link(
-        &gwns,
-        &a_if,
-        &["10.78.0.2/24"],
-        &upns,
-        &b_if,
-        &["10.78.0.1/24"],
-    );
+    Netns::link(&gwns, &a_if, &["10.78.0.2/24"], &upns, &b_if, &["10.78.0.1/24"]);
     // In the upstream namespace, SYNs to port 9 vanish.
     upns.exec_ok("nft", &["add", "table", "inet", "t"]);
-    upns.exec_ok(
-        "nft",
-        &[
-            "add",
-            "chain",
-            "inet",
-            "t",
-            "in",
-            "{ type filter hook input priority 0; }",
-        ],
-    );
-    upns.exec_ok(
-        "nft",
-        &[
-            "add", "rule", "inet", "t", "in", "tcp", "dport", "9", "drop",
-        ],
-    );
+    upns.exec_ok("nft", &["add", "chain", "inet", "t", "in", "{ type filter hook input priority 0; }"]);
+    upns.exec_ok("nft", &["add", "rule", "inet", "t", "in", "tcp", "dport", "9", "drop"]);
     let body = r#"
 limits: {connectTimeout: 1s}
 clients: [{cidr: 127.0.0.1/32, namespace: a, name: one, labels: {}}]
@@ -1285,31 +859,17 @@ policies:
     let socks_reply = |port: u8| {
         let addr = gw.socks;
         gwns.enter(move || {
-            let out = raw_exchange(
-                addr,
-                &[5, 1, 0, 5, 1, 0, 1, 10, 78, 0, 1, 0, port],
-                Duration::from_secs(5),
-            );
+            let out = raw_exchange(addr, &[5, 1, 0, 5, 1, 0, 1, 10, 78, 0, 1, 0, port], Duration::from_secs(5));
             out.get(3).copied()
         })
     };
     assert_eq!(socks_reply(10), Some(0x05), "SOCKS5 refused");
-    assert_eq!(
-        socks_reply(9),
-        Some(0x04),
-        "SOCKS5 connect timed out: host unreachable"
-    );
+    assert_eq!(socks_reply(9), Some(0x04), "SOCKS5 connect timed out: host unreachable");
     let ev = gw.events_at_least(10);
-    let failed: Vec<&Value> = ev
-        .iter()
-        .filter(|e| e["close"]["end"] == "connect_failed")
-        .collect();
+    let failed: Vec<&Value> = ev.iter().filter(|e| e["close"]["end"] == "connect_failed").collect();
     assert_eq!(failed.len(), 5, "{ev:#?}");
     for f in failed {
-        let d = ev
-            .iter()
-            .find(|e| e["event"] == "decision" && e["request_id"] == f["request_id"])
-            .unwrap();
+        let d = ev.iter().find(|e| e["event"] == "decision" && e["request_id"] == f["request_id"]).unwrap();
         assert_eq!(d["decision"]["action"], "allow");
     }
 }
@@ -1318,11 +878,7 @@ policies:
 #[test]
 fn quick_start_example_is_valid() {
     let cfg = repo_root().join("examples/gateway.yaml");
-    let v = std::process::Command::new(gateway_bin())
-        .args(["validate", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let v = std::process::Command::new(gateway_bin()).args(["validate", "--config"]).arg(&cfg).output().unwrap();
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
     let check = |target: &str| {
         std::process::Command::new(gateway_bin())

@@ -13,15 +13,11 @@ fn main() {
         let path = dir.join(file);
         if check {
             if std::fs::read_to_string(&path).ok().as_deref() != Some(yaml.as_str()) {
-                eprintln!(
-                    "{} is out of date: run `cargo run -p egress-crds --bin crdgen`",
-                    path.display()
-                );
+                eprintln!("{} is out of date: run `cargo run -p egress-crds --bin crdgen`", path.display());
                 stale = true;
             }
         } else {
-            std::fs::write(&path, yaml)
-                .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+            std::fs::write(&path, yaml).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
             println!("wrote {}", path.display());
         }
     }

@@ -178,7 +178,5 @@ pub struct CloseInfo {
 
 /// The current time in RFC 3339 (UTC, nanoseconds).
 pub fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
+    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }

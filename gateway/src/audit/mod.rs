@@ -8,10 +8,7 @@
 mod event;
 mod sink;
 
-pub use event::{
-    ClientInfo, CloseInfo, DecisionInfo, End, Event, EventKind, ResolvedAddr, TargetInfo,
-    now_rfc3339,
-};
+pub use event::{ClientInfo, CloseInfo, DecisionInfo, End, Event, EventKind, ResolvedAddr, TargetInfo, now_rfc3339};
 
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -33,11 +30,7 @@ pub struct Audit {
 
 impl Audit {
     /// Opens every sink (errors name the sink) and starts the writer thread.
-    pub fn start(
-        sinks: &[SinkConfig],
-        instance: Arc<str>,
-        metrics: Arc<Metrics>,
-    ) -> anyhow::Result<Audit> {
+    pub fn start(sinks: &[SinkConfig], instance: Arc<str>, metrics: Arc<Metrics>) -> anyhow::Result<Audit> {
         let mut opened = Vec::new();
         for (i, s) in sinks.iter().enumerate() {
             opened.push(sink::open(s).map_err(|e| anyhow::anyhow!("audit.sinks[{i}]: {e}"))?);
@@ -46,10 +39,7 @@ impl Audit {
         let writer = std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || writer_loop(rx, opened, instance, metrics))?;
-        Ok(Audit {
-            tx,
-            writer: std::sync::Mutex::new(Some(writer)),
-        })
+        Ok(Audit { tx, writer: std::sync::Mutex::new(Some(writer)) })
     }
 
     /// Queues an event. Never blocks; order of calls is the order of sequence numbers.
@@ -74,12 +64,7 @@ impl Audit {
     }
 }
 
-fn writer_loop(
-    rx: mpsc::Receiver<Msg>,
-    mut sinks: Vec<sink::Sink>,
-    instance: Arc<str>,
-    metrics: Arc<Metrics>,
-) {
+fn writer_loop(rx: mpsc::Receiver<Msg>, mut sinks: Vec<sink::Sink>, instance: Arc<str>, metrics: Arc<Metrics>) {
     let mut seq: u64 = 0;
     let mut line = Vec::with_capacity(2048);
     let mut msg = rx.recv();

@@ -13,25 +13,16 @@ pub(super) enum Sink {
 
 pub(super) fn open(cfg: &SinkConfig) -> io::Result<Sink> {
     match cfg.kind {
-        SinkKind::Stdout => Ok(Sink::Stdout(BufWriter::with_capacity(
-            64 * 1024,
-            io::stdout(),
-        ))),
+        SinkKind::Stdout => Ok(Sink::Stdout(BufWriter::with_capacity(64 * 1024, io::stdout()))),
         SinkKind::File => {
-            let path = cfg
-                .path
-                .as_ref()
-                .ok_or_else(|| io::Error::other("path is required"))?;
+            let path = cfg.path.as_ref().ok_or_else(|| io::Error::other("path is required"))?;
             let f = OpenOptions::new()
                 .create(true)
                 .append(true)
                 .mode(0o640)
                 .open(path)
                 .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-            Ok(Sink::File(
-                path.display().to_string(),
-                BufWriter::with_capacity(64 * 1024, f),
-            ))
+            Ok(Sink::File(path.display().to_string(), BufWriter::with_capacity(64 * 1024, f)))
         }
     }
 }

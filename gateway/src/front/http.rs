@@ -76,9 +76,7 @@ async fn serve_conn(gw: Arc<Gateway>, stream: TcpStream, peer: SocketAddr) {
         .header_read_timeout(limits.header_timeout)
         .max_buf_size(limits.max_header_bytes)
         .keep_alive(true);
-    let served = builder
-        .serve_connection(TokioIo::new(stream), svc)
-        .with_upgrades();
+    let served = builder.serve_connection(TokioIo::new(stream), svc).with_upgrades();
     tokio::pin!(served);
     let result = tokio::select! {
         r = served.as_mut() => r,
@@ -117,29 +115,15 @@ async fn handle(
 ) -> Response<ProxyBody> {
     let id = conn.next_request_id();
     if req.method() == Method::CONNECT {
-        let authority = req
-            .uri()
-            .authority()
-            .map(|a| a.as_str().to_string())
-            .unwrap_or_default();
-        let ereq = EgressRequest {
-            conn,
-            id,
-            front: Front::Connect,
-            target: RawTarget::Authority(authority),
-            http: None,
-        };
+        let authority = req.uri().authority().map(|a| a.as_str().to_string()).unwrap_or_default();
+        let ereq =
+            EgressRequest { conn, id, front: Front::Connect, target: RawTarget::Authority(authority), http: None };
         return connect(gw, ereq, req).await;
     }
     let uri = req.uri().clone();
     let facts = http_facts(req.method().as_str(), uri.path());
-    let mut ereq = EgressRequest {
-        conn,
-        id,
-        front: Front::Http,
-        target: RawTarget::Authority(String::new()),
-        http: Some(facts),
-    };
+    let mut ereq =
+        EgressRequest { conn, id, front: Front::Http, target: RawTarget::Authority(String::new()), http: Some(facts) };
     match (uri.scheme_str(), uri.host()) {
         (Some("http"), Some(host)) => {
             ereq.target = RawTarget::HostPort(host.to_string(), uri.port_u16().unwrap_or(80));
@@ -165,11 +149,7 @@ async fn handle(
     }
 }
 
-async fn connect(
-    gw: Arc<Gateway>,
-    ereq: EgressRequest,
-    req: Request<Incoming>,
-) -> Response<ProxyBody> {
+async fn connect(gw: Arc<Gateway>, ereq: EgressRequest, req: Request<Incoming>) -> Response<ProxyBody> {
     let permit = match gw.authorize(&ereq).await {
         Ok(p) => p,
         Err(r) => return refusal(&r, false),
@@ -183,13 +163,10 @@ async fn connect(
     gw.tracker.spawn(async move {
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
-                let r =
-                    crate::relay::relay(TokioIo::new(upgraded), up.stream, idle, &gw2.stop).await;
+                let r = crate::relay::relay(TokioIo::new(upgraded), up.stream, idle, &gw2.stop).await;
                 up.log.finish(r.up, r.down, r.end, None, r.error);
             }
-            Err(e) => up
-                .log
-                .finish(0, 0, End::ClientClosed, None, Some(e.to_string())),
+            Err(e) => up.log.finish(0, 0, End::ClientClosed, None, Some(e.to_string())),
         }
     });
     Response::new(empty())
@@ -245,9 +222,7 @@ async fn forward(
                 Err(r) => return refusal(&r, false),
             };
             let source = up.stream.local_addr().ok();
-            let handshake = hyper::client::conn::http1::Builder::new()
-                .handshake(TokioIo::new(up.stream))
-                .await;
+            let handshake = hyper::client::conn::http1::Builder::new().handshake(TokioIo::new(up.stream)).await;
             match handshake {
                 Ok((sender, connection)) => {
                     gw.tracker.spawn(async move {
@@ -270,11 +245,7 @@ async fn forward(
         (Some(h), None) => h.to_string(),
         (None, _) => String::new(),
     };
-    let pq = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
+    let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     parts.uri = Uri::try_from(pq).unwrap_or_else(|_| Uri::from_static("/"));
     strip_hop_by_hop(&mut parts.headers);
     if let Ok(v) = HeaderValue::from_str(&authority) {
@@ -283,28 +254,13 @@ async fn forward(
     let counters = Arc::new(Counters::default());
     let upstream_req = Request::from_parts(parts, TrackedBody::request(body, counters.clone()));
     if sender.ready().await.is_err() {
-        log.finish(
-            0,
-            0,
-            End::UpstreamClosed,
-            None,
-            Some("upstream connection closed".into()),
-        );
-        return upstream_error(
-            &ereq.id,
-            StatusCode::BAD_GATEWAY,
-            "upstream connection closed",
-        );
+        log.finish(0, 0, End::UpstreamClosed, None, Some("upstream connection closed".into()));
+        return upstream_error(&ereq.id, StatusCode::BAD_GATEWAY, "upstream connection closed");
     }
     match sender.send_request(upstream_req).await {
         Ok(resp) => {
             if let Ok(mut c) = cache.lock() {
-                *c = Some(Cached {
-                    dialled,
-                    source,
-                    pool,
-                    sender,
-                });
+                *c = Some(Cached { dialled, source, pool, sender });
             }
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
@@ -336,21 +292,11 @@ struct TrackedBody {
 
 impl TrackedBody {
     fn request(inner: Incoming, counters: Arc<Counters>) -> Self {
-        TrackedBody {
-            inner,
-            counters,
-            upstream: true,
-            close: None,
-        }
+        TrackedBody { inner, counters, upstream: true, close: None }
     }
 
     fn response(inner: Incoming, counters: Arc<Counters>, log: CloseLog, status: u16) -> Self {
-        let mut b = TrackedBody {
-            inner,
-            counters,
-            upstream: false,
-            close: Some((log, status)),
-        };
+        let mut b = TrackedBody { inner, counters, upstream: false, close: Some((log, status)) };
         if b.inner.is_end_stream() {
             b.finish(End::Completed, None);
         }
@@ -370,19 +316,12 @@ impl Body for TrackedBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
         match &r {
             Poll::Ready(Some(Ok(f))) => {
                 if let Some(d) = f.data_ref() {
-                    let c = if self.upstream {
-                        &self.counters.up
-                    } else {
-                        &self.counters.down
-                    };
+                    let c = if self.upstream { &self.counters.up } else { &self.counters.down };
                     c.fetch_add(d.len() as u64, Ordering::Relaxed);
                 }
                 if self.inner.is_end_stream() {
@@ -410,37 +349,19 @@ impl Body for TrackedBody {
 
 impl Drop for TrackedBody {
     fn drop(&mut self) {
-        self.finish(
-            End::ClientClosed,
-            Some("client stopped reading the response".into()),
-        );
+        self.finish(End::ClientClosed, Some("client stopped reading the response".into()));
     }
 }
 
 fn empty() -> ProxyBody {
-    Full::new(Bytes::new())
-        .map_err(|never| match never {})
-        .boxed()
+    Full::new(Bytes::new()).map_err(|never| match never {}).boxed()
 }
 
-fn text(
-    status: StatusCode,
-    body: String,
-    reason: &str,
-    request_id: &str,
-    close: bool,
-) -> Response<ProxyBody> {
-    let mut r = Response::new(
-        Full::new(Bytes::from(body))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
+fn text(status: StatusCode, body: String, reason: &str, request_id: &str, close: bool) -> Response<ProxyBody> {
+    let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());
     *r.status_mut() = status;
     let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     if let Ok(v) = HeaderValue::from_str(reason) {
         h.insert("x-egress-reason", v);
     }
@@ -460,30 +381,18 @@ fn refusal(r: &Refusal, close: bool) -> Response<ProxyBody> {
         RefusalKind::RateLimited => (StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded"),
         RefusalKind::BadRequest => (StatusCode::BAD_REQUEST, "bad request"),
         RefusalKind::DnsFailure => (StatusCode::BAD_GATEWAY, "name resolution failed"),
-        RefusalKind::ConnectRefused | RefusalKind::Unreachable => {
-            (StatusCode::BAD_GATEWAY, "upstream unreachable")
-        }
+        RefusalKind::ConnectRefused | RefusalKind::Unreachable => (StatusCode::BAD_GATEWAY, "upstream unreachable"),
         RefusalKind::ConnectTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream connect timed out"),
     };
     let reason = r.reason.as_str();
-    let mut body = format!(
-        "egress gateway: {what}\nreason: {reason}\nrequest_id: {}\n",
-        r.request_id
-    );
+    let mut body = format!("egress gateway: {what}\nreason: {reason}\nrequest_id: {}\n", r.request_id);
     if !r.detail.is_empty() {
         body.push_str(&format!("detail: {}\n", r.detail));
     }
-    text(
-        status,
-        body,
-        reason,
-        &r.request_id,
-        close || r.kind == RefusalKind::BadRequest,
-    )
+    text(status, body, reason, &r.request_id, close || r.kind == RefusalKind::BadRequest)
 }
 
 fn upstream_error(request_id: &str, status: StatusCode, detail: &str) -> Response<ProxyBody> {
-    let body =
-        format!("egress gateway: upstream error\nrequest_id: {request_id}\ndetail: {detail}\n");
+    let body = format!("egress gateway: upstream error\nrequest_id: {request_id}\ndetail: {detail}\n");
     text(status, body, "upstream_error", request_id, false)
 }

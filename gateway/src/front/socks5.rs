@@ -87,21 +87,11 @@ async fn serve_conn(gw: &Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr) 
             return;
         }
         Err(_) => {
-            gw.refuse_malformed(
-                &bare_request(&conn),
-                Reason::HeaderTimeout,
-                "SOCKS5 handshake not completed in time",
-            );
+            gw.refuse_malformed(&bare_request(&conn), Reason::HeaderTimeout, "SOCKS5 handshake not completed in time");
             return;
         }
     };
-    let req = EgressRequest {
-        id: conn.next_request_id(),
-        conn,
-        front: Front::Socks5,
-        target,
-        http: None,
-    };
+    let req = EgressRequest { id: conn.next_request_id(), conn, front: Front::Socks5, target, http: None };
     let permit = match gw.authorize(&req).await {
         Ok(p) => p,
         Err(r) => {
@@ -117,17 +107,8 @@ async fn serve_conn(gw: &Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr) 
         }
     };
     let bound = up.stream.local_addr().ok();
-    if let Err(e) = stream
-        .write_all(&reply_bytes(reply::SUCCEEDED, bound))
-        .await
-    {
-        up.log.finish(
-            0,
-            0,
-            crate::audit::End::ClientClosed,
-            None,
-            Some(e.to_string()),
-        );
+    if let Err(e) = stream.write_all(&reply_bytes(reply::SUCCEEDED, bound)).await {
+        up.log.finish(0, 0, crate::audit::End::ClientClosed, None, Some(e.to_string()));
         return;
     }
     let r = crate::relay::relay(stream, up.stream, idle, &gw.stop).await;
@@ -147,9 +128,7 @@ fn bare_request(conn: &Arc<ClientConn>) -> EgressRequest {
 fn code_for(r: &Refusal) -> u8 {
     match r.kind {
         RefusalKind::Denied | RefusalKind::RateLimited => reply::NOT_ALLOWED,
-        RefusalKind::DnsFailure | RefusalKind::Unreachable | RefusalKind::ConnectTimeout => {
-            reply::HOST_UNREACHABLE
-        }
+        RefusalKind::DnsFailure | RefusalKind::Unreachable | RefusalKind::ConnectTimeout => reply::HOST_UNREACHABLE,
         RefusalKind::ConnectRefused => reply::CONNECTION_REFUSED,
         RefusalKind::BadRequest => reply::GENERAL_FAILURE,
     }
@@ -177,17 +156,11 @@ fn malformed(e: std::io::Error) -> Handshake {
     Handshake::Malformed(format!("SOCKS5 handshake: {e}"))
 }
 
-async fn handshake(
-    s: &mut TcpStream,
-    users: &[crate::config::Socks5User],
-) -> Result<RawTarget, Handshake> {
+async fn handshake(s: &mut TcpStream, users: &[crate::config::Socks5User]) -> Result<RawTarget, Handshake> {
     let mut head = [0u8; 2];
     s.read_exact(&mut head).await.map_err(malformed)?;
     if head[0] != 5 {
-        return Err(Handshake::Malformed(format!(
-            "not SOCKS5 (version byte {:#04x})",
-            head[0]
-        )));
+        return Err(Handshake::Malformed(format!("not SOCKS5 (version byte {:#04x})", head[0])));
     }
     let mut methods = vec![0u8; head[1] as usize];
     s.read_exact(&mut methods).await.map_err(malformed)?;
@@ -205,10 +178,7 @@ async fn handshake(
         let mut ver = [0u8; 2];
         s.read_exact(&mut ver).await.map_err(malformed)?;
         if ver[0] != 1 {
-            return Err(Handshake::Malformed(format!(
-                "bad RFC 1929 version {:#04x}",
-                ver[0]
-            )));
+            return Err(Handshake::Malformed(format!("bad RFC 1929 version {:#04x}", ver[0])));
         }
         let mut user = vec![0u8; ver[1] as usize];
         s.read_exact(&mut user).await.map_err(malformed)?;
@@ -216,9 +186,9 @@ async fn handshake(
         s.read_exact(&mut plen).await.map_err(malformed)?;
         let mut pass = vec![0u8; plen[0] as usize];
         s.read_exact(&mut pass).await.map_err(malformed)?;
-        let ok = users.iter().fold(false, |acc, u| {
-            acc | (ct_eq(u.username.as_bytes(), &user) & ct_eq(u.password.as_bytes(), &pass))
-        });
+        let ok = users
+            .iter()
+            .fold(false, |acc, u| acc | (ct_eq(u.username.as_bytes(), &user) & ct_eq(u.password.as_bytes(), &pass)));
         if !ok {
             let _ = s.write_all(&[1, 1]).await;
             return Err(Handshake::AuthFailed(format!(
@@ -231,10 +201,7 @@ async fn handshake(
     let mut req = [0u8; 4];
     s.read_exact(&mut req).await.map_err(malformed)?;
     if req[0] != 5 {
-        return Err(Handshake::Malformed(format!(
-            "bad request version {:#04x}",
-            req[0]
-        )));
+        return Err(Handshake::Malformed(format!("bad request version {:#04x}", req[0])));
     }
     if req[1] != 1 {
         return Err(Handshake::Reply(
@@ -248,20 +215,14 @@ async fn handshake(
             let mut b = [0u8; 6];
             s.read_exact(&mut b).await.map_err(malformed)?;
             let ip = Ipv4Addr::new(b[0], b[1], b[2], b[3]);
-            RawTarget::Addr(SocketAddr::new(
-                IpAddr::V4(ip),
-                u16::from_be_bytes([b[4], b[5]]),
-            ))
+            RawTarget::Addr(SocketAddr::new(IpAddr::V4(ip), u16::from_be_bytes([b[4], b[5]])))
         }
         4 => {
             let mut b = [0u8; 18];
             s.read_exact(&mut b).await.map_err(malformed)?;
             let mut o = [0u8; 16];
             o.copy_from_slice(&b[..16]);
-            RawTarget::Addr(SocketAddr::new(
-                IpAddr::V6(Ipv6Addr::from(o)),
-                u16::from_be_bytes([b[16], b[17]]),
-            ))
+            RawTarget::Addr(SocketAddr::new(IpAddr::V6(Ipv6Addr::from(o)), u16::from_be_bytes([b[16], b[17]])))
         }
         3 => {
             let mut len = [0u8; 1];

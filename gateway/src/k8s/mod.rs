@@ -7,6 +7,7 @@
 //! - Invalid policies are skipped whole (never half-applied) and logged.
 
 mod identity;
+pub mod status;
 
 pub use identity::{PodIdentity, pod_identities};
 
@@ -59,10 +60,7 @@ impl Stores {
                 Some((name.clone(), egress_crds::namespace_labels(&name, &labels)))
             })
             .collect();
-        let mut out = KubeInputs {
-            pods: pod_identities(&self.pods.state(), &ns_labels),
-            ..Default::default()
-        };
+        let mut out = KubeInputs { pods: pod_identities(&self.pods.state(), &ns_labels), ..Default::default() };
         let mut ns_pol: Vec<Arc<EgressPolicy>> = self.policies.state();
         ns_pol.sort_by_key(|p| (p.metadata.namespace.clone(), p.metadata.name.clone()));
         let mut cl_pol: Vec<Arc<ClusterEgressPolicy>> = self.cluster.state();
@@ -70,11 +68,7 @@ impl Stores {
         let all = cl_pol
             .into_iter()
             .map(|p| ("ClusterEgressPolicy", AnyPolicy::Cluster((*p).clone())))
-            .chain(
-                ns_pol
-                    .into_iter()
-                    .map(|p| ("EgressPolicy", AnyPolicy::Namespaced((*p).clone()))),
-            );
+            .chain(ns_pol.into_iter().map(|p| ("EgressPolicy", AnyPolicy::Namespaced((*p).clone()))));
         for (kind, p) in all {
             let mut errors = p.validate();
             let pool = match &p {
@@ -87,9 +81,7 @@ impl Stores {
             {
                 errors.push(egress_crds::FieldError {
                     path: "spec.egressAddress".into(),
-                    message: format!(
-                        "pool {pool:?} is not configured on the gateway (egressAddresses)"
-                    ),
+                    message: format!("pool {pool:?} is not configured on the gateway (egressAddresses)"),
                     reason: "UnknownEgressAddress",
                 });
             }
@@ -103,46 +95,69 @@ impl Stores {
     }
 }
 
-/// Health of the watchers, for readiness and staleness.
+/// Health of the watchers, for staleness: one slot per watcher.
+///
+/// A watcher that fails is stale from its first error until it delivers an event again or, since
+/// an idle watch delivers nothing, until the API answers a probe and that watcher has not failed
+/// for `QUIET` seconds.
 #[derive(Default)]
 pub struct WatchHealth {
-    /// Unix seconds since which some watcher has been failing (0: all healthy).
-    failing_since: AtomicU64,
+    /// Unix seconds since which each watcher has been failing (0: healthy).
+    failing_since: [AtomicU64; 4],
+    /// Unix seconds of each watcher's last error.
+    last_error: [AtomicU64; 4],
 }
+
+const QUIET: u64 = 3;
 
 impl WatchHealth {
     fn now() -> u64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0)
+        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
     }
 
-    fn failed(&self) {
-        let _ = self.failing_since.compare_exchange(
-            0,
-            Self::now(),
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
+    fn failed(&self, slot: usize) {
+        let now = Self::now();
+        let _ = self.failing_since[slot].compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        self.last_error[slot].store(now, Ordering::Relaxed);
     }
 
-    fn ok(&self) {
-        self.failing_since.store(0, Ordering::Relaxed);
+    fn any_failing(&self) -> bool {
+        self.failing_since.iter().any(|t| t.load(Ordering::Relaxed) != 0)
     }
 
-    /// Seconds the snapshot has been possibly stale (0 when every watcher is healthy).
-    pub fn stale_seconds(&self) -> u64 {
-        match self.failing_since.load(Ordering::Relaxed) {
-            0 => 0,
-            t => Self::now().saturating_sub(t),
+    /// The API answered: clear the watchers that have been quiet since.
+    fn api_answered(&self) {
+        let now = Self::now();
+        for slot in 0..4 {
+            if now.saturating_sub(self.last_error[slot].load(Ordering::Relaxed)) >= QUIET {
+                self.failing_since[slot].store(0, Ordering::Relaxed);
+            }
         }
+    }
+
+    fn ok(&self, slot: usize) {
+        self.failing_since[slot].store(0, Ordering::Relaxed);
+    }
+
+    /// Seconds the snapshot has been possibly stale: how long the longest-failing watcher has
+    /// been failing (0 when every watcher is healthy).
+    pub fn stale_seconds(&self) -> u64 {
+        let now = Self::now();
+        self.failing_since
+            .iter()
+            .map(|t| match t.load(Ordering::Relaxed) {
+                0 => 0,
+                t => now.saturating_sub(t),
+            })
+            .max()
+            .unwrap_or(0)
     }
 }
 
 fn watch<K>(
     api: Api<K>,
     what: &'static str,
+    slot: usize,
     tx: tokio::sync::mpsc::Sender<()>,
     health: Arc<WatchHealth>,
 ) -> Store<K>
@@ -151,19 +166,17 @@ where
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
     let (store, writer) = reflector::store();
-    let stream = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .reflect(writer);
+    let stream = watcher(api, watcher::Config::default()).default_backoff().reflect(writer);
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(ev) = stream.next().await {
             match ev {
                 Ok(_) => {
-                    health.ok();
+                    health.ok(slot);
                     let _ = tx.try_send(());
                 }
                 Err(e) => {
-                    health.failed();
+                    health.failed(slot);
                     tracing::warn!(watch = what, error = %e, stale_seconds = health.stale_seconds(), "Kubernetes watch failed; serving the last snapshot");
                 }
             }
@@ -174,12 +187,11 @@ where
 
 /// Connects to the API (KUBECONFIG, `kubernetes.kubeconfig` or in-cluster), starts the
 /// watchers, and keeps the gateway's snapshot in step with them.
-pub async fn start(gw: Arc<Gateway>, kubeconfig: Option<std::path::PathBuf>) -> anyhow::Result<()> {
-    let config = match kubeconfig {
+pub async fn start(gw: Arc<Gateway>, cfg: crate::config::KubernetesConfig) -> anyhow::Result<()> {
+    let config = match cfg.kubeconfig.clone() {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(&path)?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await?
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await?
         }
         None => kube::Config::infer().await?,
     };
@@ -187,31 +199,46 @@ pub async fn start(gw: Arc<Gateway>, kubeconfig: Option<std::path::PathBuf>) -> 
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     let health = gw.kube_health.clone();
     let stores = Stores {
-        pods: watch(
-            Api::<Pod>::all(client.clone()),
-            "pods",
-            tx.clone(),
-            health.clone(),
-        ),
-        namespaces: watch(
-            Api::<Namespace>::all(client.clone()),
-            "namespaces",
-            tx.clone(),
-            health.clone(),
-        ),
-        policies: watch(
-            Api::<EgressPolicy>::all(client.clone()),
-            "egresspolicies",
-            tx.clone(),
-            health.clone(),
-        ),
+        pods: watch(Api::<Pod>::all(client.clone()), "pods", 0, tx.clone(), health.clone()),
+        namespaces: watch(Api::<Namespace>::all(client.clone()), "namespaces", 1, tx.clone(), health.clone()),
+        policies: watch(Api::<EgressPolicy>::all(client.clone()), "egresspolicies", 2, tx.clone(), health.clone()),
         cluster: watch(
             Api::<ClusterEgressPolicy>::all(client.clone()),
             "clusteregresspolicies",
+            3,
             tx.clone(),
             health.clone(),
         ),
     };
+    let (lead_tx, mut lead_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let leader = if cfg.write_status {
+        let ns = cfg
+            .lease_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .unwrap_or_else(|| "default".into());
+        let who = std::env::var("POD_NAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_string()))
+            .unwrap_or_else(|| "egress-gateway".into());
+        let identity = format!("{who}_{}", gw.instance);
+        let election = status::Election::new(client.clone(), &ns, &cfg.lease_name, identity, cfg.lease_duration);
+        let flag = election.flag();
+        tokio::spawn(election.run(lead_tx));
+        Some(flag)
+    } else {
+        None
+    };
+    let is_leader = move || leader.as_ref().is_some_and(|f| f.load(Ordering::Relaxed));
+    let (probe_client, probe_health) = (client.clone(), health.clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if probe_health.any_failing() && probe_client.apiserver_version().await.is_ok() {
+                probe_health.api_answered();
+            }
+        }
+    });
     let gw2 = gw.clone();
     tokio::spawn(async move {
         // Not ready until every watcher has its first full list.
@@ -225,14 +252,28 @@ pub async fn start(gw: Arc<Gateway>, kubeconfig: Option<std::path::PathBuf>) -> 
             tracing::error!("Kubernetes watchers stopped before their first list");
             return;
         }
-        gw2.apply_kube(&stores);
+        let mut inputs = gw2.apply_kube(&stores);
         gw2.set_kube_ready();
         tracing::info!("Kubernetes watchers synced; serving API policies");
-        while rx.recv().await.is_some() {
-            // Coalesce bursts (a relist delivers many events) into one rebuild.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            while rx.try_recv().is_ok() {}
-            gw2.apply_kube(&stores);
+        if is_leader() {
+            status::write_statuses(&client, &stores, &inputs).await;
+        }
+        loop {
+            tokio::select! {
+                changed = rx.recv() => {
+                    if changed.is_none() {
+                        return;
+                    }
+                    // Coalesce bursts (a relist delivers many events) into one rebuild.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    while rx.try_recv().is_ok() {}
+                    inputs = gw2.apply_kube(&stores);
+                }
+                Some(()) = lead_rx.recv() => {}
+            }
+            if is_leader() {
+                status::write_statuses(&client, &stores, &inputs).await;
+            }
         }
     });
     Ok(())

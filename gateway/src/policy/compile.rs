@@ -85,13 +85,7 @@ impl HttpRule {
     pub fn matches(&self, method: &str, path: &str) -> bool {
         (self.methods.is_empty() || self.methods.iter().any(|m| m == method))
             && (self.paths.is_empty()
-                || self.paths.iter().any(|(p, prefix)| {
-                    if *prefix {
-                        path.starts_with(p.as_str())
-                    } else {
-                        path == p
-                    }
-                }))
+                || self.paths.iter().any(|(p, prefix)| if *prefix { path.starts_with(p.as_str()) } else { path == p }))
     }
 }
 
@@ -129,11 +123,7 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Compiles validated policies. `previous` lends its rate-limit buckets to unchanged policies.
-    pub fn compile(
-        default_action: DefaultAction,
-        policies: &[AnyPolicy],
-        previous: Option<&Snapshot>,
-    ) -> Snapshot {
+    pub fn compile(default_action: DefaultAction, policies: &[AnyPolicy], previous: Option<&Snapshot>) -> Snapshot {
         let mut s = Snapshot {
             default_action,
             policies: Vec::new(),
@@ -149,48 +139,35 @@ impl Snapshot {
             .map(|p| {
                 p.policies
                     .iter()
-                    .filter_map(|cp| {
-                        cp.rate_limit
-                            .as_ref()
-                            .map(|rl| ((cp.cluster, &*cp.key), rl))
-                    })
+                    .filter_map(|cp| cp.rate_limit.as_ref().map(|rl| ((cp.cluster, &*cp.key), rl)))
                     .collect()
             })
             .unwrap_or_default();
         for p in policies {
             let idx = s.policies.len();
             let key: Arc<str> = p.key().into();
-            let (cluster, namespace, pod_selector, namespace_selector, mode, egress, rate, rules) =
-                match p {
-                    AnyPolicy::Namespaced(p) => (
-                        false,
-                        p.metadata.namespace.clone(),
-                        p.spec.pod_selector.clone(),
-                        None,
-                        p.spec.mode,
-                        p.spec.egress_address.clone(),
-                        p.spec.rate_limit,
-                        p.spec
-                            .rules
-                            .iter()
-                            .map(|r| (RuleAction::Allow, r.clone()))
-                            .collect::<Vec<_>>(),
-                    ),
-                    AnyPolicy::Cluster(p) => (
-                        true,
-                        None,
-                        p.spec.pod_selector.clone(),
-                        Some(p.spec.namespace_selector.clone()),
-                        p.spec.mode,
-                        p.spec.egress_address.clone(),
-                        p.spec.rate_limit,
-                        p.spec
-                            .rules
-                            .iter()
-                            .map(|r| (r.action, r.matcher()))
-                            .collect(),
-                    ),
-                };
+            let (cluster, namespace, pod_selector, namespace_selector, mode, egress, rate, rules) = match p {
+                AnyPolicy::Namespaced(p) => (
+                    false,
+                    p.metadata.namespace.clone(),
+                    p.spec.pod_selector.clone(),
+                    None,
+                    p.spec.mode,
+                    p.spec.egress_address.clone(),
+                    p.spec.rate_limit,
+                    p.spec.rules.iter().map(|r| (RuleAction::Allow, r.clone())).collect::<Vec<_>>(),
+                ),
+                AnyPolicy::Cluster(p) => (
+                    true,
+                    None,
+                    p.spec.pod_selector.clone(),
+                    Some(p.spec.namespace_selector.clone()),
+                    p.spec.mode,
+                    p.spec.egress_address.clone(),
+                    p.spec.rate_limit,
+                    p.spec.rules.iter().map(|r| (r.action, r.matcher())).collect(),
+                ),
+            };
             let isolates = !cluster || rules.iter().any(|(a, _)| *a == RuleAction::Allow);
             let rate_limit = rate.map(|rl| match old_limiters.get(&(cluster, &*key)) {
                 Some((old, limiter)) if *old == rl => (rl, limiter.clone()),
@@ -222,17 +199,9 @@ impl Snapshot {
         let ri = self.rules.len();
         self.rules.push(CompiledRule {
             policy,
-            name: r
-                .name
-                .clone()
-                .unwrap_or_else(|| format!("rules[{index}]"))
-                .into(),
+            name: r.name.clone().unwrap_or_else(|| format!("rules[{index}]")).into(),
             action,
-            ports: r
-                .ports
-                .iter()
-                .map(|p| (p.port as u16, p.end_port.unwrap_or(p.port) as u16))
-                .collect(),
+            ports: r.ports.iter().map(|p| (p.port as u16, p.end_port.unwrap_or(p.port) as u16)).collect(),
             http: r.http.as_ref().map(|h| {
                 let paths = h
                     .paths
@@ -242,10 +211,7 @@ impl Snapshot {
                         None => (p.clone(), false),
                     })
                     .collect();
-                HttpRule {
-                    methods: h.methods.clone(),
-                    paths,
-                }
+                HttpRule { methods: h.methods.clone(), paths }
             }),
         });
         for peer in &r.to {
@@ -258,11 +224,7 @@ impl Snapshot {
                 }
             }
             if let Some(Ok(net)) = peer.cidr.as_deref().map(parse_cidr) {
-                let except = peer
-                    .except
-                    .iter()
-                    .filter_map(|x| parse_cidr(x).ok())
-                    .collect();
+                let except = peer.except.iter().filter_map(|x| parse_cidr(x).ok()).collect();
                 let entry = CidrEntry { rule: ri, except };
                 match net {
                     IpNet::V4(n) => push_trie(&mut self.cidr_v4, n, entry),

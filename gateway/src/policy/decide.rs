@@ -101,9 +101,7 @@ impl Snapshot {
             .collect();
         out.extend(self.cluster.iter().copied().filter(|&i| {
             let p = &self.policies[i];
-            p.namespace_selector
-                .as_ref()
-                .is_some_and(|s| s.matches(&id.namespace_labels))
+            p.namespace_selector.as_ref().is_some_and(|s| s.matches(&id.namespace_labels))
                 && p.pod_selector.matches(&id.labels)
         }));
         out.sort_unstable();
@@ -140,13 +138,7 @@ impl Snapshot {
         out
     }
 
-    fn rule_applies(
-        &self,
-        ri: usize,
-        selected: &[usize],
-        port: u16,
-        http: Option<&HttpFacts>,
-    ) -> bool {
+    fn rule_applies(&self, ri: usize, selected: &[usize], port: u16, http: Option<&HttpFacts>) -> bool {
         let r = &self.rules[ri];
         if selected.binary_search(&r.policy).is_err() || !r.port_matches(port) {
             return false;
@@ -171,16 +163,8 @@ impl Snapshot {
     }
 
     /// Decides a request. `http` is present only for plain-HTTP requests the gateway sees in full.
-    pub fn decide(
-        &self,
-        guard: &Guard,
-        id: Option<&Identity>,
-        target: &Target,
-        http: Option<&HttpFacts>,
-    ) -> Decision {
-        let selected: Arc<[usize]> = id
-            .map(|i| i.selected.clone())
-            .unwrap_or_else(|| Arc::from([]));
+    pub fn decide(&self, guard: &Guard, id: Option<&Identity>, target: &Target, http: Option<&HttpFacts>) -> Decision {
+        let selected: Arc<[usize]> = id.map(|i| i.selected.clone()).unwrap_or_else(|| Arc::from([]));
         let mut exempt = None;
         let mut internal = None;
         let (candidates, via) = match &target.host {
@@ -206,28 +190,14 @@ impl Snapshot {
                 (self.name_candidates(n), PeerMatch::Domain)
             }
         };
-        let mut applicable: Vec<usize> = candidates
-            .into_iter()
-            .filter(|&ri| self.rule_applies(ri, &selected, target.port, http))
-            .collect();
+        let mut applicable: Vec<usize> =
+            candidates.into_iter().filter(|&ri| self.rule_applies(ri, &selected, target.port, http)).collect();
         applicable.sort_unstable();
-        let deny = applicable
-            .iter()
-            .find(|&&ri| self.rules[ri].action == RuleAction::Deny);
-        let allow = applicable
-            .iter()
-            .find(|&&ri| self.rules[ri].action == RuleAction::Allow);
+        let deny = applicable.iter().find(|&&ri| self.rules[ri].action == RuleAction::Deny);
+        let allow = applicable.iter().find(|&&ri| self.rules[ri].action == RuleAction::Allow);
         let mut d = match (deny, allow) {
-            (Some(&ri), _) => self.decided_by(
-                ri,
-                Decision::new(Action::Deny, Reason::ClusterDeny, selected),
-                via,
-            ),
-            (None, Some(&ri)) => self.decided_by(
-                ri,
-                Decision::new(Action::Allow, Reason::RuleAllow, selected),
-                via,
-            ),
+            (Some(&ri), _) => self.decided_by(ri, Decision::new(Action::Deny, Reason::ClusterDeny, selected), via),
+            (None, Some(&ri)) => self.decided_by(ri, Decision::new(Action::Allow, Reason::RuleAllow, selected), via),
             (None, None) => self.fallback(selected),
         };
         d.guard_exempt = exempt;
@@ -244,23 +214,15 @@ impl Snapshot {
     /// No rule matched: isolated clients are denied (or let through by Audit mode), others get
     /// the default action.
     fn fallback(&self, selected: Arc<[usize]>) -> Decision {
-        let isolating: Vec<usize> = selected
-            .iter()
-            .copied()
-            .filter(|&i| self.policies[i].isolates)
-            .collect();
+        let isolating: Vec<usize> = selected.iter().copied().filter(|&i| self.policies[i].isolates).collect();
         if isolating.is_empty() {
             return match self.default_action {
-                DefaultAction::Allow => {
-                    Decision::new(Action::Allow, Reason::DefaultAllow, selected)
-                }
+                DefaultAction::Allow => Decision::new(Action::Allow, Reason::DefaultAllow, selected),
                 DefaultAction::Deny => Decision::new(Action::Deny, Reason::DefaultDeny, selected),
             };
         }
         let first = &self.policies[isolating[0]];
-        let all_audit = isolating
-            .iter()
-            .all(|&i| self.policies[i].mode == Mode::Audit);
+        let all_audit = isolating.iter().all(|&i| self.policies[i].mode == Mode::Audit);
         let mut d = if all_audit {
             Decision::new(Action::Allow, Reason::AuditWouldDeny, selected)
         } else {
@@ -269,42 +231,22 @@ impl Snapshot {
         let decider = if all_audit {
             first
         } else {
-            isolating
-                .iter()
-                .map(|&i| &self.policies[i])
-                .find(|p| p.mode == Mode::Enforce)
-                .unwrap_or(first)
+            isolating.iter().map(|&i| &self.policies[i]).find(|p| p.mode == Mode::Enforce).unwrap_or(first)
         };
         d.policy = Some(decider.key.clone());
         d.mode = decider.mode;
-        d.policy_index = isolating
-            .iter()
-            .copied()
-            .find(|&i| Arc::ptr_eq(&self.policies[i].key, &decider.key));
+        d.policy_index = isolating.iter().copied().find(|&i| Arc::ptr_eq(&self.policies[i].key, &decider.key));
         d.egress_address = decider.egress_address.clone();
         d
     }
 
     /// A cluster Deny rule that matches a resolved address (so a namespaced domain allow cannot
     /// reach a range the platform denied by CIDR): `(policy, rule)`.
-    pub fn deny_for_address(
-        &self,
-        selected: &[usize],
-        ip: IpAddr,
-        port: u16,
-    ) -> Option<(Arc<str>, Arc<str>)> {
+    pub fn deny_for_address(&self, selected: &[usize], ip: IpAddr, port: u16) -> Option<(Arc<str>, Arc<str>)> {
         self.cidr_candidates(ip)
             .into_iter()
-            .filter(|&ri| {
-                self.rules[ri].action == RuleAction::Deny
-                    && self.rule_applies(ri, selected, port, None)
-            })
+            .filter(|&ri| self.rules[ri].action == RuleAction::Deny && self.rule_applies(ri, selected, port, None))
             .min()
-            .map(|ri| {
-                (
-                    self.policies[self.rules[ri].policy].key.clone(),
-                    self.rules[ri].name.clone(),
-                )
-            })
+            .map(|ri| (self.policies[self.rules[ri].policy].key.clone(), self.rules[ri].name.clone()))
     }
 }

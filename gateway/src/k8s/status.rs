@@ -1,0 +1,239 @@
+//! Policy status, written by one replica at a time.
+//!
+//! Leader election is a small Lease lock (no maintained crate fitted kube 5 at the time): every
+//! `leaseDuration / 3` the replica reads the `coordination.k8s.io/v1` Lease; it creates it when
+//! absent, renews it when it holds it, and takes it over when the holder has not renewed for
+//! `leaseDuration`. Every write carries the `resourceVersion` it read, so two replicas racing for
+//! an expired lease cannot both win (the API answers 409 to the loser).
+//!
+//! The leader writes each policy's status with server-side apply (field manager
+//! `egress-gateway`): `observedGeneration`, an `Accepted` condition (`True`/`Valid`, or `False`
+//! with the reason of the first problem and every problem in the message) and `selectedPods`.
+//! Unchanged statuses are not written again.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use egress_crds::{AnyPolicy, ClusterEgressPolicy, Condition, EgressPolicy, FieldError, PolicyStatus};
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+
+use super::{KubeInputs, Stores};
+
+/// Field manager of every status write.
+pub const FIELD_MANAGER: &str = "egress-gateway";
+
+/// Lease-based leader election.
+pub struct Election {
+    api: Api<Lease>,
+    name: String,
+    identity: String,
+    duration: Duration,
+    leader: Arc<AtomicBool>,
+}
+
+impl Election {
+    /// An election on Lease `namespace/name` as `identity`.
+    pub fn new(client: Client, namespace: &str, name: &str, identity: String, duration: Duration) -> Self {
+        Election {
+            api: Api::namespaced(client, namespace),
+            name: name.to_string(),
+            identity,
+            duration,
+            leader: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Whether this replica holds the lease.
+    pub fn flag(&self) -> Arc<AtomicBool> {
+        self.leader.clone()
+    }
+
+    /// Runs forever; `became_leader` is signalled on every transition to leader.
+    pub async fn run(self, became_leader: tokio::sync::mpsc::Sender<()>) {
+        let period = (self.duration / 3).max(Duration::from_millis(200));
+        loop {
+            let was = self.leader.load(Ordering::Relaxed);
+            let now = match self.try_acquire_or_renew().await {
+                Ok(held) => held,
+                Err(e) => {
+                    tracing::warn!(lease = %self.name, error = %e, "lease update failed");
+                    false
+                }
+            };
+            self.leader.store(now, Ordering::Relaxed);
+            if now && !was {
+                tracing::info!(identity = %self.identity, "became the status writer (lease acquired)");
+                let _ = became_leader.try_send(());
+            } else if was && !now {
+                tracing::warn!(identity = %self.identity, "lost the lease; no longer writing status");
+            }
+            tokio::time::sleep(period).await;
+        }
+    }
+
+    async fn try_acquire_or_renew(&self) -> Result<bool, kube::Error> {
+        let now = MicroTime(Timestamp::now());
+        let secs = self.duration.as_secs().max(1) as i32;
+        let current = match self.api.get_opt(&self.name).await? {
+            Some(l) => l,
+            None => {
+                let lease = Lease {
+                    metadata: ObjectMeta { name: Some(self.name.clone()), ..Default::default() },
+                    spec: Some(LeaseSpec {
+                        holder_identity: Some(self.identity.clone()),
+                        lease_duration_seconds: Some(secs),
+                        acquire_time: Some(now.clone()),
+                        renew_time: Some(now),
+                        lease_transitions: Some(0),
+                        ..Default::default()
+                    }),
+                };
+                return match self.api.create(&PostParams::default(), &lease).await {
+                    Ok(_) => Ok(true),
+                    Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+                    Err(e) => Err(e),
+                };
+            }
+        };
+        let spec = current.spec.clone().unwrap_or_default();
+        let holder = spec.holder_identity.clone().unwrap_or_default();
+        let mine = holder == self.identity;
+        let expired = match (&spec.renew_time, spec.lease_duration_seconds) {
+            (Some(t), Some(d)) => {
+                let age = Timestamp::now().duration_since(t.0);
+                age.as_secs() >= i64::from(d)
+            }
+            _ => true,
+        };
+        if !mine && !holder.is_empty() && !expired {
+            return Ok(false);
+        }
+        let mut next = current.clone();
+        let mut s = spec;
+        if !mine {
+            s.holder_identity = Some(self.identity.clone());
+            s.acquire_time = Some(now.clone());
+            s.lease_transitions = Some(s.lease_transitions.unwrap_or(0) + 1);
+        }
+        s.renew_time = Some(now);
+        s.lease_duration_seconds = Some(secs);
+        next.spec = Some(s);
+        match self.api.replace(&self.name, &PostParams::default(), &next).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The status a policy should have.
+fn desired(
+    generation: Option<i64>,
+    errors: Option<&[FieldError]>,
+    selected: i64,
+    current: Option<&PolicyStatus>,
+) -> PolicyStatus {
+    let (status, reason, message) = match errors {
+        None => ("True", "Valid".to_string(), String::new()),
+        Some(errs) => (
+            "False",
+            errs.first().map(|e| e.reason.to_string()).unwrap_or_else(|| "Invalid".into()),
+            errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "),
+        ),
+    };
+    let prev = current.and_then(|c| c.conditions.iter().find(|c| c.type_ == "Accepted"));
+    let last_transition_time = match prev {
+        Some(p) if p.status == status => p.last_transition_time.clone(),
+        _ => Some(Timestamp::now().to_string()),
+    };
+    PolicyStatus {
+        observed_generation: generation,
+        conditions: vec![Condition {
+            type_: "Accepted".into(),
+            status: status.into(),
+            reason,
+            message,
+            last_transition_time,
+            observed_generation: generation,
+        }],
+        selected_pods: Some(selected),
+    }
+}
+
+fn same(a: &PolicyStatus, b: Option<&PolicyStatus>) -> bool {
+    let Some(b) = b else { return false };
+    let strip = |s: &PolicyStatus| {
+        let mut s = s.clone();
+        for c in &mut s.conditions {
+            c.last_transition_time = None;
+        }
+        s
+    };
+    strip(a) == strip(b)
+}
+
+fn selected_pods(p: &AnyPolicy, inputs: &KubeInputs) -> i64 {
+    inputs
+        .pods
+        .iter()
+        .filter(|pod| match p {
+            AnyPolicy::Namespaced(p) => {
+                p.metadata.namespace.as_deref() == Some(pod.namespace.as_str())
+                    && p.spec.pod_selector.matches(&pod.labels)
+            }
+            AnyPolicy::Cluster(p) => {
+                p.spec.namespace_selector.matches(&pod.namespace_labels) && p.spec.pod_selector.matches(&pod.labels)
+            }
+        })
+        .count() as i64
+}
+
+/// Writes every status that differs from what the API has.
+pub async fn write_statuses(client: &Client, stores: &Stores, inputs: &KubeInputs) {
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let error_of = |key: &str, cluster: bool| {
+        inputs
+            .invalid
+            .iter()
+            .find(|(kind, k, _)| k == key && (*kind == "ClusterEgressPolicy") == cluster)
+            .map(|(_, _, e)| e.as_slice())
+    };
+    for p in stores.policies.state() {
+        let any = AnyPolicy::Namespaced((*p).clone());
+        let want =
+            desired(p.metadata.generation, error_of(&any.key(), false), selected_pods(&any, inputs), p.status.as_ref());
+        if same(&want, p.status.as_ref()) {
+            continue;
+        }
+        let (Some(ns), Some(name)) = (p.metadata.namespace.as_deref(), p.metadata.name.as_deref()) else {
+            continue;
+        };
+        let body = serde_json::json!({"apiVersion": egress_crds::API_VERSION, "kind": "EgressPolicy", "status": want});
+        let api: Api<EgressPolicy> = Api::namespaced(client.clone(), ns);
+        if let Err(e) = api.patch_status(name, &params, &Patch::Apply(&body)).await {
+            tracing::warn!(policy = %any.key(), error = %e, "status write failed");
+        }
+    }
+    for p in stores.cluster.state() {
+        let any = AnyPolicy::Cluster((*p).clone());
+        let want =
+            desired(p.metadata.generation, error_of(&any.key(), true), selected_pods(&any, inputs), p.status.as_ref());
+        if same(&want, p.status.as_ref()) {
+            continue;
+        }
+        let Some(name) = p.metadata.name.as_deref() else {
+            continue;
+        };
+        let body =
+            serde_json::json!({"apiVersion": egress_crds::API_VERSION, "kind": "ClusterEgressPolicy", "status": want});
+        let api: Api<ClusterEgressPolicy> = Api::all(client.clone());
+        if let Err(e) = api.patch_status(name, &params, &Patch::Apply(&body)).await {
+            tracing::warn!(policy = %any.key(), error = %e, "status write failed");
+        }
+    }
+}
