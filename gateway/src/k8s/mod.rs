@@ -158,6 +158,7 @@ fn watch<K>(
     api: Api<K>,
     what: &'static str,
     slot: usize,
+    trim: fn(&mut K),
     tx: tokio::sync::mpsc::Sender<()>,
     health: Arc<WatchHealth>,
 ) -> Store<K>
@@ -166,7 +167,7 @@ where
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
     let (store, writer) = reflector::store();
-    let stream = watcher(api, watcher::Config::default()).default_backoff().reflect(writer);
+    let stream = watcher(api, watcher::Config::default()).default_backoff().modify(trim).reflect(writer);
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(ev) = stream.next().await {
@@ -185,6 +186,34 @@ where
     store
 }
 
+/// Keeps only what identity needs of a Pod: names, labels, uid, node, service account,
+/// hostNetwork, phase and IPs.
+fn trim_pod(p: &mut Pod) {
+    p.metadata.managed_fields = None;
+    p.metadata.annotations = None;
+    p.metadata.owner_references = None;
+    if let Some(spec) = p.spec.take() {
+        p.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+            host_network: spec.host_network,
+            node_name: spec.node_name,
+            service_account_name: spec.service_account_name,
+            ..Default::default()
+        });
+    }
+    if let Some(st) = p.status.take() {
+        p.status = Some(k8s_openapi::api::core::v1::PodStatus {
+            phase: st.phase,
+            pod_ip: st.pod_ip,
+            pod_ips: st.pod_ips,
+            ..Default::default()
+        });
+    }
+}
+
+fn trim_meta<K: Resource>(o: &mut K) {
+    o.meta_mut().managed_fields = None;
+}
+
 /// Connects to the API (KUBECONFIG, `kubernetes.kubeconfig` or in-cluster), starts the
 /// watchers, and keeps the gateway's snapshot in step with them.
 pub async fn start(gw: Arc<Gateway>, cfg: crate::config::KubernetesConfig) -> anyhow::Result<()> {
@@ -199,13 +228,28 @@ pub async fn start(gw: Arc<Gateway>, cfg: crate::config::KubernetesConfig) -> an
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     let health = gw.kube_health.clone();
     let stores = Stores {
-        pods: watch(Api::<Pod>::all(client.clone()), "pods", 0, tx.clone(), health.clone()),
-        namespaces: watch(Api::<Namespace>::all(client.clone()), "namespaces", 1, tx.clone(), health.clone()),
-        policies: watch(Api::<EgressPolicy>::all(client.clone()), "egresspolicies", 2, tx.clone(), health.clone()),
+        pods: watch(Api::<Pod>::all(client.clone()), "pods", 0, trim_pod, tx.clone(), health.clone()),
+        namespaces: watch(
+            Api::<Namespace>::all(client.clone()),
+            "namespaces",
+            1,
+            trim_meta,
+            tx.clone(),
+            health.clone(),
+        ),
+        policies: watch(
+            Api::<EgressPolicy>::all(client.clone()),
+            "egresspolicies",
+            2,
+            trim_meta,
+            tx.clone(),
+            health.clone(),
+        ),
         cluster: watch(
             Api::<ClusterEgressPolicy>::all(client.clone()),
             "clusteregresspolicies",
             3,
+            trim_meta,
             tx.clone(),
             health.clone(),
         ),
