@@ -8,6 +8,7 @@
 // kube-derive repeats `type_` in each `printcolumn(...)`; clippy takes them for duplicated attributes.
 #![allow(clippy::duplicated_attributes)]
 
+pub mod cel;
 pub mod domain;
 pub mod manifests;
 pub mod selector;
@@ -47,6 +48,7 @@ pub const API_VERSION: &str = "egress.dev/v1alpha1";
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(transform = cel::spec)]
 pub struct EgressPolicySpec {
     /// Selects the Pods of this namespace the policy applies to. `{}` selects every Pod of the namespace.
     pub pod_selector: LabelSelector,
@@ -60,9 +62,11 @@ pub struct EgressPolicySpec {
     pub redirect: Redirect,
     /// Name of a source-address pool configured on the gateway (`egressAddresses`); absent means `default`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
     pub egress_address: Option<String>,
     /// Allow rules. An empty list allows nothing (the selected Pods are isolated).
     #[serde(default)]
+    #[schemars(length(max = 256))]
     pub rules: Vec<EgressRule>,
     /// Token bucket applied per client Pod to the requests this policy allows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -86,6 +90,7 @@ pub struct EgressPolicySpec {
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(transform = cel::spec)]
 pub struct ClusterEgressPolicySpec {
     /// Selects the namespaces by their labels. Every namespace carries
     /// `kubernetes.io/metadata.name: <name>`. `{}` selects every namespace.
@@ -100,9 +105,11 @@ pub struct ClusterEgressPolicySpec {
     pub redirect: Redirect,
     /// Name of a source-address pool configured on the gateway; absent means `default`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
     pub egress_address: Option<String>,
     /// Rules with an explicit action. Deny rules are evaluated before any Allow rule of any policy.
     #[serde(default)]
+    #[schemars(length(max = 256))]
     pub rules: Vec<ClusterEgressRule>,
     /// Token bucket applied per client Pod to the requests this policy allows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -141,14 +148,18 @@ pub enum RuleAction {
 /// One allow rule: destinations, optional ports, optional HTTP constraints.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(transform = cel::egress_rule)]
 pub struct EgressRule {
     /// Name reported in audit events and decisions. Defaults to `rules[N]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
     pub name: Option<String>,
     /// Destinations (at least one): each either a `domain` or a `cidr`.
+    #[schemars(length(min = 1, max = 128))]
     pub to: Vec<Peer>,
     /// Destination ports. Empty means any port.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     pub ports: Vec<PortRange>,
     /// Method and path constraints. A rule with `http` only matches plain-HTTP requests the gateway
     /// sees in full (absolute-form); it never matches a CONNECT, SOCKS or TLS target.
@@ -159,16 +170,20 @@ pub struct EgressRule {
 /// One ClusterEgressPolicy rule.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(transform = cel::egress_rule)]
 pub struct ClusterEgressRule {
     /// Name reported in audit events and decisions. Defaults to `rules[N]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
     pub name: Option<String>,
     /// `Allow` or `Deny`.
     pub action: RuleAction,
     /// Destinations (at least one): each either a `domain` or a `cidr`.
+    #[schemars(length(min = 1, max = 128))]
     pub to: Vec<Peer>,
     /// Destination ports. Empty means any port.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     pub ports: Vec<PortRange>,
     /// Method and path constraints, as in EgressPolicy rules.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -185,24 +200,29 @@ impl ClusterEgressRule {
 /// A destination: exactly one of `domain` or `cidr`.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(transform = cel::peer)]
 pub struct Peer {
     /// An exact host name (`api.stripe.com`) or `*.` followed by a name (`*.stripe.com`: one or more
     /// labels below stripe.com, never stripe.com itself). Case-insensitive; IDNA names are compared
     /// in punycode. A domain never opens private (RFC 1918, CGNAT, ULA) addresses, whatever it resolves to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
     pub domain: Option<String>,
     /// An IPv4 or IPv6 prefix such as `10.40.0.0/16`. Matches targets given as IP addresses.
     /// The only way to open private ranges.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
     pub cidr: Option<String>,
     /// Prefixes inside `cidr` that stay closed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(max = 64)))]
     pub except: Vec<String>,
 }
 
 /// A TCP port or an inclusive range of ports.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(transform = cel::port_range)]
 pub struct PortRange {
     /// The port, 1..65535.
     #[schemars(range(min = 1, max = 65535))]
@@ -216,13 +236,16 @@ pub struct PortRange {
 /// HTTP constraints of a rule.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(transform = cel::http)]
 pub struct HttpMatch {
     /// Allowed methods (upper case). Empty means any method.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(max = 32)))]
     pub methods: Vec<String>,
     /// Allowed paths: a pattern ending in `*` matches every path starting with what precedes the `*`;
     /// any other pattern matches that path exactly. The query string never takes part. Empty means any path.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(max = 1024)))]
     pub paths: Vec<String>,
 }
 

@@ -21,6 +21,7 @@ pub struct LabelSelector {
 /// One set-based requirement.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(transform = crate::cel::requirement)]
 pub struct LabelSelectorRequirement {
     /// The label key.
     pub key: String,

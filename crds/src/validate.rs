@@ -5,6 +5,11 @@ use std::fmt;
 
 use ipnet::IpNet;
 
+use std::sync::LazyLock;
+
+use regex::Regex;
+
+use crate::cel;
 use crate::domain::DomainPattern;
 use crate::{ClusterEgressPolicy, EgressPolicy, EgressRule, HttpMatch, LabelSelector, RateLimit};
 
@@ -39,6 +44,9 @@ pub fn egress_policy(p: &EgressPolicy) -> Vec<FieldError> {
     metadata(&mut e, p.metadata.name.as_deref(), p.metadata.namespace.as_deref(), true);
     selector(&mut e, "spec.podSelector", &p.spec.pod_selector);
     common(&mut e, p.spec.egress_address.as_deref(), p.spec.rate_limit.as_ref());
+    if p.spec.rules.len() > cel::MAX_RULES {
+        e.push("spec.rules", "InvalidRule", format!("at most {} rules", cel::MAX_RULES));
+    }
     let mut names = Vec::new();
     for (i, r) in p.spec.rules.iter().enumerate() {
         rule(&mut e, &format!("spec.rules[{i}]"), r, &mut names);
@@ -53,6 +61,9 @@ pub fn cluster_egress_policy(p: &ClusterEgressPolicy) -> Vec<FieldError> {
     selector(&mut e, "spec.namespaceSelector", &p.spec.namespace_selector);
     selector(&mut e, "spec.podSelector", &p.spec.pod_selector);
     common(&mut e, p.spec.egress_address.as_deref(), p.spec.rate_limit.as_ref());
+    if p.spec.rules.len() > cel::MAX_RULES {
+        e.push("spec.rules", "InvalidRule", format!("at most {} rules", cel::MAX_RULES));
+    }
     let mut names = Vec::new();
     for (i, r) in p.spec.rules.iter().enumerate() {
         rule(&mut e, &format!("spec.rules[{i}]"), &r.matcher(), &mut names);
@@ -90,8 +101,8 @@ fn selector(e: &mut Errors, path: &str, s: &LabelSelector) {
 }
 
 fn common(e: &mut Errors, egress_address: Option<&str>, rate: Option<&RateLimit>) {
-    if egress_address.is_some_and(str::is_empty) {
-        e.push("spec.egressAddress", "InvalidEgressAddress", "must not be empty (omit it for `default`)");
+    if egress_address.is_some_and(|a| a.is_empty() || a.len() > 253) {
+        e.push("spec.egressAddress", "InvalidEgressAddress", "must be 1-253 characters (omit it for `default`)");
     }
     if let Some(r) = rate {
         if r.requests_per_second == 0 {
@@ -103,19 +114,51 @@ fn common(e: &mut Errors, egress_address: Option<&str>, rate: Option<&RateLimit>
     }
 }
 
-/// Parses a CIDR strictly: host bits must be zero.
+static DOMAIN: LazyLock<Regex> = LazyLock::new(|| Regex::new(cel::DOMAIN_RE).expect("valid regex"));
+static NUMERIC_TLD: LazyLock<Regex> = LazyLock::new(|| Regex::new(cel::NUMERIC_TLD_RE).expect("valid regex"));
+static RULE_NAME: LazyLock<Regex> = LazyLock::new(|| Regex::new(cel::RULE_NAME_RE).expect("valid regex"));
+static METHOD: LazyLock<Regex> = LazyLock::new(|| Regex::new(cel::METHOD_RE).expect("valid regex"));
+static PATH: LazyLock<Regex> = LazyLock::new(|| Regex::new(cel::PATH_RE).expect("valid regex"));
+
+/// Parses a CIDR strictly, as the admission rule does: host bits must be zero and IPv4-mapped
+/// IPv6 prefixes are refused (write the IPv4 prefix).
 pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
     let net: IpNet = s.parse().map_err(|_| format!("{s:?} is not an IP prefix like 10.0.0.0/8 or 2001:db8::/32"))?;
+    if let IpNet::V6(n) = net
+        && n.addr().to_ipv4_mapped().is_some()
+    {
+        return Err(format!("{s:?} is an IPv4-mapped IPv6 prefix; write the IPv4 prefix"));
+    }
     if net.trunc() != net {
         return Err(format!("{s:?} has host bits set; did you mean {}?", net.trunc()));
     }
     Ok(net)
 }
 
+/// Checks a domain pattern exactly as the admission rule does: the canonical form only.
+pub fn check_domain(d: &str) -> Result<(), String> {
+    let max = if d.starts_with("*.") { 255 } else { 253 };
+    if d.len() <= max && DOMAIN.is_match(d) && !NUMERIC_TLD.is_match(d) {
+        return Ok(());
+    }
+    Err(match DomainPattern::parse(d) {
+        Ok(DomainPattern::Exact(n)) if n != d => format!("{d:?} is not in canonical form; write {n:?}"),
+        Ok(DomainPattern::Suffix(n)) if format!("*.{n}") != d => {
+            format!("{d:?} is not in canonical form; write \"*.{n}\"")
+        }
+        Err(e) => format!("{d:?}: {e}"),
+        _ => format!("{d:?}: labels are a-z, 0-9, '-' and '_', and do not start or end with '-'"),
+    })
+}
+
 fn rule(e: &mut Errors, path: &str, r: &EgressRule, names: &mut Vec<String>) {
     if let Some(n) = &r.name {
-        if n.is_empty() || n.len() > 253 || n.chars().any(|c| c.is_control() || c.is_whitespace()) {
-            e.push(format!("{path}.name"), "InvalidRuleName", "must be 1-253 characters without spaces");
+        if !RULE_NAME.is_match(n) {
+            e.push(
+                format!("{path}.name"),
+                "InvalidRuleName",
+                "must be 1-253 letters, digits, '-', '_' or '.', starting and ending with a letter or digit",
+            );
         } else if names.contains(n) {
             e.push(format!("{path}.name"), "InvalidRuleName", format!("duplicate rule name {n:?}"));
         } else {
@@ -125,13 +168,19 @@ fn rule(e: &mut Errors, path: &str, r: &EgressRule, names: &mut Vec<String>) {
     if r.to.is_empty() {
         e.push(format!("{path}.to"), "InvalidPeer", "at least one destination (domain or cidr) is required");
     }
+    if r.to.len() > cel::MAX_PEERS {
+        e.push(format!("{path}.to"), "InvalidPeer", format!("at most {} destinations", cel::MAX_PEERS));
+    }
+    if r.ports.len() > cel::MAX_SMALL {
+        e.push(format!("{path}.ports"), "InvalidPort", format!("at most {} ports", cel::MAX_SMALL));
+    }
     for (j, peer) in r.to.iter().enumerate() {
         let pp = format!("{path}.to[{j}]");
         match (&peer.domain, &peer.cidr) {
             (Some(_), Some(_)) | (None, None) => e.push(pp.clone(), "InvalidPeer", "set exactly one of domain or cidr"),
             (Some(d), None) => {
-                if let Err(err) = DomainPattern::parse(d) {
-                    e.push(format!("{pp}.domain"), "InvalidDomain", format!("{d:?}: {err}"));
+                if let Err(m) = check_domain(d) {
+                    e.push(format!("{pp}.domain"), "InvalidDomain", m);
                 }
                 if !peer.except.is_empty() {
                     e.push(format!("{pp}.except"), "InvalidCidr", "except only applies to a cidr");
@@ -140,6 +189,9 @@ fn rule(e: &mut Errors, path: &str, r: &EgressRule, names: &mut Vec<String>) {
             (None, Some(c)) => match parse_cidr(c) {
                 Err(m) => e.push(format!("{pp}.cidr"), "InvalidCidr", m),
                 Ok(net) => {
+                    if peer.except.len() > cel::MAX_SMALL {
+                        e.push(format!("{pp}.except"), "InvalidCidr", format!("at most {} entries", cel::MAX_SMALL));
+                    }
                     for (k, x) in peer.except.iter().enumerate() {
                         let xp = format!("{pp}.except[{k}]");
                         match parse_cidr(x) {
@@ -173,9 +225,14 @@ fn rule(e: &mut Errors, path: &str, r: &EgressRule, names: &mut Vec<String>) {
 }
 
 fn http(e: &mut Errors, path: &str, h: &HttpMatch) {
+    if h.methods.len() > cel::MAX_METHODS {
+        e.push(format!("{path}.methods"), "InvalidHttp", format!("at most {} methods", cel::MAX_METHODS));
+    }
+    if h.paths.len() > cel::MAX_SMALL {
+        e.push(format!("{path}.paths"), "InvalidHttp", format!("at most {} paths", cel::MAX_SMALL));
+    }
     for (i, m) in h.methods.iter().enumerate() {
-        let token = !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_');
-        if !token {
+        if m.len() > 32 || !METHOD.is_match(m) {
             e.push(format!("{path}.methods[{i}]"), "InvalidHttp", format!("{m:?} is not an upper-case HTTP method"));
         } else if m == "CONNECT" {
             e.push(
@@ -186,16 +243,11 @@ fn http(e: &mut Errors, path: &str, h: &HttpMatch) {
         }
     }
     for (i, p) in h.paths.iter().enumerate() {
-        let star = p.find('*');
-        if !p.starts_with('/') {
-            e.push(format!("{path}.paths[{i}]"), "InvalidHttp", format!("{p:?} must start with '/'"));
-        } else if star.is_some_and(|s| s != p.len() - 1) {
-            e.push(format!("{path}.paths[{i}]"), "InvalidHttp", format!("{p:?}: '*' is only allowed at the end"));
-        } else if p.contains('?') || p.contains('#') {
+        if p.len() > 1024 || !PATH.is_match(p) {
             e.push(
                 format!("{path}.paths[{i}]"),
                 "InvalidHttp",
-                format!("{p:?}: the query string never takes part in matching"),
+                format!("{p:?}: paths start with '/', may end with '*' (prefix match) and never contain '?' or '#'"),
             );
         }
     }

@@ -1,0 +1,154 @@
+//! Every example in crds/examples/ is accepted, and every counter-example in crds/examples/invalid/
+//! is rejected, by the three places that judge a policy: the CRD's structural schema (JSON Schema),
+//! its CEL admission rules (kube-cel: the Kubernetes CEL libraries, evaluated offline), and the
+//! Rust validation the gateway runs. They must agree.
+
+use std::path::{Path, PathBuf};
+
+use egress_crds::{AnyPolicy, ClusterEgressPolicy, EgressPolicy};
+use kube::CustomResourceExt;
+use serde::Deserialize;
+use serde_json::Value;
+
+fn schema_of(kind: &str) -> Value {
+    let crd = match kind {
+        "EgressPolicy" => serde_json::to_value(EgressPolicy::crd()).unwrap(),
+        "ClusterEgressPolicy" => serde_json::to_value(ClusterEgressPolicy::crd()).unwrap(),
+        other => panic!("unknown kind {other}"),
+    };
+    crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
+}
+
+/// The openAPIV3Schema as a JSON Schema: `nullable: true` becomes a type union with null.
+fn as_json_schema(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => {
+            let mut out = serde_json::Map::new();
+            for (k, x) in m {
+                if k.starts_with("x-kubernetes-") || k == "nullable" {
+                    continue;
+                }
+                out.insert(k.clone(), as_json_schema(x));
+            }
+            if m.get("nullable") == Some(&Value::Bool(true))
+                && let Some(Value::String(t)) = m.get("type")
+            {
+                out.insert("type".into(), serde_json::json!([t, "null"]));
+            }
+            Value::Object(out)
+        }
+        Value::Array(a) => Value::Array(a.iter().map(as_json_schema).collect()),
+        other => other.clone(),
+    }
+}
+
+fn documents(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|d| Value::deserialize(d).unwrap())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// (schema errors, CEL errors, Rust errors) for one document.
+fn judge(doc: &Value) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let kind = doc["kind"].as_str().unwrap();
+    let schema = schema_of(kind);
+    let validator = jsonschema::validator_for(&as_json_schema(&schema)).expect("the CRD schema compiles");
+    let schema_errors: Vec<String> =
+        validator.iter_errors(doc).map(|e| format!("{}: {}", e.instance_path(), e)).collect();
+    let cel_errors: Vec<String> = match kube::core::cel::Validator::new().validate(&schema, doc, None) {
+        Ok(()) => vec![],
+        Err(errs) => errs.into_vec().into_iter().map(|e| format!("{}: {}", e.field_path, e.message)).collect(),
+    };
+    let rust_errors: Vec<String> = match AnyPolicy::from_value(doc.clone()) {
+        Ok(p) => p.validate().into_iter().map(|e| e.to_string()).collect(),
+        Err(e) => vec![format!("decode: {e}")],
+    };
+    (schema_errors, cel_errors, rust_errors)
+}
+
+#[test]
+fn every_cel_rule_compiles() {
+    for kind in ["EgressPolicy", "ClusterEgressPolicy"] {
+        let compiled = kube::core::cel::compile_schema(&schema_of(kind));
+        assert!(!compiled.has_errors(), "{kind}: {:?}", compiled.compilation_errors());
+    }
+}
+
+#[test]
+fn examples_are_accepted_everywhere() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut n = 0;
+    for f in files(&dir) {
+        for doc in documents(&f) {
+            let (s, c, r) = judge(&doc);
+            assert!(s.is_empty() && c.is_empty() && r.is_empty(), "{}: schema {s:?} CEL {c:?} Rust {r:?}", f.display());
+            n += 1;
+        }
+    }
+    assert!(n >= 4, "examples found: {n}");
+}
+
+#[test]
+fn counter_examples_are_rejected_everywhere() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/invalid");
+    let files = files(&dir);
+    assert!(files.len() >= 20);
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        let expect = text
+            .lines()
+            .find_map(|l| l.strip_prefix("# expect: "))
+            .unwrap_or_else(|| panic!("{}: no '# expect: <field>' line", f.display()))
+            .to_string();
+        for doc in documents(&f) {
+            let (s, c, r) = judge(&doc);
+            assert!(!(s.is_empty() && c.is_empty()), "{}: the API server would accept it", f.display());
+            assert!(!r.is_empty(), "{}: the gateway would accept it (schema {s:?}, CEL {c:?})", f.display());
+            let decode_error = r.iter().any(|e| e.starts_with("decode:"));
+            assert!(
+                decode_error || r.iter().any(|e| e.starts_with(&expect)),
+                "{}: expected an error at {expect}, got {r:?}",
+                f.display()
+            );
+        }
+    }
+}
+
+/// Rules that only CEL can check (the structural schema accepts these documents) are really
+/// evaluated: each is rejected by CEL with its field path.
+#[test]
+fn cel_alone_rejects_what_the_schema_cannot_see() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/invalid");
+    for (file, field) in [
+        ("cidr-host-bits.yaml", ".cidr"),
+        ("except-outside-cidr.yaml", ".except"),
+        ("except-equal-to-cidr.yaml", ".except"),
+        ("both-domain-and-cidr.yaml", ""),
+        ("endport-below-port.yaml", ".endPort"),
+        ("wildcard-in-the-middle.yaml", ".domain"),
+        ("uppercase-domain.yaml", ".domain"),
+        ("ip-as-domain.yaml", ".domain"),
+        ("duplicate-rule-names.yaml", ".rules"),
+        ("selector-in-without-values.yaml", ".values"),
+        ("connect-method.yaml", ".methods"),
+        ("path-with-query.yaml", ".paths"),
+    ] {
+        let doc = &documents(&dir.join(file))[0];
+        let (s, c, _) = judge(doc);
+        assert!(s.is_empty(), "{file}: schema already rejects: {s:?}");
+        assert!(!c.is_empty(), "{file}: CEL accepted it");
+        assert!(c.iter().any(|e| e.contains(field)), "{file}: {c:?}");
+    }
+}
