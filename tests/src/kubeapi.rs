@@ -3,10 +3,26 @@
 //! `ERROR` event with a `Status`), over plain HTTP on loopback, so that kube-rs runs unchanged
 //! against it. The test changes objects; watchers see ADDED / MODIFIED / DELETED events.
 //!
-//! Behaviour relied on (Kubernetes API concepts, "Efficient detection of changes" and
-//! "Resource versions"): a list returns the collection's `resourceVersion`; a watch from that
-//! version streams every later change; a watch from a compacted version gets an `ERROR` event
-//! with `code: 410`, after which clients relist.
+//! Behaviour relied on, and where the real API server documents it (Kubernetes "API Concepts"
+//! unless noted):
+//! - A list returns the collection's `resourceVersion`; a watch from that version streams every
+//!   later change in order ("Efficient detection of changes").
+//! - A watch from a compacted version gets an `ERROR` event with a `Status` of `code: 410`
+//!   (`Expired`), after which clients relist ("Resource versions", "410 Gone responses").
+//! - Writing `/status` bumps `resourceVersion` and emits a `MODIFIED` event ("Subresources" in
+//!   "Custom Resources"); `metadata.generation` is not changed by status writes. The script sets
+//!   `generation` itself where a real server would increment it on spec changes.
+//! - A Lease `update` carrying a stale `metadata.resourceVersion` is refused with `409 Conflict`
+//!   (optimistic concurrency, "Resource versions"); `create` of an existing name is `409
+//!   AlreadyExists`.
+//! - `/version` answers any authenticated client (the `system:public-info-viewer` role).
+//!
+//! Where the script is simpler than a real server: server-side apply is recorded and applied as
+//! "replace `.status`" (a real server merges by field manager: with one manager owning the whole
+//! status, the result is the same); list pagination (`limit`/`continue`) is ignored and everything
+//! is returned in one page; no bookmarks are sent; no authentication or authorisation is enforced
+//! (the bearer token is only recorded to tell replicas apart; RBAC is checked separately against
+//! deploy/rbac.yaml).
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
