@@ -64,6 +64,19 @@ pub struct Config {
     /// Kubernetes mode.
     #[serde(default)]
     pub kubernetes: KubernetesConfig,
+    /// Transparent front.
+    #[serde(default)]
+    pub transparent: TransparentConfig,
+}
+
+/// Transparent front settings.
+#[derive(Debug, Clone, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TransparentConfig {
+    /// Addresses of the node-redirector relays allowed to send PROXY v2 headers. Connections from
+    /// anywhere else are closed and audited as `untrusted_relay`.
+    #[serde(default)]
+    pub trusted_relays: Vec<IpNet>,
 }
 
 /// Kubernetes mode settings.
@@ -123,6 +136,8 @@ pub struct Listen {
     pub socks5: Option<SocketAddr>,
     /// `/metrics`, `/healthz`, `/readyz`.
     pub admin: Option<SocketAddr>,
+    /// Transparent front: PROXY protocol v2 connections from node-redirector relays.
+    pub transparent: Option<SocketAddr>,
 }
 
 /// DNS resolution settings.
@@ -438,7 +453,10 @@ fn validate_config(c: &Config, file: &str, errors: &mut Vec<String>) {
             err(&format!("clients[{i}].namespace"), "must not be empty".into());
         }
     }
-    let listeners = [c.listen.http, c.listen.socks5, c.listen.admin];
+    if c.listen.transparent.is_some() && c.transparent.trusted_relays.is_empty() {
+        err("transparent.trustedRelays", "listen.transparent needs the node-redirector relay addresses here".into());
+    }
+    let listeners = [c.listen.http, c.listen.socks5, c.listen.admin, c.listen.transparent];
     let set: Vec<_> = listeners.iter().flatten().collect();
     for (i, a) in set.iter().enumerate() {
         if set[..i].contains(a) && a.port() != 0 {

@@ -393,6 +393,7 @@ impl Gateway {
             dialled: None,
             egress_source: None,
             egress_pool: None,
+            transparent: req.transparent.clone(),
             close: None,
         }
     }
@@ -460,6 +461,12 @@ impl Gateway {
                 detail: checked.detail.clone(),
             },
         );
+        if let Some(t) = ev.transparent.as_mut()
+            && matches!(target.host, Host::Name(_))
+            && !checked.resolved.is_empty()
+        {
+            t.original_in_resolved = Some(checked.resolved.iter().any(|r| r.address == t.original_dst.ip()));
+        }
         ev.resolved = checked.resolved;
         ev.egress_pool = Some(d.egress_address.clone());
         if d.action == Action::Deny {
@@ -621,7 +628,7 @@ fn raw_host_port(raw: &RawTarget) -> (String, u16) {
 pub fn own_addresses(listen: &config::Listen) -> Vec<IpAddr> {
     let mut v: Vec<IpAddr> =
         if_addrs::get_if_addrs().map(|l| l.into_iter().map(|i| i.ip()).collect()).unwrap_or_default();
-    for sa in [listen.http, listen.socks5, listen.admin].into_iter().flatten() {
+    for sa in [listen.http, listen.socks5, listen.admin, listen.transparent].into_iter().flatten() {
         if !sa.ip().is_unspecified() {
             v.push(sa.ip());
         }

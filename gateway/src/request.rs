@@ -19,11 +19,13 @@ pub enum Front {
     Connect,
     /// SOCKS5 CONNECT.
     Socks5,
+    /// A connection steered by the node-redirector (PROXY protocol v2).
+    Transparent,
 }
 
 impl Front {
     /// Every front.
-    pub const ALL: [Front; 3] = [Front::Http, Front::Connect, Front::Socks5];
+    pub const ALL: [Front; 4] = [Front::Http, Front::Connect, Front::Socks5, Front::Transparent];
 
     /// Stable name.
     pub fn as_str(self) -> &'static str {
@@ -31,6 +33,7 @@ impl Front {
             Front::Http => "http",
             Front::Connect => "connect",
             Front::Socks5 => "socks5",
+            Front::Transparent => "transparent",
         }
     }
 }
@@ -84,4 +87,25 @@ pub struct EgressRequest {
     pub target: RawTarget,
     /// Method and path for plain-HTTP requests.
     pub http: Option<HttpFacts>,
+    /// What the transparent front knows (original destination, relay, SNI or Host).
+    pub transparent: Option<TransparentFacts>,
+}
+
+/// Facts of a transparently steered connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TransparentFacts {
+    /// The destination the Pod dialled (from the PROXY header).
+    pub original_dst: SocketAddr,
+    /// The relay (node) that forwarded the connection.
+    pub relay: SocketAddr,
+    /// TLS server name from the ClientHello, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    /// HTTP Host header of the first request, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_host: Option<String>,
+    /// Whether the original destination was among the addresses the gateway resolved for the
+    /// name (set by the pipeline; absent when the decision did not resolve a name).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub original_in_resolved: Option<bool>,
 }

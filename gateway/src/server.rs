@@ -24,9 +24,9 @@ async fn bind(what: &str, addr: std::net::SocketAddr) -> anyhow::Result<TcpListe
 /// Runs the gateway until SIGTERM/SIGINT and the drain that follows.
 pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     let listen = loaded.config.listen.clone();
-    if listen.http.is_none() && listen.socks5.is_none() {
+    if listen.http.is_none() && listen.socks5.is_none() && listen.transparent.is_none() {
         anyhow::bail!(
-            "{}: listen: neither listen.http nor listen.socks5 is set; nothing to serve",
+            "{}: listen: none of listen.http, listen.socks5, listen.transparent is set; nothing to serve",
             loaded.path.display()
         );
     }
@@ -45,6 +45,10 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         Some(a) => Some(bind("socks5", a).await?),
         None => None,
     };
+    let transparent = match listen.transparent {
+        Some(a) => Some(bind("transparent", a).await?),
+        None => None,
+    };
     let admin = match listen.admin {
         Some(a) => Some(bind("admin", a).await?),
         None => None,
@@ -57,6 +61,10 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     if let Some(l) = socks {
         tracing::info!(addr = %l.local_addr()?, "SOCKS5 proxy listening");
         fronts.spawn(crate::front::socks5::serve(gw.clone(), l));
+    }
+    if let Some(l) = transparent {
+        tracing::info!(addr = %l.local_addr()?, "transparent front listening");
+        fronts.spawn(crate::front::transparent::serve(gw.clone(), l));
     }
     if let Some(l) = admin {
         tracing::info!(addr = %l.local_addr()?, "admin listening");

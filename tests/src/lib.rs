@@ -184,6 +184,8 @@ pub struct Gateway {
     pub socks: SocketAddr,
     /// Admin.
     pub admin: SocketAddr,
+    /// Transparent front (configured only when the body sets `transparent.trustedRelays`).
+    pub transparent: SocketAddr,
     /// stderr log of the process.
     pub log: PathBuf,
     /// Network namespace the gateway runs in (None: the test's own).
@@ -207,6 +209,7 @@ impl Gateway {
             http: mk(http),
             socks: mk(socks),
             admin: mk(admin),
+            transparent: mk(free_port()),
             log: dir.path().join("gateway.log"),
             netns: netns.map(|n| n.name.clone()),
             dir,
@@ -226,6 +229,7 @@ impl Gateway {
             http: mk(free_port()),
             socks: mk(free_port()),
             admin: mk(free_port()),
+            transparent: mk(free_port()),
             log: dir.path().join("gateway.log"),
             netns: None,
             dir,
@@ -252,8 +256,11 @@ impl Gateway {
 
     fn write_config_with(&self, dns: Option<SocketAddr>, body: &str) {
         let resolver = dns.map(|d| format!("resolver: {{nameservers: [{d}]}}\n")).unwrap_or_default();
+        // The transparent listener needs trusted relays; only tests that configure them get it.
+        let transparent =
+            if body.contains("trustedRelays") { format!(", transparent: {}", self.transparent) } else { String::new() };
         let text = format!(
-            "listen: {{http: {}, socks5: {}, admin: {}}}\n{resolver}audit: {{sinks: [{{type: file, path: {}}}]}}\n{body}\n",
+            "listen: {{http: {}, socks5: {}, admin: {}{transparent}}}\n{resolver}audit: {{sinks: [{{type: file, path: {}}}]}}\n{body}\n",
             self.http,
             self.socks,
             self.admin,
@@ -583,3 +590,124 @@ impl Upstream {
     }
 }
 pub mod kubeapi;
+
+/// A stand-in for the node-redirector's relay: accepts on 127.0.0.1, connects to the gateway's
+/// transparent port from `source_ip`, sends a PROXY protocol v2 header (source = the accepted
+/// client, destination = `original_dst`), then copies bytes both ways.
+pub struct TestRelay {
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    _rt: tokio::runtime::Runtime,
+}
+
+/// A PROXY protocol v2 header (PROXY command, TCP), written by hand from the specification.
+pub fn proxy_v2_header(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.push(0x21);
+    match (src, dst) {
+        (SocketAddr::V4(s), SocketAddr::V4(d)) => {
+            h.push(0x11);
+            h.extend_from_slice(&12u16.to_be_bytes());
+            h.extend_from_slice(&s.ip().octets());
+            h.extend_from_slice(&d.ip().octets());
+            h.extend_from_slice(&s.port().to_be_bytes());
+            h.extend_from_slice(&d.port().to_be_bytes());
+        }
+        (SocketAddr::V6(s), SocketAddr::V6(d)) => {
+            h.push(0x21);
+            h.extend_from_slice(&36u16.to_be_bytes());
+            h.extend_from_slice(&s.ip().octets());
+            h.extend_from_slice(&d.ip().octets());
+            h.extend_from_slice(&s.port().to_be_bytes());
+            h.extend_from_slice(&d.port().to_be_bytes());
+        }
+        _ => panic!("mixed address families"),
+    }
+    h
+}
+
+impl TestRelay {
+    /// Starts a relay towards `gateway` for connections to `original_dst`.
+    pub fn start(gateway: SocketAddr, source_ip: &str, original_dst: SocketAddr) -> TestRelay {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let src: std::net::IpAddr = source_ip.parse().unwrap();
+        rt.spawn(async move {
+            loop {
+                let Ok((mut client, peer)) = listener.accept().await else { continue };
+                tokio::spawn(async move {
+                    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+                    sock.bind(SocketAddr::new(src, 0)).unwrap();
+                    let Ok(mut gw) = sock.connect(gateway).await else { return };
+                    use tokio::io::AsyncWriteExt;
+                    if gw.write_all(&proxy_v2_header(peer, original_dst)).await.is_err() {
+                        return;
+                    }
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut gw).await;
+                });
+            }
+        });
+        TestRelay { addr, _rt: rt }
+    }
+}
+
+/// A real HTTPS upstream: `openssl s_server -www` with a fresh self-signed certificate for `name`.
+pub struct TlsUpstream {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// The certificate (pass to curl's `--cacert`).
+    pub cert: PathBuf,
+    _proc: Proc,
+    _dir: tempfile::TempDir,
+}
+
+impl TlsUpstream {
+    /// Starts on `ip` with a certificate for `name`.
+    pub fn start(ip: &str, name: &str) -> TlsUpstream {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        let ok = Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+            .args(["-subj", &format!("/CN={name}"), "-addext", &format!("subjectAltName=DNS:{name}")])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl (apt-get install openssl)");
+        assert!(ok.success());
+        let port = TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port();
+        let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
+        let child = Command::new("openssl")
+            .args(["s_server", "-quiet", "-www", "-accept", &addr.to_string()])
+            .arg("-cert")
+            .arg(&cert)
+            .arg("-key")
+            .arg(&key)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let up = TlsUpstream { addr, cert, _proc: Proc(child), _dir: dir };
+        wait_until(Duration::from_secs(10), || TcpStream::connect(up.addr).is_ok());
+        up
+    }
+}
+
+/// A blocking TCP connection to `dst` from a chosen local address.
+pub fn connect_from(src_ip: &str, dst: SocketAddr) -> TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let src: std::net::IpAddr = src_ip.parse().unwrap();
+    let s = rt.block_on(async {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(SocketAddr::new(src, 0)).unwrap();
+        sock.connect(dst).await.unwrap()
+    });
+    let std = s.into_std().unwrap();
+    std.set_nonblocking(false).unwrap();
+    std
+}

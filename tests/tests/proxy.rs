@@ -698,37 +698,11 @@ fn policy_conformance_vectors() {
 #[test]
 fn https_upstream_through_connect_and_socks5() {
     let dns = dns();
-    let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    let ok = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
-        .args(["-subj", "/CN=up.test", "-addext", "subjectAltName=DNS:up.test"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    let port = std::net::TcpListener::bind("127.0.0.2:0").unwrap().local_addr().unwrap().port();
-    let server = std::process::Command::new("openssl")
-        .args(["s_server", "-quiet", "-www", "-accept", &format!("127.0.0.2:{port}")])
-        .arg("-cert")
-        .arg(&cert)
-        .arg("-key")
-        .arg(&key)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let _server = Proc(server);
-    wait_until(Duration::from_secs(10), || TcpStream::connect(("127.0.0.2", port)).is_ok());
+    let tls = TlsUpstream::start("127.0.0.2", "up.test");
+    let port = tls.addr.port();
     let gw = Gateway::start(&dns, &config(port, ""));
     let url = format!("https://up.test:{port}/");
-    let cacert = cert.display().to_string();
+    let cacert = tls.cert.display().to_string();
     let r = curl(&["--cacert", &cacert, "-x", &proxy(&gw), &url]);
     assert_eq!(r.status, 200, "CONNECT: {r:?}");
     let r = curl(&["--cacert", &cacert, "--socks5-hostname", &socks(&gw), &url]);

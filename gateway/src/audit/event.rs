@@ -79,6 +79,10 @@ pub struct Event {
     /// Source-address pool name.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub egress_pool: Option<Arc<str>>,
+    /// Transparent front: original destination, relay, SNI/Host, whether the original
+    /// destination was among the resolved addresses.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transparent: Option<crate::request::TransparentFacts>,
     /// Close details (close events only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub close: Option<CloseInfo>,

@@ -100,6 +100,7 @@ async fn serve_conn(gw: Arc<Gateway>, stream: TcpStream, peer: SocketAddr) {
                 front: Front::Http,
                 target: RawTarget::Authority(String::new()),
                 http: None,
+                transparent: None,
             };
             gw.refuse_malformed(&req, reason, &e.to_string());
         }
@@ -116,14 +117,26 @@ async fn handle(
     let id = conn.next_request_id();
     if req.method() == Method::CONNECT {
         let authority = req.uri().authority().map(|a| a.as_str().to_string()).unwrap_or_default();
-        let ereq =
-            EgressRequest { conn, id, front: Front::Connect, target: RawTarget::Authority(authority), http: None };
+        let ereq = EgressRequest {
+            conn,
+            id,
+            front: Front::Connect,
+            target: RawTarget::Authority(authority),
+            http: None,
+            transparent: None,
+        };
         return connect(gw, ereq, req).await;
     }
     let uri = req.uri().clone();
     let facts = http_facts(req.method().as_str(), uri.path());
-    let mut ereq =
-        EgressRequest { conn, id, front: Front::Http, target: RawTarget::Authority(String::new()), http: Some(facts) };
+    let mut ereq = EgressRequest {
+        conn,
+        id,
+        front: Front::Http,
+        target: RawTarget::Authority(String::new()),
+        http: Some(facts),
+        transparent: None,
+    };
     match (uri.scheme_str(), uri.host()) {
         (Some("http"), Some(host)) => {
             ereq.target = RawTarget::HostPort(host.to_string(), uri.port_u16().unwrap_or(80));

@@ -4,3 +4,4 @@
 
 pub mod http;
 pub mod socks5;
+pub mod transparent;

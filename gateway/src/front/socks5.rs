@@ -91,7 +91,8 @@ async fn serve_conn(gw: &Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr) 
             return;
         }
     };
-    let req = EgressRequest { id: conn.next_request_id(), conn, front: Front::Socks5, target, http: None };
+    let req =
+        EgressRequest { id: conn.next_request_id(), conn, front: Front::Socks5, target, http: None, transparent: None };
     let permit = match gw.authorize(&req).await {
         Ok(p) => p,
         Err(r) => {
@@ -122,6 +123,7 @@ fn bare_request(conn: &Arc<ClientConn>) -> EgressRequest {
         front: Front::Socks5,
         target: RawTarget::Authority(String::new()),
         http: None,
+        transparent: None,
     }
 }
 

@@ -57,11 +57,13 @@ pub enum Reason {
     UnsupportedAddressType,
     /// The policy's egress address pool is not configured or has no address of the needed family.
     EgressAddressUnavailable,
+    /// A transparent connection came from an address that is not a trusted relay.
+    UntrustedRelay,
 }
 
 impl Reason {
     /// Every reason, for metrics pre-registration.
-    pub const ALL: [Reason; 21] = [
+    pub const ALL: [Reason; 22] = [
         Reason::RuleAllow,
         Reason::DefaultAllow,
         Reason::DefaultDeny,
@@ -83,6 +85,7 @@ impl Reason {
         Reason::UnsupportedCommand,
         Reason::UnsupportedAddressType,
         Reason::EgressAddressUnavailable,
+        Reason::UntrustedRelay,
     ];
 
     /// The stable snake_case name.
@@ -109,6 +112,7 @@ impl Reason {
             Reason::UnsupportedCommand => "unsupported_command",
             Reason::UnsupportedAddressType => "unsupported_address_type",
             Reason::EgressAddressUnavailable => "egress_address_unavailable",
+            Reason::UntrustedRelay => "untrusted_relay",
         }
     }
 

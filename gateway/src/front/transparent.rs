@@ -1,0 +1,290 @@
+//! The transparent front: connections steered to the gateway by the node-redirector, each
+//! preceded by a PROXY protocol v2 header naming the Pod (source) and the destination it dialled.
+//!
+//! - Only relays listed in `transparent.trustedRelays` may send the header; anything else is
+//!   closed and audited as `untrusted_relay`.
+//! - The first bytes are peeked, never decrypted: a TLS ClientHello gives the SNI (parsed by
+//!   rustls's `Acceptor`), an HTTP/1 request head gives the Host. That name is decided like an
+//!   explicit-proxy target on the original port, and the gateway dials its own resolution of it,
+//!   never the address the Pod picked. Without SNI or Host, the original destination address is
+//!   the target, which only a `cidr` rule can allow.
+//! - The peeked bytes are replayed upstream, then bytes are relayed both ways.
+//! - Refusals: an HTTP client gets `403`/`429`/`502` with the reason; anything else is closed.
+//!
+//! Plain HTTP seen this way is treated like a tunnel (rules with `http` never match): only the
+//! first request of a kept-alive connection could be inspected, so method/path rules could not be
+//! enforced for the ones after it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::pipeline::{Gateway, Refusal, RefusalKind};
+use crate::policy::Reason;
+use crate::request::{EgressRequest, Front, RawTarget, TransparentFacts};
+
+/// Largest first flight the front waits for before it decides without a name.
+const MAX_PEEK: usize = 16 * 1024;
+/// How long to wait for a client's first byte (server-speaks-first protocols send nothing).
+const FIRST_BYTE: Duration = Duration::from_millis(500);
+
+/// Serves the transparent front until the gateway drains.
+pub async fn serve(gw: Arc<Gateway>, listener: TcpListener) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = gw.draining.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, relay)) => {
+                let gw2 = gw.clone();
+                gw.tracker.spawn(async move {
+                    gw2.metrics.active_connections.inc();
+                    serve_conn(&gw2, stream, relay).await;
+                    gw2.metrics.active_connections.dec();
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed on the transparent listener");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// What the first bytes revealed.
+#[derive(Debug, PartialEq, Eq)]
+enum Peeked {
+    Tls(Option<String>),
+    Http(Option<String>),
+    Opaque,
+}
+
+fn refuse_bare(gw: &Gateway, relay: SocketAddr, reason: Reason, detail: &str) {
+    let conn = gw.new_conn(relay, Front::Transparent);
+    let req = EgressRequest {
+        id: conn.next_request_id(),
+        conn,
+        front: Front::Transparent,
+        target: RawTarget::Authority(String::new()),
+        http: None,
+        transparent: None,
+    };
+    gw.refuse_malformed(&req, reason, detail);
+}
+
+async fn serve_conn(gw: &Arc<Gateway>, mut stream: TcpStream, relay: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let state = gw.state();
+    let cfg = &state.loaded.config;
+    let relay_ip = crate::target::canonical_ip(relay.ip());
+    if !cfg.transparent.trusted_relays.iter().any(|n| n.contains(&relay_ip)) {
+        drop(state);
+        refuse_bare(gw, relay, Reason::UntrustedRelay, "PROXY protocol accepted only from transparent.trustedRelays");
+        return;
+    }
+    let (header_timeout, idle) = (cfg.limits.header_timeout, cfg.limits.idle_timeout);
+    drop(state);
+    let header = match tokio::time::timeout(header_timeout, read_proxy_header(&mut stream)).await {
+        Ok(Ok(Some(h))) => h,
+        Ok(Ok(None)) => return, // LOCAL command: a relay health check, not a client connection
+        Ok(Err(e)) => {
+            refuse_bare(gw, relay, Reason::MalformedRequest, &format!("PROXY v2 header: {e}"));
+            return;
+        }
+        Err(_) => {
+            refuse_bare(gw, relay, Reason::HeaderTimeout, "no PROXY v2 header in time");
+            return;
+        }
+    };
+    let (source, original_dst) = header;
+    let mut buf = Vec::with_capacity(4096);
+    let peeked = peek(&mut stream, &mut buf, header_timeout).await;
+    let (target, sni, http_host, is_http) = match &peeked {
+        Peeked::Tls(Some(name)) => {
+            (RawTarget::HostPort(name.clone(), original_dst.port()), Some(name.clone()), None, false)
+        }
+        Peeked::Http(Some(host)) => {
+            let name = host_without_port(host);
+            (RawTarget::HostPort(name.to_string(), original_dst.port()), None, Some(host.clone()), true)
+        }
+        Peeked::Http(None) => (RawTarget::Addr(original_dst), None, None, true),
+        Peeked::Tls(None) | Peeked::Opaque => (RawTarget::Addr(original_dst), None, None, false),
+    };
+    let conn = gw.new_conn(source, Front::Transparent);
+    let req = EgressRequest {
+        id: conn.next_request_id(),
+        conn,
+        front: Front::Transparent,
+        target,
+        http: None,
+        transparent: Some(TransparentFacts { original_dst, relay, sni, http_host, original_in_resolved: None }),
+    };
+    let permit = match gw.authorize(&req).await {
+        Ok(p) => p,
+        Err(r) => return refuse(&mut stream, &r, is_http).await,
+    };
+    let mut up = match permit.connect().await {
+        Ok(u) => u,
+        Err(r) => return refuse(&mut stream, &r, is_http).await,
+    };
+    if let Err(e) = up.stream.write_all(&buf).await {
+        up.log.finish(0, 0, crate::audit::End::UpstreamClosed, None, Some(e.to_string()));
+        return;
+    }
+    let first = buf.len() as u64;
+    drop(buf);
+    let r = crate::relay::relay(stream, up.stream, idle, &gw.stop).await;
+    up.log.finish(r.up + first, r.down, r.end, None, r.error);
+}
+
+/// Reads and parses the PROXY v2 header: `Some((source, original destination))`, `None` for a
+/// LOCAL command.
+async fn read_proxy_header(s: &mut TcpStream) -> Result<Option<(SocketAddr, SocketAddr)>, String> {
+    let mut head = [0u8; 16];
+    s.read_exact(&mut head).await.map_err(|e| e.to_string())?;
+    let len = u16::from_be_bytes([head[14], head[15]]) as usize;
+    let mut all = head.to_vec();
+    all.resize(16 + len, 0);
+    s.read_exact(&mut all[16..]).await.map_err(|e| e.to_string())?;
+    let h = ppp::v2::Header::try_from(all.as_slice()).map_err(|e| e.to_string())?;
+    if h.command == ppp::v2::Command::Local {
+        return Ok(None);
+    }
+    if h.protocol != ppp::v2::Protocol::Stream {
+        return Err("only TCP (STREAM) is proxied".into());
+    }
+    match h.addresses {
+        ppp::v2::Addresses::IPv4(a) => Ok(Some((
+            SocketAddr::from((a.source_address, a.source_port)),
+            SocketAddr::from((a.destination_address, a.destination_port)),
+        ))),
+        ppp::v2::Addresses::IPv6(a) => Ok(Some((
+            SocketAddr::from((a.source_address, a.source_port)),
+            SocketAddr::from((a.destination_address, a.destination_port)),
+        ))),
+        _ => Err("address family must be IPv4 or IPv6".into()),
+    }
+}
+
+/// Reads the client's first flight into `buf` until it is classified.
+async fn peek(s: &mut TcpStream, buf: &mut Vec<u8>, limit: Duration) -> Peeked {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut chunk = [0u8; 4096];
+    loop {
+        let wait = if buf.is_empty() { FIRST_BYTE.min(limit) } else { deadline - tokio::time::Instant::now() };
+        let n = match tokio::time::timeout(wait, s.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return classify_final(buf),
+            Ok(Ok(n)) => n,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        match classify(buf) {
+            Some(p) => return p,
+            None if buf.len() >= MAX_PEEK => return classify_final(buf),
+            None => {}
+        }
+    }
+}
+
+/// `Some` once the bytes say what they are; `None` while more are needed.
+fn classify(buf: &[u8]) -> Option<Peeked> {
+    if buf.first() == Some(&0x16) {
+        let mut acceptor = rustls::server::Acceptor::default();
+        let mut rd = buf;
+        while !rd.is_empty() {
+            if acceptor.read_tls(&mut rd).is_err() {
+                return Some(Peeked::Opaque);
+            }
+        }
+        return match acceptor.accept() {
+            Ok(None) => None,
+            Ok(Some(accepted)) => Some(Peeked::Tls(accepted.client_hello().server_name().map(str::to_string))),
+            Err(_) => Some(Peeked::Opaque),
+        };
+    }
+    let token_len = buf.iter().take_while(|b| b.is_ascii_uppercase()).count();
+    if token_len == 0 || (token_len == buf.len() && token_len < 16) {
+        return if token_len == 0 { Some(Peeked::Opaque) } else { None };
+    }
+    if buf.get(token_len) != Some(&b' ') {
+        return Some(Peeked::Opaque);
+    }
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(_)) => {
+            let host = req
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("host"))
+                .and_then(|h| std::str::from_utf8(h.value).ok())
+                .map(|h| h.trim().to_string());
+            Some(Peeked::Http(host))
+        }
+        Ok(httparse::Status::Partial) => None,
+        Err(_) => Some(Peeked::Opaque),
+    }
+}
+
+fn classify_final(buf: &[u8]) -> Peeked {
+    match classify(buf) {
+        Some(p) => p,
+        None if buf.first() == Some(&0x16) => Peeked::Tls(None),
+        None => Peeked::Opaque,
+    }
+}
+
+fn host_without_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.split_once(']').map(|(h, _)| h.trim_start_matches('[')).unwrap_or(host);
+    }
+    match host.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') && p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+async fn refuse(stream: &mut TcpStream, r: &Refusal, is_http: bool) {
+    if !is_http {
+        return; // TLS or opaque: the connection is closed
+    }
+    let status = match r.kind {
+        RefusalKind::Denied => "403 Forbidden",
+        RefusalKind::RateLimited => "429 Too Many Requests",
+        RefusalKind::BadRequest => "400 Bad Request",
+        RefusalKind::DnsFailure | RefusalKind::ConnectRefused | RefusalKind::Unreachable => "502 Bad Gateway",
+        RefusalKind::ConnectTimeout => "504 Gateway Timeout",
+    };
+    let body = format!("egress gateway: refused\nreason: {}\nrequest_id: {}\n", r.reason.as_str(), r.request_id);
+    let resp = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nx-egress-reason: {}\r\nx-egress-request-id: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len(),
+        r.reason.as_str(),
+        r.request_id
+    );
+    let _ = stream.write_all(resp.as_bytes()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_first_flights() {
+        assert_eq!(
+            classify(b"GET / HTTP/1.1\r\nHost: a.example:8080\r\n\r\n"),
+            Some(Peeked::Http(Some("a.example:8080".into())))
+        );
+        assert_eq!(classify(b"GET / HTTP/1.1\r\nHo"), None);
+        assert_eq!(classify(b"GE"), None);
+        assert_eq!(classify(b"SSH-2.0-OpenSSH\r\n"), Some(Peeked::Opaque));
+        assert_eq!(classify(b"\x00\x01binary"), Some(Peeked::Opaque));
+        assert_eq!(classify(&[0x16, 0x03, 0x01, 0x00]), None);
+        assert_eq!(host_without_port("a.example:8080"), "a.example");
+        assert_eq!(host_without_port("[2001:db8::1]:443"), "2001:db8::1");
+        assert_eq!(host_without_port("a.example"), "a.example");
+    }
+}

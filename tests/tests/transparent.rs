@@ -1,0 +1,164 @@
+//! The gateway's transparent front, driven through a stand-in relay that speaks PROXY protocol
+//! v2 (the node-redirector's side and its nftables rules are a separate piece). Real curl, real
+//! HTTPS (openssl s_server) and HTTP upstreams, dnsmasq.
+
+use std::time::Duration;
+
+use egress_e2e::*;
+use serde_json::Value;
+
+const RELAY_IP: &str = "127.0.0.7";
+/// An address the Pod "dialled": it exists nowhere; the gateway must never dial it.
+const PICKED: &str = "198.51.100.9";
+
+struct Setup {
+    gw: Gateway,
+    tls: TlsUpstream,
+    http: Upstream,
+    _dns: Dns,
+}
+
+fn setup() -> Setup {
+    let dns = Dns::start(&[("up.test", "127.0.0.2"), ("denied.test", "127.0.0.2"), ("meta.test", "169.254.169.254")]);
+    let tls = TlsUpstream::start("127.0.0.2", "up.test");
+    let http = Upstream::start("127.0.0.2");
+    let body = format!(
+        r#"
+transparent: {{trustedRelays: ["{RELAY_IP}/32"]}}
+guard: {{allowCidrs: [127.0.0.2/32]}}
+clients: [{{cidr: 127.0.0.1/32, namespace: shop, name: api, labels: {{app: api}}}}]
+policies:
+  - apiVersion: egress.dev/v1alpha1
+    kind: EgressPolicy
+    metadata: {{name: api, namespace: shop}}
+    spec:
+      podSelector: {{}}
+      rules:
+        - name: https
+          to: [{{domain: up.test}}, {{domain: meta.test}}]
+          ports: [{{port: {tp}}}, {{port: {hp}}}]
+        - name: upstream-ip
+          to: [{{cidr: 127.0.0.2/32}}]
+          ports: [{{port: {hp}}}]
+"#,
+        tp = tls.addr.port(),
+        hp = http.addr.port()
+    );
+    let gw = Gateway::start(&dns, &body);
+    Setup { gw, tls, http, _dns: dns }
+}
+
+fn decision(gw: &Gateway, f: impl Fn(&Value) -> bool) -> Value {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(e) = gw.events().into_iter().rev().find(|e| e["event"] == "decision" && f(e)) {
+            return e;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "no matching decision in {:#?}", gw.events());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn tls_is_decided_by_sni_and_dialled_to_the_gateways_own_resolution() {
+    let s = setup();
+    let port = s.tls.addr.port();
+    let relay = TestRelay::start(s.gw.transparent, RELAY_IP, format!("{PICKED}:{port}").parse().unwrap());
+    let cacert = s.tls.cert.display().to_string();
+    let to = format!("up.test:{port}:127.0.0.1:{}", relay.addr.port());
+    let r = curl(&["--cacert", &cacert, "--connect-to", &to, &format!("https://up.test:{port}/")]);
+    assert_eq!(r.status, 200, "{r:?}\n{}", s.gw.log_text());
+    let d = decision(&s.gw, |e| e["transparent"]["sni"] == "up.test");
+    assert_eq!(d["front"], "transparent");
+    assert_eq!(d["decision"]["action"], "allow");
+    assert_eq!(d["client"]["name"], "api", "identity from the PROXY header's source");
+    assert_eq!(d["transparent"]["original_dst"], format!("{PICKED}:{port}"));
+    assert_eq!(d["transparent"]["relay"].as_str().unwrap().split(':').next(), Some(RELAY_IP));
+    assert_eq!(d["transparent"]["original_in_resolved"], false);
+    assert_eq!(d["dialled"], format!("127.0.0.2:{port}"), "the Pod's pick is never dialled");
+
+    // The SNI of a name no rule allows, sent to the very same address: denied.
+    let to = format!("denied.test:{port}:127.0.0.1:{}", relay.addr.port());
+    let r = curl(&["-k", "--connect-to", &to, &format!("https://denied.test:{port}/")]);
+    assert_ne!(r.exit, 0, "{r:?}");
+    let d = decision(&s.gw, |e| e["transparent"]["sni"] == "denied.test");
+    assert_eq!(d["decision"]["reason"], "no_rule_matched");
+    // An allowed name resolving to a guarded address: denied.
+    let to = format!("meta.test:{port}:127.0.0.1:{}", relay.addr.port());
+    assert_ne!(curl(&["-k", "--connect-to", &to, &format!("https://meta.test:{port}/")]).exit, 0);
+    assert_eq!(decision(&s.gw, |e| e["transparent"]["sni"] == "meta.test")["decision"]["reason"], "dns_guard_blocked");
+}
+
+#[test]
+fn http_is_decided_by_host_and_refused_with_an_http_answer() {
+    let s = setup();
+    let port = s.http.addr.port();
+    let relay = TestRelay::start(s.gw.transparent, RELAY_IP, format!("{PICKED}:{port}").parse().unwrap());
+    let to = format!("up.test:{port}:127.0.0.1:{}", relay.addr.port());
+    let r = curl(&["--connect-to", &to, &format!("http://up.test:{port}/x")]);
+    assert_eq!(r.status, 200, "{r:?}\n{}", s.gw.log_text());
+    assert_eq!(r.json()["path"], "/x");
+    let d = decision(&s.gw, |e| e["transparent"]["http_host"].as_str().is_some_and(|h| h.starts_with("up.test")));
+    assert_eq!(d["target"]["host"], "up.test");
+    let to = format!("denied.test:{port}:127.0.0.1:{}", relay.addr.port());
+    let r = curl(&["--connect-to", &to, &format!("http://denied.test:{port}/x")]);
+    assert_eq!(r.status, 403, "{r:?}");
+    assert!(r.body.contains("reason: no_rule_matched"), "{r:?}");
+    let c = s.gw.events_at_least(3).into_iter().find(|e| e["event"] == "close").expect("close event");
+    assert!(c["close"]["bytes_up"].as_u64().unwrap() > 20, "peeked bytes count: {c}");
+}
+
+#[test]
+fn without_a_name_only_cidr_rules_on_the_original_destination_apply() {
+    let s = setup();
+    let port = s.http.addr.port();
+    // No SNI, no Host: opaque bytes to the upstream's real address, allowed by the cidr rule.
+    let allowed = TestRelay::start(s.gw.transparent, RELAY_IP, format!("127.0.0.2:{port}").parse().unwrap());
+    let out = raw_exchange(allowed.addr, b"\x00\x01 not a protocol the gateway knows\r\n\r\n", Duration::from_secs(5));
+    assert!(String::from_utf8_lossy(&out).contains("400"), "the upstream answered: {out:?}");
+    let d = decision(&s.gw, |e| e["transparent"]["original_dst"] == format!("127.0.0.2:{port}"));
+    assert_eq!(d["decision"]["rule"], "upstream-ip");
+    // The same bytes to an address no cidr rule covers: closed.
+    let denied = TestRelay::start(s.gw.transparent, RELAY_IP, format!("{PICKED}:{port}").parse().unwrap());
+    let out = raw_exchange(denied.addr, b"\x00\x01 opaque\r\n", Duration::from_secs(5));
+    assert!(out.is_empty(), "{out:?}");
+    let d = decision(&s.gw, |e| e["transparent"]["original_dst"] == format!("{PICKED}:{port}"));
+    assert_eq!(d["decision"]["action"], "deny");
+    // TLS without SNI to an address no cidr rule covers: closed as well.
+    let out = raw_exchange(
+        denied.addr,
+        &[0x16, 0x03, 0x01, 0x00, 0x05, 0x01, 0x00, 0x00, 0x01, 0x00],
+        Duration::from_secs(5),
+    );
+    assert!(out.is_empty());
+}
+
+#[test]
+fn untrusted_relays_are_closed_and_audited() {
+    let s = setup();
+    let h = proxy_v2_header(
+        "127.0.0.1:5555".parse().unwrap(),
+        format!("127.0.0.2:{}", s.http.addr.port()).parse().unwrap(),
+    );
+    let mut msg = h.clone();
+    msg.extend_from_slice(b"GET / HTTP/1.1\r\nHost: up.test\r\n\r\n");
+    let out = raw_exchange(s.gw.transparent, &msg, Duration::from_secs(5));
+    assert!(out.is_empty(), "{out:?}");
+    let d = decision(&s.gw, |e| e["decision"]["reason"] == "untrusted_relay");
+    assert_eq!(d["front"], "transparent");
+    assert_eq!(d["client"]["address"], "127.0.0.1");
+    // A trusted relay with a broken header: closed, audited as malformed.
+    let mut c = connect_from(RELAY_IP, s.gw.transparent);
+    use std::io::{Read, Write};
+    c.write_all(b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x02ab").unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(c.read(&mut buf).unwrap_or(0), 0, "closed without an answer");
+    let d = decision(&s.gw, |e| e["decision"]["reason"] == "malformed_request");
+    assert!(d["decision"]["detail"].as_str().unwrap().contains("PROXY v2"), "{d}");
+    // Meanwhile, everything else keeps working.
+    let port = s.http.addr.port();
+    let relay = TestRelay::start(s.gw.transparent, RELAY_IP, format!("{PICKED}:{port}").parse().unwrap());
+    let to = format!("up.test:{port}:127.0.0.1:{}", relay.addr.port());
+    assert_eq!(curl(&["--connect-to", &to, &format!("http://up.test:{port}/")]).status, 200);
+}
