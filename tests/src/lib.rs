@@ -63,14 +63,23 @@ impl Dns {
                 break p;
             }
         };
-        let mut cmd = Command::new("dnsmasq");
+        Dns::start_at(None, SocketAddr::from(([127, 0, 0, 1], port)), records)
+    }
+
+    /// Starts dnsmasq on `addr`, inside `ns` when given.
+    pub fn start_at(ns: Option<&Netns>, addr: SocketAddr, records: &[(&str, &str)]) -> Dns {
+        let port = addr.port();
+        let mut cmd = match ns {
+            Some(n) => n.command("dnsmasq"),
+            None => Command::new("dnsmasq"),
+        };
         cmd.args([
             "--keep-in-foreground",
             "--no-resolv",
             "--no-hosts",
             "--no-poll",
             "--bind-interfaces",
-            "--listen-address=127.0.0.1",
+            &format!("--listen-address={}", addr.ip()),
             "--pid-file=",
             "--user=root",
             "--local-ttl=1",
@@ -86,8 +95,14 @@ impl Dns {
         }
         let child =
             cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("dnsmasq (apt-get install dnsmasq-base)");
-        let dns = Dns { _proc: Proc(child), addr: SocketAddr::from(([127, 0, 0, 1], port)) };
-        wait_until(Duration::from_secs(10), || TcpStream::connect(dns.addr).is_ok());
+        let dns = Dns { _proc: Proc(child), addr: SocketAddr::new(addr.ip(), port) };
+        match ns {
+            None => wait_until(Duration::from_secs(10), || TcpStream::connect(dns.addr).is_ok()),
+            Some(n) => {
+                let a = dns.addr;
+                wait_until(Duration::from_secs(10), || n.enter(move || TcpStream::connect(a).is_ok()))
+            }
+        }
         dns
     }
 }
@@ -214,6 +229,11 @@ impl Gateway {
             netns: netns.map(|n| n.name.clone()),
             dir,
         };
+        let mut g = g;
+        if netns.is_some() {
+            // Relays reach the transparent front from other namespaces.
+            g.transparent = SocketAddr::from(([0, 0, 0, 0], g.transparent.port()));
+        }
         g.write_config_with(dns, body);
         let mut g = g;
         g.spawn("/readyz");
@@ -432,6 +452,13 @@ impl CurlResult {
 /// Runs curl with `args` (silent, 10 s limit, no environment proxies) and the status appended.
 pub fn curl(args: &[&str]) -> CurlResult {
     curl_in(None, args)
+}
+
+/// Another binary of this workspace, next to the gateway.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let bin = gateway_bin().with_file_name(name);
+    assert!(bin.exists(), "{} is missing: run `cargo build --workspace --bins` first", bin.display());
+    bin
 }
 
 /// `curl` inside a network namespace.

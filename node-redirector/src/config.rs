@@ -1,0 +1,155 @@
+//! Standalone configuration: the Pods on this node, the policies, the gateway endpoints.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use egress_crds::AnyPolicy;
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// The file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Config {
+    /// This node's name: only Pods with this `nodeName` are steered.
+    pub node_name: String,
+    /// The relay.
+    #[serde(default)]
+    pub relay: RelayConfig,
+    /// Gateway transparent endpoints (`ip:port`), tried in order.
+    pub gateways: Vec<SocketAddr>,
+    /// Cluster DNS servers: selected Pods may send UDP/TCP 53 there directly.
+    #[serde(default)]
+    pub cluster_dns: Vec<IpAddr>,
+    /// Destinations never steered (cluster Pod, Service and node CIDRs, the gateways, extras).
+    #[serde(default)]
+    pub exclude_cidrs: Vec<IpNet>,
+    /// Pods (standalone input; Kubernetes mode watches them instead).
+    #[serde(default)]
+    pub pods: Vec<PodEntry>,
+    /// Namespace labels (for ClusterEgressPolicy namespace selectors).
+    #[serde(default)]
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    /// Files or directories of policy documents.
+    #[serde(default)]
+    pub policy_files: Vec<PathBuf>,
+    /// Inline policy documents.
+    #[serde(default)]
+    pub policies: Vec<serde_json::Value>,
+}
+
+/// Relay settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Port redirected connections arrive on (IPv4 and IPv6).
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// Gateway connect timeout per endpoint.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde_compat")]
+    pub connect_timeout: std::time::Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig { port: default_port(), connect_timeout: default_connect_timeout() }
+    }
+}
+
+fn default_port() -> u16 {
+    15001
+}
+fn default_connect_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(2)
+}
+
+mod humantime_serde_compat {
+    use serde::{Deserialize, Deserializer};
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<std::time::Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// One Pod.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PodEntry {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Node it runs on.
+    pub node_name: String,
+    /// Its IPs.
+    pub ips: Vec<IpAddr>,
+    /// Labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A loaded, validated config with its policies.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The config.
+    pub config: Config,
+    /// Valid policies.
+    pub policies: Vec<AnyPolicy>,
+}
+
+/// Loads and validates; every error names the file and field.
+pub fn load(path: &Path) -> Result<Loaded, Vec<String>> {
+    let f = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| vec![format!("{f}: {e}")])?;
+    let config: Config = serde_yaml_ng::from_str(&text).map_err(|e| vec![format!("{f}: {e}")])?;
+    let mut errors = Vec::new();
+    if config.gateways.is_empty() {
+        errors.push(format!("{f}: gateways: at least one gateway transparent endpoint is required"));
+    }
+    let mut docs: Vec<(String, serde_json::Value)> =
+        config.policies.iter().enumerate().map(|(i, v)| (format!("{f}: policies[{i}]"), v.clone())).collect();
+    let base = path.parent().unwrap_or(Path::new("."));
+    for p in &config.policy_files {
+        let p = if p.is_absolute() { p.clone() } else { base.join(p) };
+        let files: Vec<PathBuf> = if p.is_dir() {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(&p)
+                .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+                .unwrap_or_default();
+            v.retain(|x| x.extension().is_some_and(|e| e == "yaml" || e == "yml"));
+            v.sort();
+            v
+        } else {
+            vec![p]
+        };
+        for file in files {
+            match std::fs::read_to_string(&file) {
+                Ok(t) => {
+                    for (i, d) in serde_yaml_ng::Deserializer::from_str(&t).enumerate() {
+                        match serde_json::Value::deserialize(d) {
+                            Ok(serde_json::Value::Null) => {}
+                            Ok(v) => docs.push((format!("{}: document {}", file.display(), i + 1), v)),
+                            Err(e) => errors.push(format!("{}: document {}: {e}", file.display(), i + 1)),
+                        }
+                    }
+                }
+                Err(e) => errors.push(format!("{}: {e}", file.display())),
+            }
+        }
+    }
+    let mut policies = Vec::new();
+    for (origin, v) in docs {
+        match AnyPolicy::from_value(v) {
+            Ok(p) => {
+                let problems = p.validate();
+                if problems.is_empty() {
+                    policies.push(p);
+                } else {
+                    errors.extend(problems.into_iter().map(|e| format!("{origin} ({}): {e}", p.key())));
+                }
+            }
+            Err(e) => errors.push(format!("{origin}: {e}")),
+        }
+    }
+    if errors.is_empty() { Ok(Loaded { config, policies }) } else { Err(errors) }
+}

@@ -1,0 +1,7 @@
+//! node-redirector: steers the TCP egress of Pods selected by `redirect: Transparent` policies
+//! to the egress gateway with nftables, and relays those connections with a PROXY v2 header.
+
+pub mod config;
+pub mod nft;
+pub mod relay;
+pub mod rules;

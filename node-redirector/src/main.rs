@@ -1,0 +1,158 @@
+//! The `node-redirector` binary.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use node_redirector::{config, nft, relay, rules};
+use tokio::signal::unix::{SignalKind, signal};
+
+/// Per-node nftables steering of selected Pods' egress to the egress gateway.
+#[derive(Parser)]
+#[command(name = "node-redirector", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Apply the table, run the relay, reconcile; remove the table on SIGTERM/SIGINT.
+    Run {
+        /// Standalone configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Reconcile period (the table is also checked for drift then).
+        #[arg(long, default_value = "2s")]
+        reconcile: humantime::Duration,
+    },
+    /// Print the ruleset `run` would apply (nft syntax), without applying it.
+    Render {
+        /// Standalone configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn load(path: &std::path::Path) -> Result<config::Loaded, ExitCode> {
+    config::load(path).map_err(|errs| {
+        for e in errs {
+            eprintln!("{e}");
+        }
+        ExitCode::from(2)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("REDIRECTOR_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match cli.command {
+        Cmd::Render { config } => match load(&config) {
+            Ok(l) => {
+                print!("{}", rules::desired(&l).render());
+                ExitCode::SUCCESS
+            }
+            Err(c) => c,
+        },
+        Cmd::Run { config, reconcile } => {
+            let loaded = match load(&config) {
+                Ok(l) => l,
+                Err(c) => return c,
+            };
+            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match rt.block_on(run(config, loaded, reconcile.into())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+    }
+}
+
+async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow::Result<()> {
+    let port = loaded.config.relay.port;
+    // Relay first: once the table exists, redirected connections must find it listening.
+    let v4 = tokio::net::TcpListener::bind(("0.0.0.0", port)).await?;
+    let v6 = {
+        let s = tokio::net::TcpSocket::new_v6()?;
+        let sock = socket_v6only(s)?;
+        sock.bind(std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)))?;
+        sock.listen(1024)?
+    };
+    let endpoints =
+        Arc::new(relay::Endpoints::new(loaded.config.gateways.clone(), loaded.config.relay.connect_timeout));
+    tokio::spawn(relay::serve(v4, endpoints.clone()));
+    tokio::spawn(relay::serve(v6, endpoints.clone()));
+    let mut desired = rules::desired(&loaded);
+    nft::apply(&desired)?;
+    tracing::info!(selected = desired.selected.len(), port, "table applied; relay listening");
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut drift_repairs: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = tokio::time::sleep(period) => {}
+        }
+        match config::load(&path) {
+            Ok(l) => {
+                let next = rules::desired(&l);
+                if next != desired {
+                    nft::apply(&next)?;
+                    tracing::info!(selected = next.selected.len(), "table updated");
+                    desired = next;
+                    continue;
+                }
+            }
+            Err(errs) => tracing::error!(errors = %errs.join("; "), "config reload failed; keeping the current table"),
+        }
+        match nft::observed() {
+            Ok(seen) if seen.as_ref() == Some(&nft::fingerprint(&desired)) => {}
+            Ok(_) => {
+                drift_repairs += 1;
+                tracing::warn!(drift_repairs, "table drifted from the desired state; repairing");
+                nft::apply(&desired)?;
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the table"),
+        }
+    }
+    nft::remove()?;
+    tracing::info!("table removed; stopped");
+    Ok(())
+}
+
+fn socket_v6only(s: tokio::net::TcpSocket) -> std::io::Result<tokio::net::TcpSocket> {
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt with a valid fd and an int option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            &one as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    s.set_reuseaddr(true)?;
+    Ok(s)
+}
