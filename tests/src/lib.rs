@@ -574,7 +574,12 @@ impl Netns {
         run("ip", &["link", "add", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if, "netns", &b.name]);
         for (ns, ifname, addrs) in [(a, a_if, a_addrs), (b, b_if, b_addrs)] {
             for addr in addrs {
-                ns.exec_ok("ip", &["addr", "add", addr, "dev", ifname]);
+                if addr.contains(':') {
+                    // No duplicate address detection: the address is usable at once.
+                    ns.exec_ok("ip", &["addr", "add", addr, "dev", ifname, "nodad"]);
+                } else {
+                    ns.exec_ok("ip", &["addr", "add", addr, "dev", ifname]);
+                }
             }
             ns.exec_ok("ip", &["link", "set", ifname, "up"]);
         }
@@ -692,6 +697,11 @@ pub struct TlsUpstream {
 impl TlsUpstream {
     /// Starts on `ip` with a certificate for `name`.
     pub fn start(ip: &str, name: &str) -> TlsUpstream {
+        TlsUpstream::start_in(None, ip, name, None)
+    }
+
+    /// Starts inside `ns` (when given) on `ip` (and `port`, else a free one), certificate for `name`.
+    pub fn start_in(ns: Option<&Netns>, ip: &str, name: &str, port: Option<u16>) -> TlsUpstream {
         let dir = tempfile::tempdir().unwrap();
         let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
         let ok = Command::new("openssl")
@@ -706,9 +716,21 @@ impl TlsUpstream {
             .status()
             .expect("openssl (apt-get install openssl)");
         assert!(ok.success());
-        let port = TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port();
-        let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
-        let child = Command::new("openssl")
+        let free = {
+            let ip = ip.to_string();
+            move || TcpListener::bind((ip.as_str(), 0)).unwrap().local_addr().unwrap().port()
+        };
+        let port = port.unwrap_or_else(|| match ns {
+            Some(n) => n.enter(free),
+            None => free(),
+        });
+        let addr: SocketAddr =
+            if ip.contains(':') { format!("[{ip}]:{port}") } else { format!("{ip}:{port}") }.parse().unwrap();
+        let mut cmd = match ns {
+            Some(n) => n.command("openssl"),
+            None => Command::new("openssl"),
+        };
+        let child = cmd
             .args(["s_server", "-quiet", "-www", "-accept", &addr.to_string()])
             .arg("-cert")
             .arg(&cert)
@@ -720,7 +742,10 @@ impl TlsUpstream {
             .spawn()
             .unwrap();
         let up = TlsUpstream { addr, cert, _proc: Proc(child), _dir: dir };
-        wait_until(Duration::from_secs(10), || TcpStream::connect(up.addr).is_ok());
+        match ns {
+            None => wait_until(Duration::from_secs(10), || TcpStream::connect(up.addr).is_ok()),
+            Some(n) => wait_until(Duration::from_secs(10), || n.enter(move || TcpStream::connect(addr).is_ok())),
+        }
         up
     }
 }

@@ -199,3 +199,152 @@ policies:
     wait_until(Duration::from_secs(10), || redirector.0.try_wait().unwrap().is_some());
     assert!(node_table(&w.node).is_none(), "table removed on SIGTERM");
 }
+
+/// HTTPS (IPv4 and IPv6) through the redirector, names decided by SNI, and failover between two
+/// gateway endpoints when one is killed (the time it took is printed, not asserted).
+#[test]
+fn https_over_ipv4_and_ipv6_sni_decides_and_endpoints_fail_over() {
+    let w = world();
+    // IPv6 on the same links: each address goes on the interface that carries the IPv4 subnet
+    // of the same link.
+    for (ns, v6, v4_subnet) in [
+        (&w.pod, "2001:db8:2::10/64", "192.0.2."),
+        (&w.node, "2001:db8:2::1/64", "192.0.2."),
+        (&w.gw_ns, "2001:db8:51::2/64", "198.51.100."),
+        (&w.node, "2001:db8:51::1/64", "198.51.100."),
+        (&w.inet, "2001:db8:113::10/64", "203.0.113."),
+        (&w.node, "2001:db8:113::1/64", "203.0.113."),
+    ] {
+        let out = ns.command("ip").args(["-o", "-4", "addr", "show"]).output().unwrap();
+        let addrs = String::from_utf8_lossy(&out.stdout).to_string();
+        let dev =
+            addrs.lines().find(|l| l.contains(v4_subnet)).and_then(|l| l.split_whitespace().nth(1)).expect("interface");
+        ns.exec_ok("ip", &["addr", "add", v6, "dev", dev, "nodad"]);
+    }
+    w.pod.exec_ok("ip", &["-6", "route", "add", "default", "via", "2001:db8:2::1"]);
+    w.gw_ns.exec_ok("ip", &["-6", "route", "add", "default", "via", "2001:db8:51::1"]);
+    w.inet.exec_ok("ip", &["-6", "route", "add", "default", "via", "2001:db8:113::1"]);
+    w.node.exec_ok("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
+
+    let dns = Dns::start_at(
+        Some(&w.inet),
+        "203.0.113.10:53".parse().unwrap(),
+        &[("allowed.test", "203.0.113.10"), ("allowed.test", "2001:db8:113::10"), ("denied.test", "203.0.113.10")],
+    );
+    let tls4 = TlsUpstream::start_in(Some(&w.inet), "203.0.113.10", "allowed.test", None);
+    let p = tls4.addr.port();
+    let tls6 = TlsUpstream::start_in(Some(&w.inet), "2001:db8:113::10", "allowed.test", Some(p));
+    let body = format!(
+        r#"
+transparent: {{trustedRelays: [198.51.100.1/32]}}
+clients:
+  - {{cidr: 192.0.2.10/32, namespace: shop, name: web-1, labels: {{app: web}}}}
+  - {{cidr: "2001:db8:2::10/128", namespace: shop, name: web-1, labels: {{app: web}}}}
+policies:
+  - apiVersion: egress.dev/v1alpha1
+    kind: EgressPolicy
+    metadata: {{name: web, namespace: shop}}
+    spec:
+      podSelector: {{matchLabels: {{app: web}}}}
+      redirect: Transparent
+      rules: [{{name: allowed, to: [{{domain: allowed.test}}], ports: [{{port: {p}}}]}}]
+"#
+    );
+    // The gateway dials its own resolution of the name (IPv6 or IPv4, whichever answers first),
+    // so clients trust both upstreams' certificates.
+    let bundle = tempfile::NamedTempFile::new().unwrap();
+    let pem = std::fs::read_to_string(&tls4.cert).unwrap() + &std::fs::read_to_string(&tls6.cert).unwrap();
+    std::fs::write(bundle.path(), pem).unwrap();
+    let mut gw1 = Gateway::start_with(Some(dns.addr), Some(&w.gw_ns), &body);
+    let gw2 = Gateway::start_with(Some(dns.addr), Some(&w.gw_ns), &body);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("redirector.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+nodeName: node-1
+gateways: [198.51.100.2:{g1}, 198.51.100.2:{g2}]
+excludeCidrs: [192.0.2.0/24, 198.51.100.0/24, "2001:db8:2::/64", "2001:db8:51::/64"]
+pods:
+  - {{namespace: shop, name: web-1, nodeName: node-1, ips: [192.0.2.10, "2001:db8:2::10"], labels: {{app: web}}}}
+policies:
+  - apiVersion: egress.dev/v1alpha1
+    kind: EgressPolicy
+    metadata: {{name: web, namespace: shop}}
+    spec: {{podSelector: {{matchLabels: {{app: web}}}}, redirect: Transparent, rules: []}}
+"#,
+            g1 = gw1.transparent.port(),
+            g2 = gw2.transparent.port()
+        ),
+    )
+    .unwrap();
+    let child = w
+        .node
+        .command(workspace_bin("node-redirector"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _redirector = Proc(child);
+    wait_until(Duration::from_secs(10), || node_table(&w.node).is_some());
+    let https = |src: &str, name: &str, ip: &str, cacert: &std::path::Path| {
+        let resolve = if ip.contains(':') { format!("{name}:{p}:[{ip}]") } else { format!("{name}:{p}:{ip}") };
+        curl_in(
+            Some(&w.pod),
+            &[
+                "--interface",
+                src,
+                "--cacert",
+                &cacert.display().to_string(),
+                "--resolve",
+                &resolve,
+                &format!("https://{name}:{p}/"),
+            ],
+        )
+    };
+    // Allowed over IPv4 and IPv6.
+    let ca = bundle.path();
+    assert_eq!(https("192.0.2.10", "allowed.test", "203.0.113.10", ca).status, 200);
+    let r = https("2001:db8:2::10", "allowed.test", "2001:db8:113::10", ca);
+    assert_eq!(r.status, 200, "{r:?}\n{}", gw1.log_text());
+    let d =
+        gw1.events_at_least(1).into_iter().chain(gw2.events()).filter(|e| e["event"] == "decision").collect::<Vec<_>>();
+    assert!(
+        d.iter().any(|e| e["client"]["address"] == "2001:db8:2::10" && e["decision"]["action"] == "allow"),
+        "{d:#?}"
+    );
+    // SNI of a denied name to the allowed address: denied.
+    let r = https("192.0.2.10", "denied.test", "203.0.113.10", ca);
+    assert_ne!(r.exit, 0, "{r:?}");
+    // SNI of the allowed name sent to an arbitrary address reaches the allowed name's real address.
+    assert_eq!(https("192.0.2.10", "allowed.test", "203.0.113.99", ca).status, 200);
+    let e = gw1
+        .events()
+        .into_iter()
+        .chain(gw2.events())
+        .find(|e| e["transparent"]["original_dst"] == format!("203.0.113.99:{p}"))
+        .expect("audited");
+    assert_eq!(e["transparent"]["original_in_resolved"], false);
+    assert!(
+        e["dialled"].as_str().unwrap().contains("203.0.113.10")
+            || e["dialled"].as_str().unwrap().contains("2001:db8:113::10"),
+        "{e}"
+    );
+
+    // Fail over: the first endpoint dies, new connections go to the second.
+    let killed = std::time::Instant::now();
+    gw1.signal("KILL");
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        if https("192.0.2.10", "allowed.test", "203.0.113.10", ca).status == 200 {
+            break;
+        }
+        assert!(killed.elapsed() < Duration::from_secs(10), "no failover");
+    }
+    eprintln!("failover: first successful request {:?} after the kill ({attempts} attempt(s))", killed.elapsed());
+    wait_until(Duration::from_secs(5), || gw2.events().iter().any(|e| e["event"] == "close"));
+}
