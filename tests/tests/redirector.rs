@@ -348,3 +348,92 @@ policies:
     eprintln!("failover: first successful request {:?} after the kill ({attempts} attempt(s))", killed.elapsed());
     wait_until(Duration::from_secs(5), || gw2.events().iter().any(|e| e["event"] == "close"));
 }
+
+/// Benchmark (not a test; `cargo test -p egress-e2e --test redirector -- --ignored --nocapture`):
+/// a 100 MiB download and the new-connection rate through pod -> node relay -> gateway, against
+/// the same Pod network with redirection off (the unselected address). Prints the ratios. Use
+/// release binaries: `EGRESS_GATEWAY_BIN=target/release/egress-gateway` (the redirector is taken
+/// from the same folder).
+#[test]
+#[ignore]
+fn bench_redirected_vs_direct() {
+    let w = world();
+    let dns = Dns::start_at(Some(&w.inet), "203.0.113.10:53".parse().unwrap(), &[("allowed.test", "203.0.113.10")]);
+    let up = Upstream::start_in(&w.inet, "203.0.113.10");
+    let p = up.addr.port();
+    let body = format!(
+        r#"
+transparent: {{trustedRelays: [198.51.100.1/32]}}
+clients: [{{cidr: 192.0.2.10/32, namespace: shop, name: web-1, labels: {{app: web}}}}]
+policies:
+  - apiVersion: egress.dev/v1alpha1
+    kind: EgressPolicy
+    metadata: {{name: web, namespace: shop}}
+    spec: {{podSelector: {{}}, redirect: Transparent, rules: [{{to: [{{domain: allowed.test}}, {{cidr: 203.0.113.10/32}}], ports: [{{port: {p}}}]}}]}}
+"#
+    );
+    let gw = Gateway::start_with(Some(dns.addr), Some(&w.gw_ns), &body);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("redirector.yaml");
+    std::fs::write(&cfg, format!(
+        "nodeName: n\ngateways: [198.51.100.2:{}]\nexcludeCidrs: [192.0.2.0/24, 198.51.100.0/24]\npods: [{{namespace: shop, name: web-1, nodeName: n, ips: [192.0.2.10], labels: {{}}}}]\npolicies: [{{apiVersion: egress.dev/v1alpha1, kind: EgressPolicy, metadata: {{name: w, namespace: shop}}, spec: {{podSelector: {{}}, redirect: Transparent, rules: []}}}}]\n",
+        gw.transparent.port()
+    )).unwrap();
+    let child = w
+        .node
+        .command(workspace_bin("node-redirector"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _r = Proc(child);
+    wait_until(Duration::from_secs(10), || node_table(&w.node).is_some());
+    let url = format!("http://allowed.test:{p}/bytes/104857600");
+    let resolve = format!("allowed.test:{p}:203.0.113.10");
+    let bulk = |src: &str| {
+        let mut v: Vec<f64> = (0..5)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                let r = curl_in(Some(&w.pod), &["--interface", src, "--resolve", &resolve, "-o", "/dev/null", &url]);
+                assert_eq!(r.status, 200);
+                100.0 / t.elapsed().as_secs_f64()
+            })
+            .collect();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[2]
+    };
+    let rate = |src: &'static str| {
+        let target: std::net::SocketAddr = format!("203.0.113.10:{p}").parse().unwrap();
+        w.pod.enter(move || {
+            let until = std::time::Instant::now() + Duration::from_secs(5);
+            let threads: Vec<_> = (0..8)
+                .map(|_| {
+                    std::thread::spawn(move || {
+                        let mut n = 0u64;
+                        while std::time::Instant::now() < until {
+                            let mut s = connect_from(src, target);
+                            use std::io::{Read, Write};
+                            s.write_all(b"GET /bytes/1024 HTTP/1.1\r\nHost: allowed.test\r\nConnection: close\r\n\r\n")
+                                .unwrap();
+                            let mut buf = Vec::new();
+                            s.read_to_end(&mut buf).unwrap();
+                            assert!(buf.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf));
+                            n += 1;
+                        }
+                        n
+                    })
+                })
+                .collect();
+            threads.into_iter().map(|t| t.join().unwrap()).sum::<u64>() as f64 / 5.0
+        })
+    };
+    let (bulk_r, bulk_d) = (bulk("192.0.2.10"), bulk("192.0.2.11"));
+    let (rate_r, rate_d) = (rate("192.0.2.10"), rate("192.0.2.11"));
+    eprintln!("bulk 100 MiB: redirected {bulk_r:.0} MiB/s, direct {bulk_d:.0} MiB/s, ratio {:.2}", bulk_r / bulk_d);
+    eprintln!(
+        "new connections (8 parallel): redirected {rate_r:.0}/s, direct {rate_d:.0}/s, ratio {:.2}",
+        rate_r / rate_d
+    );
+}
