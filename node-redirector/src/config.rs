@@ -12,13 +12,19 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Config {
-    /// This node's name: only Pods with this `nodeName` are steered.
-    pub node_name: String,
+    /// This node's name: only Pods with this `nodeName` are steered. Default: `$NODE_NAME`.
+    #[serde(default)]
+    pub node_name: Option<String>,
     /// The relay.
     #[serde(default)]
     pub relay: RelayConfig,
-    /// Gateway transparent endpoints (`ip:port`), tried in order.
+    /// Gateway transparent endpoints (`ip:port`), tried in order (standalone; Kubernetes mode
+    /// reads the EndpointSlices of `kubernetes.gatewayService`).
+    #[serde(default)]
     pub gateways: Vec<SocketAddr>,
+    /// Kubernetes mode.
+    #[serde(default)]
+    pub kubernetes: KubeConfig,
     /// Cluster DNS servers: selected Pods may send UDP/TCP 53 there directly.
     #[serde(default)]
     pub cluster_dns: Vec<IpAddr>,
@@ -72,6 +78,24 @@ mod humantime_serde_compat {
     }
 }
 
+/// Kubernetes mode settings.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KubeConfig {
+    /// Watch Pods on this node, policies, Namespaces and the gateway's EndpointSlices.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Kubeconfig file; absent: `KUBECONFIG`, `~/.kube/config`, then in-cluster.
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
+    /// The gateway's transparent Service: `namespace/name`.
+    #[serde(default)]
+    pub gateway_service: Option<String>,
+    /// Name of the Service port of the transparent front (default: the slice's first port).
+    #[serde(default)]
+    pub gateway_port_name: Option<String>,
+}
+
 /// One Pod.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -98,14 +122,41 @@ pub struct Loaded {
     pub policies: Vec<AnyPolicy>,
 }
 
+impl Loaded {
+    /// This node's name.
+    pub fn node_name(&self) -> String {
+        self.config.node_name.clone().or_else(|| std::env::var("NODE_NAME").ok()).unwrap_or_default()
+    }
+
+    /// The standalone inputs (Pods, namespaces, policies, gateways from the file).
+    pub fn inputs(&self) -> crate::rules::Inputs {
+        crate::rules::Inputs {
+            node_name: self.node_name(),
+            pods: self.config.pods.clone(),
+            namespaces: self.config.namespaces.clone(),
+            policies: self.policies.clone(),
+            gateways: self.config.gateways.clone(),
+        }
+    }
+}
+
 /// Loads and validates; every error names the file and field.
 pub fn load(path: &Path) -> Result<Loaded, Vec<String>> {
     let f = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| vec![format!("{f}: {e}")])?;
     let config: Config = serde_yaml_ng::from_str(&text).map_err(|e| vec![format!("{f}: {e}")])?;
     let mut errors = Vec::new();
-    if config.gateways.is_empty() {
+    if config.kubernetes.enabled {
+        if config.kubernetes.gateway_service.as_deref().is_none_or(|s| s.split_once('/').is_none()) {
+            errors.push(format!(
+                "{f}: kubernetes.gatewayService: `namespace/name` of the gateway's transparent Service is required"
+            ));
+        }
+    } else if config.gateways.is_empty() {
         errors.push(format!("{f}: gateways: at least one gateway transparent endpoint is required"));
+    }
+    if config.node_name.is_none() && std::env::var("NODE_NAME").is_err() {
+        errors.push(format!("{f}: nodeName: required (or set NODE_NAME)"));
     }
     let mut docs: Vec<(String, serde_json::Value)> =
         config.policies.iter().enumerate().map(|(i, v)| (format!("{f}: policies[{i}]"), v.clone())).collect();

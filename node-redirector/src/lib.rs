@@ -2,6 +2,7 @@
 //! to the egress gateway with nftables, and relays those connections with a PROXY v2 header.
 
 pub mod config;
+pub mod k8s;
 pub mod nft;
 pub mod relay;
 pub mod rules;

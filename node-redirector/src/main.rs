@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use node_redirector::{config, nft, relay, rules};
+use node_redirector::{config, k8s, nft, relay, rules};
 use tokio::signal::unix::{SignalKind, signal};
 
 /// Per-node nftables steering of selected Pods' egress to the egress gateway.
@@ -56,7 +56,7 @@ fn main() -> ExitCode {
     match cli.command {
         Cmd::Render { config } => match load(&config) {
             Ok(l) => {
-                print!("{}", rules::desired(&l).render());
+                print!("{}", rules::desired(&l.inputs(), &l.config).render());
                 ExitCode::SUCCESS
             }
             Err(c) => c,
@@ -98,29 +98,63 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
         Arc::new(relay::Endpoints::new(loaded.config.gateways.clone(), loaded.config.relay.connect_timeout));
     tokio::spawn(relay::serve(v4, endpoints.clone()));
     tokio::spawn(relay::serve(v6, endpoints.clone()));
-    let mut desired = rules::desired(&loaded);
+    // Inputs: the Kubernetes watchers, or the file (re-read every period).
+    let mut kube = if loaded.config.kubernetes.enabled {
+        let mut rx = k8s::start(&loaded.config, loaded.node_name()).await?;
+        // No table until every watcher listed: nothing is steered on a half-known state.
+        while rx.borrow().is_none() {
+            rx.changed().await?;
+        }
+        Some(rx)
+    } else {
+        None
+    };
+    let mut cfg = loaded.config.clone();
+    let mut inputs = match &kube {
+        Some(rx) => rx.borrow().clone().unwrap_or_default(),
+        None => loaded.inputs(),
+    };
+    endpoints.set(inputs.gateways.clone());
+    let mut desired = rules::desired(&inputs, &cfg);
     nft::apply(&desired)?;
     tracing::info!(selected = desired.selected.len(), port, "table applied; relay listening");
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut drift_repairs: u64 = 0;
     loop {
+        let changed = async {
+            match kube.as_mut() {
+                Some(rx) => rx.changed().await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = tokio::time::sleep(period) => {}
-        }
-        match config::load(&path) {
-            Ok(l) => {
-                let next = rules::desired(&l);
-                if next != desired {
-                    nft::apply(&next)?;
-                    tracing::info!(selected = next.selected.len(), "table updated");
-                    desired = next;
-                    continue;
+            true = changed => {
+                if let Some(rx) = &kube {
+                    inputs = rx.borrow().clone().unwrap_or_default();
                 }
             }
-            Err(errs) => tracing::error!(errors = %errs.join("; "), "config reload failed; keeping the current table"),
+            _ = tokio::time::sleep(period) => {
+                if kube.is_none() {
+                    match config::load(&path) {
+                        Ok(l) => {
+                            inputs = l.inputs();
+                            cfg = l.config;
+                        }
+                        Err(errs) => tracing::error!(errors = %errs.join("; "), "config reload failed; keeping the current table"),
+                    }
+                }
+            }
+        }
+        endpoints.set(inputs.gateways.clone());
+        let next = rules::desired(&inputs, &cfg);
+        if next != desired {
+            nft::apply(&next)?;
+            tracing::info!(selected = next.selected.len(), "table updated");
+            desired = next;
+            continue;
         }
         match nft::observed() {
             Ok(seen) if seen.as_ref() == Some(&nft::fingerprint(&desired)) => {}

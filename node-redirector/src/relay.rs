@@ -51,9 +51,9 @@ pub fn original_dst(s: &TcpStream) -> std::io::Result<SocketAddr> {
     }
 }
 
-/// Gateway endpoints with the index of the last one that worked.
+/// Gateway endpoints (swapped whole when they change) with the index of the last one that worked.
 pub struct Endpoints {
-    list: Vec<SocketAddr>,
+    list: arc_swap::ArcSwap<Vec<SocketAddr>>,
     preferred: AtomicUsize,
     timeout: Duration,
 }
@@ -61,20 +61,29 @@ pub struct Endpoints {
 impl Endpoints {
     /// The endpoints, tried in order starting from the last good one.
     pub fn new(list: Vec<SocketAddr>, timeout: Duration) -> Self {
-        Endpoints { list, preferred: AtomicUsize::new(0), timeout }
+        Endpoints { list: arc_swap::ArcSwap::from_pointee(list), preferred: AtomicUsize::new(0), timeout }
+    }
+
+    /// Replaces the endpoint list.
+    pub fn set(&self, list: Vec<SocketAddr>) {
+        if **self.list.load() != list {
+            tracing::info!(endpoints = ?list, "gateway endpoints changed");
+            self.list.store(std::sync::Arc::new(list));
+        }
     }
 
     /// Connects to the first endpoint that answers.
     pub async fn connect(&self) -> std::io::Result<TcpStream> {
-        let n = self.list.len();
+        let list = self.list.load_full();
+        let n = list.len();
         let start = self.preferred.load(Ordering::Relaxed);
         let mut last = std::io::Error::other("no gateway endpoint");
         for i in 0..n {
             let idx = (start + i) % n;
-            match tokio::time::timeout(self.timeout, TcpStream::connect(self.list[idx])).await {
+            match tokio::time::timeout(self.timeout, TcpStream::connect(list[idx])).await {
                 Ok(Ok(s)) => {
                     if idx != start {
-                        tracing::warn!(endpoint = %self.list[idx], "failed over to another gateway endpoint");
+                        tracing::warn!(endpoint = %list[idx], "failed over to another gateway endpoint");
                         self.preferred.store(idx, Ordering::Relaxed);
                     }
                     let _ = s.set_nodelay(true);

@@ -8,7 +8,25 @@ use egress_crds::{AnyPolicy, Redirect};
 use ipnet::IpNet;
 use serde_json::{Value, json};
 
-use crate::config::Loaded;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use crate::config::{Config, PodEntry};
+
+/// What the table is computed from: one shape for both sources (standalone file, Kubernetes).
+#[derive(Debug, Clone, Default)]
+pub struct Inputs {
+    /// This node.
+    pub node_name: String,
+    /// Pods (only those on this node matter).
+    pub pods: Vec<PodEntry>,
+    /// Namespace labels.
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    /// Valid policies.
+    pub policies: Vec<AnyPolicy>,
+    /// Gateway transparent endpoints.
+    pub gateways: Vec<SocketAddr>,
+}
 
 /// The table the redirector owns entirely.
 pub const TABLE: &str = "egress_redirector";
@@ -32,15 +50,14 @@ pub struct Desired {
 }
 
 /// Which Pods of this node are selected by a `redirect: Transparent` policy.
-pub fn desired(l: &Loaded) -> Desired {
-    let c = &l.config;
+pub fn desired(i: &Inputs, c: &Config) -> Desired {
     let mut selected = BTreeSet::new();
-    for pod in c.pods.iter().filter(|p| p.node_name == c.node_name) {
+    for pod in i.pods.iter().filter(|p| p.node_name == i.node_name) {
         let ns_labels = egress_crds::namespace_labels(
             &pod.namespace,
-            c.namespaces.get(&pod.namespace).unwrap_or(&Default::default()),
+            i.namespaces.get(&pod.namespace).unwrap_or(&Default::default()),
         );
-        let chosen = l.policies.iter().any(|p| match p {
+        let chosen = i.policies.iter().any(|p| match p {
             AnyPolicy::Namespaced(p) => {
                 p.spec.redirect == Redirect::Transparent
                     && p.metadata.namespace.as_deref() == Some(pod.namespace.as_str())
@@ -57,7 +74,7 @@ pub fn desired(l: &Loaded) -> Desired {
         }
     }
     let mut nets: Vec<IpNet> = c.exclude_cidrs.iter().map(|n| n.trunc()).collect();
-    nets.extend(c.gateways.iter().map(|g| IpNet::from(g.ip())));
+    nets.extend(i.gateways.iter().map(|g| IpNet::from(g.ip())));
     // nft interval sets refuse overlapping elements: merge them first.
     let excluded: BTreeSet<IpNet> = IpNet::aggregate(&nets).into_iter().collect();
     Desired { selected, excluded, dns: c.cluster_dns.iter().copied().collect(), relay_port: c.relay.port }

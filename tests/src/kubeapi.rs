@@ -43,6 +43,8 @@ pub const NAMESPACES: &str = "/api/v1/namespaces";
 pub const POLICIES: &str = "/apis/egress.dev/v1alpha1/egresspolicies";
 /// ClusterEgressPolicies.
 pub const CLUSTER_POLICIES: &str = "/apis/egress.dev/v1alpha1/clusteregresspolicies";
+/// EndpointSlices of namespace `egress-system`.
+pub const SLICES: &str = "/apis/discovery.k8s.io/v1/namespaces/egress-system/endpointslices";
 
 #[derive(Default)]
 struct Kind {
@@ -54,7 +56,7 @@ struct Kind {
 #[derive(Default)]
 struct State {
     rv: u64,
-    kinds: HashMap<&'static str, Kind>,
+    kinds: HashMap<String, Kind>,
     requests: Vec<String>,
     down: bool,
     leases: BTreeMap<String, Value>,
@@ -90,12 +92,13 @@ fn key(obj: &Value) -> String {
     format!("{}/{}", m["namespace"].as_str().unwrap_or(""), m["name"].as_str().unwrap_or(""))
 }
 
-fn list_kind(path: &str) -> &'static str {
+fn list_kind(path: &str) -> (&'static str, &'static str) {
     match path {
-        PODS => "PodList",
-        NAMESPACES => "NamespaceList",
-        POLICIES => "EgressPolicyList",
-        _ => "ClusterEgressPolicyList",
+        PODS => ("v1", "PodList"),
+        NAMESPACES => ("v1", "NamespaceList"),
+        POLICIES => ("egress.dev/v1alpha1", "EgressPolicyList"),
+        SLICES => ("discovery.k8s.io/v1", "EndpointSliceList"),
+        _ => ("egress.dev/v1alpha1", "ClusterEgressPolicyList"),
     }
 }
 
@@ -106,8 +109,8 @@ impl FakeApi {
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let addr = listener.local_addr().unwrap();
         let mut st = State { rv: 1, ..Default::default() };
-        for k in [PODS, NAMESPACES, POLICIES, CLUSTER_POLICIES] {
-            st.kinds.insert(k, Kind::default());
+        for k in [PODS, NAMESPACES, POLICIES, CLUSTER_POLICIES, SLICES] {
+            st.kinds.insert(k.to_string(), Kind::default());
         }
         let state = Arc::new(Mutex::new(st));
         let (notify, _) = tokio::sync::broadcast::channel(1024);
@@ -142,7 +145,7 @@ impl FakeApi {
     }
 
     /// Creates or replaces an object (ADDED or MODIFIED).
-    pub fn apply(&self, path: &'static str, mut obj: Value) {
+    pub fn apply(&self, path: &str, mut obj: Value) {
         let mut st = self.state.lock().unwrap();
         st.rv += 1;
         let rv = st.rv;
@@ -156,7 +159,7 @@ impl FakeApi {
     }
 
     /// Deletes an object (DELETED).
-    pub fn delete(&self, path: &'static str, namespace: &str, name: &str) {
+    pub fn delete(&self, path: &str, namespace: &str, name: &str) {
         let mut st = self.state.lock().unwrap();
         st.rv += 1;
         let rv = st.rv;
@@ -170,7 +173,7 @@ impl FakeApi {
     }
 
     /// Compacts a collection's history: open watches get `410 Gone` and must relist.
-    pub fn compact(&self, path: &'static str) {
+    pub fn compact(&self, path: &str) {
         let mut st = self.state.lock().unwrap();
         st.rv += 1;
         let rv = st.rv;
@@ -201,7 +204,7 @@ impl FakeApi {
     }
 
     /// The stored object.
-    pub fn object(&self, path: &'static str, namespace: &str, name: &str) -> Option<Value> {
+    pub fn object(&self, path: &str, namespace: &str, name: &str) -> Option<Value> {
         self.state.lock().unwrap().kinds[path].objects.get(&format!("{namespace}/{name}")).cloned()
     }
 
@@ -247,21 +250,18 @@ async fn handle(
         .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
         .collect();
     let line = format!("{} {}", req.method(), req.uri());
-    let kind: &'static str = match path.as_str() {
-        PODS => PODS,
-        NAMESPACES => NAMESPACES,
-        POLICIES => POLICIES,
-        CLUSTER_POLICIES => CLUSTER_POLICIES,
-        _ => return Ok(other(state, notify, req, line).await),
-    };
+    if !state.lock().unwrap().kinds.contains_key(&path) {
+        return Ok(other(state, notify, req, line).await);
+    }
+    let kind = path.clone();
     let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
     let mut st = state.lock().unwrap();
     st.requests.push(line);
     if !watch {
         let rv = st.rv;
-        let items: Vec<Value> = st.kinds[kind].objects.values().cloned().collect();
-        let list = json!({"apiVersion": if kind.starts_with("/apis") { "egress.dev/v1alpha1" } else { "v1" },
-            "kind": list_kind(kind), "metadata": {"resourceVersion": rv.to_string()}, "items": items});
+        let items: Vec<Value> = st.kinds[&kind].objects.values().cloned().collect();
+        let (api_version, list) = list_kind(&kind);
+        let list = json!({"apiVersion": api_version, "kind": list, "metadata": {"resourceVersion": rv.to_string()}, "items": items});
         return Ok(json_response(200, &list));
     }
     let mut cursor: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
@@ -272,7 +272,7 @@ async fn handle(
         loop {
             let (events, gone, down) = {
                 let st = state.lock().unwrap();
-                let k = &st.kinds[kind];
+                let k = &st.kinds[&kind];
                 let gone = cursor < k.compacted_below;
                 let ev: Vec<(u64, &'static str, Value)> =
                     k.log.iter().filter(|(rv, _, _)| *rv > cursor).cloned().collect();
@@ -379,7 +379,7 @@ async fn other(
     // PATCH /apis/egress.dev/v1alpha1/namespaces/{ns}/egresspolicies/{name}/status
     // PATCH /apis/egress.dev/v1alpha1/clusteregresspolicies/{name}/status
     if method == "PATCH" && parts.last() == Some(&"status") {
-        let (kind, key) = match parts.as_slice() {
+        let (kind, key): (&str, String) = match parts.as_slice() {
             ["apis", "egress.dev", "v1alpha1", "namespaces", ns, "egresspolicies", name, "status"] => {
                 (POLICIES, format!("{ns}/{name}"))
             }

@@ -437,3 +437,75 @@ policies:
         rate_r / rate_d
     );
 }
+
+/// Kubernetes mode: Pods on the node, policies and the gateway's EndpointSlices come from a
+/// scripted API server (running inside the node namespace); a label change stops the steering.
+#[test]
+fn kubernetes_inputs_drive_the_table_and_the_relay() {
+    use egress_e2e::kubeapi::*;
+    use serde_json::json;
+    let w = world();
+    let dns = Dns::start_at(Some(&w.inet), "203.0.113.10:53".parse().unwrap(), &[("allowed.test", "203.0.113.10")]);
+    let up = Upstream::start_in(&w.inet, "203.0.113.10");
+    let p = up.addr.port();
+    let body = format!(
+        r#"
+transparent: {{trustedRelays: [198.51.100.1/32]}}
+clients: [{{cidr: 192.0.2.0/24, namespace: shop, name: any, labels: {{}}}}]
+policies:
+  - {{apiVersion: egress.dev/v1alpha1, kind: EgressPolicy, metadata: {{name: web, namespace: shop}}, spec: {{podSelector: {{}}, rules: [{{to: [{{domain: allowed.test}}], ports: [{{port: {p}}}]}}]}}}}
+"#
+    );
+    let gw = Gateway::start_with(Some(dns.addr), Some(&w.gw_ns), &body);
+    let api = w.node.enter(FakeApi::start);
+    api.apply(NAMESPACES, namespace("shop", json!({})));
+    let mut web = pod("shop", "web-1", &["192.0.2.10"], json!({"app": "web"}), "Running");
+    web["spec"]["nodeName"] = json!("node-1");
+    api.apply(PODS, web.clone());
+    let mut elsewhere = pod("shop", "web-2", &["192.0.2.11"], json!({"app": "web"}), "Running");
+    elsewhere["spec"]["nodeName"] = json!("node-2");
+    api.apply(PODS, elsewhere);
+    api.apply(
+        POLICIES,
+        json!({"apiVersion": "egress.dev/v1alpha1", "kind": "EgressPolicy",
+        "metadata": {"name": "steer", "namespace": "shop"},
+        "spec": {"podSelector": {"matchLabels": {"app": "web"}}, "redirect": "Transparent", "rules": []}}),
+    );
+    api.apply(SLICES, json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+        "metadata": {"name": "egress-transparent-abc", "namespace": "egress-system", "labels": {"kubernetes.io/service-name": "egress-transparent"}},
+        "ports": [{"name": "transparent", "port": gw.transparent.port(), "protocol": "TCP"}],
+        "endpoints": [{"addresses": ["198.51.100.2"], "conditions": {"ready": true}}]}));
+    let dir = tempfile::tempdir().unwrap();
+    let (kc, cfg) = (dir.path().join("kubeconfig"), dir.path().join("redirector.yaml"));
+    std::fs::write(&kc, api.kubeconfig()).unwrap();
+    std::fs::write(&cfg, format!(
+        "nodeName: node-1\nexcludeCidrs: [192.0.2.0/24, 198.51.100.0/24]\nkubernetes: {{enabled: true, kubeconfig: {}, gatewayService: egress-system/egress-transparent, gatewayPortName: transparent}}\n",
+        kc.display()
+    )).unwrap();
+    let child = w
+        .node
+        .command(workspace_bin("node-redirector"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _r = Proc(child);
+    wait_until(Duration::from_secs(10), || node_table(&w.node).is_some_and(|t| t.contains("192.0.2.10")));
+    let t = node_table(&w.node).unwrap();
+    assert!(!t.contains("192.0.2.11"), "a Pod of another node is not steered: {t}");
+    let resolve = format!("allowed.test:{p}:203.0.113.10");
+    let get = |src: &str| {
+        curl_in(Some(&w.pod), &["--interface", src, "--resolve", &resolve, &format!("http://allowed.test:{p}/")])
+    };
+    let r = get("192.0.2.10");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["peer"].as_str().unwrap().rsplit_once(':').unwrap().0, "198.51.100.2", "through the gateway");
+    // The Pod's labels change: no longer selected, no longer steered.
+    web["metadata"]["labels"] = json!({"app": "batch"});
+    api.apply(PODS, web);
+    wait_until(Duration::from_secs(10), || node_table(&w.node).is_some_and(|t| !t.contains("192.0.2.10")));
+    let r = get("192.0.2.10");
+    assert_eq!(r.json()["peer"].as_str().unwrap().rsplit_once(':').unwrap().0, "192.0.2.10", "direct again");
+}
