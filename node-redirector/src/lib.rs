@@ -6,3 +6,4 @@ pub mod k8s;
 pub mod nft;
 pub mod relay;
 pub mod rules;
+pub mod splice;

@@ -1,6 +1,7 @@
 //! The node relay: accepts redirected connections, recovers the original destination with
 //! `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST`, connects to a gateway endpoint (the next one on
-//! failure), sends a PROXY protocol v2 header (source = Pod, destination = original), then relays.
+//! failure), sends a PROXY protocol v2 header (source = Pod, destination = original), then relays
+//! with splice(2).
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
@@ -130,12 +131,12 @@ pub async fn serve(listener: TcpListener, endpoints: Arc<Endpoints>) {
     }
 }
 
-async fn handle(mut client: TcpStream, peer: SocketAddr, endpoints: &Endpoints) -> std::io::Result<()> {
+async fn handle(client: TcpStream, peer: SocketAddr, endpoints: &Endpoints) -> std::io::Result<()> {
     let _ = client.set_nodelay(true);
     let original = original_dst(&client)?;
     // Fail closed: no gateway, no connection (the client sees a reset).
     let mut gw = endpoints.connect().await?;
     gw.write_all(&proxy_header(peer, original)?).await?;
-    tokio::io::copy_bidirectional_with_sizes(&mut client, &mut gw, 64 * 1024, 64 * 1024).await?;
+    crate::splice::relay(&client, &gw).await?;
     Ok(())
 }
