@@ -6,4 +6,3 @@ pub mod k8s;
 pub mod nft;
 pub mod relay;
 pub mod rules;
-pub mod splice;

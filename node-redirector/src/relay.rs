@@ -137,6 +137,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, endpoints: &Endpoints) -> s
     // Fail closed: no gateway, no connection (the client sees a reset).
     let mut gw = endpoints.connect().await?;
     gw.write_all(&proxy_header(peer, original)?).await?;
-    crate::splice::relay(&client, &gw).await?;
+    let (up, down) = (std::sync::atomic::AtomicU64::new(0), std::sync::atomic::AtomicU64::new(0));
+    egress_netio::relay(&client, &gw, &up, &down).await?;
     Ok(())
 }

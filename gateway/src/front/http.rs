@@ -174,13 +174,27 @@ async fn connect(gw: Arc<Gateway>, ereq: EgressRequest, req: Request<Incoming>) 
     let idle = gw.state().loaded.config.limits.idle_timeout;
     let gw2 = gw.clone();
     gw.tracker.spawn(async move {
-        match hyper::upgrade::on(req).await {
-            Ok(upgraded) => {
-                let r = crate::relay::relay(TokioIo::new(upgraded), up.stream, idle, &gw2.stop).await;
-                up.log.finish(r.up, r.down, r.end, None, r.error);
+        let upgraded = match hyper::upgrade::on(req).await {
+            Ok(u) => u,
+            Err(e) => return up.log.finish(0, 0, End::ClientClosed, None, Some(e.to_string())),
+        };
+        // The client's socket itself, when hyper hands it back: then the tunnel is spliced.
+        let r = match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => {
+                let mut upstream = up.stream;
+                let early = parts.read_buf.len() as u64;
+                if early > 0
+                    && let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut upstream, &parts.read_buf).await
+                {
+                    return up.log.finish(0, 0, End::UpstreamClosed, None, Some(e.to_string()));
+                }
+                let mut r = crate::relay::relay_tcp(parts.io.into_inner(), upstream, idle, &gw2.stop).await;
+                r.up += early;
+                r
             }
-            Err(e) => up.log.finish(0, 0, End::ClientClosed, None, Some(e.to_string())),
-        }
+            Err(upgraded) => crate::relay::relay(TokioIo::new(upgraded), up.stream, idle, &gw2.stop).await,
+        };
+        up.log.finish(r.up, r.down, r.end, None, r.error);
     });
     Response::new(empty())
 }

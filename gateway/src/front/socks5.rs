@@ -112,7 +112,7 @@ async fn serve_conn(gw: &Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr) 
         up.log.finish(0, 0, crate::audit::End::ClientClosed, None, Some(e.to_string()));
         return;
     }
-    let r = crate::relay::relay(stream, up.stream, idle, &gw.stop).await;
+    let r = crate::relay::relay_tcp(stream, up.stream, idle, &gw.stop).await;
     up.log.finish(r.up, r.down, r.end, None, r.error);
 }
 

@@ -137,7 +137,7 @@ async fn serve_conn(gw: &Arc<Gateway>, mut stream: TcpStream, relay: SocketAddr)
     }
     let first = buf.len() as u64;
     drop(buf);
-    let r = crate::relay::relay(stream, up.stream, idle, &gw.stop).await;
+    let r = crate::relay::relay_tcp(stream, up.stream, idle, &gw.stop).await;
     up.log.finish(r.up + first, r.down, r.end, None, r.error);
 }
 

@@ -1,8 +1,10 @@
 //! Zero-copy relaying with `splice(2)`: socket -> pipe -> socket, in the kernel, both directions
-//! at once; a half-close is passed on. Nothing is allocated per chunk.
+//! at once; a half-close is passed on. Nothing is allocated per chunk; bytes are counted as they
+//! pass (for audit and idle detection).
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -40,7 +42,7 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
 }
 
 /// One direction: `from` -> `to` until EOF; then `to`'s write side is shut down.
-async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
+async fn one_way(from: &TcpStream, to: &TcpStream, counter: &AtomicU64) -> io::Result<u64> {
     let (pr, pw) = pipe()?;
     let mut total = 0u64;
     loop {
@@ -63,6 +65,7 @@ async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
                 Ok(n) => {
                     in_pipe -= n;
                     total += n as u64;
+                    counter.fetch_add(n as u64, Ordering::Relaxed);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
@@ -71,7 +74,45 @@ async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
     }
 }
 
-/// Relays both directions until both are finished (or one fails): bytes a->b and b->a.
-pub async fn relay(a: &TcpStream, b: &TcpStream) -> io::Result<(u64, u64)> {
-    tokio::try_join!(one_way(a, b), one_way(b, a))
+/// Relays both directions until both are finished (or one fails), counting bytes a->b into
+/// `a_to_b` and b->a into `b_to_a` as they pass; returns the totals.
+pub async fn relay(a: &TcpStream, b: &TcpStream, a_to_b: &AtomicU64, b_to_a: &AtomicU64) -> io::Result<(u64, u64)> {
+    tokio::try_join!(one_way(a, b, a_to_b), one_way(b, a, b_to_a))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn relays_both_ways_counts_and_passes_half_close() {
+        let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let back = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (fa, ba) = (front.local_addr().unwrap(), back.local_addr().unwrap());
+        let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+        let server = tokio::spawn(async move {
+            let (mut s, _) = back.accept().await.unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).await.unwrap(); // ends when the client half-closes
+            s.write_all(&vec![7u8; 3 << 20]).await.unwrap();
+            got.len()
+        });
+        let client = tokio::spawn(async move {
+            let mut c = tokio::net::TcpStream::connect(fa).await.unwrap();
+            c.write_all(&vec![1u8; 5 << 20]).await.unwrap();
+            c.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            c.read_to_end(&mut back).await.unwrap();
+            back.len()
+        });
+        let (a, _) = front.accept().await.unwrap();
+        let b = tokio::net::TcpStream::connect(ba).await.unwrap();
+        let (x, y) = relay(&a, &b, &up, &down).await.unwrap();
+        assert_eq!((x, y), (5 << 20, 3 << 20));
+        assert_eq!((up.load(Ordering::Relaxed), down.load(Ordering::Relaxed)), (5 << 20, 3 << 20));
+        drop((a, b));
+        assert_eq!(server.await.unwrap(), 5 << 20);
+        assert_eq!(client.await.unwrap(), 3 << 20);
+    }
 }
