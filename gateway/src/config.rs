@@ -271,6 +271,10 @@ pub struct Limits {
     /// Largest request head accepted (HTTP); larger gets 431.
     #[serde(default = "default_max_header_bytes")]
     pub max_header_bytes: usize,
+    /// TCP_NODELAY on tunnel sockets (CONNECT, SOCKS5, transparent). Off by default: the kernel
+    /// coalesces small segments, which is faster for bulk transfers; on for interactive protocols.
+    #[serde(default)]
+    pub tunnel_no_delay: bool,
 }
 
 impl Default for Limits {
@@ -280,6 +284,7 @@ impl Default for Limits {
             idle_timeout: d300s(),
             header_timeout: d10s(),
             max_header_bytes: default_max_header_bytes(),
+            tunnel_no_delay: false,
         }
     }
 }

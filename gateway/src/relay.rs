@@ -79,14 +79,21 @@ where
 }
 
 /// The same for two plain sockets: zero-copy with splice(2).
+///
+/// `nodelay` is `limits.tunnelNoDelay`: off (the default), the kernel may coalesce small
+/// segments (Nagle), which measurably helps bulk transfers towards the client; on, every write
+/// is sent at once, for latency-sensitive interactive protocols.
 pub async fn relay_tcp(
     client: tokio::net::TcpStream,
     upstream: tokio::net::TcpStream,
     idle: Duration,
+    nodelay: bool,
     stop: &CancellationToken,
 ) -> Relayed {
     let up = AtomicU64::new(0);
     let down = AtomicU64::new(0);
+    let _ = client.set_nodelay(nodelay);
+    let _ = upstream.set_nodelay(nodelay);
     let copy = egress_netio::relay(&client, &upstream, &up, &down);
     supervise(async { copy.await.map(|_| ()) }, &up, &down, idle, stop).await
 }

@@ -171,7 +171,10 @@ async fn connect(gw: Arc<Gateway>, ereq: EgressRequest, req: Request<Incoming>) 
         Ok(u) => u,
         Err(r) => return refusal(&r, false),
     };
-    let idle = gw.state().loaded.config.limits.idle_timeout;
+    let (idle, nodelay) = {
+        let state = gw.state();
+        (state.loaded.config.limits.idle_timeout, state.loaded.config.limits.tunnel_no_delay)
+    };
     let gw2 = gw.clone();
     gw.tracker.spawn(async move {
         let upgraded = match hyper::upgrade::on(req).await {
@@ -188,7 +191,7 @@ async fn connect(gw: Arc<Gateway>, ereq: EgressRequest, req: Request<Incoming>) 
                 {
                     return up.log.finish(0, 0, End::UpstreamClosed, None, Some(e.to_string()));
                 }
-                let mut r = crate::relay::relay_tcp(parts.io.into_inner(), upstream, idle, &gw2.stop).await;
+                let mut r = crate::relay::relay_tcp(parts.io.into_inner(), upstream, idle, nodelay, &gw2.stop).await;
                 r.up += early;
                 r
             }

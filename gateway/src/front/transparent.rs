@@ -86,7 +86,8 @@ async fn serve_conn(gw: &Arc<Gateway>, mut stream: TcpStream, relay: SocketAddr)
         refuse_bare(gw, relay, Reason::UntrustedRelay, "PROXY protocol accepted only from transparent.trustedRelays");
         return;
     }
-    let (header_timeout, idle) = (cfg.limits.header_timeout, cfg.limits.idle_timeout);
+    let (header_timeout, idle, nodelay) =
+        (cfg.limits.header_timeout, cfg.limits.idle_timeout, cfg.limits.tunnel_no_delay);
     drop(state);
     let header = match tokio::time::timeout(header_timeout, read_proxy_header(&mut stream)).await {
         Ok(Ok(Some(h))) => h,
@@ -137,7 +138,7 @@ async fn serve_conn(gw: &Arc<Gateway>, mut stream: TcpStream, relay: SocketAddr)
     }
     let first = buf.len() as u64;
     drop(buf);
-    let r = crate::relay::relay_tcp(stream, up.stream, idle, &gw.stop).await;
+    let r = crate::relay::relay_tcp(stream, up.stream, idle, nodelay, &gw.stop).await;
     up.log.finish(r.up + first, r.down, r.end, None, r.error);
 }
 
