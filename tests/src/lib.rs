@@ -369,6 +369,18 @@ impl Gateway {
         }
     }
 
+    /// The latest decision event matching `f`, waiting for the audit writer to flush it.
+    pub fn decision(&self, f: impl Fn(&Value) -> bool) -> Value {
+        let start = Instant::now();
+        loop {
+            if let Some(e) = self.events().into_iter().rev().find(|e| e["event"] == "decision" && f(e)) {
+                return e;
+            }
+            assert!(start.elapsed() < Duration::from_secs(5), "no matching decision in {:#?}", self.events());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits until an event with `decision.reason == reason` is written.
     pub fn wait_reason(&self, reason: &str) {
         let start = Instant::now();

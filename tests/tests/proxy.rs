@@ -71,18 +71,6 @@ fn socks(gw: &Gateway) -> String {
     format!("{}", gw.socks)
 }
 
-/// The latest decision event matching `f`, waiting for the audit writer to flush it.
-fn decision(gw: &Gateway, f: impl Fn(&Value) -> bool) -> Value {
-    let start = std::time::Instant::now();
-    loop {
-        if let Some(e) = gw.events().into_iter().rev().find(|e| e["event"] == "decision" && f(e)) {
-            return e;
-        }
-        assert!(start.elapsed() < Duration::from_secs(5), "no matching decision in {:#?}", gw.events());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn allowed_exact_and_wildcard_domains_through_every_front() {
     let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
@@ -142,7 +130,7 @@ fn cidr_rules_with_except() {
     let gw = Gateway::start(&dns, &config(p, ""));
     let ok = curl(&["-x", &proxy(&gw), &format!("http://127.0.0.2:{p}/")]);
     assert_eq!(ok.status, 200, "{ok:?}");
-    assert_eq!(decision(&gw, |e| e["target"]["host"] == "127.0.0.2")["decision"]["rule"], "loopback-cidr");
+    assert_eq!(gw.decision(|e| e["target"]["host"] == "127.0.0.2")["decision"]["rule"], "loopback-cidr");
     if up3.is_ok() {
         let excepted = curl(&["-x", &proxy(&gw), &format!("http://127.0.0.3:{p}/")]);
         assert_eq!(excepted.status, 403, "{excepted:?}");
@@ -163,7 +151,7 @@ fn http_method_and_path_rules() {
     assert_eq!(curl(&["-x", &proxy(&gw), "-X", "POST", "-d", "x=1", &format!("{base}/ok")]).status, 403);
     // An http rule never matches a tunnel: the gateway cannot see the method or path inside.
     assert_eq!(curl(&["-p", "-x", &proxy(&gw), &format!("{base}/ok")]).status, 0);
-    assert_eq!(decision(&gw, |e| e["front"] == "connect")["decision"]["reason"], "no_rule_matched");
+    assert_eq!(gw.decision(|e| e["front"] == "connect")["decision"]["reason"], "no_rule_matched");
 }
 
 #[test]
@@ -218,7 +206,7 @@ fn audit_mode_lets_a_would_deny_through_and_logs_it() {
     let p = up.addr.port();
     let r = curl(&["--interface", "127.0.0.5", "-x", &proxy(&gw), &format!("http://up.test:{p}/")]);
     assert_eq!(r.status, 200, "{r:?}");
-    let d = decision(&gw, |e| e["client"]["name"] == "web");
+    let d = gw.decision(|e| e["client"]["name"] == "web");
     assert_eq!(d["decision"]["action"], "allow");
     assert_eq!(d["decision"]["reason"], "audit_would_deny");
     assert_eq!(d["decision"]["mode"], "Audit");
@@ -237,7 +225,7 @@ fn unknown_client_gets_the_default_action() {
     let gw = Gateway::start(&dns, &config(up.addr.port(), ""));
     let r = curl(&["--interface", "127.0.0.9", "-x", &proxy(&gw), &format!("http://up.test:{}/", up.addr.port())]);
     assert_eq!(r.status, 403, "{r:?}");
-    let d = decision(&gw, |e| e["client"]["address"] == "127.0.0.9");
+    let d = gw.decision(|e| e["client"]["address"] == "127.0.0.9");
     assert_eq!(d["decision"]["reason"], "default_deny");
     assert!(d["client"].get("namespace").is_none(), "{d}");
     assert_eq!(d["client"]["address"], "127.0.0.9");
@@ -245,7 +233,7 @@ fn unknown_client_gets_the_default_action() {
     let gw2 = Gateway::start(&dns2, "guard: {allowCidrs: [127.0.0.2/32]}\ndefaultAction: Allow\n");
     let r = curl(&["-x", &proxy(&gw2), &format!("http://up.test:{}/", up2.addr.port())]);
     assert_eq!(r.status, 200, "{r:?}");
-    assert_eq!(decision(&gw2, |_| true)["decision"]["reason"], "default_allow");
+    assert_eq!(gw2.decision(|_| true)["decision"]["reason"], "default_allow");
     // defaultAction Allow still never opens the guard.
     assert_eq!(curl(&["-x", &proxy(&gw2), "http://[::ffff:169.254.169.254]/"]).status, 403);
 }
@@ -275,7 +263,7 @@ fn domains_resolving_to_guarded_addresses_are_denied() {
     // A name with a guarded and a public answer: only the checked address is dialled.
     let r = curl(&["-x", &proxy(&gw), &format!("http://mixed.test:{p}/")]);
     assert_eq!(r.status, 200, "{r:?}");
-    let d = decision(&gw, |e| e["target"]["host"] == "mixed.test" && e["front"] == "http");
+    let d = gw.decision(|e| e["target"]["host"] == "mixed.test" && e["front"] == "http");
     assert_eq!(d["dialled"], format!("127.0.0.2:{p}"));
     let verdicts: Vec<&str> =
         d["resolved"].as_array().unwrap().iter().map(|r| r["verdict"].as_str().unwrap()).collect();
@@ -420,7 +408,7 @@ policies:
     assert!(codes[3..].contains(&429), "{codes:?}");
     let (_, code) = socks5_domain(gw.socks, "up.test", p);
     assert_eq!(code, 0x02);
-    assert_eq!(decision(&gw, |e| e["front"] == "socks5")["decision"]["reason"], "rate_limited");
+    assert_eq!(gw.decision(|e| e["front"] == "socks5")["decision"]["reason"], "rate_limited");
 }
 
 #[test]
@@ -459,7 +447,7 @@ policies:
         seen.insert(ip);
     }
     assert_eq!(seen.len(), 2, "round robin over the pool: {seen:?}");
-    let d = decision(&gw, |e| e["dialled"].is_string());
+    let d = gw.decision(|e| e["dialled"].is_string());
     assert_eq!(d["egress_pool"], "fixed");
     assert!(d["egress_source"].as_str().unwrap().starts_with("127.0.0."), "{d}");
 }
@@ -475,7 +463,7 @@ fn socks5_username_password_authentication() {
     let bad = curl(&["--socks5-hostname", &socks(&gw), "--proxy-user", "alice:wrong", &url]);
     assert_eq!(bad.status, 0);
     assert_ne!(bad.exit, 0);
-    decision(&gw, |e| e["decision"]["reason"] == "auth_failed");
+    gw.decision(|e| e["decision"]["reason"] == "auth_failed");
     let none = curl(&["--socks5-hostname", &socks(&gw), &url]);
     assert_ne!(none.exit, 0);
     // The password never reaches the audit trail.
@@ -794,7 +782,7 @@ fn userinfo_in_the_url_never_changes_the_decided_host() {
     let out = String::from_utf8_lossy(&raw_exchange(gw.http, req.as_bytes(), Duration::from_secs(5))).to_string();
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     assert!(out.contains(&format!("\"host\":\"up.test:{p}\"")), "{out}");
-    let d = decision(&gw, |e| e["target"]["http"]["path"] == "/x");
+    let d = gw.decision(|e| e["target"]["http"]["path"] == "/x");
     assert_eq!(d["target"]["host"], "up.test");
 }
 

@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use egress_e2e::*;
-use serde_json::Value;
 
 const RELAY_IP: &str = "127.0.0.7";
 /// An address the Pod "dialled": it exists nowhere; the gateway must never dial it.
@@ -48,17 +47,6 @@ policies:
     Setup { gw, tls, http, _dns: dns }
 }
 
-fn decision(gw: &Gateway, f: impl Fn(&Value) -> bool) -> Value {
-    let start = std::time::Instant::now();
-    loop {
-        if let Some(e) = gw.events().into_iter().rev().find(|e| e["event"] == "decision" && f(e)) {
-            return e;
-        }
-        assert!(start.elapsed() < Duration::from_secs(5), "no matching decision in {:#?}", gw.events());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn tls_is_decided_by_sni_and_dialled_to_the_gateways_own_resolution() {
     let s = setup();
@@ -68,7 +56,7 @@ fn tls_is_decided_by_sni_and_dialled_to_the_gateways_own_resolution() {
     let to = format!("up.test:{port}:127.0.0.1:{}", relay.addr.port());
     let r = curl(&["--cacert", &cacert, "--connect-to", &to, &format!("https://up.test:{port}/")]);
     assert_eq!(r.status, 200, "{r:?}\n{}", s.gw.log_text());
-    let d = decision(&s.gw, |e| e["transparent"]["sni"] == "up.test");
+    let d = s.gw.decision(|e| e["transparent"]["sni"] == "up.test");
     assert_eq!(d["front"], "transparent");
     assert_eq!(d["decision"]["action"], "allow");
     assert_eq!(d["client"]["name"], "api", "identity from the PROXY header's source");
@@ -81,12 +69,12 @@ fn tls_is_decided_by_sni_and_dialled_to_the_gateways_own_resolution() {
     let to = format!("denied.test:{port}:127.0.0.1:{}", relay.addr.port());
     let r = curl(&["-k", "--connect-to", &to, &format!("https://denied.test:{port}/")]);
     assert_ne!(r.exit, 0, "{r:?}");
-    let d = decision(&s.gw, |e| e["transparent"]["sni"] == "denied.test");
+    let d = s.gw.decision(|e| e["transparent"]["sni"] == "denied.test");
     assert_eq!(d["decision"]["reason"], "no_rule_matched");
     // An allowed name resolving to a guarded address: denied.
     let to = format!("meta.test:{port}:127.0.0.1:{}", relay.addr.port());
     assert_ne!(curl(&["-k", "--connect-to", &to, &format!("https://meta.test:{port}/")]).exit, 0);
-    assert_eq!(decision(&s.gw, |e| e["transparent"]["sni"] == "meta.test")["decision"]["reason"], "dns_guard_blocked");
+    assert_eq!(s.gw.decision(|e| e["transparent"]["sni"] == "meta.test")["decision"]["reason"], "dns_guard_blocked");
 }
 
 #[test]
@@ -98,7 +86,7 @@ fn http_is_decided_by_host_and_refused_with_an_http_answer() {
     let r = curl(&["--connect-to", &to, &format!("http://up.test:{port}/x")]);
     assert_eq!(r.status, 200, "{r:?}\n{}", s.gw.log_text());
     assert_eq!(r.json()["path"], "/x");
-    let d = decision(&s.gw, |e| e["transparent"]["http_host"].as_str().is_some_and(|h| h.starts_with("up.test")));
+    let d = s.gw.decision(|e| e["transparent"]["http_host"].as_str().is_some_and(|h| h.starts_with("up.test")));
     assert_eq!(d["target"]["host"], "up.test");
     let to = format!("denied.test:{port}:127.0.0.1:{}", relay.addr.port());
     let r = curl(&["--connect-to", &to, &format!("http://denied.test:{port}/x")]);
@@ -116,13 +104,13 @@ fn without_a_name_only_cidr_rules_on_the_original_destination_apply() {
     let allowed = TestRelay::start(s.gw.transparent, RELAY_IP, format!("127.0.0.2:{port}").parse().unwrap());
     let out = raw_exchange(allowed.addr, b"\x00\x01 not a protocol the gateway knows\r\n\r\n", Duration::from_secs(5));
     assert!(String::from_utf8_lossy(&out).contains("400"), "the upstream answered: {out:?}");
-    let d = decision(&s.gw, |e| e["transparent"]["original_dst"] == format!("127.0.0.2:{port}"));
+    let d = s.gw.decision(|e| e["transparent"]["original_dst"] == format!("127.0.0.2:{port}"));
     assert_eq!(d["decision"]["rule"], "upstream-ip");
     // The same bytes to an address no cidr rule covers: closed.
     let denied = TestRelay::start(s.gw.transparent, RELAY_IP, format!("{PICKED}:{port}").parse().unwrap());
     let out = raw_exchange(denied.addr, b"\x00\x01 opaque\r\n", Duration::from_secs(5));
     assert!(out.is_empty(), "{out:?}");
-    let d = decision(&s.gw, |e| e["transparent"]["original_dst"] == format!("{PICKED}:{port}"));
+    let d = s.gw.decision(|e| e["transparent"]["original_dst"] == format!("{PICKED}:{port}"));
     assert_eq!(d["decision"]["action"], "deny");
     // TLS without SNI to an address no cidr rule covers: closed as well.
     let out = raw_exchange(
@@ -144,7 +132,7 @@ fn untrusted_relays_are_closed_and_audited() {
     msg.extend_from_slice(b"GET / HTTP/1.1\r\nHost: up.test\r\n\r\n");
     let out = raw_exchange(s.gw.transparent, &msg, Duration::from_secs(5));
     assert!(out.is_empty(), "{out:?}");
-    let d = decision(&s.gw, |e| e["decision"]["reason"] == "untrusted_relay");
+    let d = s.gw.decision(|e| e["decision"]["reason"] == "untrusted_relay");
     assert_eq!(d["front"], "transparent");
     assert_eq!(d["client"]["address"], "127.0.0.1");
     // A trusted relay with a broken header: closed, audited as malformed.
@@ -154,7 +142,7 @@ fn untrusted_relays_are_closed_and_audited() {
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut buf = [0u8; 16];
     assert_eq!(c.read(&mut buf).unwrap_or(0), 0, "closed without an answer");
-    let d = decision(&s.gw, |e| e["decision"]["reason"] == "malformed_request");
+    let d = s.gw.decision(|e| e["decision"]["reason"] == "malformed_request");
     assert!(d["decision"]["detail"].as_str().unwrap().contains("PROXY v2"), "{d}");
     // Meanwhile, everything else keeps working.
     let port = s.http.addr.port();

@@ -39,28 +39,12 @@ struct Cached {
 
 /// Serves the explicit HTTP proxy on `listener` until the gateway drains.
 pub async fn serve(gw: Arc<Gateway>, listener: TcpListener) {
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = gw.draining.cancelled() => return,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                let gw2 = gw.clone();
-                gw.tracker.spawn(serve_conn(gw2, stream, peer));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed on the HTTP listener");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
+    super::accept_loop(gw, listener, "http", serve_conn).await
 }
 
 async fn serve_conn(gw: Arc<Gateway>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
     let conn = gw.new_conn(peer, Front::Http);
-    gw.metrics.active_connections.inc();
     let limits = gw.state().loaded.config.limits.clone();
     let cache: Arc<Mutex<Option<Cached>>> = Arc::new(Mutex::new(None));
     let svc = {
@@ -105,7 +89,6 @@ async fn serve_conn(gw: Arc<Gateway>, stream: TcpStream, peer: SocketAddr) {
             gw.refuse_malformed(&req, reason, &e.to_string());
         }
     }
-    gw.metrics.active_connections.dec();
 }
 
 async fn handle(

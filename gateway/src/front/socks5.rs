@@ -31,26 +31,8 @@ pub mod reply {
 
 /// Serves SOCKS5 on `listener` until the gateway drains.
 pub async fn serve(gw: Arc<Gateway>, listener: TcpListener) {
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = gw.draining.cancelled() => return,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                let gw2 = gw.clone();
-                gw.tracker.spawn(async move {
-                    gw2.metrics.active_connections.inc();
-                    serve_conn(&gw2, stream, peer).await;
-                    gw2.metrics.active_connections.dec();
-                });
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed on the SOCKS5 listener");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
+    super::accept_loop(gw, listener, "socks5", |gw, stream, peer| async move { serve_conn(&gw, stream, peer).await })
+        .await
 }
 
 /// What went wrong in the handshake.

@@ -33,26 +33,13 @@ const FIRST_BYTE: Duration = Duration::from_millis(500);
 
 /// Serves the transparent front until the gateway drains.
 pub async fn serve(gw: Arc<Gateway>, listener: TcpListener) {
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = gw.draining.cancelled() => return,
-        };
-        match accepted {
-            Ok((stream, relay)) => {
-                let gw2 = gw.clone();
-                gw.tracker.spawn(async move {
-                    gw2.metrics.active_connections.inc();
-                    serve_conn(&gw2, stream, relay).await;
-                    gw2.metrics.active_connections.dec();
-                });
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed on the transparent listener");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    super::accept_loop(
+        gw,
+        listener,
+        "transparent",
+        |gw, stream, relay| async move { serve_conn(&gw, stream, relay).await },
+    )
+    .await
 }
 
 /// What the first bytes revealed.
