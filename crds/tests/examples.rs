@@ -152,3 +152,35 @@ fn cel_alone_rejects_what_the_schema_cannot_see() {
         assert!(c.iter().any(|e| e.contains(field)), "{file}: {c:?}");
     }
 }
+
+/// Every CEL rule stays within the API server's cost budget and refers only to bounded lists
+/// (kube-cel's static estimate: a coarse model of the API server's, catching unbounded loops).
+#[test]
+fn cel_rules_are_bounded_and_within_the_cost_budget() {
+    // `estimate_rule_cost` only: kube-cel 0.8's scope check (`analyze_rule`) reports the
+    // variables bound by `all`/`filter` (r, x, e, ...) as unknown, which CEL allows.
+    use kube::core::cel::{compile_schema, estimate_rule_cost};
+    fn walk(node: &Value, out: &mut Vec<String>) {
+        if let Some(rules) = node.get("x-kubernetes-validations").and_then(Value::as_array) {
+            let compiled = compile_schema(node);
+            for r in rules {
+                let rule = r["rule"].as_str().unwrap();
+                for w in estimate_rule_cost(rule, &compiled) {
+                    out.push(format!("{rule}: {}", w.message));
+                }
+            }
+        }
+        for key in ["properties", "items", "additionalProperties"] {
+            match node.get(key) {
+                Some(Value::Object(m)) if key == "properties" => m.values().for_each(|v| walk(v, out)),
+                Some(v @ Value::Object(_)) => walk(v, out),
+                _ => {}
+            }
+        }
+    }
+    for kind in ["EgressPolicy", "ClusterEgressPolicy"] {
+        let mut warnings = Vec::new();
+        walk(&schema_of(kind), &mut warnings);
+        assert!(warnings.is_empty(), "{kind}: {warnings:#?}");
+    }
+}
