@@ -151,8 +151,8 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
         endpoints.set(inputs.gateways.clone());
         let next = rules::desired(&inputs, &cfg);
         if next != desired {
-            nft::apply(&next)?;
-            tracing::info!(selected = next.selected.len(), "table updated");
+            let incremental = nft::update(&desired, &next)?;
+            tracing::info!(selected = next.selected.len(), incremental, "table updated");
             desired = next;
             continue;
         }

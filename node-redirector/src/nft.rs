@@ -18,8 +18,21 @@ pub enum NftError {
 
 /// Replaces the whole table in one transaction.
 pub fn apply(d: &Desired) -> Result<(), NftError> {
-    let nft: nftables::schema::Nftables =
-        serde_json::from_value(d.json()).map_err(|e| NftError::Schema(e.to_string()))?;
+    run(d.json())
+}
+
+/// Moves the kernel from `current` to `next`: set elements only when the table's shape is the
+/// same (rules untouched), otherwise the whole table. Returns whether it was incremental.
+pub fn update(current: &Desired, next: &Desired) -> Result<bool, NftError> {
+    match next.delta_from(current) {
+        Some(delta) if delta["nftables"].as_array().is_some_and(|a| a.is_empty()) => Ok(true),
+        Some(delta) => run(delta).map(|()| true),
+        None => apply(next).map(|()| false),
+    }
+}
+
+fn run(v: Value) -> Result<(), NftError> {
+    let nft: nftables::schema::Nftables = serde_json::from_value(v).map_err(|e| NftError::Schema(e.to_string()))?;
     nftables::helper::apply_ruleset(&nft).map_err(|e| NftError::Nft(e.to_string()))
 }
 

@@ -237,3 +237,30 @@ impl Desired {
         json!({"nftables": cmds})
     }
 }
+
+impl Desired {
+    /// When only the selected Pod addresses differ from `current`, the element changes that turn
+    /// it into `self` (one transaction, the table and its rules untouched); `None` when the
+    /// table's shape changed and it must be replaced whole.
+    pub fn delta_from(&self, current: &Desired) -> Option<Value> {
+        if self.excluded != current.excluded || self.dns != current.dns || self.relay_port != current.relay_port {
+            return None;
+        }
+        let mut cmds = Vec::new();
+        for (verb, from, to) in
+            [("add", &current.selected, &self.selected), ("delete", &self.selected, &current.selected)]
+        {
+            let changed: Vec<&IpAddr> = to.difference(from).collect();
+            for (set, v4) in [("selected_v4", true), ("selected_v6", false)] {
+                let elems: Vec<Value> =
+                    changed.iter().filter(|a| a.is_ipv4() == v4).map(|a| json!(a.to_string())).collect();
+                if !elems.is_empty() {
+                    cmds.push(
+                        json!({verb: {"element": {"family": "inet", "table": TABLE, "name": set, "elem": elems}}}),
+                    );
+                }
+            }
+        }
+        Some(json!({"nftables": cmds}))
+    }
+}

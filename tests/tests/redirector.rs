@@ -44,6 +44,13 @@ fn world() -> World {
     w
 }
 
+/// The kernel's handle of the table: it changes only when the table is replaced.
+fn table_handle(node: &Netns) -> String {
+    let out = node.command("nft").args(["-a", "list", "table", "inet", "egress_redirector"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    text.lines().next().and_then(|l| l.split("# handle ").nth(1)).expect("table handle").trim().to_string()
+}
+
 fn node_table(node: &Netns) -> Option<String> {
     let out = node.command("nft").args(["list", "table", "inet", "egress_redirector"]).output().unwrap();
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).to_string())
@@ -502,10 +509,13 @@ policies:
     let r = get("192.0.2.10");
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.json()["peer"].as_str().unwrap().rsplit_once(':').unwrap().0, "198.51.100.2", "through the gateway");
-    // The Pod's labels change: no longer selected, no longer steered.
+    // The Pod's labels change: no longer selected, no longer steered — by removing the set
+    // element, not by replacing the table (same table handle).
+    let handle = table_handle(&w.node);
     web["metadata"]["labels"] = json!({"app": "batch"});
     api.apply(PODS, web);
     wait_until(Duration::from_secs(10), || node_table(&w.node).is_some_and(|t| !t.contains("192.0.2.10")));
+    assert_eq!(table_handle(&w.node), handle, "membership changes are incremental");
     let r = get("192.0.2.10");
     assert_eq!(r.json()["peer"].as_str().unwrap().rsplit_once(':').unwrap().0, "192.0.2.10", "direct again");
 }
