@@ -18,6 +18,9 @@ pub struct Config {
     /// The relay.
     #[serde(default)]
     pub relay: RelayConfig,
+    /// `/healthz`, `/readyz` (table applied), `/metrics`; absent = off.
+    #[serde(default)]
+    pub admin: Option<SocketAddr>,
     /// Gateway transparent endpoints (`ip:port`), tried in order (standalone; Kubernetes mode
     /// reads the EndpointSlices of `kubernetes.gatewayService`).
     #[serde(default)]
@@ -136,6 +139,7 @@ impl Loaded {
             namespaces: self.config.namespaces.clone(),
             policies: self.policies.clone(),
             gateways: self.config.gateways.clone(),
+            changed_at: None,
         }
     }
 }

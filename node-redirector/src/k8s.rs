@@ -119,6 +119,7 @@ pub async fn start(cfg: &Config, node: String) -> anyhow::Result<watch::Receiver
         if ready.await.is_err() {
             return;
         }
+        let mut changed_at = None;
         loop {
             let inputs = Inputs {
                 node_name: node.clone(),
@@ -163,10 +164,12 @@ pub async fn start(cfg: &Config, node: String) -> anyhow::Result<watch::Receiver
                     })
                     .collect(),
                 gateways: endpoints(&slices.state(), port_name.as_deref()),
+                changed_at,
             };
             if out_tx.send(Some(inputs)).is_err() || rx.recv().await.is_none() {
                 return;
             }
+            changed_at = Some(std::time::Instant::now());
             tokio::time::sleep(Duration::from_millis(50)).await;
             while rx.try_recv().is_ok() {}
         }

@@ -1,6 +1,7 @@
 //! node-redirector: steers the TCP egress of Pods selected by `redirect: Transparent` policies
 //! to the egress gateway with nftables, and relays those connections with a PROXY v2 header.
 
+pub mod admin;
 pub mod config;
 pub mod k8s;
 pub mod nft;

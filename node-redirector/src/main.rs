@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use node_redirector::{config, k8s, nft, relay, rules};
+use node_redirector::{admin, config, k8s, nft, relay, rules};
 use tokio::signal::unix::{SignalKind, signal};
 
 /// Per-node nftables steering of selected Pods' egress to the egress gateway.
@@ -98,6 +98,10 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
         Arc::new(relay::Endpoints::new(loaded.config.gateways.clone(), loaded.config.relay.connect_timeout));
     tokio::spawn(relay::serve(v4, endpoints.clone()));
     tokio::spawn(relay::serve(v6, endpoints.clone()));
+    let metrics = Arc::new(admin::Admin::default());
+    if let Some(addr) = loaded.config.admin {
+        tokio::spawn(metrics.clone().serve(tokio::net::TcpListener::bind(addr).await?));
+    }
     // Inputs: the Kubernetes watchers, or the file (re-read every period).
     let mut kube = if loaded.config.kubernetes.enabled {
         let mut rx = k8s::start(&loaded.config, loaded.node_name()).await?;
@@ -117,6 +121,8 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
     endpoints.set(inputs.gateways.clone());
     let mut desired = rules::desired(&inputs, &cfg);
     nft::apply(&desired)?;
+    metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    metrics.selected.set(desired.selected.len() as i64);
     tracing::info!(selected = desired.selected.len(), port, "table applied; relay listening");
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -152,6 +158,11 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
         let next = rules::desired(&inputs, &cfg);
         if next != desired {
             let incremental = nft::update(&desired, &next)?;
+            metrics.updates.inc();
+            metrics.selected.set(next.selected.len() as i64);
+            if let Some(t) = inputs.changed_at {
+                metrics.apply_seconds.observe(t.elapsed().as_secs_f64());
+            }
             tracing::info!(selected = next.selected.len(), incremental, "table updated");
             desired = next;
             continue;
@@ -160,6 +171,7 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
             Ok(seen) if seen.as_ref() == Some(&nft::fingerprint(&desired)) => {}
             Ok(_) => {
                 drift_repairs += 1;
+                metrics.drift_repairs.inc();
                 tracing::warn!(drift_repairs, "table drifted from the desired state; repairing");
                 nft::apply(&desired)?;
             }

@@ -26,6 +26,8 @@ pub struct Inputs {
     pub policies: Vec<AnyPolicy>,
     /// Gateway transparent endpoints.
     pub gateways: Vec<SocketAddr>,
+    /// When the first API event of the change that produced these inputs arrived (Kubernetes).
+    pub changed_at: Option<std::time::Instant>,
 }
 
 /// The table the redirector owns entirely.

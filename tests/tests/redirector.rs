@@ -486,7 +486,7 @@ policies:
     let (kc, cfg) = (dir.path().join("kubeconfig"), dir.path().join("redirector.yaml"));
     std::fs::write(&kc, api.kubeconfig()).unwrap();
     std::fs::write(&cfg, format!(
-        "nodeName: node-1\nexcludeCidrs: [192.0.2.0/24, 198.51.100.0/24]\nkubernetes: {{enabled: true, kubeconfig: {}, gatewayService: egress-system/egress-transparent, gatewayPortName: transparent}}\n",
+        "nodeName: node-1\nadmin: 127.0.0.1:9791\nexcludeCidrs: [192.0.2.0/24, 198.51.100.0/24]\nkubernetes: {{enabled: true, kubeconfig: {}, gatewayService: egress-system/egress-transparent, gatewayPortName: transparent}}\n",
         kc.display()
     )).unwrap();
     let child = w
@@ -516,6 +516,16 @@ policies:
     api.apply(PODS, web);
     wait_until(Duration::from_secs(10), || node_table(&w.node).is_some_and(|t| !t.contains("192.0.2.10")));
     assert_eq!(table_handle(&w.node), handle, "membership changes are incremental");
+    // The admin endpoint (inside the node namespace) reports readiness and the change.
+    let admin: std::net::SocketAddr = "127.0.0.1:9791".parse().unwrap();
+    assert_eq!(w.node.enter(move || admin_get(admin, "/readyz")).map(|r| r.0), Some(200));
+    let metrics = w.node.enter(move || admin_get(admin, "/metrics")).unwrap().1;
+    assert!(metrics.contains("egress_redirector_selected_addresses 0"), "{metrics}");
+    assert!(metrics.contains("egress_redirector_table_updates_total 1"), "{metrics}");
+    assert!(
+        metrics.contains("egress_redirector_apply_seconds_count 1"),
+        "time from the Pod event to its rules: {metrics}"
+    );
     let r = get("192.0.2.10");
     assert_eq!(r.json()["peer"].as_str().unwrap().rsplit_once(':').unwrap().0, "192.0.2.10", "direct again");
 }

@@ -1,0 +1,86 @@
+//! `/healthz`, `/readyz` (the table is applied) and `/metrics` (Prometheus text).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// The redirector's metrics and readiness.
+pub struct Admin {
+    registry: Registry,
+    /// Table applied at least once.
+    pub ready: AtomicBool,
+    /// Drift repairs.
+    pub drift_repairs: Counter,
+    /// Table updates (incremental or whole).
+    pub updates: Counter,
+    /// Selected Pod addresses in the table.
+    pub selected: Gauge,
+    /// Seconds from an input change (Pod, policy, config) to its rules being applied.
+    pub apply_seconds: Histogram,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("egress_redirector");
+        let drift_repairs = Counter::default();
+        registry.register(
+            "drift_repairs",
+            "Times the table was found changed by someone else and repaired",
+            drift_repairs.clone(),
+        );
+        let updates = Counter::default();
+        registry.register("table_updates", "Table updates applied", updates.clone());
+        let selected = Gauge::default();
+        registry.register("selected_addresses", "Pod addresses steered to the gateway", selected.clone());
+        let apply_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        registry.register(
+            "apply_seconds",
+            "Time from an input change to its rules being applied",
+            apply_seconds.clone(),
+        );
+        Admin { registry, ready: AtomicBool::new(false), drift_repairs, updates, selected, apply_seconds }
+    }
+}
+
+impl Admin {
+    /// Serves until the process ends.
+    pub async fn serve(self: Arc<Self>, listener: tokio::net::TcpListener) {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let admin = self.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let admin = admin.clone();
+                    async move { Ok::<_, Infallible>(admin.route(req.uri().path())) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    }
+
+    fn route(&self, path: &str) -> hyper::Response<Full<Bytes>> {
+        let (code, body) = match path {
+            "/healthz" => (200, "ok\n".to_string()),
+            "/readyz" if self.ready.load(Ordering::Relaxed) => (200, "ready\n".to_string()),
+            "/readyz" => (503, "table not applied yet\n".to_string()),
+            "/metrics" => {
+                let mut s = String::new();
+                let _ = prometheus_client::encoding::text::encode(&mut s, &self.registry);
+                (200, s)
+            }
+            _ => (404, "not found\n".to_string()),
+        };
+        let mut r = hyper::Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = hyper::StatusCode::from_u16(code).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+        r
+    }
+}
