@@ -44,6 +44,24 @@ fn world() -> World {
     w
 }
 
+/// Starts `node-redirector run` inside `node` with `config` (and extra arguments).
+fn spawn_redirector(
+    node: &Netns,
+    config: &std::path::Path,
+    extra: &[&str],
+    stderr: impl Into<Stdio>,
+) -> std::process::Child {
+    node.command(workspace_bin("node-redirector"))
+        .arg("run")
+        .args(extra)
+        .arg("--config")
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap()
+}
+
 /// The kernel's handle of the table: it changes only when the table is replaced.
 fn table_handle(node: &Netns) -> String {
     let out = node.command("nft").args(["-a", "list", "table", "inet", "egress_redirector"]).output().unwrap();
@@ -116,15 +134,7 @@ policies:
     )
     .unwrap();
     let log = std::fs::File::create(dir.path().join("redirector.log")).unwrap();
-    let child = w
-        .node
-        .command(workspace_bin("node-redirector"))
-        .args(["run", "--reconcile", "500ms", "--config"])
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let child = spawn_redirector(&w.node, &cfg, &["--reconcile", "500ms"], log);
     let mut redirector = Proc(child);
     wait_until(Duration::from_secs(10), || node_table(&w.node).is_some());
 
@@ -286,15 +296,7 @@ policies:
         ),
     )
     .unwrap();
-    let child = w
-        .node
-        .command(workspace_bin("node-redirector"))
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = spawn_redirector(&w.node, &cfg, &[], Stdio::null());
     let _redirector = Proc(child);
     wait_until(Duration::from_secs(10), || node_table(&w.node).is_some());
     let https = |src: &str, name: &str, ip: &str, cacert: &std::path::Path| {
@@ -386,15 +388,7 @@ policies:
         "nodeName: n\ngateways: [198.51.100.2:{}]\nexcludeCidrs: [192.0.2.0/24, 198.51.100.0/24]\npods: [{{namespace: shop, name: web-1, nodeName: n, ips: [192.0.2.10], labels: {{}}}}]\npolicies: [{{apiVersion: egress.dev/v1alpha1, kind: EgressPolicy, metadata: {{name: w, namespace: shop}}, spec: {{podSelector: {{}}, redirect: Transparent, rules: []}}}}]\n",
         gw.transparent.port()
     )).unwrap();
-    let child = w
-        .node
-        .command(workspace_bin("node-redirector"))
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = spawn_redirector(&w.node, &cfg, &[], Stdio::null());
     let _r = Proc(child);
     wait_until(Duration::from_secs(10), || node_table(&w.node).is_some());
     let url = format!("http://allowed.test:{p}/bytes/104857600");
@@ -489,15 +483,7 @@ policies:
         "nodeName: node-1\nadmin: 127.0.0.1:9791\nexcludeCidrs: [192.0.2.0/24, 198.51.100.0/24]\nkubernetes: {{enabled: true, kubeconfig: {}, gatewayService: egress-system/egress-transparent, gatewayPortName: transparent}}\n",
         kc.display()
     )).unwrap();
-    let child = w
-        .node
-        .command(workspace_bin("node-redirector"))
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = spawn_redirector(&w.node, &cfg, &[], Stdio::null());
     let _r = Proc(child);
     wait_until(Duration::from_secs(10), || node_table(&w.node).is_some_and(|t| t.contains("192.0.2.10")));
     let t = node_table(&w.node).unwrap();
