@@ -858,3 +858,45 @@ fn quick_start_example_is_valid() {
     assert_eq!(check("http://2852039166/"), Some(1));
     assert_eq!(check("https://www.pastebin.com"), Some(1));
 }
+
+/// An upstream that closes idle keep-alive connections (without saying so) does not cost the
+/// next request on the client's connection: the gateway notices and dials again.
+#[test]
+fn an_upstream_closing_an_idle_connection_is_redialled() {
+    let dns = dns();
+    let upstream = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+    let p = upstream.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    std::thread::spawn(move || {
+        for conn in upstream.incoming().take(4) {
+            let Ok(mut c) = conn else { return };
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut r = BufReader::new(c.try_clone().unwrap());
+            let mut line = String::new();
+            while std::io::BufRead::read_line(&mut r, &mut line).map(|n| n > 2).unwrap_or(false) {
+                line.clear();
+            }
+            let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+            std::thread::sleep(Duration::from_millis(100));
+            drop(c); // idle close, no Connection: close
+        }
+    });
+    let gw = Gateway::start(&dns, &config(p, ""));
+    let mut s = TcpStream::connect(gw.http).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    for i in 0..2 {
+        write!(s, "GET http://up.test:{p}/{i} HTTP/1.1\r\nHost: up.test:{p}\r\n\r\n").unwrap();
+        let (status, h) = read_head(&mut r);
+        assert_eq!(status, 200, "request {i}");
+        let mut body = vec![0u8; h["content-length"].parse().unwrap()];
+        r.read_exact(&mut body).unwrap();
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "the second request got a fresh upstream connection"
+    );
+}

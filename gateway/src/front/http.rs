@@ -222,9 +222,16 @@ async fn forward(
         Ok(p) => p,
         Err(r) => return refusal(&r, false),
     };
-    let cached = cache.lock().ok().and_then(|mut c| c.take());
+    let mut cached = cache.lock().ok().and_then(|mut c| c.take());
+    // An idle upstream connection may have been closed by the upstream since its last response:
+    // find out before committing the request to it (then a fresh connection is dialled).
+    if let Some(c) = cached.as_mut()
+        && (c.sender.is_closed() || c.sender.ready().await.is_err())
+    {
+        cached = None;
+    }
     let (mut sender, log, dialled, source, pool) = match cached {
-        Some(c) if permit.accepts(c.dialled, &c.pool) && !c.sender.is_closed() => {
+        Some(c) if permit.accepts(c.dialled, &c.pool) => {
             let log = permit.reuse(c.dialled, c.source);
             (c.sender, log, c.dialled, c.source, c.pool)
         }
