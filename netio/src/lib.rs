@@ -10,6 +10,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 const CHUNK: usize = 1 << 20;
+const BATCH: usize = 256 << 10;
 
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as RawFd; 2];
@@ -58,6 +59,15 @@ async fn one_way(from: &TcpStream, to: &TcpStream, counter: &AtomicU64) -> io::R
             // SAFETY: shutdown on a valid connected socket.
             unsafe { libc::shutdown(to.as_raw_fd(), libc::SHUT_WR) };
             return Ok(total);
+        }
+        // Take whatever else is already queued (never waiting for more), so that it leaves in as
+        // few sends as possible: measured to help bulk transfers (fewer, larger segments).
+        while in_pipe < BATCH {
+            match from.try_io(Interest::READABLE, || splice(from.as_raw_fd(), pw.as_raw_fd(), CHUNK - in_pipe)) {
+                Ok(n) if n > 0 => in_pipe += n,
+                // EOF is seen again by the next blocking read; WouldBlock: nothing more queued.
+                _ => break,
+            }
         }
         while in_pipe > 0 {
             to.writable().await?;
