@@ -490,8 +490,9 @@ impl Permit {
         dialled.port() == self.target.port && self.addrs.contains(&dialled.ip()) && *self.pool == *pool
     }
 
-    fn allowed(mut self, dialled: SocketAddr, source: Option<SocketAddr>) -> CloseLog {
-        self.base.dialled = Some(dialled);
+    /// Audits the allow (with the dialled address, when there is one) and hands over the close log.
+    fn allowed(mut self, dialled: Option<SocketAddr>, source: Option<SocketAddr>) -> CloseLog {
+        self.base.dialled = dialled;
         self.base.egress_source = source;
         self.gw.metrics.decision(true, self.base.decision.reason);
         self.gw.audit.emit(self.base.clone());
@@ -500,7 +501,7 @@ impl Permit {
 
     /// Reuses an upstream connection (plain HTTP keep-alive): audits the allow.
     pub fn reuse(self, dialled: SocketAddr, source: Option<SocketAddr>) -> CloseLog {
-        self.allowed(dialled, source)
+        self.allowed(Some(dialled), source)
     }
 
     /// Dials a checked address from the policy's pool and audits the allow. A failed connect is
@@ -532,7 +533,7 @@ impl Permit {
             Ok((stream, dialled)) => {
                 self.gw.metrics.connect_seconds.observe(started.elapsed().as_secs_f64());
                 let source = stream.local_addr().ok();
-                let log = self.allowed(dialled, source);
+                let log = self.allowed(Some(dialled), source);
                 Ok(Upstream { stream, dialled, log })
             }
             Err(e) => {
@@ -543,17 +544,11 @@ impl Permit {
                     DialError::Unreachable(_) | DialError::NoSource(_) => RefusalKind::Unreachable,
                 };
                 let reason = self.base.decision.reason;
-                let log = self.allowed_without_dial();
+                let log = self.allowed(None, None);
                 log.finish(0, 0, End::ConnectFailed, None, Some(e.to_string()));
                 Err(Refusal { kind, reason, request_id, detail: e.to_string() })
             }
         }
-    }
-
-    fn allowed_without_dial(self) -> CloseLog {
-        self.gw.metrics.decision(true, self.base.decision.reason);
-        self.gw.audit.emit(self.base.clone());
-        CloseLog { gw: self.gw, base: Some(self.base), started: Instant::now() }
     }
 }
 

@@ -63,6 +63,14 @@ policies:
     )
 }
 
+/// One EgressPolicy for client 127.0.0.1 (namespace `ns`) with the given spec lines, upstream
+/// 127.0.0.2 opened by allowCidrs, and `extra` top-level config.
+fn single_policy(name: &str, spec: &str, extra: &str) -> String {
+    format!(
+        "guard: {{allowCidrs: [127.0.0.2/32]}}\n{extra}\nclients: [{{cidr: 127.0.0.1/32, namespace: ns, name: c, labels: {{}}}}]\npolicies:\n  - apiVersion: egress.dev/v1alpha1\n    kind: EgressPolicy\n    metadata: {{name: {name}, namespace: ns}}\n    spec:\n      podSelector: {{}}\n{spec}\n"
+    )
+}
+
 fn proxy(gw: &Gateway) -> String {
     format!("http://{}", gw.http)
 }
@@ -94,18 +102,10 @@ fn wildcard_never_matches_the_apex_and_ports_are_enforced() {
     let up = Upstream::start("127.0.0.2");
     let other = Upstream::start("127.0.0.2");
     let p = up.addr.port();
-    let body = format!(
-        r#"
-guard: {{allowCidrs: [127.0.0.2/32]}}
-clients: [{{cidr: 127.0.0.1/32, namespace: ns, name: c, labels: {{}}}}]
-policies:
-  - apiVersion: egress.dev/v1alpha1
-    kind: EgressPolicy
-    metadata: {{name: wild, namespace: ns}}
-    spec:
-      podSelector: {{}}
-      rules: [{{name: wild, to: [{{domain: "*.up.test"}}], ports: [{{port: {p}}}]}}]
-"#
+    let body = single_policy(
+        "wild",
+        &format!("      rules: [{{name: wild, to: [{{domain: \"*.up.test\"}}], ports: [{{port: {p}}}]}}]"),
+        "",
     );
     let gw = Gateway::start(&dns, &body);
     assert_eq!(curl(&["-x", &proxy(&gw), &format!("http://api.up.test:{p}/")]).status, 200);
@@ -337,21 +337,19 @@ fn every_guarded_range_in_every_spelling_through_every_front() {
     }
     // Private ranges through an explicit cidr rule are a decision of the operator's policy:
     // that is what `everything` says, so 10.0.0.1 is allowed by policy (and then unreachable).
-    let d = Command::check(&gw, "10.0.0.1:80");
+    let d = check_offline(&gw, "10.0.0.1:80");
     assert_eq!(d["reason_code"], "rule_allow");
 }
 
-struct Command;
-impl Command {
-    fn check(gw: &Gateway, target: &str) -> Value {
-        let out = std::process::Command::new(gateway_bin())
-            .args(["check", "--no-resolve", "--client", "127.0.0.1", "--config"])
-            .arg(gw.config_path())
-            .arg(target)
-            .output()
-            .unwrap();
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)))
-    }
+/// `egress-gateway check --no-resolve` for client 127.0.0.1 with this gateway's config.
+fn check_offline(gw: &Gateway, target: &str) -> Value {
+    let out = std::process::Command::new(gateway_bin())
+        .args(["check", "--no-resolve", "--client", "127.0.0.1", "--config"])
+        .arg(gw.config_path())
+        .arg(target)
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)))
 }
 
 #[test]
@@ -387,19 +385,12 @@ fn a_second_request_on_a_keep_alive_connection_is_decided_again() {
 fn rate_limit_answers_429_and_socks_0x02_once_the_burst_is_spent() {
     let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
     let p = up.addr.port();
-    let body = format!(
-        r#"
-guard: {{allowCidrs: [127.0.0.2/32]}}
-clients: [{{cidr: 127.0.0.1/32, namespace: ns, name: c, labels: {{}}}}]
-policies:
-  - apiVersion: egress.dev/v1alpha1
-    kind: EgressPolicy
-    metadata: {{name: limited, namespace: ns}}
-    spec:
-      podSelector: {{}}
-      rateLimit: {{requestsPerSecond: 1, burst: 3}}
-      rules: [{{name: up, to: [{{domain: up.test}}], ports: [{{port: {p}}}]}}]
-"#
+    let body = single_policy(
+        "limited",
+        &format!(
+            "      rateLimit: {{requestsPerSecond: 1, burst: 3}}\n      rules: [{{name: up, to: [{{domain: up.test}}], ports: [{{port: {p}}}]}}]"
+        ),
+        "",
     );
     let gw = Gateway::start(&dns, &body);
     let url = format!("http://up.test:{p}/");
@@ -415,21 +406,12 @@ policies:
 fn egress_source_address_pools_are_used() {
     let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
     let p = up.addr.port();
-    let body = format!(
-        r#"
-guard: {{allowCidrs: [127.0.0.2/32]}}
-egressAddresses:
-  fixed: [127.0.0.3, 127.0.0.4]
-clients: [{{cidr: 127.0.0.1/32, namespace: ns, name: c, labels: {{}}}}]
-policies:
-  - apiVersion: egress.dev/v1alpha1
-    kind: EgressPolicy
-    metadata: {{name: pooled, namespace: ns}}
-    spec:
-      podSelector: {{}}
-      egressAddress: fixed
-      rules: [{{name: up, to: [{{domain: up.test}}], ports: [{{port: {p}}}]}}]
-"#
+    let body = single_policy(
+        "pooled",
+        &format!(
+            "      egressAddress: fixed\n      rules: [{{name: up, to: [{{domain: up.test}}], ports: [{{port: {p}}}]}}]"
+        ),
+        "egressAddresses: {fixed: [127.0.0.3, 127.0.0.4]}",
     );
     let gw = Gateway::start(&dns, &body);
     let mut seen = std::collections::BTreeSet::new();

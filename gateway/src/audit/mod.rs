@@ -12,7 +12,6 @@ pub use event::{ClientInfo, CloseInfo, DecisionInfo, End, Event, EventKind, Reso
 
 use std::sync::Arc;
 use std::sync::mpsc;
-use std::thread::JoinHandle;
 
 use crate::config::SinkConfig;
 use crate::metrics::Metrics;
@@ -25,7 +24,6 @@ enum Msg {
 /// The audit log handle. Cheap to share; emitting never blocks.
 pub struct Audit {
     tx: mpsc::Sender<Msg>,
-    writer: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Audit {
@@ -36,15 +34,16 @@ impl Audit {
             opened.push(sink::open(s).map_err(|e| anyhow::anyhow!("audit.sinks[{i}]: {e}"))?);
         }
         let (tx, rx) = mpsc::channel::<Msg>();
-        let writer = std::thread::Builder::new()
+        // Detached: it ends with the process; `close` makes sure everything queued is written first.
+        std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || writer_loop(rx, opened, instance, metrics))?;
-        Ok(Audit { tx, writer: std::sync::Mutex::new(Some(writer)) })
+        Ok(Audit { tx })
     }
 
     /// Queues an event. Never blocks; order of calls is the order of sequence numbers.
     pub fn emit(&self, event: Event) {
-        // The receiver lives as long as the writer thread, which only ends in `close`.
+        // The receiver lives as long as the writer thread, which lives as long as the process.
         let _ = self.tx.send(Msg::Event(Box::new(event)));
     }
 
@@ -56,11 +55,9 @@ impl Audit {
         }
     }
 
-    /// Flushes and stops the writer.
+    /// Writes and flushes everything queued (at shutdown).
     pub fn close(&self) {
         self.flush();
-        let handle = self.writer.lock().ok().and_then(|mut h| h.take());
-        drop(handle); // the thread ends with the process; every queued event is flushed above
     }
 }
 
