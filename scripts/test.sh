@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The project's test command: installs what the tests need on a fresh Debian machine, then runs
 # formatting, lint, every unit test, the end-to-end tests (real gateway binary, curl, dnsmasq,
-# upstream servers on loopback) and the shared policy conformance vectors.
+# upstream servers on loopback, real nftables in network namespaces), the shared policy conformance
+# vectors, and the Helm chart / Dockerfile checks (helm, kubernetes-validate, hadolint: pinned,
+# installed by scripts/tools.sh into target/tools/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +14,8 @@ command -v python3 >/dev/null || need+=(python3)
 command -v ip >/dev/null || need+=(iproute2)
 command -v openssl >/dev/null || need+=(openssl)
 command -v nft >/dev/null || need+=(nftables)
+command -v npm >/dev/null || need+=(npm)
+python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 if ((${#need[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
     echo "missing packages: ${need[*]} (run as root, or install them first)" >&2
@@ -28,8 +32,11 @@ fi
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-# The end-to-end tests drive the real binary.
+# The end-to-end tests drive the real binaries; the chart tests feed the rendered configs to the
+# release build, which is exactly what the Dockerfile builds.
 cargo build --locked --workspace --bins
+./scripts/build-release.sh
+./scripts/tools.sh
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast
 else

@@ -184,3 +184,67 @@ fn cel_rules_are_bounded_and_within_the_cost_budget() {
         assert!(warnings.is_empty(), "{kind}: {warnings:#?}");
     }
 }
+
+/// Policy documents shown to users: ```yaml blocks of README.md and docs/*.md, and the policy the
+/// chart's NOTES.txt tells users to apply.
+fn documentation_examples() -> Vec<(String, Value)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let mut sources = vec![root.join("README.md")];
+    let mut docs: Vec<PathBuf> = std::fs::read_dir(root.join("docs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "md"))
+        .collect();
+    docs.sort();
+    sources.extend(docs);
+    let mut blocks: Vec<(String, String)> = Vec::new();
+    for f in &sources {
+        let text = std::fs::read_to_string(f).unwrap();
+        let mut block: Option<String> = None;
+        for line in text.lines() {
+            match (&mut block, line.trim_start()) {
+                (None, "```yaml") => block = Some(String::new()),
+                (Some(b), "```") => {
+                    blocks.push((f.display().to_string(), std::mem::take(b)));
+                    block = None;
+                }
+                (Some(b), _) => {
+                    b.push_str(line);
+                    b.push('\n');
+                }
+                (None, _) => {}
+            }
+        }
+    }
+    let notes = root.join("charts/egress-gateway/templates/NOTES.txt");
+    let text = std::fs::read_to_string(&notes).unwrap();
+    let heredoc = text.find("<<'POLICY'").expect("NOTES.txt shows a policy");
+    let start = heredoc + text[heredoc..].find('\n').unwrap() + 1;
+    let end = start + text[start..].find("\nPOLICY\n").unwrap();
+    blocks.push((notes.display().to_string(), text[start..end].to_string()));
+    let mut out = Vec::new();
+    for (file, b) in blocks {
+        for d in serde_yaml_ng::Deserializer::from_str(&b) {
+            let v = Value::deserialize(d).unwrap_or_else(|e| panic!("{file}: {e}"));
+            if v["apiVersion"].as_str().is_some_and(|a| a.starts_with("egress.dev/")) {
+                out.push((file.clone(), v));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn documentation_examples_are_accepted_everywhere() {
+    let examples = documentation_examples();
+    for (file, doc) in &examples {
+        let (s, c, r) = judge(doc);
+        assert!(
+            s.is_empty() && c.is_empty() && r.is_empty(),
+            "{file}: {}: schema {s:?} CEL {c:?} Rust {r:?}",
+            doc["metadata"]["name"]
+        );
+    }
+    let files: std::collections::BTreeSet<&str> = examples.iter().map(|(f, _)| f.as_str()).collect();
+    assert!(files.len() >= 3 && examples.len() >= 4, "found {} examples in {files:?}", examples.len());
+}

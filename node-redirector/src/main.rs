@@ -28,6 +28,12 @@ enum Cmd {
         #[arg(long, default_value = "2s")]
         reconcile: humantime::Duration,
     },
+    /// Validate the configuration and every policy document; print every error (exit 0 valid, 2 not).
+    Validate {
+        /// Standalone configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Print the ruleset `run` would apply (nft syntax), without applying it.
     Render {
         /// Standalone configuration file.
@@ -54,6 +60,13 @@ fn main() -> ExitCode {
         )
         .init();
     match cli.command {
+        Cmd::Validate { config } => match load(&config) {
+            Ok(l) => {
+                println!("{}: ok ({} policies)", config.display(), l.policies.len());
+                ExitCode::SUCCESS
+            }
+            Err(c) => c,
+        },
         Cmd::Render { config } => match load(&config) {
             Ok(l) => {
                 print!("{}", rules::desired(&l.inputs(), &l.config).render());

@@ -634,6 +634,7 @@ impl Upstream {
     }
 }
 pub mod kubeapi;
+pub mod rbac;
 
 /// A stand-in for the node-redirector's relay: accepts on 127.0.0.1, connects to the gateway's
 /// transparent port from `source_ip`, sends a PROXY protocol v2 header (source = the accepted

@@ -374,71 +374,8 @@ fn every_api_request_is_covered_by_the_rbac_manifest() {
     wait_patch(&api, |p| p.path.ends_with("/egresspolicies/p/status"));
     std::thread::sleep(Duration::from_millis(800)); // a lease renewal (PUT) too
 
-    // (namespace or "" for cluster-wide, apiGroup, resource, resourceName or "", verb)
     let text = std::fs::read_to_string(repo_root().join("deploy/rbac.yaml")).unwrap();
-    let mut allowed: Vec<(String, String, String, String, String)> = Vec::new();
-    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
-        let v: Value = serde::Deserialize::deserialize(doc).unwrap();
-        let ns = match v["kind"].as_str() {
-            Some("ClusterRole") => "",
-            Some("Role") => v["metadata"]["namespace"].as_str().unwrap(),
-            _ => continue,
-        };
-        for rule in v["rules"].as_array().unwrap() {
-            let names: Vec<String> = rule["resourceNames"]
-                .as_array()
-                .map(|a| a.iter().map(|n| n.as_str().unwrap().to_string()).collect())
-                .unwrap_or_else(|| vec![String::new()]);
-            for g in rule["apiGroups"].as_array().unwrap() {
-                for r in rule["resources"].as_array().unwrap() {
-                    for verb in rule["verbs"].as_array().unwrap() {
-                        for n in &names {
-                            allowed.push((
-                                ns.into(),
-                                g.as_str().unwrap().into(),
-                                r.as_str().unwrap().into(),
-                                n.clone(),
-                                verb.as_str().unwrap().into(),
-                            ));
-                        }
-                    }
-                }
-            }
-        }
-    }
-    let permits = |ns: &str, group: &str, resource: &str, name: &str, verb: &str| {
-        allowed.iter().any(|(ans, g, r, n, v)| {
-            (ans.is_empty() || ans == ns) && g == group && r == resource && (n.is_empty() || n == name) && v == verb
-        })
-    };
-    let mut seen_verbs = std::collections::BTreeSet::new();
-    for line in api.requests() {
-        let (method, uri) = line.split_once(' ').unwrap();
-        let (path, query) = uri.split_once('?').unwrap_or((uri, ""));
-        if path == "/version" {
-            continue; // non-resource URL, readable by every authenticated client (system:public-info-viewer)
-        }
-        let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-        let (group, rest) = if parts[0] == "api" { ("", &parts[2..]) } else { (parts[1], &parts[3..]) };
-        let (ns, rest) =
-            if rest.first() == Some(&"namespaces") && rest.len() > 2 { (rest[1], &rest[2..]) } else { ("", rest) };
-        let resource = if rest.len() == 3 { format!("{}/{}", rest[0], rest[2]) } else { rest[0].to_string() };
-        let name = rest.get(1).copied().unwrap_or("");
-        let verb = match (method, name.is_empty()) {
-            ("GET", true) if query.contains("watch=true") || query.contains("watch=1") => "watch",
-            ("GET", true) => "list",
-            ("GET", false) => "get",
-            ("POST", _) => "create",
-            ("PUT", _) => "update",
-            ("PATCH", _) => "patch",
-            (m, _) => panic!("unexpected method {m}"),
-        };
-        seen_verbs.insert(format!("{verb} {resource}"));
-        assert!(
-            permits(ns, group, &resource, name, verb),
-            "{line} needs {verb} on {group}/{resource} {name} in {ns:?}: not in deploy/rbac.yaml"
-        );
-    }
+    let seen_verbs = egress_e2e::rbac::assert_covered(&api.requests(), &text, "deploy/rbac.yaml");
     for needed in [
         "list pods",
         "watch pods",

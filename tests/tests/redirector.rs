@@ -514,4 +514,10 @@ policies:
     );
     let r = get("192.0.2.10");
     assert_eq!(r.json()["peer"].as_str().unwrap().rsplit_once(':').unwrap().0, "192.0.2.10", "direct again");
+    // Every API request it made is allowed by its minimal RBAC (the chart renders the same rules).
+    let rbac = std::fs::read_to_string(repo_root().join("deploy/node-redirector-rbac.yaml")).unwrap();
+    let seen = egress_e2e::rbac::assert_covered(&api.requests(), &rbac, "deploy/node-redirector-rbac.yaml");
+    for needed in ["list pods", "watch pods", "list namespaces", "list egresspolicies", "list endpointslices"] {
+        assert!(seen.contains(needed), "{needed} not exercised: {seen:?}");
+    }
 }

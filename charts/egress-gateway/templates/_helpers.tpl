@@ -1,0 +1,120 @@
+{{/* Base name of every object. */}}
+{{- define "egress.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "egress.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels of every object; call with (dict "ctx" $ "component" "gateway"). */}}
+{{- define "egress.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+" "_" }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: egress-gateway
+{{ include "egress.selectorLabels" . }}
+{{- end -}}
+
+{{- define "egress.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "egress.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* "repository:tag", the tag defaulting to the appVersion; call with (dict "ctx" $ "image" .Values.x.image). */}}
+{{- define "egress.image" -}}
+{{- printf "%s:%s" .image.repository (default .ctx.Chart.AppVersion .image.tag) -}}
+{{- end -}}
+
+{{- define "egress.gatewayServiceAccount" -}}{{ include "egress.fullname" . }}{{- end -}}
+{{- define "egress.redirectorName" -}}{{ include "egress.fullname" . }}-node-redirector{{- end -}}
+{{- define "egress.transparentService" -}}{{ include "egress.fullname" . }}-transparent{{- end -}}
+{{- define "egress.leaseName" -}}{{ include "egress.fullname" . }}-status{{- end -}}
+
+{{/* "addr:port" for a listener. */}}
+{{- define "egress.listen" -}}
+{{- printf "%s:%d" .bind (int .port) | quote -}}
+{{- end -}}
+
+{{/* The gateway's configuration file (checked in CI by `egress-gateway validate`). */}}
+{{- define "egress.gatewayConfig" -}}
+{{- $g := .Values.gateway -}}
+listen:
+  http: {{ include "egress.listen" (dict "bind" $g.bindAddress "port" $g.ports.http) }}
+  socks5: {{ include "egress.listen" (dict "bind" $g.bindAddress "port" $g.ports.socks5) }}
+  admin: {{ include "egress.listen" (dict "bind" $g.bindAddress "port" $g.ports.admin) }}
+  {{- if .Values.redirector.enabled }}
+  transparent: {{ include "egress.listen" (dict "bind" $g.bindAddress "port" $g.ports.transparent) }}
+transparent:
+  trustedRelays: {{- toYaml .Values.cluster.nodeCidrs | nindent 4 }}
+  {{- end }}
+defaultAction: {{ $g.defaultAction }}
+{{- with $g.resolver.nameservers }}
+resolver:
+  nameservers: {{- toYaml . | nindent 4 }}
+{{- end }}
+{{- with $g.guard.allowCidrs }}
+guard:
+  allowCidrs: {{- toYaml . | nindent 4 }}
+{{- end }}
+{{- with $g.egressAddresses }}
+egressAddresses: {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $g.clients }}
+clients: {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $g.policies }}
+policies: {{- toYaml . | nindent 2 }}
+{{- end }}
+audit:
+  sinks: {{- toYaml $g.audit.sinks | nindent 4 }}
+limits: {{- toYaml $g.limits | nindent 2 }}
+shutdown:
+  grace: {{ printf "%ds" (int $g.shutdownGraceSeconds) }}
+kubernetes:
+  enabled: true
+  writeStatus: {{ $g.kubernetes.writeStatus }}
+  leaseName: {{ include "egress.leaseName" . }}
+  leaseDuration: {{ $g.kubernetes.leaseDuration }}
+{{- end -}}
+
+{{/* The node-redirector's configuration file (checked in CI by `node-redirector validate`). */}}
+{{- define "egress.redirectorConfig" -}}
+{{- $r := .Values.redirector -}}
+{{- $c := .Values.cluster -}}
+relay:
+  port: {{ $r.relayPort }}
+  connectTimeout: {{ $r.connectTimeout }}
+{{- if $r.adminPort }}
+admin: {{ include "egress.listen" (dict "bind" $r.adminBindAddress "port" $r.adminPort) }}
+{{- end }}
+kubernetes:
+  enabled: true
+  gatewayService: {{ printf "%s/%s" .Release.Namespace (include "egress.transparentService" .) }}
+  gatewayPortName: transparent
+clusterDns: {{- toYaml $c.dnsServers | nindent 2 }}
+excludeCidrs: {{- concat $c.podCidrs $c.serviceCidrs $c.nodeCidrs $r.excludeCidrs | uniq | toYaml | nindent 2 }}
+{{- end -}}
+
+{{/* The restricted Pod Security profile's container settings. */}}
+{{- define "egress.restrictedContainer" -}}
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: [ALL]
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}

@@ -1,0 +1,472 @@
+//! The Helm chart and the container images, checked with the real tools (pinned and installed by
+//! scripts/tools.sh into target/tools/): `helm lint --strict` and `helm template` for every value
+//! set in charts/egress-gateway/ci/ and the defaults; every rendered object validated against the
+//! Kubernetes schemas in strict mode (kubernetes-validate, offline) for the oldest supported and the
+//! newest Kubernetes; the rendered configs accepted by the release binaries; the values schema
+//! rejecting wrong values; the security settings, RBAC and wiring between objects; hadolint on the
+//! Dockerfile.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use egress_e2e::repo_root;
+use serde_json::{Value, json};
+
+const CHART: &str = "charts/egress-gateway";
+const NAMESPACE: &str = "egress-system";
+/// The oldest Kubernetes the CRDs support (CEL IP/CIDR libraries) and the newest the validator knows.
+const KUBE_VERSIONS: [&str; 2] = ["1.31.0", "1.37.0"];
+
+fn tools() -> PathBuf {
+    let dir =
+        std::env::var_os("EGRESS_TOOLS_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target/tools"));
+    assert!(
+        dir.join("helm").exists() && dir.join("venv/bin/kubernetes-validate").exists(),
+        "{} has no helm / kubernetes-validate: run ./scripts/tools.sh (./scripts/test.sh does)",
+        dir.display()
+    );
+    dir
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn helm() -> Command {
+    let mut c = Command::new(tools().join("helm"));
+    c.current_dir(repo_root());
+    // No user state: no repositories, no cache, no kubeconfig.
+    let home = std::env::temp_dir().join("egress-helm-home");
+    c.env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_DATA_HOME", home.join("data"))
+        .env("KUBECONFIG", "/dev/null");
+    c
+}
+
+/// The value sets: the defaults (None) and every file in the chart's ci/ directory.
+fn value_sets() -> Vec<Option<PathBuf>> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(repo_root().join(CHART).join("ci"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    v.sort();
+    assert!(v.len() >= 4, "value sets: {v:?}");
+    std::iter::once(None).chain(v.into_iter().map(Some)).collect()
+}
+
+fn label(set: &Option<PathBuf>) -> String {
+    set.as_ref().map_or("default values".into(), |p| p.file_name().unwrap().to_string_lossy().into_owned())
+}
+
+/// `helm template` with the value set (and extra values), every document parsed.
+fn render(set: &Option<PathBuf>, extra: &[&str]) -> Result<(String, Vec<Value>), String> {
+    let mut c = helm();
+    c.args(["template", "egress", CHART, "--namespace", NAMESPACE, "--include-crds"]);
+    if let Some(f) = set {
+        c.arg("--values").arg(f);
+    }
+    c.args(extra);
+    let out = run(&mut c);
+    if !out.status.success() {
+        return Err(text(&out));
+    }
+    let yaml = String::from_utf8(out.stdout).unwrap();
+    let docs = serde_yaml_ng::Deserializer::from_str(&yaml)
+        .map(|d| serde::Deserialize::deserialize(d).expect("helm output parses"))
+        .filter(|v: &Value| !v.is_null())
+        .collect();
+    Ok((yaml, docs))
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> Option<&'a Value> {
+    docs.iter().find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+}
+
+fn get<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    find(docs, kind, name).unwrap_or_else(|| panic!("no {kind}/{name} rendered"))
+}
+
+fn config_map_file(docs: &[Value], name: &str, key: &str) -> String {
+    get(docs, "ConfigMap", name)["data"][key].as_str().unwrap_or_else(|| panic!("{name} has no {key}")).to_string()
+}
+
+fn yaml(text: &str) -> Value {
+    serde_yaml_ng::from_str(text).unwrap()
+}
+
+const GATEWAY: &str = "egress-egress-gateway";
+const REDIRECTOR: &str = "egress-egress-gateway-node-redirector";
+
+#[test]
+fn chart_crds_are_the_repository_crds() {
+    let names = |dir: &Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".yaml"))
+            .collect();
+        v.sort();
+        v
+    };
+    let (repo, chart) = (repo_root().join("crds"), repo_root().join(CHART).join("crds"));
+    assert_eq!(names(&repo), names(&chart), "the chart ships every CRD and only those");
+    for n in names(&repo) {
+        assert_eq!(
+            std::fs::read(repo.join(&n)).unwrap(),
+            std::fs::read(chart.join(&n)).unwrap(),
+            "{CHART}/crds/{n} differs from crds/{n}: cargo run -p egress-crds --bin crdgen"
+        );
+    }
+}
+
+#[test]
+fn every_value_set_lints_renders_and_validates_strictly() {
+    let dir = tempfile::tempdir().unwrap();
+    for set in value_sets() {
+        let what = label(&set);
+        let mut lint = helm();
+        lint.args(["lint", "--strict", CHART]);
+        if let Some(f) = &set {
+            lint.arg("--values").arg(f);
+        }
+        let out = run(&mut lint);
+        assert!(out.status.success(), "helm lint --strict ({what}):\n{}", text(&out));
+
+        let (rendered, docs) = render(&set, &[]).unwrap_or_else(|e| panic!("helm template ({what}): {e}"));
+        assert!(docs.len() >= 10, "{what}: {} objects", docs.len());
+        let file = dir.path().join("rendered.yaml");
+        std::fs::write(&file, &rendered).unwrap();
+        for version in KUBE_VERSIONS {
+            let out = run(Command::new(tools().join("venv/bin/kubernetes-validate"))
+                .args(["--strict", "--kubernetes-version", version])
+                .arg(&file));
+            let report = text(&out);
+            assert!(out.status.success(), "{what}, Kubernetes {version}:\n{report}");
+            // Every object had a schema, except the Prometheus Operator's ServiceMonitor (checked
+            // for its wiring in `objects_are_wired_together`).
+            for line in report.lines().filter(|l| l.starts_with("WARN") || l.starts_with("ERROR")) {
+                assert!(
+                    line.contains("kind ServiceMonitor with api version monitoring.coreos.com/v1"),
+                    "{what}: {line}"
+                );
+            }
+            let passed = report.lines().filter(|l| l.starts_with("INFO") && l.contains("passed")).count();
+            let monitors = docs.iter().filter(|d| d["kind"] == "ServiceMonitor").count();
+            assert_eq!(passed + monitors, docs.len(), "{what}, Kubernetes {version}: every object checked\n{report}");
+        }
+    }
+}
+
+/// The chart can never render a config the binaries reject: each rendered ConfigMap goes through
+/// `egress-gateway validate` / `node-redirector validate` of the release build (what the images ship).
+#[test]
+fn rendered_configs_are_accepted_by_the_release_binaries() {
+    let release = release_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let mut redirector_configs = 0;
+    for set in value_sets() {
+        let what = label(&set);
+        let (_, docs) = render(&set, &[]).unwrap();
+        let gw = dir.path().join("gateway.yaml");
+        std::fs::write(&gw, config_map_file(&docs, GATEWAY, "gateway.yaml")).unwrap();
+        let out = run(Command::new(release.join("egress-gateway")).arg("validate").arg("--config").arg(&gw));
+        assert!(out.status.success(), "{what}: egress-gateway validate:\n{}", text(&out));
+        if find(&docs, "ConfigMap", REDIRECTOR).is_some() {
+            let rd = dir.path().join("node-redirector.yaml");
+            std::fs::write(&rd, config_map_file(&docs, REDIRECTOR, "node-redirector.yaml")).unwrap();
+            let out = run(Command::new(release.join("node-redirector"))
+                .env("NODE_NAME", "node-1")
+                .arg("validate")
+                .arg("--config")
+                .arg(&rd));
+            assert!(out.status.success(), "{what}: node-redirector validate:\n{}", text(&out));
+            redirector_configs += 1;
+        }
+    }
+    assert!(redirector_configs >= 2, "value sets with the redirector on: {redirector_configs}");
+    // And the check itself bites: a config the gateway rejects is reported.
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, "listen: {http: 0.0.0.0:3128}\nlimits: {maxHeaderBytes: 10}\n").unwrap();
+    let out = run(Command::new(release.join("egress-gateway")).arg("validate").arg("--config").arg(&bad));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+}
+
+fn release_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let target = exe.ancestors().nth(3).expect("target/<profile>/deps/<test>").to_path_buf();
+    let dir = target.join("release");
+    for bin in ["egress-gateway", "node-redirector"] {
+        assert!(
+            dir.join(bin).exists(),
+            "{} is missing: run ./scripts/build-release.sh (./scripts/test.sh does)",
+            dir.join(bin).display()
+        );
+    }
+    dir
+}
+
+#[test]
+fn the_values_schema_rejects_wrong_values() {
+    // (values file, words the error must contain)
+    let cases: &[(&str, &str)] = &[
+        ("gateway: {replicas: 0}", "replicas"),
+        ("gateway: {replica: 2}", "Additional property replica is not allowed"),
+        ("gateway: {defaultAction: allow}", "defaultAction"),
+        ("gateway: {bindAddress: 10.0.0.1}", "bindAddress"),
+        ("gateway: {ports: {http: 70000}}", "ports.http"),
+        ("gateway: {ports: {http: \"3128\"}}", "ports.http"),
+        ("gateway: {limits: {connectTimeout: 5}}", "connectTimeout"),
+        ("gateway: {limits: {idleTimeout: 5 minutes}}", "idleTimeout"),
+        ("gateway: {limits: {maxHeaderBytes: 1024}}", "maxHeaderBytes"),
+        ("gateway: {audit: {sinks: []}}", "sinks"),
+        ("gateway: {audit: {sinks: [{type: syslog}]}}", "type"),
+        ("gateway: {audit: {sinks: [{type: file, format: json}]}}", "path"),
+        ("gateway: {audit: {sinks: [{type: stdout, format: xml}]}}", "format"),
+        ("gateway: {egressAddresses: {default: [not-an-ip]}}", "egressAddresses"),
+        ("gateway: {guard: {allowCidrs: [10.0.0.0]}}", "allowCidrs"),
+        ("gateway: {spread: maybe}", "spread"),
+        ("gateway: {shutdownGraceSeconds: -1}", "shutdownGraceSeconds"),
+        (
+            "gateway: {policies: [{apiVersion: networking.k8s.io/v1, kind: NetworkPolicy, metadata: {}, spec: {}}]}",
+            "policies",
+        ),
+        ("gateway: {resolver: {nameservers: [10.96.0.10]}}", "nameservers"),
+        ("gateway: {clients: [{cidr: 10.1.0.0/16, name: vm}]}", "namespace"),
+        ("cluster: {podCidrs: [10.244.0.0]}", "podCidrs"),
+        ("redirector: {enabled: true}", "nodeCidrs"),
+        (
+            "redirector: {enabled: true}\ncluster: {podCidrs: [10.244.0.0/16], serviceCidrs: [10.96.0.0/12], nodeCidrs: [192.168.0.0/24], dnsServers: []}",
+            "dnsServers",
+        ),
+        ("redirector: {relayPort: 0}", "relayPort"),
+        ("redirector: {adminBindAddress: \"::\"}", "adminBindAddress"),
+        ("redirector: {capabilities: [SYS_ADMIN]}", "Additional property capabilities is not allowed"),
+        ("imagePullSecrets: [{name: regcred}]", "imagePullSecrets"),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    for (i, (values, needle)) in cases.iter().enumerate() {
+        let f = dir.path().join(format!("wrong-{i}.yaml"));
+        std::fs::write(&f, values).unwrap();
+        let err = match render(&Some(f), &[]) {
+            Ok(_) => panic!("accepted: {values}"),
+            Err(e) => e,
+        };
+        assert!(err.contains("don't meet the specifications of the schema"), "{values}: not a schema error: {err}");
+        assert!(err.contains(needle), "{values}: the error does not name {needle:?}: {err}");
+    }
+    // The same values, corrected, render (the cases fail for the reason they name).
+    let ok = dir.path().join("ok.yaml");
+    std::fs::write(&ok, "gateway: {replicas: 1, resolver: {nameservers: [\"10.96.0.10:53\", \"[fd00::a]:53\"]}}\nimagePullSecrets: [regcred]\n").unwrap();
+    render(&Some(ok), &[]).unwrap();
+}
+
+fn container<'a>(workload: &'a Value, name: &str) -> &'a Value {
+    workload["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+fn env_of(c: &Value) -> BTreeMap<String, Value> {
+    c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap().to_string(), e.get("value").or(e.get("valueFrom")).cloned().unwrap()))
+        .collect()
+}
+
+#[test]
+fn the_gateway_pod_is_restricted_and_drains_within_its_grace_period() {
+    for set in value_sets() {
+        let what = label(&set);
+        let (_, docs) = render(&set, &[]).unwrap();
+        let dep = get(&docs, "Deployment", GATEWAY);
+        let pod = &dep["spec"]["template"]["spec"];
+        let c = container(dep, "gateway");
+        let sc = &c["securityContext"];
+        assert_eq!(sc["runAsNonRoot"], true, "{what}");
+        assert!(sc["runAsUser"].as_u64().unwrap() > 0, "{what}");
+        assert_eq!(sc["allowPrivilegeEscalation"], false, "{what}");
+        assert_eq!(sc["readOnlyRootFilesystem"], true, "{what}");
+        assert_eq!(sc["capabilities"], json!({"drop": ["ALL"]}), "{what}: no capability at all");
+        assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault", "{what}");
+        assert_eq!(pod["securityContext"]["runAsNonRoot"], true, "{what}");
+        assert!(pod.get("hostPID").is_none() && pod.get("hostIPC").is_none(), "{what}");
+        // Probes on the admin port's /healthz and /readyz.
+        assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz", "{what}");
+        assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz", "{what}");
+        let cfg = yaml(&config_map_file(&docs, GATEWAY, "gateway.yaml"));
+        let admin = cfg["listen"]["admin"].as_str().unwrap();
+        let admin_port = c["ports"].as_array().unwrap().iter().find(|p| p["name"] == "admin").unwrap();
+        assert!(admin.ends_with(&format!(":{}", admin_port["containerPort"])), "{what}: {admin}");
+        // The kubelet waits longer than the gateway's own drain.
+        let grace: u64 = cfg["shutdown"]["grace"].as_str().unwrap().trim_end_matches('s').parse().unwrap();
+        let pod_grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+        assert_eq!(pod_grace, grace + 5, "{what}");
+        // Kubernetes mode with the chart's own Lease name (what the Role grants).
+        assert_eq!(cfg["kubernetes"]["enabled"], true, "{what}");
+        let role = get(&docs, "Role", &format!("{GATEWAY}-lease"));
+        assert_eq!(role["rules"][1]["resourceNames"][0], cfg["kubernetes"]["leaseName"], "{what}");
+        let env = env_of(c);
+        assert_eq!(env["POD_NAMESPACE"]["fieldRef"]["fieldPath"], "metadata.namespace", "{what}");
+        // Replicas: spread, and a PDB whenever there is more than one.
+        let replicas = dep["spec"]["replicas"].as_u64().unwrap();
+        assert_eq!(find(&docs, "PodDisruptionBudget", GATEWAY).is_some(), replicas > 1, "{what}");
+        if pod["hostNetwork"] == true {
+            assert_eq!(pod["dnsPolicy"], "ClusterFirstWithHostNet", "{what}");
+            let anti = &pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0];
+            assert_eq!(anti["topologyKey"], "kubernetes.io/hostname", "{what}: one per node, ports would clash");
+            assert!(find(&docs, "NetworkPolicy", GATEWAY).is_none(), "{what}: no NetworkPolicy for host-network Pods");
+        } else {
+            assert_eq!(pod["topologySpreadConstraints"][0]["topologyKey"], "kubernetes.io/hostname", "{what}");
+        }
+    }
+    // The defaults: two replicas, no host network, the default path of a fresh install.
+    let (_, docs) = render(&None, &[]).unwrap();
+    assert_eq!(get(&docs, "Deployment", GATEWAY)["spec"]["replicas"], 2);
+    assert!(find(&docs, "DaemonSet", REDIRECTOR).is_none(), "steering is opt-in: it needs the cluster's CIDRs");
+}
+
+#[test]
+fn the_redirector_has_only_net_admin_and_trusted_relays_are_the_nodes() {
+    let set = Some(repo_root().join(CHART).join("ci/redirector-ipv4-values.yaml"));
+    let (_, docs) = render(&set, &[]).unwrap();
+    let ds = get(&docs, "DaemonSet", REDIRECTOR);
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["tolerations"], json!([{"operator": "Exists"}]), "runs on every node");
+    assert_eq!(pod["priorityClassName"], "system-node-critical");
+    let c = container(ds, "node-redirector");
+    assert_eq!(c["securityContext"]["capabilities"], json!({"drop": ["ALL"], "add": ["NET_ADMIN"]}));
+    assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    assert!(c["securityContext"].get("privileged").is_none());
+    assert_eq!(env_of(c)["NODE_NAME"]["fieldRef"]["fieldPath"], "spec.nodeName");
+
+    let gw = yaml(&config_map_file(&docs, GATEWAY, "gateway.yaml"));
+    let rd = yaml(&config_map_file(&docs, REDIRECTOR, "node-redirector.yaml"));
+    assert_eq!(gw["transparent"]["trustedRelays"], json!(["192.168.10.0/24"]));
+    // Never steered: Pod, Service and node ranges.
+    assert_eq!(rd["excludeCidrs"], json!(["10.244.0.0/16", "10.96.0.0/12", "192.168.10.0/24"]));
+    assert_eq!(rd["clusterDns"], json!(["10.96.0.10"]));
+    // The relay finds the gateways through the transparent Service, by port name.
+    let (ns, svc) = rd["kubernetes"]["gatewayService"].as_str().unwrap().split_once('/').unwrap();
+    assert_eq!(ns, NAMESPACE);
+    let service = get(&docs, "Service", svc);
+    let port = &service["spec"]["ports"][0];
+    assert_eq!(port["name"], rd["kubernetes"]["gatewayPortName"]);
+    assert!(gw["listen"]["transparent"].as_str().unwrap().ends_with(&format!(":{}", port["port"])));
+    assert_eq!(
+        service["spec"]["selector"],
+        get(&docs, "Deployment", GATEWAY)["spec"]["selector"]["matchLabels"],
+        "the transparent Service selects the gateway Pods"
+    );
+    // Only node addresses reach the transparent port; the proxy ports stay open to clients.
+    let np = get(&docs, "NetworkPolicy", GATEWAY);
+    let rules = np["spec"]["ingress"].as_array().unwrap();
+    let transparent_port = port["port"].clone();
+    let to_transparent: Vec<&Value> =
+        rules.iter().filter(|r| r["ports"].as_array().unwrap().iter().any(|p| p["port"] == transparent_port)).collect();
+    assert_eq!(to_transparent.len(), 1, "{rules:?}");
+    assert_eq!(to_transparent[0]["ports"].as_array().unwrap().len(), 1, "no other port shares the rule");
+    assert_eq!(to_transparent[0]["from"], json!([{"ipBlock": {"cidr": "192.168.10.0/24"}}]));
+}
+
+#[test]
+fn chart_rbac_is_the_tested_minimal_rbac() {
+    // deploy/*.yaml are checked against every API request the binaries make (tests/kubernetes.rs,
+    // tests/redirector.rs); the chart must grant exactly the same rules.
+    let rules_of = |docs: &[Value], kind: &str, name: &str| get(docs, kind, name)["rules"].clone();
+    let manifest = |f: &str| -> Vec<Value> {
+        let t = std::fs::read_to_string(repo_root().join("deploy").join(f)).unwrap();
+        serde_yaml_ng::Deserializer::from_str(&t).map(|d| serde::Deserialize::deserialize(d).unwrap()).collect()
+    };
+    let set = Some(repo_root().join(CHART).join("ci/redirector-ipv4-values.yaml"));
+    let (_, docs) = render(&set, &[]).unwrap();
+    let gw = manifest("rbac.yaml");
+    assert_eq!(rules_of(&docs, "ClusterRole", GATEWAY), rules_of(&gw, "ClusterRole", "egress-gateway"));
+    let mut lease = rules_of(&gw, "Role", "egress-gateway-lease");
+    lease[1]["resourceNames"] = json!([format!("{GATEWAY}-status")]);
+    assert_eq!(rules_of(&docs, "Role", &format!("{GATEWAY}-lease")), lease);
+    let rd = manifest("node-redirector-rbac.yaml");
+    assert_eq!(rules_of(&docs, "ClusterRole", REDIRECTOR), rules_of(&rd, "ClusterRole", "egress-node-redirector"));
+    assert_eq!(rules_of(&docs, "Role", REDIRECTOR), rules_of(&rd, "Role", "egress-node-redirector"));
+    // Bindings point at the chart's own service accounts, used by the workloads.
+    for (binding, sa, workload) in [
+        (("ClusterRoleBinding", GATEWAY), GATEWAY, ("Deployment", GATEWAY)),
+        (("RoleBinding", &*format!("{GATEWAY}-lease")), GATEWAY, ("Deployment", GATEWAY)),
+        (("ClusterRoleBinding", REDIRECTOR), REDIRECTOR, ("DaemonSet", REDIRECTOR)),
+        (("RoleBinding", REDIRECTOR), REDIRECTOR, ("DaemonSet", REDIRECTOR)),
+    ] {
+        let b = get(&docs, binding.0, binding.1);
+        assert_eq!(b["subjects"], json!([{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}]));
+        assert!(find(&docs, "ServiceAccount", sa).is_some());
+        assert_eq!(get(&docs, workload.0, workload.1)["spec"]["template"]["spec"]["serviceAccountName"], sa);
+    }
+    // Nothing else is granted: two ClusterRoles, two Roles.
+    let roles: Vec<&Value> = docs.iter().filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role").collect();
+    assert_eq!(roles.len(), 4);
+}
+
+#[test]
+fn the_service_monitor_scrapes_the_metrics_services() {
+    let set = Some(repo_root().join(CHART).join("ci/servicemonitor-values.yaml"));
+    // With the redirector on too, so that both metrics Services exist.
+    let extra = repo_root().join(CHART).join("ci/redirector-ipv4-values.yaml");
+    let (_, docs) = render(&set, &["--values", extra.to_str().unwrap()]).unwrap();
+    let sm = get(&docs, "ServiceMonitor", GATEWAY);
+    assert_eq!(sm["metadata"]["labels"]["release"], "prometheus");
+    let selector = sm["spec"]["selector"]["matchLabels"].as_object().unwrap();
+    let port = sm["spec"]["endpoints"][0]["port"].as_str().unwrap();
+    assert_eq!(sm["spec"]["endpoints"][0]["path"], "/metrics");
+    let scraped: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == "Service")
+        .filter(|d| selector.iter().all(|(k, v)| &d["metadata"]["labels"][k] == v))
+        .collect();
+    let names: Vec<&str> = scraped.iter().map(|s| s["metadata"]["name"].as_str().unwrap()).collect();
+    assert_eq!(names, [format!("{GATEWAY}-metrics"), format!("{REDIRECTOR}-metrics")]);
+    for s in scraped {
+        assert!(s["spec"]["ports"].as_array().unwrap().iter().any(|p| p["name"] == port), "{s}");
+    }
+    // The file sink is writable: its directory is a mounted volume (the root filesystem is not).
+    let dep = get(&docs, "Deployment", GATEWAY);
+    let mounts = container(dep, "gateway")["volumeMounts"].as_array().unwrap().clone();
+    assert!(mounts.iter().any(|m| m["mountPath"] == "/var/log/egress"), "{mounts:?}");
+}
+
+#[test]
+fn the_dockerfile_passes_hadolint_and_builds_with_the_ci_release_script() {
+    let root = repo_root();
+    let out = run(Command::new(tools().join("venv/bin/hadolint")).current_dir(&root).args([
+        "--config",
+        ".hadolint.yaml",
+        "--no-color",
+        "Dockerfile",
+    ]));
+    assert!(out.status.success(), "hadolint:\n{}", text(&out));
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    assert!(dockerfile.contains("./scripts/build-release.sh"), "the image builds what CI builds");
+    for (stage, bin) in [("gateway", "egress-gateway"), ("node-redirector", "node-redirector")] {
+        assert!(dockerfile.contains(&format!(" AS {stage}\n")), "stage {stage}");
+        assert!(dockerfile.contains(&format!("target/release/{bin} /out/{bin}")), "{bin} is copied out");
+        // The binary the image ships is the one CI built and tested, and it runs.
+        let out = run(Command::new(release_dir().join(bin)).arg("--version"));
+        assert!(text(&out).starts_with(&format!("{bin} ")), "{}", text(&out));
+    }
+    // The chart's image names are the Dockerfile's images.
+    let values = yaml(&std::fs::read_to_string(root.join(CHART).join("values.yaml")).unwrap());
+    assert_eq!(values["gateway"]["image"]["repository"], "egress-gateway");
+    assert_eq!(values["redirector"]["image"]["repository"], "egress-node-redirector");
+    assert!(dockerfile.contains("-t egress-gateway:") && dockerfile.contains("-t egress-node-redirector:"));
+}
