@@ -203,28 +203,99 @@ impl fmt::Debug for Socks5User {
 }
 
 /// Audit settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuditConfig {
     /// Where events go. Default: one stdout sink.
     #[serde(default = "default_sinks")]
     pub sinks: Vec<SinkConfig>,
+    /// The local spool every event is committed to before the client is answered; absent: events
+    /// go from memory straight to the sinks (nothing survives a crash).
+    #[serde(default)]
+    pub spool: Option<SpoolConfig>,
+    /// What happens when an event cannot be committed (spool full or unwritable).
+    #[serde(default)]
+    pub on_failure: OnFailure,
 }
 
 impl Default for AuditConfig {
     fn default() -> Self {
-        AuditConfig { sinks: default_sinks() }
+        AuditConfig { sinks: default_sinks(), spool: None, on_failure: OnFailure::default() }
     }
 }
 
 fn default_sinks() -> Vec<SinkConfig> {
-    vec![SinkConfig { kind: SinkKind::Stdout, path: None, format: AuditFormat::Json }]
+    vec![SinkConfig { name: None, kind: SinkKind::Stdout, path: None, format: AuditFormat::Json }]
+}
+
+/// The audit spool.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// Directory of the spool (segments and per-sink cursors); created when missing.
+    pub dir: PathBuf,
+    /// Upper bound of the spool on disk; when undelivered events fill it, `onFailure` applies.
+    #[serde(default = "default_spool_max_bytes")]
+    pub max_bytes: u64,
+    /// Size at which a segment is closed and a new one started; delivered segments are deleted whole.
+    #[serde(default = "default_segment_bytes")]
+    pub segment_bytes: u64,
+    /// `always`: fsync before answering (no loss on power failure); a duration such as `10ms`:
+    /// answer once written, fsync every period (a power failure can lose that period).
+    #[serde(default = "default_fsync", deserialize_with = "fsync_policy")]
+    pub fsync: FsyncPolicy,
+}
+
+/// When the spool is flushed to stable storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// Before every commit is acknowledged (commits are grouped).
+    Always,
+    /// Every period; commits are acknowledged once written to the file.
+    Every(Duration),
+}
+
+fn default_spool_max_bytes() -> u64 {
+    1 << 30
+}
+fn default_segment_bytes() -> u64 {
+    16 << 20
+}
+fn default_fsync() -> FsyncPolicy {
+    FsyncPolicy::Every(Duration::from_millis(10))
+}
+
+fn fsync_policy<'de, D: Deserializer<'de>>(d: D) -> Result<FsyncPolicy, D::Error> {
+    let s = String::deserialize(d)?;
+    if s == "always" {
+        return Ok(FsyncPolicy::Always);
+    }
+    match humantime::parse_duration(&s) {
+        Ok(p) if !p.is_zero() => Ok(FsyncPolicy::Every(p)),
+        _ => Err(serde::de::Error::custom(format!("{s:?}: `always` or a period such as 10ms"))),
+    }
+}
+
+/// Behaviour when audit events cannot be committed.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum OnFailure {
+    /// Refuse new connections (HTTP 503, SOCKS5 0x01, transparent: reset) and report not ready
+    /// until events can be committed again.
+    #[default]
+    FailClosed,
+    /// Keep serving, count the events lost, and record their sequence range in an `audit_gap`
+    /// event once writing works again.
+    FailOpen,
 }
 
 /// One audit sink.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SinkConfig {
+    /// Name of the sink (its delivery cursor in the spool is kept under it); default `<type>-<index>`.
+    #[serde(default)]
+    pub name: Option<String>,
     /// `stdout` or `file`.
     #[serde(rename = "type")]
     pub kind: SinkKind,
@@ -234,6 +305,19 @@ pub struct SinkConfig {
     /// Serialisation; `json` (egress.v1 JSON lines).
     #[serde(default)]
     pub format: AuditFormat,
+}
+
+impl SinkConfig {
+    /// The sink's name: `name`, or `<type>-<index>`.
+    pub fn name_or_default(&self, index: usize) -> String {
+        self.name.clone().unwrap_or_else(|| {
+            let t = match self.kind {
+                SinkKind::Stdout => "stdout",
+                SinkKind::File => "file",
+            };
+            format!("{t}-{index}")
+        })
+    }
 }
 
 /// Sink type.
@@ -426,6 +510,27 @@ fn validate_config(c: &Config, file: &str, errors: &mut Vec<String>) {
     }
     if c.audit.sinks.is_empty() {
         err("audit.sinks", "at least one sink is required: every decision is audited".into());
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for (i, s) in c.audit.sinks.iter().enumerate() {
+        let name = s.name_or_default(i);
+        if name.is_empty()
+            || name.len() > 64
+            || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+            || name.starts_with('.')
+        {
+            err(&format!("audit.sinks[{i}].name"), format!("{name:?}: 1-64 characters of [A-Za-z0-9._-]"));
+        } else if !names.insert(name.clone()) {
+            err(&format!("audit.sinks[{i}].name"), format!("{name:?} is used by another sink"));
+        }
+    }
+    if let Some(sp) = &c.audit.spool {
+        if sp.segment_bytes < 4096 {
+            err("audit.spool.segmentBytes", "at least 4096".into());
+        }
+        if sp.max_bytes < sp.segment_bytes.saturating_mul(4) {
+            err("audit.spool.maxBytes", "at least 4 segments (4 x segmentBytes)".into());
+        }
     }
     for (i, u) in c.socks5.users.iter().enumerate() {
         if u.username.is_empty() || u.username.len() > 255 {

@@ -43,6 +43,62 @@ pub struct Metrics {
     pub audit_errors: Counter,
     /// Seconds the Kubernetes snapshot has been possibly stale (0: watchers healthy).
     pub kube_stale_seconds: Gauge,
+    /// Audit events that could not be committed (spool full or unwritable).
+    pub audit_dropped: Counter,
+    /// 1 while audit events cannot be committed.
+    pub audit_unavailable: Gauge,
+    /// Bytes in the audit spool.
+    pub audit_spool_bytes: Gauge,
+    /// Per-sink delivery metrics.
+    pub audit_sinks: SinkMetricFamilies,
+}
+
+/// Per-sink audit delivery metrics (label `sink`).
+#[derive(Default)]
+pub struct SinkMetricFamilies {
+    delivered: Family<SinkLabels, Counter>,
+    retried: Family<SinkLabels, Counter>,
+    failed: Family<SinkLabels, Counter>,
+    lag: Family<SinkLabels, Gauge>,
+    oldest_age: Family<SinkLabels, Gauge>,
+    last_success: Family<SinkLabels, Gauge>,
+}
+
+/// The metrics of one sink.
+#[derive(Clone)]
+pub struct SinkMetrics {
+    /// Events delivered.
+    pub delivered: Counter,
+    /// Delivery attempts repeated after a failure.
+    pub retried: Counter,
+    /// Delivery attempts that failed.
+    pub failed: Counter,
+    /// Committed events not yet delivered.
+    pub lag: Gauge,
+    /// Age in seconds of the oldest undelivered event (0 when caught up).
+    pub oldest_age: Gauge,
+    /// Unix time of the last successful delivery.
+    pub last_success: Gauge,
+}
+
+impl SinkMetricFamilies {
+    /// The metrics of the sink `name`.
+    pub fn sink(&self, name: &str) -> SinkMetrics {
+        let l = SinkLabels { sink: name.to_string() };
+        SinkMetrics {
+            delivered: self.delivered.get_or_create(&l).clone(),
+            retried: self.retried.get_or_create(&l).clone(),
+            failed: self.failed.get_or_create(&l).clone(),
+            lag: self.lag.get_or_create(&l).clone(),
+            oldest_age: self.oldest_age.get_or_create(&l).clone(),
+            last_success: self.last_success.get_or_create(&l).clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct SinkLabels {
+    sink: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -122,7 +178,40 @@ impl Metrics {
             "Seconds since a Kubernetes watcher started failing (0 while all are healthy); the last snapshot keeps serving",
             kube_stale_seconds.clone(),
         );
+        let audit_dropped = Counter::default();
+        registry.register(
+            "audit_dropped",
+            "Audit events that could not be committed (spool full or unwritable)",
+            audit_dropped.clone(),
+        );
+        let audit_unavailable = Gauge::default();
+        registry.register("audit_unavailable", "1 while audit events cannot be committed", audit_unavailable.clone());
+        let audit_spool_bytes = Gauge::default();
+        registry.register("audit_spool_bytes", "Bytes in the audit spool", audit_spool_bytes.clone());
+        let audit_sinks = SinkMetricFamilies::default();
+        registry.register("audit_sink_delivered", "Audit events delivered, per sink", audit_sinks.delivered.clone());
+        registry.register("audit_sink_retried", "Audit deliveries retried, per sink", audit_sinks.retried.clone());
+        registry.register(
+            "audit_sink_failed",
+            "Audit delivery attempts that failed, per sink",
+            audit_sinks.failed.clone(),
+        );
+        registry.register("audit_sink_lag_events", "Committed audit events not yet delivered", audit_sinks.lag.clone());
+        registry.register(
+            "audit_sink_oldest_undelivered_seconds",
+            "Age of the oldest undelivered audit event (0 when caught up)",
+            audit_sinks.oldest_age.clone(),
+        );
+        registry.register(
+            "audit_sink_last_success_timestamp_seconds",
+            "Unix time of the last successful delivery",
+            audit_sinks.last_success.clone(),
+        );
         Metrics {
+            audit_dropped,
+            audit_unavailable,
+            audit_spool_bytes,
+            audit_sinks,
             kube_stale_seconds,
             registry,
             connections,

@@ -180,6 +180,8 @@ pub enum RefusalKind {
     ConnectTimeout,
     /// The upstream was unreachable.
     Unreachable,
+    /// The decision could not be committed to the audit spool (`failClosed`).
+    AuditUnavailable,
 }
 
 /// A refusal, already audited.
@@ -193,6 +195,18 @@ pub struct Refusal {
     pub request_id: Arc<str>,
     /// Detail for the client (never policy internals beyond names).
     pub detail: String,
+}
+
+impl Refusal {
+    /// The audit event could not be committed: nothing may pass unaudited.
+    fn audit_unavailable(request_id: Arc<str>) -> Refusal {
+        Refusal {
+            kind: RefusalKind::AuditUnavailable,
+            reason: Reason::AuditUnavailable,
+            request_id,
+            detail: "audit log unavailable; try again later".into(),
+        }
+    }
 }
 
 /// An allowed, checked request, ready to dial or reuse.
@@ -261,7 +275,7 @@ impl Gateway {
             tracing::warn!(cidr = %net, "guard.allowCidrs exempts this range from the built-in guard");
         }
         let resolver = Resolver::new(&loaded.config.resolver)?;
-        let audit = Audit::start(&loaded.config.audit.sinks, instance.clone(), metrics.clone())?;
+        let (audit, instance) = Audit::start(&loaded.config.audit, instance, metrics.clone())?;
         let config_path = loaded.path.clone();
         let kube_mode = loaded.config.kubernetes.enabled;
         let state = State::build(loaded, None, None, &own);
@@ -292,7 +306,10 @@ impl Gateway {
     /// Whether the gateway serves: listeners bound, Kubernetes watchers synced (in Kubernetes
     /// mode), not draining.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed) && self.kube_ready.load(Ordering::Relaxed) && !self.draining.is_cancelled()
+        self.ready.load(Ordering::Relaxed)
+            && self.kube_ready.load(Ordering::Relaxed)
+            && !self.draining.is_cancelled()
+            && self.audit.is_available()
     }
 
     /// Marks the Kubernetes watchers synced.
@@ -333,7 +350,7 @@ impl Gateway {
             Ok(loaded) => {
                 let old = self.state.load();
                 let (a, b) = (&old.loaded.config, &loaded.config);
-                if a.listen != b.listen || a.resolver != b.resolver || a.audit.sinks != b.audit.sinks {
+                if a.listen != b.listen || a.resolver != b.resolver || a.audit != b.audit {
                     tracing::warn!("listen, resolver and audit changes take effect at the next restart");
                 }
                 for net in b.guard.allow_cidrs.iter().filter(|n| !a.guard.allow_cidrs.contains(n)) {
@@ -470,8 +487,11 @@ impl Gateway {
         ev.resolved = checked.resolved;
         ev.egress_pool = Some(d.egress_address.clone());
         if d.action == Action::Deny {
-            self.audit.emit(ev);
+            let committed = self.audit.commit(ev).await;
             self.metrics.decision(false, d.reason);
+            if committed.is_err() {
+                return Err(Refusal::audit_unavailable(req.id.clone()));
+            }
             let kind = match d.reason {
                 Reason::RateLimited => RefusalKind::RateLimited,
                 Reason::DnsFailure => RefusalKind::DnsFailure,
@@ -490,18 +510,22 @@ impl Permit {
         dialled.port() == self.target.port && self.addrs.contains(&dialled.ip()) && *self.pool == *pool
     }
 
-    /// Audits the allow (with the dialled address, when there is one) and hands over the close log.
-    fn allowed(mut self, dialled: Option<SocketAddr>, source: Option<SocketAddr>) -> CloseLog {
+    /// Audits the allow (with the dialled address, when there is one) and hands over the close
+    /// log, once the event is committed; refuses when it cannot be (`failClosed`).
+    async fn allowed(mut self, dialled: Option<SocketAddr>, source: Option<SocketAddr>) -> Result<CloseLog, Refusal> {
         self.base.dialled = dialled;
         self.base.egress_source = source;
+        if self.gw.audit.commit(self.base.clone()).await.is_err() {
+            self.gw.metrics.decision(false, Reason::AuditUnavailable);
+            return Err(Refusal::audit_unavailable(self.base.request_id.clone()));
+        }
         self.gw.metrics.decision(true, self.base.decision.reason);
-        self.gw.audit.emit(self.base.clone());
-        CloseLog { gw: self.gw, base: Some(self.base), started: Instant::now() }
+        Ok(CloseLog { gw: self.gw, base: Some(self.base), started: Instant::now() })
     }
 
     /// Reuses an upstream connection (plain HTTP keep-alive): audits the allow.
-    pub fn reuse(self, dialled: SocketAddr, source: Option<SocketAddr>) -> CloseLog {
-        self.allowed(Some(dialled), source)
+    pub async fn reuse(self, dialled: SocketAddr, source: Option<SocketAddr>) -> Result<CloseLog, Refusal> {
+        self.allowed(Some(dialled), source).await
     }
 
     /// Dials a checked address from the policy's pool and audits the allow. A failed connect is
@@ -518,8 +542,11 @@ impl Permit {
             let mut ev = self.base;
             ev.decision.action = Action::Deny;
             ev.decision.reason = Reason::EgressAddressUnavailable;
-            self.gw.audit.emit(ev);
+            let committed = self.gw.audit.commit(ev).await;
             self.gw.metrics.decision(false, Reason::EgressAddressUnavailable);
+            if committed.is_err() {
+                return Err(Refusal::audit_unavailable(request_id));
+            }
             return Err(Refusal {
                 kind: RefusalKind::Denied,
                 reason: Reason::EgressAddressUnavailable,
@@ -533,7 +560,7 @@ impl Permit {
             Ok((stream, dialled)) => {
                 self.gw.metrics.connect_seconds.observe(started.elapsed().as_secs_f64());
                 let source = stream.local_addr().ok();
-                let log = self.allowed(Some(dialled), source);
+                let log = self.allowed(Some(dialled), source).await?;
                 Ok(Upstream { stream, dialled, log })
             }
             Err(e) => {
@@ -544,7 +571,7 @@ impl Permit {
                     DialError::Unreachable(_) | DialError::NoSource(_) => RefusalKind::Unreachable,
                 };
                 let reason = self.base.decision.reason;
-                let log = self.allowed(None, None);
+                let log = self.allowed(None, None).await?;
                 log.finish(0, 0, End::ConnectFailed, None, Some(e.to_string()));
                 Err(Refusal { kind, reason, request_id, detail: e.to_string() })
             }

@@ -91,6 +91,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         }
     }
     let grace = gw.state().loaded.config.shutdown.grace;
+    let shutdown_started = std::time::Instant::now();
     tracing::info!(grace = ?grace, "shutting down: no new connections, draining open ones");
     gw.draining.cancel();
     while fronts.join_next().await.is_some() {}
@@ -100,7 +101,8 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         gw.stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(2), gw.tracker.wait()).await;
     }
-    gw.audit.close();
+    // The sinks drain for what is left of the grace period (at least two seconds).
+    gw.audit.close(grace.saturating_sub(shutdown_started.elapsed()).max(Duration::from_secs(2)));
     tracing::info!("stopped");
     Ok(())
 }

@@ -279,12 +279,16 @@ impl Gateway {
         // The transparent listener needs trusted relays; only tests that configure them get it.
         let transparent =
             if body.contains("trustedRelays") { format!(", transparent: {}", self.transparent) } else { String::new() };
+        // A body with its own `audit:` replaces the default file sink; `$DIR` is the config directory.
+        let audit = if body.contains("\naudit:") || body.starts_with("audit:") {
+            String::new()
+        } else {
+            format!("audit: {{sinks: [{{type: file, path: {}}}]}}\n", self.audit_path().display())
+        };
+        let body = body.replace("$DIR", &self.dir.path().display().to_string());
         let text = format!(
-            "listen: {{http: {}, socks5: {}, admin: {}{transparent}}}\n{resolver}audit: {{sinks: [{{type: file, path: {}}}]}}\n{body}\n",
-            self.http,
-            self.socks,
-            self.admin,
-            self.audit_path().display()
+            "listen: {{http: {}, socks5: {}, admin: {}{transparent}}}\n{resolver}{audit}{body}\n",
+            self.http, self.socks, self.admin,
         );
         let tmp = self.dir.path().join(".gateway.yaml.tmp");
         std::fs::write(&tmp, text).unwrap();
@@ -292,7 +296,7 @@ impl Gateway {
     }
 
     fn spawn(&mut self, wait_for: &str) {
-        let log = std::fs::File::create(&self.log).unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         let mut cmd = match &self.netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
@@ -318,6 +322,12 @@ impl Gateway {
             assert!(start.elapsed() < Duration::from_secs(15), "gateway not ready: {}", self.log_text());
             std::thread::sleep(Duration::from_millis(25));
         }
+    }
+
+    /// Starts the binary again with the same config (after it exited or was killed) and waits
+    /// for `/readyz`.
+    pub fn respawn(&mut self) {
+        self.spawn("/readyz");
     }
 
     /// The process's stderr so far.

@@ -229,6 +229,8 @@ fn the_values_schema_rejects_wrong_values() {
         ("gateway: {audit: {sinks: [{type: syslog}]}}", "type"),
         ("gateway: {audit: {sinks: [{type: file, format: json}]}}", "path"),
         ("gateway: {audit: {sinks: [{type: stdout, format: xml}]}}", "format"),
+        ("gateway: {audit: {onFailure: failSoft}}", "onFailure"),
+        ("gateway: {audit: {spool: {enabled: true, fsync: sometimes}}}", "fsync"),
         ("gateway: {egressAddresses: {default: [not-an-ip]}}", "egressAddresses"),
         ("gateway: {guard: {allowCidrs: [10.0.0.0]}}", "allowCidrs"),
         ("gateway: {spread: maybe}", "spread"),
@@ -443,6 +445,10 @@ fn the_service_monitor_scrapes_the_metrics_services() {
     let dep = get(&docs, "Deployment", GATEWAY);
     let mounts = container(dep, "gateway")["volumeMounts"].as_array().unwrap().clone();
     assert!(mounts.iter().any(|m| m["mountPath"] == "/var/log/egress"), "{mounts:?}");
+    // So is the audit spool's directory.
+    let cfg = yaml(&config_map_file(&docs, GATEWAY, "gateway.yaml"));
+    let spool = cfg["audit"]["spool"]["dir"].as_str().unwrap();
+    assert!(mounts.iter().any(|m| m["mountPath"] == spool), "{mounts:?}");
 }
 
 #[test]

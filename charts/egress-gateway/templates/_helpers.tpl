@@ -78,6 +78,14 @@ policies: {{- toYaml . | nindent 2 }}
 {{- end }}
 audit:
   sinks: {{- toYaml $g.audit.sinks | nindent 4 }}
+  onFailure: {{ $g.audit.onFailure }}
+  {{- if $g.audit.spool.enabled }}
+  spool:
+    dir: /var/lib/egress-gateway/spool
+    maxBytes: {{ int64 $g.audit.spool.maxBytes }}
+    segmentBytes: {{ int64 $g.audit.spool.segmentBytes }}
+    fsync: {{ $g.audit.spool.fsync }}
+  {{- end }}
 limits: {{- toYaml $g.limits | nindent 2 }}
 shutdown:
   grace: {{ printf "%ds" (int $g.shutdownGraceSeconds) }}

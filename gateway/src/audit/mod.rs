@@ -1,92 +1,270 @@
-//! Audit events (`schema: egress.v1`) and their sinks.
+//! Audit events (`schema: egress.v1`), the spool they are committed to, and their sinks.
 //!
-//! Events are built by the pipeline (never by a front) and handed to one writer thread through
-//! an unbounded queue, so a slow sink never stalls the data path and no event is dropped. The
-//! writer assigns the per-instance sequence number and the event id, serialises once, and writes
-//! to every sink, flushing whenever the queue is empty (group commit).
+//! Events are built by the pipeline (never by a front) and handed to one writer thread through a
+//! bounded queue. The writer assigns the per-instance sequence number and the event id and
+//! serialises each event once.
+//!
+//! - Without `audit.spool` the writer writes straight to the sinks (flushing whenever its queue is
+//!   empty); nothing survives a crash.
+//! - With `audit.spool` the writer appends each batch to the spool (group commit; fsync per
+//!   `audit.spool.fsync`) and only then acknowledges the decisions waiting on it: the client is
+//!   answered, or the first byte sent upstream, after its decision event is committed. One thread per
+//!   sink delivers from its own persisted cursor, at least once and in sequence order; after a
+//!   restart (also `kill -9`) each sink resumes where it stopped. When an event cannot be committed
+//!   (spool full or unwritable), `audit.onFailure` decides: `failClosed` refuses the request and
+//!   turns readiness false until commits work again; `failOpen` lets it through, counts the loss
+//!   and writes an `audit_gap` event with the lost sequence range once writing works again.
 
 mod event;
 mod sink;
+mod spool;
 
 pub use event::{ClientInfo, CloseInfo, DecisionInfo, End, Event, EventKind, ResolvedAddr, TargetInfo, now_rfc3339};
 
-use std::sync::Arc;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
 
-use crate::config::SinkConfig;
-use crate::metrics::Metrics;
+use crate::config::{AuditConfig, FsyncPolicy, OnFailure};
+use crate::metrics::{Metrics, SinkMetrics};
+use spool::{Cursor, ReadResult, Reader, Shared, Spool};
 
+/// Messages to the writer thread.
 enum Msg {
-    Event(Box<Event>),
-    Flush(mpsc::Sender<()>),
+    /// An event, and whom to tell when it is committed (decisions wait; close events do not).
+    Event(Box<Event>, Option<tokio::sync::oneshot::Sender<bool>>),
+    /// Answered once everything queued before it is committed (or written, without a spool).
+    Flush(mpsc::Sender<u64>),
 }
 
-/// The audit log handle. Cheap to share; emitting never blocks.
+/// Bound of the queue to the writer: beyond it an event cannot be committed in time.
+const QUEUE: usize = 16 * 1024;
+
+/// The audit log handle. Cheap to share.
 pub struct Audit {
-    tx: mpsc::Sender<Msg>,
+    tx: mpsc::SyncSender<Msg>,
+    spooled: Option<Spooled>,
+    on_failure: OnFailure,
+    /// False while events cannot be committed.
+    healthy: Arc<AtomicBool>,
+    /// Events dropped before they reached the writer (queue full), for the next `audit_gap`.
+    lost_in_queue: Arc<AtomicU64>,
+    metrics: Arc<Metrics>,
 }
+
+struct Spooled {
+    shared: Arc<Shared>,
+    sinks: Vec<SinkThread>,
+}
+
+struct SinkThread {
+    name: String,
+    delivered: Arc<AtomicU64>,
+    abandon: Arc<AtomicBool>,
+    _handle: std::thread::JoinHandle<()>,
+}
+
+/// The event could not be committed and `audit.onFailure` is `failClosed`: refuse the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditUnavailable;
 
 impl Audit {
-    /// Opens every sink (errors name the sink) and starts the writer thread.
-    pub fn start(sinks: &[SinkConfig], instance: Arc<str>, metrics: Arc<Metrics>) -> anyhow::Result<Audit> {
+    /// Opens the spool and every sink (errors name them) and starts the writer (and, with a
+    /// spool, one delivery thread per sink). Returns the instance id of the event stream: the
+    /// spool's own (kept across restarts) or `instance`.
+    pub fn start(cfg: &AuditConfig, instance: Arc<str>, metrics: Arc<Metrics>) -> anyhow::Result<(Audit, Arc<str>)> {
         let mut opened = Vec::new();
-        for (i, s) in sinks.iter().enumerate() {
-            opened.push(sink::open(s).map_err(|e| anyhow::anyhow!("audit.sinks[{i}]: {e}"))?);
+        for (i, s) in cfg.sinks.iter().enumerate() {
+            opened.push((s.name_or_default(i), sink::open(s).map_err(|e| anyhow::anyhow!("audit.sinks[{i}]: {e}"))?));
         }
-        let (tx, rx) = mpsc::channel::<Msg>();
-        // Detached: it ends with the process; `close` makes sure everything queued is written first.
-        std::thread::Builder::new()
-            .name("audit-writer".into())
-            .spawn(move || writer_loop(rx, opened, instance, metrics))?;
-        Ok(Audit { tx })
+        let (tx, rx) = mpsc::sync_channel::<Msg>(QUEUE);
+        let healthy = Arc::new(AtomicBool::new(true));
+        let lost_in_queue = Arc::new(AtomicU64::new(0));
+        let Some(spool_cfg) = &cfg.spool else {
+            let sinks = opened.into_iter().map(|(_, s)| s).collect();
+            let m = metrics.clone();
+            let inst = instance.clone();
+            // Detached: it ends with the process; `close` makes sure everything queued is written first.
+            std::thread::Builder::new().name("audit-writer".into()).spawn(move || direct_loop(rx, sinks, inst, m))?;
+            let audit = Audit { tx, spooled: None, on_failure: cfg.on_failure, healthy, lost_in_queue, metrics };
+            return Ok((audit, instance));
+        };
+        let (mut spool, committed, spool_instance) =
+            Spool::open(spool_cfg).map_err(|e| anyhow::anyhow!("audit.spool.dir {}: {e}", spool_cfg.dir.display()))?;
+        let instance: Arc<str> = spool_instance.into();
+        let oldest = committed.segments.first().copied().unwrap_or(1);
+        let last_seq = committed.last_seq;
+        metrics.audit_spool_bytes.set(spool.total_bytes() as i64);
+        let shared = Arc::new(Shared { state: std::sync::Mutex::new(committed), cond: Default::default() });
+        let mut threads = Vec::new();
+        let mut in_use = Vec::new();
+        for ((name, sink), sc) in opened.into_iter().zip(&cfg.sinks) {
+            let cursor = Cursor::load(spool.dir(), &name, oldest);
+            let reader = Reader::new(spool.dir().to_path_buf(), shared.clone(), cursor.pos);
+            in_use.push(reader.in_use.clone());
+            let delivered = Arc::new(AtomicU64::new(cursor.seq));
+            let abandon = Arc::new(AtomicBool::new(false));
+            let sm = metrics.audit_sinks.sink(&name);
+            sm.lag.set(last_seq.saturating_sub(cursor.seq) as i64);
+            let d = delivered.clone();
+            let a = abandon.clone();
+            let sh = shared.clone();
+            let format = sc.format;
+            let handle = std::thread::Builder::new()
+                .name(format!("audit-sink-{name}"))
+                .spawn(move || deliver_loop(reader, cursor, sink, format, sh, d, a, sm))?;
+            threads.push(SinkThread { name, delivered, abandon, _handle: handle });
+        }
+        // Segments no sink reads any more (sinks removed from the config) are collected now.
+        let oldest_in_use = in_use.iter().map(|a| a.load(Ordering::Acquire)).min().unwrap_or(u64::MAX);
+        let segments = spool.collect(oldest_in_use);
+        shared.state.lock().unwrap_or_else(|p| p.into_inner()).segments = segments;
+        let lags = threads.iter().map(|t| (t.delivered.clone(), metrics.audit_sinks.sink(&t.name))).collect();
+        let w = SpoolWriter {
+            spool,
+            lags,
+            shared: shared.clone(),
+            in_use,
+            instance: instance.clone(),
+            seq: last_seq,
+            fsync: spool_cfg.fsync,
+            on_failure: cfg.on_failure,
+            healthy: healthy.clone(),
+            lost_in_queue: lost_in_queue.clone(),
+            metrics: metrics.clone(),
+            gap: None,
+            backlog: Vec::new(),
+            full: false,
+        };
+        std::thread::Builder::new().name("audit-writer".into()).spawn(move || w.run(rx))?;
+        let spooled = Spooled { shared, sinks: threads };
+        let audit = Audit { tx, spooled: Some(spooled), on_failure: cfg.on_failure, healthy, lost_in_queue, metrics };
+        Ok((audit, instance))
     }
 
-    /// Queues an event. Never blocks; order of calls is the order of sequence numbers.
+    /// Queues an event that nothing waits for (close events). Its order among all events is
+    /// the order of calls.
     pub fn emit(&self, event: Event) {
-        // The receiver lives as long as the writer thread, which lives as long as the process.
-        let _ = self.tx.send(Msg::Event(Box::new(event)));
+        match self.tx.try_send(Msg::Event(Box::new(event), None)) {
+            Ok(()) => {}
+            Err(mpsc::TrySendError::Full(m)) => {
+                // The writer is behind (slow disk): wait for room rather than lose the event.
+                let _ = self.tx.send(m);
+            }
+            Err(mpsc::TrySendError::Disconnected(_)) => {}
+        }
     }
 
-    /// Waits until every event queued so far is written and flushed.
-    pub fn flush(&self) {
+    /// Queues a decision event and waits until it is committed. `Err` means the request must be
+    /// refused (`failClosed` and the event could not be committed).
+    pub async fn commit(&self, event: Event) -> Result<(), AuditUnavailable> {
+        if self.spooled.is_none() {
+            self.emit(event);
+            return Ok(());
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        match self.tx.try_send(Msg::Event(Box::new(event), Some(tx))) {
+            Ok(()) => {}
+            Err(_) => return self.failed(),
+        }
+        match rx.await {
+            Ok(true) => Ok(()),
+            _ => Err(AuditUnavailable),
+        }
+    }
+
+    fn failed(&self) -> Result<(), AuditUnavailable> {
+        self.metrics.audit_dropped.inc();
+        match self.on_failure {
+            OnFailure::FailClosed => Err(AuditUnavailable),
+            OnFailure::FailOpen => {
+                self.lost_in_queue.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+        }
+    }
+
+    /// False while events cannot be committed and `onFailure` is `failClosed` (readiness).
+    pub fn is_available(&self) -> bool {
+        self.on_failure == OnFailure::FailOpen || self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Waits until every event queued so far is written (no spool) or committed (spool) and
+    /// returns the sequence number of the last one.
+    pub fn flush(&self) -> u64 {
         let (tx, rx) = mpsc::channel();
         if self.tx.send(Msg::Flush(tx)).is_ok() {
-            let _ = rx.recv();
+            return rx.recv().unwrap_or(0);
+        }
+        0
+    }
+
+    /// At shutdown: commits everything queued, then lets every sink deliver it, for at most
+    /// `within`. What a sink could not deliver stays in the spool for the next start.
+    pub fn close(&self, within: Duration) {
+        let last = self.flush();
+        let Some(sp) = &self.spooled else { return };
+        {
+            let mut st = sp.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.closing = true;
+        }
+        sp.shared.cond.notify_all();
+        let deadline = Instant::now() + within;
+        for s in &sp.sinks {
+            while s.delivered.load(Ordering::Acquire) < last && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let behind = last.saturating_sub(s.delivered.load(Ordering::Acquire));
+            if behind > 0 {
+                tracing::warn!(sink = %s.name, undelivered = behind, "audit sink did not catch up before shutdown; the events stay in the spool");
+            }
+            s.abandon.store(true, Ordering::Release);
         }
     }
 
-    /// Writes and flushes everything queued (at shutdown).
-    pub fn close(&self) {
-        self.flush();
+    /// Sequence number of the last event each sink delivered (spool only), by sink name.
+    pub fn delivered(&self) -> Vec<(String, u64)> {
+        self.spooled
+            .as_ref()
+            .map(|sp| sp.sinks.iter().map(|s| (s.name.clone(), s.delivered.load(Ordering::Acquire))).collect())
+            .unwrap_or_default()
     }
 }
 
-fn writer_loop(rx: mpsc::Receiver<Msg>, mut sinks: Vec<sink::Sink>, instance: Arc<str>, metrics: Arc<Metrics>) {
+/// Serialises an event with its sequence number, id and instance into `out` (one JSON line).
+fn write_line(out: &mut Vec<u8>, ev: &mut Event, seq: u64, instance: &Arc<str>) {
+    ev.seq = seq;
+    ev.id = uuid::Uuid::now_v7().to_string();
+    ev.instance = instance.clone();
+    if serde_json::to_writer(&mut *out, &*ev).is_ok() {
+        out.push(b'\n');
+    }
+}
+
+fn direct_loop(rx: mpsc::Receiver<Msg>, mut sinks: Vec<sink::Sink>, instance: Arc<str>, metrics: Arc<Metrics>) {
     let mut seq: u64 = 0;
     let mut line = Vec::with_capacity(2048);
     let mut msg = rx.recv();
     while let Ok(m) = msg {
         match m {
-            Msg::Event(mut ev) => {
+            Msg::Event(mut ev, done) => {
                 seq += 1;
-                ev.seq = seq;
-                ev.id = uuid::Uuid::now_v7().to_string();
-                ev.instance = instance.clone();
                 line.clear();
-                if serde_json::to_writer(&mut line, &ev).is_ok() {
-                    line.push(b'\n');
-                    for s in sinks.iter_mut() {
-                        if let Err(e) = s.write(&line) {
-                            metrics.audit_errors.inc();
-                            tracing::error!(sink = %s.name(), error = %e, "audit write failed");
-                        }
+                write_line(&mut line, &mut ev, seq, &instance);
+                for s in sinks.iter_mut() {
+                    if let Err(e) = s.write(&line) {
+                        metrics.audit_errors.inc();
+                        tracing::error!(sink = %s.name(), error = %e, "audit write failed");
                     }
-                    metrics.audit_events.inc();
+                }
+                metrics.audit_events.inc();
+                if let Some(d) = done {
+                    let _ = d.send(true);
                 }
             }
             Msg::Flush(done) => {
                 flush_all(&mut sinks, &metrics);
-                let _ = done.send(());
+                let _ = done.send(seq);
             }
         }
         msg = match rx.try_recv() {
@@ -108,5 +286,338 @@ fn flush_all(sinks: &mut [sink::Sink], metrics: &Metrics) {
             metrics.audit_errors.inc();
             tracing::error!(sink = %s.name(), error = %e, "audit flush failed");
         }
+    }
+}
+
+/// Most events written in one append (one group commit).
+const BATCH: usize = 4096;
+/// Close events kept in memory while the spool refuses them (`failClosed`); beyond, counted lost.
+const BACKLOG: usize = 100_000;
+
+struct SpoolWriter {
+    spool: Spool,
+    /// Each sink's last delivered sequence number and metrics, for its lag.
+    lags: Vec<(Arc<AtomicU64>, SinkMetrics)>,
+    shared: Arc<Shared>,
+    in_use: Vec<Arc<AtomicU64>>,
+    instance: Arc<str>,
+    seq: u64,
+    fsync: FsyncPolicy,
+    on_failure: OnFailure,
+    healthy: Arc<AtomicBool>,
+    lost_in_queue: Arc<AtomicU64>,
+    metrics: Arc<Metrics>,
+    /// Sequence range lost (`failOpen`), written as an `audit_gap` event when writing works again.
+    gap: Option<(u64, u64)>,
+    /// Close events not yet committed (`failClosed`).
+    backlog: Vec<Event>,
+    /// The last failure was a full spool (recovers when delivered segments are collected).
+    full: bool,
+}
+
+impl SpoolWriter {
+    fn run(mut self, rx: mpsc::Receiver<Msg>) {
+        let tick = match self.fsync {
+            FsyncPolicy::Every(p) => p.min(Duration::from_millis(200)),
+            FsyncPolicy::Always => Duration::from_millis(200),
+        };
+        let mut last_sync = Instant::now();
+        let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
+        let mut events: Vec<(Box<Event>, Option<tokio::sync::oneshot::Sender<bool>>)> = Vec::with_capacity(BATCH);
+        let mut flushes: Vec<mpsc::Sender<u64>> = Vec::new();
+        loop {
+            let first = match rx.recv_timeout(tick) {
+                Ok(m) => Some(m),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
+            for m in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok()).take(BATCH)) {
+                match m {
+                    Msg::Event(ev, done) => events.push((ev, done)),
+                    Msg::Flush(done) => flushes.push(done),
+                }
+            }
+            self.collect();
+            for (delivered, m) in &self.lags {
+                m.lag.set(self.seq.saturating_sub(delivered.load(Ordering::Acquire)) as i64);
+            }
+            if !events.is_empty() || !self.backlog.is_empty() || self.gap.is_some() || self.pending_lost() {
+                self.commit(&mut events, &mut buf);
+            } else if !self.healthy.load(Ordering::Relaxed) {
+                self.probe();
+            }
+            if let FsyncPolicy::Every(p) = self.fsync
+                && last_sync.elapsed() >= p
+            {
+                if let Err(e) = self.spool.sync() {
+                    self.metrics.audit_errors.inc();
+                    tracing::error!(error = %e, "audit spool fsync failed");
+                }
+                last_sync = Instant::now();
+            }
+            for f in flushes.drain(..) {
+                let _ = f.send(self.seq);
+            }
+        }
+        let _ = self.spool.sync();
+    }
+
+    fn pending_lost(&self) -> bool {
+        self.lost_in_queue.load(Ordering::Relaxed) > 0
+    }
+
+    /// Deletes segments every sink has moved past.
+    fn collect(&mut self) {
+        let oldest = self.in_use.iter().map(|a| a.load(Ordering::Acquire)).min().unwrap_or(u64::MAX);
+        let before = self.spool.total_bytes();
+        let segments = self.spool.collect(oldest);
+        if self.spool.total_bytes() != before {
+            self.shared.state.lock().unwrap_or_else(|p| p.into_inner()).segments = segments;
+            self.metrics.audit_spool_bytes.set(self.spool.total_bytes() as i64);
+        }
+    }
+
+    /// Recovery check while nothing is being written: space again, or the disk writable again.
+    fn probe(&mut self) {
+        let ok = if self.full {
+            self.spool.total_bytes() < self.spool_max_minus_margin()
+        } else {
+            self.spool.sync().is_ok()
+        };
+        if ok {
+            self.set_healthy(true);
+        }
+    }
+
+    fn spool_max_minus_margin(&self) -> u64 {
+        // Healthy again once room for a burst is back (a decision is well under 8 KiB).
+        let max = self.spool.max_bytes();
+        max - (max / 4).min(64 * 1024)
+    }
+
+    fn set_healthy(&self, ok: bool) {
+        let was = self.healthy.swap(ok, Ordering::Relaxed);
+        self.metrics.audit_unavailable.set(i64::from(!ok));
+        if was != ok {
+            if ok {
+                tracing::info!("audit events can be committed again");
+            } else {
+                tracing::error!(on_failure = ?self.on_failure, "audit events cannot be committed");
+            }
+        }
+    }
+
+    /// Appends the backlog, a pending gap event and the batch as one write; acknowledges the
+    /// waiting decisions.
+    fn commit(
+        &mut self,
+        events: &mut Vec<(Box<Event>, Option<tokio::sync::oneshot::Sender<bool>>)>,
+        buf: &mut Vec<u8>,
+    ) {
+        buf.clear();
+        let mut seq = self.seq;
+        // Events lost before reaching the writer (failOpen, queue full) take their numbers now.
+        let lost = self.lost_in_queue.swap(0, Ordering::Relaxed);
+        if lost > 0 {
+            self.widen_gap(seq + 1, seq + lost);
+            seq += lost;
+        }
+        let first_written = seq + 1;
+        if let Some((from, to)) = self.gap {
+            seq += 1;
+            write_gap(buf, seq, &self.instance, from, to);
+        }
+        for ev in self.backlog.iter_mut() {
+            seq += 1;
+            write_line(buf, ev, seq, &self.instance);
+        }
+        for (ev, _) in events.iter_mut() {
+            seq += 1;
+            write_line(buf, ev, seq, &self.instance);
+        }
+        let result = self.spool.append(buf, first_written).and_then(|pos| {
+            if self.fsync == FsyncPolicy::Always {
+                self.spool.sync().map_err(spool::AppendError::Io)?;
+            }
+            Ok(pos)
+        });
+        match result {
+            Ok(pos) => {
+                let n = seq - self.seq - lost;
+                self.seq = seq;
+                self.gap = None;
+                self.backlog.clear();
+                self.full = false;
+                self.metrics.audit_events.inc_by(n);
+                self.metrics.audit_spool_bytes.set(self.spool.total_bytes() as i64);
+                {
+                    let mut st = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+                    st.last_seq = seq;
+                    st.end = pos;
+                    if st.segments.last() != Some(&pos.segment) {
+                        st.segments.push(pos.segment);
+                    }
+                }
+                self.shared.cond.notify_all();
+                self.set_healthy(true);
+                for (_, done) in events.drain(..) {
+                    if let Some(d) = done {
+                        let _ = d.send(true);
+                    }
+                }
+            }
+            Err(e) => {
+                self.full = matches!(e, spool::AppendError::Full);
+                self.metrics.audit_errors.inc();
+                tracing::error!(error = %e, "audit spool: events not committed");
+                self.set_healthy(false);
+                match self.on_failure {
+                    OnFailure::FailClosed => {
+                        // Nothing was written: the numbers are not used. Decisions are refused;
+                        // close events wait in memory for the next attempt.
+                        for (ev, done) in events.drain(..) {
+                            match done {
+                                Some(d) => {
+                                    self.metrics.audit_dropped.inc();
+                                    let _ = d.send(false);
+                                }
+                                None if self.backlog.len() < BACKLOG => self.backlog.push(*ev),
+                                None => {
+                                    self.metrics.audit_dropped.inc();
+                                }
+                            }
+                        }
+                    }
+                    OnFailure::FailOpen => {
+                        // Lost: the numbers stay used and the range is reported once writing works.
+                        let n = events.len() as u64 + self.backlog.len() as u64;
+                        self.metrics.audit_dropped.inc_by(n);
+                        self.widen_gap(first_written, seq);
+                        self.seq = seq;
+                        self.backlog.clear();
+                        for (_, done) in events.drain(..) {
+                            if let Some(d) = done {
+                                let _ = d.send(true);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn widen_gap(&mut self, from: u64, to: u64) {
+        if from > to {
+            return;
+        }
+        self.gap = Some(match self.gap {
+            Some((a, b)) => (a.min(from), b.max(to)),
+            None => (from, to),
+        });
+    }
+}
+
+/// The `audit_gap` event: events `from_seq..=to_seq` of this instance were lost.
+fn write_gap(out: &mut Vec<u8>, seq: u64, instance: &str, from: u64, to: u64) {
+    let v = serde_json::json!({
+        "schema": "egress.v1",
+        "event": "audit_gap",
+        "id": uuid::Uuid::now_v7().to_string(),
+        "seq": seq,
+        "time": now_rfc3339(),
+        "instance": instance,
+        "gap": {"from_seq": from, "to_seq": to, "lost": to - from + 1},
+    });
+    if serde_json::to_writer(&mut *out, &v).is_ok() {
+        out.push(b'\n');
+    }
+}
+
+/// One sink's delivery thread: reads committed lines from its cursor, delivers them, and moves
+/// the cursor only after the sink accepted them (at least once, in order).
+#[allow(clippy::too_many_arguments)]
+fn deliver_loop(
+    mut reader: Reader,
+    mut cursor: Cursor,
+    mut sink: sink::Sink,
+    _format: crate::config::AuditFormat,
+    shared: Arc<Shared>,
+    delivered: Arc<AtomicU64>,
+    abandon: Arc<AtomicBool>,
+    m: SinkMetrics,
+) {
+    let mut buf = Vec::with_capacity(1 << 20);
+    let mut pos = cursor.pos;
+    loop {
+        if abandon.load(Ordering::Acquire) {
+            return;
+        }
+        match reader.read(&mut pos, &mut buf, 1 << 20, Duration::from_millis(500)) {
+            Ok(ReadResult::Lines(end)) => {
+                let last = buf[..buf.len() - 1].iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+                let last_seq = spool::line_seq(&buf[last..]).unwrap_or(cursor.seq);
+                let lines = buf.iter().filter(|b| **b == b'\n').count() as u64;
+                let mut backoff = Duration::from_millis(50);
+                let mut attempt = 0u32;
+                loop {
+                    let r = sink.write(&buf).and_then(|()| sink.flush());
+                    match r {
+                        Ok(()) => break,
+                        Err(e) => {
+                            m.failed.inc();
+                            if attempt == 0 {
+                                tracing::error!(sink = %sink.name(), error = %e, "audit delivery failed; retrying");
+                            }
+                            attempt += 1;
+                            m.retried.inc();
+                            m.oldest_age.set(age_of(&buf));
+                            if abandon.load(Ordering::Acquire) {
+                                return;
+                            }
+                            std::thread::sleep(backoff);
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                        }
+                    }
+                }
+                cursor.pos = end;
+                cursor.seq = last_seq;
+                if let Err(e) = cursor.save() {
+                    tracing::warn!(sink = %sink.name(), error = %e, "audit cursor not saved; events may be delivered again");
+                }
+                delivered.store(last_seq, Ordering::Release);
+                m.delivered.inc_by(lines);
+                m.last_success.set(unix_now() as i64);
+                let committed = shared.state.lock().unwrap_or_else(|p| p.into_inner()).last_seq;
+                m.lag.set(committed.saturating_sub(last_seq) as i64);
+                m.oldest_age.set(0);
+            }
+            Ok(ReadResult::Idle) => {
+                let committed = shared.state.lock().unwrap_or_else(|p| p.into_inner()).last_seq;
+                m.lag.set(committed.saturating_sub(cursor.seq) as i64);
+            }
+            Ok(ReadResult::Closed) => return,
+            Err(e) => {
+                m.failed.inc();
+                tracing::error!(sink = %sink.name(), error = %e, "audit spool read failed; retrying");
+                std::thread::sleep(Duration::from_secs(1));
+                pos = cursor.pos;
+            }
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Seconds since the `time` of the first line in `lines`.
+fn age_of(lines: &[u8]) -> i64 {
+    const KEY: &[u8] = b"\"time\":\"";
+    let Some(at) = lines.windows(KEY.len()).position(|w| w == KEY).map(|i| i + KEY.len()) else { return 0 };
+    let Some(len) = lines[at..].iter().position(|b| *b == b'"') else { return 0 };
+    let Ok(s) = std::str::from_utf8(&lines[at..at + len]) else { return 0 };
+    match humantime::parse_rfc3339(s) {
+        Ok(t) => std::time::SystemTime::now().duration_since(t).map(|d| d.as_secs() as i64).unwrap_or(0),
+        Err(_) => 0,
     }
 }

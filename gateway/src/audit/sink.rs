@@ -22,9 +22,29 @@ pub(super) fn open(cfg: &SinkConfig) -> io::Result<Sink> {
                 .mode(0o640)
                 .open(path)
                 .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+            let mut f = f;
+            end_torn_line(path, &mut f).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
             Ok(Sink::File(path.display().to_string(), BufWriter::with_capacity(64 * 1024, f)))
         }
     }
+}
+
+/// A crash in the middle of a write can leave a regular file ending in a partial line: end it, so
+/// that the events delivered again after the restart start on a line of their own.
+fn end_torn_line(path: &std::path::Path, f: &mut std::fs::File) -> io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let meta = f.metadata()?;
+    if !meta.is_file() || meta.len() == 0 {
+        return Ok(());
+    }
+    let mut r = std::fs::File::open(path)?;
+    r.seek(SeekFrom::End(-1))?;
+    let mut last = [0u8; 1];
+    r.read_exact(&mut last)?;
+    if last[0] != b'\n' {
+        f.write_all(b"\n")?;
+    }
+    Ok(())
 }
 
 impl Sink {

@@ -232,7 +232,10 @@ async fn forward(
     }
     let (mut sender, log, dialled, source, pool) = match cached {
         Some(c) if permit.accepts(c.dialled, &c.pool) => {
-            let log = permit.reuse(c.dialled, c.source);
+            let log = match permit.reuse(c.dialled, c.source).await {
+                Ok(log) => log,
+                Err(r) => return refusal(&r, false),
+            };
             (c.sender, log, c.dialled, c.source, c.pool)
         }
         _ => {
@@ -403,6 +406,7 @@ fn refusal(r: &Refusal, close: bool) -> Response<ProxyBody> {
         RefusalKind::DnsFailure => (StatusCode::BAD_GATEWAY, "name resolution failed"),
         RefusalKind::ConnectRefused | RefusalKind::Unreachable => (StatusCode::BAD_GATEWAY, "upstream unreachable"),
         RefusalKind::ConnectTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream connect timed out"),
+        RefusalKind::AuditUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "audit log unavailable"),
     };
     let reason = r.reason.as_str();
     let mut body = format!("egress gateway: {what}\nreason: {reason}\nrequest_id: {}\n", r.request_id);

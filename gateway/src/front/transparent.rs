@@ -236,6 +236,11 @@ fn host_without_port(host: &str) -> &str {
 }
 
 async fn refuse(stream: &mut TcpStream, r: &Refusal, is_http: bool) {
+    if r.kind == RefusalKind::AuditUnavailable {
+        // Reset, whatever the protocol: the relay and the Pod see a refused connection.
+        let _ = socket2::SockRef::from(&*stream).set_linger(Some(std::time::Duration::ZERO));
+        return;
+    }
     if !is_http {
         return; // TLS or opaque: the connection is closed
     }
@@ -245,6 +250,7 @@ async fn refuse(stream: &mut TcpStream, r: &Refusal, is_http: bool) {
         RefusalKind::BadRequest => "400 Bad Request",
         RefusalKind::DnsFailure | RefusalKind::ConnectRefused | RefusalKind::Unreachable => "502 Bad Gateway",
         RefusalKind::ConnectTimeout => "504 Gateway Timeout",
+        RefusalKind::AuditUnavailable => "503 Service Unavailable",
     };
     let body = format!("egress gateway: refused\nreason: {}\nrequest_id: {}\n", r.reason.as_str(), r.request_id);
     let resp = format!(

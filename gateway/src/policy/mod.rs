@@ -59,11 +59,13 @@ pub enum Reason {
     EgressAddressUnavailable,
     /// A transparent connection came from an address that is not a trusted relay.
     UntrustedRelay,
+    /// The decision could not be committed to the audit spool (`audit.onFailure: failClosed`).
+    AuditUnavailable,
 }
 
 impl Reason {
     /// Every reason, for metrics pre-registration.
-    pub const ALL: [Reason; 22] = [
+    pub const ALL: [Reason; 23] = [
         Reason::RuleAllow,
         Reason::DefaultAllow,
         Reason::DefaultDeny,
@@ -86,6 +88,7 @@ impl Reason {
         Reason::UnsupportedAddressType,
         Reason::EgressAddressUnavailable,
         Reason::UntrustedRelay,
+        Reason::AuditUnavailable,
     ];
 
     /// The stable snake_case name.
@@ -113,6 +116,7 @@ impl Reason {
             Reason::UnsupportedAddressType => "unsupported_address_type",
             Reason::EgressAddressUnavailable => "egress_address_unavailable",
             Reason::UntrustedRelay => "untrusted_relay",
+            Reason::AuditUnavailable => "audit_unavailable",
         }
     }
 
