@@ -302,7 +302,7 @@ pub struct SinkConfig {
     /// File path (type `file`).
     #[serde(default)]
     pub path: Option<PathBuf>,
-    /// Serialisation; `json` (egress.v1 JSON lines).
+    /// Serialisation: `json` (egress.v1), `ocsf` or `ecs`; one JSON object per line.
     #[serde(default)]
     pub format: AuditFormat,
 }
@@ -337,6 +337,10 @@ pub enum AuditFormat {
     /// egress.v1 JSON lines.
     #[default]
     Json,
+    /// OCSF 1.5.0 (HTTP Activity, Network Activity; security_control and network_proxy profiles).
+    Ocsf,
+    /// Elastic Common Schema.
+    Ecs,
 }
 
 /// Timeouts and sizes.

@@ -16,6 +16,7 @@
 //!   and writes an `audit_gap` event with the lost sequence range once writing works again.
 
 mod event;
+pub mod format;
 mod sink;
 mod spool;
 
@@ -25,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
-use crate::config::{AuditConfig, FsyncPolicy, OnFailure};
+use crate::config::{AuditConfig, AuditFormat, FsyncPolicy, OnFailure};
 use crate::metrics::{Metrics, SinkMetrics};
 use spool::{Cursor, ReadResult, Reader, Shared, Spool};
 
@@ -81,7 +82,7 @@ impl Audit {
         let healthy = Arc::new(AtomicBool::new(true));
         let lost_in_queue = Arc::new(AtomicU64::new(0));
         let Some(spool_cfg) = &cfg.spool else {
-            let sinks = opened.into_iter().map(|(_, s)| s).collect();
+            let sinks = opened.into_iter().zip(&cfg.sinks).map(|((_, s), c)| (s, c.format)).collect();
             let m = metrics.clone();
             let inst = instance.clone();
             // Detached: it ends with the process; `close` makes sure everything queued is written first.
@@ -241,9 +242,16 @@ fn write_line(out: &mut Vec<u8>, ev: &mut Event, seq: u64, instance: &Arc<str>) 
     }
 }
 
-fn direct_loop(rx: mpsc::Receiver<Msg>, mut sinks: Vec<sink::Sink>, instance: Arc<str>, metrics: Arc<Metrics>) {
+fn direct_loop(
+    rx: mpsc::Receiver<Msg>,
+    mut sinks: Vec<(sink::Sink, AuditFormat)>,
+    instance: Arc<str>,
+    metrics: Arc<Metrics>,
+) {
+    let ctx = format::Context::local();
     let mut seq: u64 = 0;
     let mut line = Vec::with_capacity(2048);
+    let mut mapped = Vec::with_capacity(4096);
     let mut msg = rx.recv();
     while let Ok(m) = msg {
         match m {
@@ -251,8 +259,15 @@ fn direct_loop(rx: mpsc::Receiver<Msg>, mut sinks: Vec<sink::Sink>, instance: Ar
                 seq += 1;
                 line.clear();
                 write_line(&mut line, &mut ev, seq, &instance);
-                for s in sinks.iter_mut() {
-                    if let Err(e) = s.write(&line) {
+                for (s, fmt) in sinks.iter_mut() {
+                    let bytes = if *fmt == AuditFormat::Json {
+                        &line
+                    } else {
+                        mapped.clear();
+                        format::render(*fmt, &ctx, &line, &mut mapped);
+                        &mapped
+                    };
+                    if let Err(e) = s.write(bytes) {
                         metrics.audit_errors.inc();
                         tracing::error!(sink = %s.name(), error = %e, "audit write failed");
                     }
@@ -280,8 +295,8 @@ fn direct_loop(rx: mpsc::Receiver<Msg>, mut sinks: Vec<sink::Sink>, instance: Ar
     flush_all(&mut sinks, &metrics);
 }
 
-fn flush_all(sinks: &mut [sink::Sink], metrics: &Metrics) {
-    for s in sinks.iter_mut() {
+fn flush_all(sinks: &mut [(sink::Sink, AuditFormat)], metrics: &Metrics) {
+    for (s, _) in sinks.iter_mut() {
         if let Err(e) = s.flush() {
             metrics.audit_errors.inc();
             tracing::error!(sink = %s.name(), error = %e, "audit flush failed");
@@ -540,13 +555,15 @@ fn deliver_loop(
     mut reader: Reader,
     mut cursor: Cursor,
     mut sink: sink::Sink,
-    _format: crate::config::AuditFormat,
+    format: AuditFormat,
     shared: Arc<Shared>,
     delivered: Arc<AtomicU64>,
     abandon: Arc<AtomicBool>,
     m: SinkMetrics,
 ) {
+    let ctx = format::Context::local();
     let mut buf = Vec::with_capacity(1 << 20);
+    let mut mapped = Vec::new();
     let mut pos = cursor.pos;
     loop {
         if abandon.load(Ordering::Acquire) {
@@ -557,10 +574,17 @@ fn deliver_loop(
                 let last = buf[..buf.len() - 1].iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
                 let last_seq = spool::line_seq(&buf[last..]).unwrap_or(cursor.seq);
                 let lines = buf.iter().filter(|b| **b == b'\n').count() as u64;
+                let bytes = if format == AuditFormat::Json {
+                    &buf
+                } else {
+                    mapped.clear();
+                    format::render(format, &ctx, &buf, &mut mapped);
+                    &mapped
+                };
                 let mut backoff = Duration::from_millis(50);
                 let mut attempt = 0u32;
                 loop {
-                    let r = sink.write(&buf).and_then(|()| sink.flush());
+                    let r = sink.write(bytes).and_then(|()| sink.flush());
                     match r {
                         Ok(()) => break,
                         Err(e) => {
