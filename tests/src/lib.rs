@@ -27,6 +27,22 @@ pub fn gateway_bin() -> PathBuf {
     bin
 }
 
+/// The pinned external tools (helm, kubernetes-validate, hadolint, the OCSF and ECS definitions)
+/// installed by scripts/tools.sh: `$EGRESS_TOOLS_DIR`, else target/tools. Panics naming the
+/// command to run when `needed` (relative paths) are missing.
+pub fn tools_dir(needed: &[&str]) -> PathBuf {
+    let dir =
+        std::env::var_os("EGRESS_TOOLS_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target/tools"));
+    for n in needed {
+        assert!(
+            dir.join(n).exists(),
+            "{} is missing: run ./scripts/tools.sh (./scripts/test.sh does)",
+            dir.join(n).display()
+        );
+    }
+    dir
+}
+
 /// The repository root.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()

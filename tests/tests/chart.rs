@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use egress_e2e::repo_root;
+use egress_e2e::{repo_root, tools_dir};
 use serde_json::{Value, json};
 
 const CHART: &str = "charts/egress-gateway";
@@ -19,14 +19,7 @@ const NAMESPACE: &str = "egress-system";
 const KUBE_VERSIONS: [&str; 2] = ["1.31.0", "1.37.0"];
 
 fn tools() -> PathBuf {
-    let dir =
-        std::env::var_os("EGRESS_TOOLS_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target/tools"));
-    assert!(
-        dir.join("helm").exists() && dir.join("venv/bin/kubernetes-validate").exists(),
-        "{} has no helm / kubernetes-validate: run ./scripts/tools.sh (./scripts/test.sh does)",
-        dir.display()
-    );
-    dir
+    tools_dir(&["helm", "venv/bin/kubernetes-validate", "venv/bin/hadolint"])
 }
 
 fn run(cmd: &mut Command) -> Output {

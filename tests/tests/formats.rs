@@ -17,14 +17,7 @@ use egress_e2e::*;
 use serde_json::{Value, json};
 
 fn tools() -> PathBuf {
-    let dir =
-        std::env::var_os("EGRESS_TOOLS_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target/tools"));
-    assert!(
-        dir.join("ecs/ecs_flat.js").exists() && dir.join("venv/bin/python").exists(),
-        "{} lacks the format validators: run ./scripts/tools.sh (./scripts/test.sh does)",
-        dir.display()
-    );
-    dir
+    tools_dir(&["ecs/ecs_flat.js", "venv/bin/python"])
 }
 
 fn check_ocsf(file: &Path) -> (bool, String) {

@@ -89,6 +89,25 @@ fn ip_of(addr: &str) -> Option<String> {
     addr.parse::<std::net::SocketAddr>().ok().map(|a| a.ip().to_string())
 }
 
+/// The target: `name_key` = the host when it is a name, `ip` = the dialled address (or the
+/// IP-literal target), `port`.
+fn destination(ev: &Value, name_key: &str) -> Map<String, Value> {
+    let host = s(ev, &["target", "host"]).unwrap_or("");
+    let mut m = Map::new();
+    if is_name(host) {
+        put(&mut m, name_key, json!(host));
+    }
+    if let Some(d) = s(ev, &["dialled"]) {
+        put(&mut m, "ip", json!(ip_of(d)));
+    } else if !host.is_empty() && !is_name(host) {
+        put(&mut m, "ip", json!(host.trim_start_matches('[').trim_end_matches(']')));
+    }
+    if let Some(port) = u(ev, &["target", "port"]).filter(|p| *p > 0) {
+        put(&mut m, "port", json!(port));
+    }
+    m
+}
+
 /// Whether a target host is a name (not an IP literal).
 fn is_name(host: &str) -> bool {
     host.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().is_err()
@@ -281,19 +300,7 @@ pub fn ocsf(ev: &Value, ctx: &Context) -> Value {
     }
     put(&mut out, "src_endpoint", src);
     // Where to: the name asked for, the address dialled.
-    let mut dst = Map::new();
-    if is_name(host) {
-        put(&mut dst, "hostname", json!(host));
-    }
-    if let Some(d) = s(ev, &["dialled"]) {
-        put(&mut dst, "ip", json!(ip_of(d)));
-    } else if !is_name(host) && !host.is_empty() {
-        put(&mut dst, "ip", json!(host.trim_start_matches('[').trim_end_matches(']')));
-    }
-    if port > 0 {
-        put(&mut dst, "port", json!(port));
-    }
-    put(&mut out, "dst_endpoint", Value::Object(dst));
+    put(&mut out, "dst_endpoint", Value::Object(destination(ev, "hostname")));
     let mut conn = json!({"direction_id": 2, "direction": "Outbound", "protocol_name": "tcp", "protocol_num": 6});
     if let Some(c) = s(ev, &["connection_id"]) {
         conn["uid"] = json!(c);
@@ -437,19 +444,8 @@ pub fn ecs(ev: &Value, ctx: &Context) -> Value {
 
     let mut source =
         json!({"ip": ev["client"]["address"], "port": ev["client"]["port"], "address": ev["client"]["address"]});
-    let mut destination = Map::new();
+    let mut destination = destination(ev, "domain");
     put(&mut destination, "address", json!(host));
-    if is_name(host) {
-        put(&mut destination, "domain", json!(host));
-    }
-    if let Some(d) = s(ev, &["dialled"]) {
-        put(&mut destination, "ip", json!(ip_of(d)));
-    } else if !is_name(host) && !host.is_empty() {
-        put(&mut destination, "ip", json!(host.trim_start_matches('[').trim_end_matches(']')));
-    }
-    if port > 0 {
-        put(&mut destination, "port", json!(port));
-    }
     let mut network = json!({"direction": "egress", "transport": "tcp"});
     if let Some(ip) = ev["client"]["address"].as_str() {
         network["type"] = json!(if ip.contains(':') { "ipv6" } else { "ipv4" });
