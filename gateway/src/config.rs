@@ -216,16 +216,53 @@ pub struct AuditConfig {
     /// What happens when an event cannot be committed (spool full or unwritable).
     #[serde(default)]
     pub on_failure: OnFailure,
+    /// Signed checkpoints of the hash chain; absent: the chain only.
+    #[serde(default)]
+    pub checkpoint: Option<CheckpointConfig>,
 }
 
 impl Default for AuditConfig {
     fn default() -> Self {
-        AuditConfig { sinks: default_sinks(), spool: None, on_failure: OnFailure::default() }
+        AuditConfig { sinks: default_sinks(), spool: None, on_failure: OnFailure::default(), checkpoint: None }
     }
 }
 
+/// Signed checkpoints.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Ed25519 private key, PKCS#8 PEM (`openssl genpkey -algorithm ed25519`); in Kubernetes, a
+    /// Secret mounted as a file.
+    pub key_file: PathBuf,
+    /// A checkpoint after this many events ...
+    #[serde(default = "default_checkpoint_every")]
+    pub every: u64,
+    /// ... or this long after the previous one, whichever comes first (only when events were written).
+    #[serde(deserialize_with = "duration", default = "d60s")]
+    pub interval: Duration,
+}
+
+fn default_checkpoint_every() -> u64 {
+    1000
+}
+fn d60s() -> Duration {
+    Duration::from_secs(60)
+}
+
 fn default_sinks() -> Vec<SinkConfig> {
-    vec![SinkConfig { name: None, kind: SinkKind::Stdout, path: None, format: AuditFormat::Json }]
+    vec![SinkConfig {
+        name: None,
+        kind: SinkKind::Stdout,
+        path: None,
+        format: AuditFormat::Json,
+        max_bytes: None,
+        max_files: None,
+        address: None,
+        transport: None,
+        tls: None,
+        facility: None,
+        app_name: None,
+    }]
 }
 
 /// The audit spool.
@@ -305,6 +342,85 @@ pub struct SinkConfig {
     /// Serialisation: `json` (egress.v1), `ocsf` or `ecs`; one JSON object per line.
     #[serde(default)]
     pub format: AuditFormat,
+    /// `file`: rotate when the file would exceed this many bytes (absent: never).
+    #[serde(default)]
+    pub max_bytes: Option<u64>,
+    /// `file`: rotated files kept (`<path>.1` newest ... `<path>.<maxFiles>`); default 5.
+    #[serde(default)]
+    pub max_files: Option<u32>,
+    /// `syslog`: `host:port` of the collector.
+    #[serde(default)]
+    pub address: Option<String>,
+    /// `syslog`: `tcp` (default, octet-counting framing), `tls` (RFC 5425) or `udp` (RFC 5426, lossy).
+    #[serde(default)]
+    pub transport: Option<SyslogTransport>,
+    /// `syslog` over `tls`: CA bundle, optional client certificate and key, server name.
+    #[serde(default)]
+    pub tls: Option<SinkTls>,
+    /// `syslog`: facility number 0-23 (default 16, local0).
+    #[serde(default)]
+    pub facility: Option<u8>,
+    /// `syslog`: APP-NAME (default `egress-gateway`).
+    #[serde(default)]
+    pub app_name: Option<String>,
+}
+
+/// Syslog transport.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SyslogTransport {
+    /// TCP, octet-counting framing (RFC 6587).
+    #[default]
+    Tcp,
+    /// TLS (RFC 5425).
+    Tls,
+    /// UDP (RFC 5426): one datagram per event, no delivery guarantee.
+    Udp,
+}
+
+/// TLS client settings of a sink.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SinkTls {
+    /// PEM bundle of the CA certificates that sign the collector's certificate.
+    pub ca: PathBuf,
+    /// Client certificate chain (PEM), for collectors that require mutual TLS.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// Name to verify the collector's certificate against (default: the host of `address`).
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
+/// The settings of a syslog sink, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyslogConfig {
+    /// `host:port`.
+    pub address: String,
+    /// Transport.
+    pub transport: SyslogTransport,
+    /// TLS settings (transport `tls`).
+    pub tls: Option<SinkTls>,
+    /// Facility (0-23).
+    pub facility: u8,
+    /// APP-NAME.
+    pub app_name: String,
+}
+
+impl SinkConfig {
+    /// The syslog settings of a `syslog` sink.
+    pub fn syslog(&self) -> Option<SyslogConfig> {
+        Some(SyslogConfig {
+            address: self.address.clone()?,
+            transport: self.transport.unwrap_or_default(),
+            tls: self.tls.clone(),
+            facility: self.facility.unwrap_or(16),
+            app_name: self.app_name.clone().unwrap_or_else(|| "egress-gateway".into()),
+        })
+    }
 }
 
 impl SinkConfig {
@@ -314,6 +430,7 @@ impl SinkConfig {
             let t = match self.kind {
                 SinkKind::Stdout => "stdout",
                 SinkKind::File => "file",
+                SinkKind::Syslog => "syslog",
             };
             format!("{t}-{index}")
         })
@@ -328,6 +445,8 @@ pub enum SinkKind {
     Stdout,
     /// An append-only file.
     File,
+    /// A syslog collector (RFC 5424 over TCP, TLS or UDP).
+    Syslog,
 }
 
 /// Event serialisation.
@@ -508,8 +627,50 @@ fn validate_config(c: &Config, file: &str, errors: &mut Vec<String>) {
         if s.kind == SinkKind::File && s.path.is_none() {
             err(&format!("audit.sinks[{i}].path"), "required for type file".into());
         }
-        if s.kind == SinkKind::Stdout && s.path.is_some() {
+        if s.kind != SinkKind::File && s.path.is_some() {
             err(&format!("audit.sinks[{i}].path"), "only for type file".into());
+        }
+        let syslog_only = s.address.is_some()
+            || s.transport.is_some()
+            || s.tls.is_some()
+            || s.facility.is_some()
+            || s.app_name.is_some();
+        if s.kind == SinkKind::Syslog {
+            match s.address.as_deref() {
+                None => err(&format!("audit.sinks[{i}].address"), "required for type syslog (host:port)".into()),
+                Some(a) if a.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) => {
+                    err(&format!("audit.sinks[{i}].address"), format!("{a:?} is not host:port"))
+                }
+                _ => {}
+            }
+            if s.transport == Some(SyslogTransport::Tls) && s.tls.is_none() {
+                err(&format!("audit.sinks[{i}].tls"), "required for transport tls (at least `ca`)".into());
+            }
+            if s.transport != Some(SyslogTransport::Tls) && s.tls.is_some() {
+                err(&format!("audit.sinks[{i}].tls"), "only for transport tls".into());
+            }
+            if s.facility.is_some_and(|f| f > 23) {
+                err(&format!("audit.sinks[{i}].facility"), "0 to 23".into());
+            }
+            if let Some(t) = &s.tls
+                && t.cert.is_some() != t.key.is_some()
+            {
+                err(&format!("audit.sinks[{i}].tls"), "cert and key go together".into());
+            }
+        } else if syslog_only {
+            err(
+                &format!("audit.sinks[{i}]"),
+                "address, transport, tls, facility and appName are for type syslog".into(),
+            );
+        }
+        if s.kind != SinkKind::File && (s.max_bytes.is_some() || s.max_files.is_some()) {
+            err(&format!("audit.sinks[{i}].maxBytes"), "rotation is only for type file".into());
+        }
+        if s.max_bytes.is_some_and(|b| b < 4096) {
+            err(&format!("audit.sinks[{i}].maxBytes"), "at least 4096".into());
+        }
+        if s.max_files.is_some_and(|n| n == 0 || n > 1000) {
+            err(&format!("audit.sinks[{i}].maxFiles"), "1 to 1000".into());
         }
     }
     if c.audit.sinks.is_empty() {
@@ -526,6 +687,14 @@ fn validate_config(c: &Config, file: &str, errors: &mut Vec<String>) {
             err(&format!("audit.sinks[{i}].name"), format!("{name:?}: 1-64 characters of [A-Za-z0-9._-]"));
         } else if !names.insert(name.clone()) {
             err(&format!("audit.sinks[{i}].name"), format!("{name:?} is used by another sink"));
+        }
+    }
+    if let Some(cp) = &c.audit.checkpoint {
+        if cp.every == 0 {
+            err("audit.checkpoint.every", "at least 1".into());
+        }
+        if cp.interval.is_zero() {
+            err("audit.checkpoint.interval", "must be positive".into());
         }
     }
     if let Some(sp) = &c.audit.spool {

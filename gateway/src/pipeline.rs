@@ -412,6 +412,8 @@ impl Gateway {
             egress_pool: None,
             transparent: req.transparent.clone(),
             close: None,
+            prev_hash: None,
+            hash: None,
         }
     }
 

@@ -219,10 +219,13 @@ fn the_values_schema_rejects_wrong_values() {
         ("gateway: {limits: {idleTimeout: 5 minutes}}", "idleTimeout"),
         ("gateway: {limits: {maxHeaderBytes: 1024}}", "maxHeaderBytes"),
         ("gateway: {audit: {sinks: []}}", "sinks"),
-        ("gateway: {audit: {sinks: [{type: syslog}]}}", "type"),
+        ("gateway: {audit: {sinks: [{type: syslog}]}}", "address"),
+        ("gateway: {audit: {sinks: [{type: kafka}]}}", "type"),
+        ("gateway: {audit: {sinks: [{type: stdout, address: \"a:1\"}]}}", "sinks"),
         ("gateway: {audit: {sinks: [{type: file, format: json}]}}", "path"),
         ("gateway: {audit: {sinks: [{type: stdout, format: xml}]}}", "format"),
         ("gateway: {audit: {onFailure: failSoft}}", "onFailure"),
+        ("gateway: {audit: {checkpoint: {every: 0}}}", "every"),
         ("gateway: {audit: {spool: {enabled: true, fsync: sometimes}}}", "fsync"),
         ("gateway: {egressAddresses: {default: [not-an-ip]}}", "egressAddresses"),
         ("gateway: {guard: {allowCidrs: [10.0.0.0]}}", "allowCidrs"),
@@ -442,6 +445,17 @@ fn the_service_monitor_scrapes_the_metrics_services() {
     let cfg = yaml(&config_map_file(&docs, GATEWAY, "gateway.yaml"));
     let spool = cfg["audit"]["spool"]["dir"].as_str().unwrap();
     assert!(mounts.iter().any(|m| m["mountPath"] == spool), "{mounts:?}");
+    // The checkpoint key comes from the Secret, mounted read-only where the config looks for it.
+    let key = cfg["audit"]["checkpoint"]["keyFile"].as_str().unwrap();
+    let mount = mounts
+        .iter()
+        .filter(|m| key.starts_with(&format!("{}/", m["mountPath"].as_str().unwrap())))
+        .max_by_key(|m| m["mountPath"].as_str().unwrap().len())
+        .expect("key mounted");
+    assert_eq!(mount["readOnly"], true);
+    let volumes = dep["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
+    let vol = volumes.iter().find(|v| v["name"] == mount["name"]).unwrap();
+    assert_eq!(vol["secret"]["secretName"], "egress-checkpoint-key");
 }
 
 #[test]

@@ -66,6 +66,15 @@ fn ocsf_and_ecs_events_are_valid_and_carry_the_same_facts() {
         std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&fifo).unwrap()
     };
     assert!(unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&reader), libc::F_SETPIPE_SZ, 4096) } >= 4096);
+    let key = dir.path().join("checkpoint-key.pem");
+    assert!(
+        Command::new("openssl")
+            .args(["genpkey", "-algorithm", "ed25519", "-out"])
+            .arg(&key)
+            .status()
+            .unwrap()
+            .success()
+    );
     let body = format!(
         r#"
 transparent: {{trustedRelays: ["{RELAY_IP}/32"]}}
@@ -74,6 +83,7 @@ clients: [{{cidr: 127.0.0.1/32, namespace: shop, name: api-7f9c, serviceAccount:
 audit:
   onFailure: failOpen
   spool: {{dir: $DIR/spool, maxBytes: 65536, segmentBytes: 16384}}
+  checkpoint: {{keyFile: {key}, every: 10}}
   sinks:
     - {{name: native, type: file, path: $DIR/json.jsonl, format: json}}
     - {{name: ocsf, type: file, path: $DIR/ocsf.jsonl, format: ocsf}}
@@ -90,7 +100,8 @@ policies:
           to: [{{domain: up.test}}, {{domain: meta.test}}]
           ports: [{{port: {p}}}, {{port: {tp}}}]
 "#,
-        fifo = fifo.display()
+        fifo = fifo.display(),
+        key = key.display()
     );
     let gw = Gateway::start(&dns, &body);
     let proxy = format!("http://{}", gw.http);
@@ -165,6 +176,7 @@ policies:
         ("transparent", has(&|e| e["front"] == "transparent" && e["transparent"]["sni"] == "up.test")),
         ("malformed", has(&|e| e["decision"]["reason"] == "origin_form")),
         ("gap", has(&|e| e["event"] == "audit_gap")),
+        ("checkpoint", has(&|e| e["event"] == "checkpoint")),
         ("PATCH", has(&|e| e["target"]["http"]["method"] == "PATCH")),
     ] {
         assert!(present, "{what} missing from the sample");
@@ -185,11 +197,20 @@ policies:
         assert_eq!(e["event"]["sequence"], n["seq"]);
         assert_eq!(e["@timestamp"], n["time"]);
         assert_eq!(o["metadata"]["original_time"], n["time"]);
+        assert_eq!(o["unmapped"]["egress"]["hash"], n["hash"]);
+        assert_eq!(e["egress"]["prev_hash"], n["prev_hash"]);
         if n["event"] == "audit_gap" {
             assert_eq!(o["class_uid"], 1008);
             assert_eq!(o["unmapped"]["egress"]["gap"], n["gap"]);
             assert_eq!(e["event"]["action"], "audit-gap");
             assert_eq!(e["egress"]["gap"], n["gap"]);
+            continue;
+        }
+        if n["event"] == "checkpoint" {
+            assert_eq!((o["class_uid"].as_u64(), o["activity_name"].as_str()), (Some(1008), Some("Checkpoint")));
+            assert_eq!(o["unmapped"]["egress"]["checkpoint"], n["checkpoint"]);
+            assert_eq!(e["event"]["action"], "audit-checkpoint");
+            assert_eq!(e["egress"]["checkpoint"], n["checkpoint"]);
             continue;
         }
         let front = n["front"].as_str().unwrap();

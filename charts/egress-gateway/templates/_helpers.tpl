@@ -86,6 +86,14 @@ audit:
     segmentBytes: {{ int64 $g.audit.spool.segmentBytes }}
     fsync: {{ $g.audit.spool.fsync }}
   {{- end }}
+  {{- with $g.audit.checkpoint }}
+  {{- if .existingSecret }}
+  checkpoint:
+    keyFile: /etc/egress-gateway/checkpoint/{{ .key }}
+    every: {{ int64 .every }}
+    interval: {{ .interval }}
+  {{- end }}
+  {{- end }}
 limits: {{- toYaml $g.limits | nindent 2 }}
 shutdown:
   grace: {{ printf "%ds" (int $g.shutdownGraceSeconds) }}

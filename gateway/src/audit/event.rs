@@ -86,6 +86,12 @@ pub struct Event {
     /// Close details (close events only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub close: Option<CloseInfo>,
+    /// `hash` of the event written before this one in the instance's stream (tamper evidence).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prev_hash: Option<String>,
+    /// SHA-256 of the RFC 8785 canonical JSON of this event without `hash`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
 }
 
 /// Who the client is.

@@ -108,6 +108,39 @@ fn destination(ev: &Value, name_key: &str) -> Map<String, Value> {
     m
 }
 
+/// An event about the audit log itself (`audit_gap`, `checkpoint`), not about traffic.
+struct LogEvent {
+    activity: &'static str,
+    ecs_action: &'static str,
+    ok: bool,
+    message: String,
+}
+
+fn log_event(ev: &Value) -> Option<LogEvent> {
+    match s(ev, &["event"])? {
+        "audit_gap" => {
+            let (from, to) = (u(ev, &["gap", "from_seq"]).unwrap_or(0), u(ev, &["gap", "to_seq"]).unwrap_or(0));
+            Some(LogEvent {
+                activity: "Audit Gap",
+                ecs_action: "audit-gap",
+                ok: false,
+                message: format!("audit events {from}..={to} of instance {} were lost", ev["instance"]),
+            })
+        }
+        "checkpoint" => Some(LogEvent {
+            activity: "Checkpoint",
+            ecs_action: "audit-checkpoint",
+            ok: true,
+            message: format!(
+                "signed checkpoint of events up to {} of instance {}",
+                u(ev, &["checkpoint", "covers_to_seq"]).unwrap_or(0),
+                ev["instance"]
+            ),
+        }),
+        _ => None,
+    }
+}
+
 /// Whether a target host is a name (not an IP literal).
 fn is_name(host: &str) -> bool {
     host.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().is_err()
@@ -157,8 +190,10 @@ fn extras(ev: &Value) -> Value {
         }
         m.insert("close".into(), Value::Object(cm));
     }
-    if let Some(g) = ev.get("gap") {
-        m.insert("gap".into(), g.clone());
+    for k in ["gap", "checkpoint", "prev_hash", "hash"] {
+        if let Some(v) = ev.get(k) {
+            m.insert(k.to_string(), v.clone());
+        }
     }
     Value::Object(m)
 }
@@ -201,22 +236,23 @@ pub fn ocsf(ev: &Value, ctx: &Context) -> Value {
         metadata["correlation_uid"] = json!(r);
     }
     let proxy_endpoint = json!({"name": PRODUCT, "hostname": ctx.hostname, "uid": ev["instance"]});
-    if kind == "audit_gap" {
-        let (from, to) = (u(ev, &["gap", "from_seq"]).unwrap_or(0), u(ev, &["gap", "to_seq"]).unwrap_or(0));
+    if let Some(log) = log_event(ev) {
         metadata["profiles"] = json!([]);
         put(&mut out, "class_uid", json!(1008));
         put(&mut out, "class_name", json!("Event Log Activity"));
         put(&mut out, "category_uid", json!(1));
         put(&mut out, "category_name", json!("System Activity"));
         put(&mut out, "activity_id", json!(99));
-        put(&mut out, "activity_name", json!("Audit Gap"));
+        put(&mut out, "activity_name", json!(log.activity));
         put(&mut out, "type_uid", json!(100899));
         put(&mut out, "type_name", json!("Event Log Activity: Other"));
-        put(&mut out, "severity_id", json!(4));
-        put(&mut out, "severity", json!("High"));
-        put(&mut out, "status_id", json!(2));
-        put(&mut out, "status", json!("Failure"));
-        put(&mut out, "message", json!(format!("audit events {from}..={to} of instance {} were lost", ev["instance"])));
+        let (sev_id, sev, status_id, status) =
+            if log.ok { (1, "Informational", 1, "Success") } else { (4, "High", 2, "Failure") };
+        put(&mut out, "severity_id", json!(sev_id));
+        put(&mut out, "severity", json!(sev));
+        put(&mut out, "status_id", json!(status_id));
+        put(&mut out, "status", json!(status));
+        put(&mut out, "message", json!(log.message));
         put(&mut out, "log_name", json!("egress.v1"));
         put(&mut out, "log_provider", json!(PRODUCT));
         put(&mut out, "time", json!(epoch_ms(time)));
@@ -386,15 +422,14 @@ pub fn ecs(ev: &Value, ctx: &Context) -> Value {
         "kind": "event", "id": ev["id"], "sequence": ev["seq"], "dataset": "egress_gateway.audit",
         "module": "egress_gateway", "created": time,
     });
-    if kind == "audit_gap" {
-        let (from, to) = (u(ev, &["gap", "from_seq"]).unwrap_or(0), u(ev, &["gap", "to_seq"]).unwrap_or(0));
+    if let Some(log) = log_event(ev) {
         event["category"] = json!(["configuration"]);
         event["type"] = json!(["info"]);
-        event["action"] = json!("audit-gap");
-        event["outcome"] = json!("failure");
-        event["reason"] = json!(format!("audit events {from}..={to} were lost"));
+        event["action"] = json!(log.ecs_action);
+        event["outcome"] = json!(if log.ok { "success" } else { "failure" });
+        event["reason"] = json!(log.message);
         put(&mut out, "event", event);
-        put(&mut out, "message", json!(format!("audit events {from}..={to} of instance {} were lost", ev["instance"])));
+        put(&mut out, "message", json!(log.message));
         put(&mut out, "egress", extras(ev));
         return Value::Object(out);
     }

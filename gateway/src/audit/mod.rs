@@ -15,10 +15,12 @@
 //!   turns readiness false until commits work again; `failOpen` lets it through, counts the loss
 //!   and writes an `audit_gap` event with the lost sequence range once writing works again.
 
+pub mod chain;
 mod event;
 pub mod format;
 mod sink;
 mod spool;
+pub mod syslog;
 
 pub use event::{ClientInfo, CloseInfo, DecisionInfo, End, Event, EventKind, ResolvedAddr, TargetInfo, now_rfc3339};
 
@@ -78,6 +80,7 @@ impl Audit {
         for (i, s) in cfg.sinks.iter().enumerate() {
             opened.push((s.name_or_default(i), sink::open(s).map_err(|e| anyhow::anyhow!("audit.sinks[{i}]: {e}"))?));
         }
+        let checkpoints = Checkpoints::new(&cfg.checkpoint)?;
         let (tx, rx) = mpsc::sync_channel::<Msg>(QUEUE);
         let healthy = Arc::new(AtomicBool::new(true));
         let lost_in_queue = Arc::new(AtomicU64::new(0));
@@ -86,7 +89,9 @@ impl Audit {
             let m = metrics.clone();
             let inst = instance.clone();
             // Detached: it ends with the process; `close` makes sure everything queued is written first.
-            std::thread::Builder::new().name("audit-writer".into()).spawn(move || direct_loop(rx, sinks, inst, m))?;
+            std::thread::Builder::new()
+                .name("audit-writer".into())
+                .spawn(move || direct_loop(rx, sinks, inst, m, checkpoints))?;
             let audit = Audit { tx, spooled: None, on_failure: cfg.on_failure, healthy, lost_in_queue, metrics };
             return Ok((audit, instance));
         };
@@ -95,6 +100,7 @@ impl Audit {
         let instance: Arc<str> = spool_instance.into();
         let oldest = committed.segments.first().copied().unwrap_or(1);
         let last_seq = committed.last_seq;
+        let last_hash = committed.last_hash.clone();
         metrics.audit_spool_bytes.set(spool.total_bytes() as i64);
         let shared = Arc::new(Shared { state: std::sync::Mutex::new(committed), cond: Default::default() });
         let mut threads = Vec::new();
@@ -136,6 +142,8 @@ impl Audit {
             gap: None,
             backlog: Vec::new(),
             full: false,
+            prev: last_hash,
+            checkpoints,
         };
         std::thread::Builder::new().name("audit-writer".into()).spawn(move || w.run(rx))?;
         let spooled = Spooled { shared, sinks: threads };
@@ -232,13 +240,76 @@ impl Audit {
     }
 }
 
-/// Serialises an event with its sequence number, id and instance into `out` (one JSON line).
-fn write_line(out: &mut Vec<u8>, ev: &mut Event, seq: u64, instance: &Arc<str>) {
+/// Serialises an event with its sequence number, id, instance and place in the hash chain
+/// (`prev` is the previous event's hash and becomes this one's) into `out` (one JSON line).
+fn write_line(out: &mut Vec<u8>, ev: &mut Event, seq: u64, instance: &Arc<str>, prev: &mut String) {
     ev.seq = seq;
     ev.id = uuid::Uuid::now_v7().to_string();
     ev.instance = instance.clone();
+    ev.prev_hash = Some(std::mem::take(prev));
+    ev.hash = None;
+    let hash = chain::hash_of(&*ev);
+    *prev = hash.clone();
+    ev.hash = Some(hash);
     if serde_json::to_writer(&mut *out, &*ev).is_ok() {
         out.push(b'\n');
+    }
+}
+
+/// Chains and writes an event built as JSON (`audit_gap`, `checkpoint`); a checkpoint is signed.
+fn write_value(out: &mut Vec<u8>, mut v: serde_json::Value, prev: &mut String, signer: Option<&chain::Signer>) {
+    v["prev_hash"] = serde_json::Value::String(std::mem::take(prev));
+    let hash = chain::hash_of_value(&v);
+    if let Some(s) = signer {
+        v["checkpoint"]["signature"] = serde_json::Value::String(s.sign(&hash));
+    }
+    v["hash"] = serde_json::Value::String(hash.clone());
+    *prev = hash;
+    if serde_json::to_writer(&mut *out, &v).is_ok() {
+        out.push(b'\n');
+    }
+}
+
+/// When checkpoints are due.
+struct Checkpoints {
+    signer: Arc<chain::Signer>,
+    every: u64,
+    interval: Duration,
+    /// Events written since the last checkpoint.
+    since: u64,
+    last: Instant,
+}
+
+impl Checkpoints {
+    fn new(cfg: &Option<crate::config::CheckpointConfig>) -> anyhow::Result<Option<Checkpoints>> {
+        let Some(c) = cfg else { return Ok(None) };
+        let signer = chain::Signer::load(&c.key_file).map_err(|e| anyhow::anyhow!("audit.checkpoint.keyFile: {e}"))?;
+        Ok(Some(Checkpoints {
+            signer: Arc::new(signer),
+            every: c.every,
+            interval: c.interval,
+            since: 0,
+            last: Instant::now(),
+        }))
+    }
+
+    /// Due after `pending` more events?
+    fn due(&self, pending: u64) -> bool {
+        let n = self.since + pending;
+        n >= self.every || (n > 0 && self.last.elapsed() >= self.interval)
+    }
+
+    /// The checkpoint event (`seq`), covering every event up to `seq - 1`.
+    fn event(&self, seq: u64, instance: &str, events: u64) -> serde_json::Value {
+        serde_json::json!({
+            "schema": "egress.v1",
+            "event": "checkpoint",
+            "id": uuid::Uuid::now_v7().to_string(),
+            "seq": seq,
+            "time": now_rfc3339(),
+            "instance": instance,
+            "checkpoint": {"key_id": self.signer.key_id, "covers_to_seq": seq - 1, "events": events},
+        })
     }
 }
 
@@ -247,50 +318,76 @@ fn direct_loop(
     mut sinks: Vec<(sink::Sink, AuditFormat)>,
     instance: Arc<str>,
     metrics: Arc<Metrics>,
+    mut checkpoints: Option<Checkpoints>,
 ) {
     let ctx = format::Context::local();
     let mut seq: u64 = 0;
+    let mut prev = chain::GENESIS.to_string();
     let mut line = Vec::with_capacity(2048);
     let mut mapped = Vec::with_capacity(4096);
-    let mut msg = rx.recv();
-    while let Ok(m) = msg {
+    let mut write = |line: &[u8], sinks: &mut Vec<(sink::Sink, AuditFormat)>| {
+        for (s, fmt) in sinks.iter_mut() {
+            let bytes = if *fmt == AuditFormat::Json {
+                line
+            } else {
+                mapped.clear();
+                format::render(*fmt, &ctx, line, &mut mapped);
+                &mapped
+            };
+            if let Err(e) = s.write(bytes, line) {
+                metrics.audit_errors.inc();
+                tracing::error!(sink = %s.name(), error = %e, "audit write failed");
+            }
+        }
+        metrics.audit_events.inc();
+    };
+    let tick = Duration::from_millis(200);
+    let mut idle = true;
+    loop {
+        let m = if idle {
+            match rx.recv_timeout(tick) {
+                Ok(m) => Some(m),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        } else {
+            rx.try_recv().ok()
+        };
         match m {
-            Msg::Event(mut ev, done) => {
+            Some(Msg::Event(mut ev, done)) => {
                 seq += 1;
                 line.clear();
-                write_line(&mut line, &mut ev, seq, &instance);
-                for (s, fmt) in sinks.iter_mut() {
-                    let bytes = if *fmt == AuditFormat::Json {
-                        &line
-                    } else {
-                        mapped.clear();
-                        format::render(*fmt, &ctx, &line, &mut mapped);
-                        &mapped
-                    };
-                    if let Err(e) = s.write(bytes) {
-                        metrics.audit_errors.inc();
-                        tracing::error!(sink = %s.name(), error = %e, "audit write failed");
-                    }
+                write_line(&mut line, &mut ev, seq, &instance, &mut prev);
+                write(&line, &mut sinks);
+                if let Some(cp) = checkpoints.as_mut() {
+                    cp.since += 1;
                 }
-                metrics.audit_events.inc();
                 if let Some(d) = done {
                     let _ = d.send(true);
                 }
+                idle = false;
             }
-            Msg::Flush(done) => {
+            Some(Msg::Flush(done)) => {
                 flush_all(&mut sinks, &metrics);
                 let _ = done.send(seq);
             }
-        }
-        msg = match rx.try_recv() {
-            Ok(m) => Ok(m),
-            Err(mpsc::TryRecvError::Empty) => {
+            None => {
+                // The queue is empty: flush (group commit to the sinks).
                 flush_all(&mut sinks, &metrics);
-                rx.recv().map_err(|_| mpsc::TryRecvError::Disconnected)
+                idle = true;
             }
-            Err(e) => Err(e),
         }
-        .map_err(|_| mpsc::RecvError);
+        if let Some(cp) = checkpoints.as_mut()
+            && cp.due(0)
+        {
+            seq += 1;
+            line.clear();
+            let events = cp.since;
+            write_value(&mut line, cp.event(seq, &instance, events), &mut prev, Some(&cp.signer));
+            write(&line, &mut sinks);
+            cp.since = 0;
+            cp.last = Instant::now();
+        }
     }
     flush_all(&mut sinks, &metrics);
 }
@@ -328,6 +425,9 @@ struct SpoolWriter {
     backlog: Vec<Event>,
     /// The last failure was a full spool (recovers when delivered segments are collected).
     full: bool,
+    /// Hash of the last event written (the chain goes on from it, also across restarts).
+    prev: String,
+    checkpoints: Option<Checkpoints>,
 }
 
 impl SpoolWriter {
@@ -356,7 +456,13 @@ impl SpoolWriter {
             for (delivered, m) in &self.lags {
                 m.lag.set(self.seq.saturating_sub(delivered.load(Ordering::Acquire)) as i64);
             }
-            if !events.is_empty() || !self.backlog.is_empty() || self.gap.is_some() || self.pending_lost() {
+            let checkpoint_due = self.checkpoints.as_ref().is_some_and(|c| c.due(0));
+            if !events.is_empty()
+                || !self.backlog.is_empty()
+                || self.gap.is_some()
+                || self.pending_lost()
+                || checkpoint_due
+            {
                 self.commit(&mut events, &mut buf);
             } else if !self.healthy.load(Ordering::Relaxed) {
                 self.probe();
@@ -438,17 +544,27 @@ impl SpoolWriter {
             seq += lost;
         }
         let first_written = seq + 1;
+        let mut prev = self.prev.clone();
         if let Some((from, to)) = self.gap {
             seq += 1;
-            write_gap(buf, seq, &self.instance, from, to);
+            write_value(buf, gap_event(seq, &self.instance, from, to), &mut prev, None);
         }
         for ev in self.backlog.iter_mut() {
             seq += 1;
-            write_line(buf, ev, seq, &self.instance);
+            write_line(buf, ev, seq, &self.instance, &mut prev);
         }
         for (ev, _) in events.iter_mut() {
             seq += 1;
-            write_line(buf, ev, seq, &self.instance);
+            write_line(buf, ev, seq, &self.instance, &mut prev);
+        }
+        let mut checkpointed = false;
+        if let Some(cp) = &self.checkpoints {
+            let written = seq - first_written + 1;
+            if cp.due(written) {
+                seq += 1;
+                write_value(buf, cp.event(seq, &self.instance, cp.since + written), &mut prev, Some(&cp.signer));
+                checkpointed = true;
+            }
         }
         let result = self.spool.append(buf, first_written).and_then(|pos| {
             if self.fsync == FsyncPolicy::Always {
@@ -460,6 +576,15 @@ impl SpoolWriter {
             Ok(pos) => {
                 let n = seq - self.seq - lost;
                 self.seq = seq;
+                self.prev = prev;
+                if let Some(cp) = self.checkpoints.as_mut() {
+                    if checkpointed {
+                        cp.since = 0;
+                        cp.last = Instant::now();
+                    } else {
+                        cp.since += n;
+                    }
+                }
                 self.gap = None;
                 self.backlog.clear();
                 self.full = false;
@@ -533,8 +658,8 @@ impl SpoolWriter {
 }
 
 /// The `audit_gap` event: events `from_seq..=to_seq` of this instance were lost.
-fn write_gap(out: &mut Vec<u8>, seq: u64, instance: &str, from: u64, to: u64) {
-    let v = serde_json::json!({
+fn gap_event(seq: u64, instance: &str, from: u64, to: u64) -> serde_json::Value {
+    serde_json::json!({
         "schema": "egress.v1",
         "event": "audit_gap",
         "id": uuid::Uuid::now_v7().to_string(),
@@ -542,10 +667,7 @@ fn write_gap(out: &mut Vec<u8>, seq: u64, instance: &str, from: u64, to: u64) {
         "time": now_rfc3339(),
         "instance": instance,
         "gap": {"from_seq": from, "to_seq": to, "lost": to - from + 1},
-    });
-    if serde_json::to_writer(&mut *out, &v).is_ok() {
-        out.push(b'\n');
-    }
+    })
 }
 
 /// One sink's delivery thread: reads committed lines from its cursor, delivers them, and moves
@@ -584,7 +706,7 @@ fn deliver_loop(
                 let mut backoff = Duration::from_millis(50);
                 let mut attempt = 0u32;
                 loop {
-                    let r = sink.write(bytes).and_then(|()| sink.flush());
+                    let r = sink.write(bytes, &buf).and_then(|()| sink.flush());
                     match r {
                         Ok(()) => break,
                         Err(e) => {

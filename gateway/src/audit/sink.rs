@@ -1,4 +1,4 @@
-//! Audit sinks: stdout and append-only files.
+//! Audit sinks: stdout and append-only files (optionally rotated by size).
 
 use std::fs::OpenOptions;
 use std::io::{self, BufWriter, Write};
@@ -8,23 +8,88 @@ use crate::config::{SinkConfig, SinkKind};
 
 pub(super) enum Sink {
     Stdout(BufWriter<io::Stdout>),
-    File(String, BufWriter<std::fs::File>),
+    File(FileSink),
+    Syslog(String, Box<super::syslog::Syslog>),
+}
+
+/// An append-only file, rotated to `<path>.1` ... `<path>.<maxFiles>` when it would exceed
+/// `maxBytes` (the oldest rotated file is deleted).
+pub(super) struct FileSink {
+    name: String,
+    path: std::path::PathBuf,
+    w: BufWriter<std::fs::File>,
+    size: u64,
+    max_bytes: Option<u64>,
+    max_files: u32,
+}
+
+fn open_append(path: &std::path::Path) -> io::Result<std::fs::File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+}
+
+impl FileSink {
+    fn rotated(&self, n: u32) -> std::path::PathBuf {
+        let mut p = self.path.clone().into_os_string();
+        p.push(format!(".{n}"));
+        p.into()
+    }
+
+    /// Closes the current file and shifts the rotated ones; a rename never loses a line.
+    fn rotate(&mut self) -> io::Result<()> {
+        self.w.flush()?;
+        let _ = std::fs::remove_file(self.rotated(self.max_files));
+        for n in (1..self.max_files).rev() {
+            match std::fs::rename(self.rotated(n), self.rotated(n + 1)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        std::fs::rename(&self.path, self.rotated(1))?;
+        self.w = BufWriter::with_capacity(64 * 1024, open_append(&self.path)?);
+        self.size = 0;
+        Ok(())
+    }
+
+    fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        if let Some(max) = self.max_bytes
+            && self.size > 0
+            && self.size + data.len() as u64 > max
+        {
+            self.rotate()?;
+        }
+        self.w.write_all(data)?;
+        self.size += data.len() as u64;
+        Ok(())
+    }
 }
 
 pub(super) fn open(cfg: &SinkConfig) -> io::Result<Sink> {
     match cfg.kind {
+        SinkKind::Syslog => {
+            let sc = cfg.syslog().ok_or_else(|| io::Error::other("address is required"))?;
+            let hostname = super::format::Context::local().hostname;
+            let s = super::syslog::Syslog::new(&sc, &hostname).map_err(|e| io::Error::other(format!("{e:#}")))?;
+            Ok(Sink::Syslog(format!("syslog {}", sc.address), Box::new(s)))
+        }
         SinkKind::Stdout => Ok(Sink::Stdout(BufWriter::with_capacity(64 * 1024, io::stdout()))),
         SinkKind::File => {
             let path = cfg.path.as_ref().ok_or_else(|| io::Error::other("path is required"))?;
-            let f = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .mode(0o640)
-                .open(path)
-                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-            let mut f = f;
+            let mut f = open_append(path)?;
             end_torn_line(path, &mut f).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-            Ok(Sink::File(path.display().to_string(), BufWriter::with_capacity(64 * 1024, f)))
+            let size = f.metadata()?.len();
+            Ok(Sink::File(FileSink {
+                name: path.display().to_string(),
+                path: path.clone(),
+                w: BufWriter::with_capacity(64 * 1024, f),
+                size,
+                max_bytes: cfg.max_bytes,
+                max_files: cfg.max_files.unwrap_or(5),
+            }))
         }
     }
 }
@@ -51,21 +116,26 @@ impl Sink {
     pub(super) fn name(&self) -> &str {
         match self {
             Sink::Stdout(_) => "stdout",
-            Sink::File(p, _) => p,
+            Sink::File(f) => &f.name,
+            Sink::Syslog(n, _) => n,
         }
     }
 
-    pub(super) fn write(&mut self, line: &[u8]) -> io::Result<()> {
+    /// Writes rendered events (`line`: one or more lines in the sink's format; `original`: the
+    /// same events as egress.v1 lines, for sinks that need facts outside the format).
+    pub(super) fn write(&mut self, line: &[u8], original: &[u8]) -> io::Result<()> {
         match self {
+            Sink::Syslog(_, s) => s.send(line, original),
             Sink::Stdout(w) => w.write_all(line),
-            Sink::File(_, w) => w.write_all(line),
+            Sink::File(f) => f.write(line),
         }
     }
 
     pub(super) fn flush(&mut self) -> io::Result<()> {
         match self {
             Sink::Stdout(w) => w.flush(),
-            Sink::File(_, w) => w.flush(),
+            Sink::File(f) => f.w.flush(),
+            Sink::Syslog(..) => Ok(()),
         }
     }
 }

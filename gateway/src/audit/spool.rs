@@ -33,6 +33,8 @@ pub(super) struct Position {
 pub(super) struct Committed {
     /// Sequence number of the last committed event.
     pub last_seq: u64,
+    /// Its hash (the chain goes on from it).
+    pub last_hash: String,
     /// End of the committed data.
     pub end: Position,
     /// First sequence numbers of the segments on disk, ascending.
@@ -117,6 +119,7 @@ impl Spool {
             }
         }
         let mut last_seq = 0;
+        let mut last_hash = super::chain::GENESIS.to_string();
         if let Some((&first, _)) = sizes.iter().next_back() {
             let path = segment_path(&dir, first);
             let mut data = Vec::new();
@@ -128,12 +131,15 @@ impl Spool {
                 sizes.insert(first, keep as u64);
             }
             let lines = &data[..keep];
-            last_seq = match lines[..lines.len().saturating_sub(1)].iter().rposition(|b| *b == b'\n') {
-                Some(i) => line_seq(&lines[i + 1..]),
-                None if !lines.is_empty() => line_seq(lines),
-                None => None,
-            }
-            .unwrap_or(first.saturating_sub(1));
+            let last_line = match lines[..lines.len().saturating_sub(1)].iter().rposition(|b| *b == b'\n') {
+                Some(i) => &lines[i + 1..],
+                None => lines,
+            };
+            last_seq = line_seq(last_line).unwrap_or(first.saturating_sub(1));
+            last_hash = serde_json::from_slice::<serde_json::Value>(last_line)
+                .ok()
+                .and_then(|v| v["hash"].as_str().map(str::to_string))
+                .unwrap_or(last_hash);
         }
         let current = match sizes.iter().next_back() {
             Some((&first, _)) => first,
@@ -149,6 +155,7 @@ impl Spool {
         let total = sizes.values().sum();
         let committed = Committed {
             last_seq,
+            last_hash,
             end: Position { segment: current, offset: len },
             segments: sizes.keys().copied().collect(),
             closing: false,

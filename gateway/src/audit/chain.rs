@@ -1,0 +1,236 @@
+//! Tamper evidence: a hash chain over the event stream and signed checkpoints.
+//!
+//! Every event written carries `prev_hash` (the `hash` of the event written before it in this
+//! instance's stream; 64 zeros for the first) and `hash` = SHA-256 (hex) of the RFC 8785
+//! canonical JSON of the event without its `hash` field, so `prev_hash` is covered: editing,
+//! removing, inserting or reordering an event breaks the chain from there on. Every
+//! `checkpoint.every` events or `checkpoint.interval` (whichever comes first) the writer adds a
+//! `checkpoint` event whose `checkpoint.signature` is an Ed25519 signature (base64) of its own
+//! `hash`, which commits to everything before it: an attacker who rewrites the chain cannot
+//! re-sign it. `egress-gateway audit verify` checks both.
+
+use std::path::Path;
+
+use base64::Engine;
+use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{PrivatePkcs8KeyDer, SubjectPublicKeyInfoDer};
+use serde_json::Value;
+
+/// `prev_hash` of the first event of a stream.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// SHA-256 of `data`, lower-case hex.
+pub fn sha256_hex(data: &[u8]) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, data);
+    let mut s = String::with_capacity(64);
+    for b in d.as_ref() {
+        s.push(char::from(b"0123456789abcdef"[(b >> 4) as usize]));
+        s.push(char::from(b"0123456789abcdef"[(b & 15) as usize]));
+    }
+    s
+}
+
+/// The hash of an event given as JSON: its `hash` field and a checkpoint's `signature` (which
+/// signs the hash) are left out.
+pub fn hash_of_value(ev: &Value) -> String {
+    let mut v = ev.clone();
+    if let Some(m) = v.as_object_mut() {
+        m.remove("hash");
+        if let Some(Value::Object(c)) = m.get_mut("checkpoint") {
+            c.remove("signature");
+        }
+    }
+    sha256_hex(&serde_json_canonicalizer::to_vec(&v).unwrap_or_default())
+}
+
+/// The hash of a serialisable event whose `hash` field is unset (skipped when serialised).
+pub fn hash_of<T: serde::Serialize>(ev: &T) -> String {
+    sha256_hex(&serde_json_canonicalizer::to_vec(ev).unwrap_or_default())
+}
+
+/// The checkpoint signing key (Ed25519, PKCS#8 PEM as written by
+/// `openssl genpkey -algorithm ed25519`).
+pub struct Signer {
+    key: Ed25519KeyPair,
+    /// `sha256:<hex of the raw public key>`, named in every checkpoint.
+    pub key_id: String,
+}
+
+impl Signer {
+    /// Loads the key file.
+    pub fn load(path: &Path) -> anyhow::Result<Signer> {
+        let der = PrivatePkcs8KeyDer::from_pem_file(path)
+            .map_err(|e| anyhow::anyhow!("{}: not a PKCS#8 PEM private key: {e}", path.display()))?;
+        let key = Ed25519KeyPair::from_pkcs8_maybe_unchecked(der.secret_pkcs8_der())
+            .map_err(|e| anyhow::anyhow!("{}: not an Ed25519 key: {e}", path.display()))?;
+        let key_id = format!("sha256:{}", sha256_hex(key.public_key().as_ref()));
+        Ok(Signer { key, key_id })
+    }
+
+    /// Signs a checkpoint's hash; base64.
+    pub fn sign(&self, hash: &str) -> String {
+        base64::engine::general_purpose::STANDARD.encode(self.key.sign(hash.as_bytes()).as_ref())
+    }
+}
+
+/// A checkpoint verification key (the public half, SPKI PEM as written by
+/// `openssl pkey -pubout`).
+pub struct Verifier {
+    raw: Vec<u8>,
+    /// Same form as [`Signer::key_id`].
+    pub key_id: String,
+}
+
+impl Verifier {
+    /// Loads the public key file.
+    pub fn load(path: &Path) -> anyhow::Result<Verifier> {
+        let spki = SubjectPublicKeyInfoDer::from_pem_file(path)
+            .map_err(|e| anyhow::anyhow!("{}: not a PEM public key: {e}", path.display()))?;
+        // SubjectPublicKeyInfo of Ed25519 (RFC 8410): a fixed 12-byte prefix, then the key.
+        const PREFIX: [u8; 12] = [0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00];
+        let der = spki.as_ref();
+        if der.len() != 44 || der[..12] != PREFIX {
+            anyhow::bail!("{}: not an Ed25519 public key", path.display());
+        }
+        let raw = der[12..].to_vec();
+        let key_id = format!("sha256:{}", sha256_hex(&raw));
+        Ok(Verifier { raw, key_id })
+    }
+
+    /// Whether `signature` (base64) signs `hash`.
+    pub fn verify(&self, hash: &str, signature: &str) -> bool {
+        let Ok(sig) = base64::engine::general_purpose::STANDARD.decode(signature) else { return false };
+        UnparsedPublicKey::new(&ring::signature::ED25519, &self.raw).verify(hash.as_bytes(), &sig).is_ok()
+    }
+}
+
+/// What `audit verify` found.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Events checked (duplicates from at-least-once delivery counted once).
+    pub events: u64,
+    /// Checkpoints whose signature was verified.
+    pub checkpoints_verified: u64,
+    /// Checkpoints seen without a key to verify them.
+    pub checkpoints_unverified: u64,
+    /// Ranges declared lost by `audit_gap` events.
+    pub declared_gaps: Vec<(String, u64, u64)>,
+    /// The first problem, if any: a sentence naming the instance and sequence number.
+    pub problem: Option<String>,
+    /// Events after the last verified checkpoint (not covered by a signature yet).
+    pub unsigned_tail: u64,
+}
+
+struct Stream {
+    last_seq: u64,
+    last_hash: String,
+    since_checkpoint: u64,
+}
+
+/// Verifies egress.v1 events (JSON lines, in file order; several instances may be interleaved)
+/// and stops at the first problem.
+pub fn verify(lines: &[(String, String)], key: Option<&Verifier>) -> Report {
+    let mut r = Report::default();
+    let mut streams: std::collections::HashMap<String, Stream> = Default::default();
+    // Where each (instance, seq) appears, to tell a reordered event from a removed one.
+    let position = |instance: &str, seq: u64, after: usize| {
+        lines[after..].iter().position(|(_, l)| {
+            serde_json::from_str::<Value>(l)
+                .is_ok_and(|v| v["seq"].as_u64() == Some(seq) && v["instance"].as_str() == Some(instance))
+        })
+    };
+    for (index, (place, line)) in lines.iter().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let ev: Value = match serde_json::from_str(line) {
+            Ok(v) => v,
+            Err(e) => {
+                r.problem = Some(format!("{place}: not JSON ({e}): the line was altered or cut"));
+                return r;
+            }
+        };
+        let instance = ev["instance"].as_str().unwrap_or("").to_string();
+        let Some(seq) = ev["seq"].as_u64() else {
+            r.problem = Some(format!("{place}: no sequence number"));
+            return r;
+        };
+        let (Some(hash), Some(prev)) = (ev["hash"].as_str(), ev["prev_hash"].as_str()) else {
+            r.problem = Some(format!("{place}: instance {instance} seq {seq}: no hash chain fields"));
+            return r;
+        };
+        let at = format!("{place}: instance {instance} seq {seq}");
+        if hash_of_value(&ev) != hash {
+            r.problem = Some(format!("{at}: the event does not match its hash (edited)"));
+            return r;
+        }
+        let stream = streams.entry(instance.clone()).or_insert(Stream {
+            last_seq: 0,
+            last_hash: GENESIS.to_string(),
+            since_checkpoint: 0,
+        });
+        if seq <= stream.last_seq {
+            if seq == stream.last_seq && hash == stream.last_hash {
+                continue; // the same event delivered twice (at least once)
+            }
+            r.problem = Some(format!("{at}: out of order after seq {} (reordered or replayed)", stream.last_seq));
+            return r;
+        }
+        // A first event seen mid-stream (files start after a rotation or spool collection):
+        // the chain is checked from there.
+        let first = stream.last_seq == 0 && seq != 1;
+        if !first {
+            let declared = ev["event"] == "audit_gap"
+                && ev["gap"]["from_seq"].as_u64() == Some(stream.last_seq + 1)
+                && ev["gap"]["to_seq"].as_u64() == Some(seq - 1);
+            if seq != stream.last_seq + 1 && !declared {
+                let expected = stream.last_seq + 1;
+                r.problem = Some(match position(&instance, expected, index + 1) {
+                    Some(_) => format!("{at}: seq {expected} should come first: it appears later (reordered)"),
+                    None => format!(
+                        "{at}: seq {expected} is missing (removed), the previous event is seq {}",
+                        stream.last_seq
+                    ),
+                });
+                return r;
+            }
+            if declared {
+                r.declared_gaps.push((instance.clone(), stream.last_seq + 1, seq - 1));
+            }
+            if prev != stream.last_hash {
+                r.problem = Some(format!(
+                    "{at}: prev_hash does not match the hash of seq {} (an event before it was removed, replaced or reordered)",
+                    stream.last_seq
+                ));
+                return r;
+            }
+        }
+        if ev["event"] == "checkpoint" {
+            match key {
+                Some(k) => {
+                    let sig = ev["checkpoint"]["signature"].as_str().unwrap_or("");
+                    if ev["checkpoint"]["key_id"].as_str() != Some(k.key_id.as_str()) {
+                        r.problem =
+                            Some(format!("{at}: checkpoint signed by another key ({})", ev["checkpoint"]["key_id"]));
+                        return r;
+                    }
+                    if !k.verify(hash, sig) {
+                        r.problem = Some(format!("{at}: checkpoint signature is not valid"));
+                        return r;
+                    }
+                    r.checkpoints_verified += 1;
+                    stream.since_checkpoint = 0;
+                }
+                None => r.checkpoints_unverified += 1,
+            }
+        } else {
+            stream.since_checkpoint += 1;
+        }
+        stream.last_seq = seq;
+        stream.last_hash = hash.to_string();
+        r.events += 1;
+    }
+    r.unsigned_tail = streams.values().map(|s| s.since_checkpoint).sum();
+    r
+}
