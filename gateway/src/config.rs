@@ -262,6 +262,16 @@ fn default_sinks() -> Vec<SinkConfig> {
         tls: None,
         facility: None,
         app_name: None,
+        url: None,
+        preset: None,
+        token: None,
+        token_file: None,
+        gzip: None,
+        batch: None,
+        timeout: None,
+        index: None,
+        hec: None,
+        dead_letter: None,
     }]
 }
 
@@ -363,6 +373,182 @@ pub struct SinkConfig {
     /// `syslog`: APP-NAME (default `egress-gateway`).
     #[serde(default)]
     pub app_name: Option<String>,
+    /// `http`: the endpoint (`https://...`; HEC: `.../services/collector/event`, Elastic: `.../_bulk`).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// `http`: `splunk_hec`, `elastic_bulk` or `ndjson`.
+    #[serde(default)]
+    pub preset: Option<HttpPreset>,
+    /// `http`: the credential (HEC token, Elastic API key, webhook bearer token); prefer `tokenFile`.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// `http`: a file holding the credential (a mounted Secret); read at start.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// `http`: gzip request bodies (default true).
+    #[serde(default)]
+    pub gzip: Option<bool>,
+    /// `http`: batch bounds.
+    #[serde(default)]
+    pub batch: Option<BatchConfig>,
+    /// `http`: request timeout (default 30s).
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub timeout: Option<Duration>,
+    /// `http`: Elastic `_index` or HEC `index`.
+    #[serde(default)]
+    pub index: Option<String>,
+    /// `http` `splunk_hec`: indexer acknowledgement and the envelope's source and sourcetype.
+    #[serde(default)]
+    pub hec: Option<HecConfig>,
+    /// `http`: where events the receiver rejects for good (HTTP 400, Elastic item 400) are
+    /// written; default `<spool dir>/dead-letter/<sink>.jsonl`.
+    #[serde(default)]
+    pub dead_letter: Option<PathBuf>,
+}
+
+/// HTTP sink preset.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum HttpPreset {
+    /// Splunk HTTP Event Collector.
+    SplunkHec,
+    /// Elasticsearch / OpenSearch `_bulk`.
+    ElasticBulk,
+    /// A generic NDJSON webhook.
+    Ndjson,
+}
+
+/// Batch bounds of an HTTP sink: a request carries at most this much, and an event waits at
+/// most `maxAge` for company.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Events per request (default 500).
+    #[serde(default = "default_batch_events")]
+    pub max_events: usize,
+    /// Uncompressed bytes per request (default 1 MiB).
+    #[serde(default = "default_batch_bytes")]
+    pub max_bytes: usize,
+    /// Longest wait for a fuller batch (default 1s).
+    #[serde(default = "d1s", deserialize_with = "duration")]
+    pub max_age: Duration,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig { max_events: default_batch_events(), max_bytes: default_batch_bytes(), max_age: d1s() }
+    }
+}
+
+fn default_batch_events() -> usize {
+    500
+}
+fn default_batch_bytes() -> usize {
+    1 << 20
+}
+fn d1s() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}
+
+/// Splunk HEC settings.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HecConfig {
+    /// Wait for indexer acknowledgement of every batch (the HEC token must have it on).
+    #[serde(default)]
+    pub ack: bool,
+    /// How long to poll for an acknowledgement before sending the batch again (default 60s).
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub ack_timeout: Option<Duration>,
+    /// The `X-Splunk-Request-Channel` (a UUID); default: a new one per start.
+    #[serde(default)]
+    pub channel: Option<String>,
+    /// Envelope `source` (default `egress-gateway`).
+    #[serde(default)]
+    pub source: Option<String>,
+    /// Envelope `sourcetype` (default `egress:audit`).
+    #[serde(default)]
+    pub sourcetype: Option<String>,
+}
+
+/// The settings of an HTTP sink, checked and with defaults applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpSinkConfig {
+    /// Endpoint.
+    pub url: String,
+    /// Preset.
+    pub preset: HttpPreset,
+    /// Credential.
+    pub token: Option<String>,
+    /// Gzip bodies.
+    pub gzip: bool,
+    /// Events per request.
+    pub max_events: usize,
+    /// Bytes per request.
+    pub max_bytes: usize,
+    /// Longest wait for a fuller batch.
+    pub max_age: Duration,
+    /// Request timeout.
+    pub timeout: Duration,
+    /// TLS.
+    pub tls: Option<SinkTls>,
+    /// Index.
+    pub index: Option<String>,
+    /// HEC acknowledgement.
+    pub ack: bool,
+    /// HEC ack timeout.
+    pub ack_timeout: Duration,
+    /// HEC channel.
+    pub channel: Option<String>,
+    /// HEC source.
+    pub source: Option<String>,
+    /// HEC sourcetype.
+    pub sourcetype: Option<String>,
+}
+
+impl SinkConfig {
+    /// The HTTP settings of an `http` sink (reads `tokenFile`).
+    pub fn http(&self) -> anyhow::Result<HttpSinkConfig> {
+        let token = match (&self.token, &self.token_file) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(f)) => Some(
+                std::fs::read_to_string(f)
+                    .map_err(|e| anyhow::anyhow!("tokenFile {}: {e}", f.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            (None, None) => None,
+        };
+        let batch = self.batch.clone().unwrap_or_default();
+        let hec = self.hec.clone().unwrap_or_default();
+        let preset = self.preset.ok_or_else(|| anyhow::anyhow!("preset is required"))?;
+        let channel = match (&hec.channel, hec.ack && preset == HttpPreset::SplunkHec) {
+            (Some(c), _) => Some(c.clone()),
+            (None, true) => Some(uuid::Uuid::new_v4().to_string()),
+            (None, false) => None,
+        };
+        Ok(HttpSinkConfig {
+            url: self.url.clone().ok_or_else(|| anyhow::anyhow!("url is required"))?,
+            preset,
+            token,
+            gzip: self.gzip.unwrap_or(true),
+            max_events: batch.max_events,
+            max_bytes: batch.max_bytes,
+            max_age: batch.max_age,
+            timeout: self.timeout.unwrap_or(Duration::from_secs(30)),
+            tls: self.tls.clone(),
+            index: self.index.clone(),
+            ack: hec.ack,
+            ack_timeout: hec.ack_timeout.unwrap_or(Duration::from_secs(60)),
+            channel,
+            source: hec.source,
+            sourcetype: hec.sourcetype,
+        })
+    }
 }
 
 /// Syslog transport.
@@ -431,6 +617,7 @@ impl SinkConfig {
                 SinkKind::Stdout => "stdout",
                 SinkKind::File => "file",
                 SinkKind::Syslog => "syslog",
+                SinkKind::Http => "http",
             };
             format!("{t}-{index}")
         })
@@ -447,6 +634,8 @@ pub enum SinkKind {
     File,
     /// A syslog collector (RFC 5424 over TCP, TLS or UDP).
     Syslog,
+    /// Batched HTTP POSTs (Splunk HEC, Elastic `_bulk`, NDJSON webhook).
+    Http,
 }
 
 /// Event serialisation.
@@ -630,11 +819,63 @@ fn validate_config(c: &Config, file: &str, errors: &mut Vec<String>) {
         if s.kind != SinkKind::File && s.path.is_some() {
             err(&format!("audit.sinks[{i}].path"), "only for type file".into());
         }
-        let syslog_only = s.address.is_some()
-            || s.transport.is_some()
-            || s.tls.is_some()
-            || s.facility.is_some()
-            || s.app_name.is_some();
+        let syslog_only = s.address.is_some() || s.transport.is_some() || s.facility.is_some() || s.app_name.is_some();
+        let http_only = s.url.is_some()
+            || s.preset.is_some()
+            || s.token.is_some()
+            || s.token_file.is_some()
+            || s.gzip.is_some()
+            || s.batch.is_some()
+            || s.timeout.is_some()
+            || s.index.is_some()
+            || s.hec.is_some()
+            || s.dead_letter.is_some();
+        if s.kind == SinkKind::Http {
+            match s.url.as_deref() {
+                None => err(&format!("audit.sinks[{i}].url"), "required for type http".into()),
+                Some(u)
+                    if !(u.starts_with("https://") || u.starts_with("http://")) || u.parse::<http::Uri>().is_err() =>
+                {
+                    err(&format!("audit.sinks[{i}].url"), format!("{u:?} is not an http(s) URL"))
+                }
+                _ => {}
+            }
+            if s.preset.is_none() {
+                err(&format!("audit.sinks[{i}].preset"), "required: splunk_hec, elastic_bulk or ndjson".into());
+            }
+            if s.token.is_some() && s.token_file.is_some() {
+                err(&format!("audit.sinks[{i}].token"), "token or tokenFile, not both".into());
+            }
+            if s.preset == Some(HttpPreset::SplunkHec) && s.token.is_none() && s.token_file.is_none() {
+                err(&format!("audit.sinks[{i}].tokenFile"), "Splunk HEC needs a token".into());
+            }
+            if s.hec.is_some() && s.preset != Some(HttpPreset::SplunkHec) {
+                err(&format!("audit.sinks[{i}].hec"), "only for preset splunk_hec".into());
+            }
+            if let Some(b) = &s.batch {
+                if b.max_events == 0 || b.max_events > 100_000 {
+                    err(&format!("audit.sinks[{i}].batch.maxEvents"), "1 to 100000".into());
+                }
+                if b.max_bytes < 8192 {
+                    err(&format!("audit.sinks[{i}].batch.maxBytes"), "at least 8192".into());
+                }
+            }
+            if let Some(t) = &s.tls
+                && t.cert.is_some() != t.key.is_some()
+            {
+                err(&format!("audit.sinks[{i}].tls"), "cert and key go together".into());
+            }
+        } else if http_only {
+            err(
+                &format!("audit.sinks[{i}]"),
+                "url, preset, token, tokenFile, gzip, batch, timeout, index, hec and deadLetter are for type http"
+                    .into(),
+            );
+        }
+        if s.tls.is_some() && !matches!(s.kind, SinkKind::Syslog | SinkKind::Http) {
+            err(&format!("audit.sinks[{i}].tls"), "only for type syslog or http".into());
+        }
+
         if s.kind == SinkKind::Syslog {
             match s.address.as_deref() {
                 None => err(&format!("audit.sinks[{i}].address"), "required for type syslog (host:port)".into()),
@@ -658,10 +899,7 @@ fn validate_config(c: &Config, file: &str, errors: &mut Vec<String>) {
                 err(&format!("audit.sinks[{i}].tls"), "cert and key go together".into());
             }
         } else if syslog_only {
-            err(
-                &format!("audit.sinks[{i}]"),
-                "address, transport, tls, facility and appName are for type syslog".into(),
-            );
+            err(&format!("audit.sinks[{i}]"), "address, transport, facility and appName are for type syslog".into());
         }
         if s.kind != SinkKind::File && (s.max_bytes.is_some() || s.max_files.is_some()) {
             err(&format!("audit.sinks[{i}].maxBytes"), "rotation is only for type file".into());
@@ -688,6 +926,11 @@ fn validate_config(c: &Config, file: &str, errors: &mut Vec<String>) {
         } else if !names.insert(name.clone()) {
             err(&format!("audit.sinks[{i}].name"), format!("{name:?} is used by another sink"));
         }
+    }
+    if c.audit.spool.is_none()
+        && let Some(i) = c.audit.sinks.iter().position(|s| s.kind == SinkKind::Http)
+    {
+        err(&format!("audit.sinks[{i}]"), "type http needs audit.spool (batches and retries are sent from it)".into());
     }
     if let Some(cp) = &c.audit.checkpoint {
         if cp.every == 0 {

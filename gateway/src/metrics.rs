@@ -59,6 +59,7 @@ pub struct SinkMetricFamilies {
     delivered: Family<SinkLabels, Counter>,
     retried: Family<SinkLabels, Counter>,
     failed: Family<SinkLabels, Counter>,
+    dead_lettered: Family<SinkLabels, Counter>,
     lag: Family<SinkLabels, Gauge>,
     oldest_age: Family<SinkLabels, Gauge>,
     last_success: Family<SinkLabels, Gauge>,
@@ -73,6 +74,8 @@ pub struct SinkMetrics {
     pub retried: Counter,
     /// Delivery attempts that failed.
     pub failed: Counter,
+    /// Events the receiver rejected for good, written to the dead-letter file.
+    pub dead_lettered: Counter,
     /// Committed events not yet delivered.
     pub lag: Gauge,
     /// Age in seconds of the oldest undelivered event (0 when caught up).
@@ -89,6 +92,7 @@ impl SinkMetricFamilies {
             delivered: self.delivered.get_or_create(&l).clone(),
             retried: self.retried.get_or_create(&l).clone(),
             failed: self.failed.get_or_create(&l).clone(),
+            dead_lettered: self.dead_lettered.get_or_create(&l).clone(),
             lag: self.lag.get_or_create(&l).clone(),
             oldest_age: self.oldest_age.get_or_create(&l).clone(),
             last_success: self.last_success.get_or_create(&l).clone(),
@@ -195,6 +199,11 @@ impl Metrics {
             "audit_sink_failed",
             "Audit delivery attempts that failed, per sink",
             audit_sinks.failed.clone(),
+        );
+        registry.register(
+            "audit_sink_dead_lettered",
+            "Audit events rejected for good by the receiver (dead-letter file), per sink",
+            audit_sinks.dead_lettered.clone(),
         );
         registry.register("audit_sink_lag_events", "Committed audit events not yet delivered", audit_sinks.lag.clone());
         registry.register(

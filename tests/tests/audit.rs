@@ -76,15 +76,6 @@ fn seqs(events: &[Value]) -> Vec<u64> {
     events.iter().map(|e| e["seq"].as_u64().expect("seq")).collect()
 }
 
-/// Waits until `f` holds.
-fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn policy(port: u16, audit: &str) -> String {
     format!(
         "guard: {{allowCidrs: [127.0.0.2/32]}}\nclients: [{{cidr: 127.0.0.1/32, namespace: ns, name: c, labels: {{}}}}]\n{audit}\npolicies:\n  - apiVersion: egress.dev/v1alpha1\n    kind: EgressPolicy\n    metadata: {{name: p, namespace: ns}}\n    spec:\n      podSelector: {{}}\n      rules: [{{name: up, to: [{{domain: up.test}}], ports: [{{port: {port}}}]}}]\n"
@@ -432,4 +423,21 @@ fn file_sinks_rotate_by_size_and_keep_a_bounded_number_of_files() {
     assert_eq!(all, (first..=80).collect::<Vec<_>>(), "the files continue one another");
     let (code, out) = verify(&[&two, &one, &current], None);
     assert_eq!(code, 0, "{out}");
+}
+
+/// The example audit configs (Splunk, Elastic, rsyslog) are valid configurations.
+#[test]
+fn example_audit_configs_are_valid() {
+    let dir = repo_root().join("examples/audit");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().is_some_and(|x| x == "yaml") {
+            let out =
+                std::process::Command::new(gateway_bin()).arg("validate").arg("--config").arg(&path).output().unwrap();
+            assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+            n += 1;
+        }
+    }
+    assert!(n >= 3, "examples: {n}");
 }

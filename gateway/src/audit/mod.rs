@@ -18,9 +18,11 @@
 pub mod chain;
 mod event;
 pub mod format;
+pub mod http;
 mod sink;
 mod spool;
 pub mod syslog;
+mod tls;
 
 pub use event::{ClientInfo, CloseInfo, DecisionInfo, End, Event, EventKind, ResolvedAddr, TargetInfo, now_rfc3339};
 
@@ -78,7 +80,10 @@ impl Audit {
     pub fn start(cfg: &AuditConfig, instance: Arc<str>, metrics: Arc<Metrics>) -> anyhow::Result<(Audit, Arc<str>)> {
         let mut opened = Vec::new();
         for (i, s) in cfg.sinks.iter().enumerate() {
-            opened.push((s.name_or_default(i), sink::open(s).map_err(|e| anyhow::anyhow!("audit.sinks[{i}]: {e}"))?));
+            let name = s.name_or_default(i);
+            let dead_letter = cfg.spool.as_ref().map(|sp| sp.dir.join("dead-letter").join(format!("{name}.jsonl")));
+            let sink = sink::open(s, dead_letter).map_err(|e| anyhow::anyhow!("audit.sinks[{i}]: {e}"))?;
+            opened.push((name, sink));
         }
         let checkpoints = Checkpoints::new(&cfg.checkpoint)?;
         let (tx, rx) = mpsc::sync_channel::<Msg>(QUEUE);
@@ -687,12 +692,31 @@ fn deliver_loop(
     let mut buf = Vec::with_capacity(1 << 20);
     let mut mapped = Vec::new();
     let mut pos = cursor.pos;
+    let mut dead_seen = 0;
     loop {
         if abandon.load(Ordering::Acquire) {
             return;
         }
         match reader.read(&mut pos, &mut buf, 1 << 20, Duration::from_millis(500)) {
-            Ok(ReadResult::Lines(end)) => {
+            Ok(ReadResult::Lines(mut end)) => {
+                // HTTP sinks: gather up to a full batch, waiting at most maxAge for it.
+                if let Some((max_events, max_bytes, max_age)) = sink.batching() {
+                    let started = Instant::now();
+                    let mut more = Vec::new();
+                    while buf.iter().filter(|b| **b == b'\n').count() < max_events
+                        && buf.len() < max_bytes
+                        && started.elapsed() < max_age
+                    {
+                        let left = max_age.saturating_sub(started.elapsed());
+                        match reader.read(&mut pos, &mut more, max_bytes.saturating_sub(buf.len()).max(8192), left) {
+                            Ok(ReadResult::Lines(e)) => {
+                                buf.extend_from_slice(&more);
+                                end = e;
+                            }
+                            _ => break,
+                        }
+                    }
+                }
                 let last = buf[..buf.len() - 1].iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
                 let last_seq = spool::line_seq(&buf[last..]).unwrap_or(cursor.seq);
                 let lines = buf.iter().filter(|b| **b == b'\n').count() as u64;
@@ -720,7 +744,10 @@ fn deliver_loop(
                             if abandon.load(Ordering::Acquire) {
                                 return;
                             }
-                            std::thread::sleep(backoff);
+                            // Exponential backoff with jitter (50-150 %), never sooner than the
+                            // receiver's Retry-After.
+                            let pause = jitter(backoff).max(http::retry_after_of(&e).unwrap_or_default());
+                            std::thread::sleep(pause);
                             backoff = (backoff * 2).min(Duration::from_secs(5));
                         }
                     }
@@ -732,6 +759,11 @@ fn deliver_loop(
                 }
                 delivered.store(last_seq, Ordering::Release);
                 m.delivered.inc_by(lines);
+                let dead = sink.dead_lettered();
+                if dead > dead_seen {
+                    m.dead_lettered.inc_by(dead - dead_seen);
+                    dead_seen = dead;
+                }
                 m.last_success.set(unix_now() as i64);
                 let committed = shared.state.lock().unwrap_or_else(|p| p.into_inner()).last_seq;
                 m.lag.set(committed.saturating_sub(last_seq) as i64);
@@ -750,6 +782,15 @@ fn deliver_loop(
             }
         }
     }
+}
+
+/// `d` scaled by a pseudo-random factor in [0.5, 1.5), so that many gateways retrying the same
+/// receiver spread out.
+fn jitter(d: Duration) -> Duration {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|t| t.subsec_nanos()).unwrap_or(0);
+    let x = (nanos ^ (nanos >> 13)).wrapping_mul(0x9E37_79B9) as u64 % 1000;
+    d.mul_f64(0.5 + x as f64 / 1000.0)
 }
 
 fn unix_now() -> u64 {

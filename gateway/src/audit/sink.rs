@@ -10,6 +10,7 @@ pub(super) enum Sink {
     Stdout(BufWriter<io::Stdout>),
     File(FileSink),
     Syslog(String, Box<super::syslog::Syslog>),
+    Http(String, Box<super::http::HttpSink>),
 }
 
 /// An append-only file, rotated to `<path>.1` ... `<path>.<maxFiles>` when it would exceed
@@ -68,8 +69,15 @@ impl FileSink {
     }
 }
 
-pub(super) fn open(cfg: &SinkConfig) -> io::Result<Sink> {
+pub(super) fn open(cfg: &SinkConfig, dead_letter: Option<std::path::PathBuf>) -> io::Result<Sink> {
     match cfg.kind {
+        SinkKind::Http => {
+            let hc = cfg.http().map_err(|e| io::Error::other(format!("{e:#}")))?;
+            let hostname = super::format::Context::local().hostname;
+            let dead = cfg.dead_letter.clone().or(dead_letter);
+            let s = super::http::HttpSink::new(&hc, &hostname, dead).map_err(|e| io::Error::other(format!("{e:#}")))?;
+            Ok(Sink::Http(hc.url.clone(), Box::new(s)))
+        }
         SinkKind::Syslog => {
             let sc = cfg.syslog().ok_or_else(|| io::Error::other("address is required"))?;
             let hostname = super::format::Context::local().hostname;
@@ -117,7 +125,7 @@ impl Sink {
         match self {
             Sink::Stdout(_) => "stdout",
             Sink::File(f) => &f.name,
-            Sink::Syslog(n, _) => n,
+            Sink::Syslog(n, _) | Sink::Http(n, _) => n,
         }
     }
 
@@ -126,6 +134,7 @@ impl Sink {
     pub(super) fn write(&mut self, line: &[u8], original: &[u8]) -> io::Result<()> {
         match self {
             Sink::Syslog(_, s) => s.send(line, original),
+            Sink::Http(_, s) => s.send(line, original),
             Sink::Stdout(w) => w.write_all(line),
             Sink::File(f) => f.write(line),
         }
@@ -135,7 +144,26 @@ impl Sink {
         match self {
             Sink::Stdout(w) => w.flush(),
             Sink::File(f) => f.w.flush(),
-            Sink::Syslog(..) => Ok(()),
+            Sink::Syslog(..) | Sink::Http(..) => Ok(()),
+        }
+    }
+}
+
+impl Sink {
+    /// Batch bounds the delivery thread should gather before calling `write` (HTTP sinks):
+    /// (events, bytes, longest wait).
+    pub(super) fn batching(&self) -> Option<(usize, usize, std::time::Duration)> {
+        match self {
+            Sink::Http(_, s) => Some(s.batching()),
+            _ => None,
+        }
+    }
+
+    /// Events dead-lettered so far (HTTP sinks).
+    pub(super) fn dead_lettered(&self) -> u64 {
+        match self {
+            Sink::Http(_, s) => s.dead_lettered,
+            _ => 0,
         }
     }
 }

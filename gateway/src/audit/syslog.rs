@@ -3,12 +3,10 @@
 
 use std::io::{self, Write};
 use std::net::{TcpStream, ToSocketAddrs, UdpSocket};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
 
 use crate::config::{SyslogConfig, SyslogTransport};
 
@@ -30,47 +28,14 @@ pub struct Syslog {
     frames: Vec<u8>,
 }
 
-fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    anyhow::ensure!(!certs.is_empty(), "{}: no certificate", path.display());
-    Ok(certs)
-}
-
 impl Syslog {
     /// Checks the settings and loads the TLS material; connects on first use.
     pub fn new(cfg: &SyslogConfig, hostname: &str) -> anyhow::Result<Syslog> {
         let tls = match cfg.transport {
             SyslogTransport::Tls => {
                 let t = cfg.tls.as_ref().ok_or_else(|| anyhow::anyhow!("tls: required for transport tls"))?;
-                let mut roots = rustls::RootCertStore::empty();
-                for c in load_certs(&t.ca)? {
-                    roots.add(c).map_err(|e| anyhow::anyhow!("{}: {e}", t.ca.display()))?;
-                }
-                let provider = Arc::new(rustls::crypto::ring::default_provider());
-                let builder = rustls::ClientConfig::builder_with_provider(provider)
-                    .with_safe_default_protocol_versions()?
-                    .with_root_certificates(roots);
-                let config = match (&t.cert, &t.key) {
-                    (Some(c), Some(k)) => {
-                        let key =
-                            PrivateKeyDer::from_pem_file(k).map_err(|e| anyhow::anyhow!("{}: {e}", k.display()))?;
-                        builder.with_client_auth_cert(load_certs(c)?, key)?
-                    }
-                    (None, None) => builder.with_no_client_auth(),
-                    _ => anyhow::bail!("tls.cert and tls.key go together"),
-                };
-                let host = t.server_name.clone().unwrap_or_else(|| {
-                    cfg.address
-                        .rsplit_once(':')
-                        .map(|(h, _)| h.trim_matches(['[', ']']).to_string())
-                        .unwrap_or_default()
-                });
-                let name =
-                    ServerName::try_from(host.clone()).map_err(|e| anyhow::anyhow!("tls server name {host:?}: {e}"))?;
-                Some((Arc::new(config), name))
+                let host = cfg.address.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']'])).unwrap_or_default();
+                Some(super::tls::client(Some(t), host)?)
             }
             _ => None,
         };
