@@ -94,18 +94,18 @@ pub struct EgressRequest {
 /// Facts of a transparently steered connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TransparentFacts {
+    /// HTTP Host header of the first request, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_host: Option<String>,
     /// The destination the Pod dialled (from the PROXY header).
     pub original_dst: SocketAddr,
+    /// Whether the original destination was among the addresses the gateway resolved for the
+    /// name (set by the pipeline; absent when the decision did not resolve a name).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub original_in_resolved: Option<bool>,
     /// The relay (node) that forwarded the connection.
     pub relay: SocketAddr,
     /// TLS server name from the ClientHello, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sni: Option<String>,
-    /// HTTP Host header of the first request, if any.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub http_host: Option<String>,
-    /// Whether the original destination was among the addresses the gateway resolved for the
-    /// name (set by the pipeline; absent when the decision did not resolve a name).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub original_in_resolved: Option<bool>,
 }

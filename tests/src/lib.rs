@@ -57,6 +57,12 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
 }
 
+/// `N` distinct free TCP ports on 127.0.0.1 (all bound at once, then released).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<TcpListener> = (0..N).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    std::array::from_fn(|i| held[i].local_addr().unwrap().port())
+}
+
 /// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -242,14 +248,14 @@ impl Gateway {
     /// Like `start`, with an optional nameserver and inside an optional network namespace.
     pub fn start_with(dns: Option<SocketAddr>, netns: Option<&Netns>, body: &str) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
-        let (http, socks, admin) = (free_port(), free_port(), free_port());
+        let [http, socks, admin, transparent] = free_ports();
         let mk = |p| SocketAddr::from(([127, 0, 0, 1], p));
         let g = Gateway {
             proc: None,
             http: mk(http),
             socks: mk(socks),
             admin: mk(admin),
-            transparent: mk(free_port()),
+            transparent: mk(transparent),
             log: dir.path().join("gateway.log"),
             netns: netns.map(|n| n.name.clone()),
             dir,
@@ -268,13 +274,14 @@ impl Gateway {
     /// Starts the gateway and waits only until it is alive (`/healthz`), not ready.
     pub fn start_alive(dns: &Dns, body: &str) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
+        let ports: [u16; 4] = free_ports();
         let mk = |p| SocketAddr::from(([127, 0, 0, 1], p));
         let mut g = Gateway {
             proc: None,
-            http: mk(free_port()),
-            socks: mk(free_port()),
-            admin: mk(free_port()),
-            transparent: mk(free_port()),
+            http: mk(ports[0]),
+            socks: mk(ports[1]),
+            admin: mk(ports[2]),
+            transparent: mk(ports[3]),
             log: dir.path().join("gateway.log"),
             netns: None,
             dir,

@@ -277,9 +277,11 @@ fn udp_sends_one_datagram_per_event() {
     let mut got = Vec::new();
     let mut buf = [0u8; 9000];
     while got.len() < 10 {
-        let n = sock.recv(&mut buf).expect("a datagram per event");
+        let n =
+            sock.recv(&mut buf).unwrap_or_else(|e| panic!("datagram {} of 10: {e}\n{}", got.len() + 1, gw.log_text()));
         got.push(parse_message(std::str::from_utf8(&buf[..n]).unwrap()).unwrap());
     }
+    wait_for("the json sink", Duration::from_secs(10), || file_events(&gw.audit_path()).len() >= 10);
     let events = file_events(&gw.audit_path());
     for (m, e) in got.iter().zip(&events) {
         let body: Value = serde_json::from_str(&m.msg).unwrap();

@@ -253,12 +253,22 @@ fn write_line(out: &mut Vec<u8>, ev: &mut Event, seq: u64, instance: &Arc<str>, 
     ev.instance = instance.clone();
     ev.prev_hash = Some(std::mem::take(prev));
     ev.hash = None;
-    let hash = chain::hash_of(&*ev);
-    *prev = hash.clone();
-    ev.hash = Some(hash);
-    if serde_json::to_writer(&mut *out, &*ev).is_ok() {
-        out.push(b'\n');
+    let start = out.len();
+    if serde_json::to_writer(&mut *out, &*ev).is_err() {
+        out.truncate(start);
+        return;
     }
+    // The compact serialisation is the canonical form (members declared in order), unless a
+    // label name is outside ASCII (byte order and UTF-16 order may then differ).
+    let ascii_labels = ev.client.labels.as_ref().is_none_or(|l| l.keys().all(|k| k.is_ascii()));
+    let hash = if ascii_labels { chain::sha256_hex(&out[start..]) } else { chain::hash_of(&*ev) };
+    debug_assert_eq!(hash, chain::hash_of(&*ev), "Event members are not in canonical order");
+    // `{...}` -> `{...,"hash":"<hex>"}`: `hash` is the last member of the line.
+    out.pop();
+    out.extend_from_slice(b",\"hash\":\"");
+    out.extend_from_slice(hash.as_bytes());
+    out.extend_from_slice(b"\"}\n");
+    *prev = hash;
 }
 
 /// Chains and writes an event built as JSON (`audit_gap`, `checkpoint`); a checkpoint is signed.
@@ -799,8 +809,12 @@ fn unix_now() -> u64 {
 
 /// Seconds since the `time` of the first line in `lines`.
 fn age_of(lines: &[u8]) -> i64 {
+    // The first line; its top-level `time` is its last `"time":` (members are sorted, and no
+    // member after it has a `time` of its own).
+    let first = &lines[..lines.iter().position(|b| *b == b'\n').unwrap_or(lines.len())];
     const KEY: &[u8] = b"\"time\":\"";
-    let Some(at) = lines.windows(KEY.len()).position(|w| w == KEY).map(|i| i + KEY.len()) else { return 0 };
+    let Some(at) = first.windows(KEY.len()).rposition(|w| w == KEY).map(|i| i + KEY.len()) else { return 0 };
+    let lines = first;
     let Some(len) = lines[at..].iter().position(|b| *b == b'"') else { return 0 };
     let Ok(s) = std::str::from_utf8(&lines[at..at + len]) else { return 0 };
     match humantime::parse_rfc3339(s) {

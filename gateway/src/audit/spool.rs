@@ -86,10 +86,11 @@ fn segment_path(dir: &Path, first: u64) -> PathBuf {
     dir.join(format!("{first:020}.jsonl"))
 }
 
-/// The `"seq":N` of an egress.v1 line (the writer always puts it before any free-text field).
+/// The top-level `"seq":N` of an egress.v1 line: its last `"seq":` (members are in sorted order
+/// and none after `seq` has a `seq` member; a string value cannot contain `"seq":` unescaped).
 pub(super) fn line_seq(line: &[u8]) -> Option<u64> {
     const KEY: &[u8] = b"\"seq\":";
-    let at = line.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let at = line.windows(KEY.len()).rposition(|w| w == KEY)? + KEY.len();
     let digits = line[at..].iter().take_while(|b| b.is_ascii_digit()).count();
     std::str::from_utf8(&line[at..at + digits]).ok()?.parse().ok()
 }
