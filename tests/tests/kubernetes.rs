@@ -316,8 +316,17 @@ fn status_accepted_false_for_an_invalid_policy_and_true_once_fixed() {
     assert_eq!(st["conditions"][0]["status"], "True");
     assert_eq!(st["conditions"][0]["reason"], "Valid");
     assert_eq!(st["selectedPods"], 2);
-    // A status that did not change is not written again.
-    let n = api.patches().len();
+    // A status that did not change is not written again (once the writes for generation 4 have
+    // settled: the policy and the Pod index may land in separate snapshots).
+    let mut n = api.patches().len();
+    loop {
+        std::thread::sleep(Duration::from_millis(400));
+        let now = api.patches().len();
+        if now == n {
+            break;
+        }
+        n = now;
+    }
     api.apply(PODS, pod("shop", "c", &["127.0.0.4"], json!({"app": "web", "x": "y"}), "Running"));
     std::thread::sleep(Duration::from_millis(800));
     assert_eq!(api.patches().len(), n, "{:#?}", api.patches());

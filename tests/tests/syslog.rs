@@ -82,6 +82,7 @@ fn tcp_collector_down_then_up_receives_every_event_in_order() {
     wait_for("failed deliveries", Duration::from_secs(10), || {
         gw.metric("egress_audit_sink_failed_total{sink=\"siem\"}").unwrap_or(0.0) >= 1.0
     });
+    wait_for("36 events at the json sink", Duration::from_secs(10), || file_events(&gw.audit_path()).len() >= 36);
     let expected = file_events(&gw.audit_path()).len();
     assert_eq!(expected, 36, "16 allowed (decision + close) and 4 denied");
     assert!(gw.metric("egress_audit_sink_lag_events{sink=\"siem\"}").unwrap() > 0.0);

@@ -65,6 +65,8 @@ struct Spooled {
 struct SinkThread {
     name: String,
     delivered: Arc<AtomicU64>,
+    /// Last sequence number whose cursor is saved.
+    persisted: Arc<AtomicU64>,
     abandon: Arc<AtomicBool>,
     _handle: std::thread::JoinHandle<()>,
 }
@@ -115,17 +117,19 @@ impl Audit {
             let reader = Reader::new(spool.dir().to_path_buf(), shared.clone(), cursor.pos);
             in_use.push(reader.in_use.clone());
             let delivered = Arc::new(AtomicU64::new(cursor.seq));
+            let persisted = Arc::new(AtomicU64::new(cursor.seq));
             let abandon = Arc::new(AtomicBool::new(false));
             let sm = metrics.audit_sinks.sink(&name);
             sm.lag.set(last_seq.saturating_sub(cursor.seq) as i64);
             let d = delivered.clone();
+            let ps = persisted.clone();
             let a = abandon.clone();
             let sh = shared.clone();
             let format = sc.format;
             let handle = std::thread::Builder::new()
                 .name(format!("audit-sink-{name}"))
-                .spawn(move || deliver_loop(reader, cursor, sink, format, sh, d, a, sm))?;
-            threads.push(SinkThread { name, delivered, abandon, _handle: handle });
+                .spawn(move || deliver_loop(reader, cursor, sink, format, sh, (d, ps), a, sm))?;
+            threads.push(SinkThread { name, delivered, persisted, abandon, _handle: handle });
         }
         // Segments no sink reads any more (sinks removed from the config) are collected now.
         let oldest_in_use = in_use.iter().map(|a| a.load(Ordering::Acquire)).min().unwrap_or(u64::MAX);
@@ -225,7 +229,9 @@ impl Audit {
         sp.shared.cond.notify_all();
         let deadline = Instant::now() + within;
         for s in &sp.sinks {
-            while s.delivered.load(Ordering::Acquire) < last && Instant::now() < deadline {
+            // Delivered and its cursor saved (the delivery thread saves it when it sees `closing`
+            // with nothing left to read).
+            while s.persisted.load(Ordering::Acquire) < last && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(5));
             }
             let behind = last.saturating_sub(s.delivered.load(Ordering::Acquire));
@@ -694,7 +700,7 @@ fn deliver_loop(
     mut sink: sink::Sink,
     format: AuditFormat,
     shared: Arc<Shared>,
-    delivered: Arc<AtomicU64>,
+    (delivered, persisted): (Arc<AtomicU64>, Arc<AtomicU64>),
     abandon: Arc<AtomicBool>,
     m: SinkMetrics,
 ) {
@@ -703,14 +709,25 @@ fn deliver_loop(
     let mut mapped = Vec::new();
     let mut pos = cursor.pos;
     let mut dead_seen = 0;
+    let mut last_saved = Instant::now();
+    let mut unsaved = false;
+    let save = |cursor: &Cursor, sink: &sink::Sink| match cursor.save() {
+        Ok(()) => persisted.store(cursor.seq, Ordering::Release),
+        Err(e) => {
+            tracing::warn!(sink = %sink.name(), error = %e, "audit cursor not saved; events may be delivered again")
+        }
+    };
     loop {
         if abandon.load(Ordering::Acquire) {
             return;
         }
         match reader.read(&mut pos, &mut buf, 1 << 20, Duration::from_millis(500)) {
             Ok(ReadResult::Lines(mut end)) => {
-                // HTTP sinks: gather up to a full batch, waiting at most maxAge for it.
-                if let Some((max_events, max_bytes, max_age)) = sink.batching() {
+                // Gather a fuller batch: up to the HTTP sink's bounds, or for local sinks a few
+                // milliseconds' worth (fewer, larger writes under load).
+                const LOCAL_BATCH: (usize, usize, Duration) = (100_000, 1 << 20, Duration::from_millis(5));
+                {
+                    let (max_events, max_bytes, max_age) = sink.batching().unwrap_or(LOCAL_BATCH);
                     let started = Instant::now();
                     let mut more = Vec::new();
                     while buf.iter().filter(|b| **b == b'\n').count() < max_events
@@ -764,8 +781,14 @@ fn deliver_loop(
                 }
                 cursor.pos = end;
                 cursor.seq = last_seq;
-                if let Err(e) = cursor.save() {
-                    tracing::warn!(sink = %sink.name(), error = %e, "audit cursor not saved; events may be delivered again");
+                // The cursor file is rewritten at most every 100 ms under load (and when idle or
+                // stopping): after a crash a sink may get up to that much again, never less.
+                if last_saved.elapsed() >= Duration::from_millis(100) {
+                    save(&cursor, &sink);
+                    last_saved = Instant::now();
+                    unsaved = false;
+                } else {
+                    unsaved = true;
                 }
                 delivered.store(last_seq, Ordering::Release);
                 m.delivered.inc_by(lines);
@@ -780,10 +803,20 @@ fn deliver_loop(
                 m.oldest_age.set(0);
             }
             Ok(ReadResult::Idle) => {
+                if unsaved {
+                    save(&cursor, &sink);
+                    last_saved = Instant::now();
+                    unsaved = false;
+                }
                 let committed = shared.state.lock().unwrap_or_else(|p| p.into_inner()).last_seq;
                 m.lag.set(committed.saturating_sub(cursor.seq) as i64);
             }
-            Ok(ReadResult::Closed) => return,
+            Ok(ReadResult::Closed) => {
+                if unsaved {
+                    save(&cursor, &sink);
+                }
+                return;
+            }
             Err(e) => {
                 m.failed.inc();
                 tracing::error!(sink = %sink.name(), error = %e, "audit spool read failed; retrying");
