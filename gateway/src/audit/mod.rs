@@ -727,7 +727,8 @@ fn deliver_loop(
                 // milliseconds' worth (fewer, larger writes under load).
                 const LOCAL_BATCH: (usize, usize, Duration) = (100_000, 1 << 20, Duration::from_millis(5));
                 {
-                    let (max_events, max_bytes, max_age) = sink.batching().unwrap_or(LOCAL_BATCH);
+                    let remote = sink.batching();
+                    let (max_events, max_bytes, max_age) = remote.unwrap_or(LOCAL_BATCH);
                     let started = Instant::now();
                     let mut more = Vec::new();
                     while buf.iter().filter(|b| **b == b'\n').count() < max_events
@@ -735,7 +736,16 @@ fn deliver_loop(
                         && started.elapsed() < max_age
                     {
                         let left = max_age.saturating_sub(started.elapsed());
-                        match reader.read(&mut pos, &mut more, max_bytes.saturating_sub(buf.len()).max(8192), left) {
+                        // A local sink sleeps through its few milliseconds instead of waking at
+                        // every commit; an HTTP sink wakes as events come, to send a full batch
+                        // as soon as it is full.
+                        let wait = if remote.is_some() {
+                            left
+                        } else {
+                            std::thread::sleep(left);
+                            Duration::ZERO
+                        };
+                        match reader.read(&mut pos, &mut more, max_bytes.saturating_sub(buf.len()).max(8192), wait) {
                             Ok(ReadResult::Lines(e)) => {
                                 buf.extend_from_slice(&more);
                                 end = e;
