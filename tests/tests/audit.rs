@@ -160,18 +160,26 @@ fn every_sink_gets_every_event_in_order_and_kill_9_loses_nothing() {
     wait_for("lag 0", Duration::from_secs(5), || gw.metric("egress_audit_sink_lag_events{sink=\"slow\"}") == Some(0.0));
 }
 
-#[test]
-fn a_full_spool_fails_closed_and_recovers_when_the_sink_drains() {
+/// A gateway whose spool (16 KiB) feeds one sink that stalls (an unread FIFO), so the spool
+/// fills after a few dozen requests. Returns it, the FIFO, the upstream port, the temporary
+/// directory and what must stay alive.
+fn small_spool_with_stalled_sink(on_failure: &str) -> (Gateway, Fifo, u16, tempfile::TempDir, (Dns, Upstream)) {
     let dns = Dns::start(&[("up.test", "127.0.0.2")]);
     let up = Upstream::start("127.0.0.2");
     let p = up.addr.port();
     let dir = tempfile::tempdir().unwrap();
-    let mut fifo = Fifo::new(dir.path(), "siem.fifo");
+    let fifo = Fifo::new(dir.path(), "siem.fifo");
     let audit = format!(
-        "audit:\n  onFailure: failClosed\n  spool: {{dir: $DIR/spool, maxBytes: 16384, segmentBytes: 4096}}\n  sinks: [{{name: siem, type: file, path: {}}}]\n",
+        "audit:\n  onFailure: {on_failure}\n  spool: {{dir: $DIR/spool, maxBytes: 16384, segmentBytes: 4096}}\n  sinks: [{{name: siem, type: file, path: {}}}]\n",
         fifo.path.display()
     );
     let gw = Gateway::start(&dns, &policy(p, &audit));
+    (gw, fifo, p, dir, (dns, up))
+}
+
+#[test]
+fn a_full_spool_fails_closed_and_recovers_when_the_sink_drains() {
+    let (gw, mut fifo, p, _dir, _keep) = small_spool_with_stalled_sink("failClosed");
     let mut ok = 0;
     let refused = loop {
         let r = get(&gw, p);
@@ -216,16 +224,7 @@ fn a_full_spool_fails_closed_and_recovers_when_the_sink_drains() {
 
 #[test]
 fn fail_open_keeps_serving_and_records_the_lost_range() {
-    let dns = Dns::start(&[("up.test", "127.0.0.2")]);
-    let up = Upstream::start("127.0.0.2");
-    let p = up.addr.port();
-    let dir = tempfile::tempdir().unwrap();
-    let mut fifo = Fifo::new(dir.path(), "siem.fifo");
-    let audit = format!(
-        "audit:\n  onFailure: failOpen\n  spool: {{dir: $DIR/spool, maxBytes: 16384, segmentBytes: 4096}}\n  sinks: [{{name: siem, type: file, path: {}}}]\n",
-        fifo.path.display()
-    );
-    let gw = Gateway::start(&dns, &policy(p, &audit));
+    let (gw, mut fifo, p, dir, _keep) = small_spool_with_stalled_sink("failOpen");
     let mut n = 0;
     while gw.metric("egress_audit_dropped").unwrap_or(0.0) < 4.0 {
         assert_eq!(get(&gw, p).status, 200, "failOpen keeps serving");

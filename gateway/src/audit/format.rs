@@ -108,6 +108,42 @@ fn destination(ev: &Value, name_key: &str) -> Map<String, Value> {
     m
 }
 
+/// The facts of a traffic event (`decision` or `close`) both mappings start from.
+struct Traffic<'a> {
+    front: &'a str,
+    allow: bool,
+    reason: &'a str,
+    close: bool,
+    host: &'a str,
+    port: u64,
+    method: Option<&'a str>,
+    /// `allowed`, `denied` or `closed`, for the one-line message.
+    verb: &'static str,
+}
+
+impl<'a> Traffic<'a> {
+    fn of(ev: &'a Value) -> Traffic<'a> {
+        let allow = s(ev, &["decision", "action"]) == Some("allow");
+        let close = s(ev, &["event"]) == Some("close");
+        Traffic {
+            front: s(ev, &["front"]).unwrap_or(""),
+            allow,
+            reason: s(ev, &["decision", "reason"]).unwrap_or(""),
+            close,
+            host: s(ev, &["target", "host"]).unwrap_or(""),
+            port: u(ev, &["target", "port"]).unwrap_or(0),
+            method: s(ev, &["target", "http", "method"]),
+            verb: if close {
+                "closed"
+            } else if allow {
+                "allowed"
+            } else {
+                "denied"
+            },
+        }
+    }
+}
+
 /// An event about the audit log itself (`audit_gap`, `checkpoint`), not about traffic.
 struct LogEvent {
     activity: &'static str,
@@ -260,13 +296,7 @@ pub fn ocsf(ev: &Value, ctx: &Context) -> Value {
         put(&mut out, "unmapped", json!({"egress": extras(ev)}));
         return Value::Object(out);
     }
-    let front = s(ev, &["front"]).unwrap_or("");
-    let allow = s(ev, &["decision", "action"]) == Some("allow");
-    let reason = s(ev, &["decision", "reason"]).unwrap_or("");
-    let close = kind == "close";
-    let host = s(ev, &["target", "host"]).unwrap_or("");
-    let port = u(ev, &["target", "port"]).unwrap_or(0);
-    let method = s(ev, &["target", "http", "method"]);
+    let Traffic { front, allow, reason, close, host, port, method, verb } = Traffic::of(ev);
     let http_class = front == "http" || front == "connect";
 
     let (class_uid, class_name, activity_id, activity_name) = if http_class {
@@ -314,13 +344,6 @@ pub fn ocsf(ev: &Value, ctx: &Context) -> Value {
         format!("{} http://{host}:{port}{}", method.unwrap_or(""), s(ev, &["target", "http", "path"]).unwrap_or(""))
     } else {
         format!("{host}:{port}")
-    };
-    let verb = if close {
-        "closed"
-    } else if allow {
-        "allowed"
-    } else {
-        "denied"
     };
     put(&mut out, "message", json!(format!("{front} {target} {verb} ({reason})")));
     put(&mut out, "metadata", metadata);
@@ -407,7 +430,6 @@ pub fn ocsf(ev: &Value, ctx: &Context) -> Value {
 /// `http.*`, `tls.client.server_name`, `rule.*`, `orchestrator.*`, `observer.*`, `network.*`;
 /// everything else under the custom `egress.*` object.
 pub fn ecs(ev: &Value, ctx: &Context) -> Value {
-    let kind = s(ev, &["event"]).unwrap_or("");
     let time = s(ev, &["time"]).unwrap_or("");
     let mut out = Map::new();
     put(&mut out, "@timestamp", json!(time));
@@ -433,13 +455,7 @@ pub fn ecs(ev: &Value, ctx: &Context) -> Value {
         put(&mut out, "egress", extras(ev));
         return Value::Object(out);
     }
-    let front = s(ev, &["front"]).unwrap_or("");
-    let allow = s(ev, &["decision", "action"]) == Some("allow");
-    let reason = s(ev, &["decision", "reason"]).unwrap_or("");
-    let close = kind == "close";
-    let host = s(ev, &["target", "host"]).unwrap_or("");
-    let port = u(ev, &["target", "port"]).unwrap_or(0);
-    let method = s(ev, &["target", "http", "method"]);
+    let Traffic { front, allow, reason, close, host, port, method, verb } = Traffic::of(ev);
 
     let mut category = vec!["network"];
     if front == "http" || front == "connect" {
@@ -468,13 +484,6 @@ pub fn ecs(ev: &Value, ctx: &Context) -> Value {
         event["end"] = json!(time);
     }
     put(&mut out, "event", event);
-    let verb = if close {
-        "closed"
-    } else if allow {
-        "allowed"
-    } else {
-        "denied"
-    };
     put(&mut out, "message", json!(format!("{front} {host}:{port} {verb} ({reason})")));
 
     let mut source =
