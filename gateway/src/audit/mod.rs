@@ -6,9 +6,13 @@
 //!
 //! - Without `audit.spool` the writer writes straight to the sinks (flushing whenever its queue is
 //!   empty); nothing survives a crash.
-//! - With `audit.spool` the writer appends each batch to the spool (group commit; fsync per
-//!   `audit.spool.fsync`) and only then acknowledges the decisions waiting on it: the client is
-//!   answered, or the first byte sent upstream, after its decision event is committed. One thread per
+//! - With `audit.spool` an event is appended to the spool before the decision waiting on it is
+//!   acknowledged: the client is answered, or the first byte sent upstream, after its decision
+//!   event is committed. With `fsync: always` the writer thread appends and fsyncs in batches (group
+//!   commit) and wakes the waiting requests. With `fsync: <period>` (the default) each request
+//!   appends its own event to the page cache under the writer's lock, with no hand-off between
+//!   threads, and the writer thread only fsyncs every period (outside the lock), writes time-based
+//!   checkpoints and gap events and retries what failed. One thread per
 //!   sink delivers from its own persisted cursor, at least once and in sequence order; after a
 //!   restart (also `kill -9`) each sink resumes where it stopped. When an event cannot be committed
 //!   (spool full or unwritable), `audit.onFailure` decides: `failClosed` refuses the request and
@@ -27,7 +31,7 @@ mod tls;
 pub use event::{ClientInfo, CloseInfo, DecisionInfo, End, Event, EventKind, ResolvedAddr, TargetInfo, now_rfc3339};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::time::{Duration, Instant};
 
 use crate::config::{AuditConfig, AuditFormat, FsyncPolicy, OnFailure};
@@ -60,6 +64,39 @@ pub struct Audit {
 struct Spooled {
     shared: Arc<Shared>,
     sinks: Vec<SinkThread>,
+    writer: Arc<Mutex<SpoolWriter>>,
+    /// `fsync: <period>`: events are appended by the calling thread, not the writer thread.
+    inline: bool,
+}
+
+impl Spooled {
+    fn writer(&self) -> MutexGuard<'_, SpoolWriter> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends one event on the calling thread; returns whether it may go ahead (committed, or
+    /// lost under `failOpen`). Used with `fsync: <period>`, where a commit is a write to the page
+    /// cache: cheaper than waking the writer thread and being woken by it.
+    fn append_now(&self, event: Event, waits: bool) -> bool {
+        let (tx, rx) = match waits {
+            true => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                (Some(tx), Some(rx))
+            }
+            false => (None, None),
+        };
+        {
+            let mut w = self.writer();
+            let mut batch = std::mem::take(&mut w.inline_batch);
+            let mut buf = std::mem::take(&mut w.inline_buf);
+            batch.push((Box::new(event), tx));
+            w.commit(&mut batch, &mut buf);
+            batch.clear();
+            (w.inline_batch, w.inline_buf) = (batch, buf);
+        }
+        // `commit` answered before returning; nothing waits on the receiver.
+        rx.is_none_or(|mut rx| rx.try_recv() == Ok(true))
+    }
 }
 
 struct SinkThread {
@@ -136,6 +173,7 @@ impl Audit {
         let segments = spool.collect(oldest_in_use);
         shared.state.lock().unwrap_or_else(|p| p.into_inner()).segments = segments;
         let lags = threads.iter().map(|t| (t.delivered.clone(), metrics.audit_sinks.sink(&t.name))).collect();
+        let inline = matches!(spool_cfg.fsync, FsyncPolicy::Every(_));
         let w = SpoolWriter {
             spool,
             lags,
@@ -153,9 +191,13 @@ impl Audit {
             full: false,
             prev: last_hash,
             checkpoints,
+            inline_batch: Vec::with_capacity(1),
+            inline_buf: Vec::with_capacity(4096),
         };
-        std::thread::Builder::new().name("audit-writer".into()).spawn(move || w.run(rx))?;
-        let spooled = Spooled { shared, sinks: threads };
+        let writer = Arc::new(Mutex::new(w));
+        let wr = writer.clone();
+        std::thread::Builder::new().name("audit-writer".into()).spawn(move || SpoolWriter::run(wr, rx))?;
+        let spooled = Spooled { shared, sinks: threads, writer, inline };
         let audit = Audit { tx, spooled: Some(spooled), on_failure: cfg.on_failure, healthy, lost_in_queue, metrics };
         Ok((audit, instance))
     }
@@ -163,6 +205,10 @@ impl Audit {
     /// Queues an event that nothing waits for (close events). Its order among all events is
     /// the order of calls.
     pub fn emit(&self, event: Event) {
+        if let Some(sp) = self.spooled.as_ref().filter(|sp| sp.inline) {
+            sp.append_now(event, false);
+            return;
+        }
         match self.tx.try_send(Msg::Event(Box::new(event), None)) {
             Ok(()) => {}
             Err(mpsc::TrySendError::Full(m)) => {
@@ -176,9 +222,12 @@ impl Audit {
     /// Queues a decision event and waits until it is committed. `Err` means the request must be
     /// refused (`failClosed` and the event could not be committed).
     pub async fn commit(&self, event: Event) -> Result<(), AuditUnavailable> {
-        if self.spooled.is_none() {
+        let Some(sp) = &self.spooled else {
             self.emit(event);
             return Ok(());
+        };
+        if sp.inline {
+            return if sp.append_now(event, true) { Ok(()) } else { Err(AuditUnavailable) };
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
         match self.tx.try_send(Msg::Event(Box::new(event), Some(tx))) {
@@ -222,6 +271,9 @@ impl Audit {
     pub fn close(&self, within: Duration) {
         let last = self.flush();
         let Some(sp) = &self.spooled else { return };
+        if let Err(e) = sp.writer().spool.sync() {
+            tracing::error!(error = %e, "audit spool fsync failed");
+        }
         {
             let mut st = sp.shared.state.lock().unwrap_or_else(|p| p.into_inner());
             st.closing = true;
@@ -449,11 +501,19 @@ struct SpoolWriter {
     /// Hash of the last event written (the chain goes on from it, also across restarts).
     prev: String,
     checkpoints: Option<Checkpoints>,
+    /// Reused by `Spooled::append_now`.
+    inline_batch: Vec<(Box<Event>, Option<tokio::sync::oneshot::Sender<bool>>)>,
+    inline_buf: Vec<u8>,
 }
 
 impl SpoolWriter {
-    fn run(mut self, rx: mpsc::Receiver<Msg>) {
-        let tick = match self.fsync {
+    /// The writer thread: group commits of queued events (`fsync: always`; with a period, callers
+    /// append themselves and the queue carries only flush requests), fsync every period,
+    /// checkpoints by time, gap events, retries of the backlog, recovery probes, segment collection.
+    fn run(writer: Arc<Mutex<SpoolWriter>>, rx: mpsc::Receiver<Msg>) {
+        let lock = || writer.lock().unwrap_or_else(|p| p.into_inner());
+        let fsync = lock().fsync;
+        let tick = match fsync {
             FsyncPolicy::Every(p) => p.min(Duration::from_millis(200)),
             FsyncPolicy::Always => Duration::from_millis(200),
         };
@@ -473,35 +533,41 @@ impl SpoolWriter {
                     Msg::Flush(done) => flushes.push(done),
                 }
             }
-            self.collect();
-            for (delivered, m) in &self.lags {
-                m.lag.set(self.seq.saturating_sub(delivered.load(Ordering::Acquire)) as i64);
-            }
-            let checkpoint_due = self.checkpoints.as_ref().is_some_and(|c| c.due(0));
-            if !events.is_empty()
-                || !self.backlog.is_empty()
-                || self.gap.is_some()
-                || self.pending_lost()
-                || checkpoint_due
-            {
-                self.commit(&mut events, &mut buf);
-            } else if !self.healthy.load(Ordering::Relaxed) {
-                self.probe();
-            }
-            if let FsyncPolicy::Every(p) = self.fsync
-                && last_sync.elapsed() >= p
-            {
-                if let Err(e) = self.spool.sync() {
-                    self.metrics.audit_errors.inc();
-                    tracing::error!(error = %e, "audit spool fsync failed");
+            let (to_sync, seq) = {
+                let mut w = lock();
+                w.collect();
+                for (delivered, m) in &w.lags {
+                    m.lag.set(w.seq.saturating_sub(delivered.load(Ordering::Acquire)) as i64);
                 }
-                last_sync = Instant::now();
+                let checkpoint_due = w.checkpoints.as_ref().is_some_and(|c| c.due(0));
+                if !events.is_empty() || !w.backlog.is_empty() || w.gap.is_some() || w.pending_lost() || checkpoint_due
+                {
+                    w.commit(&mut events, &mut buf);
+                } else if !w.healthy.load(Ordering::Relaxed) {
+                    w.probe();
+                }
+                let to_sync = match fsync {
+                    FsyncPolicy::Every(p) if last_sync.elapsed() >= p => {
+                        last_sync = Instant::now();
+                        w.spool.take_unsynced()
+                    }
+                    _ => None,
+                };
+                (to_sync, w.seq)
+            };
+            // Outside the lock: appends go on while the disk flushes.
+            if let Some(f) = to_sync
+                && let Err(e) = f.sync_data()
+            {
+                let w = lock();
+                w.metrics.audit_errors.inc();
+                tracing::error!(error = %e, "audit spool fsync failed");
             }
             for f in flushes.drain(..) {
-                let _ = f.send(self.seq);
+                let _ = f.send(seq);
             }
         }
-        let _ = self.spool.sync();
+        let _ = lock().spool.sync();
     }
 
     fn pending_lost(&self) -> bool {
@@ -630,7 +696,10 @@ impl SpoolWriter {
             Err(e) => {
                 self.full = matches!(e, spool::AppendError::Full);
                 self.metrics.audit_errors.inc();
-                tracing::error!(error = %e, "audit spool: events not committed");
+                // Once per failure, not once per refused request (egress_audit_errors_total counts).
+                if self.healthy.load(Ordering::Relaxed) {
+                    tracing::error!(error = %e, "audit spool: events not committed");
+                }
                 self.set_healthy(false);
                 match self.on_failure {
                     OnFailure::FailClosed => {

@@ -7,7 +7,7 @@
 //! - `<first seq, 20 digits>.jsonl`: segments of egress.v1 JSON lines, in sequence order;
 //! - `cursors/<sink>`: `<segment> <offset> <last seq>` of what the sink has delivered.
 //!
-//! Only the writer thread appends; sink threads read segments through their own file handles.
+//! Only the writer (behind its lock) appends; sink threads read segments through their own file handles.
 //! A segment is deleted once every sink's cursor has moved past it.
 
 use std::collections::BTreeMap;
@@ -55,7 +55,8 @@ pub(super) struct Spool {
     dir: PathBuf,
     segment_bytes: u64,
     max_bytes: u64,
-    file: File,
+    /// The current segment; shared so that a periodic fsync can run outside the writer's lock.
+    file: Arc<File>,
     current: u64,
     len: u64,
     /// first seq -> size in bytes, every segment on disk (the current one included).
@@ -165,7 +166,7 @@ impl Spool {
             dir,
             segment_bytes: cfg.segment_bytes,
             max_bytes: cfg.max_bytes,
-            file,
+            file: Arc::new(file),
             current,
             len,
             sizes,
@@ -194,7 +195,7 @@ impl Spool {
         if self.len > 0 && self.len + data.len() as u64 > self.segment_bytes {
             self.rotate(first_seq).map_err(AppendError::Io)?;
         }
-        if let Err(e) = self.file.write_all(data) {
+        if let Err(e) = (&*self.file).write_all(data) {
             // A partial write would leave a torn line in the middle of the log: cut it off.
             let _ = self.file.set_len(self.len);
             return Err(AppendError::Io(e));
@@ -209,7 +210,7 @@ impl Spool {
     fn rotate(&mut self, first_seq: u64) -> io::Result<()> {
         self.file.sync_data()?;
         let path = segment_path(&self.dir, first_seq);
-        self.file = OpenOptions::new().create(true).append(true).mode(0o640).open(&path)?;
+        self.file = Arc::new(OpenOptions::new().create(true).append(true).mode(0o640).open(&path)?);
         sync_dir(&self.dir)?;
         self.current = first_seq;
         self.len = 0;
@@ -224,6 +225,12 @@ impl Spool {
             self.unsynced = false;
         }
         Ok(())
+    }
+
+    /// The current segment when it has data not yet flushed to stable storage, for a
+    /// `sync_data` that does not hold up appends (earlier segments were synced when rotated).
+    pub(super) fn take_unsynced(&mut self) -> Option<Arc<File>> {
+        std::mem::take(&mut self.unsynced).then(|| self.file.clone())
     }
 
     /// Deletes every segment older than the oldest one a sink still reads. Returns the segments
