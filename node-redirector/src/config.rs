@@ -114,6 +114,9 @@ pub struct PodEntry {
     /// Labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The Pod's uid (Kubernetes mode; the standalone file has none).
+    #[serde(skip)]
+    pub uid: String,
 }
 
 /// A loaded, validated config with its policies.

@@ -1,16 +1,21 @@
 //! Kubernetes inputs: the Pods on this node (field selector `spec.nodeName`), Namespaces, both
 //! policy kinds, and the EndpointSlices of the gateway's transparent Service. After loading, the
 //! same code path as the standalone file.
+//!
+//! And one output: the Pod condition [`CONDITION`], written on a Pod once the table that steers it
+//! is in the kernel (never before), so that a Pod listing it in `spec.readinessGates` becomes
+//! ready only when its egress goes through the gateway.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use egress_crds::{AnyPolicy, ClusterEgressPolicy, EgressPolicy};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::reflector::{self, Store};
+use kube::api::{Patch, PatchParams};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
@@ -66,9 +71,119 @@ pub fn endpoints(slices: &[std::sync::Arc<EndpointSlice>], port_name: Option<&st
     out
 }
 
+/// The Pod condition type the redirector reports (`status.conditions[].type`; a Pod may name it in
+/// `spec.readinessGates`).
+pub const CONDITION: &str = "egress.dev/redirected";
+
+/// Tells the reporter which inputs are now in the kernel.
+pub struct Reporter(watch::Sender<Option<Inputs>>);
+
+impl Reporter {
+    /// Call after the table computed from `inputs` is applied (and again now and then, which
+    /// retries failed writes).
+    pub fn applied(&self, inputs: &Inputs) {
+        self.0.send_replace(Some(inputs.clone()));
+    }
+}
+
+/// What the condition should say about a Pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Report {
+    status: bool,
+    reason: &'static str,
+}
+
+impl Report {
+    fn message(&self, node: &str) -> String {
+        match self.reason {
+            "Redirected" => format!("TCP egress is steered to the egress gateway on node {node}"),
+            "WaitingForAddress" => "selected for transparent redirection; the Pod has no IP yet".to_string(),
+            _ => "no EgressPolicy or ClusterEgressPolicy with redirect: Transparent selects this Pod".to_string(),
+        }
+    }
+}
+
+/// The condition a Pod should carry, if any: `True` once steered; `False` when it is not (only on
+/// Pods that wait for it in a readiness gate, or that were reported `True` before).
+fn wanted(applied: &Inputs, entry: &PodEntry, pod: &Pod) -> Option<Report> {
+    let gate = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.readiness_gates.as_ref())
+        .is_some_and(|g| g.iter().any(|g| g.condition_type == CONDITION));
+    let selected = crate::rules::is_selected(applied, entry);
+    if selected && !entry.ips.is_empty() {
+        return Some(Report { status: true, reason: "Redirected" });
+    }
+    let shown = observed(pod).is_some_and(|r| r.status);
+    (gate || shown)
+        .then_some(Report { status: false, reason: if selected { "WaitingForAddress" } else { "NotSelected" } })
+}
+
+/// The condition as the Pod carries it now.
+fn observed(pod: &Pod) -> Option<Report> {
+    let c = pod.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == CONDITION)?;
+    let reason = match c.reason.as_deref() {
+        Some("Redirected") => "Redirected",
+        Some("WaitingForAddress") => "WaitingForAddress",
+        Some("NotSelected") => "NotSelected",
+        _ => "",
+    };
+    Some(Report { status: c.status == "True", reason })
+}
+
+/// Writes [`CONDITION`] on this node's Pods after each application: only where it changes, with a
+/// uid precondition (a Pod replaced under the same name is not written), failed writes retried at
+/// the next round.
+async fn report(client: Client, pods: Store<Pod>, mut rx: watch::Receiver<Option<Inputs>>) {
+    // Recent writes by Pod uid: not repeated while the watch has not shown them yet.
+    let mut written: HashMap<String, (Report, Instant)> = HashMap::new();
+    const SHOWN_WITHIN: Duration = Duration::from_secs(30);
+    while rx.changed().await.is_ok() {
+        let Some(applied) = rx.borrow_and_update().clone() else { continue };
+        for entry in applied.pods.iter().filter(|p| p.node_name == applied.node_name) {
+            let Some(pod) = pods.get(&ObjectRef::new(&entry.name).within(&entry.namespace)) else { continue };
+            if pod.metadata.uid.as_deref() != Some(entry.uid.as_str()) {
+                continue; // replaced since: its own round comes
+            }
+            let Some(want) = wanted(&applied, entry, &pod) else { continue };
+            if observed(&pod) == Some(want) {
+                written.remove(&entry.uid);
+                continue;
+            }
+            if written.get(&entry.uid).is_some_and(|(r, at)| *r == want && at.elapsed() < SHOWN_WITHIN) {
+                continue;
+            }
+            let patch = serde_json::json!({
+                "metadata": {"uid": entry.uid},
+                "status": {"conditions": [{
+                    "type": CONDITION,
+                    "status": if want.status { "True" } else { "False" },
+                    "reason": want.reason,
+                    "message": want.message(&applied.node_name),
+                    "lastTransitionTime": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+                }]}
+            });
+            let api = Api::<Pod>::namespaced(client.clone(), &entry.namespace);
+            match api.patch_status(&entry.name, &PatchParams::default(), &Patch::Strategic(patch)).await {
+                Ok(_) => {
+                    tracing::debug!(pod = %format!("{}/{}", entry.namespace, entry.name), status = want.status, reason = want.reason, "reported");
+                    written.insert(entry.uid.clone(), (want, Instant::now()));
+                }
+                Err(e) => tracing::warn!(
+                    pod = %format!("{}/{}", entry.namespace, entry.name),
+                    error = %e,
+                    "cannot write the {CONDITION} condition; retrying"
+                ),
+            }
+        }
+        written.retain(|uid, _| applied.pods.iter().any(|p| &p.uid == uid));
+    }
+}
+
 /// Starts the watchers; the receiver gets new inputs after every (coalesced) change, and its first
-/// value once every watcher has listed.
-pub async fn start(cfg: &Config, node: String) -> anyhow::Result<watch::Receiver<Option<Inputs>>> {
+/// value once every watcher has listed. The [`Reporter`] writes the Pod condition.
+pub async fn start(cfg: &Config, node: String) -> anyhow::Result<(watch::Receiver<Option<Inputs>>, Reporter)> {
     let k = &cfg.kubernetes;
     let config = match &k.kubeconfig {
         Some(path) => {
@@ -107,6 +222,8 @@ pub async fn start(cfg: &Config, node: String) -> anyhow::Result<watch::Receiver
         tx,
     );
     let (out_tx, out_rx) = watch::channel(None);
+    let (applied_tx, applied_rx) = watch::channel(None);
+    tokio::spawn(report(client.clone(), pods.clone(), applied_rx));
     let port_name = k.gateway_port_name.clone();
     tokio::spawn(async move {
         let ready = async {
@@ -143,6 +260,7 @@ pub async fn start(cfg: &Config, node: String) -> anyhow::Result<watch::Receiver
                             .filter_map(|i| i.ip.parse().ok())
                             .collect(),
                         labels: p.metadata.labels.clone().unwrap_or_default(),
+                        uid: p.metadata.uid.clone().unwrap_or_default(),
                     })
                     .collect(),
                 namespaces: namespaces
@@ -174,5 +292,5 @@ pub async fn start(cfg: &Config, node: String) -> anyhow::Result<watch::Receiver
             while rx.try_recv().is_ok() {}
         }
     });
-    Ok(out_rx)
+    Ok((out_rx, Reporter(applied_tx)))
 }

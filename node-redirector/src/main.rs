@@ -116,15 +116,22 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
         tokio::spawn(metrics.clone().serve(tokio::net::TcpListener::bind(addr).await?));
     }
     // Inputs: the Kubernetes watchers, or the file (re-read every period).
-    let mut kube = if loaded.config.kubernetes.enabled {
-        let mut rx = k8s::start(&loaded.config, loaded.node_name()).await?;
+    let (mut kube, reporter) = if loaded.config.kubernetes.enabled {
+        let (mut rx, reporter) = k8s::start(&loaded.config, loaded.node_name()).await?;
         // No table until every watcher listed: nothing is steered on a half-known state.
         while rx.borrow().is_none() {
             rx.changed().await?;
         }
-        Some(rx)
+        (Some(rx), Some(reporter))
     } else {
-        None
+        (None, None)
+    };
+    // After every application (and every reconcile, which retries failed writes): the Pods'
+    // condition says what is in the kernel now.
+    let report = |inputs: &rules::Inputs| {
+        if let Some(r) = &reporter {
+            r.applied(inputs);
+        }
     };
     let mut cfg = loaded.config.clone();
     let mut inputs = match &kube {
@@ -137,6 +144,7 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
     metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
     metrics.selected.set(desired.selected.len() as i64);
     tracing::info!(selected = desired.selected.len(), port, "table applied; relay listening");
+    report(&inputs);
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut drift_repairs: u64 = 0;
@@ -178,6 +186,7 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
             }
             tracing::info!(selected = next.selected.len(), incremental, "table updated");
             desired = next;
+            report(&inputs);
             continue;
         }
         match nft::observed() {
@@ -190,6 +199,7 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
             }
             Err(e) => tracing::warn!(error = %e, "cannot read the table"),
         }
+        report(&inputs);
     }
     nft::remove()?;
     tracing::info!("table removed; stopped");

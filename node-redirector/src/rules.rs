@@ -51,27 +51,29 @@ pub struct Desired {
     pub relay_port: u16,
 }
 
-/// Which Pods of this node are selected by a `redirect: Transparent` policy.
+/// Whether a `redirect: Transparent` policy selects `pod`.
+pub fn is_selected(i: &Inputs, pod: &PodEntry) -> bool {
+    let ns_labels =
+        egress_crds::namespace_labels(&pod.namespace, i.namespaces.get(&pod.namespace).unwrap_or(&Default::default()));
+    i.policies.iter().any(|p| match p {
+        AnyPolicy::Namespaced(p) => {
+            p.spec.redirect == Redirect::Transparent
+                && p.metadata.namespace.as_deref() == Some(pod.namespace.as_str())
+                && p.spec.pod_selector.matches(&pod.labels)
+        }
+        AnyPolicy::Cluster(p) => {
+            p.spec.redirect == Redirect::Transparent
+                && p.spec.namespace_selector.matches(&ns_labels)
+                && p.spec.pod_selector.matches(&pod.labels)
+        }
+    })
+}
+
+/// The table for the Pods of this node that are selected by a `redirect: Transparent` policy.
 pub fn desired(i: &Inputs, c: &Config) -> Desired {
     let mut selected = BTreeSet::new();
     for pod in i.pods.iter().filter(|p| p.node_name == i.node_name) {
-        let ns_labels = egress_crds::namespace_labels(
-            &pod.namespace,
-            i.namespaces.get(&pod.namespace).unwrap_or(&Default::default()),
-        );
-        let chosen = i.policies.iter().any(|p| match p {
-            AnyPolicy::Namespaced(p) => {
-                p.spec.redirect == Redirect::Transparent
-                    && p.metadata.namespace.as_deref() == Some(pod.namespace.as_str())
-                    && p.spec.pod_selector.matches(&pod.labels)
-            }
-            AnyPolicy::Cluster(p) => {
-                p.spec.redirect == Redirect::Transparent
-                    && p.spec.namespace_selector.matches(&ns_labels)
-                    && p.spec.pod_selector.matches(&pod.labels)
-            }
-        });
-        if chosen {
+        if is_selected(i, pod) {
             selected.extend(pod.ips.iter().copied());
         }
     }

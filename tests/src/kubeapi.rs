@@ -16,6 +16,10 @@
 //!   (optimistic concurrency, "Resource versions"); `create` of an existing name is `409
 //!   AlreadyExists`.
 //! - `/version` answers any authenticated client (the `system:public-info-viewer` role).
+//! - A strategic merge patch of `pods/{name}/status` merges `status.conditions` by `type` (the
+//!   list's `patchMergeKey` in the Pod API); a `metadata.uid` in a patch that differs from the
+//!   object's is refused with `409 Conflict` (a uid precondition); another content type is refused
+//!   with `415`.
 //!
 //! Where the script is simpler than a real server: server-side apply is recorded and applied as
 //! "replace `.status`" (a real server merges by field manager: with one manager owning the whole
@@ -61,7 +65,10 @@ struct State {
     down: bool,
     leases: BTreeMap<String, Value>,
     patches: Vec<Patch>,
+    on_patch: Option<PatchHook>,
 }
+
+type PatchHook = Arc<dyn Fn(&Patch) + Send + Sync>;
 
 /// A status patch the API received.
 #[derive(Debug, Clone)]
@@ -191,6 +198,12 @@ impl FakeApi {
     /// Request lines seen so far (`GET /api/v1/pods?...`).
     pub fn requests(&self) -> Vec<String> {
         self.state.lock().unwrap().requests.clone()
+    }
+
+    /// Runs `f` on every accepted status patch before it is answered, so that a test can check
+    /// what else is true at the moment a client writes a status.
+    pub fn on_patch(&self, f: impl Fn(&Patch) + Send + Sync + 'static) {
+        self.state.lock().unwrap().on_patch = Some(Arc::new(f));
     }
 
     /// Status patches received so far.
@@ -375,6 +388,51 @@ async fn other(
             }
             _ => return status(405, "MethodNotAllowed"),
         }
+    }
+    if method == "PATCH"
+        && let ["api", "v1", "namespaces", ns, "pods", name, "status"] = parts.as_slice()
+    {
+        if content_type != "application/strategic-merge-patch+json" {
+            return status(415, "UnsupportedMediaType");
+        }
+        let key = format!("{ns}/{name}");
+        st.rv += 1;
+        let rv = st.rv;
+        let k = st.kinds.get_mut(PODS).unwrap();
+        let Some(obj) = k.objects.get_mut(&key) else {
+            return status(404, "NotFound");
+        };
+        if let Some(uid) = body["metadata"]["uid"].as_str()
+            && obj["metadata"]["uid"].as_str() != Some(uid)
+        {
+            return status(409, "Conflict");
+        }
+        for c in body["status"]["conditions"].as_array().into_iter().flatten() {
+            let list = obj["status"]["conditions"].as_array_mut();
+            let list = match list {
+                Some(l) => l,
+                None => {
+                    obj["status"]["conditions"] = json!([]);
+                    obj["status"]["conditions"].as_array_mut().unwrap()
+                }
+            };
+            match list.iter_mut().find(|x| x["type"] == c["type"]) {
+                Some(x) => x.as_object_mut().unwrap().extend(c.as_object().unwrap().clone()),
+                None => list.push(c.clone()),
+            }
+        }
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let obj = obj.clone();
+        k.log.push((rv, "MODIFIED", obj.clone()));
+        let patch = Patch { token, path: path.clone(), query, content_type, body: body.clone() };
+        st.patches.push(patch.clone());
+        let hook = st.on_patch.clone();
+        drop(st);
+        if let Some(h) = hook {
+            h(&patch);
+        }
+        let _ = notify.send(());
+        return json_response(200, &obj);
     }
     // PATCH /apis/egress.dev/v1alpha1/namespaces/{ns}/egresspolicies/{name}/status
     // PATCH /apis/egress.dev/v1alpha1/clusteregresspolicies/{name}/status

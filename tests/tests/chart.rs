@@ -416,6 +416,121 @@ fn chart_rbac_is_the_tested_minimal_rbac() {
     assert_eq!(roles.len(), 4);
 }
 
+/// Runs a ValidatingAdmissionPolicy on one pods/status UPDATE with the Kubernetes CEL libraries
+/// (kube-cel): `Ok` when admitted (or not matched), `Err(message)` of the first failed validation.
+fn admit(vap: &Value, request: &Value, object: &Value, old: &Value) -> Result<(), String> {
+    use kube::core::cel::KubeCelExt;
+    let eval = |expr: &str| -> bool {
+        let mut ctx = cel::Context::default().with_all();
+        for (name, v) in [("request", request), ("object", object), ("oldObject", old)] {
+            ctx.add_variable_from_value(name, cel::to_value(v).unwrap());
+        }
+        let program = cel::Program::compile(expr).unwrap_or_else(|e| panic!("{expr}: {e}"));
+        match program.execute(&ctx) {
+            Ok(cel::Value::Bool(b)) => b,
+            other => panic!("{expr}: {other:?}"),
+        }
+    };
+    let spec = &vap["spec"];
+    if !spec["matchConditions"].as_array().unwrap().iter().all(|m| eval(m["expression"].as_str().unwrap())) {
+        return Ok(());
+    }
+    for v in spec["validations"].as_array().unwrap() {
+        if !eval(v["expression"].as_str().unwrap()) {
+            return Err(v["message"].as_str().unwrap().to_string());
+        }
+    }
+    Ok(())
+}
+
+/// RBAC cannot narrow the redirector's `patch pods/status` (for its readiness-gate condition) to
+/// its own node's Pods or to that condition, and pods/status can also rewrite addresses, phase,
+/// labels and annotations. The admission policy in the chart and in deploy/ is evaluated here:
+/// the redirector's own write passes; every other use of the permission is refused.
+#[test]
+fn the_redirector_may_write_only_its_condition_on_its_own_nodes_pods() {
+    let set = Some(repo_root().join(CHART).join("ci/redirector-ipv4-values.yaml"));
+    let (_, docs) = render(&set, &[]).unwrap();
+    let name = format!("{REDIRECTOR}-pod-status");
+    let vap = get(&docs, "ValidatingAdmissionPolicy", &name);
+    let binding = get(&docs, "ValidatingAdmissionPolicyBinding", &name);
+    assert_eq!(binding["spec"], json!({"policyName": name, "validationActions": ["Deny"]}));
+    assert_eq!(vap["spec"]["failurePolicy"], "Fail");
+    assert_eq!(vap["spec"]["matchConstraints"]["resourceRules"][0]["resources"], json!(["pods/status"]));
+    let t = std::fs::read_to_string(repo_root().join("deploy/node-redirector-rbac.yaml")).unwrap();
+    let deploy: Vec<Value> =
+        serde_yaml_ng::Deserializer::from_str(&t).map(|d| serde::Deserialize::deserialize(d).unwrap()).collect();
+    let dvap = get(&deploy, "ValidatingAdmissionPolicy", "egress-node-redirector-pod-status");
+    assert_eq!(vap["spec"]["validations"], dvap["spec"]["validations"], "chart and deploy/ agree");
+    assert_eq!(
+        get(&deploy, "ValidatingAdmissionPolicyBinding", "egress-node-redirector-pod-status")["spec"]["policyName"],
+        "egress-node-redirector-pod-status"
+    );
+
+    let user = format!("system:serviceaccount:{NAMESPACE}:{REDIRECTOR}");
+    let request = |user: &str, node: Option<&str>| {
+        let mut r = json!({"operation": "UPDATE", "subResource": "status", "userInfo": {"username": user}});
+        if let Some(n) = node {
+            r["userInfo"]["extra"] = json!({"authentication.kubernetes.io/node-name": [n]});
+        }
+        r
+    };
+    let old = json!({
+        "metadata": {"name": "web-1", "namespace": "shop", "labels": {"app": "web"}, "annotations": {"a": "1"}},
+        "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": "x"}]},
+        "status": {"phase": "Running", "podIP": "10.0.0.5", "podIPs": [{"ip": "10.0.0.5"}], "hostIP": "192.168.10.4",
+                   "conditions": [{"type": "Ready", "status": "False"}, {"type": "PodScheduled", "status": "True"}],
+                   "containerStatuses": [{"name": "c", "ready": false}]}
+    });
+    let mut ours = old.clone();
+    ours["status"]["conditions"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"type": "egress.dev/redirected", "status": "True", "reason": "Redirected"}));
+    let own = request(&user, Some("node-1"));
+    assert_eq!(admit(vap, &own, &ours, &old), Ok(()), "its own condition, its own node's Pod");
+    let mut again = ours.clone();
+    again["status"]["conditions"][2]["status"] = json!("False");
+    assert_eq!(admit(vap, &own, &again, &ours), Ok(()), "and changing it again");
+    let refused = |obj: &Value, req: &Value, why: &str| {
+        let r = admit(vap, req, obj, &old);
+        assert!(r.is_err(), "{why}: admitted");
+        r.unwrap_err()
+    };
+    assert!(refused(&ours, &request(&user, Some("node-2")), "another node's Pod").contains("own node"));
+    assert!(refused(&ours, &request(&user, None), "a token without a node").contains("own node"));
+    let mut ready = ours.clone();
+    ready["status"]["conditions"][0]["status"] = json!("True");
+    assert!(refused(&ready, &own, "the Ready condition").contains("condition only"));
+    let mut dropped = old.clone();
+    dropped["status"]["conditions"].as_array_mut().unwrap().remove(1);
+    assert!(refused(&dropped, &own, "removing a condition").contains("condition only"));
+    for (field, value) in [
+        ("podIPs", json!([{"ip": "10.0.0.99"}])),
+        ("podIP", json!("10.0.0.99")),
+        ("phase", json!("Succeeded")),
+        ("hostIP", json!("192.168.10.9")),
+        ("containerStatuses", json!([{"name": "c", "ready": true}])),
+    ] {
+        let mut o = ours.clone();
+        o["status"][field] = value;
+        assert!(refused(&o, &own, field).contains("addresses"), "{field}");
+    }
+    let mut o = ours.clone();
+    o["status"]["hostIPs"] = json!([{"ip": "192.168.10.4"}]);
+    assert!(refused(&o, &own, "adding hostIPs").contains("addresses"));
+    let mut o = ours.clone();
+    o["metadata"]["labels"]["app"] = json!("payments");
+    assert!(refused(&o, &own, "labels").contains("labels"));
+    let mut o = ours.clone();
+    o["metadata"]["annotations"]["b"] = json!("2");
+    assert!(refused(&o, &own, "annotations").contains("labels"));
+    // Other users (the kubelet, controllers) are not this policy's business.
+    let mut o = ours.clone();
+    o["status"]["podIPs"] = json!([{"ip": "10.0.0.99"}]);
+    assert_eq!(admit(vap, &request("system:node:node-1", None), &o, &old), Ok(()));
+}
+
 #[test]
 fn the_service_monitor_scrapes_the_metrics_services() {
     let set = Some(repo_root().join(CHART).join("ci/servicemonitor-values.yaml"));

@@ -6,7 +6,8 @@
 //! ```
 //! All addresses are documentation ranges that exist only inside these namespaces.
 
-use std::process::Stdio;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use egress_e2e::*;
@@ -441,6 +442,8 @@ policies:
 
 /// Kubernetes mode: Pods on the node, policies and the gateway's EndpointSlices come from a
 /// scripted API server (running inside the node namespace); a label change stops the steering.
+/// The Pod condition `egress.dev/redirected` (for a readiness gate) is written only once the
+/// Pod's address is in the kernel's set, and only on Pods that are steered or wait for it.
 #[test]
 fn kubernetes_inputs_drive_the_table_and_the_relay() {
     use egress_e2e::kubeapi::*;
@@ -462,7 +465,24 @@ policies:
     api.apply(NAMESPACES, namespace("shop", json!({})));
     let mut web = pod("shop", "web-1", &["192.0.2.10"], json!({"app": "web"}), "Running");
     web["spec"]["nodeName"] = json!("node-1");
+    web["spec"]["readinessGates"] = json!([{"conditionType": "egress.dev/redirected"}]);
     api.apply(PODS, web.clone());
+    // On this node, not selected, no readiness gate: never written.
+    let mut db = pod("shop", "db-1", &["192.0.2.12"], json!({"app": "db"}), "Running");
+    db["spec"]["nodeName"] = json!("node-1");
+    api.apply(PODS, db);
+    // At the moment each Pod status is written: is web-1's address in the kernel's set?
+    let seen: Arc<Mutex<Vec<(String, String, bool)>>> = Arc::default();
+    let (seen2, node_name) = (seen.clone(), w.node.name.clone());
+    api.on_patch(move |p| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &node_name, "nft", "list", "set", "inet", "egress_redirector", "selected_v4"])
+            .output()
+            .unwrap();
+        let in_set = String::from_utf8_lossy(&out.stdout).contains("192.0.2.10");
+        let c = &p.body["status"]["conditions"][0];
+        seen2.lock().unwrap().push((p.path.clone(), c["status"].as_str().unwrap_or("").to_string(), in_set));
+    });
     let mut elsewhere = pod("shop", "web-2", &["192.0.2.11"], json!({"app": "web"}), "Running");
     elsewhere["spec"]["nodeName"] = json!("node-2");
     api.apply(PODS, elsewhere);
@@ -495,6 +515,23 @@ policies:
     let r = get("192.0.2.10");
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.json()["peer"].as_str().unwrap().rsplit_once(':').unwrap().0, "198.51.100.2", "through the gateway");
+    // Reported on the Pod, after the address was in the set.
+    let condition = |name: &str| {
+        api.object(PODS, "shop", name).and_then(|p| {
+            p["status"]["conditions"]
+                .as_array()
+                .and_then(|cs| cs.iter().find(|c| c["type"] == "egress.dev/redirected").cloned())
+        })
+    };
+    wait_until(Duration::from_secs(10), || condition("web-1").is_some_and(|c| c["status"] == "True"));
+    let c = condition("web-1").unwrap();
+    assert_eq!(c["reason"], "Redirected", "{c}");
+    assert!(c["lastTransitionTime"].as_str().is_some_and(|t| t.ends_with('Z')), "{c}");
+    assert_eq!(
+        seen.lock().unwrap().clone(),
+        vec![("/api/v1/namespaces/shop/pods/web-1/status".to_string(), "True".to_string(), true)],
+        "written once, after the address was in the kernel's set"
+    );
     // The Pod's labels change: no longer selected, no longer steered — by removing the set
     // element, not by replacing the table (same table handle).
     let handle = table_handle(&w.node);
@@ -502,6 +539,15 @@ policies:
     api.apply(PODS, web);
     wait_until(Duration::from_secs(10), || node_table(&w.node).is_some_and(|t| !t.contains("192.0.2.10")));
     assert_eq!(table_handle(&w.node), handle, "membership changes are incremental");
+    // Its readiness gate now says why it is not steered (written after the removal).
+    wait_until(Duration::from_secs(10), || condition("web-1").is_some_and(|c| c["status"] == "False"));
+    assert_eq!(condition("web-1").unwrap()["reason"], "NotSelected");
+    assert_eq!(
+        seen.lock().unwrap().last().unwrap(),
+        &("/api/v1/namespaces/shop/pods/web-1/status".to_string(), "False".to_string(), false)
+    );
+    assert!(condition("db-1").is_none(), "an unselected Pod without the gate is not written");
+    assert_eq!(seen.lock().unwrap().len(), 2, "one write per change");
     // The admin endpoint (inside the node namespace) reports readiness and the change.
     let admin: std::net::SocketAddr = "127.0.0.1:9791".parse().unwrap();
     assert_eq!(w.node.enter(move || admin_get(admin, "/readyz")).map(|r| r.0), Some(200));
@@ -517,7 +563,14 @@ policies:
     // Every API request it made is allowed by its minimal RBAC (the chart renders the same rules).
     let rbac = std::fs::read_to_string(repo_root().join("deploy/node-redirector-rbac.yaml")).unwrap();
     let seen = egress_e2e::rbac::assert_covered(&api.requests(), &rbac, "deploy/node-redirector-rbac.yaml");
-    for needed in ["list pods", "watch pods", "list namespaces", "list egresspolicies", "list endpointslices"] {
+    for needed in [
+        "list pods",
+        "watch pods",
+        "list namespaces",
+        "list egresspolicies",
+        "list endpointslices",
+        "patch pods/status",
+    ] {
         assert!(seen.contains(needed), "{needed} not exercised: {seen:?}");
     }
 }

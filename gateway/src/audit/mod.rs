@@ -11,8 +11,9 @@
 //!   event is committed. With `fsync: always` the writer thread appends and fsyncs in batches (group
 //!   commit) and wakes the waiting requests. With `fsync: <period>` (the default) each request
 //!   appends its own event to the page cache under the writer's lock, with no hand-off between
-//!   threads, and the writer thread only fsyncs every period (outside the lock), writes time-based
-//!   checkpoints and gap events and retries what failed. One thread per
+//!   threads (close events, which nothing waits for, keep their place in line and are written with the
+//!   next decision or within one tick), and the writer thread only fsyncs every period (outside
+//!   the lock), writes time-based checkpoints and gap events and retries what failed. One thread per
 //!   sink delivers from its own persisted cursor, at least once and in sequence order; after a
 //!   restart (also `kill -9`) each sink resumes where it stopped. When an event cannot be committed
 //!   (spool full or unwritable), `audit.onFailure` decides: `failClosed` refuses the request and
@@ -76,26 +77,26 @@ impl Spooled {
 
     /// Appends one event on the calling thread; returns whether it may go ahead (committed, or
     /// lost under `failOpen`). Used with `fsync: <period>`, where a commit is a write to the page
-    /// cache: cheaper than waking the writer thread and being woken by it.
+    /// cache: cheaper than waking the writer thread and being woken by it. An event nothing waits
+    /// for (a close) is queued in order and written with the next decision, or by the writer
+    /// thread within one tick (at most the fsync period, or 200 ms).
     fn append_now(&self, event: Event, waits: bool) -> bool {
-        let (tx, rx) = match waits {
-            true => {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                (Some(tx), Some(rx))
+        /// Close events held back at most (one write each time that many are queued).
+        const DEFERRED: usize = 64;
+        let mut w = self.writer();
+        if !waits {
+            w.inline_batch.push((Box::new(event), None));
+            if w.inline_batch.len() >= DEFERRED {
+                w.commit_inline();
             }
-            false => (None, None),
-        };
-        {
-            let mut w = self.writer();
-            let mut batch = std::mem::take(&mut w.inline_batch);
-            let mut buf = std::mem::take(&mut w.inline_buf);
-            batch.push((Box::new(event), tx));
-            w.commit(&mut batch, &mut buf);
-            batch.clear();
-            (w.inline_batch, w.inline_buf) = (batch, buf);
+            return true;
         }
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        w.inline_batch.push((Box::new(event), Some(tx)));
+        w.commit_inline();
+        drop(w);
         // `commit` answered before returning; nothing waits on the receiver.
-        rx.is_none_or(|mut rx| rx.try_recv() == Ok(true))
+        rx.try_recv() == Ok(true)
     }
 }
 
@@ -191,7 +192,7 @@ impl Audit {
             full: false,
             prev: last_hash,
             checkpoints,
-            inline_batch: Vec::with_capacity(1),
+            inline_batch: Vec::with_capacity(64),
             inline_buf: Vec::with_capacity(4096),
         };
         let writer = Arc::new(Mutex::new(w));
@@ -501,12 +502,22 @@ struct SpoolWriter {
     /// Hash of the last event written (the chain goes on from it, also across restarts).
     prev: String,
     checkpoints: Option<Checkpoints>,
-    /// Reused by `Spooled::append_now`.
+    /// Events appended by callers (`Spooled::append_now`) and not written yet: close events wait
+    /// here for the next decision or tick.
     inline_batch: Vec<(Box<Event>, Option<tokio::sync::oneshot::Sender<bool>>)>,
     inline_buf: Vec<u8>,
 }
 
 impl SpoolWriter {
+    /// Commits the events callers queued (`inline_batch`).
+    fn commit_inline(&mut self) {
+        let mut batch = std::mem::take(&mut self.inline_batch);
+        let mut buf = std::mem::take(&mut self.inline_buf);
+        self.commit(&mut batch, &mut buf);
+        batch.clear();
+        (self.inline_batch, self.inline_buf) = (batch, buf);
+    }
+
     /// The writer thread: group commits of queued events (`fsync: always`; with a period, callers
     /// append themselves and the queue carries only flush requests), fsync every period,
     /// checkpoints by time, gap events, retries of the backlog, recovery probes, segment collection.
@@ -538,6 +549,9 @@ impl SpoolWriter {
                 w.collect();
                 for (delivered, m) in &w.lags {
                     m.lag.set(w.seq.saturating_sub(delivered.load(Ordering::Acquire)) as i64);
+                }
+                if !w.inline_batch.is_empty() {
+                    w.commit_inline();
                 }
                 let checkpoint_due = w.checkpoints.as_ref().is_some_and(|c| c.due(0));
                 if !events.is_empty() || !w.backlog.is_empty() || w.gap.is_some() || w.pending_lost() || checkpoint_due
@@ -677,15 +691,18 @@ impl SpoolWriter {
                 self.full = false;
                 self.metrics.audit_events.inc_by(n);
                 self.metrics.audit_spool_bytes.set(self.spool.total_bytes() as i64);
-                {
+                let wake = {
                     let mut st = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
                     st.last_seq = seq;
                     st.end = pos;
                     if st.segments.last() != Some(&pos.segment) {
                         st.segments.push(pos.segment);
                     }
+                    st.waiting > 0
+                };
+                if wake {
+                    self.shared.cond.notify_all();
                 }
-                self.shared.cond.notify_all();
                 self.set_healthy(true);
                 for (_, done) in events.drain(..) {
                     if let Some(d) = done {

@@ -41,6 +41,8 @@ pub(super) struct Committed {
     pub segments: Vec<u64>,
     /// Set at shutdown: readers deliver what is committed and stop.
     pub closing: bool,
+    /// Readers waiting on the condition variable (the writer wakes them only when there are).
+    pub waiting: usize,
 }
 
 /// The committed state and a condition variable readers wait on.
@@ -161,6 +163,7 @@ impl Spool {
             end: Position { segment: current, offset: len },
             segments: sizes.keys().copied().collect(),
             closing: false,
+            waiting: 0,
         };
         let spool = Spool {
             dir,
@@ -348,8 +351,10 @@ impl Reader {
                     if st.closing {
                         return Ok(ReadResult::Closed);
                     }
+                    st.waiting += 1;
                     let (g, t) = self.shared.cond.wait_timeout(st, wait).unwrap_or_else(|p| p.into_inner());
                     st = g;
+                    st.waiting -= 1;
                     if t.timed_out() {
                         let limit = if st.end.segment == pos.segment { st.end.offset } else { u64::MAX };
                         let next = st.segments.iter().copied().find(|s| *s > pos.segment);
