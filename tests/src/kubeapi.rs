@@ -200,8 +200,8 @@ impl FakeApi {
         self.state.lock().unwrap().requests.clone()
     }
 
-    /// Runs `f` on every accepted status patch before it is answered, so that a test can check
-    /// what else is true at the moment a client writes a status.
+    /// Runs `f` on every accepted Pod status patch before it is applied (visible) and answered, so
+    /// that a test can check what else is true at the moment a client writes a status.
     pub fn on_patch(&self, f: impl Fn(&Patch) + Send + Sync + 'static) {
         self.state.lock().unwrap().on_patch = Some(Arc::new(f));
     }
@@ -396,10 +396,7 @@ async fn other(
             return status(415, "UnsupportedMediaType");
         }
         let key = format!("{ns}/{name}");
-        st.rv += 1;
-        let rv = st.rv;
-        let k = st.kinds.get_mut(PODS).unwrap();
-        let Some(obj) = k.objects.get_mut(&key) else {
+        let Some(obj) = st.kinds[PODS].objects.get(&key) else {
             return status(404, "NotFound");
         };
         if let Some(uid) = body["metadata"]["uid"].as_str()
@@ -407,15 +404,26 @@ async fn other(
         {
             return status(409, "Conflict");
         }
+        // The hook sees the world as it is when the write arrives, before it is visible.
+        let patch = Patch { token, path: path.clone(), query, content_type, body: body.clone() };
+        let hook = st.on_patch.clone();
+        drop(st);
+        if let Some(h) = hook {
+            h(&patch);
+        }
+        let mut st = state.lock().unwrap();
+        st.patches.push(patch);
+        st.rv += 1;
+        let rv = st.rv;
+        let k = st.kinds.get_mut(PODS).unwrap();
+        let Some(obj) = k.objects.get_mut(&key) else {
+            return status(404, "NotFound");
+        };
         for c in body["status"]["conditions"].as_array().into_iter().flatten() {
-            let list = obj["status"]["conditions"].as_array_mut();
-            let list = match list {
-                Some(l) => l,
-                None => {
-                    obj["status"]["conditions"] = json!([]);
-                    obj["status"]["conditions"].as_array_mut().unwrap()
-                }
-            };
+            if !obj["status"]["conditions"].is_array() {
+                obj["status"]["conditions"] = json!([]);
+            }
+            let list = obj["status"]["conditions"].as_array_mut().unwrap();
             match list.iter_mut().find(|x| x["type"] == c["type"]) {
                 Some(x) => x.as_object_mut().unwrap().extend(c.as_object().unwrap().clone()),
                 None => list.push(c.clone()),
@@ -424,13 +432,7 @@ async fn other(
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
         let obj = obj.clone();
         k.log.push((rv, "MODIFIED", obj.clone()));
-        let patch = Patch { token, path: path.clone(), query, content_type, body: body.clone() };
-        st.patches.push(patch.clone());
-        let hook = st.on_patch.clone();
         drop(st);
-        if let Some(h) = hook {
-            h(&patch);
-        }
         let _ = notify.send(());
         return json_response(200, &obj);
     }
