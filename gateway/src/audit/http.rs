@@ -9,7 +9,9 @@
 //!
 //! The delivery thread owns retries (backoff with jitter, `Retry-After` honoured through
 //! [`RetryAfter`]); a send succeeds only when every event of the batch is delivered or
-//! dead-lettered.
+//! dead-lettered. A retry resumes where the batch failed: chunks already accepted, and `_bulk`
+//! items already stored or dead-lettered, are not sent again (after a restart the whole batch
+//! is, and `_bulk` answers 409 for what it has).
 
 use std::io::{self, Write};
 use std::net::ToSocketAddrs;
@@ -96,6 +98,18 @@ pub struct HttpSink {
     dead_letter: Option<PathBuf>,
     /// Events written to the dead-letter file (for the metric).
     pub dead_lettered: u64,
+    /// How far a failed batch got, so that its retry (the delivery thread sends the same batch
+    /// again) resumes there instead of sending accepted or dead-lettered events again.
+    progress: Option<Progress>,
+}
+
+/// Progress through one batch, identified by its first and last event ids and its length.
+struct Progress {
+    batch: (String, String, usize),
+    /// Events before this index are delivered or dead-lettered.
+    done: usize,
+    /// `_bulk`: within the chunk starting at `done`, only these items are left (429/5xx).
+    only: Option<Vec<usize>>,
 }
 
 impl HttpSink {
@@ -118,6 +132,7 @@ impl HttpSink {
             hostname: hostname.to_string(),
             dead_letter,
             dead_lettered: 0,
+            progress: None,
         })
     }
 
@@ -232,7 +247,15 @@ impl HttpSink {
             .filter(|l| !l.is_empty())
             .map(|l| serde_json::from_slice(l).unwrap_or_default())
             .collect();
-        let mut start = 0;
+        let id = |v: Option<&Value>| v.and_then(|o| o["id"].as_str()).unwrap_or("").to_string();
+        let batch = (id(originals.first()), id(originals.last()), rendered.len());
+        let mut start = match &self.progress {
+            Some(p) if p.batch == batch => p.done,
+            _ => {
+                self.progress = Some(Progress { batch, done: 0, only: None });
+                0
+            }
+        };
         while start < rendered.len() {
             let mut end = start;
             let mut bytes = 0;
@@ -250,7 +273,11 @@ impl HttpSink {
             self.rt = Some(rt);
             r?;
             start = end;
+            if let Some(p) = self.progress.as_mut() {
+                (p.done, p.only) = (end, None);
+            }
         }
+        self.progress = None;
         Ok(())
     }
 
@@ -316,7 +343,11 @@ impl HttpSink {
                 self.wait_ack(ack_id).await
             }
             HttpPreset::ElasticBulk => {
-                let pending: Vec<usize> = (0..events.len()).collect();
+                // A retry sends only the items the receiver asked to have again.
+                let pending: Vec<usize> = match self.progress.as_ref().and_then(|p| p.only.clone()) {
+                    Some(only) if only.iter().all(|i| *i < events.len()) => only,
+                    _ => (0..events.len()).collect(),
+                };
                 let mut body = Vec::new();
                 for &i in &pending {
                     let id = originals.get(i).and_then(|o| o["id"].as_str()).unwrap_or("");
@@ -359,8 +390,12 @@ impl HttpSink {
                 if retry.is_empty() {
                     Ok(())
                 } else {
-                    // The batch goes again; the items already stored answer 409 and count as delivered.
-                    Err(io::Error::other(format!("{} _bulk items to retry (429/5xx)", retry.len())))
+                    // The delivery thread sends the batch again; only these items go.
+                    let n = retry.len();
+                    if let Some(p) = self.progress.as_mut() {
+                        p.only = Some(retry);
+                    }
+                    Err(io::Error::other(format!("{n} _bulk items to retry (429/5xx)")))
                 }
             }
         }
