@@ -4,8 +4,9 @@
 //! bounded queue. The writer assigns the per-instance sequence number and the event id and
 //! serialises each event once.
 //!
-//! - Without `audit.spool` the writer writes straight to the sinks (flushing whenever its queue is
-//!   empty); nothing survives a crash.
+//! - Without `audit.spool` the calling thread numbers and serialises its event into a shared buffer
+//!   (under a short lock, no hand-off) and the writer thread writes the buffer to the sinks every
+//!   few milliseconds; nothing survives a crash.
 //! - With `audit.spool` an event is appended to the spool before the decision waiting on it is
 //!   acknowledged: the client is answered, or the first byte sent upstream, after its decision
 //!   event is committed. With `fsync: always` the writer thread appends and fsyncs in batches (group
@@ -32,7 +33,7 @@ mod tls;
 pub use event::{ClientInfo, CloseInfo, DecisionInfo, End, Event, EventKind, ResolvedAddr, TargetInfo, now_rfc3339};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, mpsc};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
 use std::time::{Duration, Instant};
 
 use crate::config::{AuditConfig, AuditFormat, FsyncPolicy, OnFailure};
@@ -53,6 +54,8 @@ const QUEUE: usize = 16 * 1024;
 /// The audit log handle. Cheap to share.
 pub struct Audit {
     tx: mpsc::SyncSender<Msg>,
+    /// Without a spool.
+    direct: Option<Arc<Direct>>,
     spooled: Option<Spooled>,
     on_failure: OnFailure,
     /// False while events cannot be committed.
@@ -131,13 +134,32 @@ impl Audit {
         let lost_in_queue = Arc::new(AtomicU64::new(0));
         let Some(spool_cfg) = &cfg.spool else {
             let sinks = opened.into_iter().zip(&cfg.sinks).map(|((_, s), c)| (s, c.format)).collect();
-            let m = metrics.clone();
-            let inst = instance.clone();
-            // Detached: it ends with the process; `close` makes sure everything queued is written first.
-            std::thread::Builder::new()
-                .name("audit-writer".into())
-                .spawn(move || direct_loop(rx, sinks, inst, m, checkpoints))?;
-            let audit = Audit { tx, spooled: None, on_failure: cfg.on_failure, healthy, lost_in_queue, metrics };
+            drop(rx);
+            let direct = Arc::new(Direct {
+                state: Mutex::new(DirectState {
+                    buf: Vec::with_capacity(64 * 1024),
+                    seq: 0,
+                    written: 0,
+                    prev: chain::GENESIS.to_string(),
+                    checkpoints,
+                    sleeping: false,
+                }),
+                cond: Condvar::new(),
+                instance: instance.clone(),
+                metrics: metrics.clone(),
+            });
+            let d = direct.clone();
+            // Detached: it ends with the process; `close` makes sure everything buffered is written first.
+            std::thread::Builder::new().name("audit-writer".into()).spawn(move || d.run(sinks))?;
+            let audit = Audit {
+                tx,
+                direct: Some(direct),
+                spooled: None,
+                on_failure: cfg.on_failure,
+                healthy,
+                lost_in_queue,
+                metrics,
+            };
             return Ok((audit, instance));
         };
         let (mut spool, committed, spool_instance) =
@@ -199,13 +221,25 @@ impl Audit {
         let wr = writer.clone();
         std::thread::Builder::new().name("audit-writer".into()).spawn(move || SpoolWriter::run(wr, rx))?;
         let spooled = Spooled { shared, sinks: threads, writer, inline };
-        let audit = Audit { tx, spooled: Some(spooled), on_failure: cfg.on_failure, healthy, lost_in_queue, metrics };
+        let audit = Audit {
+            tx,
+            direct: None,
+            spooled: Some(spooled),
+            on_failure: cfg.on_failure,
+            healthy,
+            lost_in_queue,
+            metrics,
+        };
         Ok((audit, instance))
     }
 
     /// Queues an event that nothing waits for (close events). Its order among all events is
     /// the order of calls.
     pub fn emit(&self, event: Event) {
+        if let Some(d) = &self.direct {
+            d.append(event);
+            return;
+        }
         if let Some(sp) = self.spooled.as_ref().filter(|sp| sp.inline) {
             sp.append_now(event, false);
             return;
@@ -260,6 +294,9 @@ impl Audit {
     /// Waits until every event queued so far is written (no spool) or committed (spool) and
     /// returns the sequence number of the last one.
     pub fn flush(&self) -> u64 {
+        if let Some(d) = &self.direct {
+            return d.flush();
+        }
         let (tx, rx) = mpsc::channel();
         if self.tx.send(Msg::Flush(tx)).is_ok() {
             return rx.recv().unwrap_or(0);
@@ -387,83 +424,132 @@ impl Checkpoints {
     }
 }
 
-fn direct_loop(
-    rx: mpsc::Receiver<Msg>,
-    mut sinks: Vec<(sink::Sink, AuditFormat)>,
+/// The audit log without a spool: callers serialise into `buf`, the writer thread writes it out.
+struct Direct {
+    state: Mutex<DirectState>,
+    /// The writer waits on it between ticks; callers wait on it for room or for a flush.
+    cond: Condvar,
     instance: Arc<str>,
     metrics: Arc<Metrics>,
-    mut checkpoints: Option<Checkpoints>,
-) {
-    let ctx = format::Context::local();
-    let mut seq: u64 = 0;
-    let mut prev = chain::GENESIS.to_string();
-    let mut line = Vec::with_capacity(2048);
-    let mut mapped = Vec::with_capacity(4096);
-    let mut write = |line: &[u8], sinks: &mut Vec<(sink::Sink, AuditFormat)>| {
-        for (s, fmt) in sinks.iter_mut() {
-            let bytes = if *fmt == AuditFormat::Json {
-                line
-            } else {
-                mapped.clear();
-                format::render(*fmt, &ctx, line, &mut mapped);
-                &mapped
-            };
-            if let Err(e) = s.write(bytes, line) {
-                metrics.audit_errors.inc();
-                tracing::error!(sink = %s.name(), error = %e, "audit write failed");
-            }
+}
+
+struct DirectState {
+    /// Serialised lines not yet written to the sinks.
+    buf: Vec<u8>,
+    /// Sequence number of the last event in `buf` (or written).
+    seq: u64,
+    /// Sequence number of the last event written to the sinks.
+    written: u64,
+    /// Hash of the last event (the chain goes on from it).
+    prev: String,
+    checkpoints: Option<Checkpoints>,
+    /// The writer sleeps long (nothing came for a while): the next event wakes it.
+    sleeping: bool,
+}
+
+impl Direct {
+    /// How often the writer writes what callers buffered.
+    const TICK: Duration = Duration::from_millis(5);
+    /// Beyond this much unwritten (a stalled sink), callers wait for the writer: nothing is lost.
+    const MAX_BUFFERED: usize = 8 << 20;
+
+    fn lock(&self) -> MutexGuard<'_, DirectState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Numbers, chains and serialises `event` on the calling thread; its order among all events
+    /// is the order of calls.
+    fn append(&self, mut event: Event) {
+        let mut st = self.lock();
+        while st.buf.len() >= Self::MAX_BUFFERED {
+            self.cond.notify_all();
+            st = self.cond.wait_timeout(st, Duration::from_millis(100)).unwrap_or_else(|p| p.into_inner()).0;
         }
-        metrics.audit_events.inc();
-    };
-    let tick = Duration::from_millis(200);
-    let mut idle = true;
-    loop {
-        let m = if idle {
-            match rx.recv_timeout(tick) {
-                Ok(m) => Some(m),
-                Err(mpsc::RecvTimeoutError::Timeout) => None,
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            }
-        } else {
-            rx.try_recv().ok()
-        };
-        match m {
-            Some(Msg::Event(mut ev, done)) => {
-                seq += 1;
-                line.clear();
-                write_line(&mut line, &mut ev, seq, &instance, &mut prev);
-                write(&line, &mut sinks);
-                if let Some(cp) = checkpoints.as_mut() {
-                    cp.since += 1;
-                }
-                if let Some(d) = done {
-                    let _ = d.send(true);
-                }
-                idle = false;
-            }
-            Some(Msg::Flush(done)) => {
-                flush_all(&mut sinks, &metrics);
-                let _ = done.send(seq);
-            }
-            None => {
-                // The queue is empty: flush (group commit to the sinks).
-                flush_all(&mut sinks, &metrics);
-                idle = true;
-            }
+        let st = &mut *st;
+        if st.sleeping {
+            st.sleeping = false;
+            self.cond.notify_all();
         }
-        if let Some(cp) = checkpoints.as_mut()
-            && cp.due(0)
-        {
-            seq += 1;
-            line.clear();
-            let events = cp.since;
-            write_value(&mut line, cp.event(seq, &instance, events), &mut prev, Some(&cp.signer));
-            write(&line, &mut sinks);
-            cp.since = 0;
-            cp.last = Instant::now();
+        st.seq += 1;
+        write_line(&mut st.buf, &mut event, st.seq, &self.instance, &mut st.prev);
+        self.metrics.audit_events.inc();
+        if let Some(cp) = st.checkpoints.as_mut() {
+            cp.since += 1;
+            if cp.due(0) {
+                st.seq += 1;
+                write_value(&mut st.buf, cp.event(st.seq, &self.instance, cp.since), &mut st.prev, Some(&cp.signer));
+                cp.since = 0;
+                cp.last = Instant::now();
+            }
         }
     }
-    flush_all(&mut sinks, &metrics);
+
+    /// Waits until every event appended so far is written and flushed; returns the last number.
+    fn flush(&self) -> u64 {
+        let mut st = self.lock();
+        let target = st.seq;
+        while st.written < target {
+            self.cond.notify_all();
+            st = self.cond.wait_timeout(st, Duration::from_millis(100)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        target
+    }
+
+    /// The writer thread: every tick (or at once for a flush or a full buffer), takes the buffer
+    /// and writes it to every sink in its format. Callers never wake it, except the first event
+    /// after a quiet spell.
+    fn run(&self, mut sinks: Vec<(sink::Sink, AuditFormat)>) {
+        let ctx = format::Context::local();
+        let mut lines = Vec::with_capacity(64 * 1024);
+        let mut mapped = Vec::with_capacity(64 * 1024);
+        let mut quiet_ticks = 0u32;
+        loop {
+            let upto = {
+                let mut st = self.lock();
+                quiet_ticks = if st.buf.is_empty() { quiet_ticks.saturating_add(1) } else { 0 };
+                let wait = if quiet_ticks > 20 { Duration::from_millis(200) } else { Self::TICK };
+                st.sleeping = quiet_ticks > 20;
+                st = self.cond.wait_timeout(st, wait).unwrap_or_else(|p| p.into_inner()).0;
+                st.sleeping = false;
+                // A checkpoint due by time while traffic is quiet.
+                let st = &mut *st;
+                if let Some(cp) = st.checkpoints.as_mut()
+                    && cp.since > 0
+                    && cp.due(0)
+                {
+                    st.seq += 1;
+                    let v = cp.event(st.seq, &self.instance, cp.since);
+                    write_value(&mut st.buf, v, &mut st.prev, Some(&cp.signer));
+                    cp.since = 0;
+                    cp.last = Instant::now();
+                }
+                std::mem::swap(&mut st.buf, &mut lines);
+                st.seq
+            };
+            if !lines.is_empty() {
+                for (s, fmt) in sinks.iter_mut() {
+                    let bytes = if *fmt == AuditFormat::Json {
+                        &lines
+                    } else {
+                        mapped.clear();
+                        format::render(*fmt, &ctx, &lines, &mut mapped);
+                        &mapped
+                    };
+                    if let Err(e) = s.write(bytes, &lines) {
+                        self.metrics.audit_errors.inc();
+                        tracing::error!(sink = %s.name(), error = %e, "audit write failed");
+                    }
+                }
+                flush_all(&mut sinks, &self.metrics);
+                lines.clear();
+            }
+            let mut st = self.lock();
+            if st.written != upto {
+                st.written = upto;
+                self.cond.notify_all();
+            }
+        }
+    }
 }
 
 fn flush_all(sinks: &mut [(sink::Sink, AuditFormat)], metrics: &Metrics) {
