@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 const CHUNK: usize = 1 << 20;
 const BATCH: usize = 256 << 10;
 
-fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+fn pipe(size: usize) -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as RawFd; 2];
     // SAFETY: pipe2 fills two valid fds on success; we own them from here on.
     let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
@@ -23,7 +23,7 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     // A larger pipe moves more per call; failure to grow it is harmless.
     // SAFETY: fcntl on a valid pipe fd.
-    unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, CHUNK as libc::c_int) };
+    unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
     Ok((r, w))
 }
 
@@ -42,9 +42,10 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
 }
 
-/// One direction: `from` -> `to` until EOF; then `to`'s write side is shut down.
-async fn one_way(from: &TcpStream, to: &TcpStream, counter: &AtomicU64) -> io::Result<u64> {
-    let (pr, pw) = pipe()?;
+/// One direction: `from` -> `to` until EOF; then `to`'s write side is shut down. `pipe_size` is
+/// the kernel pipe's size in bytes (it holds that many pages, one socket fragment each).
+async fn one_way(from: &TcpStream, to: &TcpStream, counter: &AtomicU64, pipe_size: usize) -> io::Result<u64> {
+    let (pr, pw) = pipe(pipe_size)?;
     let mut total = 0u64;
     loop {
         let mut in_pipe = loop {
@@ -62,10 +63,14 @@ async fn one_way(from: &TcpStream, to: &TcpStream, counter: &AtomicU64) -> io::R
         }
         // Take whatever else is already queued (never waiting for more), so that it leaves in as
         // few sends as possible: measured to help bulk transfers (fewer, larger segments).
+        // Not through `try_io`: EAGAIN here may mean that the *pipe* is full (it holds one socket
+        // fragment per page), and clearing the socket's readiness then would wait for an edge
+        // that never comes once the sender is stalled on a full receive window. The next
+        // `readable()` returns at once and the splice into the emptied pipe tells the truth.
         while in_pipe < BATCH {
-            match from.try_io(Interest::READABLE, || splice(from.as_raw_fd(), pw.as_raw_fd(), CHUNK - in_pipe)) {
+            match splice(from.as_raw_fd(), pw.as_raw_fd(), CHUNK - in_pipe) {
                 Ok(n) if n > 0 => in_pipe += n,
-                // EOF is seen again by the next blocking read; WouldBlock: nothing more queued.
+                // EOF is seen again by the next read; EAGAIN: nothing more queued, or the pipe full.
                 _ => break,
             }
         }
@@ -87,7 +92,7 @@ async fn one_way(from: &TcpStream, to: &TcpStream, counter: &AtomicU64) -> io::R
 /// Relays both directions until both are finished (or one fails), counting bytes a->b into
 /// `a_to_b` and b->a into `b_to_a` as they pass; returns the totals.
 pub async fn relay(a: &TcpStream, b: &TcpStream, a_to_b: &AtomicU64, b_to_a: &AtomicU64) -> io::Result<(u64, u64)> {
-    tokio::try_join!(one_way(a, b, a_to_b), one_way(b, a, b_to_a))
+    tokio::try_join!(one_way(a, b, a_to_b, CHUNK), one_way(b, a, b_to_a, CHUNK))
 }
 
 #[cfg(test)]
@@ -124,5 +129,39 @@ mod tests {
         drop((a, b));
         assert_eq!(server.await.unwrap(), 5 << 20);
         assert_eq!(client.await.unwrap(), 3 << 20);
+    }
+
+    /// A pipe that fills up before the socket is drained (one page: one fragment) must not stall
+    /// the transfer: the sender writes many small segments, so the pipe is full long before a
+    /// batch is, again and again.
+    #[tokio::test]
+    async fn a_full_pipe_never_stalls_the_transfer() {
+        let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let back = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (fa, ba) = (front.local_addr().unwrap(), back.local_addr().unwrap());
+        const TOTAL: usize = 700 * 12_000;
+        let sender = tokio::spawn(async move {
+            let (mut s, _) = back.accept().await.unwrap();
+            s.set_nodelay(true).unwrap();
+            for _ in 0..TOTAL / 700 {
+                s.write_all(&[3u8; 700]).await.unwrap();
+            }
+        });
+        let receiver = tokio::spawn(async move {
+            let mut c = tokio::net::TcpStream::connect(fa).await.unwrap();
+            let mut got = Vec::new();
+            c.read_to_end(&mut got).await.unwrap();
+            got.len()
+        });
+        let (a, _) = front.accept().await.unwrap();
+        let b = tokio::net::TcpStream::connect(ba).await.unwrap();
+        let counter = AtomicU64::new(0);
+        // b -> a only, through a one-page pipe.
+        let moved = tokio::time::timeout(std::time::Duration::from_secs(30), one_way(&b, &a, &counter, 4096)).await;
+        assert!(moved.is_ok(), "stalled after {} of {TOTAL} bytes", counter.load(Ordering::Relaxed));
+        assert_eq!(moved.unwrap().unwrap(), TOTAL as u64);
+        drop(a);
+        sender.await.unwrap();
+        assert_eq!(receiver.await.unwrap(), TOTAL);
     }
 }
