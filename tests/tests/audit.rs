@@ -171,6 +171,62 @@ fn every_sink_gets_every_event_and_kill_9_loses_nothing(fsync: &str) {
     wait_for("lag 0", Duration::from_secs(5), || gw.metric("egress_audit_sink_lag_events{sink=\"slow\"}") == Some(0.0));
 }
 
+/// A stalled sink (a FIFO nobody reads): the spool grows with the backlog, the process's memory
+/// does not; once the sink reads again everything is delivered and the delivered segments are
+/// deleted.
+#[test]
+fn a_stalled_sink_grows_the_spool_not_the_memory_then_drains() {
+    let dns = Dns::start(&[("up.test", "127.0.0.2")]);
+    let up = Upstream::start("127.0.0.2");
+    let p = up.addr.port();
+    let dir = tempfile::tempdir().unwrap();
+    let mut fifo = Fifo::new(dir.path(), "siem.fifo");
+    let audit = format!(
+        "audit:\n  spool: {{dir: $DIR/spool, segmentBytes: 1048576}}\n  sinks: [{{name: siem, type: file, path: {}}}]\n",
+        fifo.path.display()
+    );
+    let mut gw = Gateway::start(&dns, &policy(p, &audit));
+    let pid = gw.child().id();
+    let rss_kib = || -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let proxy = gw.http;
+    let requests = |n: usize| {
+        for _ in 0..n {
+            let mut c = std::net::TcpStream::connect(proxy).unwrap();
+            let req = format!("GET http://up.test:{p}/x HTTP/1.1\r\nHost: up.test:{p}\r\nConnection: close\r\n\r\n");
+            std::io::Write::write_all(&mut c, req.as_bytes()).unwrap();
+            let mut resp = Vec::new();
+            c.read_to_end(&mut resp).unwrap();
+            assert!(resp.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&resp));
+        }
+    };
+    requests(300); // warm up: allocator, runtime, caches
+    let (rss0, spool0) = (rss_kib(), gw.metric("egress_audit_spool_bytes").unwrap());
+    requests(4000);
+    let (rss1, spool1) = (rss_kib(), gw.metric("egress_audit_spool_bytes").unwrap());
+    let grown_kib = (spool1 - spool0) as u64 / 1024;
+    eprintln!("RSS {rss0} -> {rss1} KiB, spool +{grown_kib} KiB");
+    assert!(grown_kib > 4 * 1024, "the backlog is in the spool: +{grown_kib} KiB");
+    assert!(
+        rss1.saturating_sub(rss0) < grown_kib / 2,
+        "memory does not follow the backlog: RSS {rss0} -> {rss1} KiB while the spool grew {grown_kib} KiB"
+    );
+    assert!(gw.metric("egress_audit_sink_lag_events{sink=\"siem\"}").unwrap() > 8000.0);
+    // The sink reads again: every event arrives, in order, and the spool shrinks to its last segment.
+    fifo.drain();
+    let last = gw.metric("egress_audit_events").or_else(|| gw.metric("egress_audit_events_total")).unwrap() as u64;
+    wait_for("the sink to catch up", Duration::from_secs(60), || {
+        fifo.events().last().and_then(|e| e["seq"].as_u64()) >= Some(last)
+    });
+    at_least_once_in_order(&fifo.events(), fifo.events().last().unwrap()["seq"].as_u64().unwrap());
+    wait_for("delivered segments deleted", Duration::from_secs(10), || {
+        gw.metric("egress_audit_spool_bytes").is_some_and(|b| b < 2.0 * 1048576.0)
+    });
+}
+
 /// A gateway whose spool (16 KiB) feeds one sink that stalls (an unread FIFO), so the spool
 /// fills after a few dozen requests. Returns it, the FIFO, the upstream port, the temporary
 /// directory and what must stay alive.
