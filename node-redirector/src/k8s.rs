@@ -86,21 +86,40 @@ impl Reporter {
     }
 }
 
-/// What the condition should say about a Pod.
+/// Why the condition says what it says (`reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Report {
-    status: bool,
-    reason: &'static str,
+enum Reason {
+    Redirected,
+    WaitingForAddress,
+    NotSelected,
+    /// Written by someone else.
+    Other,
 }
 
-impl Report {
-    fn message(&self, node: &str) -> String {
-        match self.reason {
-            "Redirected" => format!("TCP egress is steered to the egress gateway on node {node}"),
-            "WaitingForAddress" => "selected for transparent redirection; the Pod has no IP yet".to_string(),
+impl Reason {
+    fn as_str(self) -> &'static str {
+        match self {
+            Reason::Redirected => "Redirected",
+            Reason::WaitingForAddress => "WaitingForAddress",
+            Reason::NotSelected => "NotSelected",
+            Reason::Other => "",
+        }
+    }
+
+    fn message(self, node: &str) -> String {
+        match self {
+            Reason::Redirected => format!("TCP egress is steered to the egress gateway on node {node}"),
+            Reason::WaitingForAddress => "selected for transparent redirection; the Pod has no IP yet".to_string(),
             _ => "no EgressPolicy or ClusterEgressPolicy with redirect: Transparent selects this Pod".to_string(),
         }
     }
+}
+
+/// What the condition says, or should say, about a Pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Report {
+    status: bool,
+    reason: Reason,
 }
 
 /// The condition a Pod should carry, if any: `True` once steered; `False` when it is not (only on
@@ -113,22 +132,20 @@ fn wanted(applied: &Inputs, entry: &PodEntry, pod: &Pod) -> Option<Report> {
         .is_some_and(|g| g.iter().any(|g| g.condition_type == CONDITION));
     let selected = crate::rules::is_selected(applied, entry);
     if selected && !entry.ips.is_empty() {
-        return Some(Report { status: true, reason: "Redirected" });
+        return Some(Report { status: true, reason: Reason::Redirected });
     }
     let shown = observed(pod).is_some_and(|r| r.status);
-    (gate || shown)
-        .then_some(Report { status: false, reason: if selected { "WaitingForAddress" } else { "NotSelected" } })
+    let reason = if selected { Reason::WaitingForAddress } else { Reason::NotSelected };
+    (gate || shown).then_some(Report { status: false, reason })
 }
 
 /// The condition as the Pod carries it now.
 fn observed(pod: &Pod) -> Option<Report> {
     let c = pod.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == CONDITION)?;
-    let reason = match c.reason.as_deref() {
-        Some("Redirected") => "Redirected",
-        Some("WaitingForAddress") => "WaitingForAddress",
-        Some("NotSelected") => "NotSelected",
-        _ => "",
-    };
+    let reason = [Reason::Redirected, Reason::WaitingForAddress, Reason::NotSelected]
+        .into_iter()
+        .find(|r| c.reason.as_deref() == Some(r.as_str()))
+        .unwrap_or(Reason::Other);
     Some(Report { status: c.status == "True", reason })
 }
 
@@ -159,15 +176,15 @@ async fn report(client: Client, pods: Store<Pod>, mut rx: watch::Receiver<Option
                 "status": {"conditions": [{
                     "type": CONDITION,
                     "status": if want.status { "True" } else { "False" },
-                    "reason": want.reason,
-                    "message": want.message(&applied.node_name),
+                    "reason": want.reason.as_str(),
+                    "message": want.reason.message(&applied.node_name),
                     "lastTransitionTime": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
                 }]}
             });
             let api = Api::<Pod>::namespaced(client.clone(), &entry.namespace);
             match api.patch_status(&entry.name, &PatchParams::default(), &Patch::Strategic(patch)).await {
                 Ok(_) => {
-                    tracing::debug!(pod = %format!("{}/{}", entry.namespace, entry.name), status = want.status, reason = want.reason, "reported");
+                    tracing::debug!(pod = %format!("{}/{}", entry.namespace, entry.name), status = want.status, reason = want.reason.as_str(), "reported");
                     written.insert(entry.uid.clone(), (want, Instant::now()));
                 }
                 Err(e) => tracing::warn!(

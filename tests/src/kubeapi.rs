@@ -413,28 +413,18 @@ async fn other(
         }
         let mut st = state.lock().unwrap();
         st.patches.push(patch);
-        st.rv += 1;
-        let rv = st.rv;
-        let k = st.kinds.get_mut(PODS).unwrap();
-        let Some(obj) = k.objects.get_mut(&key) else {
-            return status(404, "NotFound");
-        };
-        for c in body["status"]["conditions"].as_array().into_iter().flatten() {
-            if !obj["status"]["conditions"].is_array() {
-                obj["status"]["conditions"] = json!([]);
+        return modify(st, &notify, PODS, &key, |obj| {
+            for c in body["status"]["conditions"].as_array().into_iter().flatten() {
+                if !obj["status"]["conditions"].is_array() {
+                    obj["status"]["conditions"] = json!([]);
+                }
+                let list = obj["status"]["conditions"].as_array_mut().unwrap();
+                match list.iter_mut().find(|x| x["type"] == c["type"]) {
+                    Some(x) => x.as_object_mut().unwrap().extend(c.as_object().unwrap().clone()),
+                    None => list.push(c.clone()),
+                }
             }
-            let list = obj["status"]["conditions"].as_array_mut().unwrap();
-            match list.iter_mut().find(|x| x["type"] == c["type"]) {
-                Some(x) => x.as_object_mut().unwrap().extend(c.as_object().unwrap().clone()),
-                None => list.push(c.clone()),
-            }
-        }
-        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-        let obj = obj.clone();
-        k.log.push((rv, "MODIFIED", obj.clone()));
-        drop(st);
-        let _ = notify.send(());
-        return json_response(200, &obj);
+        });
     }
     // PATCH /apis/egress.dev/v1alpha1/namespaces/{ns}/egresspolicies/{name}/status
     // PATCH /apis/egress.dev/v1alpha1/clusteregresspolicies/{name}/status
@@ -449,21 +439,34 @@ async fn other(
             _ => return status(404, "NotFound"),
         };
         st.patches.push(Patch { token, path: path.clone(), query, content_type, body: body.clone() });
-        st.rv += 1;
-        let rv = st.rv;
-        let k = st.kinds.get_mut(kind).unwrap();
-        let Some(obj) = k.objects.get_mut(&key) else {
-            return status(404, "NotFound");
-        };
-        obj["status"] = body["status"].clone();
-        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-        let obj = obj.clone();
-        k.log.push((rv, "MODIFIED", obj.clone()));
-        drop(st);
-        let _ = notify.send(());
-        return json_response(200, &obj);
+        return modify(st, &notify, kind, &key, |obj| obj["status"] = body["status"].clone());
     }
     status(404, "NotFound")
+}
+
+/// Applies `change` to a stored object (404 when there is none), gives it a new
+/// `resourceVersion`, streams a `MODIFIED` event to the watchers and answers with the object.
+fn modify(
+    mut st: std::sync::MutexGuard<'_, State>,
+    notify: &tokio::sync::broadcast::Sender<()>,
+    kind: &str,
+    key: &str,
+    change: impl FnOnce(&mut Value),
+) -> hyper::Response<Body> {
+    if !st.kinds[kind].objects.contains_key(key) {
+        return status(404, "NotFound");
+    }
+    st.rv += 1;
+    let rv = st.rv;
+    let k = st.kinds.get_mut(kind).unwrap();
+    let obj = k.objects.get_mut(key).unwrap();
+    change(obj);
+    obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+    let obj = obj.clone();
+    k.log.push((rv, "MODIFIED", obj.clone()));
+    drop(st);
+    let _ = notify.send(());
+    json_response(200, &obj)
 }
 
 /// A Pod object.

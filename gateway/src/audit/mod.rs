@@ -410,6 +410,13 @@ impl Checkpoints {
         n >= self.every || (n > 0 && self.last.elapsed() >= self.interval)
     }
 
+    /// Writes the checkpoint event `seq` (signed, chained on `prev`) and starts counting again.
+    fn write(&mut self, out: &mut Vec<u8>, seq: u64, instance: &str, prev: &mut String) {
+        write_value(out, self.event(seq, instance, self.since), prev, Some(&self.signer));
+        self.since = 0;
+        self.last = Instant::now();
+    }
+
     /// The checkpoint event (`seq`), covering every event up to `seq - 1`.
     fn event(&self, seq: u64, instance: &str, events: u64) -> serde_json::Value {
         serde_json::json!({
@@ -477,9 +484,7 @@ impl Direct {
             cp.since += 1;
             if cp.due(0) {
                 st.seq += 1;
-                write_value(&mut st.buf, cp.event(st.seq, &self.instance, cp.since), &mut st.prev, Some(&cp.signer));
-                cp.since = 0;
-                cp.last = Instant::now();
+                cp.write(&mut st.buf, st.seq, &self.instance, &mut st.prev);
             }
         }
     }
@@ -518,10 +523,7 @@ impl Direct {
                     && cp.due(0)
                 {
                     st.seq += 1;
-                    let v = cp.event(st.seq, &self.instance, cp.since);
-                    write_value(&mut st.buf, v, &mut st.prev, Some(&cp.signer));
-                    cp.since = 0;
-                    cp.last = Instant::now();
+                    cp.write(&mut st.buf, st.seq, &self.instance, &mut st.prev);
                 }
                 std::mem::swap(&mut st.buf, &mut lines);
                 st.seq
