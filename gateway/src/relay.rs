@@ -80,9 +80,9 @@ where
 
 /// The same for two plain sockets: zero-copy with splice(2).
 ///
-/// `nodelay` is `limits.tunnelNoDelay`: off (the default), the kernel may coalesce small
-/// segments (Nagle), which measurably helps bulk transfers towards the client; on, every write
-/// is sent at once, for latency-sensitive interactive protocols.
+/// `nodelay` is `limits.tunnelNoDelay`: on (the default), every splice leaves at once, as the
+/// endpoints wrote it (a proxy that adds Nagle delays the endpoints' own small writes); off, the
+/// kernel holds a write smaller than the MSS until the previous one is acknowledged.
 pub async fn relay_tcp(
     client: tokio::net::TcpStream,
     upstream: tokio::net::TcpStream,
@@ -139,4 +139,45 @@ async fn supervise(
         _ = stop.cancelled() => (End::Shutdown, None),
     };
     Relayed { up: up.load(Ordering::Relaxed), down: down.load(Ordering::Relaxed), end, error }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        (c, l.accept().await.unwrap().0)
+    }
+
+    /// Tunnel sockets carry TCP_NODELAY unless the config turns it off: Nagle in the relay holds
+    /// every sub-MSS write behind the previous one's ACK (a delayed ACK stalls it for up to 40 ms).
+    #[tokio::test]
+    async fn tunnel_sockets_get_nodelay_by_default_and_not_when_turned_off() {
+        for nodelay in [crate::config::Limits::default().tunnel_no_delay, false] {
+            let (mut app, client) = pair().await;
+            let (upstream, mut server) = pair().await;
+            // The option belongs to the socket, so a duplicate descriptor sees what the relay set.
+            let c = socket2::Socket::from(client.as_fd().try_clone_to_owned().unwrap());
+            let u = socket2::Socket::from(upstream.as_fd().try_clone_to_owned().unwrap());
+            let stop = CancellationToken::new();
+            let relay = tokio::spawn({
+                let stop = stop.clone();
+                async move { relay_tcp(client, upstream, Duration::from_secs(30), nodelay, &stop).await }
+            });
+            app.write_all(b"ping").await.unwrap();
+            let mut buf = [0u8; 4];
+            server.read_exact(&mut buf).await.unwrap();
+            assert_eq!(&buf, b"ping");
+            assert_eq!((c.tcp_nodelay().unwrap(), u.tcp_nodelay().unwrap()), (nodelay, nodelay));
+            drop((app, server));
+            let r = relay.await.unwrap();
+            assert_eq!((r.up, r.down), (4, 0));
+        }
+        assert!(crate::config::Limits::default().tunnel_no_delay, "the default is on");
+    }
 }
