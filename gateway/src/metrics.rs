@@ -216,6 +216,7 @@ impl Metrics {
             "Unix time of the last successful delivery",
             audit_sinks.last_success.clone(),
         );
+        registry.register_collector(Box::new(egress_netio::RelayCollector));
         Metrics {
             audit_dropped,
             audit_unavailable,

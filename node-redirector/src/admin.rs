@@ -45,6 +45,7 @@ impl Default for Admin {
             "Time from an input change to its rules being applied",
             apply_seconds.clone(),
         );
+        registry.register_collector(Box::new(egress_netio::RelayCollector));
         Admin { registry, ready: AtomicBool::new(false), drift_repairs, updates, selected, apply_seconds }
     }
 }

@@ -148,7 +148,7 @@ pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) {
 }
 
 /// An upstream HTTP/1.1 server answering every request with JSON describing it:
-/// `{"method","path","peer","host","body_len"}`; `/bytes/N` answers N bytes.
+/// `{"method","path","peer","host","body_len"}`; `/bytes/N` answers the N bytes of [`pattern`].
 pub struct Upstream {
     /// Where it listens.
     pub addr: SocketAddr,
@@ -197,6 +197,50 @@ impl Drop for Upstream {
     }
 }
 
+/// Bytes that differ by position (what `/bytes/N` answers), so that a lost, repeated or
+/// reordered chunk shows.
+pub fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+/// The upstream's answer: a JSON echo, or [`pattern`] made as it is sent (64 KiB at a time, so
+/// that many large downloads at once cost no memory).
+enum UpBody {
+    Full(Option<bytes::Bytes>),
+    Pattern { at: usize, len: usize },
+}
+
+impl hyper::body::Body for UpBody {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        let chunk = match self.get_mut() {
+            UpBody::Full(b) => b.take(),
+            UpBody::Pattern { at, len } => (*at < *len).then(|| {
+                // One period-aligned copy of the pattern, sliced (no copy per chunk).
+                static BLOCK: std::sync::OnceLock<bytes::Bytes> = std::sync::OnceLock::new();
+                let block = BLOCK.get_or_init(|| bytes::Bytes::from(pattern((64 << 10) + 251)));
+                let n = (64 << 10).min(*len - *at);
+                let c = block.slice(*at % 251..*at % 251 + n);
+                *at += n;
+                c
+            }),
+        };
+        std::task::Poll::Ready(chunk.map(|c| Ok(hyper::body::Frame::data(c))))
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            UpBody::Full(b) => hyper::body::SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            UpBody::Pattern { at, len } => hyper::body::SizeHint::with_exact((len - at) as u64),
+        }
+    }
+}
+
 async fn serve_upstream(s: tokio::net::TcpStream, peer: SocketAddr) {
     use http_body_util::BodyExt;
     let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| async move {
@@ -206,15 +250,15 @@ async fn serve_upstream(s: tokio::net::TcpStream, peer: SocketAddr) {
         let hop = req.headers().contains_key("proxy-authorization") || req.headers().contains_key("proxy-connection");
         let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         let out = if let Some(n) = path.strip_prefix("/bytes/") {
-            bytes::Bytes::from(vec![b'x'; n.parse().unwrap_or(0)])
+            UpBody::Pattern { at: 0, len: n.parse().unwrap_or(0) }
         } else {
             let v = serde_json::json!({
                 "method": method, "path": path, "peer": peer.to_string(), "host": host,
                 "body_len": body.len(), "proxy_headers_seen": hop,
             });
-            bytes::Bytes::from(v.to_string())
+            UpBody::Full(Some(bytes::Bytes::from(v.to_string())))
         };
-        Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(out)))
+        Ok::<_, std::convert::Infallible>(hyper::Response::new(out))
     });
     let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(s), svc).await;
 }
@@ -236,6 +280,8 @@ pub struct Gateway {
     pub log: PathBuf,
     /// Network namespace the gateway runs in (None: the test's own).
     pub netns: Option<String>,
+    /// A command the binary runs under (`setpriv ...`); empty: none.
+    pub launcher: Vec<String>,
 }
 
 impl Gateway {
@@ -258,6 +304,7 @@ impl Gateway {
             transparent: mk(transparent),
             log: dir.path().join("gateway.log"),
             netns: netns.map(|n| n.name.clone()),
+            launcher: Vec::new(),
             dir,
         };
         let mut g = g;
@@ -284,10 +331,33 @@ impl Gateway {
             transparent: mk(ports[3]),
             log: dir.path().join("gateway.log"),
             netns: None,
+            launcher: Vec::new(),
             dir,
         };
         g.write_config(dns, body);
         g.spawn("/healthz");
+        g
+    }
+
+    /// Like `start`, with the binary run under `launcher` (for example `setpriv` dropping
+    /// capabilities).
+    pub fn start_under(dns: &Dns, launcher: &[&str], body: &str) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let [http, socks, admin, transparent] = free_ports();
+        let mk = |p| SocketAddr::from(([127, 0, 0, 1], p));
+        let mut g = Gateway {
+            proc: None,
+            http: mk(http),
+            socks: mk(socks),
+            admin: mk(admin),
+            transparent: mk(transparent),
+            log: dir.path().join("gateway.log"),
+            netns: None,
+            launcher: launcher.iter().map(|s| s.to_string()).collect(),
+            dir,
+        };
+        g.write_config(dns, body);
+        g.spawn("/readyz");
         g
     }
 
@@ -333,6 +403,11 @@ impl Gateway {
             Some(ns) => {
                 let mut c = Command::new("ip");
                 c.args(["netns", "exec", ns]).arg(gateway_bin());
+                c
+            }
+            None if !self.launcher.is_empty() => {
+                let mut c = Command::new(&self.launcher[0]);
+                c.args(&self.launcher[1..]).arg(gateway_bin());
                 c
             }
             None => Command::new(gateway_bin()),

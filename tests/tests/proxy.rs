@@ -1,6 +1,6 @@
 //! End-to-end: the real gateway binary with curl, dnsmasq and upstream servers on loopback.
 
-use std::io::{BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
@@ -189,9 +189,21 @@ fn request_and_response_bodies_stream_both_ways_and_proxy_headers_are_stripped()
     ]);
     assert_eq!(r.json()["body_len"], 300_000, "{r:?}");
     // large response
-    let r = curl(&["-x", &proxy(&gw), &format!("http://up.test:{p}/bytes/5000000")]);
-    assert_eq!(r.body.len(), 5_000_000);
-    let ev: Vec<Value> = gw.events_at_least(6).into_iter().filter(|e| e["event"] == "close").collect();
+    let download = |args: &[&str]| {
+        let out = gw.dir.path().join("download.bin");
+        let url = format!("http://up.test:{p}/bytes/5000000");
+        assert_eq!(curl(&[args, &["-o", out.to_str().unwrap(), &url]].concat()).status, 200);
+        std::fs::read(&out).unwrap() == pattern(5_000_000)
+    };
+    assert!(download(&["-x", &proxy(&gw)]), "the download arrived changed");
+    // The same through a CONNECT tunnel, both ways: a bulk direction moves to splice(2).
+    assert_eq!(gw.metric("egress_relay_pipe_refused_total"), Some(0.0));
+    let spliced = gw.metric("egress_relay_spliced_total").unwrap();
+    assert!(download(&["-p", "-x", &proxy(&gw)]), "the tunnelled download arrived changed");
+    let r = curl(&["-p", "-x", &proxy(&gw), "--data-binary", &data, &format!("http://up.test:{p}/upload")]);
+    assert_eq!(r.json()["body_len"], 300_000, "{r:?}");
+    assert!(gw.metric("egress_relay_spliced_total").unwrap() >= spliced + 2.0);
+    let ev: Vec<Value> = gw.events_at_least(10).into_iter().filter(|e| e["event"] == "close").collect();
     let big = ev.iter().find(|e| e["target"]["http"]["path"] == "/bytes/5000000").expect("close of the download");
     assert!(big["close"]["bytes_down"].as_u64().unwrap() >= 5_000_000, "{big}");
     let upl = ev.iter().find(|e| e["target"]["http"]["path"] == "/upload").expect("close of the upload");
@@ -665,6 +677,68 @@ fn policy_conformance_vectors() {
 
 /// A real HTTPS upstream (openssl s_server) through CONNECT and SOCKS5, with the client verifying
 /// the upstream's certificate end to end: the gateway never touches TLS.
+/// Without CAP_SYS_RESOURCE (a gateway that is not root, as the chart runs it) pipe sizes count
+/// against a per-user kernel quota (`fs.pipe-user-pages-soft`, shared by every process of the
+/// uid), and once it is spent the kernel hands out two-page pipes. Bulk tunnels past that point
+/// keep copying through user space instead: every byte arrives, and the metric says so.
+#[test]
+fn bulk_tunnels_past_the_pipe_quota_keep_copying_and_lose_nothing() {
+    let soft: usize = std::fs::read_to_string("/proc/sys/fs/pipe-user-pages-soft").unwrap().trim().parse().unwrap();
+    if soft == 0 {
+        eprintln!("fs.pipe-user-pages-soft is 0 (no quota) on this machine: nothing to exhaust");
+        return;
+    }
+    let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
+    let p = up.addr.port();
+    let drop_caps = ["setpriv", "--bounding-set=-sys_resource,-sys_admin", "--inh-caps=-sys_resource,-sys_admin", "--"];
+    let gw = Gateway::start_under(&dns, &drop_caps, &config(p, ""));
+    // Each bulk direction asks for a 1 MiB pipe (256 pages): this many spend the whole quota
+    // even if nothing else of this uid holds a pipe.
+    let tunnels = soft / 256 + 8;
+    // Larger than every buffer on the way (a small receive buffer here, the gateway's send
+    // buffer, its pipe), so each download is still running, pipe held, until it is read.
+    const LEN: usize = 12 << 20;
+    let mut held = Vec::new();
+    for _ in 0..tunnels {
+        let mut s = TcpStream::connect(gw.http).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let small: libc::c_int = 32 << 10;
+        // SAFETY: setsockopt on a valid socket with a c_int value.
+        let rc = unsafe {
+            use std::os::fd::AsRawFd;
+            let (v, n) = (&small as *const libc::c_int as *const libc::c_void, size_of::<libc::c_int>() as u32);
+            libc::setsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, v, n)
+        };
+        assert_eq!(rc, 0);
+        write!(s, "CONNECT up.test:{p} HTTP/1.1\r\nHost: up.test:{p}\r\n\r\n").unwrap();
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert!(line.starts_with("HTTP/1.1 200"), "{line}");
+        while line != "\r\n" {
+            line.clear();
+            r.read_line(&mut line).unwrap();
+        }
+        write!(r.get_mut(), "GET /bytes/{LEN} HTTP/1.1\r\nHost: up.test\r\nConnection: close\r\n\r\n").unwrap();
+        // Far more than one copy buffer, so this direction has turned bulk and kept its pipe
+        // (or was refused one) before the next tunnel opens.
+        let mut first = vec![0u8; 200_000];
+        r.read_exact(&mut first).unwrap();
+        held.push((r, first));
+    }
+    let refused = gw.metric("egress_relay_pipe_refused_total").unwrap();
+    let spliced = gw.metric("egress_relay_spliced_total").unwrap();
+    assert!(refused >= 1.0, "{tunnels} bulk tunnels and no refused pipe ({spliced} spliced): {}", gw.log_text());
+    assert!(gw.metric("egress_relay_spliced_total").unwrap() + refused >= tunnels as f64);
+    let want = pattern(LEN);
+    for (mut r, mut all) in held {
+        r.read_to_end(&mut all).unwrap();
+        let body = all.windows(4).position(|w| w == b"\r\n\r\n").map(|i| &all[i + 4..]).expect("a response head");
+        assert!(body == want, "a tunnel's download arrived changed ({} bytes)", body.len());
+    }
+    eprintln!("{tunnels} bulk tunnels: {refused} kept copying because the pipe quota was spent");
+}
+
 #[test]
 fn https_upstream_through_connect_and_socks5() {
     let dns = dns();

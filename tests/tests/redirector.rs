@@ -556,6 +556,7 @@ policies:
     let metrics = w.node.enter(move || admin_get(admin, "/metrics")).unwrap().1;
     assert!(metrics.contains("egress_redirector_selected_addresses 0"), "{metrics}");
     assert!(metrics.contains("egress_redirector_table_updates_total 1"), "{metrics}");
+    assert!(metrics.contains("egress_redirector_relay_pipe_refused_total 0"), "relay paths are exported: {metrics}");
     assert!(
         metrics.contains("egress_redirector_apply_seconds_count 1"),
         "time from the Pod event to its rules: {metrics}"
