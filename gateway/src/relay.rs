@@ -1,6 +1,7 @@
 //! Bidirectional relay with byte counters, an idle timeout and shutdown. Socket to socket:
-//! splice(2) (egress-netio), no copy through user space. Otherwise one pair of 64 KiB buffers per
-//! connection, allocated once; nothing is allocated per chunk.
+//! egress-netio (small exchanges copied through a stack buffer, bulk directions spliced in the
+//! kernel). Otherwise one pair of 64 KiB buffers per connection, allocated once; nothing is
+//! allocated per chunk.
 
 use std::io;
 use std::pin::Pin;
@@ -78,7 +79,7 @@ where
     supervise(async { copy.await.map(|_| ()) }, &up, &down, idle, stop).await
 }
 
-/// The same for two plain sockets: zero-copy with splice(2).
+/// The same for two plain sockets, through egress-netio (splice(2) once a direction is bulk).
 ///
 /// `nodelay` is `limits.tunnelNoDelay`: on (the default), every splice leaves at once, as the
 /// endpoints wrote it (a proxy that adds Nagle delays the endpoints' own small writes); off, the

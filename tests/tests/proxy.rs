@@ -827,6 +827,35 @@ policies:
     assert!(r.body.contains("reason: guard_blocked"), "{r:?}");
 }
 
+/// A source address from a pool shares its ports across destinations: the kernel picks the port
+/// at connect time, per destination, not at bind time for all of them (IP_BIND_ADDRESS_NO_PORT).
+/// The gateway's namespace has two ephemeral ports; four upstream connections from one source
+/// address are held open at once (the keep-alive pool) and need that sharing.
+#[test]
+fn a_pool_source_address_shares_its_ports_across_destinations() {
+    let gwns = Netns::new("pgw");
+    let upns = Netns::new("pup");
+    let tag = std::process::id() % 100_000;
+    let (a_if, b_if) = (format!("egpg{tag}"), format!("egpu{tag}"));
+    Netns::link(&gwns, &a_if, &["10.77.0.3/24"], &upns, &b_if, &["10.77.0.1/24"]);
+    let range = gwns.command("sysctl").args(["-qw", "net.ipv4.ip_local_port_range=40000 40001"]).status().unwrap();
+    assert!(range.success());
+    let ups: Vec<Upstream> = (0..4).map(|_| Upstream::start_in(&upns, "10.77.0.1")).collect();
+    let ports: Vec<String> = ups.iter().map(|u| format!("{{port: {}}}", u.addr.port())).collect();
+    let body = format!(
+        "egressAddresses: {{pinned: [10.77.0.3]}}\nclients: [{{cidr: 127.0.0.1/32, namespace: a, name: one, labels: {{}}}}]\npolicies:\n  - {{apiVersion: egress.dev/v1alpha1, kind: EgressPolicy, metadata: {{name: p, namespace: a}}, spec: {{podSelector: {{}}, egressAddress: pinned, rules: [{{to: [{{cidr: 10.77.0.1/32}}], ports: [{}]}}]}}}}\n",
+        ports.join(", ")
+    );
+    let gw = Gateway::start_with(None, Some(&gwns), &body);
+    // One client connection (one port of the two), four requests, four upstreams kept open.
+    let px = format!("http://{}", gw.http);
+    let mut args = vec!["-x", &px];
+    let urls: Vec<String> = ups.iter().map(|u| format!("http://10.77.0.1:{}/", u.addr.port())).collect();
+    args.extend(urls.iter().map(String::as_str));
+    let r = curl_in(Some(&gwns), &args);
+    assert_eq!(r.body.matches("\"peer\":\"10.77.0.3:").count(), 4, "{r:?} {}", gw.log_text());
+}
+
 #[test]
 fn userinfo_in_the_url_never_changes_the_decided_host() {
     let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
