@@ -431,10 +431,10 @@ policies:
             threads.into_iter().map(|t| t.join().unwrap()).sum::<u64>() as f64 / 5.0
         })
     };
-    // EGRESS_BENCH=rate skips the downloads (to profile connection setup alone).
-    let rate_only = std::env::var("EGRESS_BENCH").is_ok_and(|v| v == "rate");
-    let (bulk_r, bulk_d) = if rate_only { (0.0, 1.0) } else { (bulk("192.0.2.10"), bulk("192.0.2.11")) };
-    let (rate_r, rate_d) = (rate("192.0.2.10"), rate("192.0.2.11"));
+    // EGRESS_BENCH=rate skips the downloads, =bulk the connection rate (to profile one alone).
+    let only = std::env::var("EGRESS_BENCH").unwrap_or_default();
+    let (bulk_r, bulk_d) = if only == "rate" { (0.0, 1.0) } else { (bulk("192.0.2.10"), bulk("192.0.2.11")) };
+    let (rate_r, rate_d) = if only == "bulk" { (0.0, 1.0) } else { (rate("192.0.2.10"), rate("192.0.2.11")) };
     eprintln!("bulk 100 MiB: redirected {bulk_r:.0} MiB/s, direct {bulk_d:.0} MiB/s, ratio {:.2}", bulk_r / bulk_d);
     eprintln!(
         "new connections (8 parallel): redirected {rate_r:.0}/s, direct {rate_d:.0}/s, ratio {:.2}",
