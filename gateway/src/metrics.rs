@@ -39,6 +39,8 @@ pub struct Metrics {
     pub config_stale: Gauge,
     /// Audit events written.
     pub audit_events: Counter,
+    /// Writes of buffered events to the sinks (no spool): events / writes is the batching.
+    pub audit_direct_writes: Counter,
     /// Audit write errors.
     pub audit_errors: Counter,
     /// Seconds the Kubernetes snapshot has been possibly stale (0: watchers healthy).
@@ -174,6 +176,12 @@ impl Metrics {
         );
         let audit_events = Counter::default();
         registry.register("audit_events", "Audit events written", audit_events.clone());
+        let audit_direct_writes = Counter::default();
+        registry.register(
+            "audit_direct_writes",
+            "Writes of buffered audit events to the sinks without a spool (each carries every event since the last)",
+            audit_direct_writes.clone(),
+        );
         let audit_errors = Counter::default();
         registry.register("audit_write_errors", "Audit sink write errors", audit_errors.clone());
         let kube_stale_seconds = Gauge::default();
@@ -238,6 +246,7 @@ impl Metrics {
             reloads_failed,
             config_stale,
             audit_events,
+            audit_direct_writes,
             audit_errors,
         }
     }

@@ -531,3 +531,43 @@ fn example_audit_configs_are_valid() {
     }
     assert!(n >= 3, "examples: {n}");
 }
+
+/// Without a spool, requests buffer their events and the writer thread writes whatever has
+/// gathered once per tick, also after a quiet spell at start-up: many events per write, and
+/// every event in the file. (The wake-up logic itself is unit-tested in gateway/src/audit.)
+#[test]
+fn without_a_spool_the_writer_batches_events_under_load() {
+    let dns = Dns::start(&[("up.test", "127.0.0.2")]);
+    let up = Upstream::start("127.0.0.2");
+    let p = up.addr.port();
+    // On one CPU, as a gateway limited to one core runs: the writer and the request threads take
+    // turns, so every wake-up of the writer is a context switch.
+    let gw = Gateway::start_under(&dns, &["taskset", "-c", "0"], &policy(p, ""));
+    // A quiet spell first: the writer goes into its long sleep.
+    std::thread::sleep(Duration::from_millis(300));
+    let before = gw.metric("egress_audit_events_total").unwrap();
+    let url = format!("http://up.test:{p}/x");
+    let clients: Vec<_> = (0..16)
+        .map(|_| {
+            let (px, url) = (format!("http://{}", gw.http), url.clone());
+            std::thread::spawn(move || {
+                // One curl, one keep-alive connection, 100 requests.
+                let mut args = vec!["-x".to_string(), px, "-o".into(), "/dev/null".into()];
+                args.extend(std::iter::repeat_n(url, 100));
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                assert_eq!(curl(&args).status, 200);
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    let events = gw.metric("egress_audit_events_total").unwrap() - before;
+    assert!(events >= 3200.0, "a decision and a close per request: {events}");
+    wait_until(Duration::from_secs(5), || {
+        file_events(&gw.audit_path()).len() as f64 >= gw.metric("egress_audit_events_total").unwrap()
+    });
+    let writes = gw.metric("egress_audit_direct_writes_total").unwrap();
+    eprintln!("{writes} writes for {events} events");
+    assert!(writes * 4.0 < events, "{writes} writes for {events} events: the writer was woken per event");
+}

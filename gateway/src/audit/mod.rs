@@ -507,13 +507,13 @@ impl Direct {
         let ctx = format::Context::local();
         let mut lines = Vec::with_capacity(64 * 1024);
         let mut mapped = Vec::with_capacity(64 * 1024);
-        let mut quiet_ticks = 0u32;
+        let mut quiet = Quiet::default();
         loop {
+            let (wait, sleep) = quiet.after_tick(!lines.is_empty());
+            lines.clear();
             let upto = {
                 let mut st = self.lock();
-                quiet_ticks = if st.buf.is_empty() { quiet_ticks.saturating_add(1) } else { 0 };
-                let wait = if quiet_ticks > 20 { Duration::from_millis(200) } else { Self::TICK };
-                st.sleeping = quiet_ticks > 20;
+                st.sleeping = sleep;
                 st = self.cond.wait_timeout(st, wait).unwrap_or_else(|p| p.into_inner()).0;
                 st.sleeping = false;
                 // A checkpoint due by time while traffic is quiet.
@@ -543,7 +543,7 @@ impl Direct {
                     }
                 }
                 flush_all(&mut sinks, &self.metrics);
-                lines.clear();
+                self.metrics.audit_direct_writes.inc();
             }
             let mut st = self.lock();
             if st.written != upto {
@@ -551,6 +551,27 @@ impl Direct {
                 self.cond.notify_all();
             }
         }
+    }
+}
+
+/// When the no-spool writer next looks at the buffer: every tick while events come, a long
+/// sleep (that the next event ends) after a quiet spell.
+#[derive(Default)]
+struct Quiet {
+    /// Ticks in a row that had nothing to write.
+    ticks: u32,
+}
+
+impl Quiet {
+    const SLEEP_AFTER: u32 = 20;
+
+    /// After a tick that wrote something (`wrote`) or not: how long to wait, and whether that is
+    /// the long sleep. Judged by what the tick wrote, never by the buffer right after taking it,
+    /// which is nearly always empty: judged that way, a busy writer went to sleep after 20 ticks
+    /// and was then woken by every single event (a context switch per event).
+    fn after_tick(&mut self, wrote: bool) -> (Duration, bool) {
+        self.ticks = if wrote { 0 } else { self.ticks.saturating_add(1) };
+        if self.ticks > Self::SLEEP_AFTER { (Duration::from_millis(200), true) } else { (Direct::TICK, false) }
     }
 }
 
@@ -1037,5 +1058,25 @@ fn age_of(lines: &[u8]) -> i64 {
     match humantime::parse_rfc3339(s) {
         Ok(t) => std::time::SystemTime::now().duration_since(t).map(|d| d.as_secs() as i64).unwrap_or(0),
         Err(_) => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_writer_sleeps_only_after_a_quiet_spell_and_never_while_events_come() {
+        let mut q = Quiet::default();
+        for _ in 0..Quiet::SLEEP_AFTER {
+            assert_eq!(q.after_tick(false), (Direct::TICK, false));
+        }
+        assert_eq!(q.after_tick(false), (Duration::from_millis(200), true));
+        // The event that ends the sleep is written; from then on every tick that writes keeps
+        // the writer on its tick, however long the quiet spell before it was.
+        for _ in 0..1000 {
+            assert_eq!(q.after_tick(true), (Direct::TICK, false));
+        }
+        assert_eq!(q.after_tick(false), (Direct::TICK, false));
     }
 }
