@@ -136,6 +136,9 @@ async fn copy_once(from: &TcpStream, to: &TcpStream, pending: &mut Vec<u8>) -> i
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         };
+        if n == 0 {
+            return Ok((0, 0));
+        }
         // SAFETY: recv initialised the first n bytes.
         let got = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), n) };
         let sent = match to.try_io(Interest::WRITABLE, || send(to.as_raw_fd(), got)) {
