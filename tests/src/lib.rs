@@ -293,47 +293,19 @@ impl Gateway {
 
     /// Like `start`, with an optional nameserver and inside an optional network namespace.
     pub fn start_with(dns: Option<SocketAddr>, netns: Option<&Netns>, body: &str) -> Gateway {
-        let dir = tempfile::tempdir().unwrap();
-        let [http, socks, admin, transparent] = free_ports();
-        let mk = |p| SocketAddr::from(([127, 0, 0, 1], p));
-        let g = Gateway {
-            proc: None,
-            http: mk(http),
-            socks: mk(socks),
-            admin: mk(admin),
-            transparent: mk(transparent),
-            log: dir.path().join("gateway.log"),
-            netns: netns.map(|n| n.name.clone()),
-            launcher: Vec::new(),
-            dir,
-        };
-        let mut g = g;
+        let mut g = Gateway::unstarted(netns, &[]);
         if netns.is_some() {
             // Relays reach the transparent front from other namespaces.
             g.transparent = SocketAddr::from(([0, 0, 0, 0], g.transparent.port()));
         }
         g.write_config_with(dns, body);
-        let mut g = g;
         g.spawn("/readyz");
         g
     }
 
     /// Starts the gateway and waits only until it is alive (`/healthz`), not ready.
     pub fn start_alive(dns: &Dns, body: &str) -> Gateway {
-        let dir = tempfile::tempdir().unwrap();
-        let ports: [u16; 4] = free_ports();
-        let mk = |p| SocketAddr::from(([127, 0, 0, 1], p));
-        let mut g = Gateway {
-            proc: None,
-            http: mk(ports[0]),
-            socks: mk(ports[1]),
-            admin: mk(ports[2]),
-            transparent: mk(ports[3]),
-            log: dir.path().join("gateway.log"),
-            netns: None,
-            launcher: Vec::new(),
-            dir,
-        };
+        let mut g = Gateway::unstarted(None, &[]);
         g.write_config(dns, body);
         g.spawn("/healthz");
         g
@@ -342,23 +314,28 @@ impl Gateway {
     /// Like `start`, with the binary run under `launcher` (for example `setpriv` dropping
     /// capabilities).
     pub fn start_under(dns: &Dns, launcher: &[&str], body: &str) -> Gateway {
+        let mut g = Gateway::unstarted(None, launcher);
+        g.write_config(dns, body);
+        g.spawn("/readyz");
+        g
+    }
+
+    /// A config directory and free loopback ports; nothing written or started yet.
+    fn unstarted(netns: Option<&Netns>, launcher: &[&str]) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let [http, socks, admin, transparent] = free_ports();
         let mk = |p| SocketAddr::from(([127, 0, 0, 1], p));
-        let mut g = Gateway {
+        Gateway {
             proc: None,
             http: mk(http),
             socks: mk(socks),
             admin: mk(admin),
             transparent: mk(transparent),
             log: dir.path().join("gateway.log"),
-            netns: None,
+            netns: netns.map(|n| n.name.clone()),
             launcher: launcher.iter().map(|s| s.to_string()).collect(),
             dir,
-        };
-        g.write_config(dns, body);
-        g.spawn("/readyz");
-        g
+        }
     }
 
     /// The config file path.
