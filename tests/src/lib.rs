@@ -424,6 +424,11 @@ impl Gateway {
         &mut self.proc.as_mut().expect("running").0
     }
 
+    /// The process id of the running gateway.
+    pub fn pid(&self) -> u32 {
+        self.proc.as_ref().expect("running").0.id()
+    }
+
     /// Sends a signal to the gateway.
     pub fn signal(&mut self, sig: &str) {
         let pid = self.child().id().to_string();

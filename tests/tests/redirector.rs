@@ -390,11 +390,13 @@ policies:
         gw.transparent.port()
     )).unwrap();
     let child = spawn_redirector(&w.node, &cfg, &[], Stdio::null());
+    let pids = [child.id(), gw.pid()];
     let _r = Proc(child);
     wait_until(Duration::from_secs(10), || node_table(&w.node).is_some());
     let url = format!("http://allowed.test:{p}/bytes/104857600");
     let resolve = format!("allowed.test:{p}:203.0.113.10");
     let bulk = |src: &str| {
+        let cpu = CpuSample::now(pids);
         let mut v: Vec<f64> = (0..5)
             .map(|_| {
                 let t = std::time::Instant::now();
@@ -404,11 +406,12 @@ policies:
             })
             .collect();
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        v[2]
+        (v[2], cpu.until_now(500.0 / 1024.0))
     };
     let rate = |src: &'static str| {
         let target: std::net::SocketAddr = format!("203.0.113.10:{p}").parse().unwrap();
-        w.pod.enter(move || {
+        let cpu = CpuSample::now(pids);
+        let n = w.pod.enter(move || {
             let until = std::time::Instant::now() + Duration::from_secs(5);
             let threads: Vec<_> = (0..8)
                 .map(|_| {
@@ -428,18 +431,105 @@ policies:
                     })
                 })
                 .collect();
-            threads.into_iter().map(|t| t.join().unwrap()).sum::<u64>() as f64 / 5.0
-        })
+            threads.into_iter().map(|t| t.join().unwrap()).sum::<u64>()
+        });
+        (n as f64 / 5.0, cpu.until_now(n as f64))
     };
     // EGRESS_BENCH=rate skips the downloads, =bulk the connection rate (to profile one alone).
     let only = std::env::var("EGRESS_BENCH").unwrap_or_default();
-    let (bulk_r, bulk_d) = if only == "rate" { (0.0, 1.0) } else { (bulk("192.0.2.10"), bulk("192.0.2.11")) };
-    let (rate_r, rate_d) = if only == "bulk" { (0.0, 1.0) } else { (rate("192.0.2.10"), rate("192.0.2.11")) };
-    eprintln!("bulk 100 MiB: redirected {bulk_r:.0} MiB/s, direct {bulk_d:.0} MiB/s, ratio {:.2}", bulk_r / bulk_d);
-    eprintln!(
-        "new connections (8 parallel): redirected {rate_r:.0}/s, direct {rate_d:.0}/s, ratio {:.2}",
-        rate_r / rate_d
-    );
+    if only != "rate" {
+        let ((r, rc), (d, dc)) = (bulk("192.0.2.10"), bulk("192.0.2.11"));
+        eprintln!("bulk 100 MiB: redirected {r:.0} MiB/s, direct {d:.0} MiB/s, ratio {:.2}", r / d);
+        eprintln!("  CPU s/GiB   redirected: {rc}\n              direct:     {dc}");
+        eprintln!("  CPU-bound ceiling of the ratio on these cores: {:.2}", dc.total / rc.total);
+    }
+    if only != "bulk" {
+        let ((r, rc), (d, dc)) = (rate("192.0.2.10"), rate("192.0.2.11"));
+        eprintln!("new connections (8 parallel): redirected {r:.0}/s, direct {d:.0}/s, ratio {:.2}", r / d);
+        let us = |c: Cpu| Cpu {
+            relay: c.relay * 1e6,
+            gateway: c.gateway * 1e6,
+            rest: c.rest * 1e6,
+            total: c.total * 1e6,
+            ..c
+        };
+        eprintln!("  CPU us/conn redirected: {}\n              direct:     {}", us(rc), us(dc));
+        eprintln!("  CPU-bound ceiling of the ratio on these cores: {:.2}", dc.total / rc.total);
+    }
+}
+
+/// CPU spent during a benchmark phase, per unit of work (GiB or connection): the relay's and the
+/// gateway's processes (user + system, from /proc/PID/stat), everything else the machine did
+/// (clients, upstream, softirq in other contexts), the machine's total, and how many of its cores
+/// were busy on average. When the machine is saturated, the ratio of two phases' totals bounds
+/// their throughput ratio: the redirected path cannot do better than `direct.total / redirected.total`.
+#[derive(Clone, Copy)]
+struct Cpu {
+    relay: f64,
+    gateway: f64,
+    rest: f64,
+    total: f64,
+    busy_cores: f64,
+}
+
+impl std::fmt::Display for Cpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "relay {:.3}, gateway {:.3}, clients+upstream+kernel {:.3}, total {:.3} ({:.2} cores busy)",
+            self.relay, self.gateway, self.rest, self.total, self.busy_cores
+        )
+    }
+}
+
+struct CpuSample {
+    pids: [u32; 2],
+    procs: [f64; 2],
+    busy: f64,
+    at: std::time::Instant,
+}
+
+impl CpuSample {
+    fn now(pids: [u32; 2]) -> CpuSample {
+        CpuSample { pids, procs: pids.map(process_cpu), busy: machine_busy(), at: std::time::Instant::now() }
+    }
+
+    fn until_now(&self, units: f64) -> Cpu {
+        let wall = self.at.elapsed().as_secs_f64();
+        let [relay, gateway] = [0, 1].map(|i| process_cpu(self.pids[i]) - self.procs[i]);
+        let total = machine_busy() - self.busy;
+        Cpu {
+            relay: relay / units,
+            gateway: gateway / units,
+            rest: (total - relay - gateway) / units,
+            total: total / units,
+            busy_cores: total / wall,
+        }
+    }
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
+}
+
+/// On-CPU time of a process's threads, in seconds (schedstat: nanoseconds, where /proc/PID/stat
+/// counts 10 ms ticks).
+fn process_cpu(pid: u32) -> f64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    let ns: u64 = tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+        .map(|s| s.split_whitespace().next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    ns as f64 / 1e9
+}
+
+/// Seconds every core of the machine spent not idle (user, nice, system, irq, softirq, steal).
+fn machine_busy() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap();
+    let f: Vec<f64> = stat.lines().next().unwrap().split_whitespace().skip(1).map(|v| v.parse().unwrap()).collect();
+    let (idle, iowait) = (f[3], f[4]);
+    (f[..8].iter().sum::<f64>() - idle - iowait) / clock_ticks()
 }
 
 /// Kubernetes mode: Pods on the node, policies and the gateway's EndpointSlices come from a
