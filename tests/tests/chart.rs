@@ -231,6 +231,8 @@ fn the_values_schema_rejects_wrong_values() {
         ("gateway: {guard: {allowCidrs: [10.0.0.0]}}", "allowCidrs"),
         ("gateway: {spread: maybe}", "spread"),
         ("gateway: {shutdownGraceSeconds: -1}", "shutdownGraceSeconds"),
+        ("gateway: {runAsUser: 0}", "runAsUser"),
+        ("gateway: {runAsGroup: 0}", "runAsGroup"),
         (
             "gateway: {policies: [{apiVersion: networking.k8s.io/v1, kind: NetworkPolicy, metadata: {}, spec: {}}]}",
             "policies",
@@ -329,9 +331,15 @@ fn the_gateway_pod_is_restricted_and_drains_within_its_grace_period() {
             assert_eq!(pod["topologySpreadConstraints"][0]["topologyKey"], "kubernetes.io/hostname", "{what}");
         }
     }
-    // The defaults: two replicas, no host network, the default path of a fresh install.
+    // The defaults: two replicas, no host network, the image's non-root uid.
     let (_, docs) = render(&None, &[]).unwrap();
     assert_eq!(get(&docs, "Deployment", GATEWAY)["spec"]["replicas"], 2);
+    let sc = &container(get(&docs, "Deployment", GATEWAY), "gateway")["securityContext"];
+    assert_eq!((sc["runAsUser"].as_u64(), sc["runAsGroup"].as_u64()), (Some(65532), Some(65532)));
+    // A uid of the gateway's own (pipe memory is counted per uid on the node).
+    let (_, docs) = render(&None, &["--set", "gateway.runAsUser=64001", "--set", "gateway.runAsGroup=64002"]).unwrap();
+    let sc = &container(get(&docs, "Deployment", GATEWAY), "gateway")["securityContext"];
+    assert_eq!((sc["runAsUser"].as_u64(), sc["runAsGroup"].as_u64()), (Some(64001), Some(64002)));
     assert!(find(&docs, "DaemonSet", REDIRECTOR).is_none(), "steering is opt-in: it needs the cluster's CIDRs");
 }
 
@@ -571,6 +579,12 @@ fn the_service_monitor_scrapes_the_metrics_services() {
     let volumes = dep["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
     let vol = volumes.iter().find(|v| v["name"] == mount["name"]).unwrap();
     assert_eq!(vol["secret"]["secretName"], "egress-checkpoint-key");
+    // The kubelet writes Secret files as root, group fsGroup: the gateway (not root) reads the key
+    // through its group, and no one else can.
+    let pod = &dep["spec"]["template"]["spec"];
+    let c = container(dep, "gateway");
+    assert_eq!(pod["securityContext"]["fsGroup"], c["securityContext"]["runAsGroup"]);
+    assert_eq!(vol["secret"]["defaultMode"].as_u64(), Some(0o440));
 }
 
 #[test]

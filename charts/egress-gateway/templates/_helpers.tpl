@@ -122,11 +122,11 @@ clusterDns: {{- toYaml $c.dnsServers | nindent 2 }}
 excludeCidrs: {{- concat $c.podCidrs $c.serviceCidrs $c.nodeCidrs $r.excludeCidrs | uniq | toYaml | nindent 2 }}
 {{- end -}}
 
-{{/* The restricted Pod Security profile's container settings. */}}
+{{/* The restricted Pod Security profile's container settings for the gateway. */}}
 {{- define "egress.restrictedContainer" -}}
 runAsNonRoot: true
-runAsUser: 65532
-runAsGroup: 65532
+runAsUser: {{ .Values.gateway.runAsUser }}
+runAsGroup: {{ .Values.gateway.runAsGroup }}
 allowPrivilegeEscalation: false
 readOnlyRootFilesystem: true
 capabilities:
