@@ -41,7 +41,7 @@ pub async fn check(
     resolve: bool,
 ) -> anyhow::Result<(serde_json::Value, bool)> {
     let (target, http) = parse_check_target(raw_target, method).map_err(anyhow::Error::msg)?;
-    let resolver = if resolve { Some(Resolver::new(&loaded.config.resolver)?) } else { None };
+    let resolver = if resolve { Some(Resolver::new(&loaded.config.resolver, Default::default())?) } else { None };
     let own = crate::pipeline::own_addresses(&loaded.config.listen);
     let state = State::build(loaded, None, None, &own);
     let identity = state.identities.lookup(client);

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub dns_seconds: Histogram,
     /// DNS lookup failures.
     pub dns_failures: Counter,
+    /// Address families put on hold for a name (failed while the other family answered).
+    pub dns_family_held: Counter,
     /// Config reloads by result.
     pub reloads_ok: Counter,
     /// Failed config reloads (the previous config stays in force).
@@ -164,6 +166,12 @@ impl Metrics {
         registry.register("dns_lookup_seconds", "DNS lookup latency (cache hits included)", dns_seconds.clone());
         let dns_failures = Counter::default();
         registry.register("dns_lookup_failures", "DNS lookups that failed", dns_failures.clone());
+        let dns_family_held = Counter::default();
+        registry.register(
+            "dns_family_held",
+            "A or AAAA queries that failed while the other family answered; that family is not asked for the name for 30 s",
+            dns_family_held.clone(),
+        );
         let reloads = Family::<ResultLabels, Counter>::default();
         let reloads_ok = reloads.get_or_create(&ResultLabels { result: "ok" }).clone();
         let reloads_failed = reloads.get_or_create(&ResultLabels { result: "failed" }).clone();
@@ -242,6 +250,7 @@ impl Metrics {
             connect_failures,
             dns_seconds,
             dns_failures,
+            dns_family_held,
             reloads_ok,
             reloads_failed,
             config_stale,

@@ -274,7 +274,7 @@ impl Gateway {
         for net in &loaded.config.guard.allow_cidrs {
             tracing::warn!(cidr = %net, "guard.allowCidrs exempts this range from the built-in guard");
         }
-        let resolver = Resolver::new(&loaded.config.resolver)?;
+        let resolver = Resolver::new(&loaded.config.resolver, metrics.dns_family_held.clone())?;
         let (audit, instance) = Audit::start(&loaded.config.audit, instance, metrics.clone())?;
         let config_path = loaded.path.clone();
         let kube_mode = loaded.config.kubernetes.enabled;

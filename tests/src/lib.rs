@@ -78,6 +78,73 @@ impl Drop for Proc {
     }
 }
 
+/// A misbehaving DNS server on UDP (hostile-input tests): answers A queries for its names,
+/// NXDOMAIN for other names, and never answers AAAA (as some middleboxes drop them). Counts the
+/// queries it receives by type.
+pub struct SilentAaaaDns {
+    /// `127.0.0.1:port`.
+    pub addr: SocketAddr,
+    counts: std::sync::Arc<std::sync::Mutex<BTreeMap<u16, usize>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SilentAaaaDns {
+    /// Starts the server with `(name, IPv4 address)` records.
+    pub fn start(records: &[(&str, std::net::Ipv4Addr)]) -> SilentAaaaDns {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let addr = sock.local_addr().unwrap();
+        let records: BTreeMap<String, std::net::Ipv4Addr> =
+            records.iter().map(|(n, a)| (n.to_ascii_lowercase(), *a)).collect();
+        let counts = std::sync::Arc::<std::sync::Mutex<BTreeMap<u16, usize>>>::default();
+        let stop = std::sync::Arc::<std::sync::atomic::AtomicBool>::default();
+        let (c, st) = (counts.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while !st.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok((n, peer)) = sock.recv_from(&mut buf) else { continue };
+                let q = &buf[..n];
+                // Header (12 bytes), then the question: labels, a zero byte, type, class.
+                let (mut i, mut labels) = (12usize, Vec::new());
+                while i < n && q[i] != 0 {
+                    let len = q[i] as usize;
+                    labels.push(String::from_utf8_lossy(&q[i + 1..i + 1 + len]).to_ascii_lowercase());
+                    i += 1 + len;
+                }
+                let qend = i + 5;
+                let qtype = u16::from_be_bytes([q[i + 1], q[i + 2]]);
+                *c.lock().unwrap().entry(qtype).or_default() += 1;
+                if qtype == 28 {
+                    continue; // AAAA: never answered
+                }
+                let answer = records.get(&labels.join(".")).filter(|_| qtype == 1);
+                let rcode = if records.contains_key(&labels.join(".")) { 0 } else { 3 };
+                let mut r = Vec::with_capacity(qend + 16);
+                r.extend_from_slice(&q[..2]);
+                r.extend_from_slice(&[0x81, 0x80 | rcode, 0, 1, 0, answer.is_some() as u8, 0, 0, 0, 0]);
+                r.extend_from_slice(&q[12..qend]);
+                if let Some(ip) = answer {
+                    r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+                    r.extend_from_slice(&ip.octets());
+                }
+                let _ = sock.send_to(&r, peer);
+            }
+        });
+        SilentAaaaDns { addr, counts, stop }
+    }
+
+    /// How many queries of `qtype` (1 = A, 28 = AAAA) arrived so far.
+    pub fn queries(&self, qtype: u16) -> usize {
+        self.counts.lock().unwrap().get(&qtype).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for SilentAaaaDns {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// A dnsmasq instance answering for test names only (no upstream, no hosts file).
 pub struct Dns {
     _proc: Proc,

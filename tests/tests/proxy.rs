@@ -987,3 +987,42 @@ fn an_upstream_closing_an_idle_connection_is_redialled() {
         "the second request got a fresh upstream connection"
     );
 }
+
+/// A resolver that answers A but never AAAA (some middleboxes drop AAAA queries): hickory caches
+/// no failure, so without a hold every request would ask again and wait for AAAA to time out.
+/// The first request waits for AAAA at most `SECOND_FAMILY_WAIT`; then AAAA is not asked for the
+/// name while the hold lasts, and requests go on with the IPv4 answer.
+#[test]
+fn a_family_the_resolver_never_answers_is_held_not_asked_again_per_request() {
+    let dns = SilentAaaaDns::start(&[("v4only.test", std::net::Ipv4Addr::new(127, 0, 0, 2))]);
+    let up = Upstream::start("127.0.0.2");
+    let p = up.addr.port();
+    let spec = format!(
+        "      rules: [{{to: [{{domain: v4only.test}}, {{domain: \"*.v4only.test\"}}], ports: [{{port: {p}}}]}}]"
+    );
+    let gw = Gateway::start_with(Some(dns.addr), None, &single_policy("v4only", &spec, ""));
+    let url = format!("http://v4only.test:{p}/x");
+    let r = curl(&["-x", &proxy(&gw), &url]);
+    assert_eq!(r.status, 200, "{r:?}");
+    let aaaa = dns.queries(28);
+    assert!(aaaa >= 1, "the gateway asked for AAAA once");
+    assert_eq!(gw.metric("egress_dns_family_held_total"), Some(1.0));
+    let d = gw.decision(|e| e["target"]["host"] == "v4only.test");
+    assert_eq!(d["resolved"].as_array().unwrap().len(), 1, "{d}");
+    for _ in 0..5 {
+        let r = curl(&["-x", &proxy(&gw), &url]);
+        assert_eq!(r.status, 200, "{r:?}");
+        let r = curl(&["-p", "-x", &proxy(&gw), &url]);
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    assert_eq!(dns.queries(28), aaaa, "AAAA is not asked again while it is held");
+    assert_eq!(gw.metric("egress_dns_family_held_total"), Some(1.0));
+    // A name the server does not know: NXDOMAIN on A is about the name, so the gateway does not
+    // wait for the AAAA answer that never comes (curl would give up after 10 s), and puts nothing
+    // on hold (NXDOMAIN is an answer, not a failure).
+    let r = curl(&["-x", &proxy(&gw), &format!("http://nothere.v4only.test:{p}/")]);
+    assert_eq!(r.status, 502, "{r:?}");
+    let d = gw.decision(|e| e["target"]["host"] == "nothere.v4only.test");
+    assert_eq!(d["decision"]["reason"], "dns_failure", "{d}");
+    assert_eq!(gw.metric("egress_dns_family_held_total"), Some(1.0));
+}
