@@ -141,12 +141,22 @@ pub struct Listen {
 }
 
 /// DNS resolution settings.
-#[derive(Debug, Clone, Deserialize, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ResolverConfig {
     /// `ip:port` of the nameservers (UDP, TCP fallback). Empty: the system's resolv.conf.
     #[serde(default)]
     pub nameservers: Vec<SocketAddr>,
+    /// Deadline of one lookup (both families, every nameserver and retry): past it the request
+    /// is denied with `dns_failure`.
+    #[serde(deserialize_with = "duration", default = "d5s")]
+    pub timeout: Duration,
+}
+
+impl Default for ResolverConfig {
+    fn default() -> Self {
+        ResolverConfig { nameservers: vec![], timeout: d5s() }
+    }
 }
 
 /// Guard settings.
@@ -963,6 +973,7 @@ fn validate_config(c: &Config, file: &str, errors: &mut Vec<String>) {
         err("limits.maxHeaderBytes", "must be at least 8192".into());
     }
     for (name, d) in [
+        ("resolver.timeout", c.resolver.timeout),
         ("limits.connectTimeout", c.limits.connect_timeout),
         ("limits.idleTimeout", c.limits.idle_timeout),
         ("limits.headerTimeout", c.limits.header_timeout),

@@ -19,6 +19,8 @@ use crate::config::ResolverConfig;
 
 /// Once one address family of a name has answered, how long the other may still take.
 pub const SECOND_FAMILY_WAIT: Duration = Duration::from_secs(2);
+/// How long before the lookup's deadline the wait for a second family ends.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(50);
 /// How long a family that failed (server error, or no answer within `SECOND_FAMILY_WAIT`) while
 /// the other answered is not asked again for that name.
 pub const FAMILY_HOLD: Duration = Duration::from_secs(30);
@@ -60,6 +62,8 @@ pub struct Resolver {
     /// name -> the family not asked until the entry expires.
     held: moka::sync::Cache<String, Family>,
     held_total: Counter,
+    /// `resolver.timeout`: the deadline of one lookup.
+    timeout: Duration,
 }
 
 impl Resolver {
@@ -91,11 +95,19 @@ impl Resolver {
         opts.ndots = 0;
         opts.cache_size = 4096;
         let held = moka::sync::Cache::builder().max_capacity(4096).time_to_live(FAMILY_HOLD).build();
-        Ok(Resolver { inner: builder.build()?, held, held_total })
+        Ok(Resolver { inner: builder.build()?, held, held_total, timeout: cfg.timeout })
     }
 
-    /// Every address of a (normalised) name, IPv4 first, then IPv6.
+    /// Every address of a (normalised) name, IPv4 first, then IPv6, within `resolver.timeout`.
     pub async fn lookup(&self, name: &str) -> Result<Vec<IpAddr>, String> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        match tokio::time::timeout_at(deadline, self.lookup_families(name, deadline)).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no answer within resolver.timeout ({:?})", self.timeout)),
+        }
+    }
+
+    async fn lookup_families(&self, name: &str, deadline: tokio::time::Instant) -> Result<Vec<IpAddr>, String> {
         let fqdn = format!("{name}.");
         if let Some(held) = self.held.get(name) {
             match self.family(&fqdn, held.other()).await {
@@ -109,8 +121,11 @@ impl Resolver {
             Either::Left((r, rest)) => (Family::V4, r, rest),
             Either::Right((r, rest)) => (Family::V6, r, rest),
         };
+        // The second family's wait ends before the lookup's deadline, so that the first
+        // family's addresses are not lost to it.
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now()).saturating_sub(DEADLINE_MARGIN);
         let second_r = match &first_r {
-            Ok(ips) if !ips.is_empty() => match tokio::time::timeout(SECOND_FAMILY_WAIT, rest).await {
+            Ok(ips) if !ips.is_empty() => match tokio::time::timeout(SECOND_FAMILY_WAIT.min(left), rest).await {
                 Ok(r) => r,
                 Err(_) => Err(Failed::Timeout),
             },
@@ -198,7 +213,7 @@ impl std::fmt::Display for Failed {
         match self {
             Failed::NoRecords { message, .. } => f.write_str(message),
             Failed::Error(e) => write!(f, "{e}"),
-            Failed::Timeout => write!(f, "no answer within {SECOND_FAMILY_WAIT:?} of the other family's"),
+            Failed::Timeout => f.write_str("no answer in time after the other family answered"),
         }
     }
 }

@@ -238,6 +238,7 @@ fn the_values_schema_rejects_wrong_values() {
             "policies",
         ),
         ("gateway: {resolver: {nameservers: [10.96.0.10]}}", "nameservers"),
+        ("gateway: {resolver: {timeout: 5}}", "timeout"),
         ("gateway: {clients: [{cidr: 10.1.0.0/16, name: vm}]}", "namespace"),
         ("cluster: {podCidrs: [10.244.0.0]}", "podCidrs"),
         ("redirector: {enabled: true}", "nodeCidrs"),

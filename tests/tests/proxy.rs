@@ -1026,3 +1026,25 @@ fn a_family_the_resolver_never_answers_is_held_not_asked_again_per_request() {
     assert_eq!(d["decision"]["reason"], "dns_failure", "{d}");
     assert_eq!(gw.metric("egress_dns_family_held_total"), Some(1.0));
 }
+
+/// A nameserver that never answers: each request gets its `dns_failure` answer once
+/// `resolver.timeout` has passed (here 1 s; hickory's own retries would take over 10 s), through
+/// every front, with the deadline named in the detail.
+#[test]
+fn a_silent_nameserver_fails_requests_at_the_resolver_timeout() {
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let up = Upstream::start("127.0.0.2");
+    let p = up.addr.port();
+    let spec = format!("      rules: [{{to: [{{domain: up.test}}], ports: [{{port: {p}}}]}}]");
+    let resolver = format!("resolver: {{nameservers: [{}], timeout: 1s}}", silent.local_addr().unwrap());
+    let gw = Gateway::start_with(None, None, &single_policy("silent", &spec, &resolver));
+    let url = format!("http://up.test:{p}/");
+    let r = curl(&["-x", &proxy(&gw), &url]);
+    assert_eq!(r.status, 502, "{r:?}");
+    assert!(r.body.contains("reason: dns_failure"), "{r:?}");
+    assert!(r.body.contains("no answer within resolver.timeout (1s)"), "{r:?}");
+    let r = curl(&["--socks5-hostname", &socks(&gw), &url]);
+    assert_eq!(r.exit, 97, "SOCKS5 refusal (host unreachable): {r:?}");
+    let d = gw.decision(|e| e["front"] == "socks5");
+    assert_eq!(d["decision"]["reason"], "dns_failure", "{d}");
+}

@@ -59,10 +59,11 @@ transparent:
   trustedRelays: {{- toYaml .Values.cluster.nodeCidrs | nindent 4 }}
   {{- end }}
 defaultAction: {{ $g.defaultAction }}
-{{- with $g.resolver.nameservers }}
 resolver:
+  timeout: {{ $g.resolver.timeout }}
+  {{- with $g.resolver.nameservers }}
   nameservers: {{- toYaml . | nindent 4 }}
-{{- end }}
+  {{- end }}
 {{- with $g.guard.allowCidrs }}
 guard:
   allowCidrs: {{- toYaml . | nindent 4 }}
