@@ -78,9 +78,9 @@ impl Drop for Proc {
     }
 }
 
-/// A misbehaving DNS server on UDP (hostile-input tests): answers A queries for its names,
-/// NXDOMAIN for other names, and never answers AAAA (as some middleboxes drop them). Counts the
-/// queries it receives by type.
+/// A misbehaving DNS server on UDP (hostile-input tests): answers A queries for its names and
+/// NXDOMAIN for other names, but never answers AAAA (as some middleboxes drop them) and ignores
+/// the first `lost` A queries (lost packets). Counts the queries it receives by type.
 pub struct SilentAaaaDns {
     /// `127.0.0.1:port`.
     pub addr: SocketAddr,
@@ -91,6 +91,11 @@ pub struct SilentAaaaDns {
 impl SilentAaaaDns {
     /// Starts the server with `(name, IPv4 address)` records.
     pub fn start(records: &[(&str, std::net::Ipv4Addr)]) -> SilentAaaaDns {
+        SilentAaaaDns::losing(records, 0)
+    }
+
+    /// Like `start`, and the first `lost` A queries go unanswered.
+    pub fn losing(records: &[(&str, std::net::Ipv4Addr)], lost: usize) -> SilentAaaaDns {
         let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
         sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
         let addr = sock.local_addr().unwrap();
@@ -113,9 +118,14 @@ impl SilentAaaaDns {
                 }
                 let qend = i + 5;
                 let qtype = u16::from_be_bytes([q[i + 1], q[i + 2]]);
-                *c.lock().unwrap().entry(qtype).or_default() += 1;
-                if qtype == 28 {
-                    continue; // AAAA: never answered
+                let seen = {
+                    let mut c = c.lock().unwrap();
+                    let n = c.entry(qtype).or_default();
+                    *n += 1;
+                    *n
+                };
+                if qtype == 28 || (qtype == 1 && seen <= lost) {
+                    continue; // AAAA: never answered; the first `lost` A queries: lost
                 }
                 let answer = records.get(&labels.join(".")).filter(|_| qtype == 1);
                 let rcode = if records.contains_key(&labels.join(".")) { 0 } else { 3 };

@@ -1048,3 +1048,19 @@ fn a_silent_nameserver_fails_requests_at_the_resolver_timeout() {
     let d = gw.decision(|e| e["front"] == "socks5");
     assert_eq!(d["decision"]["reason"], "dns_failure", "{d}");
 }
+
+/// A lost DNS datagram is sent again (hickory retransmits after about its measured round trip,
+/// with a floor) well within `resolver.timeout`: the deadline does not turn one lost packet into
+/// a failed request.
+#[test]
+fn a_lost_dns_query_is_retried_within_the_resolver_timeout() {
+    let dns = SilentAaaaDns::losing(&[("up.test", std::net::Ipv4Addr::new(127, 0, 0, 2))], 1);
+    let up = Upstream::start("127.0.0.2");
+    let p = up.addr.port();
+    let spec = format!("      rules: [{{to: [{{domain: up.test}}], ports: [{{port: {p}}}]}}]");
+    // The default resolver.timeout (5s).
+    let gw = Gateway::start_with(Some(dns.addr), None, &single_policy("lossy", &spec, ""));
+    let r = curl(&["-x", &proxy(&gw), &format!("http://up.test:{p}/")]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(dns.queries(1) >= 2, "the A query was sent again");
+}
