@@ -157,12 +157,17 @@ impl Drop for SilentAaaaDns {
 
 /// A dnsmasq instance answering for test names only (no upstream, no hosts file).
 pub struct Dns {
-    _proc: Proc,
+    proc: Proc,
     /// `127.0.0.1:port`.
     pub addr: SocketAddr,
 }
 
 impl Dns {
+    /// The dnsmasq process id.
+    pub fn pid(&self) -> u32 {
+        self.proc.0.id()
+    }
+
     /// Starts dnsmasq with `(name, address)` records (several per name allowed).
     pub fn start(records: &[(&str, &str)]) -> Dns {
         let port = loop {
@@ -203,7 +208,7 @@ impl Dns {
         }
         let child =
             cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("dnsmasq (apt-get install dnsmasq-base)");
-        let dns = Dns { _proc: Proc(child), addr: SocketAddr::new(addr.ip(), port) };
+        let dns = Dns { proc: Proc(child), addr: SocketAddr::new(addr.ip(), port) };
         match ns {
             None => wait_until(Duration::from_secs(10), || TcpStream::connect(dns.addr).is_ok()),
             Some(n) => {
@@ -260,6 +265,44 @@ impl Upstream {
             });
         });
         Upstream { addr, stop: Some(tx), thread: Some(thread) }
+    }
+}
+
+impl Upstream {
+    /// Pins the server's thread to one CPU (benchmarks).
+    pub fn pin_to(&self, cpu: usize) {
+        use std::os::unix::thread::JoinHandleExt;
+        let t = self.thread.as_ref().expect("running").as_pthread_t();
+        let set = cpu_set(cpu);
+        // SAFETY: the thread is alive (joined only on drop); the set is a valid cpu_set_t.
+        let rc = unsafe { libc::pthread_setaffinity_np(t, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+        assert_eq!(rc, 0, "pthread_setaffinity_np");
+    }
+}
+
+fn cpu_set(cpu: usize) -> libc::cpu_set_t {
+    // SAFETY: cpu_set_t is plain data; all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes inside the set for cpu < CPU_SETSIZE.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    set
+}
+
+/// Pins every thread of process `pid` (0: the calling thread only) to one CPU (benchmarks).
+/// Processes and threads started later by a pinned thread inherit the pin.
+pub fn pin(pid: u32, cpu: usize) {
+    let set = cpu_set(cpu);
+    let tids: Vec<i32> = if pid == 0 {
+        vec![0]
+    } else {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(|t| t.ok()?.file_name().to_str()?.parse().ok())
+            .collect()
+    };
+    for tid in tids {
+        // SAFETY: a valid cpu_set_t of the size passed; a vanished thread only returns an error.
+        unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) };
     }
 }
 

@@ -361,9 +361,10 @@ policies:
 
 /// Benchmark (not a test; `cargo test -p egress-e2e --test redirector -- --ignored --nocapture`):
 /// a 100 MiB download and the new-connection rate through pod -> node relay -> gateway, against
-/// the same Pod network with redirection off (the unselected address). Prints the ratios. Use
-/// release binaries: `EGRESS_GATEWAY_BIN=target/release/egress-gateway` (the redirector is taken
-/// from the same folder).
+/// the same Pod network with redirection off (the unselected address). Prints the ratios and the
+/// CPU each hop costs. Use release binaries: `EGRESS_GATEWAY_BIN=target/release/egress-gateway`
+/// (the redirector is taken from the same folder). `EGRESS_BENCH=bulk|rate` runs one half;
+/// `EGRESS_BENCH_PIN=1` puts the node (Pod clients, relay) on CPU 0 and the rest on CPU 1.
 #[test]
 #[ignore]
 fn bench_redirected_vs_direct() {
@@ -396,6 +397,18 @@ policies:
     let pids = [child.id(), gw.pid()];
     let _r = Proc(child);
     wait_until(Duration::from_secs(10), || node_table(&w.node).is_some());
+    // EGRESS_BENCH_PIN=1: the node on CPU 0 (the Pod's clients and the relay), the rest of the
+    // world on CPU 1 (gateway, upstream, DNS), as if the gateway ran on another machine. The
+    // direct path then has its client on CPU 0 and the upstream on CPU 1. (Kernel work still
+    // runs where the sending thread runs, so the split is close, not exact.)
+    let pinned = std::env::var("EGRESS_BENCH_PIN").is_ok_and(|v| v == "1");
+    if pinned {
+        pin(pids[0], 0);
+        pin(pids[1], 1);
+        pin(dns.pid(), 1);
+        up.pin_to(1);
+        pin(0, 0); // this thread: curl and the client threads inherit it
+    }
     let url = format!("http://allowed.test:{p}/bytes/104857600");
     let resolve = format!("allowed.test:{p}:203.0.113.10");
     let bulk = |src: &str| {
@@ -419,6 +432,9 @@ policies:
             let threads: Vec<_> = (0..8)
                 .map(|_| {
                     std::thread::spawn(move || {
+                        if pinned {
+                            pin(0, 0);
+                        }
                         let mut n = 0u64;
                         while std::time::Instant::now() < until {
                             let mut s = connect_from(src, target);
@@ -439,6 +455,9 @@ policies:
         (n as f64 / 5.0, cpu.until_now(n as f64))
     };
     // EGRESS_BENCH=rate skips the downloads, =bulk the connection rate (to profile one alone).
+    if pinned {
+        eprintln!("pinned: Pod clients and relay on CPU 0; gateway, upstream and DNS on CPU 1");
+    }
     let only = std::env::var("EGRESS_BENCH").unwrap_or_default();
     if only != "rate" {
         let ((r, rc), (d, dc)) = (bulk("192.0.2.10"), bulk("192.0.2.11"));
