@@ -168,7 +168,8 @@ impl Dns {
         self.proc.0.id()
     }
 
-    /// Starts dnsmasq with `(name, address)` records (several per name allowed).
+    /// Starts dnsmasq with `(name, address)` records (several per name allowed; a value that is
+    /// not an address makes `name` a CNAME of that name).
     pub fn start(records: &[(&str, &str)]) -> Dns {
         let port = loop {
             let p = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -179,7 +180,8 @@ impl Dns {
         Dns::start_at(None, SocketAddr::from(([127, 0, 0, 1], port)), records)
     }
 
-    /// Starts dnsmasq on `addr`, inside `ns` when given.
+    /// Starts dnsmasq on `addr`, inside `ns` when given. A record whose value is not an address
+    /// is a CNAME to that (known) name.
     pub fn start_at(ns: Option<&Netns>, addr: SocketAddr, records: &[(&str, &str)]) -> Dns {
         let port = addr.port();
         let mut cmd = match ns {
@@ -201,7 +203,11 @@ impl Dns {
         .arg(format!("--port={port}"));
         let mut by_name: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
         for (n, a) in records {
-            by_name.entry(n).or_default().push(a);
+            if a.parse::<std::net::IpAddr>().is_ok() {
+                by_name.entry(n).or_default().push(a);
+            } else {
+                cmd.arg(format!("--cname={n},{a}"));
+            }
         }
         for (n, addrs) in by_name {
             cmd.arg(format!("--host-record={n},{}", addrs.join(",")));

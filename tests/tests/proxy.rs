@@ -21,6 +21,8 @@ fn dns() -> Dns {
         ("mixed.test", "127.0.0.2"),
         ("mixed.test", "fd00:ec2::254"),
         ("mapped.test", "::ffff:169.254.169.254"),
+        ("alias.up.test", "up.test"),
+        ("alias-meta.up.test", "meta.test"),
     ])
 }
 
@@ -1063,4 +1065,24 @@ fn a_lost_dns_query_is_retried_within_the_resolver_timeout() {
     let r = curl(&["-x", &proxy(&gw), &format!("http://up.test:{p}/")]);
     assert_eq!(r.status, 200, "{r:?}");
     assert!(dns.queries(1) >= 2, "the A query was sent again");
+}
+
+/// CNAME chains: the policy decides on the name the client asked for; the addresses at the end
+/// of the chain are what the guard checks and what is dialled.
+#[test]
+fn cname_chains_resolve_to_checked_addresses() {
+    let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
+    let gw = Gateway::start(&dns, &config(up.addr.port(), ""));
+    let p = up.addr.port();
+    let r = curl(&["-x", &proxy(&gw), &format!("http://alias.up.test:{p}/c")]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["path"], "/c");
+    let d = gw.decision(|e| e["target"]["host"] == "alias.up.test");
+    assert_eq!(d["resolved"][0]["address"], "127.0.0.2", "{d}");
+    // Allowed by *.up.test, but the chain ends at the metadata address: the guard blocks it.
+    let r = curl(&["-x", &proxy(&gw), &format!("http://alias-meta.up.test:{p}/")]);
+    assert_eq!(r.status, 403, "{r:?}");
+    let d = gw.decision(|e| e["target"]["host"] == "alias-meta.up.test");
+    assert_eq!(d["decision"]["reason"], "dns_guard_blocked", "{d}");
+    assert_eq!(d["resolved"][0]["address"], "169.254.169.254", "{d}");
 }
