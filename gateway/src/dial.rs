@@ -168,6 +168,15 @@ mod tests {
         assert_eq!(got, ["[::1]:1", "1.1.1.1:1", "2.2.2.2:1", "3.3.3.3:1"]);
     }
 
+    #[tokio::test]
+    async fn dialled_sockets_carry_tcp_nodelay() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dest = listener.local_addr().unwrap();
+        let (s, to) = happy_eyeballs(vec![(dest, None)], Duration::from_secs(5)).await.unwrap();
+        assert_eq!(to, dest);
+        assert!(s.nodelay().unwrap());
+    }
+
     #[test]
     fn pools_round_robin_per_family() {
         let mut cfg = std::collections::BTreeMap::new();

@@ -83,7 +83,9 @@ where
 ///
 /// `nodelay` is `limits.tunnelNoDelay`: on (the default), every splice leaves at once, as the
 /// endpoints wrote it (a proxy that adds Nagle delays the endpoints' own small writes); off, the
-/// kernel holds a write smaller than the MSS until the previous one is acknowledged.
+/// kernel holds a write smaller than the MSS until the previous one is acknowledged. Both sockets
+/// arrive with TCP_NODELAY on (the fronts' accept loop and the dialer set it), so only "off"
+/// costs a syscall here.
 pub async fn relay_tcp(
     client: tokio::net::TcpStream,
     upstream: tokio::net::TcpStream,
@@ -93,8 +95,10 @@ pub async fn relay_tcp(
 ) -> Relayed {
     let up = AtomicU64::new(0);
     let down = AtomicU64::new(0);
-    let _ = client.set_nodelay(nodelay);
-    let _ = upstream.set_nodelay(nodelay);
+    if !nodelay {
+        let _ = client.set_nodelay(false);
+        let _ = upstream.set_nodelay(false);
+    }
     let copy = egress_netio::relay(&client, &upstream, &up, &down);
     supervise(async { copy.await.map(|_| ()) }, &up, &down, idle, stop).await
 }
@@ -157,11 +161,15 @@ mod tests {
 
     /// Tunnel sockets carry TCP_NODELAY unless the config turns it off: Nagle in the relay holds
     /// every sub-MSS write behind the previous one's ACK (a delayed ACK stalls it for up to 40 ms).
+    /// The sockets arrive with it on, as the accept loop and the dialer leave them (each has its
+    /// own test).
     #[tokio::test]
-    async fn tunnel_sockets_get_nodelay_by_default_and_not_when_turned_off() {
+    async fn tunnel_sockets_keep_nodelay_by_default_and_lose_it_when_turned_off() {
         for nodelay in [crate::config::Limits::default().tunnel_no_delay, false] {
             let (mut app, client) = pair().await;
             let (upstream, mut server) = pair().await;
+            client.set_nodelay(true).unwrap();
+            upstream.set_nodelay(true).unwrap();
             // The option belongs to the socket, so a duplicate descriptor sees what the relay set.
             let c = socket2::Socket::from(client.as_fd().try_clone_to_owned().unwrap());
             let u = socket2::Socket::from(upstream.as_fd().try_clone_to_owned().unwrap());

@@ -43,7 +43,6 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener) {
 }
 
 async fn serve_conn(gw: Arc<Gateway>, stream: TcpStream, peer: SocketAddr) {
-    let _ = stream.set_nodelay(true);
     let conn = gw.new_conn(peer, Front::Http);
     let limits = gw.state().loaded.config.limits.clone();
     let cache: Arc<Mutex<Option<Cached>>> = Arc::new(Mutex::new(None));

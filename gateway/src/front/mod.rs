@@ -15,7 +15,9 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::pipeline::Gateway;
 
 /// Accepts on `listener` until the gateway drains; every connection runs `handle` as a tracked
-/// task (drained on shutdown) and is counted in `egress_active_connections`.
+/// task (drained on shutdown) and is counted in `egress_active_connections`. Accepted sockets
+/// carry TCP_NODELAY (handshakes and answers are small writes that must leave at once; a tunnel
+/// clears it only when `limits.tunnelNoDelay` is off).
 pub async fn accept_loop<F, Fut>(gw: Arc<Gateway>, listener: TcpListener, name: &'static str, handle: F)
 where
     F: Fn(Arc<Gateway>, TcpStream, SocketAddr) -> Fut,
@@ -28,6 +30,7 @@ where
         };
         match accepted {
             Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
                 let conn = handle(gw.clone(), stream, peer);
                 let gw2 = gw.clone();
                 gw.tracker.spawn(async move {
@@ -41,5 +44,30 @@ where
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_carry_tcp_nodelay() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.yaml");
+        std::fs::write(&path, "audit: {sinks: [{type: file, path: audit.jsonl}]}\n").unwrap();
+        let loaded = crate::config::load(&path).unwrap();
+        let gw = Gateway::new(loaded, Arc::new(crate::metrics::Metrics::new())).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let accepting = tokio::spawn(accept_loop(gw.clone(), listener, "test", move |_, s: TcpStream, _| {
+            let tx = tx.clone();
+            async move { tx.send(s.nodelay().unwrap()).unwrap() }
+        }));
+        let _client = TcpStream::connect(addr).await.unwrap();
+        assert!(rx.recv().await.unwrap(), "TCP_NODELAY on the accepted socket");
+        gw.draining.cancel();
+        accepting.await.unwrap();
     }
 }

@@ -46,7 +46,6 @@ enum Handshake {
 }
 
 async fn serve_conn(gw: &Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr) {
-    let _ = stream.set_nodelay(true);
     let conn = gw.new_conn(peer, Front::Socks5);
     let state = gw.state();
     let cfg = &state.loaded.config;

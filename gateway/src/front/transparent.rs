@@ -64,7 +64,6 @@ fn refuse_bare(gw: &Gateway, relay: SocketAddr, reason: Reason, detail: &str) {
 }
 
 async fn serve_conn(gw: &Arc<Gateway>, mut stream: TcpStream, relay: SocketAddr) {
-    let _ = stream.set_nodelay(true);
     let state = gw.state();
     let cfg = &state.loaded.config;
     let relay_ip = crate::target::canonical_ip(relay.ip());
