@@ -151,7 +151,8 @@ impl Resolver {
                 std::mem::take(a)
             }
             (Ok(a), Err(_)) | (Err(_), Ok(a)) => std::mem::take(a),
-            (Err(e), Err(_)) => return Err(e.to_string()),
+            // Name the failure rather than the other family's "no records", if there is one.
+            (Err(a), Err(b)) => return Err(if !a.is_failure() && b.is_failure() { b } else { a }.to_string()),
         };
         if ips.is_empty() {
             return Err(format!("no A or AAAA records for {fqdn}"));
