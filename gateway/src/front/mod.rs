@@ -55,7 +55,8 @@ mod tests {
     async fn accepted_connections_carry_tcp_nodelay() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gateway.yaml");
-        std::fs::write(&path, "audit: {sinks: [{type: file, path: audit.jsonl}]}\n").unwrap();
+        let audit = dir.path().join("audit.jsonl");
+        std::fs::write(&path, format!("audit: {{sinks: [{{type: file, path: {}}}]}}\n", audit.display())).unwrap();
         let loaded = crate::config::load(&path).unwrap();
         let gw = Gateway::new(loaded, Arc::new(crate::metrics::Metrics::new())).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
