@@ -169,7 +169,10 @@ impl Metrics {
         let dns_family_held = Counter::default();
         registry.register(
             "dns_family_held",
-            "A or AAAA queries that failed while the other family answered; that family is not asked for the name for 30 s",
+            format!(
+                "A or AAAA queries that failed while the other family answered; that family is not asked for the name for {} s",
+                crate::resolve::FAMILY_HOLD.as_secs()
+            ),
             dns_family_held.clone(),
         );
         let reloads = Family::<ResultLabels, Counter>::default();

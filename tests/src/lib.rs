@@ -127,8 +127,9 @@ impl SilentAaaaDns {
                 if qtype == 28 || (qtype == 1 && seen <= lost) {
                     continue; // AAAA: never answered; the first `lost` A queries: lost
                 }
-                let answer = records.get(&labels.join(".")).filter(|_| qtype == 1);
-                let rcode = if records.contains_key(&labels.join(".")) { 0 } else { 3 };
+                let known = records.get(&labels.join("."));
+                let answer = known.filter(|_| qtype == 1);
+                let rcode = if known.is_some() { 0 } else { 3 };
                 let mut r = Vec::with_capacity(qend + 16);
                 r.extend_from_slice(&q[..2]);
                 r.extend_from_slice(&[0x81, 0x80 | rcode, 0, 1, 0, answer.is_some() as u8, 0, 0, 0, 0]);
@@ -272,9 +273,7 @@ impl Upstream {
         });
         Upstream { addr, stop: Some(tx), thread: Some(thread) }
     }
-}
 
-impl Upstream {
     /// Pins the server's thread to one CPU (benchmarks).
     pub fn pin_to(&self, cpu: usize) {
         use std::os::unix::thread::JoinHandleExt;

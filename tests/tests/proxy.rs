@@ -73,6 +73,15 @@ fn single_policy(name: &str, spec: &str, extra: &str) -> String {
     )
 }
 
+/// Two network namespaces joined by a veth pair: the gateway's host (`gw{tag}`, holding
+/// `gw_addrs`) and the upstream's (`up{tag}`, holding `up_addr`).
+fn gateway_and_upstream_hosts(tag: &str, gw_addrs: &[&str], up_addr: &str) -> (Netns, Netns) {
+    let (gw, up) = (Netns::new(&format!("gw{tag}")), Netns::new(&format!("up{tag}")));
+    let id = std::process::id() % 100_000;
+    Netns::link(&gw, &format!("eg{tag}g{id}"), gw_addrs, &up, &format!("eg{tag}u{id}"), &[up_addr]);
+    (gw, up)
+}
+
 fn proxy(gw: &Gateway) -> String {
     format!("http://{}", gw.http)
 }
@@ -768,11 +777,8 @@ fn https_upstream_through_connect_and_socks5() {
 /// at 10.77.0.1. Everything lives in namespaces this test creates and deletes.
 #[test]
 fn egress_pools_seen_from_an_upstream_in_another_network_namespace() {
-    let gwns = Netns::new("gw");
-    let upns = Netns::new("up");
-    let tag = std::process::id() % 100_000;
-    let (a_if, b_if) = (format!("egwg{tag}"), format!("egwu{tag}"));
-    Netns::link(&gwns, &a_if, &["10.77.0.2/24", "10.77.0.3/24", "10.77.0.4/24"], &upns, &b_if, &["10.77.0.1/24"]);
+    let (gwns, upns) =
+        gateway_and_upstream_hosts("w", &["10.77.0.2/24", "10.77.0.3/24", "10.77.0.4/24"], "10.77.0.1/24");
     let up = Upstream::start_in(&upns, "10.77.0.1");
     let p = up.addr.port();
     let body = format!(
@@ -837,11 +843,7 @@ policies:
 /// address are held open at once (the keep-alive pool) and need that sharing.
 #[test]
 fn a_pool_source_address_shares_its_ports_across_destinations() {
-    let gwns = Netns::new("pgw");
-    let upns = Netns::new("pup");
-    let tag = std::process::id() % 100_000;
-    let (a_if, b_if) = (format!("egpg{tag}"), format!("egpu{tag}"));
-    Netns::link(&gwns, &a_if, &["10.77.0.3/24"], &upns, &b_if, &["10.77.0.1/24"]);
+    let (gwns, upns) = gateway_and_upstream_hosts("p", &["10.77.0.3/24"], "10.77.0.1/24");
     let range = gwns.command("sysctl").args(["-qw", "net.ipv4.ip_local_port_range=40000 40001"]).status().unwrap();
     assert!(range.success());
     let ups: Vec<Upstream> = (0..4).map(|_| Upstream::start_in(&upns, "10.77.0.1")).collect();
@@ -879,11 +881,7 @@ fn userinfo_in_the_url_never_changes_the_decided_host() {
 /// `limits.connectTimeout`; each audited as an allow followed by a `connect_failed` close.
 #[test]
 fn upstream_refused_and_timed_out_connects() {
-    let gwns = Netns::new("gwf");
-    let upns = Netns::new("upf");
-    let tag = std::process::id() % 100_000;
-    let (a_if, b_if) = (format!("egfg{tag}"), format!("egfu{tag}"));
-    Netns::link(&gwns, &a_if, &["10.78.0.2/24"], &upns, &b_if, &["10.78.0.1/24"]);
+    let (gwns, upns) = gateway_and_upstream_hosts("f", &["10.78.0.2/24"], "10.78.0.1/24");
     // In the upstream namespace, SYNs to port 9 vanish.
     upns.exec_ok("nft", &["add", "table", "inet", "t"]);
     upns.exec_ok("nft", &["add", "chain", "inet", "t", "in", "{ type filter hook input priority 0; }"]);

@@ -431,10 +431,8 @@ policies:
             let until = std::time::Instant::now() + Duration::from_secs(5);
             let threads: Vec<_> = (0..8)
                 .map(|_| {
+                    // Spawned from a pinned thread when EGRESS_BENCH_PIN=1: they inherit CPU 0.
                     std::thread::spawn(move || {
-                        if pinned {
-                            pin(0, 0);
-                        }
                         let mut n = 0u64;
                         while std::time::Instant::now() < until {
                             let mut s = connect_from(src, target);
