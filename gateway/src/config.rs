@@ -684,6 +684,13 @@ pub struct Limits {
     /// The endpoints' own Nagle settings still apply to what they send.
     #[serde(default = "yes")]
     pub tunnel_no_delay: bool,
+    /// Read batching on bulk tunnel directions: once data has arrived back to back for 1 MiB,
+    /// the relay asks the kernel to wake it per 256 KiB queued instead of per segment, and holds
+    /// a partial batch at most this long before it moves what it has and stops batching until
+    /// the next such run. `0s` turns it off. Measured on a loopback HTTPS download: about a third
+    /// of the gateway's CPU per GiB.
+    #[serde(deserialize_with = "duration", default = "d1ms")]
+    pub tunnel_coalesce: Duration,
 }
 
 impl Default for Limits {
@@ -694,6 +701,7 @@ impl Default for Limits {
             header_timeout: d10s(),
             max_header_bytes: default_max_header_bytes(),
             tunnel_no_delay: true,
+            tunnel_coalesce: d1ms(),
         }
     }
 }
@@ -713,6 +721,9 @@ impl Default for Shutdown {
     }
 }
 
+fn d1ms() -> Duration {
+    egress_netio::DEFAULT_HOLD
+}
 fn d5s() -> Duration {
     Duration::from_secs(5)
 }
@@ -982,6 +993,16 @@ fn validate_config(c: &Config, file: &str, errors: &mut Vec<String>) {
             err(name, "must be greater than zero".into());
         }
     }
+    if c.limits.tunnel_coalesce > egress_netio::MAX_HOLD {
+        err(
+            "limits.tunnelCoalesce",
+            format!(
+                "{:?} is longer than {:?}: it is how long a relayed byte may wait for a batch (0s turns batching off)",
+                c.limits.tunnel_coalesce,
+                egress_netio::MAX_HOLD
+            ),
+        );
+    }
     for (i, e) in c.clients.iter().enumerate() {
         if e.cidr.trunc() != e.cidr {
             err(
@@ -1112,13 +1133,17 @@ mod tests {
         let cfg = write(
             &dir,
             "gw.yaml",
-            "policyFiles: [pol]\nlimits: {connectTimeout: 0s}\naudit: {sinks: [{type: file}]}\n",
+            "policyFiles: [pol]\nlimits: {connectTimeout: 0s, tunnelCoalesce: 1s}\naudit: {sinks: [{type: file}]}\n",
         );
         let errs = load(&cfg).unwrap_err().0;
         let f = cfg.display().to_string();
         let pf = dir.join("pol/a.yaml").display().to_string();
         assert!(errs.contains(&format!("{f}: audit.sinks[0].path: required for type file")), "{errs:#?}");
         assert!(errs.contains(&format!("{f}: limits.connectTimeout: must be greater than zero")), "{errs:#?}");
+        assert!(
+            errs.iter().any(|e| e.starts_with(&format!("{f}: limits.tunnelCoalesce: 1s is longer than 100ms"))),
+            "{errs:#?}"
+        );
         assert!(
             errs.iter().any(|e| e.starts_with(&format!("{pf}: document 2 (ns/bad): spec.rules[0].to[0].domain:"))),
             "{errs:#?}"

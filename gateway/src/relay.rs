@@ -79,28 +79,44 @@ where
     supervise(async { copy.await.map(|_| ()) }, &up, &down, idle, stop).await
 }
 
-/// The same for two plain sockets, through egress-netio (splice(2) once a direction is bulk).
-///
-/// `nodelay` is `limits.tunnelNoDelay`: on (the default), every splice leaves at once, as the
-/// endpoints wrote it (a proxy that adds Nagle delays the endpoints' own small writes); off, the
-/// kernel holds a write smaller than the MSS until the previous one is acknowledged. Both sockets
-/// arrive with TCP_NODELAY on (the fronts' accept loop and the dialer set it), so only "off"
-/// costs a syscall here.
+/// How a tunnel relays, from `limits` (read once per connection, so a reload applies to the
+/// next tunnel).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tunnel {
+    /// `limits.idleTimeout`.
+    pub idle: Duration,
+    /// `limits.tunnelNoDelay`: on (the default), every splice leaves at once, as the endpoints
+    /// wrote it (a proxy that adds Nagle delays the endpoints' own small writes); off, the kernel
+    /// holds a write smaller than the MSS until the previous one is acknowledged.
+    pub nodelay: bool,
+    /// `limits.tunnelCoalesce`: the longest a bulk direction holds a partial read while it
+    /// batches (egress-netio's read batching; zero: never).
+    pub coalesce: Duration,
+}
+
+impl From<&crate::config::Limits> for Tunnel {
+    fn from(l: &crate::config::Limits) -> Self {
+        Tunnel { idle: l.idle_timeout, nodelay: l.tunnel_no_delay, coalesce: l.tunnel_coalesce }
+    }
+}
+
+/// The same for two plain sockets, through egress-netio (splice(2) once a direction is bulk,
+/// reads batched while it keeps arriving back to back). Both sockets arrive with TCP_NODELAY on
+/// (the fronts' accept loop and the dialer set it), so only `nodelay: false` costs a syscall here.
 pub async fn relay_tcp(
     client: tokio::net::TcpStream,
     upstream: tokio::net::TcpStream,
-    idle: Duration,
-    nodelay: bool,
+    tunnel: Tunnel,
     stop: &CancellationToken,
 ) -> Relayed {
     let up = AtomicU64::new(0);
     let down = AtomicU64::new(0);
-    if !nodelay {
+    if !tunnel.nodelay {
         let _ = client.set_nodelay(false);
         let _ = upstream.set_nodelay(false);
     }
-    let copy = egress_netio::relay(&client, &upstream, &up, &down);
-    supervise(async { copy.await.map(|_| ()) }, &up, &down, idle, stop).await
+    let copy = egress_netio::relay(&client, &upstream, &up, &down, tunnel.coalesce);
+    supervise(async { copy.await.map(|_| ()) }, &up, &down, tunnel.idle, stop).await
 }
 
 /// Runs `copy` until it ends, the counters stop moving for `idle`, or `stop` fires.
@@ -165,7 +181,8 @@ mod tests {
     /// own test).
     #[tokio::test]
     async fn tunnel_sockets_keep_nodelay_by_default_and_lose_it_when_turned_off() {
-        for nodelay in [crate::config::Limits::default().tunnel_no_delay, false] {
+        let defaults = Tunnel::from(&crate::config::Limits::default());
+        for nodelay in [defaults.nodelay, false] {
             let (mut app, client) = pair().await;
             let (upstream, mut server) = pair().await;
             client.set_nodelay(true).unwrap();
@@ -176,7 +193,7 @@ mod tests {
             let stop = CancellationToken::new();
             let relay = tokio::spawn({
                 let stop = stop.clone();
-                async move { relay_tcp(client, upstream, Duration::from_secs(30), nodelay, &stop).await }
+                async move { relay_tcp(client, upstream, Tunnel { nodelay, ..defaults }, &stop).await }
             });
             app.write_all(b"ping").await.unwrap();
             let mut buf = [0u8; 4];
@@ -187,6 +204,6 @@ mod tests {
             let r = relay.await.unwrap();
             assert_eq!((r.up, r.down), (4, 0));
         }
-        assert!(crate::config::Limits::default().tunnel_no_delay, "the default is on");
+        assert!(defaults.nodelay, "the default is on");
     }
 }

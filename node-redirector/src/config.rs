@@ -58,16 +58,23 @@ pub struct RelayConfig {
     /// Gateway connect timeout per endpoint.
     #[serde(default = "default_connect_timeout", with = "humantime_serde_compat")]
     pub connect_timeout: std::time::Duration,
+    /// Longest a bulk direction holds a partial read while batching (egress-netio's read
+    /// batching, as the gateway's `limits.tunnelCoalesce`); `0s` turns it off.
+    #[serde(default = "default_coalesce", with = "humantime_serde_compat")]
+    pub coalesce: std::time::Duration,
 }
 
 impl Default for RelayConfig {
     fn default() -> Self {
-        RelayConfig { port: default_port(), connect_timeout: default_connect_timeout() }
+        RelayConfig { port: default_port(), connect_timeout: default_connect_timeout(), coalesce: default_coalesce() }
     }
 }
 
 fn default_port() -> u16 {
     15001
+}
+fn default_coalesce() -> std::time::Duration {
+    egress_netio::DEFAULT_HOLD
 }
 fn default_connect_timeout() -> std::time::Duration {
     std::time::Duration::from_secs(2)
@@ -161,6 +168,13 @@ pub fn load(path: &Path) -> Result<Loaded, Vec<String>> {
         }
     } else if config.gateways.is_empty() {
         errors.push(format!("{f}: gateways: at least one gateway transparent endpoint is required"));
+    }
+    if config.relay.coalesce > egress_netio::MAX_HOLD {
+        errors.push(format!(
+            "{f}: relay.coalesce: {:?} is longer than {:?}: it is how long a relayed byte may wait for a batch (0s turns batching off)",
+            config.relay.coalesce,
+            egress_netio::MAX_HOLD
+        ));
     }
     if config.node_name.is_none() && std::env::var("NODE_NAME").is_err() {
         errors.push(format!("{f}: nodeName: required (or set NODE_NAME)"));

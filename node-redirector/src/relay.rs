@@ -57,12 +57,14 @@ pub struct Endpoints {
     list: arc_swap::ArcSwap<Vec<SocketAddr>>,
     preferred: AtomicUsize,
     timeout: Duration,
+    coalesce: Duration,
 }
 
 impl Endpoints {
-    /// The endpoints, tried in order starting from the last good one.
-    pub fn new(list: Vec<SocketAddr>, timeout: Duration) -> Self {
-        Endpoints { list: arc_swap::ArcSwap::from_pointee(list), preferred: AtomicUsize::new(0), timeout }
+    /// The endpoints, tried in order starting from the last good one, each for up to `timeout`;
+    /// relayed connections batch bulk reads for up to `coalesce` (`relay.coalesce`).
+    pub fn new(list: Vec<SocketAddr>, timeout: Duration, coalesce: Duration) -> Self {
+        Endpoints { list: arc_swap::ArcSwap::from_pointee(list), preferred: AtomicUsize::new(0), timeout, coalesce }
     }
 
     /// Replaces the endpoint list.
@@ -138,6 +140,6 @@ async fn handle(client: TcpStream, peer: SocketAddr, endpoints: &Endpoints) -> s
     let mut gw = endpoints.connect().await?;
     gw.write_all(&proxy_header(peer, original)?).await?;
     let (up, down) = (std::sync::atomic::AtomicU64::new(0), std::sync::atomic::AtomicU64::new(0));
-    egress_netio::relay(&client, &gw, &up, &down).await?;
+    egress_netio::relay(&client, &gw, &up, &down, endpoints.coalesce).await?;
     Ok(())
 }

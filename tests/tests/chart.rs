@@ -218,6 +218,8 @@ fn the_values_schema_rejects_wrong_values() {
         ("gateway: {limits: {connectTimeout: 5}}", "connectTimeout"),
         ("gateway: {limits: {idleTimeout: 5 minutes}}", "idleTimeout"),
         ("gateway: {limits: {maxHeaderBytes: 1024}}", "maxHeaderBytes"),
+        ("gateway: {limits: {tunnelCoalesce: 1}}", "tunnelCoalesce"),
+        ("redirector: {coalesce: fast}", "coalesce"),
         ("gateway: {audit: {sinks: []}}", "sinks"),
         ("gateway: {audit: {sinks: [{type: syslog}]}}", "address"),
         ("gateway: {audit: {sinks: [{type: kafka}]}}", "type"),

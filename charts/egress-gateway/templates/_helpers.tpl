@@ -112,6 +112,7 @@ kubernetes:
 relay:
   port: {{ $r.relayPort }}
   connectTimeout: {{ $r.connectTimeout }}
+  coalesce: {{ $r.coalesce }}
 {{- if $r.adminPort }}
 admin: {{ include "egress.listen" (dict "bind" $r.adminBindAddress "port" $r.adminPort) }}
 {{- end }}

@@ -153,10 +153,7 @@ async fn connect(gw: Arc<Gateway>, ereq: EgressRequest, req: Request<Incoming>) 
         Ok(u) => u,
         Err(r) => return refusal(&r, false),
     };
-    let (idle, nodelay) = {
-        let state = gw.state();
-        (state.loaded.config.limits.idle_timeout, state.loaded.config.limits.tunnel_no_delay)
-    };
+    let tunnel = crate::relay::Tunnel::from(&gw.state().loaded.config.limits);
     let gw2 = gw.clone();
     gw.tracker.spawn(async move {
         let upgraded = match hyper::upgrade::on(req).await {
@@ -173,11 +170,11 @@ async fn connect(gw: Arc<Gateway>, ereq: EgressRequest, req: Request<Incoming>) 
                 {
                     return up.log.finish(0, 0, End::UpstreamClosed, None, Some(e.to_string()));
                 }
-                let mut r = crate::relay::relay_tcp(parts.io.into_inner(), upstream, idle, nodelay, &gw2.stop).await;
+                let mut r = crate::relay::relay_tcp(parts.io.into_inner(), upstream, tunnel, &gw2.stop).await;
                 r.up += early;
                 r
             }
-            Err(upgraded) => crate::relay::relay(TokioIo::new(upgraded), up.stream, idle, &gw2.stop).await,
+            Err(upgraded) => crate::relay::relay(TokioIo::new(upgraded), up.stream, tunnel.idle, &gw2.stop).await,
         };
         up.log.finish(r.up, r.down, r.end, None, r.error);
     });

@@ -50,8 +50,7 @@ async fn serve_conn(gw: &Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr) 
     let state = gw.state();
     let cfg = &state.loaded.config;
     let users = cfg.socks5.users.clone();
-    let (header_timeout, idle, nodelay) =
-        (cfg.limits.header_timeout, cfg.limits.idle_timeout, cfg.limits.tunnel_no_delay);
+    let (header_timeout, tunnel) = (cfg.limits.header_timeout, crate::relay::Tunnel::from(&cfg.limits));
     drop(state);
     let shake = tokio::time::timeout(header_timeout, handshake(&mut stream, &users)).await;
     let target = match shake {
@@ -94,7 +93,7 @@ async fn serve_conn(gw: &Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr) 
         up.log.finish(0, 0, crate::audit::End::ClientClosed, None, Some(e.to_string()));
         return;
     }
-    let r = crate::relay::relay_tcp(stream, up.stream, idle, nodelay, &gw.stop).await;
+    let r = crate::relay::relay_tcp(stream, up.stream, tunnel, &gw.stop).await;
     up.log.finish(r.up, r.down, r.end, None, r.error);
 }
 

@@ -72,8 +72,7 @@ async fn serve_conn(gw: &Arc<Gateway>, mut stream: TcpStream, relay: SocketAddr)
         refuse_bare(gw, relay, Reason::UntrustedRelay, "PROXY protocol accepted only from transparent.trustedRelays");
         return;
     }
-    let (header_timeout, idle, nodelay) =
-        (cfg.limits.header_timeout, cfg.limits.idle_timeout, cfg.limits.tunnel_no_delay);
+    let (header_timeout, tunnel) = (cfg.limits.header_timeout, crate::relay::Tunnel::from(&cfg.limits));
     drop(state);
     let header = match tokio::time::timeout(header_timeout, read_proxy_header(&mut stream)).await {
         Ok(Ok(Some(h))) => h,
@@ -124,7 +123,7 @@ async fn serve_conn(gw: &Arc<Gateway>, mut stream: TcpStream, relay: SocketAddr)
     }
     let first = buf.len() as u64;
     drop(buf);
-    let r = crate::relay::relay_tcp(stream, up.stream, idle, nodelay, &gw.stop).await;
+    let r = crate::relay::relay_tcp(stream, up.stream, tunnel, &gw.stop).await;
     up.log.finish(r.up + first, r.down, r.end, None, r.error);
 }
 
