@@ -687,7 +687,7 @@ pub struct Limits {
     /// Read batching on bulk tunnel directions: once data has arrived back to back for 1 MiB,
     /// the relay asks the kernel to wake it per 256 KiB queued instead of per segment, and holds
     /// a partial batch at most this long before it moves what it has and stops batching until
-    /// the next such run. `0s` turns it off. Measured on a loopback HTTPS download: about a third
+    /// the next such run. `0s` turns it off. Measured on a loopback HTTPS download: about 40%
     /// of the gateway's CPU per GiB.
     #[serde(deserialize_with = "duration", default = "d1ms")]
     pub tunnel_coalesce: Duration,

@@ -20,7 +20,7 @@
 //! once [`BATCH`] bytes are queued (or the window is nearly closed, or the peer closed), instead
 //! of once per segment. A TLS download arrives one 16 KiB record at a time, and each wake-up
 //! cost a readiness event, two splices and a send; batched, the gateway's CPU per GiB relayed
-//! fell to about a third, and the endpoints receive fewer, larger segments. Nothing waits longer
+//! fell to about 40%, and the endpoints receive fewer, larger segments. Nothing waits longer
 //! than the hold (`limits.tunnelCoalesce`, 1 ms by default): when it passes with less than a
 //! batch queued, the relay moves what is there and stops batching until the next run, so the
 //! end of a burst and anything interactive after it go out at once. A hold of zero turns it off.
