@@ -222,6 +222,28 @@ fn request_and_response_bodies_stream_both_ways_and_proxy_headers_are_stripped()
     assert_eq!(upl["close"]["http_status"], 200);
 }
 
+/// `limits.tunnelCoalesce` reaches the relay: a tunnelled download that arrives back to back
+/// batches its reads (counted in `egress_relay_batched_total`) and still arrives whole, tail
+/// included; `0s` never batches. (The batching itself is tested in egress-netio.)
+#[test]
+fn tunnel_read_batching_follows_limits_tunnel_coalesce() {
+    let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
+    let p = up.addr.port();
+    // The longest hold accepted, so that a busy test machine still counts the download as one
+    // back-to-back run.
+    for (hold, batches) in [("100ms", true), ("0s", false)] {
+        let gw = Gateway::start(&dns, &format!("{}limits: {{tunnelCoalesce: {hold}}}\n", config(p, "")));
+        let out = gw.dir.path().join("download.bin");
+        let url = format!("http://up.test:{p}/bytes/8000000");
+        let r = curl(&["-p", "-x", &proxy(&gw), "-o", out.to_str().unwrap(), &url]);
+        assert_eq!(r.status, 200, "{hold}: {r:?}");
+        assert!(std::fs::read(&out).unwrap() == pattern(8_000_000), "{hold}: the download arrived changed");
+        assert!(gw.metric("egress_relay_spliced_total").unwrap() >= 1.0, "{hold}");
+        let batched = gw.metric("egress_relay_batched_total").unwrap();
+        assert_eq!(batched >= 1.0, batches, "{hold}: egress_relay_batched_total = {batched}");
+    }
+}
+
 #[test]
 fn audit_mode_lets_a_would_deny_through_and_logs_it() {
     let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
