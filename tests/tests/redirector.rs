@@ -119,6 +119,8 @@ policies:
             r#"
 nodeName: node-1
 gateways: [198.51.100.2:{gp}]
+relay: {{coalesce: 100ms}}
+admin: 127.0.0.1:9792
 clusterDns: [203.0.113.10]
 excludeCidrs: [192.0.2.0/24, 198.51.100.0/24]
 pods:
@@ -153,6 +155,31 @@ policies:
     assert_eq!(d["transparent"]["original_dst"], format!("203.0.113.10:{p}"));
     assert_eq!(d["transparent"]["relay"].as_str().unwrap().split(':').next(), Some("198.51.100.1"));
     assert_eq!(d["transparent"]["original_in_resolved"], true);
+
+    // A download arrives whole, and the node's relay batched its reads (`relay.coalesce`; the
+    // longest hold, so that a busy machine still sees one back-to-back run).
+    let out = dir.path().join("download.bin");
+    let r = curl_in(
+        Some(&w.pod),
+        &[
+            "--interface",
+            "192.0.2.10",
+            "--resolve",
+            &resolve,
+            "-o",
+            out.to_str().unwrap(),
+            &format!("http://allowed.test:{p}/bytes/8000000"),
+        ],
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(std::fs::read(&out).unwrap() == pattern(8_000_000), "the download arrived changed");
+    let admin: std::net::SocketAddr = "127.0.0.1:9792".parse().unwrap();
+    let metrics = w.node.enter(move || admin_get(admin, "/metrics")).unwrap().1;
+    let batched = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("egress_redirector_relay_batched_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    assert!(batched.is_some_and(|b| b >= 1.0), "{metrics}");
 
     // A denied domain: refused by the gateway, audited.
     let resolve = format!("denied.test:{p}:203.0.113.10");
