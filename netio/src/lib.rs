@@ -21,7 +21,8 @@
 //! of once per segment. A TLS download arrives one 16 KiB record at a time, and each wake-up
 //! cost a readiness event, two splices and a send; batched, the gateway's CPU per GiB relayed
 //! fell to about 40%, and the endpoints receive fewer, larger segments. Nothing waits longer
-//! than the hold (`limits.tunnelCoalesce`, 1 ms by default): when it passes with less than a
+//! than the hold (`limits.tunnelCoalesce`, 1 ms by default; tokio's timers round it up to the
+//! next millisecond tick): when it passes with less than a
 //! batch queued, the relay moves what is there and stops batching until the next run, so the
 //! end of a burst and anything interactive after it go out at once. A hold of zero turns it off.
 
