@@ -993,15 +993,8 @@ fn validate_config(c: &Config, file: &str, errors: &mut Vec<String>) {
             err(name, "must be greater than zero".into());
         }
     }
-    if c.limits.tunnel_coalesce > egress_netio::MAX_HOLD {
-        err(
-            "limits.tunnelCoalesce",
-            format!(
-                "{:?} is longer than {:?}: it is how long a relayed byte may wait for a batch (0s turns batching off)",
-                c.limits.tunnel_coalesce,
-                egress_netio::MAX_HOLD
-            ),
-        );
+    if let Err(e) = egress_netio::check_hold(c.limits.tunnel_coalesce) {
+        err("limits.tunnelCoalesce", e);
     }
     for (i, e) in c.clients.iter().enumerate() {
         if e.cidr.trunc() != e.cidr {

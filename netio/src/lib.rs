@@ -52,6 +52,17 @@ pub const DEFAULT_HOLD: Duration = Duration::from_millis(1);
 /// The longest hold the configurations accept: a relayed byte may wait that long.
 pub const MAX_HOLD: Duration = Duration::from_millis(100);
 
+/// Checks a configured hold (`limits.tunnelCoalesce`, `relay.coalesce`): the message to show
+/// after the field's name when it is longer than [`MAX_HOLD`].
+pub fn check_hold(hold: Duration) -> Result<(), String> {
+    if hold > MAX_HOLD {
+        return Err(format!(
+            "{hold:?} is longer than {MAX_HOLD:?}: it is how long a relayed byte may wait for a batch (0s turns batching off)"
+        ));
+    }
+    Ok(())
+}
+
 static SPLICED: AtomicU64 = AtomicU64::new(0);
 static PIPE_REFUSED: AtomicU64 = AtomicU64::new(0);
 static BATCHED: AtomicU64 = AtomicU64::new(0);
@@ -172,14 +183,17 @@ fn set_rcvlowat(fd: RawFd, bytes: usize) -> bool {
     }
 }
 
-fn rcvbuf(fd: RawFd) -> usize {
+/// An integer socket option at SOL_SOCKET level (`SO_RCVBUF`, `SO_RCVLOWAT`).
+fn socket_int(fd: RawFd, option: libc::c_int) -> Option<libc::c_int> {
     let mut v: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into the int we own.
-    let r = unsafe {
-        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, (&mut v as *mut libc::c_int).cast(), &mut len)
-    };
-    if r == 0 { v.max(0) as usize } else { 0 }
+    let r = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, option, (&mut v as *mut libc::c_int).cast(), &mut len) };
+    (r == 0).then_some(v)
+}
+
+fn rcvbuf(fd: RawFd) -> usize {
+    socket_int(fd, libc::SO_RCVBUF).map_or(0, |v| v.max(0) as usize)
 }
 
 /// Whether the kernel calls `fd` readable now, by its own rule: the low-water mark reached, the
@@ -309,7 +323,7 @@ async fn splice_all(
                     // through `try_io`, whose cached readiness may say "nothing" while a tail
                     // below the low-water mark is queued; the pipe is empty here, so EAGAIN
                     // means the socket is.
-                    batching.stop(from.as_raw_fd());
+                    batching.stop(fd);
                     match splice(from.as_raw_fd(), pipe.w.as_raw_fd(), PIPE) {
                         Ok(n) => break n,
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -541,20 +555,7 @@ mod tests {
 
     /// The socket's low-water mark, as the relay left it.
     fn rcvlowat(s: &TcpStream) -> i32 {
-        let mut v: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: getsockopt writes at most `len` bytes into the int we own.
-        let r = unsafe {
-            libc::getsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVLOWAT,
-                (&mut v as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!(r, 0);
-        v
+        socket_int(s.as_raw_fd(), libc::SO_RCVLOWAT).expect("SO_RCVLOWAT")
     }
 
     /// A run is counted only while reads come back to back; a gap longer than the hold starts

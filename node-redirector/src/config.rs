@@ -169,12 +169,8 @@ pub fn load(path: &Path) -> Result<Loaded, Vec<String>> {
     } else if config.gateways.is_empty() {
         errors.push(format!("{f}: gateways: at least one gateway transparent endpoint is required"));
     }
-    if config.relay.coalesce > egress_netio::MAX_HOLD {
-        errors.push(format!(
-            "{f}: relay.coalesce: {:?} is longer than {:?}: it is how long a relayed byte may wait for a batch (0s turns batching off)",
-            config.relay.coalesce,
-            egress_netio::MAX_HOLD
-        ));
+    if let Err(e) = egress_netio::check_hold(config.relay.coalesce) {
+        errors.push(format!("{f}: relay.coalesce: {e}"));
     }
     if config.node_name.is_none() && std::env::var("NODE_NAME").is_err() {
         errors.push(format!("{f}: nodeName: required (or set NODE_NAME)"));

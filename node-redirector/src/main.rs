@@ -107,13 +107,11 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
         sock.bind(std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)))?;
         sock.listen(1024)?
     };
-    let endpoints = Arc::new(relay::Endpoints::new(
-        loaded.config.gateways.clone(),
-        loaded.config.relay.connect_timeout,
-        loaded.config.relay.coalesce,
-    ));
-    tokio::spawn(relay::serve(v4, endpoints.clone()));
-    tokio::spawn(relay::serve(v6, endpoints.clone()));
+    let endpoints =
+        Arc::new(relay::Endpoints::new(loaded.config.gateways.clone(), loaded.config.relay.connect_timeout));
+    let coalesce = loaded.config.relay.coalesce;
+    tokio::spawn(relay::serve(v4, endpoints.clone(), coalesce));
+    tokio::spawn(relay::serve(v6, endpoints.clone(), coalesce));
     let metrics = Arc::new(admin::Admin::default());
     if let Some(addr) = loaded.config.admin {
         tokio::spawn(metrics.clone().serve(tokio::net::TcpListener::bind(addr).await?));

@@ -57,14 +57,12 @@ pub struct Endpoints {
     list: arc_swap::ArcSwap<Vec<SocketAddr>>,
     preferred: AtomicUsize,
     timeout: Duration,
-    coalesce: Duration,
 }
 
 impl Endpoints {
-    /// The endpoints, tried in order starting from the last good one, each for up to `timeout`;
-    /// relayed connections batch bulk reads for up to `coalesce` (`relay.coalesce`).
-    pub fn new(list: Vec<SocketAddr>, timeout: Duration, coalesce: Duration) -> Self {
-        Endpoints { list: arc_swap::ArcSwap::from_pointee(list), preferred: AtomicUsize::new(0), timeout, coalesce }
+    /// The endpoints, tried in order starting from the last good one, each for up to `timeout`.
+    pub fn new(list: Vec<SocketAddr>, timeout: Duration) -> Self {
+        Endpoints { list: arc_swap::ArcSwap::from_pointee(list), preferred: AtomicUsize::new(0), timeout }
     }
 
     /// Replaces the endpoint list.
@@ -117,8 +115,9 @@ pub fn proxy_header(source: SocketAddr, original: SocketAddr) -> std::io::Result
     .build()
 }
 
-/// Serves redirected connections on `listener`.
-pub async fn serve(listener: TcpListener, endpoints: Arc<Endpoints>) {
+/// Serves redirected connections on `listener`; bulk reads are batched for up to `coalesce`
+/// (`relay.coalesce`).
+pub async fn serve(listener: TcpListener, endpoints: Arc<Endpoints>, coalesce: Duration) {
     loop {
         let Ok((client, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -126,20 +125,20 @@ pub async fn serve(listener: TcpListener, endpoints: Arc<Endpoints>) {
         };
         let endpoints = endpoints.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(client, peer, &endpoints).await {
+            if let Err(e) = handle(client, peer, &endpoints, coalesce).await {
                 tracing::debug!(peer = %peer, error = %e, "relay connection ended with an error");
             }
         });
     }
 }
 
-async fn handle(client: TcpStream, peer: SocketAddr, endpoints: &Endpoints) -> std::io::Result<()> {
+async fn handle(client: TcpStream, peer: SocketAddr, endpoints: &Endpoints, coalesce: Duration) -> std::io::Result<()> {
     let _ = client.set_nodelay(true);
     let original = original_dst(&client)?;
     // Fail closed: no gateway, no connection (the client sees a reset).
     let mut gw = endpoints.connect().await?;
     gw.write_all(&proxy_header(peer, original)?).await?;
     let (up, down) = (std::sync::atomic::AtomicU64::new(0), std::sync::atomic::AtomicU64::new(0));
-    egress_netio::relay(&client, &gw, &up, &down, endpoints.coalesce).await?;
+    egress_netio::relay(&client, &gw, &up, &down, coalesce).await?;
     Ok(())
 }

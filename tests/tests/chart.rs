@@ -189,6 +189,12 @@ fn rendered_configs_are_accepted_by_the_release_binaries() {
     std::fs::write(&bad, "listen: {http: 0.0.0.0:3128}\nlimits: {maxHeaderBytes: 10}\n").unwrap();
     let out = run(Command::new(release.join("egress-gateway")).arg("validate").arg("--config").arg(&bad));
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    // The schema only checks that `redirector.coalesce` is a duration; the binary bounds it.
+    let bad = dir.path().join("bad-redirector.yaml");
+    std::fs::write(&bad, "nodeName: n\ngateways: [127.0.0.1:1]\nrelay: {coalesce: 1s}\n").unwrap();
+    let out = run(Command::new(release.join("node-redirector")).arg("validate").arg("--config").arg(&bad));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("relay.coalesce: 1s is longer than 100ms"), "{}", text(&out));
 }
 
 fn release_dir() -> PathBuf {
