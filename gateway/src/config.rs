@@ -70,13 +70,42 @@ pub struct Config {
 }
 
 /// Transparent front settings.
-#[derive(Debug, Clone, Deserialize, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TransparentConfig {
     /// Addresses of the node-redirector relays allowed to send PROXY v2 headers. Connections from
     /// anywhere else are closed and audited as `untrusted_relay`.
     #[serde(default)]
     pub trusted_relays: Vec<IpNet>,
+    /// The relays' key file (one base64 key per line, at least 32 bytes each; in Kubernetes a
+    /// Secret shared with the node-redirector). Every PROXY header must carry a MAC under one of
+    /// these keys: an address in `trustedRelays` is not proof, since a masquerading node gives
+    /// its Pods the node's address. Required with `listen.transparent`; re-read on reload.
+    #[serde(default)]
+    pub relay_key_file: Option<PathBuf>,
+    /// How far a header's timestamp may be from this clock (both ways) before it is refused.
+    #[serde(deserialize_with = "duration", default = "d30s")]
+    pub relay_max_skew: Duration,
+    /// How long the front waits for a client's first bytes (a TLS ClientHello or an HTTP request
+    /// head) before deciding on the original destination alone, as server-speaks-first protocols
+    /// (SMTP, SSH banners, databases) send nothing first.
+    #[serde(deserialize_with = "duration", default = "d500ms")]
+    pub first_byte_timeout: Duration,
+}
+
+impl Default for TransparentConfig {
+    fn default() -> Self {
+        TransparentConfig {
+            trusted_relays: Vec::new(),
+            relay_key_file: None,
+            relay_max_skew: d30s(),
+            first_byte_timeout: d500ms(),
+        }
+    }
+}
+
+fn d500ms() -> Duration {
+    Duration::from_millis(500)
 }
 
 /// Kubernetes mode settings.
@@ -776,6 +805,8 @@ pub struct Loaded {
     pub config: Config,
     /// Every policy document with its origin.
     pub policies: Vec<(Origin, AnyPolicy)>,
+    /// The relay keys of `transparent.relayKeyFile` (empty without it).
+    pub relay_keys: Vec<egress_netio::proxy::RelayKey>,
 }
 
 /// Every error found while loading, each naming file, document and field.
@@ -817,8 +848,16 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigErrors> {
         }
     }
     check_policy_set(&config, &policies, &mut errors);
+    let relay_keys = match &config.transparent.relay_key_file {
+        Some(k) => egress_netio::proxy::RelayKey::load(&if k.is_absolute() { k.clone() } else { base.join(k) })
+            .unwrap_or_else(|e| {
+                errors.push(format!("{file}: transparent.relayKeyFile: {e}"));
+                Vec::new()
+            }),
+        None => Vec::new(),
+    };
     if errors.is_empty() {
-        Ok(Loaded { path: path.to_path_buf(), config, policies })
+        Ok(Loaded { path: path.to_path_buf(), config, policies, relay_keys })
     } else {
         Err(ConfigErrors(errors))
     }
@@ -1009,6 +1048,20 @@ fn validate_config(c: &Config, file: &str, errors: &mut Vec<String>) {
     }
     if c.listen.transparent.is_some() && c.transparent.trusted_relays.is_empty() {
         err("transparent.trustedRelays", "listen.transparent needs the node-redirector relay addresses here".into());
+    }
+    if c.listen.transparent.is_some() && c.transparent.relay_key_file.is_none() {
+        err(
+            "transparent.relayKeyFile",
+            "listen.transparent needs the relays' key file (the relay's address alone is no proof of the relay; \
+             create one with `openssl rand -base64 32`)"
+                .into(),
+        );
+    }
+    if c.transparent.relay_max_skew < Duration::from_secs(1) {
+        err("transparent.relayMaxSkew", "must be at least 1s".into());
+    }
+    if c.transparent.first_byte_timeout.is_zero() {
+        err("transparent.firstByteTimeout", "must be greater than zero".into());
     }
     let listeners = [c.listen.http, c.listen.socks5, c.listen.admin, c.listen.transparent];
     let set: Vec<_> = listeners.iter().flatten().collect();

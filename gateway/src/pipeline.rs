@@ -40,6 +40,8 @@ pub struct State {
     pub guard: Guard,
     /// Source-address pools.
     pub pools: Pools,
+    /// Checks the relays' PROXY header MACs (`transparent.relayKeyFile`, `relayMaxSkew`).
+    pub relay_auth: egress_netio::proxy::Verifier,
 }
 
 impl State {
@@ -58,6 +60,7 @@ impl State {
             snapshot,
             guard: Guard::new(c.guard.allow_cidrs.clone(), own.to_vec()),
             pools: Pools::new(&c.egress_addresses),
+            relay_auth: egress_netio::proxy::Verifier::new(loaded.relay_keys.clone(), c.transparent.relay_max_skew),
             loaded,
         }
     }
@@ -264,6 +267,8 @@ pub struct Gateway {
     kube: ArcSwapOption<KubeInputs>,
     /// Health of the Kubernetes watchers.
     pub kube_health: Arc<WatchHealth>,
+    /// Relay headers already accepted (kept across reloads).
+    pub relay_replay: egress_netio::proxy::ReplayGuard,
 }
 
 impl Gateway {
@@ -295,6 +300,7 @@ impl Gateway {
             kube_ready: AtomicBool::new(!kube_mode),
             kube: ArcSwapOption::empty(),
             kube_health: Arc::new(WatchHealth::default()),
+            relay_replay: egress_netio::proxy::ReplayGuard::default(),
         }))
     }
 

@@ -26,8 +26,9 @@ pub struct Admin {
     pub apply_seconds: Histogram,
 }
 
-impl Default for Admin {
-    fn default() -> Self {
+impl Admin {
+    /// The registry, with the relay's metrics in it.
+    pub fn new(relay: &crate::relay::RelayMetrics) -> Self {
         let mut registry = Registry::with_prefix("egress_redirector");
         let drift_repairs = Counter::default();
         registry.register(
@@ -46,11 +47,19 @@ impl Default for Admin {
             apply_seconds.clone(),
         );
         registry.register_collector(Box::new(egress_netio::RelayCollector));
+        registry.register(
+            "endpoint_up",
+            "Whether a gateway endpoint is healthy (1) or down and probed (0)",
+            relay.endpoint_up.clone(),
+        );
+        registry.register(
+            "relay_refused",
+            "Connections the relay refused: not_redirected (a direct connection to the relay port), no_endpoint (no healthy gateway)",
+            relay.refused.clone(),
+        );
         Admin { registry, ready: AtomicBool::new(false), drift_repairs, updates, selected, apply_seconds }
     }
-}
 
-impl Admin {
     /// Serves until the process ends.
     pub async fn serve(self: Arc<Self>, listener: tokio::net::TcpListener) {
         loop {

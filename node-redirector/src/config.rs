@@ -62,12 +62,30 @@ pub struct RelayConfig {
     /// batching, as the gateway's `limits.tunnelCoalesce`); `0s` turns it off.
     #[serde(default = "default_coalesce", with = "humantime_serde_compat")]
     pub coalesce: std::time::Duration,
+    /// The relay key file shared with the gateways (`transparent.relayKeyFile` there): one base64
+    /// key per line; the relay signs every PROXY header with the first. Required.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// How often an endpoint marked down (a connect that failed or timed out) is probed; the
+    /// first probe that connects brings it back.
+    #[serde(default = "default_probe_interval", with = "humantime_serde_compat")]
+    pub probe_interval: std::time::Duration,
 }
 
 impl Default for RelayConfig {
     fn default() -> Self {
-        RelayConfig { port: default_port(), connect_timeout: default_connect_timeout(), coalesce: default_coalesce() }
+        RelayConfig {
+            port: default_port(),
+            connect_timeout: default_connect_timeout(),
+            coalesce: default_coalesce(),
+            key_file: None,
+            probe_interval: default_probe_interval(),
+        }
     }
+}
+
+fn default_probe_interval() -> std::time::Duration {
+    std::time::Duration::from_secs(1)
 }
 
 fn default_port() -> u16 {
@@ -121,6 +139,10 @@ pub struct PodEntry {
     /// Labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The host-side interface of the Pod (anti-spoofing keys on it). Absent: the interface of
+    /// the node's host route to the Pod's address, when there is one (see `docs/redirector.md`).
+    #[serde(default)]
+    pub interface: Option<String>,
     /// The Pod's uid (Kubernetes mode; the standalone file has none).
     #[serde(skip)]
     pub uid: String,
@@ -133,6 +155,8 @@ pub struct Loaded {
     pub config: Config,
     /// Valid policies.
     pub policies: Vec<AnyPolicy>,
+    /// The relay keys (`relay.keyFile`); the first signs.
+    pub relay_keys: Vec<egress_netio::proxy::RelayKey>,
 }
 
 impl Loaded {
@@ -149,6 +173,7 @@ impl Loaded {
             namespaces: self.config.namespaces.clone(),
             policies: self.policies.clone(),
             gateways: self.config.gateways.clone(),
+            interfaces: Default::default(),
             changed_at: None,
         }
     }
@@ -172,12 +197,33 @@ pub fn load(path: &Path) -> Result<Loaded, Vec<String>> {
     if let Err(e) = egress_netio::check_hold(config.relay.coalesce) {
         errors.push(format!("{f}: relay.coalesce: {e}"));
     }
+    let base = path.parent().unwrap_or(Path::new("."));
+    let relay_keys = match &config.relay.key_file {
+        Some(k) => egress_netio::proxy::RelayKey::load(&if k.is_absolute() { k.clone() } else { base.join(k) })
+            .unwrap_or_else(|e| {
+                errors.push(format!("{f}: relay.keyFile: {e}"));
+                Vec::new()
+            }),
+        None => {
+            errors.push(format!(
+                "{f}: relay.keyFile: required: the key the gateways check every PROXY header with \
+                 (the same file as their transparent.relayKeyFile)"
+            ));
+            Vec::new()
+        }
+    };
+    for (name, d) in
+        [("relay.connectTimeout", config.relay.connect_timeout), ("relay.probeInterval", config.relay.probe_interval)]
+    {
+        if d.is_zero() {
+            errors.push(format!("{f}: {name}: must be greater than zero"));
+        }
+    }
     if config.node_name.is_none() && std::env::var("NODE_NAME").is_err() {
         errors.push(format!("{f}: nodeName: required (or set NODE_NAME)"));
     }
     let mut docs: Vec<(String, serde_json::Value)> =
         config.policies.iter().enumerate().map(|(i, v)| (format!("{f}: policies[{i}]"), v.clone())).collect();
-    let base = path.parent().unwrap_or(Path::new("."));
     for p in &config.policy_files {
         let p = if p.is_absolute() { p.clone() } else { base.join(p) };
         let files: Vec<PathBuf> = if p.is_dir() {
@@ -219,5 +265,5 @@ pub fn load(path: &Path) -> Result<Loaded, Vec<String>> {
             Err(e) => errors.push(format!("{origin}: {e}")),
         }
     }
-    if errors.is_empty() { Ok(Loaded { config, policies }) } else { Err(errors) }
+    if errors.is_empty() { Ok(Loaded { config, policies, relay_keys }) } else { Err(errors) }
 }

@@ -277,6 +277,7 @@ pub async fn start(cfg: &Config, node: String) -> anyhow::Result<(watch::Receive
                             .filter_map(|i| i.ip.parse().ok())
                             .collect(),
                         labels: p.metadata.labels.clone().unwrap_or_default(),
+                        interface: None,
                         uid: p.metadata.uid.clone().unwrap_or_default(),
                     })
                     .collect(),
@@ -299,6 +300,7 @@ pub async fn start(cfg: &Config, node: String) -> anyhow::Result<(watch::Receive
                     })
                     .collect(),
                 gateways: endpoints(&slices.state(), port_name.as_deref()),
+                interfaces: Default::default(),
                 changed_at,
             };
             if out_tx.send(Some(inputs)).is_err() || rx.recv().await.is_none() {

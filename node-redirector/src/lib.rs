@@ -6,4 +6,5 @@ pub mod config;
 pub mod k8s;
 pub mod nft;
 pub mod relay;
+pub mod routes;
 pub mod rules;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use node_redirector::{admin, config, k8s, nft, relay, rules};
+use node_redirector::{admin, config, k8s, nft, relay, routes, rules};
 use tokio::signal::unix::{SignalKind, signal};
 
 /// Per-node nftables steering of selected Pods' egress to the egress gateway.
@@ -19,7 +19,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Apply the table, run the relay, reconcile; remove the table on SIGTERM/SIGINT.
+    /// Apply (or adopt) the table, run the relay, reconcile. SIGTERM/SIGINT stop the process and
+    /// leave the table in the kernel: steered Pods stay steered (their connections are refused
+    /// while no relay listens) until `uninstall`.
     Run {
         /// Standalone configuration file.
         #[arg(long)]
@@ -40,6 +42,9 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Remove steering from this node: delete the table. Selected Pods egress directly afterwards
+    /// (or not at all, where the network allows no direct egress).
+    Uninstall,
 }
 
 fn load(path: &std::path::Path) -> Result<config::Loaded, ExitCode> {
@@ -67,9 +72,21 @@ fn main() -> ExitCode {
             }
             Err(c) => c,
         },
+        Cmd::Uninstall => match nft::remove() {
+            Ok(()) => {
+                println!("table inet {} removed", rules::TABLE);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
         Cmd::Render { config } => match load(&config) {
             Ok(l) => {
-                print!("{}", rules::desired(&l.inputs(), &l.config).render());
+                let mut inputs = l.inputs();
+                inputs.interfaces = routes::host_routes();
+                print!("{}", rules::desired(&inputs, &l.config).render());
                 ExitCode::SUCCESS
             }
             Err(c) => c,
@@ -107,12 +124,23 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
         sock.bind(std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)))?;
         sock.listen(1024)?
     };
-    let endpoints =
-        Arc::new(relay::Endpoints::new(loaded.config.gateways.clone(), loaded.config.relay.connect_timeout));
-    let coalesce = loaded.config.relay.coalesce;
-    tokio::spawn(relay::serve(v4, endpoints.clone(), coalesce));
-    tokio::spawn(relay::serve(v6, endpoints.clone(), coalesce));
-    let metrics = Arc::new(admin::Admin::default());
+    let relay_metrics = Arc::new(relay::RelayMetrics::default());
+    let rc = &loaded.config.relay;
+    let endpoints = Arc::new(relay::Endpoints::new(
+        loaded.config.gateways.clone(),
+        rc.connect_timeout,
+        rc.probe_interval,
+        relay_metrics.clone(),
+    ));
+    let key = loaded.relay_keys.first().cloned().ok_or_else(|| anyhow::anyhow!("relay.keyFile: no key"))?;
+    let relay = Arc::new(relay::Relay {
+        endpoints: endpoints.clone(),
+        signer: egress_netio::proxy::Signer::new(key).map_err(anyhow::Error::msg)?,
+        coalesce: rc.coalesce,
+    });
+    tokio::spawn(relay::serve(v4, relay.clone()));
+    tokio::spawn(relay::serve(v6, relay));
+    let metrics = Arc::new(admin::Admin::new(&relay_metrics));
     if let Some(addr) = loaded.config.admin {
         tokio::spawn(metrics.clone().serve(tokio::net::TcpListener::bind(addr).await?));
     }
@@ -139,12 +167,15 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
         Some(rx) => rx.borrow().clone().unwrap_or_default(),
         None => loaded.inputs(),
     };
+    inputs.interfaces = routes::host_routes();
     endpoints.set(inputs.gateways.clone());
     let mut desired = rules::desired(&inputs, &cfg);
-    nft::apply(&desired)?;
+    // A table left by the previous instance (a restart, an upgrade) kept steering while no relay
+    // listened; adopt it rather than remove it.
+    let adopted = nft::adopt(&desired)?;
     metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
     metrics.selected.set(desired.selected.len() as i64);
-    tracing::info!(selected = desired.selected.len(), port, "table applied; relay listening");
+    tracing::info!(selected = desired.selected.len(), port, adopted, "table in place; relay listening");
     report(&inputs);
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -165,6 +196,7 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
                 }
             }
             _ = tokio::time::sleep(period) => {
+                inputs.changed_at = None;
                 if kube.is_none() {
                     match config::load(&path) {
                         Ok(l) => {
@@ -177,6 +209,7 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
             }
         }
         endpoints.set(inputs.gateways.clone());
+        inputs.interfaces = routes::host_routes();
         let next = rules::desired(&inputs, &cfg);
         if next != desired {
             let incremental = nft::update(&desired, &next)?;
@@ -191,7 +224,7 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
             continue;
         }
         match nft::observed() {
-            Ok(seen) if seen.as_ref() == Some(&nft::fingerprint(&desired)) => {}
+            Ok(Some(seen)) if seen.matches(&desired) => {}
             Ok(_) => {
                 drift_repairs += 1;
                 metrics.drift_repairs.inc();
@@ -202,8 +235,7 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
         }
         report(&inputs);
     }
-    nft::remove()?;
-    tracing::info!("table removed; stopped");
+    tracing::info!("stopped; the table stays in the kernel (node-redirector uninstall removes it)");
     Ok(())
 }
 

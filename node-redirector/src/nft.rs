@@ -1,9 +1,11 @@
-//! Applying and checking the table with the kernel, through the `nftables` crate (libnftables
+//! Applying, adopting and checking the table with the kernel, through the `nftables` crate (libnftables
 //! JSON, `nft -j -f -`, one transaction).
 
 use serde_json::Value;
 
-use crate::rules::{Desired, TABLE};
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::rules::{Desired, SHAPE_MARK, TABLE, canonical};
 
 /// Errors talking to nft.
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +38,20 @@ fn run(v: Value) -> Result<(), NftError> {
     nftables::helper::apply_ruleset(&nft).map_err(|e| NftError::Nft(e.to_string()))
 }
 
-/// Deletes the table (graceful shutdown). Absent is fine.
+/// Brings a table a previous instance left up to date without replacing it, when its shape is
+/// the desired one (its dynamic sets refilled, in one transaction); otherwise replaces it whole
+/// (also one transaction). Either way no packet ever sees no table. Returns whether it adopted.
+pub fn adopt(d: &Desired) -> Result<bool, NftError> {
+    match observed()? {
+        Some(o) if o.shape.as_deref() == Some(d.shape().as_str()) && o.rules == d.rule_count() => {
+            run(d.refill_json()).map(|()| true)
+        }
+        _ => apply(d).map(|()| false),
+    }
+}
+
+/// Deletes the table (`node-redirector uninstall`: an explicit act, never on shutdown). Absent is
+/// fine.
 pub fn remove() -> Result<(), NftError> {
     let out = std::process::Command::new("nft")
         .args(["delete", "table", "inet", TABLE])
@@ -49,9 +64,28 @@ pub fn remove() -> Result<(), NftError> {
     }
 }
 
-/// What the kernel has now: `None` when the table is missing; otherwise the selected addresses
-/// and the number of rules, enough to tell drift from the desired state.
-pub fn observed() -> Result<Option<(Vec<String>, usize)>, NftError> {
+/// The table as the kernel has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observed {
+    /// The shape fingerprint from the first rule's comment.
+    pub shape: Option<String>,
+    /// Number of rules.
+    pub rules: usize,
+    /// Every set's elements, canonical (see [`crate::rules::canonical`]).
+    pub elements: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl Observed {
+    /// Whether this is exactly `d`.
+    pub fn matches(&self, d: &Desired) -> bool {
+        self.shape.as_deref() == Some(d.shape().as_str())
+            && self.rules == d.rule_count()
+            && self.elements == d.elements()
+    }
+}
+
+/// What the kernel has now: `None` when the table is missing.
+pub fn observed() -> Result<Option<Observed>, NftError> {
     let out = std::process::Command::new("nft")
         .args(["-j", "list", "table", "inet", TABLE])
         .output()
@@ -60,30 +94,18 @@ pub fn observed() -> Result<Option<(Vec<String>, usize)>, NftError> {
         return Ok(None);
     }
     let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| NftError::Nft(e.to_string()))?;
-    let items = v["nftables"].as_array().cloned().unwrap_or_default();
-    let mut selected = Vec::new();
-    let mut rules = 0;
-    for it in &items {
-        if let Some(s) = it.get("set")
-            && s["name"].as_str().is_some_and(|n| n.starts_with("selected_"))
-        {
-            for e in s["elem"].as_array().into_iter().flatten() {
-                if let Some(a) = e.as_str() {
-                    selected.push(a.to_string());
-                }
+    let mut o = Observed { shape: None, rules: 0, elements: BTreeMap::new() };
+    for it in v["nftables"].as_array().into_iter().flatten() {
+        if let Some(s) = it.get("set") {
+            let elems = s["elem"].as_array().into_iter().flatten().map(canonical).collect();
+            o.elements.insert(s["name"].as_str().unwrap_or_default().to_string(), elems);
+        }
+        if let Some(r) = it.get("rule") {
+            o.rules += 1;
+            if let Some(shape) = r["comment"].as_str().and_then(|c| c.strip_prefix(SHAPE_MARK)) {
+                o.shape = Some(shape.to_string());
             }
         }
-        if it.get("rule").is_some() {
-            rules += 1;
-        }
     }
-    selected.sort();
-    Ok(Some((selected, rules)))
-}
-
-/// The same fingerprint for the desired state.
-pub fn fingerprint(d: &Desired) -> (Vec<String>, usize) {
-    let mut s: Vec<String> = d.selected.iter().map(|a| a.to_string()).collect();
-    s.sort();
-    (s, 10)
+    Ok(Some(o))
 }

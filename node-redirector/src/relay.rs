@@ -1,14 +1,18 @@
-//! The node relay: accepts redirected connections, recovers the original destination with
-//! `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST`, connects to a gateway endpoint (the next one on
-//! failure), sends a PROXY protocol v2 header (source = Pod, destination = original), then relays
-//! with splice(2).
+//! The node relay: accepts redirected connections (and only those), recovers the original
+//! destination with `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST`, connects to a healthy gateway
+//! endpoint, sends a signed PROXY protocol v2 header (source = Pod, destination = original; see
+//! `egress_netio::proxy`), then relays with splice(2).
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -52,93 +56,203 @@ pub fn original_dst(s: &TcpStream) -> std::io::Result<SocketAddr> {
     }
 }
 
-/// Gateway endpoints (swapped whole when they change) with the index of the last one that worked.
+/// One gateway endpoint and its health.
+#[derive(Debug)]
+struct Endpoint {
+    addr: SocketAddr,
+    up: AtomicBool,
+    probing: AtomicBool,
+}
+
+/// Gateway endpoints (swapped whole when they change), each healthy or down. New connections are
+/// spread over the healthy ones; one that fails to connect (refused, or silent for
+/// `relay.connectTimeout`) is marked down at once and probed in the background every
+/// `relay.probeInterval` until it answers, so a silent endpoint costs one timeout in total, not
+/// one per connection, and traffic returns to it once it is back.
 pub struct Endpoints {
-    list: arc_swap::ArcSwap<Vec<SocketAddr>>,
-    preferred: AtomicUsize,
+    list: arc_swap::ArcSwap<Vec<Arc<Endpoint>>>,
+    next: AtomicUsize,
     timeout: Duration,
+    probe_interval: Duration,
+    metrics: Arc<RelayMetrics>,
+}
+
+/// The relay's metrics (registered by [`crate::admin::Admin`]).
+#[derive(Default)]
+pub struct RelayMetrics {
+    /// `egress_redirector_endpoint_up{endpoint}`: 1 healthy, 0 down.
+    pub endpoint_up: Family<EndpointLabel, Gauge>,
+    /// `egress_redirector_relay_refused_total{reason}`: connections the relay refused.
+    pub refused: Family<ReasonLabel, Counter>,
+}
+
+/// Label of [`RelayMetrics::endpoint_up`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabel {
+    /// `ip:port`.
+    pub endpoint: String,
+}
+
+/// Label of [`RelayMetrics::refused`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// `not_redirected` (a direct connection to the relay port) or `no_endpoint`.
+    pub reason: &'static str,
 }
 
 impl Endpoints {
-    /// The endpoints, tried in order starting from the last good one, each for up to `timeout`.
-    pub fn new(list: Vec<SocketAddr>, timeout: Duration) -> Self {
-        Endpoints { list: arc_swap::ArcSwap::from_pointee(list), preferred: AtomicUsize::new(0), timeout }
+    /// The endpoints, all presumed healthy, each connect given up to `timeout`.
+    pub fn new(list: Vec<SocketAddr>, timeout: Duration, probe_interval: Duration, metrics: Arc<RelayMetrics>) -> Self {
+        let e = Endpoints {
+            list: arc_swap::ArcSwap::from_pointee(Vec::new()),
+            next: AtomicUsize::new(0),
+            timeout,
+            probe_interval,
+            metrics,
+        };
+        e.set(list);
+        e
     }
 
-    /// Replaces the endpoint list.
+    /// Replaces the endpoint list; endpoints that stay keep their health.
     pub fn set(&self, list: Vec<SocketAddr>) {
-        if **self.list.load() != list {
-            tracing::info!(endpoints = ?list, "gateway endpoints changed");
-            self.list.store(std::sync::Arc::new(list));
+        let old = self.list.load_full();
+        if old.iter().map(|e| e.addr).eq(list.iter().copied()) {
+            return;
         }
+        tracing::info!(endpoints = ?list, "gateway endpoints changed");
+        let new: Vec<Arc<Endpoint>> = list
+            .iter()
+            .map(|a| {
+                old.iter().find(|e| e.addr == *a).cloned().unwrap_or_else(|| {
+                    Arc::new(Endpoint { addr: *a, up: AtomicBool::new(true), probing: AtomicBool::new(false) })
+                })
+            })
+            .collect();
+        for e in old.iter().filter(|e| !list.contains(&e.addr)) {
+            self.metrics.endpoint_up.remove(&EndpointLabel { endpoint: e.addr.to_string() });
+        }
+        for e in &new {
+            self.gauge(e);
+        }
+        self.list.store(Arc::new(new));
     }
 
-    /// Connects to the first endpoint that answers.
-    pub async fn connect(&self) -> std::io::Result<TcpStream> {
+    fn gauge(&self, e: &Endpoint) {
+        let up = e.up.load(Ordering::Relaxed);
+        self.metrics.endpoint_up.get_or_create(&EndpointLabel { endpoint: e.addr.to_string() }).set(up as i64);
+    }
+
+    /// Connects to a healthy endpoint, the next one in turn; on failure marks it down and tries
+    /// the next healthy one. Fails at once when none is healthy (fail closed: the client's
+    /// connection is reset; the probes bring endpoints back).
+    pub async fn connect(self: &Arc<Self>) -> std::io::Result<TcpStream> {
         let list = self.list.load_full();
         let n = list.len();
-        let start = self.preferred.load(Ordering::Relaxed);
-        let mut last = std::io::Error::other("no gateway endpoint");
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut last = std::io::Error::other("no healthy gateway endpoint");
         for i in 0..n {
-            let idx = (start + i) % n;
-            match tokio::time::timeout(self.timeout, TcpStream::connect(list[idx])).await {
+            let e = &list[(start + i) % n];
+            if !e.up.load(Ordering::Relaxed) {
+                continue;
+            }
+            match tokio::time::timeout(self.timeout, TcpStream::connect(e.addr)).await {
                 Ok(Ok(s)) => {
-                    if idx != start {
-                        tracing::warn!(endpoint = %list[idx], "failed over to another gateway endpoint");
-                        self.preferred.store(idx, Ordering::Relaxed);
-                    }
                     let _ = s.set_nodelay(true);
                     return Ok(s);
                 }
-                Ok(Err(e)) => last = e,
+                Ok(Err(err)) => last = err,
                 Err(_) => last = std::io::Error::new(std::io::ErrorKind::TimedOut, "gateway connect timed out"),
             }
+            self.mark_down(e, &last);
         }
         Err(last)
     }
+
+    fn mark_down(self: &Arc<Self>, e: &Arc<Endpoint>, why: &std::io::Error) {
+        if e.up.swap(false, Ordering::Relaxed) {
+            tracing::warn!(endpoint = %e.addr, error = %why, "gateway endpoint down; probing it in the background");
+            self.gauge(e);
+        }
+        if e.probing.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let (this, e) = (self.clone(), e.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(this.probe_interval).await;
+                if !this.list.load().iter().any(|x| Arc::ptr_eq(x, &e)) {
+                    break; // no longer an endpoint
+                }
+                if let Ok(Ok(mut s)) = tokio::time::timeout(this.timeout, TcpStream::connect(e.addr)).await {
+                    // A LOCAL header: the gateway takes it as a health check.
+                    let _ = s.write_all(&egress_netio::proxy::LOCAL).await;
+                    e.up.store(true, Ordering::Relaxed);
+                    this.gauge(&e);
+                    tracing::info!(endpoint = %e.addr, "gateway endpoint answers again");
+                    break;
+                }
+            }
+            e.probing.store(false, Ordering::Relaxed);
+        });
+    }
 }
 
-/// The PROXY v2 header for one connection.
-pub fn proxy_header(source: SocketAddr, original: SocketAddr) -> std::io::Result<Vec<u8>> {
-    let (source, original) = match (source, original) {
-        (SocketAddr::V6(s), SocketAddr::V4(o)) => match s.ip().to_ipv4_mapped() {
-            Some(v4) => (SocketAddr::from((v4, s.port())), SocketAddr::V4(o)),
-            None => (SocketAddr::V6(s), SocketAddr::from((o.ip().to_ipv6_mapped(), o.port()))),
-        },
-        other => other,
-    };
-    ppp::v2::Builder::with_addresses(
-        ppp::v2::Version::Two | ppp::v2::Command::Proxy,
-        ppp::v2::Protocol::Stream,
-        (source, original),
-    )
-    .build()
+/// What [`serve`] needs for every connection.
+pub struct Relay {
+    /// Where connections go.
+    pub endpoints: Arc<Endpoints>,
+    /// Signs every PROXY header.
+    pub signer: egress_netio::proxy::Signer,
+    /// Read batching hold (`relay.coalesce`).
+    pub coalesce: Duration,
 }
 
-/// Serves redirected connections on `listener`; bulk reads are batched for up to `coalesce`
-/// (`relay.coalesce`).
-pub async fn serve(listener: TcpListener, endpoints: Arc<Endpoints>, coalesce: Duration) {
+/// Serves redirected connections on `listener`.
+pub async fn serve(listener: TcpListener, relay: Arc<Relay>) {
     loop {
         let Ok((client, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let endpoints = endpoints.clone();
+        let relay = relay.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(client, peer, &endpoints, coalesce).await {
+            if let Err(e) = handle(client, peer, &relay).await {
                 tracing::debug!(peer = %peer, error = %e, "relay connection ended with an error");
             }
         });
     }
 }
 
-async fn handle(client: TcpStream, peer: SocketAddr, endpoints: &Endpoints, coalesce: Duration) -> std::io::Result<()> {
+/// Resets `s` (RST, not FIN): the client sees a refused connection.
+fn reset(s: TcpStream) {
+    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+}
+
+async fn handle(client: TcpStream, peer: SocketAddr, relay: &Relay) -> std::io::Result<()> {
     let _ = client.set_nodelay(true);
-    let original = original_dst(&client)?;
+    // Only connections the table redirected here: a direct connection to the relay port has no
+    // original destination other than the relay itself (the table also resets those).
+    let original = match original_dst(&client) {
+        Ok(o) if o != client.local_addr()? => o,
+        other => {
+            relay.endpoints.metrics.refused.get_or_create(&ReasonLabel { reason: "not_redirected" }).inc();
+            tracing::warn!(peer = %peer, "refused a connection that was not redirected to the relay");
+            reset(client);
+            return other.map(|_| ());
+        }
+    };
     // Fail closed: no gateway, no connection (the client sees a reset).
-    let mut gw = endpoints.connect().await?;
-    gw.write_all(&proxy_header(peer, original)?).await?;
+    let mut gw = match relay.endpoints.connect().await {
+        Ok(gw) => gw,
+        Err(e) => {
+            relay.endpoints.metrics.refused.get_or_create(&ReasonLabel { reason: "no_endpoint" }).inc();
+            reset(client);
+            return Err(e);
+        }
+    };
+    gw.write_all(&relay.signer.header(peer, original, std::time::SystemTime::now())).await?;
     let (up, down) = (std::sync::atomic::AtomicU64::new(0), std::sync::atomic::AtomicU64::new(0));
-    egress_netio::relay(&client, &gw, &up, &down, coalesce).await?;
+    egress_netio::relay(&client, &gw, &up, &down, relay.coalesce).await?;
     Ok(())
 }

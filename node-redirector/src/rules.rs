@@ -1,15 +1,33 @@
-//! The desired nftables table, as one intermediate form rendered both as nft syntax (for
-//! `render` and people) and as libnftables JSON (applied with `nft -j -f -` in one transaction).
+//! The desired nftables table. Every rule is described once ([`Rule`]: matches and a verdict) and
+//! rendered both as nft syntax (for `render` and people) and as libnftables JSON (applied with
+//! `nft -j -f -`, one transaction).
+//!
+//! What the table enforces for a selected Pod (one whose address a `redirect: Transparent` policy
+//! selects), in order:
+//!
+//! 1. Its interface carries only its own addresses (anti-spoofing): a packet from the interface
+//!    of a selected Pod whose source is not an address of a Pod on that interface is dropped, so
+//!    a second address added inside the Pod gets nowhere. IPv6 neighbour discovery from
+//!    link-local addresses stays on the link and passes.
+//! 2. Cloud metadata is dropped.
+//! 3. Cluster destinations (`excludeCidrs`, the gateways) are left alone.
+//! 4. Of the rest only two kinds of traffic leave: TCP, which the `steer` chain redirects to the
+//!    relay (and the packets of connections so redirected), and DNS to `clusterDns`. Answers to
+//!    connections made *to* the Pod, and ICMP errors of allowed flows (conntrack `related`),
+//!    pass. Everything else (UDP, ICMP echo, SCTP, any other protocol, TCP that conntrack calls
+//!    invalid or that was never redirected) is dropped.
+//!
+//! And for everyone: the relay port accepts only connections that were redirected to it (a
+//! direct connection is reset), and Pods of this node cannot reach the gateways' transparent
+//! endpoints themselves (only the relay, a local process, does).
 
-use std::collections::BTreeSet;
-use std::net::IpAddr;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
 
 use egress_crds::{AnyPolicy, Redirect};
 use ipnet::IpNet;
 use serde_json::{Value, json};
-
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
 
 use crate::config::{Config, PodEntry};
 
@@ -26,6 +44,9 @@ pub struct Inputs {
     pub policies: Vec<AnyPolicy>,
     /// Gateway transparent endpoints.
     pub gateways: Vec<SocketAddr>,
+    /// Host-side interface of a Pod address, from the node's host routes (see [`crate::routes`]),
+    /// for Pods whose entry names none.
+    pub interfaces: BTreeMap<IpAddr, String>,
     /// When the first API event of the change that produced these inputs arrived (Kubernetes).
     pub changed_at: Option<std::time::Instant>,
 }
@@ -39,10 +60,19 @@ pub const METADATA: &[&str] =
     &["169.254.169.254/32", "169.254.170.2/32", "100.100.100.200/32", "168.63.129.16/32", "fd00:ec2::254/128"];
 
 /// The desired state.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Desired {
-    /// Pod addresses whose TCP egress is steered.
+    /// Pod addresses whose egress is steered.
     pub selected: BTreeSet<IpAddr>,
+    /// Host-side interfaces of selected Pods (anti-spoofing applies to these).
+    pub selected_ifaces: BTreeSet<String>,
+    /// `(interface, address)` of every Pod of this node whose interface is known: the only
+    /// sources a selected Pod's interface may carry.
+    pub pod_addrs: BTreeSet<(String, IpAddr)>,
+    /// Every Pod address of this node (they may not reach the gateways' transparent endpoints).
+    pub pods: BTreeSet<IpAddr>,
+    /// Gateway transparent endpoints.
+    pub gateways: BTreeSet<SocketAddr>,
     /// Destinations never steered.
     pub excluded: BTreeSet<IpNet>,
     /// Cluster DNS servers.
@@ -69,202 +99,581 @@ pub fn is_selected(i: &Inputs, pod: &PodEntry) -> bool {
     })
 }
 
-/// The table for the Pods of this node that are selected by a `redirect: Transparent` policy.
+/// The table for the Pods of this node.
 pub fn desired(i: &Inputs, c: &Config) -> Desired {
-    let mut selected = BTreeSet::new();
+    let mut d =
+        Desired { relay_port: c.relay.port, dns: c.cluster_dns.iter().copied().collect(), ..Desired::default() };
     for pod in i.pods.iter().filter(|p| p.node_name == i.node_name) {
-        if is_selected(i, pod) {
-            selected.extend(pod.ips.iter().copied());
+        let selected = is_selected(i, pod);
+        for ip in &pod.ips {
+            d.pods.insert(*ip);
+            let iface = pod.interface.as_ref().or_else(|| i.interfaces.get(ip));
+            if let Some(iface) = iface {
+                d.pod_addrs.insert((iface.clone(), *ip));
+                if selected {
+                    d.selected_ifaces.insert(iface.clone());
+                }
+            }
+            if selected {
+                d.selected.insert(*ip);
+            }
         }
     }
+    d.gateways = i.gateways.iter().copied().collect();
     let mut nets: Vec<IpNet> = c.exclude_cidrs.iter().map(|n| n.trunc()).collect();
     nets.extend(i.gateways.iter().map(|g| IpNet::from(g.ip())));
     // nft interval sets refuse overlapping elements: merge them first.
-    let excluded: BTreeSet<IpNet> = IpNet::aggregate(&nets).into_iter().collect();
-    Desired { selected, excluded, dns: c.cluster_dns.iter().copied().collect(), relay_port: c.relay.port }
+    d.excluded = IpNet::aggregate(&nets).into_iter().collect();
+    d
 }
 
-fn v4<T: Copy + Into<IpAddr>>(xs: impl IntoIterator<Item = T>) -> Vec<IpAddr> {
-    xs.into_iter().map(Into::into).filter(|a: &IpAddr| a.is_ipv4()).collect()
+/// The address families, with their nft names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fam {
+    V4,
+    V6,
+}
+
+impl Fam {
+    fn ip(self) -> &'static str {
+        match self {
+            Fam::V4 => "ip",
+            Fam::V6 => "ip6",
+        }
+    }
+    fn suffix(self) -> &'static str {
+        match self {
+            Fam::V4 => "v4",
+            Fam::V6 => "v6",
+        }
+    }
+    fn addr_type(self) -> &'static str {
+        match self {
+            Fam::V4 => "ipv4_addr",
+            Fam::V6 => "ipv6_addr",
+        }
+    }
+    fn icmp(self) -> &'static str {
+        match self {
+            Fam::V4 => "icmp",
+            Fam::V6 => "ipv6-icmp",
+        }
+    }
+    fn of(a: IpAddr) -> Fam {
+        if a.is_ipv4() { Fam::V4 } else { Fam::V6 }
+    }
+}
+
+/// One match of a rule.
+#[derive(Debug, Clone)]
+enum M {
+    /// `ip saddr @set` (or `!=`).
+    Saddr(Fam, String, bool),
+    /// `ip daddr @set` (or `!=`).
+    Daddr(Fam, String, bool),
+    /// `ip saddr { nets }`.
+    SaddrNets(Fam, Vec<&'static str>),
+    /// `ip daddr { nets }`.
+    DaddrNets(Fam, Vec<&'static str>),
+    /// `iifname @set`.
+    Iif(String),
+    /// `iifname . ip saddr != @set`.
+    IifSaddrNot(Fam, String),
+    /// `ip daddr . tcp dport @set`.
+    DaddrDport(Fam, String),
+    /// `meta l4proto { .. }`.
+    L4(Vec<&'static str>),
+    /// `th dport N` (TCP or UDP: after an `L4` match).
+    Dport(u16),
+    /// `tcp dport N`.
+    TcpDport(u16),
+    /// `icmpv6 type { .. }`.
+    Icmp6Type(Vec<&'static str>),
+    /// `ct state { .. }`.
+    CtState(Vec<&'static str>),
+    /// `ct direction reply`.
+    CtReply,
+    /// `ct status dnat`.
+    CtDnat,
+}
+
+impl M {
+    fn text(&self) -> String {
+        let set = |neg: bool, s: &str| format!("{}@{s}", if neg { "!= " } else { "" });
+        let list = |v: &[&str]| if v.len() == 1 { v[0].to_string() } else { format!("{{ {} }}", v.join(", ")) };
+        match self {
+            M::Saddr(f, s, neg) => format!("{} saddr {}", f.ip(), set(*neg, s)),
+            M::Daddr(f, s, neg) => format!("{} daddr {}", f.ip(), set(*neg, s)),
+            M::SaddrNets(f, v) => format!("{} saddr {}", f.ip(), list(v)),
+            M::DaddrNets(f, v) => format!("{} daddr {}", f.ip(), list(v)),
+            M::Iif(s) => format!("iifname @{s}"),
+            M::IifSaddrNot(f, s) => format!("iifname . {} saddr != @{s}", f.ip()),
+            M::DaddrDport(f, s) => format!("{} daddr . tcp dport @{s}", f.ip()),
+            M::L4(v) => format!("meta l4proto {}", list(v)),
+            M::Dport(p) => format!("th dport {p}"),
+            M::TcpDport(p) => format!("tcp dport {p}"),
+            M::Icmp6Type(v) => format!("icmpv6 type {}", list(v)),
+            M::CtState(v) => format!("ct state {}", list(v)),
+            M::CtReply => "ct direction reply".to_string(),
+            M::CtDnat => "ct status dnat".to_string(),
+        }
+    }
+
+    fn json(&self) -> Value {
+        let payload = |proto: &str, field: &str| json!({"payload": {"protocol": proto, "field": field}});
+        let m = |op: &str, left: Value, right: Value| json!({"match": {"op": op, "left": left, "right": right}});
+        let eq = |neg: bool| if neg { "!=" } else { "==" };
+        let anon = |v: &[&str]| -> Value {
+            let items: Vec<Value> = v
+                .iter()
+                .map(|x| match x.parse::<IpNet>() {
+                    Ok(n) => json!({"prefix": {"addr": n.addr().to_string(), "len": n.prefix_len()}}),
+                    Err(_) => json!(x),
+                })
+                .collect();
+            if items.len() == 1 { items[0].clone() } else { json!({"set": items}) }
+        };
+        let iif = json!({"meta": {"key": "iifname"}});
+        match self {
+            M::Saddr(f, s, neg) => m(eq(*neg), payload(f.ip(), "saddr"), json!(format!("@{s}"))),
+            M::Daddr(f, s, neg) => m(eq(*neg), payload(f.ip(), "daddr"), json!(format!("@{s}"))),
+            M::SaddrNets(f, v) => m("==", payload(f.ip(), "saddr"), anon(v)),
+            M::DaddrNets(f, v) => m("==", payload(f.ip(), "daddr"), anon(v)),
+            M::Iif(s) => m("==", iif, json!(format!("@{s}"))),
+            M::IifSaddrNot(f, s) => m("!=", json!({"concat": [iif, payload(f.ip(), "saddr")]}), json!(format!("@{s}"))),
+            M::DaddrDport(f, s) => {
+                m("==", json!({"concat": [payload(f.ip(), "daddr"), payload("tcp", "dport")]}), json!(format!("@{s}")))
+            }
+            M::L4(v) => m("==", json!({"meta": {"key": "l4proto"}}), anon(v)),
+            M::Dport(p) => m("==", payload("th", "dport"), json!(p)),
+            M::TcpDport(p) => m("==", payload("tcp", "dport"), json!(p)),
+            M::Icmp6Type(v) => m("==", payload("icmpv6", "type"), anon(v)),
+            M::CtState(v) => m("in", json!({"ct": {"key": "state"}}), json!(v)),
+            M::CtReply => m("==", json!({"ct": {"key": "direction"}}), json!("reply")),
+            M::CtDnat => m("in", json!({"ct": {"key": "status"}}), json!("dnat")),
+        }
+    }
+}
+
+/// What a rule does.
+#[derive(Debug, Clone, Copy)]
+enum Verdict {
+    Accept,
+    Drop,
+    Redirect(u16),
+    Reset,
+}
+
+/// One rule of one chain.
+#[derive(Debug, Clone)]
+struct Rule {
+    chain: &'static str,
+    matches: Vec<M>,
+    verdict: Verdict,
+}
+
+impl Rule {
+    fn text(&self) -> String {
+        let mut s: Vec<String> = self.matches.iter().map(M::text).collect();
+        s.push(match self.verdict {
+            Verdict::Accept => "accept".into(),
+            Verdict::Drop => "drop".into(),
+            Verdict::Redirect(p) => format!("redirect to :{p}"),
+            Verdict::Reset => "reject with tcp reset".into(),
+        });
+        s.join(" ")
+    }
+
+    fn json(&self) -> Value {
+        let mut expr: Vec<Value> = self.matches.iter().map(M::json).collect();
+        expr.push(match self.verdict {
+            Verdict::Accept => json!({"accept": null}),
+            Verdict::Drop => json!({"drop": null}),
+            Verdict::Redirect(p) => json!({"redirect": {"port": p}}),
+            Verdict::Reset => json!({"reject": {"type": "tcp reset"}}),
+        });
+        json!({"add": {"rule": {"family": "inet", "table": TABLE, "chain": self.chain, "expr": expr}}})
+    }
+}
+
+/// The chains: name, type, hook, priority.
+const CHAINS: &[(&str, &str, &str, i32)] = &[
+    ("guard", "filter", "prerouting", -150),
+    ("steer", "nat", "prerouting", -100),
+    ("relay_in", "filter", "input", 0),
+    ("gateway_fwd", "filter", "forward", 0),
+];
+
+/// One named set: name, element type (one type, or a concatenation), interval, elements.
+struct Set {
+    name: String,
+    ty: Vec<&'static str>,
+    interval: bool,
+    elems: Vec<Value>,
+    /// Changes with Pods and endpoints (refilled in place), or only with the configuration.
+    dynamic: bool,
 }
 
 impl Desired {
-    fn split_addrs(set: &BTreeSet<IpAddr>) -> (Vec<IpAddr>, Vec<IpAddr>) {
-        (v4(set.iter().copied()), set.iter().copied().filter(|a| a.is_ipv6()).collect())
+    fn rules(&self) -> Vec<Rule> {
+        use Fam::*;
+        let mut r = Vec::new();
+        let mut add = |chain, matches: Vec<M>, verdict| r.push(Rule { chain, matches, verdict });
+        // Anti-spoofing on the selected Pods' interfaces.
+        add(
+            "guard",
+            vec![
+                M::Iif("selected_ifaces".into()),
+                M::SaddrNets(V6, vec!["::", "fe80::/10"]),
+                M::DaddrNets(V6, vec!["fe80::/10", "ff02::/16"]),
+                M::L4(vec!["ipv6-icmp"]),
+            ],
+            Verdict::Accept,
+        );
+        for f in [V4, V6] {
+            add(
+                "guard",
+                vec![M::Iif("selected_ifaces".into()), M::IifSaddrNot(f, format!("pod_addrs_{}", f.suffix()))],
+                Verdict::Drop,
+            );
+        }
+        for f in [V4, V6] {
+            let sel = || M::Saddr(f, format!("selected_{}", f.suffix()), false);
+            let s = f.suffix();
+            add("guard", vec![sel(), M::Daddr(f, format!("metadata_{s}"), false)], Verdict::Drop);
+            add("guard", vec![sel(), M::Daddr(f, format!("excluded_{s}"), false)], Verdict::Accept);
+            add("guard", vec![sel(), M::CtState(vec!["invalid"])], Verdict::Drop);
+            add("guard", vec![sel(), M::CtReply], Verdict::Accept);
+            add(
+                "guard",
+                vec![sel(), M::Daddr(f, format!("dns_{s}"), false), M::L4(vec!["tcp", "udp"]), M::Dport(53)],
+                Verdict::Accept,
+            );
+            add("guard", vec![sel(), M::L4(vec!["tcp"]), M::CtState(vec!["new"])], Verdict::Accept);
+            add("guard", vec![sel(), M::L4(vec!["tcp"]), M::CtDnat], Verdict::Accept);
+            add("guard", vec![sel(), M::CtState(vec!["related"]), M::L4(vec![f.icmp()])], Verdict::Accept);
+            if f == V6 {
+                // Neighbour discovery from the Pod's global address (to its router).
+                add(
+                    "guard",
+                    vec![sel(), M::Icmp6Type(vec!["nd-neighbor-solicit", "nd-neighbor-advert", "nd-router-solicit"])],
+                    Verdict::Accept,
+                );
+            }
+            add("guard", vec![sel()], Verdict::Drop);
+        }
+        for f in [V4, V6] {
+            let s = f.suffix();
+            let sel = || M::Saddr(f, format!("selected_{s}"), false);
+            add(
+                "steer",
+                vec![sel(), M::Daddr(f, format!("dns_{s}"), false), M::L4(vec!["tcp"]), M::Dport(53)],
+                Verdict::Accept,
+            );
+            add(
+                "steer",
+                vec![sel(), M::Daddr(f, format!("excluded_{s}"), true), M::L4(vec!["tcp"])],
+                Verdict::Redirect(self.relay_port),
+            );
+        }
+        add("relay_in", vec![M::TcpDport(self.relay_port), M::CtDnat], Verdict::Accept);
+        add("relay_in", vec![M::TcpDport(self.relay_port)], Verdict::Reset);
+        for f in [V4, V6] {
+            let s = f.suffix();
+            add(
+                "gateway_fwd",
+                vec![M::Saddr(f, format!("pods_{s}"), false), M::DaddrDport(f, format!("gateways_{s}"))],
+                Verdict::Drop,
+            );
+        }
+        r
     }
 
-    fn split_nets(set: impl IntoIterator<Item = IpNet>) -> (Vec<IpNet>, Vec<IpNet>) {
-        set.into_iter().partition(|n| matches!(n, IpNet::V4(_)))
+    fn sets(&self) -> Vec<Set> {
+        let addr = |a: &IpAddr| json!(a.to_string());
+        let net = |n: &IpNet| json!({"prefix": {"addr": n.addr().to_string(), "len": n.prefix_len()}});
+        let metadata: Vec<IpNet> = METADATA.iter().filter_map(|s| s.parse().ok()).collect();
+        let mut out = vec![Set {
+            name: "selected_ifaces".into(),
+            ty: vec!["ifname"],
+            interval: false,
+            elems: self.selected_ifaces.iter().map(|i| json!(i)).collect(),
+            dynamic: true,
+        }];
+        for f in [Fam::V4, Fam::V6] {
+            let s = f.suffix();
+            let t = f.addr_type();
+            let of = |a: &IpAddr| Fam::of(*a) == f;
+            let mk = |name: &str, ty: Vec<&'static str>, interval, elems: Vec<Value>, dynamic| Set {
+                name: format!("{name}_{s}"),
+                ty,
+                interval,
+                elems,
+                dynamic,
+            };
+            out.push(mk("selected", vec![t], false, self.selected.iter().filter(|a| of(a)).map(addr).collect(), true));
+            out.push(mk(
+                "pod_addrs",
+                vec!["ifname", t],
+                false,
+                self.pod_addrs
+                    .iter()
+                    .filter(|(_, a)| of(a))
+                    .map(|(i, a)| json!({"concat": [i, a.to_string()]}))
+                    .collect(),
+                true,
+            ));
+            out.push(mk("pods", vec![t], false, self.pods.iter().filter(|a| of(a)).map(addr).collect(), true));
+            out.push(mk(
+                "gateways",
+                vec![t, "inet_service"],
+                false,
+                self.gateways
+                    .iter()
+                    .filter(|g| of(&g.ip()))
+                    .map(|g| json!({"concat": [g.ip().to_string(), g.port()]}))
+                    .collect(),
+                true,
+            ));
+            let nets = |v: &mut dyn Iterator<Item = &IpNet>| -> Vec<Value> {
+                v.filter(|n| Fam::of(n.addr()) == f).map(net).collect()
+            };
+            out.push(mk("excluded", vec![t], true, nets(&mut self.excluded.iter()), false));
+            out.push(mk("dns", vec![t], false, self.dns.iter().filter(|a| of(a)).map(addr).collect(), false));
+            out.push(mk("metadata", vec![t], true, nets(&mut metadata.iter()), false));
+        }
+        out
     }
 
-    fn metadata() -> (Vec<IpNet>, Vec<IpNet>) {
-        Self::split_nets(METADATA.iter().filter_map(|s| s.parse().ok()))
+    /// A fingerprint of everything but the dynamic sets' elements: a table with the same shape
+    /// can be brought up to date by refilling those sets, without replacing it.
+    pub fn shape(&self) -> String {
+        let mut s = String::new();
+        for set in self.sets().iter().filter(|s| !s.dynamic) {
+            let _ = write!(s, "{}={};", set.name, Value::Array(set.elems.clone()));
+        }
+        for r in self.rules() {
+            let _ = write!(s, "{}:{};", r.chain, r.text());
+        }
+        let h = ring::digest::digest(&ring::digest::SHA256, s.as_bytes());
+        h.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn marker(&self) -> String {
+        format!("{SHAPE_MARK}{}", self.shape())
     }
 
     /// nft syntax.
     pub fn render(&self) -> String {
-        let (sel4, sel6) = Self::split_addrs(&self.selected);
-        let (ex4, ex6) = Self::split_nets(self.excluded.iter().copied());
-        let (dns4, dns6) = Self::split_addrs(&self.dns);
-        let (md4, md6) = Self::metadata();
-        let list =
-            |v: Vec<String>| if v.is_empty() { String::new() } else { format!(" elements = {{ {} }};", v.join(", ")) };
-        let addrs = |v: &[IpAddr]| list(v.iter().map(|a| a.to_string()).collect());
-        let nets = |v: &[IpNet]| list(v.iter().map(|a| a.to_string()).collect());
-        let p = self.relay_port;
-        format!(
-            "table inet {TABLE} {{
-\tset selected_v4 {{ type ipv4_addr;{s4} }}
-\tset selected_v6 {{ type ipv6_addr;{s6} }}
-\tset excluded_v4 {{ type ipv4_addr; flags interval;{e4} }}
-\tset excluded_v6 {{ type ipv6_addr; flags interval;{e6} }}
-\tset dns_v4 {{ type ipv4_addr;{d4} }}
-\tset dns_v6 {{ type ipv6_addr;{d6} }}
-\tset metadata_v4 {{ type ipv4_addr; flags interval;{m4} }}
-\tset metadata_v6 {{ type ipv6_addr; flags interval;{m6} }}
-\tchain guard {{
-\t\ttype filter hook prerouting priority -150; policy accept;
-\t\tip saddr @selected_v4 ip daddr @metadata_v4 drop
-\t\tip6 saddr @selected_v6 ip6 daddr @metadata_v6 drop
-\t\tip saddr @selected_v4 ip daddr @dns_v4 udp dport 53 accept
-\t\tip6 saddr @selected_v6 ip6 daddr @dns_v6 udp dport 53 accept
-\t\tip saddr @selected_v4 ip daddr != @excluded_v4 meta l4proto udp drop
-\t\tip6 saddr @selected_v6 ip6 daddr != @excluded_v6 meta l4proto udp drop
-\t}}
-\tchain steer {{
-\t\ttype nat hook prerouting priority dstnat; policy accept;
-\t\tip saddr @selected_v4 ip daddr @dns_v4 tcp dport 53 accept
-\t\tip6 saddr @selected_v6 ip6 daddr @dns_v6 tcp dport 53 accept
-\t\tip saddr @selected_v4 ip daddr != @excluded_v4 meta l4proto tcp redirect to :{p}
-\t\tip6 saddr @selected_v6 ip6 daddr != @excluded_v6 meta l4proto tcp redirect to :{p}
-\t}}
-}}
-",
-            s4 = addrs(&sel4),
-            s6 = addrs(&sel6),
-            e4 = nets(&ex4),
-            e6 = nets(&ex6),
-            d4 = addrs(&dns4),
-            d6 = addrs(&dns6),
-            m4 = nets(&md4),
-            m6 = nets(&md6),
-        )
+        let mut out = format!("table inet {TABLE} {{\n");
+        for set in self.sets() {
+            let elems: Vec<String> = set.elems.iter().map(canonical).collect();
+            let _ = writeln!(
+                out,
+                "\tset {} {{ type {};{}{} }}",
+                set.name,
+                set.ty.join(" . "),
+                if set.interval { " flags interval;" } else { "" },
+                if elems.is_empty() { String::new() } else { format!(" elements = {{ {} }};", elems.join(", ")) }
+            );
+        }
+        let rules = self.rules();
+        for (name, ty, hook, prio) in CHAINS {
+            let _ = writeln!(out, "\tchain {name} {{\n\t\ttype {ty} hook {hook} priority {prio}; policy accept;");
+            for (i, r) in rules.iter().filter(|r| r.chain == *name).enumerate() {
+                let comment =
+                    if *name == "guard" && i == 0 { format!(" comment \"{}\"", self.marker()) } else { String::new() };
+                let _ = writeln!(out, "\t\t{}{comment}", r.text());
+            }
+            out.push_str("\t}\n");
+        }
+        out.push_str("}\n");
+        out
+    }
+
+    fn set_json(set: &Set) -> Value {
+        let ty = if set.ty.len() == 1 { json!(set.ty[0]) } else { json!(set.ty) };
+        let mut s = json!({"family": "inet", "table": TABLE, "name": set.name, "type": ty});
+        if set.interval {
+            s["flags"] = json!(["interval"]);
+        }
+        if !set.elems.is_empty() {
+            s["elem"] = json!(set.elems);
+        }
+        s
     }
 
     /// libnftables JSON for one transaction that replaces the whole table.
     pub fn json(&self) -> Value {
-        let (sel4, sel6) = Self::split_addrs(&self.selected);
-        let (ex4, ex6) = Self::split_nets(self.excluded.iter().copied());
-        let (dns4, dns6) = Self::split_addrs(&self.dns);
-        let (md4, md6) = Self::metadata();
         let t = json!({"family": "inet", "name": TABLE});
         let mut cmds =
             vec![json!({"add": {"table": t}}), json!({"delete": {"table": t}}), json!({"add": {"table": t}})];
-        let addr_elems = |v: &[IpAddr]| v.iter().map(|a| json!(a.to_string())).collect::<Vec<_>>();
-        let net_elems = |v: &[IpNet]| {
-            v.iter()
-                .map(|n| json!({"prefix": {"addr": n.addr().to_string(), "len": n.prefix_len()}}))
-                .collect::<Vec<_>>()
-        };
-        let mut set = |name: &str, ty: &str, interval: bool, elems: Vec<Value>| {
-            let mut s = json!({"family": "inet", "table": TABLE, "name": name, "type": ty});
-            if interval {
-                s["flags"] = json!(["interval"]);
-            }
-            if !elems.is_empty() {
-                s["elem"] = json!(elems);
-            }
-            cmds.push(json!({"add": {"set": s}}));
-        };
-        set("selected_v4", "ipv4_addr", false, addr_elems(&sel4));
-        set("selected_v6", "ipv6_addr", false, addr_elems(&sel6));
-        set("excluded_v4", "ipv4_addr", true, net_elems(&ex4));
-        set("excluded_v6", "ipv6_addr", true, net_elems(&ex6));
-        set("dns_v4", "ipv4_addr", false, addr_elems(&dns4));
-        set("dns_v6", "ipv6_addr", false, addr_elems(&dns6));
-        set("metadata_v4", "ipv4_addr", true, net_elems(&md4));
-        set("metadata_v6", "ipv6_addr", true, net_elems(&md6));
-        let chain = |name: &str, ty: &str, prio: i32| json!({"add": {"chain": {"family": "inet", "table": TABLE, "name": name, "type": ty, "hook": "prerouting", "prio": prio, "policy": "accept"}}});
-        cmds.push(chain("guard", "filter", -150));
-        cmds.push(chain("steer", "nat", -100));
-        let m = |op: &str, proto: &str, field: &str, right: Value| json!({"match": {"op": op, "left": {"payload": {"protocol": proto, "field": field}}, "right": right}});
-        let l4 = |p: &str| json!({"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": p}});
-        let mut rule = |chain: &str, expr: Vec<Value>| {
-            cmds.push(json!({"add": {"rule": {"family": "inet", "table": TABLE, "chain": chain, "expr": expr}}}));
-        };
-        for (ip, v) in [("ip", "v4"), ("ip6", "v6")] {
-            let sel = m("==", ip, "saddr", json!(format!("@selected_{v}")));
-            rule(
-                "guard",
-                vec![sel.clone(), m("==", ip, "daddr", json!(format!("@metadata_{v}"))), json!({"drop": null})],
-            );
-            rule(
-                "guard",
-                vec![
-                    sel.clone(),
-                    m("==", ip, "daddr", json!(format!("@dns_{v}"))),
-                    m("==", "udp", "dport", json!(53)),
-                    json!({"accept": null}),
-                ],
-            );
-            rule(
-                "guard",
-                vec![
-                    sel.clone(),
-                    m("!=", ip, "daddr", json!(format!("@excluded_{v}"))),
-                    l4("udp"),
-                    json!({"drop": null}),
-                ],
-            );
+        for set in self.sets() {
+            cmds.push(json!({"add": {"set": Desired::set_json(&set)}}));
         }
-        for (ip, v) in [("ip", "v4"), ("ip6", "v6")] {
-            let sel = m("==", ip, "saddr", json!(format!("@selected_{v}")));
-            rule(
-                "steer",
-                vec![
-                    sel.clone(),
-                    m("==", ip, "daddr", json!(format!("@dns_{v}"))),
-                    m("==", "tcp", "dport", json!(53)),
-                    json!({"accept": null}),
-                ],
-            );
-            rule(
-                "steer",
-                vec![
-                    sel,
-                    m("!=", ip, "daddr", json!(format!("@excluded_{v}"))),
-                    l4("tcp"),
-                    json!({"redirect": {"port": self.relay_port}}),
-                ],
-            );
+        for (name, ty, hook, prio) in CHAINS {
+            cmds.push(json!({"add": {"chain": {"family": "inet", "table": TABLE, "name": name, "type": ty, "hook": hook, "prio": prio, "policy": "accept"}}}));
+        }
+        let mut first = true;
+        for r in self.rules() {
+            let mut j = r.json();
+            if first && r.chain == "guard" {
+                j["add"]["rule"]["comment"] = json!(self.marker());
+                first = false;
+            }
+            cmds.push(j);
         }
         json!({"nftables": cmds})
     }
-}
 
-impl Desired {
-    /// When only the selected Pod addresses differ from `current`, the element changes that turn
-    /// it into `self` (one transaction, the table and its rules untouched); `None` when the
-    /// table's shape changed and it must be replaced whole.
+    /// When the table's shape is the same as `current`'s, the element changes that turn it into
+    /// `self` (one transaction, the table and its rules untouched); `None` when it must be
+    /// replaced whole.
     pub fn delta_from(&self, current: &Desired) -> Option<Value> {
-        if self.excluded != current.excluded || self.dns != current.dns || self.relay_port != current.relay_port {
+        if self.shape() != current.shape() {
             return None;
         }
+        let (old, new) = (current.sets(), self.sets());
         let mut cmds = Vec::new();
-        for (verb, from, to) in
-            [("add", &current.selected, &self.selected), ("delete", &self.selected, &current.selected)]
-        {
-            let changed: Vec<&IpAddr> = to.difference(from).collect();
-            for (set, v4) in [("selected_v4", true), ("selected_v6", false)] {
-                let elems: Vec<Value> =
-                    changed.iter().filter(|a| a.is_ipv4() == v4).map(|a| json!(a.to_string())).collect();
-                if !elems.is_empty() {
+        for (o, n) in old.iter().zip(&new).filter(|(o, _)| o.dynamic) {
+            let key = |v: &Value| canonical(v);
+            let had: BTreeMap<String, &Value> = o.elems.iter().map(|e| (key(e), e)).collect();
+            let has: BTreeMap<String, &Value> = n.elems.iter().map(|e| (key(e), e)).collect();
+            for (verb, from, to) in [("add", &had, &has), ("delete", &has, &had)] {
+                let changed: Vec<&Value> = to.iter().filter(|(k, _)| !from.contains_key(*k)).map(|(_, v)| *v).collect();
+                if !changed.is_empty() {
                     cmds.push(
-                        json!({verb: {"element": {"family": "inet", "table": TABLE, "name": set, "elem": elems}}}),
+                        json!({verb: {"element": {"family": "inet", "table": TABLE, "name": n.name, "elem": changed}}}),
                     );
                 }
             }
         }
         Some(json!({"nftables": cmds}))
+    }
+
+    /// One transaction that refills every dynamic set of an existing table of the same shape
+    /// (adopting the table a previous instance left, without replacing it).
+    pub fn refill_json(&self) -> Value {
+        let mut cmds = Vec::new();
+        for set in self.sets().iter().filter(|s| s.dynamic) {
+            let mut bare = Desired::set_json(set);
+            bare.as_object_mut().map(|o| o.remove("elem"));
+            cmds.push(json!({"flush": {"set": bare}}));
+            if !set.elems.is_empty() {
+                cmds.push(json!({"add": {"element": {"family": "inet", "table": TABLE, "name": set.name, "elem": set.elems}}}));
+            }
+        }
+        json!({"nftables": cmds})
+    }
+
+    /// Every set's elements as canonical strings (see [`canonical`]), by set name: compared with
+    /// what the kernel lists to tell drift.
+    pub fn elements(&self) -> BTreeMap<String, BTreeSet<String>> {
+        self.sets().iter().map(|s| (s.name.clone(), s.elems.iter().map(canonical).collect())).collect()
+    }
+
+    /// The number of rules.
+    pub fn rule_count(&self) -> usize {
+        self.rules().len()
+    }
+}
+
+/// Comment on the table's first rule: the shape fingerprint of the table in the kernel.
+pub const SHAPE_MARK: &str = "egress-redirector shape ";
+
+/// One set element in a canonical text form, from our JSON or from `nft -j list`: addresses and
+/// names as they are, concatenations joined with ` . `, prefixes as `addr/len` (a full-length
+/// prefix as the bare address, as nft lists it).
+pub fn canonical(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        Value::Object(o) => {
+            if let Some(c) = o.get("concat").and_then(Value::as_array) {
+                return c.iter().map(canonical).collect::<Vec<_>>().join(" . ");
+            }
+            if let Some(p) = o.get("prefix") {
+                let addr = p["addr"].as_str().unwrap_or_default();
+                let len = p["len"].as_u64().unwrap_or(0);
+                let full = if addr.contains(':') { 128 } else { 32 };
+                return if len == full { addr.to_string() } else { format!("{addr}/{len}") };
+            }
+            if let Some(e) = o.get("elem") {
+                return canonical(&e["val"]);
+            }
+            v.to_string()
+        }
+        _ => v.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d() -> Desired {
+        Desired {
+            selected: ["192.0.2.10".parse().unwrap()].into(),
+            selected_ifaces: ["veth1".to_string()].into(),
+            pod_addrs: [("veth1".to_string(), "192.0.2.10".parse().unwrap())].into(),
+            pods: ["192.0.2.10".parse().unwrap()].into(),
+            gateways: ["198.51.100.2:15080".parse().unwrap()].into(),
+            excluded: ["10.0.0.0/8".parse().unwrap()].into(),
+            dns: ["10.96.0.10".parse().unwrap()].into(),
+            relay_port: 15001,
+        }
+    }
+
+    #[test]
+    fn renders_every_rule_in_both_forms() {
+        let d = d();
+        let text = d.render();
+        let json = d.json();
+        let rules: Vec<&Value> =
+            json["nftables"].as_array().unwrap().iter().filter(|c| c["add"].get("rule").is_some()).collect();
+        assert_eq!(rules.len(), d.rule_count());
+        let lines = text.lines().filter(|l| l.starts_with("\t\t") && !l.starts_with("\t\ttype ")).count();
+        assert_eq!(lines, d.rule_count());
+        assert!(text.contains("iifname . ip saddr != @pod_addrs_v4 drop"), "{text}");
+        assert!(text.contains("ip saddr @selected_v4 drop"), "{text}");
+        assert!(text.contains("tcp dport 15001 ct status dnat accept"), "{text}");
+        assert!(text.contains("ip saddr @pods_v4 ip daddr . tcp dport @gateways_v4 drop"), "{text}");
+        assert!(text.contains("elements = { veth1 . 192.0.2.10 }"), "{text}");
+        assert!(text.contains(&format!("comment \"{SHAPE_MARK}{}\"", d.shape())), "{text}");
+        // The JSON fits the nftables crate's schema.
+        serde_json::from_value::<nftables::schema::Nftables>(json).unwrap();
+    }
+
+    #[test]
+    fn pod_changes_keep_the_shape_and_config_changes_do_not() {
+        let a = d();
+        let mut b = a.clone();
+        b.selected.insert("192.0.2.11".parse().unwrap());
+        b.pod_addrs.insert(("veth2".into(), "192.0.2.11".parse().unwrap()));
+        b.gateways.clear();
+        assert_eq!(a.shape(), b.shape());
+        let delta = b.delta_from(&a).unwrap();
+        let text = delta.to_string();
+        assert!(
+            text.contains(r#""add":{"element""#) && text.contains("192.0.2.11") && text.contains("veth2"),
+            "{text}"
+        );
+        assert!(text.contains(r#""delete":{"element""#) && text.contains("15080"), "{text}");
+        serde_json::from_value::<nftables::schema::Nftables>(delta).unwrap();
+        serde_json::from_value::<nftables::schema::Nftables>(b.refill_json()).unwrap();
+        let mut c = a.clone();
+        c.relay_port = 15002;
+        assert!(c.delta_from(&a).is_none());
+        let mut c = a.clone();
+        c.excluded.insert("172.16.0.0/12".parse().unwrap());
+        assert!(c.delta_from(&a).is_none());
+    }
+
+    #[test]
+    fn canonical_forms_match_what_nft_lists() {
+        assert_eq!(canonical(&json!({"prefix": {"addr": "10.0.0.0", "len": 8}})), "10.0.0.0/8");
+        assert_eq!(canonical(&json!({"prefix": {"addr": "169.254.169.254", "len": 32}})), "169.254.169.254");
+        assert_eq!(canonical(&json!({"concat": ["198.51.100.2", 15080]})), "198.51.100.2 . 15080");
+        assert_eq!(canonical(&json!({"elem": {"val": "a", "comment": "x"}})), "a");
     }
 }

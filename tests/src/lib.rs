@@ -243,9 +243,20 @@ pub struct Upstream {
     pub addr: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    peers: std::sync::Arc<std::sync::Mutex<Vec<SocketAddr>>>,
 }
 
 impl Upstream {
+    /// The source address of every connection accepted so far, in order.
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.peers.lock().unwrap().clone()
+    }
+
+    /// Connections accepted so far.
+    pub fn hits(&self) -> usize {
+        self.peers.lock().unwrap().len()
+    }
+
     /// Starts on `ip:0`.
     pub fn start(ip: &str) -> Upstream {
         Upstream::serve(TcpListener::bind((ip, 0)).expect("bind upstream"))
@@ -256,6 +267,8 @@ impl Upstream {
         std_listener.set_nonblocking(true).unwrap();
         let addr = std_listener.local_addr().unwrap();
         let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
+        let peers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = peers.clone();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async move {
@@ -265,13 +278,14 @@ impl Upstream {
                         _ = &mut rx => return,
                         a = listener.accept() => {
                             let Ok((s, peer)) = a else { continue };
+                            seen.lock().unwrap().push(peer);
                             tokio::spawn(serve_upstream(s, peer));
                         }
                     }
                 }
             });
         });
-        Upstream { addr, stop: Some(tx), thread: Some(thread) }
+        Upstream { addr, stop: Some(tx), thread: Some(thread), peers }
     }
 
     /// Pins the server's thread to one CPU (benchmarks).
@@ -489,7 +503,9 @@ impl Gateway {
         } else {
             format!("audit: {{sinks: [{{type: file, path: {}}}]}}\n", self.audit_path().display())
         };
-        let body = body.replace("$DIR", &self.dir.path().display().to_string());
+        let body = body
+            .replace("$DIR", &self.dir.path().display().to_string())
+            .replace("$RELAY_KEY", &relay_key_file().display().to_string());
         let text = format!(
             "listen: {{http: {}, socks5: {}, admin: {}{transparent}}}\n{resolver}{audit}{body}\n",
             self.http, self.socks, self.admin,
@@ -861,15 +877,39 @@ pub mod kubeapi;
 pub mod rbac;
 
 /// A stand-in for the node-redirector's relay: accepts on 127.0.0.1, connects to the gateway's
-/// transparent port from `source_ip`, sends a PROXY protocol v2 header (source = the accepted
-/// client, destination = `original_dst`), then copies bytes both ways.
+/// transparent port from `source_ip`, sends a PROXY protocol v2 header signed with the tests'
+/// relay key (source = the accepted client, destination = `original_dst`), then copies bytes
+/// both ways.
 pub struct TestRelay {
     /// Where clients connect.
     pub addr: SocketAddr,
     _rt: tokio::runtime::Runtime,
 }
 
-/// A PROXY protocol v2 header (PROXY command, TCP), written by hand from the specification.
+/// The relay key the tests share between the node-redirector, the stand-in relay and the
+/// gateway (`$RELAY_KEY` in a gateway config body): a file written once per test process.
+pub fn relay_key_file() -> &'static Path {
+    static FILE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("egress-e2e-relay-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("relay.key");
+        std::fs::write(&path, format!("# test relay key\n{}\n", RELAY_KEY_B64)).unwrap();
+        path
+    })
+}
+
+/// The tests' relay key, base64 (32 bytes).
+pub const RELAY_KEY_B64: &str = "ZWdyZXNzLWUyZS10ZXN0LXJlbGF5LWtleS0zMi1ieXRlcyE=";
+
+/// A signer with the tests' relay key, as the node-redirector's relay signs.
+pub fn relay_signer() -> egress_netio::proxy::Signer {
+    let keys = egress_netio::proxy::RelayKey::parse_file(RELAY_KEY_B64).unwrap();
+    egress_netio::proxy::Signer::new(keys[0].clone()).unwrap()
+}
+
+/// A PROXY protocol v2 header (PROXY command, TCP) with no authentication, written by hand from
+/// the specification: what any Pod can write.
 pub fn proxy_v2_header(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
     let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
     h.push(0x21);
@@ -902,15 +942,18 @@ impl TestRelay {
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let addr = listener.local_addr().unwrap();
         let src: std::net::IpAddr = source_ip.parse().unwrap();
+        let signer = std::sync::Arc::new(relay_signer());
         rt.spawn(async move {
             loop {
                 let Ok((mut client, peer)) = listener.accept().await else { continue };
+                let signer = signer.clone();
                 tokio::spawn(async move {
                     let sock = tokio::net::TcpSocket::new_v4().unwrap();
                     sock.bind(SocketAddr::new(src, 0)).unwrap();
                     let Ok(mut gw) = sock.connect(gateway).await else { return };
                     use tokio::io::AsyncWriteExt;
-                    if gw.write_all(&proxy_v2_header(peer, original_dst)).await.is_err() {
+                    let header = signer.header(peer, original_dst, std::time::SystemTime::now());
+                    if gw.write_all(&header).await.is_err() {
                         return;
                     }
                     let _ = tokio::io::copy_bidirectional(&mut client, &mut gw).await;

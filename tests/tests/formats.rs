@@ -77,7 +77,7 @@ fn ocsf_and_ecs_events_are_valid_and_carry_the_same_facts() {
     );
     let body = format!(
         r#"
-transparent: {{trustedRelays: ["{RELAY_IP}/32"]}}
+transparent: {{trustedRelays: ["{RELAY_IP}/32"], relayKeyFile: $RELAY_KEY}}
 guard: {{allowCidrs: [127.0.0.2/32]}}
 clients: [{{cidr: 127.0.0.1/32, namespace: shop, name: api-7f9c, serviceAccount: api, labels: {{app.kubernetes.io/name: api}}}}]
 audit:

@@ -97,7 +97,7 @@ fn selected_pods_are_steered_through_the_gateway_with_real_nftables() {
     let p = up.addr.port();
     let body = format!(
         r#"
-transparent: {{trustedRelays: [198.51.100.1/32]}}
+transparent: {{trustedRelays: [198.51.100.1/32], relayKeyFile: $RELAY_KEY}}
 clients:
   - {{cidr: 192.0.2.10/32, namespace: shop, name: web-1, labels: {{app: web}}}}
 policies:
@@ -281,7 +281,7 @@ fn https_over_ipv4_and_ipv6_sni_decides_and_endpoints_fail_over() {
     let tls6 = TlsUpstream::start_in(Some(&w.inet), "2001:db8:113::10", "allowed.test", Some(p));
     let body = format!(
         r#"
-transparent: {{trustedRelays: [198.51.100.1/32]}}
+transparent: {{trustedRelays: [198.51.100.1/32], relayKeyFile: $RELAY_KEY}}
 clients:
   - {{cidr: 192.0.2.10/32, namespace: shop, name: web-1, labels: {{app: web}}}}
   - {{cidr: "2001:db8:2::10/128", namespace: shop, name: web-1, labels: {{app: web}}}}
@@ -404,7 +404,7 @@ fn bench_redirected_vs_direct() {
     let p = up.addr.port();
     let body = format!(
         r#"
-transparent: {{trustedRelays: [198.51.100.1/32]}}
+transparent: {{trustedRelays: [198.51.100.1/32], relayKeyFile: $RELAY_KEY}}
 clients: [{{cidr: 192.0.2.10/32, namespace: shop, name: web-1, labels: {{app: web}}}}]
 policies:
   - apiVersion: egress.dev/v1alpha1
@@ -593,7 +593,7 @@ fn kubernetes_inputs_drive_the_table_and_the_relay() {
     let p = up.addr.port();
     let body = format!(
         r#"
-transparent: {{trustedRelays: [198.51.100.1/32]}}
+transparent: {{trustedRelays: [198.51.100.1/32], relayKeyFile: $RELAY_KEY}}
 clients: [{{cidr: 192.0.2.0/24, namespace: shop, name: any, labels: {{}}}}]
 policies:
   - {{apiVersion: egress.dev/v1alpha1, kind: EgressPolicy, metadata: {{name: web, namespace: shop}}, spec: {{podSelector: {{}}, rules: [{{to: [{{domain: allowed.test}}], ports: [{{port: {p}}}]}}]}}}}

@@ -23,7 +23,7 @@ fn setup() -> Setup {
     let http = Upstream::start("127.0.0.2");
     let body = format!(
         r#"
-transparent: {{trustedRelays: ["{RELAY_IP}/32"]}}
+transparent: {{trustedRelays: ["{RELAY_IP}/32"], relayKeyFile: $RELAY_KEY}}
 guard: {{allowCidrs: [127.0.0.2/32]}}
 clients: [{{cidr: 127.0.0.1/32, namespace: shop, name: api, labels: {{app: api}}}}]
 policies:
@@ -121,13 +121,25 @@ fn without_a_name_only_cidr_rules_on_the_original_destination_apply() {
     assert!(out.is_empty());
 }
 
+/// Sends `header` and an HTTP request from the trusted relay address; returns the answer.
+fn from_relay(gw: &Gateway, header: &[u8], host: &str) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let mut c = connect_from(RELAY_IP, gw.transparent);
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut msg = header.to_vec();
+    msg.extend_from_slice(format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes());
+    c.write_all(&msg).unwrap();
+    let mut out = Vec::new();
+    let _ = c.read_to_end(&mut out);
+    out
+}
+
 #[test]
 fn untrusted_relays_are_closed_and_audited() {
     let s = setup();
-    let h = proxy_v2_header(
-        "127.0.0.1:5555".parse().unwrap(),
-        format!("127.0.0.2:{}", s.http.addr.port()).parse().unwrap(),
-    );
+    let port = s.http.addr.port();
+    let up: std::net::SocketAddr = format!("127.0.0.2:{port}").parse().unwrap();
+    let h = proxy_v2_header("127.0.0.1:5555".parse().unwrap(), up);
     let mut msg = h.clone();
     msg.extend_from_slice(b"GET / HTTP/1.1\r\nHost: up.test\r\n\r\n");
     let out = raw_exchange(s.gw.transparent, &msg, Duration::from_secs(5));
@@ -135,6 +147,40 @@ fn untrusted_relays_are_closed_and_audited() {
     let d = s.gw.decision(|e| e["decision"]["reason"] == "untrusted_relay");
     assert_eq!(d["front"], "transparent");
     assert_eq!(d["client"]["address"], "127.0.0.1");
+
+    // The positive control: a header signed with the relays' key, from the relay's address,
+    // is believed (the request reaches the upstream as the Pod the header names).
+    let signer = relay_signer();
+    let now = std::time::SystemTime::now();
+    let good = signer.header("127.0.0.1:5556".parse().unwrap(), up, now);
+    let out = from_relay(&s.gw, &good, "up.test");
+    assert!(out.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&out));
+    let d = s.gw.decision(|e| e["client"]["port"] == 5556);
+    assert_eq!((d["decision"]["action"].as_str(), d["client"]["name"].as_str()), (Some("allow"), Some("api")));
+
+    // From the trusted address, as a Pod behind a masquerading node would connect: a header
+    // without the MAC, one signed with another key, a replay of the good one, a stale one. Each
+    // is closed unanswered, never reaches the upstream, and is audited with its cause.
+    let other_key = egress_netio::proxy::RelayKey::new(&[9u8; 32]).unwrap();
+    let forger = egress_netio::proxy::Signer::new(other_key).unwrap();
+    let stale = signer.header("127.0.0.1:5560".parse().unwrap(), up, now - Duration::from_secs(120));
+    let served_before = s.http.hits();
+    for (header, cause) in [
+        (proxy_v2_header("127.0.0.1:5557".parse().unwrap(), up), "no relay authentication"),
+        (forger.header("127.0.0.1:5558".parse().unwrap(), up, now), "does not verify"),
+        (good.clone(), "replayed"),
+        (stale, "beyond the allowed skew"),
+    ] {
+        let out = from_relay(&s.gw, &header, "up.test");
+        assert!(out.is_empty(), "{cause}: {}", String::from_utf8_lossy(&out));
+        let d = s.gw.decision(|e| {
+            e["decision"]["reason"] == "untrusted_relay"
+                && e["decision"]["detail"].as_str().is_some_and(|d| d.contains(cause))
+        });
+        assert_eq!(d["client"]["address"], RELAY_IP, "{cause}: {d}");
+    }
+    assert_eq!(s.http.hits(), served_before, "no forged header reached the upstream");
+
     // A trusted relay with a broken header: closed, audited as malformed.
     let mut c = connect_from(RELAY_IP, s.gw.transparent);
     use std::io::{Read, Write};
@@ -145,7 +191,6 @@ fn untrusted_relays_are_closed_and_audited() {
     let d = s.gw.decision(|e| e["decision"]["reason"] == "malformed_request");
     assert!(d["decision"]["detail"].as_str().unwrap().contains("PROXY v2"), "{d}");
     // Meanwhile, everything else keeps working.
-    let port = s.http.addr.port();
     let relay = TestRelay::start(s.gw.transparent, RELAY_IP, format!("{PICKED}:{port}").parse().unwrap());
     let to = format!("up.test:{port}:127.0.0.1:{}", relay.addr.port());
     assert_eq!(curl(&["--connect-to", &to, &format!("http://up.test:{port}/")]).status, 200);

@@ -1,8 +1,10 @@
 //! The transparent front: connections steered to the gateway by the node-redirector, each
 //! preceded by a PROXY protocol v2 header naming the Pod (source) and the destination it dialled.
 //!
-//! - Only relays listed in `transparent.trustedRelays` may send the header; anything else is
-//!   closed and audited as `untrusted_relay`.
+//! - Only relays listed in `transparent.trustedRelays` may send the header, and the header must
+//!   carry a MAC under a key of `transparent.relayKeyFile` (fresh, never seen before: see
+//!   `egress_netio::proxy`); anything else is closed and audited as `untrusted_relay`. The
+//!   address alone is no proof: a node that masquerades its Pods gives them its own address.
 //! - The first bytes are peeked, never decrypted: a TLS ClientHello gives the SNI (parsed by
 //!   rustls's `Acceptor`), an HTTP/1 request head gives the Host. That name is decided like an
 //!   explicit-proxy target on the original port, and the gateway dials its own resolution of it,
@@ -28,8 +30,6 @@ use crate::request::{EgressRequest, Front, RawTarget, TransparentFacts};
 
 /// Largest first flight the front waits for before it decides without a name.
 const MAX_PEEK: usize = 16 * 1024;
-/// How long to wait for a client's first byte (server-speaks-first protocols send nothing).
-const FIRST_BYTE: Duration = Duration::from_millis(500);
 
 /// Serves the transparent front until the gateway drains.
 pub async fn serve(gw: Arc<Gateway>, listener: TcpListener) {
@@ -72,11 +72,10 @@ async fn serve_conn(gw: &Arc<Gateway>, mut stream: TcpStream, relay: SocketAddr)
         refuse_bare(gw, relay, Reason::UntrustedRelay, "PROXY protocol accepted only from transparent.trustedRelays");
         return;
     }
-    let (header_timeout, tunnel) = (cfg.limits.header_timeout, crate::relay::Tunnel::from(&cfg.limits));
-    drop(state);
+    let (header_timeout, first_byte) = (cfg.limits.header_timeout, cfg.transparent.first_byte_timeout);
+    let tunnel = crate::relay::Tunnel::from(&cfg.limits);
     let header = match tokio::time::timeout(header_timeout, read_proxy_header(&mut stream)).await {
-        Ok(Ok(Some(h))) => h,
-        Ok(Ok(None)) => return, // LOCAL command: a relay health check, not a client connection
+        Ok(Ok(h)) => h,
         Ok(Err(e)) => {
             refuse_bare(gw, relay, Reason::MalformedRequest, &format!("PROXY v2 header: {e}"));
             return;
@@ -86,9 +85,25 @@ async fn serve_conn(gw: &Arc<Gateway>, mut stream: TcpStream, relay: SocketAddr)
             return;
         }
     };
-    let (source, original_dst) = header;
+    let (source, original_dst) = match egress_netio::proxy::parse(&header) {
+        Ok(h) => {
+            let Some(addrs) = h.addresses else { return }; // LOCAL: a relay health check
+            if let Err(e) = state.relay_auth.verify(&h, std::time::SystemTime::now(), &gw.relay_replay) {
+                drop(state);
+                refuse_bare(gw, relay, Reason::UntrustedRelay, &format!("PROXY v2 header refused: {e}"));
+                return;
+            }
+            addrs
+        }
+        Err(e) => {
+            drop(state);
+            refuse_bare(gw, relay, Reason::MalformedRequest, &format!("PROXY v2 header: {e}"));
+            return;
+        }
+    };
+    drop(state);
     let mut buf = Vec::with_capacity(4096);
-    let peeked = peek(&mut stream, &mut buf, header_timeout).await;
+    let peeked = peek(&mut stream, &mut buf, first_byte, header_timeout).await;
     let (target, sni, http_host, is_http) = match &peeked {
         Peeked::Tls(Some(name)) => {
             (RawTarget::HostPort(name.clone(), original_dst.port()), Some(name.clone()), None, false)
@@ -127,41 +142,25 @@ async fn serve_conn(gw: &Arc<Gateway>, mut stream: TcpStream, relay: SocketAddr)
     up.log.finish(r.up + first, r.down, r.end, None, r.error);
 }
 
-/// Reads and parses the PROXY v2 header: `Some((source, original destination))`, `None` for a
-/// LOCAL command.
-async fn read_proxy_header(s: &mut TcpStream) -> Result<Option<(SocketAddr, SocketAddr)>, String> {
+/// Reads one PROXY v2 header (its length bounded by `egress_netio::proxy::MAX_LEN`).
+async fn read_proxy_header(s: &mut TcpStream) -> Result<Vec<u8>, String> {
     let mut head = [0u8; 16];
     s.read_exact(&mut head).await.map_err(|e| e.to_string())?;
-    let len = u16::from_be_bytes([head[14], head[15]]) as usize;
+    let len = egress_netio::proxy::header_len(&head).map_err(|e| e.to_string())?;
     let mut all = head.to_vec();
-    all.resize(16 + len, 0);
+    all.resize(len, 0);
     s.read_exact(&mut all[16..]).await.map_err(|e| e.to_string())?;
-    let h = ppp::v2::Header::try_from(all.as_slice()).map_err(|e| e.to_string())?;
-    if h.command == ppp::v2::Command::Local {
-        return Ok(None);
-    }
-    if h.protocol != ppp::v2::Protocol::Stream {
-        return Err("only TCP (STREAM) is proxied".into());
-    }
-    match h.addresses {
-        ppp::v2::Addresses::IPv4(a) => Ok(Some((
-            SocketAddr::from((a.source_address, a.source_port)),
-            SocketAddr::from((a.destination_address, a.destination_port)),
-        ))),
-        ppp::v2::Addresses::IPv6(a) => Ok(Some((
-            SocketAddr::from((a.source_address, a.source_port)),
-            SocketAddr::from((a.destination_address, a.destination_port)),
-        ))),
-        _ => Err("address family must be IPv4 or IPv6".into()),
-    }
+    Ok(all)
 }
 
 /// Reads the client's first flight into `buf` until it is classified.
-async fn peek(s: &mut TcpStream, buf: &mut Vec<u8>, limit: Duration) -> Peeked {
+/// Waits `first_byte` for the first bytes (`transparent.firstByteTimeout`), and up to `limit` in
+/// all.
+async fn peek(s: &mut TcpStream, buf: &mut Vec<u8>, first_byte: Duration, limit: Duration) -> Peeked {
     let deadline = tokio::time::Instant::now() + limit;
     let mut chunk = [0u8; 4096];
     loop {
-        let wait = if buf.is_empty() { FIRST_BYTE.min(limit) } else { deadline - tokio::time::Instant::now() };
+        let wait = if buf.is_empty() { first_byte.min(limit) } else { deadline - tokio::time::Instant::now() };
         let n = match tokio::time::timeout(wait, s.read(&mut chunk)).await {
             Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return classify_final(buf),
             Ok(Ok(n)) => n,
