@@ -53,6 +53,11 @@ impl Admin {
             relay.endpoint_up.clone(),
         );
         registry.register(
+            "endpoint_failures",
+            "Connects to a gateway endpoint for a client that failed (refused or timed out); the endpoint is then marked down",
+            relay.failures.clone(),
+        );
+        registry.register(
             "relay_refused",
             "Connections the relay refused: not_redirected (a direct connection to the relay port), no_endpoint (no healthy gateway)",
             relay.refused.clone(),

@@ -84,6 +84,9 @@ pub struct RelayMetrics {
     pub endpoint_up: Family<EndpointLabel, Gauge>,
     /// `egress_redirector_relay_refused_total{reason}`: connections the relay refused.
     pub refused: Family<ReasonLabel, Counter>,
+    /// `egress_redirector_endpoint_failures_total{endpoint}`: connects for clients that failed
+    /// (refused or timed out; probes not counted).
+    pub failures: Family<EndpointLabel, Counter>,
 }
 
 /// Label of [`RelayMetrics::endpoint_up`].
@@ -164,6 +167,7 @@ impl Endpoints {
                 Ok(Err(err)) => last = err,
                 Err(_) => last = std::io::Error::new(std::io::ErrorKind::TimedOut, "gateway connect timed out"),
             }
+            self.metrics.failures.get_or_create(&EndpointLabel { endpoint: e.addr.to_string() }).inc();
             self.mark_down(e, &last);
         }
         Err(last)

@@ -788,8 +788,17 @@ pub fn socks5_domain(addr: SocketAddr, host: &str, port: u16) -> (TcpStream, u8)
     (s, rep[1])
 }
 
+/// A short tag unique to this process and call: the test process id and a counter, so that
+/// tests running in parallel (threads of one `cargo test` process, or processes under nextest)
+/// never pick the same namespace or interface name. At most 9 characters.
+pub fn unique_tag() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}{}", std::process::id() % 100_000, n % 10_000)
+}
+
 /// A network namespace created by a test, with its veth links; deleted on drop (also when the
-/// test fails). Names carry the test process id so that parallel tests never collide.
+/// test fails). Names carry [`unique_tag`] so that parallel tests never collide.
 pub struct Netns {
     /// The namespace name (`ip netns` name).
     pub name: String,
@@ -798,8 +807,8 @@ pub struct Netns {
 impl Netns {
     /// Creates an empty namespace with loopback up.
     pub fn new(tag: &str) -> Netns {
-        let name = format!("egw-{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        let name = format!("egw-{tag}-{}", unique_tag());
+        let _ = Command::new("ip").args(["netns", "del", &name]).stderr(Stdio::null()).status();
         run("ip", &["netns", "add", &name]);
         let ns = Netns { name };
         ns.exec_ok("ip", &["link", "set", "lo", "up"]);
