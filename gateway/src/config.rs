@@ -848,19 +848,25 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigErrors> {
         }
     }
     check_policy_set(&config, &policies, &mut errors);
-    let relay_keys = match &config.transparent.relay_key_file {
-        Some(k) => egress_netio::proxy::RelayKey::load(&if k.is_absolute() { k.clone() } else { base.join(k) })
-            .unwrap_or_else(|e| {
-                errors.push(format!("{file}: transparent.relayKeyFile: {e}"));
-                Vec::new()
-            }),
-        None => Vec::new(),
-    };
     if errors.is_empty() {
-        Ok(Loaded { path: path.to_path_buf(), config, policies, relay_keys })
+        Ok(Loaded { path: path.to_path_buf(), config, policies, relay_keys: Vec::new() })
     } else {
         Err(ConfigErrors(errors))
     }
+}
+
+/// [`load`], then the secrets the configuration names (the relays' keys): what `run` and every
+/// reload use. `validate` checks the file alone, so that a config rendered elsewhere (CI, a
+/// chart) validates without the Secrets it will find mounted.
+pub fn load_with_secrets(path: &Path) -> Result<Loaded, ConfigErrors> {
+    let mut loaded = load(path)?;
+    if let Some(k) = &loaded.config.transparent.relay_key_file {
+        let base = path.parent().unwrap_or(Path::new("."));
+        loaded.relay_keys =
+            egress_netio::proxy::RelayKey::load(&if k.is_absolute() { k.clone() } else { base.join(k) })
+                .map_err(|e| ConfigErrors(vec![format!("{}: transparent.relayKeyFile: {e}", path.display())]))?;
+    }
+    Ok(loaded)
 }
 
 fn validate_config(c: &Config, file: &str, errors: &mut Vec<String>) {
@@ -1201,6 +1207,46 @@ mod tests {
         let cfg = write(&dir, "gw2.yaml", "listen: {htp: 1.2.3.4:5}\n");
         let errs = load(&cfg).unwrap_err().0;
         assert!(errs[0].contains("unknown field `htp`"), "{errs:#?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_transparent_front_needs_the_relay_key() {
+        let dir = std::env::temp_dir().join(format!("egw-config-relay-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = |name: &str| dir.join(name).display().to_string();
+        let base = "listen: {transparent: 127.0.0.1:0}\ntransparent: {trustedRelays: [10.0.0.0/8]";
+        let cfg = write(&dir, "a.yaml", &format!("{base}, relayMaxSkew: 0s, firstByteTimeout: 0s}}\n"));
+        let errs = load(&cfg).unwrap_err().0;
+        for field in [
+            "transparent.relayKeyFile: listen.transparent needs the relays' key file",
+            "transparent.relayMaxSkew: must be at least 1s",
+            "transparent.firstByteTimeout: must be greater than zero",
+        ] {
+            assert!(
+                errs.contains(&format!("{}: {field}", f("a.yaml")))
+                    || errs.iter().any(|e| e.starts_with(&format!("{}: {field}", f("a.yaml")))),
+                "{field}: {errs:#?}"
+            );
+        }
+        // `validate` checks the file alone; `run` reads the key, relative to the config's folder.
+        let cfg = write(&dir, "b.yaml", &format!("{base}, relayKeyFile: keys/relay.key}}\n"));
+        assert!(load(&cfg).is_ok());
+        let errs = load_with_secrets(&cfg).unwrap_err().0;
+        assert!(
+            errs[0].starts_with(&format!("{}: transparent.relayKeyFile: {}", f("b.yaml"), f("keys/relay.key"))),
+            "{errs:#?}"
+        );
+        std::fs::create_dir_all(dir.join("keys")).unwrap();
+        write(&dir.join("keys"), "relay.key", "c2hvcnQ=\n");
+        let errs = load_with_secrets(&cfg).unwrap_err().0;
+        assert!(errs[0].contains("line 1: a relay key needs at least 32 bytes, this one has 5"), "{errs:#?}");
+        write(
+            &dir.join("keys"),
+            "relay.key",
+            "# new key first\nZWdyZXNzLWUyZS10ZXN0LXJlbGF5LWtleS0zMi1ieXRlcyE=\nZWdyZXNzLWUyZS10ZXN0LXJlbGF5LWtleS0zMi1ieXRlcyE=\n",
+        );
+        assert_eq!(load_with_secrets(&cfg).unwrap().relay_keys.len(), 2);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -115,9 +115,12 @@ fn main() -> ExitCode {
             }
         }
         Command::Run { config } => {
-            let loaded = match load(&config) {
+            let loaded = match config::load_with_secrets(&config) {
                 Ok(l) => l,
-                Err(c) => return c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
+                }
             };
             let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
                 Ok(rt) => rt,

@@ -352,7 +352,7 @@ impl Gateway {
 
     /// Re-reads the config file and its policies. On any error the previous state stays in force.
     pub fn reload(&self) -> Result<(), config::ConfigErrors> {
-        match config::load(&self.config_path) {
+        match config::load_with_secrets(&self.config_path) {
             Ok(loaded) => {
                 let old = self.state.load();
                 let (a, b) = (&old.loaded.config, &loaded.config);

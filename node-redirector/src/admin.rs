@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use http_body_util::Full;
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
@@ -24,6 +26,17 @@ pub struct Admin {
     pub selected: Gauge,
     /// Seconds from an input change (Pod, policy, config) to its rules being applied.
     pub apply_seconds: Histogram,
+    /// Seconds from a CNI plugin's `ADD` arriving to the Pod's addresses in the kernel.
+    pub cni_admit_seconds: Histogram,
+    /// CNI plugin requests by result.
+    pub cni_requests: Family<ResultLabel, Counter>,
+}
+
+/// Label of [`Admin::cni_requests`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// `selected`, `not_selected`, `deleted`, `checked` or `error`.
+    pub result: &'static str,
 }
 
 impl Admin {
@@ -62,7 +75,28 @@ impl Admin {
             "Connections the relay refused: not_redirected (a direct connection to the relay port), no_endpoint (no healthy gateway)",
             relay.refused.clone(),
         );
-        Admin { registry, ready: AtomicBool::new(false), drift_repairs, updates, selected, apply_seconds }
+        let cni_admit_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
+        registry.register(
+            "cni_admit_seconds",
+            "Time from a CNI plugin ADD arriving to the Pod's addresses being in the kernel",
+            cni_admit_seconds.clone(),
+        );
+        let cni_requests = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "cni_requests",
+            "CNI plugin requests: selected / not_selected (ADD), deleted (DEL), checked (CHECK), error (could not decide or apply)",
+            cni_requests.clone(),
+        );
+        Admin {
+            registry,
+            ready: AtomicBool::new(false),
+            drift_repairs,
+            updates,
+            selected,
+            apply_seconds,
+            cni_admit_seconds,
+            cni_requests,
+        }
     }
 
     /// Serves until the process ends.

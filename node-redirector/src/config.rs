@@ -46,6 +46,55 @@ pub struct Config {
     /// Inline policy documents.
     #[serde(default)]
     pub policies: Vec<serde_json::Value>,
+    /// The chained CNI plugin.
+    #[serde(default)]
+    pub cni: CniConfig,
+}
+
+/// The chained CNI plugin (see `crate::cni`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CniConfig {
+    /// Serve the plugin's admission requests (and keep the conflist entry, with `confDir`).
+    #[serde(default)]
+    pub enabled: bool,
+    /// The unix socket the plugin asks on.
+    #[serde(default = "default_cni_socket")]
+    pub socket: PathBuf,
+    /// What the plugin does when this node-redirector cannot be reached or cannot decide:
+    /// `Fail` (the Pod's sandbox fails and is retried) or `Ignore` (the Pod starts unsteered).
+    #[serde(default)]
+    pub failure_policy: crate::cni::FailurePolicy,
+    /// The plugin's log file (on the node).
+    #[serde(default = "default_cni_log")]
+    pub log_file: PathBuf,
+    /// The node's CNI bin dir: `install-cni` copies the plugin there (`uninstall` removes it).
+    #[serde(default)]
+    pub bin_dir: Option<PathBuf>,
+    /// The node's CNI conf dir: `install-cni` adds the plugin to its primary conflist, `run`
+    /// puts the entry back whenever it is missing, `uninstall` removes it.
+    #[serde(default)]
+    pub conf_dir: Option<PathBuf>,
+}
+
+impl Default for CniConfig {
+    fn default() -> Self {
+        CniConfig {
+            enabled: false,
+            socket: default_cni_socket(),
+            failure_policy: Default::default(),
+            log_file: default_cni_log(),
+            bin_dir: None,
+            conf_dir: None,
+        }
+    }
+}
+
+fn default_cni_socket() -> PathBuf {
+    PathBuf::from(crate::cni::DEFAULT_SOCKET)
+}
+fn default_cni_log() -> PathBuf {
+    PathBuf::from(crate::cni::DEFAULT_LOG)
 }
 
 /// Relay settings.
@@ -125,7 +174,7 @@ pub struct KubeConfig {
 }
 
 /// One Pod.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PodEntry {
     /// Namespace.
@@ -155,11 +204,20 @@ pub struct Loaded {
     pub config: Config,
     /// Valid policies.
     pub policies: Vec<AnyPolicy>,
-    /// The relay keys (`relay.keyFile`); the first signs.
-    pub relay_keys: Vec<egress_netio::proxy::RelayKey>,
+    /// The file it came from.
+    pub path: PathBuf,
 }
 
 impl Loaded {
+    /// The relay keys of `relay.keyFile` (read when the relay starts, not by `validate`: a config
+    /// rendered elsewhere validates without the Secret it will find mounted); the first signs.
+    pub fn relay_keys(&self) -> Result<Vec<egress_netio::proxy::RelayKey>, String> {
+        let k = self.config.relay.key_file.as_ref().ok_or("relay.keyFile: required")?;
+        let base = self.path.parent().unwrap_or(Path::new("."));
+        egress_netio::proxy::RelayKey::load(&if k.is_absolute() { k.clone() } else { base.join(k) })
+            .map_err(|e| format!("relay.keyFile: {e}"))
+    }
+
     /// This node's name.
     pub fn node_name(&self) -> String {
         self.config.node_name.clone().or_else(|| std::env::var("NODE_NAME").ok()).unwrap_or_default()
@@ -197,21 +255,13 @@ pub fn load(path: &Path) -> Result<Loaded, Vec<String>> {
     if let Err(e) = egress_netio::check_hold(config.relay.coalesce) {
         errors.push(format!("{f}: relay.coalesce: {e}"));
     }
+    if config.relay.key_file.is_none() {
+        errors.push(format!(
+            "{f}: relay.keyFile: required: the key the gateways check every PROXY header with \
+             (the same file as their transparent.relayKeyFile)"
+        ));
+    }
     let base = path.parent().unwrap_or(Path::new("."));
-    let relay_keys = match &config.relay.key_file {
-        Some(k) => egress_netio::proxy::RelayKey::load(&if k.is_absolute() { k.clone() } else { base.join(k) })
-            .unwrap_or_else(|e| {
-                errors.push(format!("{f}: relay.keyFile: {e}"));
-                Vec::new()
-            }),
-        None => {
-            errors.push(format!(
-                "{f}: relay.keyFile: required: the key the gateways check every PROXY header with \
-                 (the same file as their transparent.relayKeyFile)"
-            ));
-            Vec::new()
-        }
-    };
     for (name, d) in
         [("relay.connectTimeout", config.relay.connect_timeout), ("relay.probeInterval", config.relay.probe_interval)]
     {
@@ -265,5 +315,5 @@ pub fn load(path: &Path) -> Result<Loaded, Vec<String>> {
             Err(e) => errors.push(format!("{origin}: {e}")),
         }
     }
-    if errors.is_empty() { Ok(Loaded { config, policies, relay_keys }) } else { Err(errors) }
+    if errors.is_empty() { Ok(Loaded { config, policies, path: path.to_path_buf() }) } else { Err(errors) }
 }

@@ -71,6 +71,37 @@ pub fn endpoints(slices: &[std::sync::Arc<EndpointSlice>], port_name: Option<&st
     out
 }
 
+/// A Pod as the table needs it.
+fn entry(p: &Pod) -> PodEntry {
+    PodEntry {
+        namespace: p.metadata.namespace.clone().unwrap_or_default(),
+        name: p.metadata.name.clone().unwrap_or_default(),
+        node_name: p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default(),
+        ips: p
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ips.clone())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|i| i.ip.parse().ok())
+            .collect(),
+        labels: p.metadata.labels.clone().unwrap_or_default(),
+        interface: None,
+        uid: p.metadata.uid.clone().unwrap_or_default(),
+    }
+}
+
+/// A Pod the watch has not shown yet (a CNI admission's cache miss), straight from the API:
+/// `Ok(None)` when it does not exist.
+pub async fn get_pod(client: &Client, namespace: &str, name: &str) -> Result<Option<PodEntry>, String> {
+    let api = Api::<Pod>::namespaced(client.clone(), namespace);
+    match tokio::time::timeout(Duration::from_secs(5), api.get_opt(name)).await {
+        Ok(Ok(p)) => Ok(p.as_ref().map(entry)),
+        Ok(Err(e)) => Err(format!("GET pod {namespace}/{name}: {e}")),
+        Err(_) => Err(format!("GET pod {namespace}/{name}: no answer within 5s")),
+    }
+}
+
 /// The Pod condition type the redirector reports (`status.conditions[].type`; a Pod may name it in
 /// `spec.readinessGates`).
 pub const CONDITION: &str = "egress.dev/redirected";
@@ -200,7 +231,7 @@ async fn report(client: Client, pods: Store<Pod>, mut rx: watch::Receiver<Option
 
 /// Starts the watchers; the receiver gets new inputs after every (coalesced) change, and its first
 /// value once every watcher has listed. The [`Reporter`] writes the Pod condition.
-pub async fn start(cfg: &Config, node: String) -> anyhow::Result<(watch::Receiver<Option<Inputs>>, Reporter)> {
+pub async fn start(cfg: &Config, node: String) -> anyhow::Result<(watch::Receiver<Option<Inputs>>, Reporter, Client)> {
     let k = &cfg.kubernetes;
     let config = match &k.kubeconfig {
         Some(path) => {
@@ -264,22 +295,7 @@ pub async fn start(cfg: &Config, node: String) -> anyhow::Result<(watch::Receive
                     .filter(|p| {
                         !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
                     })
-                    .map(|p| PodEntry {
-                        namespace: p.metadata.namespace.clone().unwrap_or_default(),
-                        name: p.metadata.name.clone().unwrap_or_default(),
-                        node_name: p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default(),
-                        ips: p
-                            .status
-                            .as_ref()
-                            .and_then(|s| s.pod_ips.clone())
-                            .unwrap_or_default()
-                            .iter()
-                            .filter_map(|i| i.ip.parse().ok())
-                            .collect(),
-                        labels: p.metadata.labels.clone().unwrap_or_default(),
-                        interface: None,
-                        uid: p.metadata.uid.clone().unwrap_or_default(),
-                    })
+                    .map(|p| entry(p))
                     .collect(),
                 namespaces: namespaces
                     .state()
@@ -311,5 +327,5 @@ pub async fn start(cfg: &Config, node: String) -> anyhow::Result<(watch::Receive
             while rx.try_recv().is_ok() {}
         }
     });
-    Ok((out_rx, Reporter(applied_tx)))
+    Ok((out_rx, Reporter(applied_tx), client))
 }

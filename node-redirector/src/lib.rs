@@ -2,7 +2,10 @@
 //! to the egress gateway with nftables, and relays those connections with a PROXY v2 header.
 
 pub mod admin;
+pub mod admit;
+pub mod cni;
 pub mod config;
+pub mod conflist;
 pub mod k8s;
 pub mod nft;
 pub mod relay;

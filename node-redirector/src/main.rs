@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use node_redirector::{admin, config, k8s, nft, relay, routes, rules};
+use node_redirector::{admin, admit, cni, config, conflist, k8s, nft, relay, routes, rules};
 use tokio::signal::unix::{SignalKind, signal};
 
 /// Per-node nftables steering of selected Pods' egress to the egress gateway.
@@ -42,9 +42,25 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Remove steering from this node: delete the table. Selected Pods egress directly afterwards
-    /// (or not at all, where the network allows no direct egress).
-    Uninstall,
+    /// Remove steering from this node: delete the table, and with `--config`, the CNI plugin's
+    /// conflist entry and binary (`cni.confDir`, `cni.binDir`). Selected Pods egress directly
+    /// afterwards (or not at all, where the network allows no direct egress).
+    Uninstall {
+        /// The configuration naming the CNI dirs.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Install the CNI plugin on this node (the DaemonSet's init container): copy this binary
+    /// into `cni.binDir` as `egress-redirector` and add the plugin as the last plugin of the
+    /// primary conflist in `cni.confDir` (idempotent; a malformed file is left untouched).
+    InstallCni {
+        /// Standalone configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run as the chained CNI plugin (the container runtime calls it with the CNI environment and
+    /// the network configuration on stdin; installed as `egress-redirector`, it needs no argument).
+    Cni,
 }
 
 fn load(path: &std::path::Path) -> Result<config::Loaded, ExitCode> {
@@ -57,7 +73,16 @@ fn load(path: &std::path::Path) -> Result<config::Loaded, ExitCode> {
 }
 
 fn main() -> ExitCode {
+    // Installed in the CNI bin dir as the plugin, the runtime calls it by that name, without
+    // arguments: the plugin speaks CNI on stdout and never logs there.
+    let argv0 = std::env::args_os().next().map(PathBuf::from);
+    if argv0.as_deref().and_then(|p| p.file_name()).is_some_and(|n| n == cni::PLUGIN_TYPE) {
+        return cni::main();
+    }
     let cli = Cli::parse();
+    if let Cmd::Cni = cli.command {
+        return cni::main();
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -72,15 +97,11 @@ fn main() -> ExitCode {
             }
             Err(c) => c,
         },
-        Cmd::Uninstall => match nft::remove() {
-            Ok(()) => {
-                println!("table inet {} removed", rules::TABLE);
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(2)
-            }
+        Cmd::Cni => unreachable!("handled above"),
+        Cmd::Uninstall { config } => uninstall(config.as_deref()),
+        Cmd::InstallCni { config } => match load(&config) {
+            Ok(l) => install_cni(&l.config.cni),
+            Err(c) => c,
         },
         Cmd::Render { config } => match load(&config) {
             Ok(l) => {
@@ -132,7 +153,7 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
         rc.probe_interval,
         relay_metrics.clone(),
     ));
-    let key = loaded.relay_keys.first().cloned().ok_or_else(|| anyhow::anyhow!("relay.keyFile: no key"))?;
+    let key = loaded.relay_keys().map_err(anyhow::Error::msg)?.swap_remove(0);
     let relay = Arc::new(relay::Relay {
         endpoints: endpoints.clone(),
         signer: egress_netio::proxy::Signer::new(key).map_err(anyhow::Error::msg)?,
@@ -145,15 +166,15 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
         tokio::spawn(metrics.clone().serve(tokio::net::TcpListener::bind(addr).await?));
     }
     // Inputs: the Kubernetes watchers, or the file (re-read every period).
-    let (mut kube, reporter) = if loaded.config.kubernetes.enabled {
-        let (mut rx, reporter) = k8s::start(&loaded.config, loaded.node_name()).await?;
+    let (mut kube, reporter, client) = if loaded.config.kubernetes.enabled {
+        let (mut rx, reporter, client) = k8s::start(&loaded.config, loaded.node_name()).await?;
         // No table until every watcher listed: nothing is steered on a half-known state.
         while rx.borrow().is_none() {
             rx.changed().await?;
         }
-        (Some(rx), Some(reporter))
+        (Some(rx), Some(reporter), Some(client))
     } else {
-        (None, None)
+        (None, None, None)
     };
     // After every application (and every reconcile, which retries failed writes): the Pods'
     // condition says what is in the kernel now.
@@ -167,16 +188,33 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
         Some(rx) => rx.borrow().clone().unwrap_or_default(),
         None => loaded.inputs(),
     };
+    // Pods the CNI plugin admitted before a restart: still steered while the watch or the file
+    // does not list them.
+    let admissions_file = cfg.cni.socket.with_file_name("admissions.json");
+    let mut admissions =
+        if cfg.cni.enabled { admit::Admissions::load(&admissions_file) } else { admit::Admissions::default() };
+    let mut desired_inputs = admissions.merged(&inputs);
     inputs.interfaces = routes::host_routes();
+    desired_inputs.interfaces = inputs.interfaces.clone();
     endpoints.set(inputs.gateways.clone());
-    let mut desired = rules::desired(&inputs, &cfg);
+    let mut desired = rules::desired(&desired_inputs, &cfg);
     // A table left by the previous instance (a restart, an upgrade) kept steering while no relay
     // listened; adopt it rather than remove it.
     let adopted = nft::adopt(&desired)?;
     metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
     metrics.selected.set(desired.selected.len() as i64);
     tracing::info!(selected = desired.selected.len(), port, adopted, "table in place; relay listening");
-    report(&inputs);
+    report(&desired_inputs);
+    drop(desired_inputs);
+    // The CNI plugin's admissions, once the table is in place (before, the plugin finds no
+    // socket: it cannot be answered yet, and fails or passes per its failure policy).
+    let (cni_tx, mut cni_rx) = tokio::sync::mpsc::channel::<cni::Pending>(64);
+    if cfg.cni.enabled {
+        cni::serve(cfg.cni.socket.clone(), cni_tx).await?;
+        ensure_conflist(&cfg.cni);
+    } else {
+        drop(cni_tx);
+    }
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut drift_repairs: u64 = 0;
@@ -187,15 +225,26 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
                 None => std::future::pending().await,
             }
         };
+        let mut answer = None;
+        let mut tick = false;
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
             true = changed => {
                 if let Some(rx) = &kube {
                     inputs = rx.borrow().clone().unwrap_or_default();
+                    admissions.prune(&inputs);
                 }
             }
+            Some((req, started, reply)) = cni_rx.recv() => {
+                let outcome = admit_request(&req, &inputs, client.as_ref(), &mut admissions).await;
+                if let Err(e) = admissions.save(&admissions_file) {
+                    tracing::warn!(file = %admissions_file.display(), error = %e, "cannot save the CNI admissions");
+                }
+                answer = Some((req, started, reply, outcome));
+            }
             _ = tokio::time::sleep(period) => {
+                tick = true;
                 inputs.changed_at = None;
                 if kube.is_none() {
                     match config::load(&path) {
@@ -206,37 +255,219 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
                         Err(errs) => tracing::error!(errors = %errs.join("; "), "config reload failed; keeping the current table"),
                     }
                 }
+                if cfg.cni.enabled {
+                    ensure_conflist(&cfg.cni);
+                }
             }
         }
         endpoints.set(inputs.gateways.clone());
         inputs.interfaces = routes::host_routes();
-        let next = rules::desired(&inputs, &cfg);
+        let merged = admissions.merged(&inputs);
+        let next = rules::desired(&merged, &cfg);
+        let mut applied = Ok(());
         if next != desired {
-            let incremental = nft::update(&desired, &next)?;
-            metrics.updates.inc();
-            metrics.selected.set(next.selected.len() as i64);
-            if let Some(t) = inputs.changed_at {
-                metrics.apply_seconds.observe(t.elapsed().as_secs_f64());
+            match nft::update(&desired, &next) {
+                Ok(incremental) => {
+                    metrics.updates.inc();
+                    metrics.selected.set(next.selected.len() as i64);
+                    if let Some(t) = inputs.changed_at {
+                        metrics.apply_seconds.observe(t.elapsed().as_secs_f64());
+                    }
+                    tracing::info!(selected = next.selected.len(), incremental, "table updated");
+                    desired = next;
+                    report(&merged);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot update the table; retrying at the next reconcile");
+                    applied = Err(e.to_string());
+                }
             }
-            tracing::info!(selected = next.selected.len(), incremental, "table updated");
-            desired = next;
-            report(&inputs);
-            continue;
-        }
-        match nft::observed() {
-            Ok(Some(seen)) if seen.matches(&desired) => {}
-            Ok(_) => {
-                drift_repairs += 1;
-                metrics.drift_repairs.inc();
-                tracing::warn!(drift_repairs, "table drifted from the desired state; repairing");
-                nft::apply(&desired)?;
+        } else if tick {
+            match nft::observed() {
+                Ok(Some(seen)) if seen.matches(&desired) => {}
+                Ok(_) => {
+                    drift_repairs += 1;
+                    metrics.drift_repairs.inc();
+                    tracing::warn!(drift_repairs, "table drifted from the desired state; repairing");
+                    nft::apply(&desired)?;
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot read the table"),
             }
-            Err(e) => tracing::warn!(error = %e, "cannot read the table"),
+            report(&merged);
         }
-        report(&inputs);
+        if let Some((req, started, reply, outcome)) = answer {
+            let response = match (outcome, applied) {
+                (Err(e), _) | (Ok(_), Err(e)) => cni::Response { ok: false, selected: false, message: e },
+                (Ok(()), Ok(())) => cni_response(&req, &merged, &desired),
+            };
+            let result = match (req.command.as_str(), response.ok, response.selected) {
+                (_, false, _) => "error",
+                ("ADD", true, true) => "selected",
+                ("ADD", true, false) => "not_selected",
+                ("DEL", true, _) => "deleted",
+                _ => "checked",
+            };
+            metrics.cni_requests.get_or_create(&admin::ResultLabel { result }).inc();
+            if req.command == "ADD" && response.ok {
+                metrics.cni_admit_seconds.observe(started.elapsed().as_secs_f64());
+            }
+            tracing::info!(pod = %format!("{}/{}", req.namespace, req.name), command = %req.command, result, message = %response.message, "CNI request");
+            let _ = reply.send(response);
+        }
     }
     tracing::info!("stopped; the table stays in the kernel (node-redirector uninstall removes it)");
     Ok(())
+}
+
+fn uninstall(config: Option<&std::path::Path>) -> ExitCode {
+    let mut ok = true;
+    match nft::remove() {
+        Ok(()) => println!("table inet {} removed", rules::TABLE),
+        Err(e) => {
+            eprintln!("error: {e}");
+            ok = false;
+        }
+    }
+    if let Some(path) = config {
+        let l = match load(path) {
+            Ok(l) => l,
+            Err(c) => return c,
+        };
+        if let Some(dir) = &l.config.cni.conf_dir {
+            match conflist::uninstall(dir) {
+                Ok(files) => files.iter().for_each(|f| println!("CNI plugin entry removed from {}", f.display())),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ok = false;
+                }
+            }
+        }
+        if let Some(dir) = &l.config.cni.bin_dir {
+            let bin = dir.join(cni::PLUGIN_TYPE);
+            match std::fs::remove_file(&bin) {
+                Ok(()) => println!("{} removed", bin.display()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    eprintln!("error: {}: {e}", bin.display());
+                    ok = false;
+                }
+            }
+        }
+    }
+    if ok { ExitCode::SUCCESS } else { ExitCode::from(2) }
+}
+
+fn install_cni(c: &config::CniConfig) -> ExitCode {
+    if let Some(dir) = &c.bin_dir {
+        match conflist::install_binary(dir) {
+            Ok(p) => println!("CNI plugin installed as {}", p.display()),
+            Err(e) => {
+                eprintln!("error: cni.binDir: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let Some(dir) = &c.conf_dir else { return ExitCode::SUCCESS };
+    match conflist::install(dir, &conflist::entry(&c.socket, c.failure_policy, &c.log_file)) {
+        Ok(conflist::Installed::Changed(f)) => println!("CNI plugin added to {}", f.display()),
+        Ok(conflist::Installed::Unchanged(f)) => println!("CNI plugin already in {}", f.display()),
+        Ok(conflist::Installed::NoPrimary) => {
+            println!(
+                "no CNI configuration in {} yet; node-redirector run adds the plugin once there is one",
+                dir.display()
+            )
+        }
+        Err(e) => {
+            eprintln!("error: cni.confDir: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// Records what a CNI request changes in the admissions (the main loop then applies it): `ADD`
+/// and `CHECK` need the Pod's labels, from the inputs (watch or file), or from the API on a
+/// cache miss (Kubernetes mode), which may fail: the Pod's sandbox is then retried.
+async fn admit_request(
+    req: &cni::Request,
+    inputs: &rules::Inputs,
+    client: Option<&kube::Client>,
+    admissions: &mut admit::Admissions,
+) -> Result<(), String> {
+    match req.command.as_str() {
+        "DEL" => {
+            admissions.remove(&req.container_id);
+            Ok(())
+        }
+        "ADD" | "CHECK" => {
+            let known = inputs.pods.iter().find(|p| p.namespace == req.namespace && p.name == req.name).cloned();
+            let known = match (known, client) {
+                (Some(p), _) => p,
+                (None, Some(c)) => k8s::get_pod(c, &req.namespace, &req.name)
+                    .await?
+                    .ok_or_else(|| format!("Pod {}/{} does not exist", req.namespace, req.name))?,
+                // Standalone: a Pod the file does not list has no labels; a policy whose
+                // selectors match that still selects it.
+                (None, None) => config::PodEntry {
+                    namespace: req.namespace.clone(),
+                    name: req.name.clone(),
+                    node_name: inputs.node_name.clone(),
+                    ips: Vec::new(),
+                    labels: Default::default(),
+                    interface: None,
+                    uid: String::new(),
+                },
+            };
+            if req.command == "ADD" {
+                let entry = config::PodEntry {
+                    node_name: inputs.node_name.clone(),
+                    ips: req.ips.clone(),
+                    interface: req.interface.clone(),
+                    ..known
+                };
+                admissions.add(&req.container_id, entry);
+            }
+            Ok(())
+        }
+        other => Err(format!("unknown command {other:?}")),
+    }
+}
+
+/// The answer to a request whose effect is in the kernel: whether the Pod is selected, and for
+/// `CHECK` whether each of its addresses is steered.
+fn cni_response(req: &cni::Request, merged: &rules::Inputs, desired: &rules::Desired) -> cni::Response {
+    let pod = merged.pods.iter().find(|p| p.namespace == req.namespace && p.name == req.name);
+    let selected = pod.is_some_and(|p| rules::is_selected(merged, p));
+    if req.command == "DEL" {
+        return cni::Response { ok: true, selected: false, message: "forgotten".into() };
+    }
+    let missing: Vec<String> =
+        req.ips.iter().filter(|ip| !desired.selected.contains(ip)).map(|ip| ip.to_string()).collect();
+    match (selected, missing.is_empty()) {
+        (true, true) => cni::Response { ok: true, selected, message: "steered: addresses in the kernel's set".into() },
+        (true, false) => {
+            cni::Response { ok: false, selected, message: format!("selected but not steered: {}", missing.join(", ")) }
+        }
+        (false, _) => {
+            cni::Response { ok: true, selected, message: "no redirect: Transparent policy selects this Pod".into() }
+        }
+    }
+}
+
+/// Puts the plugin's entry into the node's primary conflist when it is missing (another
+/// installer rewrote the file, or the primary CNI wrote its configuration after us).
+fn ensure_conflist(c: &config::CniConfig) {
+    let Some(dir) = &c.conf_dir else { return };
+    match conflist::install(dir, &conflist::entry(&c.socket, c.failure_policy, &c.log_file)) {
+        Ok(conflist::Installed::Changed(f)) => {
+            tracing::warn!(file = %f.display(), "CNI plugin entry (re)added to the conflist")
+        }
+        Ok(conflist::Installed::Unchanged(_)) => {}
+        Ok(conflist::Installed::NoPrimary) => {
+            tracing::warn!(dir = %dir.display(), "no CNI configuration yet; the plugin entry is added once the primary CNI writes one")
+        }
+        Err(e) => tracing::error!(error = %e, "cannot add the CNI plugin entry"),
+    }
 }
 
 fn socket_v6only(s: tokio::net::TcpSocket) -> std::io::Result<tokio::net::TcpSocket> {

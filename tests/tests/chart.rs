@@ -226,6 +226,11 @@ fn the_values_schema_rejects_wrong_values() {
         ("gateway: {limits: {maxHeaderBytes: 1024}}", "maxHeaderBytes"),
         ("gateway: {limits: {tunnelCoalesce: 1}}", "tunnelCoalesce"),
         ("redirector: {coalesce: fast}", "coalesce"),
+        ("redirector: {probeInterval: 1}", "probeInterval"),
+        ("redirector: {relayKey: {key: \"\"}}", "key"),
+        ("redirector: {relayKey: {secret: x}}", "Additional property secret is not allowed"),
+        ("gateway: {transparent: {relayMaxSkew: 30}}", "relayMaxSkew"),
+        ("gateway: {transparent: {firstByteTimeout: soon}}", "firstByteTimeout"),
         ("gateway: {audit: {sinks: []}}", "sinks"),
         ("gateway: {audit: {sinks: [{type: syslog}]}}", "address"),
         ("gateway: {audit: {sinks: [{type: kafka}]}}", "type"),
@@ -395,6 +400,34 @@ fn the_redirector_has_only_net_admin_and_trusted_relays_are_the_nodes() {
     assert_eq!(to_transparent.len(), 1, "{rules:?}");
     assert_eq!(to_transparent[0]["ports"].as_array().unwrap().len(), 1, "no other port shares the rule");
     assert_eq!(to_transparent[0]["from"], json!([{"ipBlock": {"cidr": "192.168.10.0/24"}}]));
+
+    // The relay key: one Secret, mounted read-only where each config looks for it.
+    let secret = get(&docs, "Secret", &format!("{GATEWAY}-relay-key"));
+    let key_b64 = secret["data"]["relay.key"].as_str().unwrap();
+    assert!(key_b64.len() > 40, "a random key: {secret}");
+    for (kind, name, cname, file) in [
+        ("Deployment", GATEWAY, "gateway", gw["transparent"]["relayKeyFile"].as_str().unwrap()),
+        ("DaemonSet", REDIRECTOR, "node-redirector", rd["relay"]["keyFile"].as_str().unwrap()),
+    ] {
+        let w = get(&docs, kind, name);
+        let mounts = container(w, cname)["volumeMounts"].as_array().unwrap().clone();
+        let mount = mounts
+            .iter()
+            .filter(|m| file.starts_with(&format!("{}/", m["mountPath"].as_str().unwrap())))
+            .max_by_key(|m| m["mountPath"].as_str().unwrap().len())
+            .expect("key mounted");
+        assert_eq!(mount["readOnly"], true);
+        let volumes = w["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
+        let vol = volumes.iter().find(|v| v["name"] == mount["name"]).unwrap();
+        assert_eq!(vol["secret"]["secretName"], secret["metadata"]["name"], "{kind}");
+        assert!(file.ends_with(vol["secret"]["items"][0]["path"].as_str().unwrap()), "{kind}: {file}");
+    }
+    // A Secret of the operator's instead: the chart creates none and mounts that one.
+    let (_, docs) = render(&set, &["--set", "redirector.relayKey.existingSecret=ops-relay-key"]).unwrap();
+    assert!(find(&docs, "Secret", &format!("{GATEWAY}-relay-key")).is_none());
+    let ds = get(&docs, "DaemonSet", REDIRECTOR);
+    let vols = ds["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
+    assert!(vols.iter().any(|v| v["secret"]["secretName"] == "ops-relay-key"), "{vols:?}");
 }
 
 #[test]

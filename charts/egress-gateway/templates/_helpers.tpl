@@ -39,6 +39,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "egress.gatewayServiceAccount" -}}{{ include "egress.fullname" . }}{{- end -}}
 {{- define "egress.redirectorName" -}}{{ include "egress.fullname" . }}-node-redirector{{- end -}}
 {{- define "egress.transparentService" -}}{{ include "egress.fullname" . }}-transparent{{- end -}}
+{{- define "egress.relayKeySecret" -}}{{ .Values.redirector.relayKey.existingSecret | default (printf "%s-relay-key" (include "egress.fullname" .)) }}{{- end -}}
 {{- define "egress.leaseName" -}}{{ include "egress.fullname" . }}-status{{- end -}}
 
 {{/* "addr:port" for a listener. */}}
@@ -57,6 +58,9 @@ listen:
   transparent: {{ include "egress.listen" (dict "bind" $g.bindAddress "port" $g.ports.transparent) }}
 transparent:
   trustedRelays: {{- toYaml .Values.cluster.nodeCidrs | nindent 4 }}
+  relayKeyFile: /etc/egress-gateway/relay-key/{{ .Values.redirector.relayKey.key }}
+  relayMaxSkew: {{ $g.transparent.relayMaxSkew }}
+  firstByteTimeout: {{ $g.transparent.firstByteTimeout }}
   {{- end }}
 defaultAction: {{ $g.defaultAction }}
 resolver:
@@ -112,7 +116,9 @@ kubernetes:
 relay:
   port: {{ $r.relayPort }}
   connectTimeout: {{ $r.connectTimeout }}
+  probeInterval: {{ $r.probeInterval }}
   coalesce: {{ $r.coalesce }}
+  keyFile: /etc/node-redirector/relay-key/{{ $r.relayKey.key }}
 {{- if $r.adminPort }}
 admin: {{ include "egress.listen" (dict "bind" $r.adminBindAddress "port" $r.adminPort) }}
 {{- end }}
