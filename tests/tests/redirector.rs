@@ -573,6 +573,161 @@ fn steering_survives_a_restart_and_nothing_goes_direct() {
     assert_eq!(table_handle(&w.node), handle, "the new instance adopted the table rather than replacing it");
 }
 
+/// Runs the CNI plugin exactly as a container runtime does: the binary installed in the CNI bin
+/// dir (no arguments), the CNI environment, the plugin's conflist entry with `cniVersion`,
+/// `name` and `prevResult` on stdin. Returns (exit code, stdout).
+fn run_plugin(
+    bin: &std::path::Path,
+    command: &str,
+    conf: &serde_json::Value,
+    pod_if: &str,
+) -> (i32, serde_json::Value) {
+    let mut stdin = conf.clone();
+    stdin["prevResult"] = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "interfaces": [{"name": pod_if}, {"name": "eth0", "sandbox": "/var/run/netns/cni-1234"}],
+        "ips": [{"address": "192.0.2.10/32", "gateway": "192.0.2.1", "interface": 1}],
+        "routes": [{"dst": "0.0.0.0/0"}]
+    });
+    let mut child = Command::new(bin)
+        .env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", "sandbox-web-1")
+        .env("CNI_NETNS", "/var/run/netns/cni-1234")
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", bin.parent().unwrap())
+        .env(
+            "CNI_ARGS",
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-1;K8S_POD_INFRA_CONTAINER_ID=sandbox-web-1",
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(stdin.to_string().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let json = if text.trim().is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+    };
+    (out.status.code().unwrap_or(-1), json)
+}
+
+/// The chained CNI plugin closes the start-up window: a Pod the redirector does not know yet is
+/// steered from its very first connection, because the plugin returns only once its address is
+/// in the kernel's set. Installed with `install-cni` into a kindnet-like conflist, run as the
+/// runtime runs it; fails closed when the redirector is down (or starts the Pod unsteered with
+/// `failurePolicy: Ignore`); `uninstall` takes everything out again.
+#[test]
+fn the_cni_plugin_steers_a_pod_from_its_first_connection() {
+    let w = world();
+    let (_dns, up, gw, dir) = standalone(&w, "", "");
+    let p = up.addr.port();
+    let d = dir.path();
+    let (bin_dir, conf_dir) = (d.join("opt-cni-bin"), d.join("etc-cni-net.d"));
+    std::fs::create_dir_all(&conf_dir).unwrap();
+    let kindnet = r#"{"cniVersion": "0.3.1", "name": "kindnet", "plugins": [{"type": "ptp", "ipMasq": false, "ipam": {"type": "host-local", "ranges": [[{"subnet": "192.0.2.0/24"}]]}, "mtu": 1500}, {"type": "portmap", "capabilities": {"portMappings": true}}]}"#;
+    std::fs::write(conf_dir.join("10-kindnet.conflist"), kindnet).unwrap();
+    // web-1 is listed without an address yet: only the plugin can tell the redirector its address.
+    let cfg_text = std::fs::read_to_string(d.join("redirector.yaml")).unwrap().replace(
+        "  - {namespace: shop, name: web-1, nodeName: node-1, ips: [192.0.2.10], labels: {app: web}}",
+        "  - {namespace: shop, name: web-1, nodeName: node-1, ips: [], labels: {app: web}}",
+    ) + &format!(
+        "cni: {{enabled: true, socket: {0}/run/cni.sock, logFile: {0}/run/cni.log, binDir: {1}, confDir: {2}}}\n",
+        d.display(),
+        bin_dir.display(),
+        conf_dir.display()
+    );
+    let cfg = d.join("redirector.yaml");
+    std::fs::write(&cfg, &cfg_text).unwrap();
+    // The init container's step.
+    let out =
+        Command::new(workspace_bin("node-redirector")).args(["install-cni", "--config"]).arg(&cfg).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let plugin = bin_dir.join("egress-redirector");
+    let conflist: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(conf_dir.join("10-kindnet.conflist")).unwrap()).unwrap();
+    let entry = conflist["plugins"][2].clone();
+    assert_eq!(
+        (entry["type"].as_str(), conflist["plugins"][0]["type"].as_str()),
+        (Some("egress-redirector"), Some("ptp")),
+        "{conflist}"
+    );
+    // As libcni hands a chained plugin its config: the entry plus the list's name and version.
+    let mut conf = entry.clone();
+    conf["cniVersion"] = conflist["cniVersion"].clone();
+    conf["name"] = conflist["name"].clone();
+
+    // The redirector is not running: ADD fails closed, with the spec's error and the cause.
+    let (code, out) = run_plugin(&plugin, "ADD", &conf, &w.pod_if);
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(
+        (out["code"].as_u64(), out["msg"].as_str()),
+        (Some(11), Some("egress node-redirector unavailable")),
+        "{out}"
+    );
+    assert!(out["details"].as_str().unwrap().contains("cni.sock"), "{out}");
+    let mut ignore = conf.clone();
+    ignore["failurePolicy"] = serde_json::json!("Ignore");
+    let (code, out) = run_plugin(&plugin, "ADD", &ignore, &w.pod_if);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out["ips"][0]["address"], "192.0.2.10/32", "prevResult passed on: {out}");
+    let log = std::fs::read_to_string(d.join("run/cni.log")).unwrap();
+    assert!(log.contains("WARNING: the Pod starts unsteered (failurePolicy: Ignore)"), "{log}");
+
+    let mut redirector = Proc(spawn_redirector(&w.node, &cfg, &["--reconcile", "1h"], Stdio::null()));
+    wait_until(Duration::from_secs(10), || node_table(&w.node).is_some() && d.join("run/cni.sock").exists());
+    assert!(!selected_set(&w.node).contains("192.0.2.10"), "not steered before the plugin runs");
+    let (code, out) = run_plugin(&plugin, "ADD", &conf, &w.pod_if);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out["ips"][0]["address"], "192.0.2.10/32");
+    assert_eq!(out["cniVersion"], "0.3.1", "the result in the list's version: {out}");
+    // In the kernel when the plugin returned: no waiting here.
+    assert!(selected_set(&w.node).contains("192.0.2.10"), "{}", selected_set(&w.node));
+    let t = node_table(&w.node).unwrap();
+    assert!(t.contains(&format!("\"{}\" . 192.0.2.10", w.pod_if)), "the interface from the CNI result: {t}");
+    // The Pod's first connection goes through the gateway.
+    let r = curl_in(
+        Some(&w.pod),
+        &["--resolve", &format!("allowed.test:{p}:203.0.113.10"), &format!("http://allowed.test:{p}/first")],
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(up.peers().iter().map(|a| a.ip().to_string()).collect::<Vec<_>>(), vec!["198.51.100.2"]);
+    assert_eq!(gw.decision(|e| e["target"]["host"] == "allowed.test")["front"], "transparent");
+    let (code, _) = run_plugin(&plugin, "CHECK", &conf, &w.pod_if);
+    assert_eq!(code, 0);
+    assert_eq!(redirector_metric(&w.node, "egress_redirector_cni_requests_total{result=\"selected\"} "), Some(1.0));
+    assert_eq!(redirector_metric(&w.node, "egress_redirector_cni_admit_seconds_count "), Some(1.0));
+
+    // A restart remembers the admission: the new instance adopts the table with it.
+    let pid = redirector.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    wait_until(Duration::from_secs(10), || redirector.0.try_wait().unwrap().is_some());
+    let _second = Proc(spawn_redirector(&w.node, &cfg, &["--reconcile", "1h"], Stdio::null()));
+    let admin: std::net::SocketAddr = "127.0.0.1:9792".parse().unwrap();
+    wait_until(Duration::from_secs(10), || w.node.enter(move || admin_get(admin, "/readyz")).map(|r| r.0) == Some(200));
+    assert!(selected_set(&w.node).contains("192.0.2.10"), "still steered after the new instance adopted the table");
+
+    // DEL forgets it.
+    let (code, out) = run_plugin(&plugin, "DEL", &conf, &w.pod_if);
+    assert_eq!((code, out), (0, serde_json::Value::Null));
+    assert!(!selected_set(&w.node).contains("192.0.2.10"));
+
+    // uninstall: no table, no conflist entry, no plugin binary.
+    let out =
+        w.node.command(workspace_bin("node-redirector")).args(["uninstall", "--config"]).arg(&cfg).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(node_table(&w.node).is_none());
+    let after: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(conf_dir.join("10-kindnet.conflist")).unwrap()).unwrap();
+    assert_eq!(after, serde_json::from_str::<serde_json::Value>(kindnet).unwrap(), "the primary CNI's list as it was");
+    assert!(!plugin.exists());
+}
+
 /// HTTPS (IPv4 and IPv6) through the redirector, names decided by SNI, and failover between two
 /// gateway endpoints when one is killed (the time it took is printed, not asserted).
 #[test]
