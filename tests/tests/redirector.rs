@@ -1190,9 +1190,11 @@ policies:
     let (kc, cfg) = (dir.path().join("kubeconfig"), dir.path().join("redirector.yaml"));
     std::fs::write(&kc, api.kubeconfig()).unwrap();
     std::fs::write(&cfg, format!(
-        "nodeName: node-1\nadmin: 127.0.0.1:9791\nrelay: {{keyFile: {}}}\nexcludeCidrs: [192.0.2.0/24, 198.51.100.0/24]\nkubernetes: {{enabled: true, kubeconfig: {}, gatewayService: egress-system/egress-transparent, gatewayPortName: transparent}}\n",
+        "nodeName: node-1\nadmin: 127.0.0.1:9791\nrelay: {{keyFile: {}}}\nexcludeCidrs: [192.0.2.0/24, 198.51.100.0/24]\nkubernetes: {{enabled: true, kubeconfig: {}, gatewayService: egress-system/egress-transparent, gatewayPortName: transparent}}\ncni: {{enabled: true, socket: {}, logFile: {}}}\n",
         relay_key_file().display(),
-        kc.display()
+        kc.display(),
+        dir.path().join("cni.sock").display(),
+        dir.path().join("cni.log").display()
     )).unwrap();
     let child = spawn_redirector(&w.node, &cfg, &[], Stdio::null());
     let _r = Proc(child);
@@ -1250,6 +1252,28 @@ policies:
     );
     let r = get("192.0.2.10");
     assert_eq!(r.json()["peer"].as_str().unwrap().rsplit_once(':').unwrap().0, "192.0.2.10", "direct again");
+    // The CNI plugin asks about a Pod the watch has not shown: the redirector asks the API (a
+    // cache miss), which does not know it either: the sandbox fails, to be retried.
+    let conf = serde_json::json!({"cniVersion": "1.0.0", "name": "k8s", "type": "egress-redirector",
+        "socket": dir.path().join("cni.sock"), "logFile": dir.path().join("cni.log")});
+    let mut stdin = conf.clone();
+    stdin["prevResult"] = json!({"cniVersion": "1.0.0", "ips": [{"address": "192.0.2.13/32"}]});
+    let mut child = Command::new(workspace_bin("node-redirector"))
+        .arg("cni")
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", "ghost-sandbox")
+        .env("CNI_ARGS", "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=ghost")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    child.stdin.take().unwrap().write_all(stdin.to_string().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{e}");
+    assert_eq!(e["msg"], "egress node-redirector cannot admit shop/ghost", "{e}");
+    assert!(e["details"].as_str().unwrap().contains("Pod shop/ghost does not exist"), "{e}");
     // Every API request it made is allowed by its minimal RBAC (the chart renders the same rules).
     let rbac = std::fs::read_to_string(repo_root().join("deploy/node-redirector-rbac.yaml")).unwrap();
     let seen = egress_e2e::rbac::assert_covered(&api.requests(), &rbac, "deploy/node-redirector-rbac.yaml");
@@ -1260,6 +1284,7 @@ policies:
         "list egresspolicies",
         "list endpointslices",
         "patch pods/status",
+        "get pods",
     ] {
         assert!(seen.contains(needed), "{needed} not exercised: {seen:?}");
     }
