@@ -102,6 +102,70 @@ pub async fn get_pod(client: &Client, namespace: &str, name: &str) -> Result<Opt
     }
 }
 
+/// The container args of the DaemonSet's Pods while the release is being deleted.
+pub fn uninstall_args(config: &str) -> Vec<String> {
+    ["uninstall", "--config", config, "--wait"].iter().map(|s| s.to_string()).collect()
+}
+
+/// Takes steering off every node before the release is deleted (the chart's pre-delete hook):
+/// turns the node-redirector DaemonSet's Pods into `uninstall --wait` (all nodes at once, without
+/// the CNI installer), and waits until every node's Pod has run it (the rollout is complete and
+/// every Pod ready: ready means uninstalled). A redirector stopped any other way leaves steering
+/// in place, by design.
+pub async fn uninstall_daemonset(
+    kubeconfig: Option<&std::path::Path>,
+    namespace: &str,
+    name: &str,
+    config: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    use k8s_openapi::api::apps::v1::DaemonSet;
+    let cfg = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await?
+        }
+        None => kube::Config::infer().await?,
+    };
+    let api = Api::<DaemonSet>::namespaced(Client::try_from(cfg)?, namespace);
+    let patch = serde_json::json!({
+        "spec": {
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "100%"}},
+            "template": {
+                "metadata": {"annotations": {"egress.dev/uninstall": "true"}},
+                "spec": {
+                    "initContainers": [{"name": "install-cni", "$patch": "delete"}],
+                    "containers": [{"name": "node-redirector", "args": uninstall_args(config)}]
+                }
+            }
+        }
+    });
+    let patched = api.patch(name, &PatchParams::default(), &Patch::Strategic(patch)).await?;
+    let generation = patched.metadata.generation.unwrap_or(0);
+    tracing::info!(daemonset = %format!("{namespace}/{name}"), generation, "node-redirectors switched to uninstall");
+    let deadline = Instant::now() + timeout;
+    loop {
+        let ds = api.get(name).await?;
+        let st = ds.status.unwrap_or_default();
+        let want = st.desired_number_scheduled;
+        let done = st.observed_generation.unwrap_or(0) >= generation
+            && st.updated_number_scheduled.unwrap_or(0) == want
+            && st.number_ready == want;
+        if done {
+            tracing::info!(nodes = want, "steering removed from every node");
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!(
+                "{namespace}/{name}: steering still in place on some nodes after {timeout:?} \
+                 ({} of {want} uninstalled); run `node-redirector uninstall --config FILE` on them",
+                st.number_ready.min(st.updated_number_scheduled.unwrap_or(0))
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// The Pod condition type the redirector reports (`status.conditions[].type`; a Pod may name it in
 /// `spec.readinessGates`).
 pub const CONDITION: &str = "egress.dev/redirected";

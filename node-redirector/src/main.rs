@@ -49,6 +49,29 @@ enum Cmd {
         /// The configuration naming the CNI dirs.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Then stay up (serving `/readyz` 200 on the config's `admin` address) until SIGTERM:
+        /// what the DaemonSet's Pods run while the release is deleted.
+        #[arg(long, requires = "config")]
+        wait: bool,
+    },
+    /// Take steering off every node (the chart's pre-delete hook): turn the DaemonSet's Pods into
+    /// `uninstall --wait` and wait until each has run it.
+    UninstallDaemonset {
+        /// The DaemonSet's namespace.
+        #[arg(long)]
+        namespace: String,
+        /// The DaemonSet.
+        #[arg(long)]
+        name: String,
+        /// The config path inside the DaemonSet's Pods.
+        #[arg(long, default_value = "/etc/node-redirector/node-redirector.yaml")]
+        config: String,
+        /// Kubeconfig; default: `KUBECONFIG`, `~/.kube/config`, then in-cluster.
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// Give up (and fail, naming what is left) after this long.
+        #[arg(long, default_value = "5m")]
+        timeout: humantime::Duration,
     },
     /// Install the CNI plugin on this node (the DaemonSet's init container): copy this binary
     /// into `cni.binDir` as `egress-redirector` and add the plugin as the last plugin of the
@@ -98,7 +121,16 @@ fn main() -> ExitCode {
             Err(c) => c,
         },
         Cmd::Cni => unreachable!("handled above"),
-        Cmd::Uninstall { config } => uninstall(config.as_deref()),
+        Cmd::Uninstall { config, wait } => {
+            let code = uninstall(config.as_deref());
+            match (wait, config) {
+                (true, Some(c)) if code == ExitCode::SUCCESS => wait_uninstalled(&c),
+                _ => code,
+            }
+        }
+        Cmd::UninstallDaemonset { namespace, name, config, kubeconfig, timeout } => {
+            block_on(false, k8s::uninstall_daemonset(kubeconfig.as_deref(), &namespace, &name, &config, timeout.into()))
+        }
         Cmd::InstallCni { config } => match load(&config) {
             Ok(l) => install_cni(&l.config.cni),
             Err(c) => c,
@@ -117,20 +149,24 @@ fn main() -> ExitCode {
                 Ok(l) => l,
                 Err(c) => return c,
             };
-            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            match rt.block_on(run(config, loaded, reconcile.into())) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::from(2)
-                }
-            }
+            block_on(true, run(config, loaded, reconcile.into()))
+        }
+    }
+}
+
+/// Runs `f` on a tokio runtime (multi-threaded for `run`); errors printed, exit 2.
+fn block_on(multi_thread: bool, f: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let mut b = if multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let r = b.enable_all().build().map_err(anyhow::Error::from).and_then(|rt| rt.block_on(f));
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
         }
     }
 }
@@ -355,6 +391,25 @@ fn uninstall(config: Option<&std::path::Path>) -> ExitCode {
         }
     }
     if ok { ExitCode::SUCCESS } else { ExitCode::from(2) }
+}
+
+/// After `uninstall`: ready (on the config's `admin` address) and idle until SIGTERM/SIGINT.
+fn wait_uninstalled(config: &std::path::Path) -> ExitCode {
+    let admin = match load(config) {
+        Ok(l) => l.config.admin,
+        Err(c) => return c,
+    };
+    block_on(false, async move {
+        let a = Arc::new(admin::Admin::new(&relay::RelayMetrics::default()));
+        a.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(addr) = admin {
+            tokio::spawn(a.serve(tokio::net::TcpListener::bind(addr).await?));
+        }
+        tracing::info!("steering removed from this node; waiting for the DaemonSet's deletion");
+        let (mut term, mut int) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        Ok(())
+    })
 }
 
 fn install_cni(c: &config::CniConfig) -> ExitCode {

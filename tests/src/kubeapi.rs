@@ -64,6 +64,7 @@ struct State {
     requests: Vec<String>,
     down: bool,
     leases: BTreeMap<String, Value>,
+    daemonsets: BTreeMap<String, Value>,
     patches: Vec<Patch>,
     on_patch: Option<PatchHook>,
 }
@@ -209,6 +210,20 @@ impl FakeApi {
     /// Status patches received so far.
     pub fn patches(&self) -> Vec<Patch> {
         self.state.lock().unwrap().patches.clone()
+    }
+
+    /// A Lease as stored.
+    /// Stores a DaemonSet (`apps/v1`) as it is, status included: the test plays the DaemonSet
+    /// controller.
+    pub fn set_daemonset(&self, obj: Value) {
+        let key =
+            format!("{}/{}", obj["metadata"]["namespace"].as_str().unwrap(), obj["metadata"]["name"].as_str().unwrap());
+        self.state.lock().unwrap().daemonsets.insert(key, obj);
+    }
+
+    /// A DaemonSet as stored.
+    pub fn daemonset(&self, namespace: &str, name: &str) -> Option<Value> {
+        self.state.lock().unwrap().daemonsets.get(&format!("{namespace}/{name}")).cloned()
     }
 
     /// A Lease as stored.
@@ -425,6 +440,27 @@ async fn other(
                 }
             }
         });
+    }
+    // GET / PATCH (strategic merge of the fields a test checks) /apis/apps/v1/namespaces/{ns}/daemonsets/{name}
+    if let ["apis", "apps", "v1", "namespaces", ns, "daemonsets", name] = parts.as_slice() {
+        let key = format!("{ns}/{name}");
+        let Some(mut ds) = st.daemonsets.get(&key).cloned() else { return status(404, "NotFound") };
+        match method.as_str() {
+            "GET" => return json_response(200, &ds),
+            "PATCH" if content_type == "application/strategic-merge-patch+json" => {
+                st.patches.push(Patch { token, path: path.clone(), query, content_type, body: body.clone() });
+                // What a spec change does: a new generation, the patch recorded; the test
+                // applies its meaning (and the controller's status) itself.
+                let generation = ds["metadata"]["generation"].as_i64().unwrap_or(1) + 1;
+                ds["metadata"]["generation"] = json!(generation);
+                st.rv += 1;
+                ds["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+                st.daemonsets.insert(key, ds.clone());
+                return json_response(200, &ds);
+            }
+            "PATCH" => return status(415, "UnsupportedMediaType"),
+            _ => return status(405, "MethodNotAllowed"),
+        }
     }
     // PATCH /apis/egress.dev/v1alpha1/namespaces/{ns}/egresspolicies/{name}/status
     // PATCH /apis/egress.dev/v1alpha1/clusteregresspolicies/{name}/status

@@ -227,6 +227,9 @@ fn the_values_schema_rejects_wrong_values() {
         ("gateway: {limits: {tunnelCoalesce: 1}}", "tunnelCoalesce"),
         ("redirector: {coalesce: fast}", "coalesce"),
         ("redirector: {probeInterval: 1}", "probeInterval"),
+        ("redirector: {cni: {failurePolicy: Allow}}", "failurePolicy"),
+        ("redirector: {uninstallTimeout: forever}", "uninstallTimeout"),
+        ("redirector: {cni: {binDir: opt/cni/bin}}", "binDir"),
         ("redirector: {relayKey: {key: \"\"}}", "key"),
         ("redirector: {relayKey: {secret: x}}", "Additional property secret is not allowed"),
         ("gateway: {transparent: {relayMaxSkew: 30}}", "relayMaxSkew"),
@@ -288,6 +291,20 @@ fn container<'a>(workload: &'a Value, name: &str) -> &'a Value {
         .iter()
         .find(|c| c["name"] == name)
         .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+/// The volume that holds `file` in container `cname` of `workload` (the deepest mount above it),
+/// checked read-only.
+fn secret_volume_of<'a>(workload: &'a Value, cname: &str, file: &str) -> &'a Value {
+    let mounts = container(workload, cname)["volumeMounts"].as_array().unwrap();
+    let mount = mounts
+        .iter()
+        .filter(|m| file.starts_with(&format!("{}/", m["mountPath"].as_str().unwrap())))
+        .max_by_key(|m| m["mountPath"].as_str().unwrap().len())
+        .unwrap_or_else(|| panic!("{file} is not mounted"));
+    assert_eq!(mount["readOnly"], true, "{file}");
+    let volumes = workload["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
+    volumes.iter().find(|v| v["name"] == mount["name"]).unwrap()
 }
 
 fn env_of(c: &Value) -> BTreeMap<String, Value> {
@@ -409,19 +426,62 @@ fn the_redirector_has_only_net_admin_and_trusted_relays_are_the_nodes() {
         ("Deployment", GATEWAY, "gateway", gw["transparent"]["relayKeyFile"].as_str().unwrap()),
         ("DaemonSet", REDIRECTOR, "node-redirector", rd["relay"]["keyFile"].as_str().unwrap()),
     ] {
-        let w = get(&docs, kind, name);
-        let mounts = container(w, cname)["volumeMounts"].as_array().unwrap().clone();
-        let mount = mounts
-            .iter()
-            .filter(|m| file.starts_with(&format!("{}/", m["mountPath"].as_str().unwrap())))
-            .max_by_key(|m| m["mountPath"].as_str().unwrap().len())
-            .expect("key mounted");
-        assert_eq!(mount["readOnly"], true);
-        let volumes = w["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
-        let vol = volumes.iter().find(|v| v["name"] == mount["name"]).unwrap();
+        let vol = secret_volume_of(get(&docs, kind, name), cname, file);
         assert_eq!(vol["secret"]["secretName"], secret["metadata"]["name"], "{kind}");
         assert!(file.ends_with(vol["secret"]["items"][0]["path"].as_str().unwrap()), "{kind}: {file}");
     }
+    // The CNI plugin: an init container installs it from the node's dirs; the plugin's socket is
+    // at the same path in the redirector and on the node (the plugin runs on the node).
+    let init = &ds["spec"]["template"]["spec"]["initContainers"][0];
+    assert_eq!(init["name"], "install-cni");
+    assert_eq!(init["args"], json!(["install-cni", "--config", "/etc/node-redirector/node-redirector.yaml"]));
+    assert_eq!(init["securityContext"]["capabilities"], json!({"drop": ["ALL"]}), "no capability to copy a file");
+    let host = |name: &str| {
+        let v =
+            ds["spec"]["template"]["spec"]["volumes"].as_array().unwrap().iter().find(|v| v["name"] == name).unwrap();
+        v["hostPath"]["path"].as_str().unwrap().to_string()
+    };
+    let mount = |c: &Value, name: &str| {
+        c["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name)
+            .map(|m| m["mountPath"].as_str().unwrap().to_string())
+    };
+    assert_eq!((host("cni-bin"), host("cni-conf")), ("/opt/cni/bin".to_string(), "/etc/cni/net.d".to_string()));
+    assert_eq!(mount(init, "cni-bin").as_deref(), rd["cni"]["binDir"].as_str());
+    assert_eq!(mount(init, "cni-conf").as_deref(), rd["cni"]["confDir"].as_str());
+    let main = container(ds, "node-redirector");
+    assert_eq!(mount(main, "cni-conf").as_deref(), rd["cni"]["confDir"].as_str(), "the redirector keeps the entry");
+    let socket = rd["cni"]["socket"].as_str().unwrap();
+    assert_eq!(mount(main, "cni-run"), Some(host("cni-run")));
+    assert!(socket.starts_with(&format!("{}/", host("cni-run"))), "{socket}");
+    assert_eq!(rd["cni"]["failurePolicy"], "Fail");
+    let (_, docs) = render(&set, &["--set", "redirector.cni.enabled=false"]).unwrap();
+    let ds = get(&docs, "DaemonSet", REDIRECTOR);
+    assert!(ds["spec"]["template"]["spec"].get("initContainers").is_none());
+    assert!(!ds.to_string().contains("hostPath"), "no node directory is mounted without the plugin");
+
+    // Deleting the release takes steering off every node first: a pre-delete hook Job whose RBAC
+    // reads and patches this one DaemonSet, nothing else.
+    let job = get(&docs, "Job", &format!("{REDIRECTOR}-uninstall"));
+    assert_eq!(job["metadata"]["annotations"]["helm.sh/hook"], "pre-delete");
+    let args = container(job, "uninstall")["args"].clone();
+    assert_eq!(args, json!(["uninstall-daemonset", "--namespace", NAMESPACE, "--name", REDIRECTOR, "--timeout", "5m"]));
+    let role = get(&docs, "Role", &format!("{REDIRECTOR}-uninstall"));
+    assert_eq!(
+        role["rules"],
+        json!([{"apiGroups": ["apps"], "resources": ["daemonsets"], "resourceNames": [REDIRECTOR], "verbs": ["get", "patch"]}])
+    );
+    for kind in ["ServiceAccount", "Role", "RoleBinding"] {
+        let o = get(&docs, kind, &format!("{REDIRECTOR}-uninstall"));
+        assert_eq!(o["metadata"]["annotations"]["helm.sh/hook-weight"], "-10", "{kind} exists before the Job");
+    }
+    assert_eq!(container(job, "uninstall")["securityContext"]["runAsNonRoot"], true);
+    let (_, docs) = render(&set, &["--set", "redirector.uninstallOnDelete=false"]).unwrap();
+    assert!(find(&docs, "Job", &format!("{REDIRECTOR}-uninstall")).is_none());
+
     // A Secret of the operator's instead: the chart creates none and mounts that one.
     let (_, docs) = render(&set, &["--set", "redirector.relayKey.existingSecret=ops-relay-key"]).unwrap();
     assert!(find(&docs, "Secret", &format!("{GATEWAY}-relay-key")).is_none());
@@ -455,15 +515,21 @@ fn chart_rbac_is_the_tested_minimal_rbac() {
         (("RoleBinding", &*format!("{GATEWAY}-lease")), GATEWAY, ("Deployment", GATEWAY)),
         (("ClusterRoleBinding", REDIRECTOR), REDIRECTOR, ("DaemonSet", REDIRECTOR)),
         (("RoleBinding", REDIRECTOR), REDIRECTOR, ("DaemonSet", REDIRECTOR)),
+        (
+            ("RoleBinding", &*format!("{REDIRECTOR}-uninstall")),
+            &*format!("{REDIRECTOR}-uninstall"),
+            ("Job", &*format!("{REDIRECTOR}-uninstall")),
+        ),
     ] {
         let b = get(&docs, binding.0, binding.1);
         assert_eq!(b["subjects"], json!([{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}]));
         assert!(find(&docs, "ServiceAccount", sa).is_some());
         assert_eq!(get(&docs, workload.0, workload.1)["spec"]["template"]["spec"]["serviceAccountName"], sa);
     }
-    // Nothing else is granted: two ClusterRoles, two Roles.
+    // Nothing else is granted: two ClusterRoles, two Roles, and the pre-delete hook's Role (which
+    // reads and patches the redirector's DaemonSet only: the_redirector_has_only_net_admin...).
     let roles: Vec<&Value> = docs.iter().filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role").collect();
-    assert_eq!(roles.len(), 4);
+    assert_eq!(roles.len(), 5);
 }
 
 /// Runs a ValidatingAdmissionPolicy on one pods/status UPDATE with the Kubernetes CEL libraries
@@ -612,14 +678,7 @@ fn the_service_monitor_scrapes_the_metrics_services() {
     assert!(mounts.iter().any(|m| m["mountPath"] == spool), "{mounts:?}");
     // The checkpoint key comes from the Secret, mounted read-only where the config looks for it.
     let key = cfg["audit"]["checkpoint"]["keyFile"].as_str().unwrap();
-    let mount = mounts
-        .iter()
-        .filter(|m| key.starts_with(&format!("{}/", m["mountPath"].as_str().unwrap())))
-        .max_by_key(|m| m["mountPath"].as_str().unwrap().len())
-        .expect("key mounted");
-    assert_eq!(mount["readOnly"], true);
-    let volumes = dep["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
-    let vol = volumes.iter().find(|v| v["name"] == mount["name"]).unwrap();
+    let vol = secret_volume_of(dep, "gateway", key);
     assert_eq!(vol["secret"]["secretName"], "egress-checkpoint-key");
     // The kubelet writes Secret files as root, group fsGroup: the gateway (not root) reads the key
     // through its group, and no one else can.

@@ -728,6 +728,122 @@ fn the_cni_plugin_steers_a_pod_from_its_first_connection() {
     assert!(!plugin.exists());
 }
 
+/// Deleting the release takes steering off every node (the chart's pre-delete hook): the hook's
+/// `uninstall-daemonset` turns the DaemonSet's Pods into `uninstall --wait` (the scripted API
+/// stands in for the API server, the test for the DaemonSet controller), each node's Pod removes
+/// the table, the conflist entry and the plugin, and the hook returns once every node is done.
+#[test]
+fn deleting_the_release_takes_steering_off_every_node() {
+    use egress_e2e::kubeapi::*;
+    use serde_json::json;
+    let w = world();
+    let (_dns, _up, _gw, dir) = standalone(&w, "", "");
+    let d = dir.path();
+    let (bin_dir, conf_dir) = (d.join("bin"), d.join("net.d"));
+    std::fs::create_dir_all(&conf_dir).unwrap();
+    std::fs::write(conf_dir.join("10-flannel.conflist"), r#"{"name": "cbr0", "cniVersion": "0.3.1", "plugins": [{"type": "flannel", "delegate": {"isDefaultGateway": true}}]}"#).unwrap();
+    let cfg = d.join("redirector.yaml");
+    let text = std::fs::read_to_string(&cfg).unwrap()
+        + &format!(
+            "cni: {{enabled: true, socket: {0}/run/cni.sock, logFile: {0}/run/cni.log, binDir: {1}, confDir: {2}}}\n",
+            d.display(),
+            bin_dir.display(),
+            conf_dir.display()
+        );
+    std::fs::write(&cfg, text).unwrap();
+    let out =
+        Command::new(workspace_bin("node-redirector")).args(["install-cni", "--config"]).arg(&cfg).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // A node as the release left it: the redirector ran and stopped; the table stays.
+    let mut running = Proc(spawn_redirector(&w.node, &cfg, &[], Stdio::null()));
+    wait_until(Duration::from_secs(10), || node_table(&w.node).is_some());
+    assert!(Command::new("kill").args(["-TERM", &running.0.id().to_string()]).status().unwrap().success());
+    wait_until(Duration::from_secs(10), || running.0.try_wait().unwrap().is_some());
+    assert!(node_table(&w.node).is_some() && bin_dir.join("egress-redirector").exists());
+
+    let api = FakeApi::start();
+    let ds = |generation: i64, updated: i64, ready: i64| {
+        json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
+            "metadata": {"name": "egress-node-redirector", "namespace": "egress-system", "generation": generation, "uid": "ds-1"},
+            "spec": {"selector": {"matchLabels": {"app": "r"}}, "template": {"metadata": {"labels": {"app": "r"}}, "spec": {
+                "initContainers": [{"name": "install-cni", "image": "r", "args": ["install-cni"]}],
+                "containers": [{"name": "node-redirector", "image": "r", "args": ["run", "--config", "/etc/node-redirector/node-redirector.yaml"]}]}}},
+            "status": {"desiredNumberScheduled": 1, "currentNumberScheduled": 1, "numberMisscheduled": 0, "numberReady": ready,
+                "updatedNumberScheduled": updated, "observedGeneration": generation}})
+    };
+    api.set_daemonset(ds(1, 1, 1));
+    let kc = d.join("kubeconfig");
+    std::fs::write(&kc, api.kubeconfig()).unwrap();
+    let hook = |timeout: &str| {
+        Command::new(workspace_bin("node-redirector"))
+            .args([
+                "uninstall-daemonset",
+                "--namespace",
+                "egress-system",
+                "--name",
+                "egress-node-redirector",
+                "--timeout",
+                timeout,
+                "--kubeconfig",
+            ])
+            .arg(&kc)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut hook_proc = Proc(hook("30s"));
+    wait_until(Duration::from_secs(10), || !api.patches().is_empty());
+    let p = &api.patches()[0];
+    assert_eq!(p.path, "/apis/apps/v1/namespaces/egress-system/daemonsets/egress-node-redirector");
+    let spec = &p.body["spec"]["template"]["spec"];
+    assert_eq!(
+        spec["containers"],
+        json!([{"name": "node-redirector", "args": ["uninstall", "--config", "/etc/node-redirector/node-redirector.yaml", "--wait"]}])
+    );
+    assert_eq!(
+        spec["initContainers"],
+        json!([{"name": "install-cni", "$patch": "delete"}]),
+        "the installer does not run again"
+    );
+    assert_eq!(p.body["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"], "100%", "every node at once");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(hook_proc.0.try_wait().unwrap().is_none(), "the hook waits for the rollout");
+
+    // The controller replaces the node's Pod with the patched one: it uninstalls, then is ready.
+    let mut uninstaller = Proc(
+        w.node
+            .command(workspace_bin("node-redirector"))
+            .args(["uninstall", "--wait", "--config"])
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let admin: std::net::SocketAddr = "127.0.0.1:9792".parse().unwrap();
+    wait_until(Duration::from_secs(10), || w.node.enter(move || admin_get(admin, "/readyz")).map(|r| r.0) == Some(200));
+    assert!(node_table(&w.node).is_none(), "no table");
+    assert!(!bin_dir.join("egress-redirector").exists(), "no plugin binary");
+    let list = std::fs::read_to_string(conf_dir.join("10-flannel.conflist")).unwrap();
+    assert!(!list.contains("egress-redirector"), "no conflist entry: {list}");
+    api.set_daemonset(ds(2, 1, 1));
+    wait_until(Duration::from_secs(10), || hook_proc.0.try_wait().unwrap().is_some());
+    assert!(hook_proc.0.try_wait().unwrap().unwrap().success());
+    // The DaemonSet's deletion stops the uninstaller: nothing is put back.
+    assert!(Command::new("kill").args(["-TERM", &uninstaller.0.id().to_string()]).status().unwrap().success());
+    wait_until(Duration::from_secs(10), || uninstaller.0.try_wait().unwrap().is_some());
+    assert!(uninstaller.0.try_wait().unwrap().unwrap().success());
+    assert!(node_table(&w.node).is_none());
+
+    // A node that never reports done: the hook gives up, failing, and says what is left.
+    api.set_daemonset(ds(2, 0, 0));
+    let out = hook("1s").wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("steering still in place on some nodes") && err.contains("0 of 1 uninstalled"), "{err}");
+}
+
 /// HTTPS (IPv4 and IPv6) through the redirector, names decided by SNI, and failover between two
 /// gateway endpoints when one is killed (the time it took is printed, not asserted).
 #[test]

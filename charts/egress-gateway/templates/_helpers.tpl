@@ -126,6 +126,15 @@ kubernetes:
   enabled: true
   gatewayService: {{ printf "%s/%s" .Release.Namespace (include "egress.transparentService" .) }}
   gatewayPortName: transparent
+cni:
+  enabled: {{ $r.cni.enabled }}
+  socket: /var/run/egress-redirector/cni.sock
+  logFile: /var/run/egress-redirector/cni.log
+  failurePolicy: {{ $r.cni.failurePolicy }}
+  {{- if $r.cni.enabled }}
+  binDir: /host/cni/bin
+  confDir: /host/cni/net.d
+  {{- end }}
 clusterDns: {{- toYaml $c.dnsServers | nindent 2 }}
 excludeCidrs: {{- concat $c.podCidrs $c.serviceCidrs $c.nodeCidrs $r.excludeCidrs | uniq | toYaml | nindent 2 }}
 {{- end -}}
