@@ -900,10 +900,14 @@ pub struct TestRelay {
 pub fn relay_key_file() -> &'static Path {
     static FILE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     FILE.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("egress-e2e-relay-key-{}", std::process::id()));
+        // One file for every test process (the same content; written through a rename, so a
+        // reader never sees half of it).
+        let dir = repo_root().join("target/e2e");
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("relay.key");
-        std::fs::write(&path, format!("# test relay key\n{}\n", RELAY_KEY_B64)).unwrap();
+        let tmp = dir.join(format!(".relay.key.{}", unique_tag()));
+        std::fs::write(&tmp, format!("# test relay key\n{RELAY_KEY_B64}\n")).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
         path
     })
 }

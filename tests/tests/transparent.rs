@@ -18,12 +18,16 @@ struct Setup {
 }
 
 fn setup() -> Setup {
+    setup_with("")
+}
+
+fn setup_with(transparent_extra: &str) -> Setup {
     let dns = Dns::start(&[("up.test", "127.0.0.2"), ("denied.test", "127.0.0.2"), ("meta.test", "169.254.169.254")]);
     let tls = TlsUpstream::start("127.0.0.2", "up.test");
     let http = Upstream::start("127.0.0.2");
     let body = format!(
         r#"
-transparent: {{trustedRelays: ["{RELAY_IP}/32"], relayKeyFile: $RELAY_KEY}}
+transparent: {{trustedRelays: ["{RELAY_IP}/32"], relayKeyFile: $RELAY_KEY{transparent_extra}}}
 guard: {{allowCidrs: [127.0.0.2/32]}}
 clients: [{{cidr: 127.0.0.1/32, namespace: shop, name: api, labels: {{app: api}}}}]
 policies:
@@ -194,4 +198,39 @@ fn untrusted_relays_are_closed_and_audited() {
     let relay = TestRelay::start(s.gw.transparent, RELAY_IP, format!("{PICKED}:{port}").parse().unwrap());
     let to = format!("up.test:{port}:127.0.0.1:{}", relay.addr.port());
     assert_eq!(curl(&["--connect-to", &to, &format!("http://up.test:{port}/")]).status, 200);
+}
+
+/// `transparent.firstByteTimeout`: a client that speaks after the wait is decided without its
+/// name (the original destination, which no rule allows: closed); with a longer wait the same
+/// client is decided by its Host and served.
+#[test]
+fn the_first_byte_wait_is_a_setting() {
+    let slow_client = |s: &Setup| {
+        use std::io::{Read, Write};
+        let port = s.http.addr.port();
+        let relay = TestRelay::start(s.gw.transparent, RELAY_IP, format!("{PICKED}:{port}").parse().unwrap());
+        let mut c = std::net::TcpStream::connect(relay.addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        // Speaks 1.5 s after connecting.
+        std::thread::sleep(Duration::from_millis(1500));
+        let _ = c.write_all(format!("GET / HTTP/1.1\r\nHost: up.test:{port}\r\nConnection: close\r\n\r\n").as_bytes());
+        let mut out = Vec::new();
+        let _ = c.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).to_string()
+    };
+    let quick = setup();
+    let out = slow_client(&quick);
+    assert!(!out.starts_with("HTTP/1.1 200"), "{out}");
+    let d = quick.gw.decision(|e| e["front"] == "transparent");
+    assert_eq!(d["target"]["host"], PICKED, "decided on the original destination: {d}");
+    assert_eq!(d["decision"]["action"], "deny");
+    let patient = setup_with(", firstByteTimeout: 5s");
+    let out = slow_client(&patient);
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let d = patient.gw.decision(|e| e["front"] == "transparent");
+    assert_eq!(
+        (d["target"]["host"].as_str(), d["decision"]["action"].as_str()),
+        (Some("up.test"), Some("allow")),
+        "{d}"
+    );
 }
