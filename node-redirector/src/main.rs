@@ -245,9 +245,15 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
     // The CNI plugin's admissions, once the table is in place (before, the plugin finds no
     // socket: it cannot be answered yet, and fails or passes per its failure policy).
     let (cni_tx, mut cni_rx) = tokio::sync::mpsc::channel::<cni::Pending>(64);
+    // A primary CNI that rewrites its conflist (many do when their agent restarts) drops our
+    // entry: the conf dir is watched, so the entry is back within milliseconds, not at the next
+    // reconcile.
+    let (conf_tx, mut conf_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let mut _conf_watcher = None;
     if cfg.cni.enabled {
         cni::serve(cfg.cni.socket.clone(), cni_tx).await?;
         ensure_conflist(&cfg.cni);
+        _conf_watcher = cfg.cni.conf_dir.as_deref().and_then(|d| watch_dir(d, conf_tx));
     } else {
         drop(cni_tx);
     }
@@ -271,6 +277,10 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
                     inputs = rx.borrow().clone().unwrap_or_default();
                     admissions.prune(&inputs);
                 }
+            }
+            Some(()) = conf_rx.recv() => {
+                ensure_conflist(&cfg.cni);
+                continue;
             }
             Some((req, started, reply)) = cni_rx.recv() => {
                 let outcome = admit_request(&req, &inputs, client.as_ref(), &mut admissions).await;
@@ -507,6 +517,22 @@ fn cni_response(req: &cni::Request, merged: &rules::Inputs, desired: &rules::Des
             cni::Response { ok: true, selected, message: "no redirect: Transparent policy selects this Pod".into() }
         }
     }
+}
+
+/// Watches `dir` (not recursively); every change sends on `tx`.
+fn watch_dir(dir: &std::path::Path, tx: tokio::sync::mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if res.is_ok_and(|ev| !ev.kind.is_access()) {
+            let _ = tx.try_send(());
+        }
+    })
+    .map_err(|e| tracing::warn!(error = %e, "cannot watch the CNI conf dir; the entry is checked at every reconcile"))
+    .ok()?;
+    if let Err(e) = w.watch(dir, notify::RecursiveMode::NonRecursive) {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the CNI conf dir; the entry is checked at every reconcile");
+    }
+    Some(w)
 }
 
 /// Puts the plugin's entry into the node's primary conflist when it is missing (another

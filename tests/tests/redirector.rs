@@ -703,11 +703,18 @@ fn the_cni_plugin_steers_a_pod_from_its_first_connection() {
     assert_eq!(redirector_metric(&w.node, "egress_redirector_cni_requests_total{result=\"selected\"} "), Some(1.0));
     assert_eq!(redirector_metric(&w.node, "egress_redirector_cni_admit_seconds_count "), Some(1.0));
 
+    // The primary CNI rewrites its conflist (as its agent does on restart): the entry is back at
+    // once (the reconcile period here is an hour: the conf dir is watched).
+    std::fs::write(conf_dir.join("10-kindnet.conflist"), kindnet).unwrap();
+    wait_until(Duration::from_secs(5), || {
+        std::fs::read_to_string(conf_dir.join("10-kindnet.conflist")).unwrap().contains("egress-redirector")
+    });
+
     // A restart remembers the admission: the new instance adopts the table with it.
     let pid = redirector.0.id().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     wait_until(Duration::from_secs(10), || redirector.0.try_wait().unwrap().is_some());
-    let _second = Proc(spawn_redirector(&w.node, &cfg, &["--reconcile", "1h"], Stdio::null()));
+    let mut second = Proc(spawn_redirector(&w.node, &cfg, &["--reconcile", "1h"], Stdio::null()));
     let admin: std::net::SocketAddr = "127.0.0.1:9792".parse().unwrap();
     wait_until(Duration::from_secs(10), || w.node.enter(move || admin_get(admin, "/readyz")).map(|r| r.0) == Some(200));
     assert!(selected_set(&w.node).contains("192.0.2.10"), "still steered after the new instance adopted the table");
@@ -717,7 +724,10 @@ fn the_cni_plugin_steers_a_pod_from_its_first_connection() {
     assert_eq!((code, out), (0, serde_json::Value::Null));
     assert!(!selected_set(&w.node).contains("192.0.2.10"));
 
-    // uninstall: no table, no conflist entry, no plugin binary.
+    // uninstall (with the redirector stopped: a running one keeps its entry): no table, no
+    // conflist entry, no plugin binary.
+    assert!(Command::new("kill").args(["-TERM", &second.0.id().to_string()]).status().unwrap().success());
+    wait_until(Duration::from_secs(10), || second.0.try_wait().unwrap().is_some());
     let out =
         w.node.command(workspace_bin("node-redirector")).args(["uninstall", "--config"]).arg(&cfg).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
