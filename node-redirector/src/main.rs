@@ -260,6 +260,9 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut drift_repairs: u64 = 0;
+    // The reconcile period, kept however busy the other events are.
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let changed = async {
             match kube.as_mut() {
@@ -289,7 +292,7 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
                 }
                 answer = Some((req, started, reply, outcome));
             }
-            _ = tokio::time::sleep(period) => {
+            _ = ticker.tick() => {
                 tick = true;
                 inputs.changed_at = None;
                 if kube.is_none() {
@@ -316,7 +319,7 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
                 Ok(incremental) => {
                     metrics.updates.inc();
                     metrics.selected.set(next.selected.len() as i64);
-                    if let Some(t) = inputs.changed_at {
+                    if let Some(t) = inputs.changed_at.take() {
                         metrics.apply_seconds.observe(t.elapsed().as_secs_f64());
                     }
                     tracing::info!(selected = next.selected.len(), incremental, "table updated");

@@ -240,13 +240,22 @@ fn not_ready_while_the_api_is_unreachable_at_start() {
     std::fs::write(&kc, format!(
         "apiVersion: v1\nkind: Config\nclusters: [{{name: x, cluster: {{server: 'http://127.0.0.1:{dead}'}}}}]\nusers: [{{name: u, user: {{token: t}}}}]\ncontexts: [{{name: c, context: {{cluster: x, user: u}}}}]\ncurrent-context: c\n"
     )).unwrap();
-    let gw = Gateway::start_alive(&dns, &format!("kubernetes: {{enabled: true, kubeconfig: {}}}\n", kc.display()));
-    std::thread::sleep(Duration::from_millis(1500));
+    // The upstream's address is exempt from the guard: only the missing policies can refuse.
+    let gw = Gateway::start_alive(
+        &dns,
+        &format!(
+            "guard: {{allowCidrs: [127.0.0.2/32]}}\nkubernetes: {{enabled: true, kubeconfig: {}}}\n",
+            kc.display()
+        ),
+    );
+    // The watchers have tried the API and failed: still not ready.
+    wait_for("a failed watch", Duration::from_secs(10), || gw.log_text().contains("Kubernetes watch failed"));
     assert_eq!(gw.admin_get("/readyz").map(|r| r.0), Some(503));
     assert_eq!(gw.admin_get("/healthz").map(|r| r.0), Some(200));
     // Nothing is allowed meanwhile: no policy is known yet, defaultAction applies.
     let r = curl(&["-x", &format!("http://{}", gw.http), "http://up.test/"]);
     assert_eq!(r.status, 403, "{r:?}");
+    assert_eq!(gw.request_events(&r.request_id())[0]["decision"]["reason"], "default_deny", "{r:?}");
 }
 
 fn wait_patch(api: &FakeApi, pred: impl Fn(&Patch) -> bool) -> Patch {

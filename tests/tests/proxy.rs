@@ -301,9 +301,17 @@ fn domains_resolving_to_guarded_addresses_are_denied() {
         let ev = gw.request_events(&r.request_id());
         assert_eq!(ev[0]["decision"]["reason"], reason);
         assert!(!ev[0]["resolved"].as_array().unwrap().is_empty(), "{}", ev[0]);
+        // CONNECT and SOCKS5: refused by the DNS guard, not merely failing to connect (nothing
+        // listens on the guarded addresses, so a front without the guard would also fail, with
+        // a 502 or a connect error): the audit names the reason.
         assert_ne!(curl(&["-p", "-x", &proxy(&gw), &url]).status, 200, "connect {host}");
+        let d = gw.decision(|e| e["target"]["host"] == host && e["front"] == "connect");
+        assert_eq!(d["decision"]["reason"], reason, "connect {host}: {d}");
+        assert!(d.get("dialled").is_none_or(|x| x.is_null()), "never dialled: {d}");
         let (_, code) = socks5_domain(gw.socks, host, p);
         assert_eq!(code, 0x02, "socks {host}");
+        let d = gw.decision(|e| e["target"]["host"] == host && e["front"] == "socks5");
+        assert_eq!(d["decision"]["reason"], reason, "socks5 {host}: {d}");
     }
     // A name with a guarded and a public answer: only the checked address is dialled.
     let r = curl(&["-x", &proxy(&gw), &format!("http://mixed.test:{p}/")]);

@@ -131,13 +131,28 @@ impl Pki {
             &[
                 &["req", "-x509"][..],
                 &ec,
-                &["-days", "1", "-subj", "/CN=test ca", "-keyout", "ca.key", "-out", "ca.pem"],
+                &[
+                    "-days",
+                    "1",
+                    "-subj",
+                    &format!("/CN=test ca {}", unique_tag()),
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.pem",
+                ],
             ]
             .concat(),
         );
-        for (who, ext) in [
-            ("server", "subjectAltName=DNS:syslog.test\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"),
-            ("client", "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n"),
+        for (who, ext, days) in [
+            ("server", "subjectAltName=DNS:syslog.test\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n", "1"),
+            ("client", "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n", "1"),
+            // Valid for the right name, from the right CA, and expired yesterday.
+            (
+                "expired",
+                "subjectAltName=DNS:syslog.test\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+                "-1",
+            ),
         ] {
             std::fs::write(pki.path(&format!("{who}.ext")), ext).unwrap();
             ossl(
@@ -159,7 +174,7 @@ impl Pki {
                 "ca.key",
                 "-CAcreateserial",
                 "-days",
-                "1",
+                days,
                 "-extfile",
                 &format!("{who}.ext"),
                 "-out",
@@ -180,6 +195,12 @@ struct TlsCollector {
 
 impl TlsCollector {
     fn start(pki: &Pki) -> TlsCollector {
+        TlsCollector::start_with(pki, "server", true)
+    }
+
+    /// A collector presenting `cert` (`server` or `expired`), demanding a client certificate or
+    /// not (then only the sink's own verification of the collector can refuse it).
+    fn start_with(pki: &Pki, cert: &str, client_cert: bool) -> TlsCollector {
         let port = free_port();
         let out = pki.path("received.bin");
         let child = Command::new("openssl")
@@ -190,11 +211,15 @@ impl TlsCollector {
                 "-accept",
                 &format!("127.0.0.1:{port}"),
                 "-cert",
-                "server.pem",
+                &format!("{cert}.pem"),
                 "-key",
-                "server.key",
+                &format!("{cert}.key"),
             ])
-            .args(["-CAfile", "ca.pem", "-Verify", "1", "-verify_return_error"])
+            .args(if client_cert {
+                &["-CAfile", "ca.pem", "-Verify", "1", "-verify_return_error"][..]
+            } else {
+                &[][..]
+            })
             .stdin(Stdio::piped())
             .stdout(std::fs::File::create(&out).unwrap())
             .stderr(Stdio::null())
@@ -258,6 +283,46 @@ fn a_collector_with_a_certificate_from_another_ca_gets_nothing() {
     });
     assert!(collector.received().is_empty(), "nothing sent to an unverified collector");
     assert!(gw.log_text().contains("audit delivery failed"), "{}", gw.log_text());
+}
+
+/// The sink verifies the collector itself: against a collector that asks for no client
+/// certificate (so nothing but the sink's own check can refuse it), a wrong `serverName`, a CA
+/// the sink does not trust and an expired certificate each get nothing, with rustls's reason in
+/// the log; the same collector with the right settings gets every event (the positive control).
+#[test]
+fn the_sink_refuses_a_wrong_name_an_untrusted_ca_and_an_expired_certificate() {
+    let dns = Dns::start(&[("up.test", "127.0.0.2")]);
+    let up = Upstream::start("127.0.0.2");
+    let p = up.addr.port();
+    let (pki, other) = (Pki::new(), Pki::new());
+    let run = |collector: &TlsCollector, ca: &Path, name: &str| {
+        let audit = format!(
+            "audit:\n  spool: {{dir: $DIR/spool}}\n  sinks:\n    - name: siem\n      type: syslog\n      address: \"127.0.0.1:{}\"\n      transport: tls\n      tls: {{ca: {}, serverName: {name}}}\n",
+            collector.port,
+            ca.display()
+        );
+        let gw = Gateway::start(&dns, &policy(p, &audit));
+        assert_eq!(curl(&["-x", &format!("http://{}", gw.http), &format!("http://up.test:{p}/")]).status, 200);
+        gw
+    };
+    let good = TlsCollector::start_with(&pki, "server", false);
+    let gw = run(&good, &pki.path("ca.pem"), "syslog.test");
+    wait_for("events at a verified collector", Duration::from_secs(20), || frames(&good.received()).len() >= 2);
+    drop(gw);
+    for (what, cert, ca, name, reason) in [
+        ("wrong serverName", "server", pki.path("ca.pem"), "other.test", "not valid for name"),
+        ("untrusted CA", "server", other.path("ca.pem"), "syslog.test", "UnknownIssuer"),
+        ("expired certificate", "expired", pki.path("ca.pem"), "syslog.test", "Expired"),
+    ] {
+        let collector = TlsCollector::start_with(&pki, cert, false);
+        let gw = run(&collector, &ca, name);
+        wait_for(what, Duration::from_secs(10), || {
+            gw.metric("egress_audit_sink_failed_total{sink=\"siem\"}").unwrap_or(0.0) >= 1.0
+        });
+        assert!(collector.received().is_empty(), "{what}: nothing sent");
+        let log = gw.log_text();
+        assert!(log.lines().any(|l| l.contains("audit delivery failed") && l.contains(reason)), "{what}: {log}");
+    }
 }
 
 #[test]
