@@ -7,8 +7,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The end-to-end tests create network namespaces and nftables tables: root, and a kernel with
+# nf_tables. Say so plainly rather than fail test by test.
+if [[ $(id -u) -ne 0 ]]; then
+  echo "the tests need root (network namespaces, nftables): run as root, as CI does" >&2
+  exit 1
+fi
+
 need=()
 command -v curl >/dev/null || need+=(curl)
+# kill(1) and sysctl(8), which the tests run (bash's kill builtin is not what they call).
+{ [[ -x /usr/bin/kill || -x /bin/kill ]] && command -v sysctl >/dev/null; } || need+=(procps)
 command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
 command -v python3 >/dev/null || need+=(python3)
 command -v ip >/dev/null || need+=(iproute2)
@@ -17,14 +26,26 @@ command -v nft >/dev/null || need+=(nftables)
 command -v npm >/dev/null || need+=(npm)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 if ((${#need[@]})); then
-  if [[ $(id -u) -ne 0 ]]; then
-    echo "missing packages: ${need[*]} (run as root, or install them first)" >&2
-    exit 1
-  fi
   echo "installing: ${need[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
+
+probe="egress-test-probe-$$"
+if ! nft add table inet "$probe" 2>/dev/null; then
+  echo "nftables does not work here (no nf_tables in the kernel, or no CAP_NET_ADMIN): the redirector tests need it" >&2
+  exit 1
+fi
+nft delete table inet "$probe"
+
+# rustfmt and clippy come with the toolchain's default profile; a minimal toolchain lacks them.
+for component in rustfmt clippy; do
+  sub=$([[ $component == rustfmt ]] && echo fmt || echo clippy)
+  if ! cargo "$sub" --version >/dev/null 2>&1; then
+    echo "installing the toolchain component $component"
+    rustup component add "$component" || { echo "cargo $sub is missing and rustup cannot add it" >&2; exit 1; }
+  fi
+done
 
 if [[ ! -f ../shared/vectors/run.sh ]]; then
   echo "warning: ../shared/vectors/run.sh not found; the conformance-vector test will fail" >&2
