@@ -1015,7 +1015,7 @@ fn a_silent_endpoint_costs_one_timeout_and_traffic_returns_when_it_answers() {
     let body = format!(
         "{TRUSTED}\nclients: [{{cidr: 192.0.2.10/32, namespace: shop, name: web-1, labels: {{}}}}]\npolicies:\n  - {{apiVersion: egress.dev/v1alpha1, kind: EgressPolicy, metadata: {{name: w, namespace: shop}}, spec: {{podSelector: {{}}, rules: [{{to: [{{domain: allowed.test}}], ports: [{{port: {p}}}]}}]}}}}\n"
     );
-    let (gw1, gw2) = (
+    let (mut gw1, mut gw2) = (
         Gateway::start_with(Some(dns.addr), Some(&w.gw_ns), &body),
         Gateway::start_with(Some(dns.addr), Some(&w.gw_ns), &body),
     );
@@ -1060,6 +1060,21 @@ fn a_silent_endpoint_costs_one_timeout_and_traffic_returns_when_it_answers() {
         assert_eq!(get().status, 200, "request {i} after recovery");
     }
     wait_until(Duration::from_secs(5), || gw1.events().iter().any(|e| e["event"] == "decision"));
+
+    // Every gateway down: connections are refused at once, never sent direct.
+    gw1.signal("KILL");
+    gw2.signal("KILL");
+    let before = up.hits();
+    let mut refused = 0;
+    while redirector_metric(&w.node, "egress_redirector_relay_refused_total{reason=\"no_endpoint\"} ").unwrap_or(0.0)
+        < 1.0
+    {
+        let r = get();
+        assert_ne!(r.status, 200, "{r:?}");
+        refused += 1;
+        assert!(refused < 20, "never refused for want of an endpoint");
+    }
+    assert_eq!(up.hits(), before, "nothing reached the upstream while every gateway was down");
 }
 
 /// Benchmark (not a test; `cargo test -p egress-e2e --test redirector -- --ignored --nocapture`):
@@ -1349,6 +1364,35 @@ policies:
         vec![("/api/v1/namespaces/shop/pods/web-1/status".to_string(), "True".to_string(), true)],
         "written once, after the address was in the kernel's set"
     );
+    // The gateway's endpoint turns `ready: false`: the relay stops using it (the connection is
+    // refused, never sent direct); ready again, it is used again.
+    let admin: std::net::SocketAddr = "127.0.0.1:9791".parse().unwrap();
+    let metrics = || w.node.enter(move || admin_get(admin, "/metrics")).map(|r| r.1).unwrap_or_default();
+    let gw_ep = format!("egress_redirector_endpoint_up{{endpoint=\"198.51.100.2:{}\"}}", gw.transparent.port());
+    let slice = |ready: bool| {
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+        "metadata": {"name": "egress-transparent-abc", "namespace": "egress-system", "labels": {"kubernetes.io/service-name": "egress-transparent"}},
+        "ports": [{"name": "transparent", "port": gw.transparent.port(), "protocol": "TCP"}],
+        "endpoints": [{"addresses": ["198.51.100.2"], "conditions": {"ready": ready}}]})
+    };
+    api.apply(SLICES, slice(false));
+    wait_until(Duration::from_secs(10), || !metrics().contains(&gw_ep));
+    let before = up.hits();
+    assert_ne!(get("192.0.2.10").status, 200);
+    assert_eq!(up.hits(), before, "nothing direct without an endpoint");
+    assert!(metrics().contains("egress_redirector_relay_refused_total{reason=\"no_endpoint\"} 1"), "{}", metrics());
+    api.apply(SLICES, slice(true));
+    wait_until(Duration::from_secs(10), || metrics().contains(&format!("{gw_ep} 1")));
+    assert_eq!(get("192.0.2.10").status, 200);
+    // The API goes down: the table and the endpoints stay; steering goes on.
+    let handle = table_handle(&w.node);
+    api.set_down(true);
+    let r = get("192.0.2.10");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["peer"].as_str().unwrap().rsplit_once(':').unwrap().0, "198.51.100.2");
+    assert_eq!(table_handle(&w.node), handle);
+    api.set_down(false);
+
     // The Pod's labels change: no longer selected, no longer steered — by removing the set
     // element, not by replacing the table (same table handle).
     let handle = table_handle(&w.node);
@@ -1370,11 +1414,12 @@ policies:
     assert_eq!(w.node.enter(move || admin_get(admin, "/readyz")).map(|r| r.0), Some(200));
     let metrics = w.node.enter(move || admin_get(admin, "/metrics")).unwrap().1;
     assert!(metrics.contains("egress_redirector_selected_addresses 0"), "{metrics}");
-    assert!(metrics.contains("egress_redirector_table_updates_total 1"), "{metrics}");
+    // Three changes: the endpoint unready, ready again, the Pod's labels.
+    assert!(metrics.contains("egress_redirector_table_updates_total 3"), "{metrics}");
     assert!(metrics.contains("egress_redirector_relay_pipe_refused_total 0"), "relay paths are exported: {metrics}");
     assert!(
-        metrics.contains("egress_redirector_apply_seconds_count 1"),
-        "time from the Pod event to its rules: {metrics}"
+        metrics.contains("egress_redirector_apply_seconds_count 3"),
+        "time from each API event to its rules: {metrics}"
     );
     let r = get("192.0.2.10");
     assert_eq!(r.json()["peer"].as_str().unwrap().rsplit_once(':').unwrap().0, "192.0.2.10", "direct again");
