@@ -1114,3 +1114,77 @@ fn cname_chains_resolve_to_checked_addresses() {
     assert_eq!(d["decision"]["reason"], "dns_guard_blocked", "{d}");
     assert_eq!(d["resolved"][0]["address"], "169.254.169.254", "{d}");
 }
+
+/// A refusal names its reason and request id in `X-Egress-Reason` / `X-Egress-Request-Id` (what
+/// applications and their logs can read without the audit trail), the same as the audit's.
+#[test]
+fn refusals_carry_their_reason_and_request_id_in_headers() {
+    let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
+    let gw = Gateway::start(&dns, &config(up.addr.port(), ""));
+    let p = up.addr.port();
+    for (req, status, reason) in [
+        (
+            format!("GET http://nothing-allows.test:{p}/ HTTP/1.1\r\nHost: nothing-allows.test\r\n\r\n"),
+            403,
+            "no_rule_matched",
+        ),
+        (format!("CONNECT meta.test:{p} HTTP/1.1\r\nHost: meta.test:{p}\r\n\r\n"), 403, "dns_guard_blocked"),
+        ("GET / HTTP/1.1\r\nHost: up.test\r\n\r\n".to_string(), 400, "origin_form"),
+    ] {
+        let mut s = TcpStream::connect(gw.http).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        let (code, headers) = read_head(&mut BufReader::new(s));
+        assert_eq!(code, status, "{req}");
+        assert_eq!(headers.get("x-egress-reason").map(String::as_str), Some(reason), "{req}: {headers:?}");
+        let id = headers.get("x-egress-request-id").unwrap_or_else(|| panic!("{req}: {headers:?}"));
+        let ev = gw.request_events(id);
+        assert_eq!(ev[0]["decision"]["reason"], reason, "{req}: the audited request");
+    }
+}
+
+/// Internal addresses (RFC 1918 here) as IP literals: allowed other than by a `cidr` rule (here
+/// `defaultAction: Allow` for a client no policy selects) they are still refused
+/// (`guard_internal`); a `cidr` rule that names them opens them.
+#[test]
+fn internal_ip_literals_need_a_cidr_rule() {
+    // In a namespace of its own: the allowed case dials 10.40.1.2, which must not leave this
+    // machine (nothing answers there; the decision is what is checked).
+    let ns = Netns::new("intl");
+    let body = "defaultAction: Allow\nclients: [{cidr: 127.0.0.1/32, namespace: a, name: free, labels: {}}, {cidr: 127.0.0.5/32, namespace: a, name: db-client, labels: {app: db}}]\npolicies:\n  - {apiVersion: egress.dev/v1alpha1, kind: EgressPolicy, metadata: {name: p, namespace: a}, spec: {podSelector: {matchLabels: {app: db}}, rules: [{name: db, to: [{cidr: 10.40.0.0/16}], ports: [{port: 5432}]}]}}\n";
+    let gw = Gateway::start_with(None, Some(&ns), body);
+    let connect = |from: &'static str| {
+        let http = gw.http;
+        ns.enter(move || {
+            let mut s = connect_from(from, http);
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            write!(s, "CONNECT 10.40.1.2:5432 HTTP/1.1\r\nHost: 10.40.1.2:5432\r\n\r\n").unwrap();
+            read_head(&mut BufReader::new(s)).0
+        })
+    };
+    assert_eq!(connect("127.0.0.1"), 403);
+    let d = gw.decision(|e| e["client"]["address"] == "127.0.0.1");
+    assert_eq!(d["decision"]["reason"], "guard_internal", "{d}");
+    assert!(d["decision"]["guard_category"].is_string(), "{d}");
+    // The cidr rule opens it: allowed (the connect itself then fails: nothing is there).
+    assert_ne!(connect("127.0.0.5"), 403);
+    let d = gw.decision(|e| e["client"]["address"] == "127.0.0.5");
+    assert_eq!((d["decision"]["action"].as_str(), d["decision"]["rule"].as_str()), (Some("allow"), Some("db")), "{d}");
+}
+
+/// A policy's egress address pool with no address of the destination's family: refused before
+/// any dial, as `egress_address_unavailable` (never from another address).
+#[test]
+fn a_pool_without_the_destinations_family_is_egress_address_unavailable() {
+    let dns = dns();
+    let body = "egressAddresses: {v4only: [127.0.0.1]}\nclients: [{cidr: 127.0.0.1/32, namespace: a, name: one, labels: {}}]\npolicies:\n  - {apiVersion: egress.dev/v1alpha1, kind: EgressPolicy, metadata: {name: p, namespace: a}, spec: {podSelector: {}, egressAddress: v4only, rules: [{to: [{cidr: \"2001:db8:40::/48\"}], ports: [{port: 5432}]}]}}\n";
+    let gw = Gateway::start(&dns, body);
+    let mut s = TcpStream::connect(gw.http).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "CONNECT [2001:db8:40::5]:5432 HTTP/1.1\r\nHost: [2001:db8:40::5]:5432\r\n\r\n").unwrap();
+    let (code, headers) = read_head(&mut BufReader::new(s));
+    assert_eq!(code, 403);
+    assert_eq!(headers.get("x-egress-reason").map(String::as_str), Some("egress_address_unavailable"));
+    let d = gw.decision(|e| e["decision"]["reason"] == "egress_address_unavailable");
+    assert!(d.get("dialled").is_none_or(|x| x.is_null()), "{d}");
+}
