@@ -433,10 +433,7 @@ impl Gateway {
     /// Like `start`, with an optional nameserver and inside an optional network namespace.
     pub fn start_with(dns: Option<SocketAddr>, netns: Option<&Netns>, body: &str) -> Gateway {
         let mut g = Gateway::unstarted(netns, &[]);
-        if netns.is_some() {
-            // Relays reach the transparent front from other namespaces.
-            g.transparent = SocketAddr::from(([0, 0, 0, 0], g.transparent.port()));
-        }
+        // In a namespace, relays reach the transparent front from other namespaces (0.0.0.0).
         g.write_config_with(dns, body);
         g.spawn("/readyz");
         g
@@ -459,17 +456,17 @@ impl Gateway {
         g
     }
 
-    /// A config directory and free loopback ports; nothing written or started yet.
+    /// A config directory; nothing written or started yet (the listeners' addresses are known
+    /// once it runs).
     fn unstarted(netns: Option<&Netns>, launcher: &[&str]) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
-        let [http, socks, admin, transparent] = free_ports();
-        let mk = |p| SocketAddr::from(([127, 0, 0, 1], p));
+        let unbound = SocketAddr::from(([127, 0, 0, 1], 0));
         Gateway {
             proc: None,
-            http: mk(http),
-            socks: mk(socks),
-            admin: mk(admin),
-            transparent: mk(transparent),
+            http: unbound,
+            socks: unbound,
+            admin: unbound,
+            transparent: unbound,
             log: dir.path().join("gateway.log"),
             netns: netns.map(|n| n.name.clone()),
             launcher: launcher.iter().map(|s| s.to_string()).collect(),
@@ -495,8 +492,12 @@ impl Gateway {
     fn write_config_with(&self, dns: Option<SocketAddr>, body: &str) {
         let resolver = dns.map(|d| format!("resolver: {{nameservers: [{d}]}}\n")).unwrap_or_default();
         // The transparent listener needs trusted relays; only tests that configure them get it.
+        // Every listener on port 0: the gateway binds a free port itself (no port picked here and
+        // released before use, which another test could take meanwhile); `spawn` reads the
+        // bound addresses from its log.
+        let transparent_ip = if self.netns.is_some() { "0.0.0.0" } else { "127.0.0.1" };
         let transparent =
-            if body.contains("trustedRelays") { format!(", transparent: {}", self.transparent) } else { String::new() };
+            if body.contains("trustedRelays") { format!(", transparent: {transparent_ip}:0") } else { String::new() };
         // A body with its own `audit:` replaces the default file sink; `$DIR` is the config directory.
         let audit = if body.contains("\naudit:") || body.starts_with("audit:") {
             String::new()
@@ -507,8 +508,7 @@ impl Gateway {
             .replace("$DIR", &self.dir.path().display().to_string())
             .replace("$RELAY_KEY", &relay_key_file().display().to_string());
         let text = format!(
-            "listen: {{http: {}, socks5: {}, admin: {}{transparent}}}\n{resolver}{audit}{body}\n",
-            self.http, self.socks, self.admin,
+            "listen: {{http: 127.0.0.1:0, socks5: 127.0.0.1:0, admin: 127.0.0.1:0{transparent}}}\n{resolver}{audit}{body}\n"
         );
         let tmp = self.dir.path().join(".gateway.yaml.tmp");
         std::fs::write(&tmp, text).unwrap();
@@ -517,6 +517,7 @@ impl Gateway {
 
     fn spawn(&mut self, wait_for: &str) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let log_start = log.metadata().map(|m| m.len() as usize).unwrap_or(0);
         let mut cmd = match &self.netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
@@ -540,6 +541,32 @@ impl Gateway {
             .expect("start egress-gateway");
         self.proc = Some(Proc(child));
         let start = Instant::now();
+        // The addresses it bound, from this run's part of the log.
+        let transparent = std::fs::read_to_string(self.config_path()).unwrap_or_default().contains(", transparent: ");
+        loop {
+            let text = std::fs::read(&self.log).unwrap_or_default();
+            let text = strip_ansi(&String::from_utf8_lossy(&text[log_start.min(text.len())..]));
+            let bound = |what: &str| -> Option<SocketAddr> {
+                text.lines().find(|l| l.contains(what))?.split("addr=").nth(1)?.split_whitespace().next()?.parse().ok()
+            };
+            if let (Some(h), Some(s), Some(a)) =
+                (bound("HTTP proxy listening"), bound("SOCKS5 proxy listening"), bound("admin listening"))
+            {
+                let t = bound("transparent front listening");
+                if t.is_some() || !transparent {
+                    (self.http, self.socks, self.admin) = (h, s, a);
+                    if let Some(t) = t {
+                        self.transparent = t;
+                    }
+                    break;
+                }
+            }
+            if let Some(Some(status)) = self.proc.as_mut().map(|p| p.0.try_wait().ok().flatten()) {
+                panic!("gateway exited with {status}: {}", std::fs::read_to_string(&self.log).unwrap_or_default());
+            }
+            assert!(start.elapsed() < Duration::from_secs(15), "gateway did not bind: {}", self.log_text());
+            std::thread::sleep(Duration::from_millis(10));
+        }
         while self.admin_get(wait_for).map(|(s, _)| s) != Some(200) {
             if let Some(Some(status)) = self.proc.as_mut().map(|p| p.0.try_wait().ok().flatten()) {
                 panic!("gateway exited with {status}: {}", std::fs::read_to_string(&self.log).unwrap_or_default());
@@ -786,6 +813,24 @@ pub fn socks5_domain(addr: SocketAddr, host: &str, port: u16) -> (TcpStream, u8)
     let mut rep = [0u8; 10];
     s.read_exact(&mut rep).unwrap();
     (s, rep[1])
+}
+
+/// `text` without ANSI colour sequences (`ESC [ ... letter`).
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// A short tag unique to this process and call: the test process id and a counter, so that

@@ -874,8 +874,6 @@ policies:
 #[test]
 fn a_pool_source_address_shares_its_ports_across_destinations() {
     let (gwns, upns) = gateway_and_upstream_hosts("p", &["10.77.0.3/24"], "10.77.0.1/24");
-    let range = gwns.command("sysctl").args(["-qw", "net.ipv4.ip_local_port_range=40000 40001"]).status().unwrap();
-    assert!(range.success());
     let ups: Vec<Upstream> = (0..4).map(|_| Upstream::start_in(&upns, "10.77.0.1")).collect();
     let ports: Vec<String> = ups.iter().map(|u| format!("{{port: {}}}", u.addr.port())).collect();
     let body = format!(
@@ -883,6 +881,9 @@ fn a_pool_source_address_shares_its_ports_across_destinations() {
         ports.join(", ")
     );
     let gw = Gateway::start_with(None, Some(&gwns), &body);
+    // Two ephemeral ports from now on (the listeners, on port 0, took theirs already).
+    let range = gwns.command("sysctl").args(["-qw", "net.ipv4.ip_local_port_range=40000 40001"]).status().unwrap();
+    assert!(range.success());
     // One client connection (one port of the two), four requests, four upstreams kept open.
     let px = format!("http://{}", gw.http);
     let mut args = vec!["-x", &px];
