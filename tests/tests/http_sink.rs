@@ -168,8 +168,23 @@ fn splunk_hec_with_acknowledgement_and_retry_after() {
     }
     // The busy answer's Retry-After (1 s) was honoured before the next attempt.
     assert!(posts[1].at.duration_since(posts[0].at) >= Duration::from_millis(950), "Retry-After honoured");
-    // Every batch was acknowledged before the next one was sent (ack polled twice each).
-    assert!(store.requests.iter().any(|r| r.path.ends_with("/ack")));
+    // Every batch was acknowledged before the next one was sent: the receiver answers `true`
+    // for an ack id at its second poll, so between two batches the previous batch's id must
+    // have been polled twice (the first post got the 503 and no ack id).
+    let (mut posts_seen, mut pending, mut polls) = (0u64, None::<u64>, HashMap::<u64, u32>::new());
+    for r in &store.requests {
+        if r.path.ends_with("/ack") {
+            let v: Value = serde_json::from_slice(&r.body).unwrap();
+            *polls.entry(v["acks"][0].as_u64().unwrap()).or_default() += 1;
+            continue;
+        }
+        posts_seen += 1;
+        if let Some(id) = pending {
+            assert!(polls.get(&id).copied().unwrap_or(0) >= 2, "batch {posts_seen} sent before ack {id} was indexed");
+        }
+        pending = (posts_seen >= 2).then_some(posts_seen);
+    }
+    assert!(posts_seen >= 3, "several batches: {posts_seen}");
     drop(store);
     wait_for("lag 0", Duration::from_secs(5), || {
         gw.metric("egress_audit_sink_lag_events{sink=\"splunk\"}") == Some(0.0)
