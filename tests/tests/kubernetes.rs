@@ -170,7 +170,10 @@ fn a_reused_ip_belongs_to_the_live_pod_and_host_network_pods_own_no_ip() {
     hn["spec"]["hostNetwork"] = json!(true);
     s.api.apply(PODS, hn);
     s.api.apply(POLICIES, egress_policy("b", "b-up", json!({}), allow_up(s.port)));
-    std::thread::sleep(Duration::from_millis(300));
+    // The positive control, applied after both: an ordinary Pod of namespace b is allowed by
+    // that policy (so the hostNetwork Pod and the policy are known by now too).
+    s.api.apply(PODS, pod("b", "ordinary", &["127.0.0.6"], json!({}), "Running"));
+    s.eventually("127.0.0.6", "up.test", 200);
     let r = s.get("127.0.0.5", "up.test");
     assert_eq!(r.status, 403, "{r:?}");
     assert!(r.body.contains("default_deny"), "{r:?}");
@@ -218,11 +221,11 @@ fn watch_410_gone_relists_and_api_outage_keeps_the_last_snapshot() {
     });
     // API outage: decisions keep using the last snapshot; readiness stays true.
     s.api.set_down(true);
-    std::thread::sleep(Duration::from_millis(1500));
+    // Once the watchers have seen the outage:
+    wait_until(Duration::from_secs(10), || s.gw.log_text().contains("serving the last snapshot"));
     assert_eq!(s.get("127.0.0.1", "other.test").status, 200);
     assert_eq!(s.get("127.0.0.1", "up.test").status, 403);
     assert_eq!(s.gw.admin_get("/readyz").map(|r| r.0), Some(200));
-    wait_until(Duration::from_secs(10), || s.gw.log_text().contains("serving the last snapshot"));
     wait_until(Duration::from_secs(10), || s.gw.metric("egress_kube_stale_seconds").is_some_and(|v| v >= 1.0));
     // Back: changes flow again and staleness returns to 0.
     s.api.set_down(false);
