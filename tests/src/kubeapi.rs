@@ -50,10 +50,13 @@ pub const CLUSTER_POLICIES: &str = "/apis/egress.dev/v1alpha1/clusteregresspolic
 /// EndpointSlices of namespace `egress-system`.
 pub const SLICES: &str = "/apis/discovery.k8s.io/v1/namespaces/egress-system/endpointslices";
 
+type LogEntry = (u64, &'static str, Value, Option<Value>);
+
 #[derive(Default)]
 struct Kind {
     objects: BTreeMap<String, Value>,
-    log: Vec<(u64, &'static str, Value)>,
+    /// (resourceVersion, event type, object, the object before the change)
+    log: Vec<LogEntry>,
     compacted_below: u64,
 }
 
@@ -159,9 +162,9 @@ impl FakeApi {
         let rv = st.rv;
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
         let k = st.kinds.get_mut(path).unwrap();
-        let kind = if k.objects.contains_key(&key(&obj)) { "MODIFIED" } else { "ADDED" };
-        k.objects.insert(key(&obj), obj.clone());
-        k.log.push((rv, kind, obj));
+        let prev = k.objects.insert(key(&obj), obj.clone());
+        let kind = if prev.is_some() { "MODIFIED" } else { "ADDED" };
+        k.log.push((rv, kind, obj, prev));
         drop(st);
         let _ = self.notify.send(());
     }
@@ -174,7 +177,7 @@ impl FakeApi {
         let k = st.kinds.get_mut(path).unwrap();
         if let Some(mut obj) = k.objects.remove(&format!("{namespace}/{name}")) {
             obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-            k.log.push((rv, "DELETED", obj));
+            k.log.push((rv, "DELETED", obj, None));
         }
         drop(st);
         let _ = self.notify.send(());
@@ -285,9 +288,13 @@ async fn handle(
     let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
     let mut st = state.lock().unwrap();
     st.requests.push(line);
+    let selector = match Selector::parse(&kind, &query) {
+        Ok(s) => s,
+        Err(e) => return Ok(status_with(400, "BadRequest", &e)),
+    };
     if !watch {
         let rv = st.rv;
-        let items: Vec<Value> = st.kinds[&kind].objects.values().cloned().collect();
+        let items: Vec<Value> = st.kinds[&kind].objects.values().filter(|o| selector.matches(o)).cloned().collect();
         let (api_version, list) = list_kind(&kind);
         let list = json!({"apiVersion": api_version, "kind": list, "metadata": {"resourceVersion": rv.to_string()}, "items": items});
         return Ok(json_response(200, &list));
@@ -302,8 +309,12 @@ async fn handle(
                 let st = state.lock().unwrap();
                 let k = &st.kinds[&kind];
                 let gone = cursor < k.compacted_below;
-                let ev: Vec<(u64, &'static str, Value)> =
-                    k.log.iter().filter(|(rv, _, _)| *rv > cursor).cloned().collect();
+                let ev: Vec<(u64, &'static str, Value)> = k
+                    .log
+                    .iter()
+                    .filter(|(rv, ..)| *rv > cursor)
+                    .map(|(rv, t, obj, prev)| (*rv, selector.event(t, obj, prev.as_ref()), obj.clone()))
+                    .collect();
                 (ev, gone, st.down)
             };
             if down {
@@ -317,6 +328,9 @@ async fn handle(
             }
             for (rv, t, obj) in events {
                 cursor = rv;
+                if t.is_empty() {
+                    continue; // outside the selector before and after
+                }
                 if tx.send(Bytes::from(format!("{}\n", json!({"type": t, "object": obj})))).await.is_err() {
                     return;
                 }
@@ -330,6 +344,118 @@ async fn handle(
     let mut r = hyper::Response::new(BodyExt::boxed(StreamBody::new(stream)));
     r.headers_mut().insert("content-type", "application/json".parse().unwrap());
     Ok(r)
+}
+
+/// A list/watch's `labelSelector` and `fieldSelector`, as the API server applies them: equality
+/// (`=`, `==`), inequality (`!=`) and existence (`key`, `!key`) for labels; `=`/`!=` on the fields
+/// the server supports for the kind (others are refused with 400, as the real one does).
+#[derive(Debug, Default)]
+struct Selector {
+    labels: Vec<(String, Option<String>, bool)>,
+    fields: Vec<(String, String, bool)>,
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).to_string()
+}
+
+impl Selector {
+    fn parse(kind: &str, query: &HashMap<String, String>) -> Result<Selector, String> {
+        let mut sel = Selector::default();
+        for term in query
+            .get("labelSelector")
+            .map(|v| percent_decode(v))
+            .unwrap_or_default()
+            .split(',')
+            .filter(|t| !t.is_empty())
+        {
+            if let Some((k, v)) = term.split_once("!=") {
+                sel.labels.push((k.into(), Some(v.into()), false));
+            } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
+                sel.labels.push((k.into(), Some(v.into()), true));
+            } else if let Some(k) = term.strip_prefix('!') {
+                sel.labels.push((k.into(), None, false));
+            } else {
+                sel.labels.push((term.into(), None, true));
+            }
+        }
+        let supported: &[&str] = if kind == PODS {
+            &["metadata.name", "metadata.namespace", "spec.nodeName", "status.phase"]
+        } else {
+            &["metadata.name", "metadata.namespace"]
+        };
+        for term in query
+            .get("fieldSelector")
+            .map(|v| percent_decode(v))
+            .unwrap_or_default()
+            .split(',')
+            .filter(|t| !t.is_empty())
+        {
+            let (f, v, eq) = match term.split_once("!=") {
+                Some((f, v)) => (f, v, false),
+                None => {
+                    let (f, v) = term
+                        .split_once("==")
+                        .or_else(|| term.split_once('='))
+                        .ok_or(format!("invalid field selector {term:?}"))?;
+                    (f, v, true)
+                }
+            };
+            if !supported.contains(&f) {
+                return Err(format!("field label not supported: {f}"));
+            }
+            sel.fields.push((f.into(), v.into(), eq));
+        }
+        Ok(sel)
+    }
+
+    fn matches(&self, obj: &Value) -> bool {
+        let labels = &obj["metadata"]["labels"];
+        let labels_ok = self.labels.iter().all(|(k, v, eq)| match v {
+            Some(v) => (labels[k].as_str() == Some(v.as_str())) == *eq,
+            None => labels.get(k).is_some() == *eq,
+        });
+        let field =
+            |f: &str| -> String { f.split('.').fold(obj, |v, part| &v[part]).as_str().unwrap_or("").to_string() };
+        labels_ok && self.fields.iter().all(|(f, v, eq)| (field(f) == *v) == *eq)
+    }
+
+    /// The event a watch with this selector sees ("" for none): an object that comes into the
+    /// selection is ADDED, one that leaves it is DELETED.
+    fn event(&self, t: &'static str, obj: &Value, prev: Option<&Value>) -> &'static str {
+        let now = self.matches(obj);
+        let before = prev.is_some_and(|p| self.matches(p));
+        match (t, before, now) {
+            ("DELETED", _, true) => "DELETED",
+            ("DELETED", _, false) => "",
+            (_, true, true) => "MODIFIED",
+            (_, false, true) => "ADDED",
+            (_, true, false) => "DELETED",
+            _ => "",
+        }
+    }
+}
+
+fn status_with(code: u16, reason: &str, message: &str) -> hyper::Response<Body> {
+    json_response(
+        code,
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "code": code, "reason": reason, "message": message}),
+    )
 }
 
 fn status(code: u16, reason: &str) -> hyper::Response<Body> {
@@ -496,10 +622,11 @@ fn modify(
     let rv = st.rv;
     let k = st.kinds.get_mut(kind).unwrap();
     let obj = k.objects.get_mut(key).unwrap();
+    let prev = obj.clone();
     change(obj);
     obj["metadata"]["resourceVersion"] = json!(rv.to_string());
     let obj = obj.clone();
-    k.log.push((rv, "MODIFIED", obj.clone()));
+    k.log.push((rv, "MODIFIED", obj.clone(), Some(prev)));
     drop(st);
     let _ = notify.send(());
     json_response(200, &obj)
@@ -520,4 +647,29 @@ pub fn pod(namespace: &str, name: &str, ips: &[&str], labels: Value, phase: &str
 /// A Namespace object.
 pub fn namespace(name: &str, labels: Value) -> Value {
     json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selectors_select_as_the_api_server_does() {
+        let q = |k: &str, v: &str| HashMap::from([(k.to_string(), v.to_string())]);
+        let on = |node: &str, app: &str| json!({"metadata": {"name": "p", "labels": {"app": app}}, "spec": {"nodeName": node}});
+        let s = Selector::parse(PODS, &q("fieldSelector", "spec.nodeName%3Dnode-1")).unwrap();
+        assert!(s.matches(&on("node-1", "a")) && !s.matches(&on("node-2", "a")));
+        let s = Selector::parse(PODS, &q("labelSelector", "app%3Da%2Cenv")).unwrap();
+        assert!(!s.matches(&on("n", "a")), "env must exist");
+        let s = Selector::parse(PODS, &q("labelSelector", "app!=a")).unwrap();
+        assert!(s.matches(&on("n", "b")) && !s.matches(&on("n", "a")));
+        assert!(
+            Selector::parse(NAMESPACES, &q("fieldSelector", "spec.nodeName=x")).unwrap_err().contains("not supported")
+        );
+        // Leaving the selection is a DELETED, entering it an ADDED.
+        let s = Selector::parse(PODS, &q("labelSelector", "app=a")).unwrap();
+        assert_eq!(s.event("MODIFIED", &on("n", "b"), Some(&on("n", "a"))), "DELETED");
+        assert_eq!(s.event("MODIFIED", &on("n", "a"), Some(&on("n", "b"))), "ADDED");
+        assert_eq!(s.event("MODIFIED", &on("n", "b"), Some(&on("n", "b"))), "");
+    }
 }

@@ -1327,6 +1327,12 @@ policies:
         "metadata": {"name": "egress-transparent-abc", "namespace": "egress-system", "labels": {"kubernetes.io/service-name": "egress-transparent"}},
         "ports": [{"name": "transparent", "port": gw.transparent.port(), "protocol": "TCP"}],
         "endpoints": [{"addresses": ["198.51.100.2"], "conditions": {"ready": true}}]}));
+    // Another Service's slice in the same namespace: its endpoints must never be relayed to (the
+    // redirector lists slices by the gateway Service's label; the scripted API applies selectors).
+    api.apply(SLICES, json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+        "metadata": {"name": "other-xyz", "namespace": "egress-system", "labels": {"kubernetes.io/service-name": "other"}},
+        "ports": [{"name": "transparent", "port": 9, "protocol": "TCP"}],
+        "endpoints": [{"addresses": ["198.51.100.99"], "conditions": {"ready": true}}]}));
     let dir = tempfile::tempdir().unwrap();
     let (kc, cfg) = (dir.path().join("kubeconfig"), dir.path().join("redirector.yaml"));
     std::fs::write(&kc, api.kubeconfig()).unwrap();
@@ -1368,6 +1374,12 @@ policies:
     // refused, never sent direct); ready again, it is used again.
     let admin: std::net::SocketAddr = "127.0.0.1:9791".parse().unwrap();
     let metrics = || w.node.enter(move || admin_get(admin, "/metrics")).map(|r| r.1).unwrap_or_default();
+    let endpoints: Vec<String> =
+        metrics().lines().filter(|l| l.starts_with("egress_redirector_endpoint_up{")).map(str::to_string).collect();
+    assert_eq!(
+        endpoints,
+        vec![format!("egress_redirector_endpoint_up{{endpoint=\"198.51.100.2:{}\"}} 1", gw.transparent.port())]
+    );
     let gw_ep = format!("egress_redirector_endpoint_up{{endpoint=\"198.51.100.2:{}\"}}", gw.transparent.port());
     let slice = |ready: bool| {
         json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
