@@ -411,3 +411,23 @@ fn every_api_request_is_covered_by_the_rbac_manifest() {
         assert!(seen_verbs.contains(needed), "{needed} not exercised: {seen_verbs:?}");
     }
 }
+
+/// `kubernetes.writeStatus: false`: the replica never takes the status Lease nor writes a
+/// status. Shown against a replica with it on, started later on the same API: that one gets the
+/// Lease and writes (had the first taken the Lease, the second could not write within the wait).
+#[test]
+fn write_status_false_takes_no_lease_and_writes_no_status() {
+    let dns = Dns::start(&[("up.test", "127.0.0.2")]);
+    let up = Upstream::start("127.0.0.2");
+    let api = FakeApi::start();
+    api.apply(NAMESPACES, namespace("shop", json!({})));
+    api.apply(PODS, pod("shop", "a", &["127.0.0.1"], json!({}), "Running"));
+    api.apply(POLICIES, egress_policy("shop", "p", json!({}), json!([{"to": [{"domain": "up.test"}]}])));
+    let off = start_gateway(&api, &dns, "gw-off", ", writeStatus: false");
+    let url = format!("http://up.test:{}/", up.addr.port());
+    wait_until(Duration::from_secs(10), || curl(&["-x", &format!("http://{}", off.http), &url]).status == 200);
+    let _on = start_gateway(&api, &dns, "gw-on", "");
+    let p = wait_patch(&api, |p| p.path.ends_with("/egresspolicies/p/status"));
+    assert_eq!(p.token, "gw-on");
+    assert!(api.patches().iter().all(|p| p.token != "gw-off"), "{:?}", api.patches());
+}

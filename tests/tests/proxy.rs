@@ -1194,3 +1194,25 @@ fn a_pool_without_the_destinations_family_is_egress_address_unavailable() {
     let d = gw.decision(|e| e["decision"]["reason"] == "egress_address_unavailable");
     assert!(d.get("dialled").is_none_or(|x| x.is_null()), "{d}");
 }
+
+/// `limits.idleTimeout`: a tunnel with no traffic either way is closed by the gateway (the client
+/// reads the end of the stream, well before its own 20 s timeout) and its close event says why.
+#[test]
+fn an_idle_tunnel_is_closed_after_the_idle_timeout() {
+    let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
+    let p = up.addr.port();
+    let gw = Gateway::start(&dns, &config(p, "limits: {idleTimeout: 1s}"));
+    let mut s = TcpStream::connect(gw.http).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(s, "CONNECT up.test:{p} HTTP/1.1\r\nHost: up.test:{p}\r\n\r\n").unwrap();
+    let mut r = BufReader::new(s);
+    let (status, _) = read_head(&mut r);
+    assert_eq!(status, 200);
+    // Nothing is sent: the gateway ends the tunnel (EOF), it is not our read timeout.
+    let mut rest = Vec::new();
+    let n = r.read_to_end(&mut rest);
+    assert!(matches!(n, Ok(0)), "{n:?} {rest:?}");
+    wait_until(Duration::from_secs(5), || gw.events().iter().any(|e| e["event"] == "close"));
+    let c = gw.events().into_iter().find(|e| e["event"] == "close").unwrap();
+    assert_eq!(c["close"]["end"], "idle_timeout", "{c}");
+}
