@@ -1216,3 +1216,37 @@ fn an_idle_tunnel_is_closed_after_the_idle_timeout() {
     let c = gw.events().into_iter().find(|e| e["event"] == "close").unwrap();
     assert_eq!(c["close"]["end"], "idle_timeout", "{c}");
 }
+
+/// Reload through a Kubernetes ConfigMap mount: the config file is a symlink through `..data`,
+/// and an update swaps `..data` to a new directory in one rename (the kubelet's atomic writer);
+/// the file itself never changes in place. The new policy takes effect without a restart.
+#[test]
+fn a_configmap_style_data_symlink_swap_reloads_the_config() {
+    let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
+    let p = up.addr.port();
+    let gw = Gateway::start(&dns, &config(p, ""));
+    let dir = gw.dir.path();
+    let text = std::fs::read_to_string(gw.config_path()).unwrap();
+    let swap = |version: &str, text: &str| {
+        std::fs::create_dir_all(dir.join(version)).unwrap();
+        std::fs::write(dir.join(version).join("gateway.yaml"), text).unwrap();
+        let tmp = dir.join("..data_tmp");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(version, &tmp).unwrap();
+        std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    };
+    // Turn the plain file into the ConfigMap layout (same content).
+    swap("..2026_11_28_v1", &text);
+    let link = dir.join(".gateway.yaml.link");
+    std::os::unix::fs::symlink("..data/gateway.yaml", &link).unwrap();
+    std::fs::rename(&link, gw.config_path()).unwrap();
+    let url = format!("http://other.test:{p}/x");
+    assert_eq!(curl(&["-x", &proxy(&gw), &url]).status, 403, "only GET /ok and /api/* on other.test");
+    let reloads = gw.metric("egress_config_reloads_total{result=\"ok\"}").unwrap_or(0.0);
+    // The update: a policy that allows other.test whole.
+    let late = "  - {apiVersion: egress.dev/v1alpha1, kind: EgressPolicy, metadata: {name: late, namespace: shop}, spec: {podSelector: {matchLabels: {app: api}}, rules: [{name: late, to: [{domain: other.test}]}]}}\n";
+    swap("..2026_11_28_v2", &format!("{text}{late}"));
+    wait_until(Duration::from_secs(10), || curl(&["-x", &proxy(&gw), &url]).status == 200);
+    assert_eq!(gw.decision(|e| e["target"]["http"]["path"] == "/x" && e["decision"]["action"] == "allow")["decision"]["rule"], "late");
+    assert!(gw.metric("egress_config_reloads_total{result=\"ok\"}").unwrap_or(0.0) > reloads);
+}
