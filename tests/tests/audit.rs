@@ -240,8 +240,17 @@ fn small_spool_with_stalled_sink(on_failure: &str) -> (Gateway, Fifo, u16, tempf
         "audit:\n  onFailure: {on_failure}\n  spool: {{dir: $DIR/spool, maxBytes: 16384, segmentBytes: 4096}}\n  sinks: [{{name: siem, type: file, path: {}}}]\n",
         fifo.path.display()
     );
-    let gw = Gateway::start(&dns, &policy(p, &audit));
+    // The transparent front too (a stand-in relay at 127.0.0.7).
+    let transparent = "transparent: {trustedRelays: [127.0.0.7/32], relayKeyFile: $RELAY_KEY}\n";
+    let gw = Gateway::start(&dns, &format!("{transparent}{}", policy(p, &audit)));
     (gw, fifo, p, dir, (dns, up))
+}
+
+/// An HTTP request through a stand-in relay and the transparent front: what came back.
+fn via_transparent(gw: &Gateway, port: u16) -> String {
+    let relay = TestRelay::start(gw.transparent, "127.0.0.7", format!("198.51.100.9:{port}").parse().unwrap());
+    let req = format!("GET /t HTTP/1.1\r\nHost: up.test:{port}\r\nConnection: close\r\n\r\n");
+    String::from_utf8_lossy(&raw_exchange(relay.addr, req.as_bytes(), Duration::from_secs(10))).to_string()
 }
 
 #[test]
@@ -270,6 +279,9 @@ fn a_full_spool_fails_closed_and_recovers_when_the_sink_drains() {
     c.read_exact(&mut head).unwrap();
     assert_eq!(&head, b"HTTP/1.1 503", "CONNECT refused");
     drop(c);
+    // The transparent front resets (no answer at all, whatever the protocol).
+    let out = via_transparent(&gw, p);
+    assert!(out.is_empty(), "transparent refused: {out}");
 
     // The SIEM comes back: the spool drains, readiness returns, traffic flows again.
     fifo.drain();
@@ -287,6 +299,8 @@ fn a_full_spool_fails_closed_and_recovers_when_the_sink_drains() {
     let allowed =
         fifo.events().iter().filter(|e| e["decision"]["reason"] == "rule_allow" && e["event"] == "decision").count();
     assert_eq!(allowed as u64, ok + 1, "one allow per answered request, none for the refused ones");
+    // And the transparent front serves again.
+    assert!(via_transparent(&gw, p).starts_with("HTTP/1.1 200"));
 }
 
 #[test]

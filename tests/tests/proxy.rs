@@ -1247,6 +1247,9 @@ fn a_configmap_style_data_symlink_swap_reloads_the_config() {
     let late = "  - {apiVersion: egress.dev/v1alpha1, kind: EgressPolicy, metadata: {name: late, namespace: shop}, spec: {podSelector: {matchLabels: {app: api}}, rules: [{name: late, to: [{domain: other.test}]}]}}\n";
     swap("..2026_11_28_v2", &format!("{text}{late}"));
     wait_until(Duration::from_secs(10), || curl(&["-x", &proxy(&gw), &url]).status == 200);
-    assert_eq!(gw.decision(|e| e["target"]["http"]["path"] == "/x" && e["decision"]["action"] == "allow")["decision"]["rule"], "late");
+    assert_eq!(
+        gw.decision(|e| e["target"]["http"]["path"] == "/x" && e["decision"]["action"] == "allow")["decision"]["rule"],
+        "late"
+    );
     assert!(gw.metric("egress_config_reloads_total{result=\"ok\"}").unwrap_or(0.0) > reloads);
 }
