@@ -711,6 +711,30 @@ fn sigterm_stops_accepting_and_drains_open_connections() {
     assert!(close["close"]["bytes_up"].as_u64().unwrap() > 0);
 }
 
+/// The end of `shutdown.grace`: a tunnel still open then is closed by the gateway (the client
+/// reads the end of the stream), its close event says `shutdown` and is in the audit file when
+/// the process exits (sinks flushed), and the exit is clean.
+#[test]
+fn at_the_end_of_the_grace_period_open_tunnels_are_closed_and_audited() {
+    let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
+    let p = up.addr.port();
+    let mut gw = Gateway::start(&dns, &format!("{}shutdown: {{grace: 1s}}\n", config(p, "")));
+    let t = TcpStream::connect(gw.http).unwrap();
+    t.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut tr = BufReader::new(t.try_clone().unwrap());
+    write!(&t, "CONNECT up.test:{p} HTTP/1.1\r\nHost: up.test:{p}\r\n\r\n").unwrap();
+    assert_eq!(read_head(&mut tr).0, 200);
+    gw.signal("TERM");
+    // The client keeps the tunnel open; the gateway ends it.
+    let mut rest = Vec::new();
+    let n = tr.read_to_end(&mut rest);
+    assert!(matches!(n, Ok(0)), "closed by the gateway, not our read timeout: {n:?}");
+    let status = gw.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status}");
+    let close = gw.events().into_iter().find(|e| e["event"] == "close").expect("close event flushed before exit");
+    assert_eq!(close["close"]["end"], "shutdown", "{close}");
+}
+
 #[test]
 fn policy_conformance_vectors() {
     let run = repo_root().join("../shared/vectors/run.sh");
