@@ -210,8 +210,12 @@ impl Dns {
                 cmd.arg(format!("--cname={n},{a}"));
             }
         }
+        // One record per address: a host-record holds at most one address of each family, and
+        // dnsmasq answers with every record of the name.
         for (n, addrs) in by_name {
-            cmd.arg(format!("--host-record={n},{}", addrs.join(",")));
+            for a in addrs {
+                cmd.arg(format!("--host-record={n},{a}"));
+            }
         }
         let child =
             cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("dnsmasq (apt-get install dnsmasq-base)");

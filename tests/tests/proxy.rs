@@ -1277,3 +1277,41 @@ fn a_configmap_style_data_symlink_swap_reloads_the_config() {
     );
     assert!(gw.metric("egress_config_reloads_total{result=\"ok\"}").unwrap_or(0.0) > reloads);
 }
+
+/// A cluster Deny CIDR through the listeners: an allowed name whose resolution includes a denied
+/// address is dialled only at the other address (the denied one is audited as removed, and a
+/// canary there sees nothing); a name that resolves only into the denied range is `cluster_deny`.
+#[test]
+fn a_cluster_deny_cidr_is_removed_from_an_allowed_names_resolution() {
+    let dns = Dns::start(&[("two.test", "127.0.0.2"), ("two.test", "127.0.0.3"), ("three.test", "127.0.0.3")]);
+    let (up, canary) = (0..20)
+        .find_map(|_| {
+            let l3 = std::net::TcpListener::bind("127.0.0.3:0").ok()?;
+            let l2 = std::net::TcpListener::bind(("127.0.0.2", l3.local_addr().ok()?.port())).ok()?;
+            Some((Upstream::serve(l2), Upstream::serve(l3)))
+        })
+        .expect("one port free on both addresses");
+    let p = up.addr.port();
+    let body = format!(
+        "guard: {{allowCidrs: [127.0.0.2/32, 127.0.0.3/32]}}\nclients: [{{cidr: 127.0.0.1/32, namespace: a, name: one, labels: {{}}}}]\npolicies:\n  - {{apiVersion: egress.dev/v1alpha1, kind: EgressPolicy, metadata: {{name: p, namespace: a}}, spec: {{podSelector: {{}}, rules: [{{name: names, to: [{{domain: two.test}}, {{domain: three.test}}], ports: [{{port: {p}}}]}}]}}}}\n  - {{apiVersion: egress.dev/v1alpha1, kind: ClusterEgressPolicy, metadata: {{name: platform}}, spec: {{namespaceSelector: {{}}, podSelector: {{}}, rules: [{{name: no-three, action: Deny, to: [{{cidr: 127.0.0.3/32}}]}}]}}}}\n"
+    );
+    let gw = Gateway::start(&dns, &body);
+    for front in ["http", "connect"] {
+        let url = format!("http://two.test:{p}/{front}");
+        let r = if front == "http" { curl(&["-x", &proxy(&gw), &url]) } else { curl(&["-p", "-x", &proxy(&gw), &url]) };
+        let d = gw.decision(|e| e["target"]["host"] == "two.test" && e["front"] == front);
+        assert_eq!(r.status, 200, "{front}: {r:?} {d}");
+        assert_eq!(d["dialled"], format!("127.0.0.2:{p}"), "{d}");
+        let removed: Vec<&Value> =
+            d["resolved"].as_array().unwrap().iter().filter(|r| r["denied_by"].is_string()).collect();
+        assert_eq!(removed.len(), 1, "{d}");
+        assert_eq!(
+            (removed[0]["address"].as_str(), removed[0]["denied_by"].as_str()),
+            (Some("127.0.0.3"), Some("platform/no-three"))
+        );
+    }
+    let r = curl(&["-x", &proxy(&gw), &format!("http://three.test:{p}/")]);
+    assert_eq!(r.status, 403, "{r:?}");
+    assert!(r.body.contains("reason: cluster_deny"), "{r:?}");
+    assert_eq!(canary.hits(), 0, "the denied address was never dialled");
+}
