@@ -340,8 +340,12 @@ fn status_accepted_false_for_an_invalid_policy_and_true_once_fixed() {
         n = now;
     }
     api.apply(PODS, pod("shop", "c", &["127.0.0.4"], json!({"app": "web", "x": "y"}), "Running"));
-    std::thread::sleep(Duration::from_millis(800));
-    assert_eq!(api.patches().len(), n, "{:#?}", api.patches());
+    // A marker applied after it: once its status is written, the Pod change was seen too (the
+    // watchers deliver in order), and it wrote nothing for p.
+    api.apply(POLICIES, egress_policy("shop", "marker", json!({}), json!([{"to": [{"domain": "up.test"}]}])));
+    wait_patch(&api, |p| p.path.ends_with("/egresspolicies/marker/status"));
+    let since: Vec<String> = api.patches()[n..].iter().map(|p| p.path.clone()).collect();
+    assert!(since.iter().all(|p| p.ends_with("/egresspolicies/marker/status")), "{since:#?}");
     // A cluster policy gets its status too.
     api.apply(
         CLUSTER_POLICIES,
@@ -393,7 +397,12 @@ fn every_api_request_is_covered_by_the_rbac_manifest() {
     let _gw = start_gateway(&api, &dns, "t", ", leaseDuration: 1s");
     wait_patch(&api, |p| p.path.ends_with("/clusteregresspolicies/c/status"));
     wait_patch(&api, |p| p.path.ends_with("/egresspolicies/p/status"));
-    std::thread::sleep(Duration::from_millis(800)); // a lease renewal (PUT) too
+    // A lease renewal (PUT) too.
+    wait_until(Duration::from_secs(10), || {
+        api.requests()
+            .iter()
+            .any(|r| r.starts_with("PUT /apis/coordination.k8s.io/v1/namespaces/egress-system/leases/"))
+    });
 
     let text = std::fs::read_to_string(repo_root().join("deploy/rbac.yaml")).unwrap();
     let seen_verbs = egress_e2e::rbac::assert_covered(&api.requests(), &text, "deploy/rbac.yaml");
