@@ -842,7 +842,7 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigErrors> {
         read_document(v.clone(), origin, &mut policies, &mut errors);
     }
     for p in &config.policy_files {
-        let p = if p.is_absolute() { p.clone() } else { base.join(p) };
+        let p = relative_to(base, p);
         for f in policy_paths(&p, &mut errors) {
             read_policy_file(&f, &mut policies, &mut errors);
         }
@@ -855,6 +855,11 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigErrors> {
     }
 }
 
+/// A path of the config file: absolute as it is, relative to the config file's folder `base`.
+pub fn relative_to(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
+}
+
 /// [`load`], then the secrets the configuration names (the relays' keys): what `run` and every
 /// reload use. `validate` checks the file alone, so that a config rendered elsewhere (CI, a
 /// chart) validates without the Secrets it will find mounted.
@@ -862,9 +867,8 @@ pub fn load_with_secrets(path: &Path) -> Result<Loaded, ConfigErrors> {
     let mut loaded = load(path)?;
     if let Some(k) = &loaded.config.transparent.relay_key_file {
         let base = path.parent().unwrap_or(Path::new("."));
-        loaded.relay_keys =
-            egress_netio::proxy::RelayKey::load(&if k.is_absolute() { k.clone() } else { base.join(k) })
-                .map_err(|e| ConfigErrors(vec![format!("{}: transparent.relayKeyFile: {e}", path.display())]))?;
+        loaded.relay_keys = egress_netio::proxy::RelayKey::load(&relative_to(base, k))
+            .map_err(|e| ConfigErrors(vec![format!("{}: transparent.relayKeyFile: {e}", path.display())]))?;
     }
     Ok(loaded)
 }

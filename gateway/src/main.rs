@@ -70,7 +70,12 @@ enum AuditCommand {
 }
 
 fn load(path: &std::path::Path) -> Result<config::Loaded, ExitCode> {
-    config::load(path).map_err(|e| {
+    reported(config::load(path))
+}
+
+/// Prints a load's errors (exit 2).
+fn reported(r: Result<config::Loaded, config::ConfigErrors>) -> Result<config::Loaded, ExitCode> {
+    r.map_err(|e| {
         eprintln!("{e}");
         ExitCode::from(2)
     })
@@ -115,12 +120,9 @@ fn main() -> ExitCode {
             }
         }
         Command::Run { config } => {
-            let loaded = match config::load_with_secrets(&config) {
+            let loaded = match reported(config::load_with_secrets(&config)) {
                 Ok(l) => l,
-                Err(e) => {
-                    eprintln!("{e}");
-                    return ExitCode::from(2);
-                }
+                Err(c) => return c,
             };
             let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
                 Ok(rt) => rt,

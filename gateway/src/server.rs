@@ -111,7 +111,7 @@ fn watched_paths(loaded: &Loaded) -> Vec<PathBuf> {
     let base = loaded.path.parent().unwrap_or(Path::new(".")).to_path_buf();
     let mut v = vec![loaded.path.clone()];
     for p in loaded.config.policy_files.iter().chain(&loaded.config.transparent.relay_key_file) {
-        v.push(if p.is_absolute() { p.clone() } else { base.join(p) });
+        v.push(crate::config::relative_to(&base, p));
     }
     v
 }

@@ -412,19 +412,16 @@ pub struct ReplayGuard {
 impl ReplayGuard {
     /// Records `counter` of `sender`; false when it was seen before. A sender silent for twice
     /// `max_skew` can only send fresh headers (anything it wrote before is stale), so its window
-    /// is forgotten then.
+    /// can go: windows are pruned when a new sender arrives (the only time the map grows), not
+    /// on every connection.
     fn accept(&self, sender: [u8; 8], counter: u64, max_skew: Duration) -> bool {
         let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-        if windows.len() > 64 {
-            windows.retain(|_, w| w.seen.elapsed() <= max_skew * 2);
+        if let Some(w) = windows.get_mut(&sender) {
+            return w.accept(counter);
         }
-        match windows.get_mut(&sender) {
-            Some(w) => w.accept(counter),
-            None => {
-                windows.insert(sender, Window::new(counter));
-                true
-            }
-        }
+        windows.retain(|_, w| w.seen.elapsed() <= max_skew * 2);
+        windows.insert(sender, Window::new(counter));
+        true
     }
 }
 

@@ -197,6 +197,11 @@ pub struct PodEntry {
     pub uid: String,
 }
 
+/// A path of the config file: absolute as it is, relative to the config file's folder `base`.
+fn relative_to(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
+}
+
 /// A loaded, validated config with its policies.
 #[derive(Debug, Clone)]
 pub struct Loaded {
@@ -214,8 +219,7 @@ impl Loaded {
     pub fn relay_keys(&self) -> Result<Vec<egress_netio::proxy::RelayKey>, String> {
         let k = self.config.relay.key_file.as_ref().ok_or("relay.keyFile: required")?;
         let base = self.path.parent().unwrap_or(Path::new("."));
-        egress_netio::proxy::RelayKey::load(&if k.is_absolute() { k.clone() } else { base.join(k) })
-            .map_err(|e| format!("relay.keyFile: {e}"))
+        egress_netio::proxy::RelayKey::load(&relative_to(base, k)).map_err(|e| format!("relay.keyFile: {e}"))
     }
 
     /// This node's name.
@@ -275,7 +279,7 @@ pub fn load(path: &Path) -> Result<Loaded, Vec<String>> {
     let mut docs: Vec<(String, serde_json::Value)> =
         config.policies.iter().enumerate().map(|(i, v)| (format!("{f}: policies[{i}]"), v.clone())).collect();
     for p in &config.policy_files {
-        let p = if p.is_absolute() { p.clone() } else { base.join(p) };
+        let p = relative_to(base, p);
         let files: Vec<PathBuf> = if p.is_dir() {
             let mut v: Vec<PathBuf> = std::fs::read_dir(&p)
                 .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())

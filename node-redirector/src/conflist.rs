@@ -80,12 +80,13 @@ pub fn conf_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
     Ok(files)
 }
 
-/// Writes `text` to `path` through a temporary file and a rename (the runtime never reads half a
-/// file), keeping the old file's permissions.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
+/// Writes `v` (pretty JSON) to `path` through a temporary file and a rename (the runtime never
+/// reads half a file), with the permissions of the file it replaces, `like`.
+fn write_json(path: &Path, like: &Path, v: &Value) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(v).map_err(|e| e.to_string())? + "\n";
     let tmp = path.with_extension("egress-redirector.tmp");
-    std::fs::write(&tmp, bytes).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    if let Ok(m) = std::fs::metadata(path) {
+    std::fs::write(&tmp, text).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    if let Ok(m) = std::fs::metadata(like) {
         let _ = std::fs::set_permissions(&tmp, m.permissions());
     }
     std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
@@ -108,14 +109,13 @@ pub fn install(conf_dir: &Path, entry: &Value) -> Result<Installed, String> {
     let text = std::fs::read_to_string(&primary).map_err(|e| format!("{}: {e}", primary.display()))?;
     let new = insert(&text, entry).map_err(|e| format!("{}: {e}; left untouched", primary.display()))?;
     let Some(new) = new else { return Ok(Installed::Unchanged(primary)) };
-    let pretty = serde_json::to_string_pretty(&new).map_err(|e| e.to_string())? + "\n";
     let is_list = primary.extension().and_then(|e| e.to_str()) == Some("conflist");
     if is_list {
-        write_atomic(&primary, pretty.as_bytes())?;
+        write_json(&primary, &primary, &new)?;
         return Ok(Installed::Changed(primary));
     }
     let list = primary.with_extension("conflist");
-    write_atomic(&list, pretty.as_bytes())?;
+    write_json(&list, &primary, &new)?;
     std::fs::remove_file(&primary).map_err(|e| format!("{}: {e}", primary.display()))?;
     Ok(Installed::Changed(list))
 }
@@ -132,8 +132,7 @@ pub fn uninstall(conf_dir: &Path) -> Result<Vec<PathBuf>, String> {
     for f in files {
         let Ok(text) = std::fs::read_to_string(&f) else { continue };
         if let Ok(Some(new)) = remove(&text) {
-            let pretty = serde_json::to_string_pretty(&new).map_err(|e| e.to_string())? + "\n";
-            write_atomic(&f, pretty.as_bytes())?;
+            write_json(&f, &f, &new)?;
             changed.push(f);
         }
     }

@@ -102,6 +102,18 @@ pub async fn get_pod(client: &Client, namespace: &str, name: &str) -> Result<Opt
     }
 }
 
+/// A client from `kubeconfig`, or else `KUBECONFIG`, `~/.kube/config`, then in-cluster.
+async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await?
+        }
+        None => kube::Config::infer().await?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
 /// The container args of the DaemonSet's Pods while the release is being deleted.
 pub fn uninstall_args(config: &str) -> Vec<String> {
     ["uninstall", "--config", config, "--wait"].iter().map(|s| s.to_string()).collect()
@@ -120,14 +132,7 @@ pub async fn uninstall_daemonset(
     timeout: Duration,
 ) -> anyhow::Result<()> {
     use k8s_openapi::api::apps::v1::DaemonSet;
-    let cfg = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await?
-        }
-        None => kube::Config::infer().await?,
-    };
-    let api = Api::<DaemonSet>::namespaced(Client::try_from(cfg)?, namespace);
+    let api = Api::<DaemonSet>::namespaced(client(kubeconfig).await?, namespace);
     let patch = serde_json::json!({
         "spec": {
             "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "100%"}},
@@ -297,14 +302,7 @@ async fn report(client: Client, pods: Store<Pod>, mut rx: watch::Receiver<Option
 /// value once every watcher has listed. The [`Reporter`] writes the Pod condition.
 pub async fn start(cfg: &Config, node: String) -> anyhow::Result<(watch::Receiver<Option<Inputs>>, Reporter, Client)> {
     let k = &cfg.kubernetes;
-    let config = match &k.kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await?
-        }
-        None => kube::Config::infer().await?,
-    };
-    let client = Client::try_from(config)?;
+    let client = client(k.kubeconfig.as_deref()).await?;
     let (svc_ns, svc_name) = k
         .gateway_service
         .as_deref()

@@ -103,9 +103,6 @@ fn main() -> ExitCode {
         return cni::main();
     }
     let cli = Cli::parse();
-    if let Cmd::Cni = cli.command {
-        return cni::main();
-    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -120,7 +117,7 @@ fn main() -> ExitCode {
             }
             Err(c) => c,
         },
-        Cmd::Cni => unreachable!("handled above"),
+        Cmd::Cni => cni::main(),
         Cmd::Uninstall { config, wait } => {
             let code = uninstall(config.as_deref());
             match (wait, config) {

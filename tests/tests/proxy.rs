@@ -131,18 +131,23 @@ fn wildcard_never_matches_the_apex_and_ports_are_enforced() {
     assert_eq!(ev[0]["decision"]["policy"], "ns/wild");
 }
 
-#[test]
-fn cidr_rules_with_except() {
-    let dns = dns();
-    // Both upstreams on one port (the rule's): the excepted one is a canary that must see nothing.
-    // A port free on 127.0.0.3 is almost always free on 127.0.0.2 too; try a few.
-    let (up2, canary) = (0..20)
+/// Upstreams on 127.0.0.2 and 127.0.0.3 with the same port (one rule's port covers both). A port
+/// free on 127.0.0.3 is almost always free on 127.0.0.2 too; a few tries.
+fn upstreams_on_one_port() -> (Upstream, Upstream) {
+    (0..20)
         .find_map(|_| {
             let l3 = std::net::TcpListener::bind("127.0.0.3:0").ok()?;
             let l2 = std::net::TcpListener::bind(("127.0.0.2", l3.local_addr().ok()?.port())).ok()?;
             Some((Upstream::serve(l2), Upstream::serve(l3)))
         })
-        .expect("one port free on both 127.0.0.2 and 127.0.0.3");
+        .expect("one port free on both 127.0.0.2 and 127.0.0.3")
+}
+
+#[test]
+fn cidr_rules_with_except() {
+    let dns = dns();
+    // Both upstreams on one port (the rule's): the excepted one is a canary that must see nothing.
+    let (up2, canary) = upstreams_on_one_port();
     let p = up2.addr.port();
     let gw = Gateway::start(&dns, &config(p, ""));
     let ok = curl(&["-x", &proxy(&gw), &format!("http://127.0.0.2:{p}/")]);
@@ -1284,13 +1289,7 @@ fn a_configmap_style_data_symlink_swap_reloads_the_config() {
 #[test]
 fn a_cluster_deny_cidr_is_removed_from_an_allowed_names_resolution() {
     let dns = Dns::start(&[("two.test", "127.0.0.2"), ("two.test", "127.0.0.3"), ("three.test", "127.0.0.3")]);
-    let (up, canary) = (0..20)
-        .find_map(|_| {
-            let l3 = std::net::TcpListener::bind("127.0.0.3:0").ok()?;
-            let l2 = std::net::TcpListener::bind(("127.0.0.2", l3.local_addr().ok()?.port())).ok()?;
-            Some((Upstream::serve(l2), Upstream::serve(l3)))
-        })
-        .expect("one port free on both addresses");
+    let (up, canary) = upstreams_on_one_port();
     let p = up.addr.port();
     let body = format!(
         "guard: {{allowCidrs: [127.0.0.2/32, 127.0.0.3/32]}}\nclients: [{{cidr: 127.0.0.1/32, namespace: a, name: one, labels: {{}}}}]\npolicies:\n  - {{apiVersion: egress.dev/v1alpha1, kind: EgressPolicy, metadata: {{name: p, namespace: a}}, spec: {{podSelector: {{}}, rules: [{{name: names, to: [{{domain: two.test}}, {{domain: three.test}}], ports: [{{port: {p}}}]}}]}}}}\n  - {{apiVersion: egress.dev/v1alpha1, kind: ClusterEgressPolicy, metadata: {{name: platform}}, spec: {{namespaceSelector: {{}}, podSelector: {{}}, rules: [{{name: no-three, action: Deny, to: [{{cidr: 127.0.0.3/32}}]}}]}}}}\n"
