@@ -35,6 +35,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+
+use crate::rbac::{Attributes, Rbac};
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::Frame;
 use serde_json::{Value, json};
@@ -57,16 +59,28 @@ struct Kind {
     objects: BTreeMap<String, Value>,
     /// (resourceVersion, event type, object, the object before the change)
     log: Vec<LogEntry>,
-    compacted_below: u64,
+    /// History up to and including this resourceVersion is gone.
+    compacted_through: u64,
+    /// The field manager that owns each object's `.status` (server-side apply).
+    status_manager: HashMap<String, String>,
 }
 
 #[derive(Default)]
 struct State {
     rv: u64,
     kinds: HashMap<String, Kind>,
-    requests: Vec<String>,
+    /// (bearer token, request line)
+    requests: Vec<(String, String)>,
+    /// Request lines answered 403.
+    forbidden: Vec<String>,
+    rbac: Rbac,
+    /// The server's own bound on a watch's duration (a real one ends watches after
+    /// `--min-request-timeout`, randomised, or the client's `timeoutSeconds`, whichever is less).
+    watch_timeout: Option<Duration>,
     down: bool,
     leases: BTreeMap<String, Value>,
+    /// Every Lease write: (bearer token, the Lease as written).
+    lease_writes: Vec<(String, Value)>,
     daemonsets: BTreeMap<String, Value>,
     patches: Vec<Patch>,
     on_patch: Option<PatchHook>,
@@ -119,7 +133,9 @@ impl FakeApi {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut st = State { rv: 1, ..Default::default() };
+        let rbac = |f: &str| std::fs::read_to_string(crate::repo_root().join("deploy").join(f)).expect("deploy RBAC");
+        let (gateway, redirector) = (rbac("rbac.yaml"), rbac("node-redirector-rbac.yaml"));
+        let mut st = State { rv: 1, rbac: Rbac::from_manifests(&[&gateway, &redirector]), ..Default::default() };
         for k in [PODS, NAMESPACES, POLICIES, CLUSTER_POLICIES, SLICES] {
             st.kinds.insert(k.to_string(), Kind::default());
         }
@@ -155,18 +171,92 @@ impl FakeApi {
         )
     }
 
-    /// Creates or replaces an object (ADDED or MODIFIED).
+    /// Creates or replaces an object (ADDED or MODIFIED). For the policy kinds, as for any custom
+    /// resource with a status subresource, the main resource's write keeps the stored `.status`
+    /// (whatever the object carries) and `metadata.generation` is the server's: 1 at creation,
+    /// one more on every change of `.spec`.
     pub fn apply(&self, path: &str, mut obj: Value) {
         let mut st = self.state.lock().unwrap();
         st.rv += 1;
         let rv = st.rv;
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
         let k = st.kinds.get_mut(path).unwrap();
+        if path == POLICIES || path == CLUSTER_POLICIES {
+            let prev = k.objects.get(&key(&obj));
+            let generation = match prev {
+                None => 1,
+                Some(p) => {
+                    let g = p["metadata"]["generation"].as_i64().unwrap_or(1);
+                    if p["spec"] == obj["spec"] { g } else { g + 1 }
+                }
+            };
+            obj["metadata"]["generation"] = json!(generation);
+            match prev.map(|p| p["status"].clone()) {
+                Some(status) if !status.is_null() => obj["status"] = status,
+                _ => {
+                    obj.as_object_mut().unwrap().remove("status");
+                }
+            }
+            if let Some(mf) = prev.map(|p| p["metadata"]["managedFields"].clone()).filter(|m| !m.is_null()) {
+                obj["metadata"]["managedFields"] = mf;
+            }
+        }
         let prev = k.objects.insert(key(&obj), obj.clone());
         let kind = if prev.is_some() { "MODIFIED" } else { "ADDED" };
         k.log.push((rv, kind, obj, prev));
         drop(st);
         let _ = self.notify.send(());
+    }
+
+    /// Starts a graceful deletion, as `kubectl delete` of a Pod does: the object stays, with
+    /// `metadata.deletionTimestamp` and `deletionGracePeriodSeconds` set (a `MODIFIED` event),
+    /// until `delete` removes it (the kubelet's final delete once the containers have stopped).
+    pub fn begin_delete(&self, path: &str, namespace: &str, name: &str) {
+        let mut st = self.state.lock().unwrap();
+        st.rv += 1;
+        let rv = st.rv;
+        let k = st.kinds.get_mut(path).unwrap();
+        if let Some(obj) = k.objects.get_mut(&format!("{namespace}/{name}")) {
+            let prev = obj.clone();
+            obj["metadata"]["deletionTimestamp"] = json!("2026-11-26T01:00:00Z");
+            obj["metadata"]["deletionGracePeriodSeconds"] = json!(30);
+            obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+            let obj = obj.clone();
+            k.log.push((rv, "MODIFIED", obj, Some(prev)));
+        }
+        drop(st);
+        let _ = self.notify.send(());
+    }
+
+    /// Writes an object's `.status` by server-side apply as another field manager (`kubectl`, an
+    /// older controller): it then owns `.status`, and an apply by any other manager conflicts
+    /// unless forced.
+    pub fn apply_status_as(&self, path: &str, namespace: &str, name: &str, manager: &str, status: Value) {
+        let key = format!("{namespace}/{name}");
+        let st = self.state.lock().unwrap();
+        let _ = apply_status(st, &self.notify, path, &key, manager, true, status);
+    }
+
+    /// Ends every watch after `d` (a real server ends each watch after its request timeout; the
+    /// client then watches again from the last resourceVersion it saw, a bookmark's included).
+    pub fn set_watch_timeout(&self, d: Duration) {
+        self.state.lock().unwrap().watch_timeout = Some(d);
+    }
+
+    /// Replaces the RBAC rules the server authorises with (by default those of every manifest in
+    /// `deploy/`): any other request is answered `403 Forbidden`.
+    pub fn set_rbac(&self, manifests: &[&str]) {
+        self.state.lock().unwrap().rbac = Rbac::from_manifests(manifests);
+    }
+
+    /// Request lines answered `403 Forbidden`.
+    pub fn forbidden(&self) -> Vec<String> {
+        self.state.lock().unwrap().forbidden.clone()
+    }
+
+    /// Every Lease write (create or update): the bearer token that wrote it and the Lease.
+    pub fn lease_writes(&self) -> Vec<(String, Value)> {
+        self.state.lock().unwrap().lease_writes.clone()
     }
 
     /// Deletes an object (DELETED).
@@ -183,12 +273,20 @@ impl FakeApi {
         let _ = self.notify.send(());
     }
 
-    /// Compacts a collection's history: open watches get `410 Gone` and must relist.
+    /// Compacts a collection's history up to the current resourceVersion, as etcd compaction
+    /// does: a watch that still needs a change from before it (one that is behind, open or new)
+    /// gets `410 Gone` and must relist; a watch that has seen everything goes on.
     pub fn compact(&self, path: &str) {
+        let rv = self.state.lock().unwrap().rv;
+        self.compact_through(path, rv);
+    }
+
+    /// Compacts a collection's history up to and including `rv`.
+    pub fn compact_through(&self, path: &str, rv: u64) {
         let mut st = self.state.lock().unwrap();
-        st.rv += 1;
-        let rv = st.rv;
-        st.kinds.get_mut(path).unwrap().compacted_below = rv;
+        let k = st.kinds.get_mut(path).unwrap();
+        k.compacted_through = rv;
+        k.log.retain(|(r, ..)| *r > rv);
         drop(st);
         let _ = self.notify.send(());
     }
@@ -201,7 +299,12 @@ impl FakeApi {
 
     /// Request lines seen so far (`GET /api/v1/pods?...`).
     pub fn requests(&self) -> Vec<String> {
-        self.state.lock().unwrap().requests.clone()
+        self.state.lock().unwrap().requests.iter().map(|(_, l)| l.clone()).collect()
+    }
+
+    /// Request lines of the client with this bearer token.
+    pub fn requests_by(&self, token: &str) -> Vec<String> {
+        self.state.lock().unwrap().requests.iter().filter(|(t, _)| t == token).map(|(_, l)| l.clone()).collect()
     }
 
     /// Runs `f` on every accepted Pod status patch before it is applied (visible) and answered, so
@@ -281,41 +384,76 @@ async fn handle(
         .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
         .collect();
     let line = format!("{} {}", req.method(), req.uri());
+    let token = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .trim_start_matches("Bearer ")
+        .to_string();
+    {
+        let mut st = state.lock().unwrap();
+        st.requests.push((token.clone(), line.clone()));
+        // The authoriser: RBAC of the manifests; a non-resource URL (`/version`) is open to every
+        // authenticated client.
+        if let Some(a) = Attributes::of(req.method().as_str(), &req.uri().to_string())
+            && !st.rbac.allows(&a)
+        {
+            st.forbidden.push(line);
+            let user = format!("system:serviceaccount:egress-system:{token}");
+            return Ok(status_with(403, "Forbidden", &a.forbidden(&user)));
+        }
+    }
     if !state.lock().unwrap().kinds.contains_key(&path) {
-        return Ok(other(state, notify, req, line).await);
+        return Ok(other(state, notify, req, token).await);
     }
     let kind = path.clone();
     let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
-    let mut st = state.lock().unwrap();
-    st.requests.push(line);
+    let st = state.lock().unwrap();
     let selector = match Selector::parse(&kind, &query) {
         Ok(s) => s,
         Err(e) => return Ok(status_with(400, "BadRequest", &e)),
     };
+    let asked: Option<u64> = query.get("resourceVersion").and_then(|v| v.parse().ok());
     if !watch {
+        // A list at an exact resourceVersion that compaction has removed is 410 (a list at "0",
+        // none, or `NotOlderThan` is served from the current state).
+        if query.get("resourceVersionMatch").map(String::as_str) == Some("Exact")
+            && asked.is_some_and(|v| v < st.kinds[&kind].compacted_through)
+        {
+            return Ok(status_with(410, "Expired", "too old resource version"));
+        }
         let rv = st.rv;
         let items: Vec<Value> = st.kinds[&kind].objects.values().filter(|o| selector.matches(o)).cloned().collect();
         let (api_version, list) = list_kind(&kind);
         let list = json!({"apiVersion": api_version, "kind": list, "metadata": {"resourceVersion": rv.to_string()}, "items": items});
         return Ok(json_response(200, &list));
     }
-    let mut cursor: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let mut cursor: u64 = asked.unwrap_or(0);
+    // The watch ends after the client's `timeoutSeconds` or the server's bound, whichever is less;
+    // with `allowWatchBookmarks` a BOOKMARK carrying the current resourceVersion comes last.
+    let mut limit = query.get("timeoutSeconds").and_then(|v| v.parse().ok()).map(Duration::from_secs);
+    if let Some(server) = st.watch_timeout {
+        limit = Some(limit.map_or(server, |l| l.min(server)));
+    }
+    let deadline = limit.map(|l| tokio::time::Instant::now() + l);
+    let bookmarks = query.get("allowWatchBookmarks").map(String::as_str) == Some("true");
     drop(st);
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
     let mut sub = notify.subscribe();
     tokio::spawn(async move {
         loop {
-            let (events, gone, down) = {
+            let (events, gone, down, now_rv) = {
                 let st = state.lock().unwrap();
                 let k = &st.kinds[&kind];
-                let gone = cursor < k.compacted_below;
+                let gone = cursor < k.compacted_through;
                 let ev: Vec<(u64, &'static str, Value)> = k
                     .log
                     .iter()
                     .filter(|(rv, ..)| *rv > cursor)
                     .map(|(rv, t, obj, prev)| (*rv, selector.event(t, obj, prev.as_ref()), obj.clone()))
                     .collect();
-                (ev, gone, st.down)
+                (ev, gone, st.down, st.rv)
             };
             if down {
                 return;
@@ -335,7 +473,21 @@ async fn handle(
                     return;
                 }
             }
-            let _ = tokio::time::timeout(Duration::from_millis(500), sub.recv()).await;
+            if let Some(d) = deadline
+                && tokio::time::Instant::now() >= d
+            {
+                if bookmarks {
+                    let (api_version, list) = list_kind(&kind);
+                    let object = json!({"apiVersion": api_version, "kind": list.trim_end_matches("List"),
+                        "metadata": {"resourceVersion": now_rv.to_string()}});
+                    let _ = tx.send(Bytes::from(format!("{}\n", json!({"type": "BOOKMARK", "object": object})))).await;
+                }
+                return; // the watch ends normally
+            }
+            let wait = deadline.map_or(Duration::from_millis(500), |d| {
+                d.saturating_duration_since(tokio::time::Instant::now()).min(Duration::from_millis(500))
+            });
+            let _ = tokio::time::timeout(wait, sub.recv()).await;
         }
     });
     let stream = futures::stream::unfold(rx, |mut rx| async move {
@@ -470,18 +622,16 @@ async fn other(
     state: Arc<Mutex<State>>,
     notify: tokio::sync::broadcast::Sender<()>,
     req: hyper::Request<hyper::body::Incoming>,
-    line: String,
+    token: String,
 ) -> hyper::Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     let header = |n: &str| req.headers().get(n).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-    let token = header("authorization").trim_start_matches("Bearer ").to_string();
     let content_type = header("content-type");
     let bytes = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     let mut st = state.lock().unwrap();
-    st.requests.push(line);
     if path == "/version" {
         return json_response(
             200,
@@ -511,6 +661,7 @@ async fn other(
                 l["apiVersion"] = json!("coordination.k8s.io/v1");
                 l["kind"] = json!("Lease");
                 st.leases.insert(format!("{ns}/{name}"), l.clone());
+                st.lease_writes.push((token, l.clone()));
                 return json_response(201, &l);
             }
             ("PUT", Some(name)) => {
@@ -525,6 +676,7 @@ async fn other(
                 let mut l = body.clone();
                 l["metadata"]["resourceVersion"] = json!(st.rv.to_string());
                 st.leases.insert(k, l.clone());
+                st.lease_writes.push((token, l.clone()));
                 return json_response(200, &l);
             }
             _ => return status(405, "MethodNotAllowed"),
@@ -600,10 +752,58 @@ async fn other(
             }
             _ => return status(404, "NotFound"),
         };
-        st.patches.push(Patch { token, path: path.clone(), query, content_type, body: body.clone() });
-        return modify(st, &notify, kind, &key, |obj| obj["status"] = body["status"].clone());
+        // Custom resources take server-side apply and JSON merge patches, never strategic merge.
+        if content_type != "application/apply-patch+yaml" {
+            return status(415, "UnsupportedMediaType");
+        }
+        let params: HashMap<&str, &str> = query.split('&').filter_map(|kv| kv.split_once('=')).collect();
+        let Some(manager) = params.get("fieldManager").map(|m| m.to_string()) else {
+            return status_with(
+                400,
+                "BadRequest",
+                "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
+            );
+        };
+        let force = params.get("force") == Some(&"true");
+        st.patches.push(Patch { token, path: path.clone(), query: query.clone(), content_type, body: body.clone() });
+        return apply_status(st, &notify, kind, &key, &manager, force, body["status"].clone());
     }
     status(404, "NotFound")
+}
+
+/// Server-side apply of `.status` by `manager`. With one applier owning the whole status the
+/// merge is a replacement; another manager owning a different value is a conflict (409 unless
+/// `force`, which takes the ownership over), as "Server-Side Apply: Conflicts" describes.
+fn apply_status(
+    mut st: std::sync::MutexGuard<'_, State>,
+    notify: &tokio::sync::broadcast::Sender<()>,
+    kind: &str,
+    key: &str,
+    manager: &str,
+    force: bool,
+    status: Value,
+) -> hyper::Response<Body> {
+    let k = st.kinds.get_mut(kind).unwrap();
+    let Some(obj) = k.objects.get(key) else { return status_with(404, "NotFound", "not found") };
+    if let Some(owner) = k.status_manager.get(key)
+        && owner != manager
+        && obj["status"] != status
+        && !force
+    {
+        let owner = owner.clone();
+        return status_with(
+            409,
+            "Conflict",
+            &format!("Apply failed with 1 conflict: conflict with \"{owner}\": .status"),
+        );
+    }
+    k.status_manager.insert(key.to_string(), manager.to_string());
+    let api_version = obj["apiVersion"].clone();
+    modify(st, notify, kind, key, |obj| {
+        obj["status"] = status;
+        obj["metadata"]["managedFields"] = json!([{"manager": manager, "operation": "Apply", "subresource": "status",
+            "apiVersion": api_version, "fieldsType": "FieldsV1", "fieldsV1": {"f:status": {}}}]);
+    })
 }
 
 /// Applies `change` to a stored object (404 when there is none), gives it a new

@@ -57,9 +57,35 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// A TCP port on 127.0.0.1 that is held but not listened on: a connection to it is refused (the
+/// kernel answers a SYN to a bound, non-listening socket with a reset) and no other test can take
+/// it. `listen()` turns it into a listener on the same port, for a server that "comes up" later.
+pub struct HeldPort(socket2::Socket);
+
+impl HeldPort {
+    /// Binds a fresh port.
+    pub fn new() -> HeldPort {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+        HeldPort(s)
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.0.local_addr().unwrap().as_socket().unwrap().port()
+    }
+
+    /// Starts listening on the held port.
+    pub fn listen(self) -> TcpListener {
+        self.0.listen(128).unwrap();
+        self.0.into()
+    }
+}
+
+impl Default for HeldPort {
+    fn default() -> Self {
+        HeldPort::new()
+    }
 }
 
 /// Kills a child process on drop.

@@ -43,41 +43,106 @@ pub fn grants(manifest: &str) -> Vec<Grant> {
     allowed
 }
 
-/// Asserts that each recorded request (`"METHOD /path?query"`) is allowed by `manifest`, naming
-/// the first that is not; returns what was exercised, as `"verb resource"`.
-pub fn assert_covered(requests: &[String], manifest: &str, manifest_name: &str) -> BTreeSet<String> {
-    let allowed = grants(manifest);
-    let permits = |ns: &str, group: &str, resource: &str, name: &str, verb: &str| {
-        allowed.iter().any(|(ans, g, r, n, v)| {
-            (ans.is_empty() || ans == ns) && g == group && r == resource && (n.is_empty() || n == name) && v == verb
-        })
-    };
-    let mut seen = BTreeSet::new();
-    for line in requests {
-        let (method, uri) = line.split_once(' ').unwrap();
+/// What a set of RBAC rules allows, as the API server's authoriser decides it for one request.
+#[derive(Debug, Clone, Default)]
+pub struct Rbac(Vec<Grant>);
+
+/// A request as the authoriser sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attributes {
+    /// `get`, `list`, `watch`, `create`, `update`, `patch` or `delete`.
+    pub verb: String,
+    /// API group ("" for the core group).
+    pub group: String,
+    /// Resource, with its subresource (`pods/status`).
+    pub resource: String,
+    /// Namespace ("" for cluster scope).
+    pub namespace: String,
+    /// Object name ("" for a collection).
+    pub name: String,
+}
+
+impl Attributes {
+    /// The attributes of `METHOD /path?query`; `None` for a non-resource URL (`/version`).
+    pub fn of(method: &str, uri: &str) -> Option<Attributes> {
         let (path, query) = uri.split_once('?').unwrap_or((uri, ""));
-        if path == "/version" {
-            continue; // non-resource URL, readable by every authenticated client (system:public-info-viewer)
-        }
         let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-        let (group, rest) = if parts[0] == "api" { ("", &parts[2..]) } else { (parts[1], &parts[3..]) };
+        let (group, rest) = match parts.first() {
+            Some(&"api") if parts.len() > 2 => ("", &parts[2..]),
+            Some(&"apis") if parts.len() > 3 => (parts[1], &parts[3..]),
+            _ => return None,
+        };
         let (ns, rest) =
             if rest.first() == Some(&"namespaces") && rest.len() > 2 { (rest[1], &rest[2..]) } else { ("", rest) };
         let resource = if rest.len() == 3 { format!("{}/{}", rest[0], rest[2]) } else { rest[0].to_string() };
         let name = rest.get(1).copied().unwrap_or("");
+        let watch = query.split('&').any(|kv| kv == "watch=true" || kv == "watch=1");
         let verb = match (method, name.is_empty()) {
-            ("GET", true) if query.contains("watch=true") || query.contains("watch=1") => "watch",
+            ("GET", true) if watch => "watch",
             ("GET", true) => "list",
             ("GET", false) => "get",
             ("POST", _) => "create",
             ("PUT", _) => "update",
             ("PATCH", _) => "patch",
+            ("DELETE", _) => "delete",
             (m, _) => panic!("unexpected method {m}"),
         };
-        seen.insert(format!("{verb} {resource}"));
+        Some(Attributes { verb: verb.into(), group: group.into(), resource, namespace: ns.into(), name: name.into() })
+    }
+
+    /// The message of the API server's 403 (`Status.message`).
+    pub fn forbidden(&self, user: &str) -> String {
+        let plural = self.resource.split('/').next().unwrap_or("");
+        let name = if self.name.is_empty() { String::new() } else { format!(" \"{}\"", self.name) };
+        let scope = if self.namespace.is_empty() {
+            "at the cluster scope".to_string()
+        } else {
+            format!("in the namespace \"{}\"", self.namespace)
+        };
+        format!(
+            "{plural}{name} is forbidden: User \"{user}\" cannot {} resource \"{}\" in API group \"{}\" {scope}",
+            self.verb, self.resource, self.group
+        )
+    }
+}
+
+impl Rbac {
+    /// The rules of every Role and ClusterRole of the manifests (bound to the one client).
+    pub fn from_manifests(manifests: &[&str]) -> Rbac {
+        Rbac(manifests.iter().flat_map(|m| grants(m)).collect())
+    }
+
+    /// Whether the rules allow the request.
+    pub fn allows(&self, a: &Attributes) -> bool {
+        self.0.iter().any(|(ns, g, r, n, v)| {
+            (ns.is_empty() || *ns == a.namespace)
+                && *g == a.group
+                && *r == a.resource
+                && (n.is_empty() || *n == a.name)
+                && *v == a.verb
+        })
+    }
+}
+
+/// Asserts that each recorded request (`"METHOD /path?query"`) is allowed by `manifest`, naming
+/// the first that is not; returns what was exercised, as `"verb resource"`.
+pub fn assert_covered(requests: &[String], manifest: &str, manifest_name: &str) -> BTreeSet<String> {
+    let rbac = Rbac::from_manifests(&[manifest]);
+    let mut seen = BTreeSet::new();
+    for line in requests {
+        let (method, uri) = line.split_once(' ').unwrap();
+        // A non-resource URL (`/version`) is readable by every authenticated client
+        // (system:public-info-viewer).
+        let Some(a) = Attributes::of(method, uri) else { continue };
+        seen.insert(format!("{} {}", a.verb, a.resource));
         assert!(
-            permits(ns, group, &resource, name, verb),
-            "{line} needs {verb} on {group}/{resource} {name} in {ns:?}: not in {manifest_name}"
+            rbac.allows(&a),
+            "{line} needs {} on {}/{} {} in {:?}: not in {manifest_name}",
+            a.verb,
+            a.group,
+            a.resource,
+            a.name,
+            a.namespace
         );
     }
     seen

@@ -205,43 +205,99 @@ fn watch_410_gone_relists_and_api_outage_keeps_the_last_snapshot() {
         api.apply(POLICIES, egress_policy("shop", "p", json!({}), allow_up(port)));
     });
     s.eventually("127.0.0.1", "up.test", 200);
-    let lists_before =
-        s.api.requests().iter().filter(|r| r.starts_with("GET /api/v1/pods?") && !r.contains("watch=")).count();
-    s.api.compact(PODS);
-    s.api.compact(POLICIES);
-    // Changes made after the compaction arrive through the relist.
+    let lists =
+        || s.api.requests().iter().filter(|r| r.starts_with("GET /api/v1/pods?") && !r.contains("watch=")).count();
+    let lists_before = lists();
+    // API outage: decisions keep using the last snapshot; readiness stays true.
+    s.api.set_down(true);
+    wait_until(Duration::from_secs(10), || s.gw.log_text().contains("serving the last snapshot"));
+    // Meanwhile the policy changes and the history the watchers would resume from is compacted.
     s.api.apply(
         POLICIES,
         egress_policy("shop", "p", json!({}), json!([{"name": "o", "to": [{"domain": "other.test"}]}])),
     );
-    s.eventually("127.0.0.1", "up.test", 403);
-    wait_until(Duration::from_secs(10), || {
-        s.api.requests().iter().filter(|r| r.starts_with("GET /api/v1/pods?") && !r.contains("watch=")).count()
-            > lists_before
-    });
-    // API outage: decisions keep using the last snapshot; readiness stays true.
-    s.api.set_down(true);
-    // Once the watchers have seen the outage:
-    wait_until(Duration::from_secs(10), || s.gw.log_text().contains("serving the last snapshot"));
-    assert_eq!(s.get("127.0.0.1", "other.test").status, 200);
-    assert_eq!(s.get("127.0.0.1", "up.test").status, 403);
+    s.api.apply(PODS, pod("shop", "other", &["127.0.0.9"], json!({}), "Running"));
+    s.api.compact(PODS);
+    s.api.compact(POLICIES);
+    assert_eq!(s.get("127.0.0.1", "up.test").status, 200);
+    assert_eq!(s.get("127.0.0.1", "other.test").status, 403);
     assert_eq!(s.gw.admin_get("/readyz").map(|r| r.0), Some(200));
     wait_until(Duration::from_secs(10), || s.gw.metric("egress_kube_stale_seconds").is_some_and(|v| v >= 1.0));
-    // Back: changes flow again and staleness returns to 0.
+    // Back: the watch from the old resourceVersion is 410 Gone; the watchers relist, and the
+    // change made during the outage arrives through the relist.
     s.api.set_down(false);
+    s.eventually("127.0.0.1", "up.test", 403);
+    assert_eq!(s.get("127.0.0.1", "other.test").status, 200);
+    wait_until(Duration::from_secs(10), || lists() > lists_before);
+    wait_until(Duration::from_secs(10), || s.gw.metric("egress_kube_stale_seconds") == Some(0.0));
+    // Changes flow again.
     s.api.apply(POLICIES, egress_policy("shop", "p", json!({}), allow_up(s.port)));
     s.eventually("127.0.0.1", "up.test", 200);
-    wait_until(Duration::from_secs(10), || s.gw.metric("egress_kube_stale_seconds") == Some(0.0));
+}
+
+/// Watches end (the API server's request timeout) and resume from the last resourceVersion the
+/// watcher saw, a bookmark's included, without a relist: a Pod watch that sees no event of its
+/// own for a while is kept current by bookmarks, so compaction of the history it no longer needs
+/// costs no relist.
+#[test]
+fn watches_that_time_out_resume_from_the_last_bookmark_without_a_relist() {
+    let s = setup(|api, port| {
+        api.set_watch_timeout(Duration::from_millis(300));
+        api.apply(NAMESPACES, namespace("shop", json!({})));
+        api.apply(PODS, pod("shop", "api", &["127.0.0.1"], json!({}), "Running"));
+        api.apply(POLICIES, egress_policy("shop", "p", json!({}), allow_up(port)));
+    });
+    s.eventually("127.0.0.1", "up.test", 200);
+    let watches = |kind: &str| -> Vec<u64> {
+        s.api
+            .requests()
+            .iter()
+            .filter(|r| r.starts_with(&format!("GET {kind}?")) && r.contains("watch=true"))
+            .map(|r| {
+                let q = r.split_once('?').unwrap().1;
+                q.split('&').find_map(|kv| kv.strip_prefix("resourceVersion=")).unwrap().parse().unwrap()
+            })
+            .collect()
+    };
+    let lists = |kind: &str| {
+        s.api.requests().iter().filter(|r| r.starts_with(&format!("GET {kind}?")) && !r.contains("watch=")).count()
+    };
+    // Policy changes (no Pod changes) across several watch timeouts.
+    for i in 0..3 {
+        let n = watches(PODS).len();
+        let target = if i % 2 == 0 { "other.test" } else { "up.test" };
+        s.api.apply(POLICIES, egress_policy("shop", "p", json!({}), json!([{"to": [{"domain": target}]}])));
+        wait_until(Duration::from_secs(10), || watches(PODS).len() > n);
+    }
+    s.eventually("127.0.0.1", "other.test", 200);
+    // The Pod watch resumed from bookmarks: it moved forward without events of its own.
+    let pod_watches = watches(PODS);
+    assert!(pod_watches.windows(2).all(|w| w[0] <= w[1]), "{pod_watches:?}");
+    assert!(pod_watches.last() > pod_watches.first(), "bookmarks advanced the Pod watch: {pod_watches:?}");
+    // Compacting the history that the watches no longer need (up to where they resumed) costs no
+    // relist.
+    let (pod_lists, policy_lists) = (lists(PODS), lists(POLICIES));
+    let n = watches(PODS).len();
+    wait_until(Duration::from_secs(10), || watches(PODS).len() > n + 1);
+    let through = *watches(PODS).last().unwrap().min(watches(POLICIES).last().unwrap());
+    s.api.compact_through(PODS, through);
+    s.api.compact_through(POLICIES, through);
+    s.api.apply(PODS, pod("shop", "api", &["127.0.0.1"], json!({"v": "2"}), "Running"));
+    s.api.apply(POLICIES, egress_policy("shop", "p", json!({}), allow_up(s.port)));
+    s.eventually("127.0.0.1", "up.test", 200);
+    assert_eq!((lists(PODS), lists(POLICIES)), (pod_lists, policy_lists), "no relist");
 }
 
 #[test]
 fn not_ready_while_the_api_is_unreachable_at_start() {
     let dns = Dns::start(&[("up.test", "127.0.0.2")]);
-    let dead = free_port();
+    // A port held but not listened on: every connection is refused.
+    let dead = HeldPort::new();
     let dir = tempfile::tempdir().unwrap();
     let kc = dir.path().join("kubeconfig");
     std::fs::write(&kc, format!(
-        "apiVersion: v1\nkind: Config\nclusters: [{{name: x, cluster: {{server: 'http://127.0.0.1:{dead}'}}}}]\nusers: [{{name: u, user: {{token: t}}}}]\ncontexts: [{{name: c, context: {{cluster: x, user: u}}}}]\ncurrent-context: c\n"
+        "apiVersion: v1\nkind: Config\nclusters: [{{name: x, cluster: {{server: 'http://127.0.0.1:{}'}}}}]\nusers: [{{name: u, user: {{token: t}}}}]\ncontexts: [{{name: c, context: {{cluster: x, user: u}}}}]\ncurrent-context: c\n",
+        dead.port()
     )).unwrap();
     // The upstream's address is exempt from the guard: only the missing policies can refuse.
     let gw = Gateway::start_alive(
@@ -293,20 +349,34 @@ fn status_accepted_false_for_an_invalid_policy_and_true_once_fixed() {
     api.apply(PODS, pod("shop", "a", &["127.0.0.1"], json!({"app": "api"}), "Running"));
     api.apply(PODS, pod("shop", "b", &["127.0.0.3"], json!({"app": "api"}), "Running"));
     api.apply(PODS, pod("shop", "c", &["127.0.0.4"], json!({"app": "web"}), "Running"));
-    let mut bad = egress_policy(
+    let good = egress_policy(
+        "shop",
+        "p",
+        json!({"matchLabels": {"app": "api"}}),
+        json!([{"name": "ok", "to": [{"domain": "up.test"}]}]),
+    );
+    api.apply(POLICIES, good.clone());
+    // Another field manager (someone's `kubectl edit --subresource status`) owns the status: the
+    // gateway's apply conflicts with it unless forced.
+    api.apply_status_as(POLICIES, "shop", "p", "kubectl-edit", json!({"observedGeneration": 1}));
+    // Then the spec changes (generation 2) to an invalid rule.
+    let bad = egress_policy(
         "shop",
         "p",
         json!({"matchLabels": {"app": "api"}}),
         json!([{"name": "ok", "to": [{"domain": "up.test"}]}, {"name": "bad", "to": [{"domain": "*.*.example.com"}]}]),
     );
-    bad["metadata"]["generation"] = json!(3);
     api.apply(POLICIES, bad);
     let _gw = start_gateway(&api, &dns, "gw-a", "");
     let p = wait_patch(&api, |p| p.path.ends_with("/namespaces/shop/egresspolicies/p/status"));
+    // Written over the other manager's status (a forced apply; without force the API answers 409).
+    wait_for("the status written", Duration::from_secs(10), || {
+        api.object(POLICIES, "shop", "p").is_some_and(|o| o["status"]["observedGeneration"] == 2)
+    });
     assert_eq!(p.content_type, "application/apply-patch+yaml", "server-side apply");
     assert!(p.query.contains("fieldManager=egress-gateway") && p.query.contains("force=true"), "{}", p.query);
     let st = &p.body["status"];
-    assert_eq!(st["observedGeneration"], 3);
+    assert_eq!(st["observedGeneration"], 2);
     let c = &st["conditions"][0];
     assert_eq!(c["type"], "Accepted");
     assert_eq!(c["status"], "False");
@@ -314,38 +384,32 @@ fn status_accepted_false_for_an_invalid_policy_and_true_once_fixed() {
     assert!(c["message"].as_str().unwrap().contains("spec.rules[1].to[0].domain"), "{c}");
     assert_eq!(p.body["kind"], "EgressPolicy");
     assert_eq!(p.body["apiVersion"], "egress.dev/v1alpha1");
-    // Fixed, as generation 4.
-    let mut good = egress_policy(
-        "shop",
-        "p",
-        json!({"matchLabels": {"app": "api"}}),
-        json!([{"name": "ok", "to": [{"domain": "up.test"}]}]),
-    );
-    good["metadata"]["generation"] = json!(4);
+    let stored = api.object(POLICIES, "shop", "p").unwrap();
+    assert_eq!(stored["metadata"]["managedFields"][0]["manager"], "egress-gateway", "{stored}");
+    // Fixed: generation 3.
     api.apply(POLICIES, good);
-    let p = wait_patch(&api, |p| p.body["status"]["observedGeneration"] == 4);
+    let p = wait_patch(&api, |p| p.body["status"]["observedGeneration"] == 3);
     let st = &p.body["status"];
     assert_eq!(st["conditions"][0]["status"], "True");
     assert_eq!(st["conditions"][0]["reason"], "Valid");
     assert_eq!(st["selectedPods"], 2);
-    // A status that did not change is not written again (once the writes for generation 4 have
-    // settled: the policy and the Pod index may land in separate snapshots).
-    let mut n = api.patches().len();
-    loop {
-        std::thread::sleep(Duration::from_millis(400));
-        let now = api.patches().len();
-        if now == n {
-            break;
-        }
-        n = now;
-    }
+    // A status that did not change is not written again. Status passes run one after another,
+    // each on the policies as the watch last delivered them; a pass that ran before the echo of
+    // its own write may write the same status once more. A marker policy's status, once written,
+    // shows that a pass ran after that echo (the watch delivers in order): from then on, nothing
+    // is written for p.
+    wait_until(Duration::from_secs(10), || {
+        api.object(POLICIES, "shop", "p").is_some_and(|o| o["status"]["observedGeneration"] == 3)
+    });
+    api.apply(POLICIES, egress_policy("shop", "marker-1", json!({}), json!([{"to": [{"domain": "up.test"}]}])));
+    wait_patch(&api, |p| p.path.ends_with("/egresspolicies/marker-1/status"));
+    let n = api.patches().len();
     api.apply(PODS, pod("shop", "c", &["127.0.0.4"], json!({"app": "web", "x": "y"}), "Running"));
-    // A marker applied after it: once its status is written, the Pod change was seen too (the
-    // watchers deliver in order), and it wrote nothing for p.
-    api.apply(POLICIES, egress_policy("shop", "marker", json!({}), json!([{"to": [{"domain": "up.test"}]}])));
-    wait_patch(&api, |p| p.path.ends_with("/egresspolicies/marker/status"));
+    // A marker applied after it: once its status is written, the Pod change was seen too.
+    api.apply(POLICIES, egress_policy("shop", "marker-2", json!({}), json!([{"to": [{"domain": "up.test"}]}])));
+    wait_patch(&api, |p| p.path.ends_with("/egresspolicies/marker-2/status"));
     let since: Vec<String> = api.patches()[n..].iter().map(|p| p.path.clone()).collect();
-    assert!(since.iter().all(|p| p.ends_with("/egresspolicies/marker/status")), "{since:#?}");
+    assert!(since.iter().all(|p| p.contains("/egresspolicies/marker-")), "{since:#?}");
     // A cluster policy gets its status too.
     api.apply(
         CLUSTER_POLICIES,
@@ -362,17 +426,29 @@ fn only_the_lease_holder_writes_status_and_another_replica_takes_over() {
     let api = FakeApi::start();
     api.apply(NAMESPACES, namespace("shop", json!({})));
     api.apply(POLICIES, egress_policy("shop", "p1", json!({}), json!([{"to": [{"domain": "up.test"}]}])));
-    let a = start_gateway(&api, &dns, "gw-a", ", leaseDuration: 2s");
+    let mut a = start_gateway(&api, &dns, "gw-a", ", leaseDuration: 6s");
     wait_patch(&api, |p| p.path.ends_with("/egresspolicies/p1/status"));
-    let b = start_gateway(&api, &dns, "gw-b", ", leaseDuration: 2s");
+    let b = start_gateway(&api, &dns, "gw-b", ", leaseDuration: 6s");
     api.apply(POLICIES, egress_policy("shop", "p2", json!({}), json!([{"to": [{"domain": "up.test"}]}])));
     wait_patch(&api, |p| p.path.ends_with("/egresspolicies/p2/status"));
-    std::thread::sleep(Duration::from_millis(1500));
+    // B has seen p2 (a marker written by A after it) and has tried for the lease twice since:
+    // it wrote nothing.
+    api.apply(POLICIES, egress_policy("shop", "marker", json!({}), json!([{"to": [{"domain": "up.test"}]}])));
+    wait_patch(&api, |p| p.path.ends_with("/egresspolicies/marker/status"));
+    let lease_reads = || api.requests_by("gw-b").iter().filter(|r| r.contains("/leases/")).count();
+    let n = lease_reads();
+    wait_until(Duration::from_secs(30), || lease_reads() >= n + 2);
     let tokens: std::collections::BTreeSet<String> = api.patches().iter().map(|p| p.token.clone()).collect();
     assert_eq!(tokens.into_iter().collect::<Vec<_>>(), ["gw-a"], "only the leader writes");
     let holder = api.lease("egress-system", "egress-gateway-status").unwrap()["spec"]["holderIdentity"].clone();
-    // The leader goes away; after the lease expires the other replica writes.
-    drop(a);
+    // The leader shuts down: it releases the lease (no holder), and the other replica takes it at
+    // its next try, without waiting for the lease to expire.
+    a.signal("TERM");
+    assert!(a.child().wait().unwrap().success());
+    let (by, released) = api.lease_writes().last().cloned().unwrap();
+    assert_eq!(by, "gw-a");
+    assert!(released["spec"]["holderIdentity"].is_null(), "{released}");
+    assert_eq!(released["spec"]["leaseDurationSeconds"], 1);
     api.apply(POLICIES, egress_policy("shop", "p3", json!({}), json!([{"to": [{"domain": "up.test"}]}])));
     let p = wait_patch(&api, |p| p.path.ends_with("/egresspolicies/p3/status"));
     assert_eq!(p.token, "gw-b");

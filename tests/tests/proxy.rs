@@ -1020,6 +1020,7 @@ fn an_upstream_closing_an_idle_connection_is_redialled() {
     let p = upstream.local_addr().unwrap().port();
     let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = accepted.clone();
+    let (closed_tx, closed) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for conn in upstream.incoming().take(4) {
             let Ok(mut c) = conn else { return };
@@ -1032,6 +1033,7 @@ fn an_upstream_closing_an_idle_connection_is_redialled() {
             let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
             std::thread::sleep(Duration::from_millis(100));
             drop(c); // idle close, no Connection: close
+            let _ = closed_tx.send(());
         }
     });
     let gw = Gateway::start(&dns, &config(p, ""));
@@ -1044,7 +1046,8 @@ fn an_upstream_closing_an_idle_connection_is_redialled() {
         assert_eq!(status, 200, "request {i}");
         let mut body = vec![0u8; h["content-length"].parse().unwrap()];
         r.read_exact(&mut body).unwrap();
-        std::thread::sleep(Duration::from_millis(400));
+        // The upstream has closed the pooled connection before the next request is sent.
+        closed.recv_timeout(Duration::from_secs(10)).expect("the upstream closed its connection");
     }
     assert_eq!(
         accepted.load(std::sync::atomic::Ordering::SeqCst),

@@ -68,7 +68,9 @@ fn tcp_collector_down_then_up_receives_every_event_in_order() {
     let dns = Dns::start(&[("up.test", "127.0.0.2"), ("no.test", "127.0.0.2")]);
     let up = Upstream::start("127.0.0.2");
     let p = up.addr.port();
-    let port = free_port();
+    // Held, not listened on: the collector refuses connections until it comes up on the same port.
+    let held = HeldPort::new();
+    let port = held.port();
     let audit = format!(
         "audit:\n  spool: {{dir: $DIR/spool}}\n  sinks:\n    - {{name: file, type: file, path: $DIR/audit.jsonl}}\n    - {{name: siem, type: syslog, address: \"127.0.0.1:{port}\", transport: tcp}}\n"
     );
@@ -88,7 +90,7 @@ fn tcp_collector_down_then_up_receives_every_event_in_order() {
     assert!(gw.metric("egress_audit_sink_lag_events{sink=\"siem\"}").unwrap() > 0.0);
 
     // It comes up: everything arrives, once, in order.
-    let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let listener = held.listen();
     let data = Arc::new(Mutex::new(Vec::new()));
     let d = data.clone();
     std::thread::spawn(move || {
@@ -201,32 +203,47 @@ impl TlsCollector {
     /// A collector presenting `cert` (`server` or `expired`), demanding a client certificate or
     /// not (then only the sink's own verification of the collector can refuse it).
     fn start_with(pki: &Pki, cert: &str, client_cert: bool) -> TlsCollector {
-        let port = free_port();
-        let out = pki.path("received.bin");
-        let child = Command::new("openssl")
-            .current_dir(pki.dir.path())
-            .args([
-                "s_server",
-                "-quiet",
-                "-accept",
-                &format!("127.0.0.1:{port}"),
-                "-cert",
-                &format!("{cert}.pem"),
-                "-key",
-                &format!("{cert}.key"),
-            ])
-            .args(if client_cert {
-                &["-CAfile", "ca.pem", "-Verify", "1", "-verify_return_error"][..]
-            } else {
-                &[][..]
-            })
-            .stdin(Stdio::piped())
-            .stdout(std::fs::File::create(&out).unwrap())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_for("s_server", Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
-        TlsCollector { child, out, port }
+        // s_server binds the port itself: pick one, and pick again if another process took it
+        // between the pick and the bind (s_server then exits at once).
+        for _ in 0..10 {
+            let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let out = pki.path("received.bin");
+            let mut child = Command::new("openssl")
+                .current_dir(pki.dir.path())
+                .args([
+                    "s_server",
+                    "-quiet",
+                    "-accept",
+                    &format!("127.0.0.1:{port}"),
+                    "-cert",
+                    &format!("{cert}.pem"),
+                    "-key",
+                    &format!("{cert}.key"),
+                ])
+                .args(if client_cert {
+                    &["-CAfile", "ca.pem", "-Verify", "1", "-verify_return_error"][..]
+                } else {
+                    &[][..]
+                })
+                .stdin(Stdio::piped())
+                .stdout(std::fs::File::create(&out).unwrap())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let start = std::time::Instant::now();
+            while start.elapsed() < Duration::from_secs(10) {
+                if child.try_wait().unwrap().is_some() {
+                    break; // the bind failed: another port
+                }
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return TlsCollector { child, out, port };
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("openssl s_server did not start");
     }
 
     fn received(&self) -> Vec<u8> {

@@ -268,7 +268,8 @@ pub async fn start(gw: Arc<Gateway>, cfg: crate::config::KubernetesConfig) -> an
         let identity = format!("{who}_{}", gw.instance);
         let election = status::Election::new(client.clone(), &ns, &cfg.lease_name, identity, cfg.lease_duration);
         let flag = election.flag();
-        tokio::spawn(election.run(lead_tx));
+        // On the connection tracker: shutdown waits for the lease to be released.
+        gw.tracker.spawn(election.run(lead_tx, gw.draining.clone()));
         Some(flag)
     } else {
         None

@@ -4,7 +4,9 @@
 //! `leaseDuration / 3` the replica reads the `coordination.k8s.io/v1` Lease; it creates it when
 //! absent, renews it when it holds it, and takes it over when the holder has not renewed for
 //! `leaseDuration`. Every write carries the `resourceVersion` it read, so two replicas racing for
-//! an expired lease cannot both win (the API answers 409 to the loser).
+//! an expired lease cannot both win (the API answers 409 to the loser). A leader that shuts down
+//! releases the lease (no holder, a duration of one second, as client-go's `ReleaseOnCancel`
+//! does), so another replica takes over at its next try instead of after `leaseDuration`.
 //!
 //! The leader writes each policy's status with server-side apply (field manager
 //! `egress-gateway`): `observedGeneration`, an `Accepted` condition (`True`/`Valid`, or `False`
@@ -53,8 +55,13 @@ impl Election {
         self.leader.clone()
     }
 
-    /// Runs forever; `became_leader` is signalled on every transition to leader.
-    pub async fn run(self, became_leader: tokio::sync::mpsc::Sender<()>) {
+    /// Runs until `shutdown`, then releases the lease if it holds it; `became_leader` is
+    /// signalled on every transition to leader.
+    pub async fn run(
+        self,
+        became_leader: tokio::sync::mpsc::Sender<()>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
         let period = (self.duration / 3).max(Duration::from_millis(200));
         loop {
             let was = self.leader.load(Ordering::Relaxed);
@@ -72,8 +79,33 @@ impl Election {
             } else if was && !now {
                 tracing::warn!(identity = %self.identity, "lost the lease; no longer writing status");
             }
-            tokio::time::sleep(period).await;
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                _ = shutdown.cancelled() => break,
+            }
         }
+        if self.leader.swap(false, Ordering::Relaxed) {
+            match self.release().await {
+                Ok(()) => tracing::info!(identity = %self.identity, "released the status-writer lease"),
+                Err(e) => tracing::warn!(lease = %self.name, error = %e, "could not release the lease"),
+            }
+        }
+    }
+
+    /// Gives the lease up if this replica still holds it.
+    async fn release(&self) -> Result<(), kube::Error> {
+        let Some(current) = self.api.get_opt(&self.name).await? else { return Ok(()) };
+        let mut spec = current.spec.clone().unwrap_or_default();
+        if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
+            return Ok(());
+        }
+        let now = MicroTime(Timestamp::now());
+        spec.holder_identity = None;
+        spec.lease_duration_seconds = Some(1);
+        spec.acquire_time = Some(now.clone());
+        spec.renew_time = Some(now);
+        let next = Lease { spec: Some(spec), ..current };
+        self.api.replace(&self.name, &PostParams::default(), &next).await.map(|_| ())
     }
 
     async fn try_acquire_or_renew(&self) -> Result<bool, kube::Error> {
