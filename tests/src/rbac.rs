@@ -147,3 +147,15 @@ pub fn assert_covered(requests: &[String], manifest: &str, manifest_name: &str) 
     }
     seen
 }
+
+/// The Role of the chart's pre-delete hook (`node-redirector uninstall-daemonset`) for a
+/// DaemonSet named `egress-node-redirector` in `egress-system`. tests/tests/chart.rs checks that
+/// the chart renders exactly these rules; tests/tests/redirector.rs runs the hook under them.
+pub const UNINSTALL_HOOK_ROLE: &str = "kind: Role
+metadata: {name: egress-node-redirector-uninstall, namespace: egress-system}
+rules:
+  - apiGroups: [apps]
+    resources: [daemonsets]
+    resourceNames: [egress-node-redirector]
+    verbs: [get, patch]
+";

@@ -509,6 +509,10 @@ fn chart_rbac_is_the_tested_minimal_rbac() {
     let rd = manifest("node-redirector-rbac.yaml");
     assert_eq!(rules_of(&docs, "ClusterRole", REDIRECTOR), rules_of(&rd, "ClusterRole", "egress-node-redirector"));
     assert_eq!(rules_of(&docs, "Role", REDIRECTOR), rules_of(&rd, "Role", "egress-node-redirector"));
+    let hook: Value = serde_yaml_ng::from_str(egress_e2e::rbac::UNINSTALL_HOOK_ROLE).unwrap();
+    let mut hook_rules = hook["rules"].clone();
+    hook_rules[0]["resourceNames"] = json!([REDIRECTOR]);
+    assert_eq!(rules_of(&docs, "Role", &format!("{REDIRECTOR}-uninstall")), hook_rules);
     // Bindings point at the chart's own service accounts, used by the workloads.
     for (binding, sa, workload) in [
         (("ClusterRoleBinding", GATEWAY), GATEWAY, ("Deployment", GATEWAY)),

@@ -147,7 +147,7 @@ fn pods_and_policies_from_the_api_drive_decisions() {
 }
 
 #[test]
-fn a_reused_ip_belongs_to_the_live_pod_and_host_network_pods_own_no_ip() {
+fn a_reused_ip_belongs_to_the_live_pod_a_terminating_pod_keeps_it_and_host_network_pods_own_no_ip() {
     let s = setup(|api, port| {
         api.apply(NAMESPACES, namespace("a", json!({})));
         api.apply(NAMESPACES, namespace("b", json!({})));
@@ -177,6 +177,24 @@ fn a_reused_ip_belongs_to_the_live_pod_and_host_network_pods_own_no_ip() {
     let r = s.get("127.0.0.5", "up.test");
     assert_eq!(r.status, 403, "{r:?}");
     assert!(r.body.contains("default_deny"), "{r:?}");
+    // A Pod being deleted gracefully still runs, and still owns its address, until the API
+    // deletes it: its egress is decided under its own policy meanwhile.
+    s.api.begin_delete(PODS, "a", "newer");
+    s.api.apply(PODS, pod("a", "marker", &["127.0.0.7"], json!({}), "Running"));
+    s.eventually("127.0.0.7", "up.test", 200); // the deletion, seen before the marker, is known
+    let url = format!("http://up.test:{}/terminating", s.port);
+    let r = curl(&["--interface", "127.0.0.1", "-x", &format!("http://{}", s.gw.http), &url]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(s.gw.decision(|e| e["target"]["http"]["path"] == "/terminating")["client"]["name"], "newer");
+    // A live Pod that reports the address while the old one terminates owns it, even when it is
+    // the older of the two (namespace c has no policy: default deny).
+    s.api.apply(NAMESPACES, namespace("c", json!({})));
+    let mut replacement = pod("c", "replacement", &["127.0.0.1"], json!({}), "Running");
+    replacement["metadata"]["creationTimestamp"] = json!("2026-11-25T00:00:00Z");
+    s.api.apply(PODS, replacement);
+    let r = s.eventually("127.0.0.1", "up.test", 403);
+    assert_eq!(s.gw.request_events(&r.request_id())[0]["client"]["name"], "replacement", "{r:?}");
+    s.api.delete(PODS, "a", "newer");
 }
 
 #[test]
@@ -515,4 +533,36 @@ fn write_status_false_takes_no_lease_and_writes_no_status() {
     let p = wait_patch(&api, |p| p.path.ends_with("/egresspolicies/p/status"));
     assert_eq!(p.token, "gw-on");
     assert!(api.patches().iter().all(|p| p.token != "gw-off"), "{:?}", api.patches());
+}
+
+/// A permission the RBAC does not grant (here the Lease Role was left out of the install): the API
+/// answers 403, the gateway says what it could not do, keeps serving API policies, and writes
+/// no status. With the full deploy/rbac.yaml the same gateway writes it (the positive control).
+#[test]
+fn a_forbidden_lease_costs_status_writes_not_service() {
+    let dns = Dns::start(&[("up.test", "127.0.0.2")]);
+    let up = Upstream::start("127.0.0.2");
+    let api = FakeApi::start();
+    let full = std::fs::read_to_string(repo_root().join("deploy/rbac.yaml")).unwrap();
+    let cluster_role_only: String =
+        full.split("\n---").filter(|d| d.contains("\nkind: ClusterRole\n")).collect::<Vec<_>>().join("\n---");
+    assert!(!cluster_role_only.contains("leases"), "{cluster_role_only}");
+    api.set_rbac(&[&cluster_role_only]);
+    api.apply(NAMESPACES, namespace("shop", json!({})));
+    api.apply(PODS, pod("shop", "a", &["127.0.0.1"], json!({}), "Running"));
+    api.apply(POLICIES, egress_policy("shop", "p", json!({}), json!([{"to": [{"domain": "up.test"}]}])));
+    let gw = start_gateway(&api, &dns, "gw", "");
+    let url = format!("http://up.test:{}/", up.addr.port());
+    wait_until(Duration::from_secs(10), || curl(&["-x", &format!("http://{}", gw.http), &url]).status == 200);
+    wait_for("the forbidden lease in the log", Duration::from_secs(10), || {
+        let log = gw.log_text();
+        log.contains("lease update failed") && log.contains("leases \"egress-gateway-status\" is forbidden")
+    });
+    assert!(api.forbidden().iter().all(|r| r.contains("/leases/")), "{:?}", api.forbidden());
+    assert_eq!(gw.admin_get("/readyz").map(|r| r.0), Some(200));
+    assert!(api.patches().is_empty(), "{:?}", api.patches());
+    // Granted again: the same gateway takes the lease and writes the status.
+    api.set_rbac(&[&full]);
+    let p = wait_patch(&api, |p| p.path.ends_with("/egresspolicies/p/status"));
+    assert_eq!(p.token, "gw");
 }

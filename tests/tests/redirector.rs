@@ -781,6 +781,8 @@ fn deleting_the_release_takes_steering_off_every_node() {
     assert!(node_table(&w.node).is_some() && bin_dir.join("egress-redirector").exists());
 
     let api = FakeApi::start();
+    // The hook runs with its own Role only.
+    api.set_rbac(&[egress_e2e::rbac::UNINSTALL_HOOK_ROLE]);
     let ds = |generation: i64, updated: i64, ready: i64| {
         json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
             "metadata": {"name": "egress-node-redirector", "namespace": "egress-system", "generation": generation, "uid": "ds-1"},
