@@ -62,6 +62,12 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # release build, which is exactly what the Dockerfile builds.
 cargo build --locked --workspace --bins
 ./scripts/build-release.sh
+# The crash tests' fail points (the `failpoints` feature, turned on by the test crate) must never
+# reach the release build.
+if grep -q "pipeline::before_commit" target/release/egress-gateway; then
+  echo "error: the release build of egress-gateway contains fail points" >&2
+  exit 1
+fi
 ./scripts/tools.sh
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast

@@ -6,6 +6,24 @@
 //! `pipeline` (identity, normalisation, policy, rate limit, resolution, guard, dial) -> `relay`,
 //! with `audit` events along the way.
 
+/// A fault-injection point for the crash tests (`fail` crate, configured by the `FAILPOINTS`
+/// environment variable). Without the `failpoints` feature, which release builds never have, it
+/// expands to nothing.
+#[cfg(feature = "failpoints")]
+macro_rules! failpoint {
+    ($name:expr) => {
+        fail::fail_point!($name)
+    };
+    ($name:expr, $f:expr) => {
+        fail::fail_point!($name, $f)
+    };
+}
+#[cfg(not(feature = "failpoints"))]
+macro_rules! failpoint {
+    ($name:expr) => {};
+    ($name:expr, $f:expr) => {};
+}
+
 pub mod admin;
 pub mod audit;
 pub mod check;

@@ -82,6 +82,9 @@ fn reported(r: Result<config::Loaded, config::ConfigErrors>) -> Result<config::L
 }
 
 fn main() -> ExitCode {
+    // Fault injection of the crash tests (`FAILPOINTS`); absent from release builds.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

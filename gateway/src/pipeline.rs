@@ -523,10 +523,13 @@ impl Permit {
     async fn allowed(mut self, dialled: Option<SocketAddr>, source: Option<SocketAddr>) -> Result<CloseLog, Refusal> {
         self.base.dialled = dialled;
         self.base.egress_source = source;
+        // Crash tests: the process dies right before / right after the commit.
+        failpoint!("pipeline::before_commit", |_| std::process::abort());
         if self.gw.audit.commit(self.base.clone()).await.is_err() {
             self.gw.metrics.decision(false, Reason::AuditUnavailable);
             return Err(Refusal::audit_unavailable(self.base.request_id.clone()));
         }
+        failpoint!("pipeline::after_commit", |_| std::process::abort());
         self.gw.metrics.decision(true, self.base.decision.reason);
         Ok(CloseLog { gw: self.gw, base: Some(self.base), started: Instant::now() })
     }

@@ -585,3 +585,163 @@ fn without_a_spool_the_writer_batches_events_under_load() {
     eprintln!("{writes} writes for {events} events");
     assert!(writes * 4.0 < events, "{writes} writes for {events} events: the writer was woken per event");
 }
+
+/// An upstream that records the head of every request it receives (and answers 200), and how
+/// many connections it accepted.
+struct RecordingUpstream {
+    port: u16,
+    heads: Arc<Mutex<Vec<String>>>,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl RecordingUpstream {
+    fn start(ip: &str) -> RecordingUpstream {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind((ip, 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let heads: Arc<Mutex<Vec<String>>> = Arc::default();
+        let connections: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
+        let (h, c) = (heads.clone(), connections.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut s) = conn else { return };
+                c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let h = h.clone();
+                std::thread::spawn(move || {
+                    let mut r = BufReader::new(s.try_clone().unwrap());
+                    let mut head = String::new();
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            if !head.is_empty() {
+                                h.lock().unwrap().push(head);
+                            }
+                            return;
+                        }
+                        head.push_str(&line);
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    h.lock().unwrap().push(head);
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+                });
+            }
+        });
+        RecordingUpstream { port, heads, connections }
+    }
+
+    fn saw(&self, path: &str) -> bool {
+        self.heads.lock().unwrap().iter().any(|h| h.contains(path))
+    }
+}
+
+/// Commit before effect, at the two points around the commit of an allow, for both ways of
+/// committing (`fsync: always` through the writer's group commit, a period inline). The process
+/// dies exactly there (a fail point aborts it: no flush, no cleanup, like `kill -9`) and starts
+/// again on the same spool:
+/// - died before the commit: no allow exists for the request, and the upstream got no request
+///   (its connection was dialled, nothing was sent on it);
+/// - died after the commit: the allow survives the kill and reaches the sink after the restart,
+///   and still the upstream got nothing (forwarding comes after the commit).
+#[test]
+fn commit_before_effect_across_kill_9() {
+    for fsync in ["always", "10ms"] {
+        for (point, committed) in [("pipeline::before_commit", false), ("pipeline::after_commit", true)] {
+            let dns = Dns::start(&[("up.test", "127.0.0.2")]);
+            let up = RecordingUpstream::start("127.0.0.2");
+            let audit = format!(
+                "audit:\n  spool: {{dir: $DIR/spool, fsync: {fsync}}}\n  sinks:\n    - {{name: file, type: file, path: $DIR/audit.jsonl}}\n"
+            );
+            let failpoints = format!("FAILPOINTS={point}=return");
+            let mut gw = Gateway::start_under(&dns, &["env", &failpoints], &policy(up.port, &audit));
+            let proxy = format!("http://{}", gw.http);
+            let r = curl(&["-x", &proxy, &format!("http://up.test:{}/crash", up.port)]);
+            assert_ne!(r.status, 200, "{fsync} {point}: {r:?}");
+            let died = gw.wait_exit(Duration::from_secs(10));
+            assert_eq!(std::os::unix::process::ExitStatusExt::signal(&died), Some(libc::SIGABRT), "{point}");
+            assert_eq!(up.connections.load(std::sync::atomic::Ordering::SeqCst), 1, "{point}: dialled");
+            gw.launcher.clear();
+            gw.respawn();
+            // The positive control: served and audited after the restart (on new ports).
+            let r = curl(&["-x", &format!("http://{}", gw.http), &format!("http://up.test:{}/after", up.port)]);
+            assert_eq!(r.status, 200, "{r:?}");
+            wait_for("the close of /after", Duration::from_secs(10), || {
+                file_events(&gw.audit_path())
+                    .iter()
+                    .any(|e| e["event"] == "close" && e["target"]["http"]["path"] == "/after")
+            });
+            let allows: Vec<Value> = file_events(&gw.audit_path())
+                .into_iter()
+                .filter(|e| e["event"] == "decision" && e["target"]["http"]["path"] == "/crash")
+                .collect();
+            assert_eq!(!allows.is_empty(), committed, "{fsync} {point}: {allows:?}");
+            if committed {
+                assert_eq!(allows[0]["decision"]["action"], "allow");
+            }
+            assert!(up.saw("/after") && !up.saw("/crash"), "{fsync} {point}: {:?}", up.heads.lock().unwrap());
+        }
+    }
+}
+
+/// `fsync: always` commits through the writer's queue. When the queue is full (16 Ki commits
+/// waiting on a stalled disk; a fail point stands for it here, for the next three commits):
+/// `failClosed` refuses those requests (503, nothing forwarded) and serves the next; `failOpen`
+/// serves them and the spool records their lost decisions as an `audit_gap` before the next
+/// event, which `audit verify` accepts.
+#[test]
+fn with_fsync_always_a_full_commit_queue_fails_closed_or_records_the_gap() {
+    for on_failure in ["failClosed", "failOpen"] {
+        let dns = Dns::start(&[("up.test", "127.0.0.2")]);
+        let up = RecordingUpstream::start("127.0.0.2");
+        let audit = format!(
+            "audit:\n  onFailure: {on_failure}\n  spool: {{dir: $DIR/spool, fsync: always}}\n  sinks:\n    - {{name: file, type: file, path: $DIR/audit.jsonl}}\n"
+        );
+        let gw =
+            Gateway::start_under(&dns, &["env", "FAILPOINTS=audit::queue_full=3*return"], &policy(up.port, &audit));
+        let proxy = format!("http://{}", gw.http);
+        let statuses: Vec<u16> =
+            (0..4).map(|i| curl(&["-x", &proxy, &format!("http://up.test:{}/r{i}", up.port)]).status).collect();
+        assert_eq!(gw.metric("egress_audit_dropped_total"), Some(3.0), "{on_failure}");
+        let events = || file_events(&gw.audit_path());
+        wait_for("the close of /r3", Duration::from_secs(10), || {
+            events().iter().any(|e| e["event"] == "close" && e["target"]["http"]["path"] == "/r3")
+        });
+        let decided: Vec<String> = events()
+            .iter()
+            .filter(|e| e["event"] == "decision")
+            .map(|e| e["target"]["http"]["path"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(decided, ["/r3"], "{on_failure}: only the fourth decision was committed");
+        if on_failure == "failClosed" {
+            assert_eq!(statuses, [503, 503, 503, 200]);
+            assert!((0..3).all(|i| !up.saw(&format!("/r{i}"))) && up.saw("/r3"), "nothing unaudited was forwarded");
+            assert!(events().iter().all(|e| e["event"] != "audit_gap"), "a refusal loses nothing");
+        } else {
+            assert_eq!(statuses, [200, 200, 200, 200]);
+            // Each lost decision is declared by a gap event that takes its number and comes
+            // right after it (before the next event); every other number is an event in the file.
+            let evs = events();
+            let gaps: Vec<(u64, u64, u64)> = evs
+                .iter()
+                .filter(|e| e["event"] == "audit_gap")
+                .map(|g| {
+                    (
+                        g["seq"].as_u64().unwrap(),
+                        g["gap"]["from_seq"].as_u64().unwrap(),
+                        g["gap"]["to_seq"].as_u64().unwrap(),
+                    )
+                })
+                .collect();
+            assert_eq!(gaps.iter().map(|(_, f, t)| t - f + 1).sum::<u64>(), 3, "{gaps:?}");
+            assert!(gaps.iter().all(|(seq, _, to)| *seq == to + 1), "{gaps:?}");
+            let got = seqs(&evs);
+            let expected: Vec<u64> = (1..=*got.iter().max().unwrap())
+                .filter(|s| !gaps.iter().any(|(_, f, t)| (*f..=*t).contains(s)))
+                .collect();
+            assert_eq!(got, expected);
+            let (code, out) = verify(&[&gw.audit_path()], None);
+            assert_eq!(code, 0, "{out}");
+        }
+    }
+}

@@ -264,6 +264,7 @@ impl Audit {
         if sp.inline {
             return if sp.append_now(event, true) { Ok(()) } else { Err(AuditUnavailable) };
         }
+        failpoint!("audit::queue_full", |_| self.failed());
         let (tx, rx) = tokio::sync::oneshot::channel();
         match self.tx.try_send(Msg::Event(Box::new(event), Some(tx))) {
             Ok(()) => {}
