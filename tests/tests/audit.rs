@@ -256,19 +256,37 @@ fn via_transparent(gw: &Gateway, port: u16) -> String {
 #[test]
 fn a_full_spool_fails_closed_and_recovers_when_the_sink_drains() {
     let (gw, mut fifo, p, _dir, _keep) = small_spool_with_stalled_sink("failClosed");
-    let mut ok = 0;
-    let refused = loop {
-        let r = get(&gw, p);
-        if r.status != 200 {
-            break r;
-        }
+    // A tunnel opened before the spool fills; it closes after it is full.
+    let mut tunnel = std::net::TcpStream::connect(gw.http).unwrap();
+    let req = format!("CONNECT up.test:{p} HTTP/1.1\r\nHost: up.test:{p}\r\n\r\n");
+    std::io::Write::write_all(&mut tunnel, req.as_bytes()).unwrap();
+    let mut head = [0u8; 12];
+    tunnel.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    // Fill the 16 KiB spool past its recovery margin (a quarter: 12 KiB), then one request whose
+    // decision (a 5 KiB path) does not fit: refused, with room left for smaller events.
+    let mut ok = 1;
+    while gw.metric("egress_audit_spool_bytes").unwrap() < 12400.0 {
+        assert_eq!(get(&gw, p).status, 200);
         ok += 1;
-        assert!(ok < 500, "the spool never filled");
-    };
+    }
+    let long = format!("http://up.test:{p}/{}", "x".repeat(5000));
+    let refused = curl(&["-x", &format!("http://{}", gw.http), &long]);
     assert_eq!(refused.status, 503, "{refused:?} after {ok} requests\n{}", gw.log_text());
     assert!(refused.body.contains("reason: audit_unavailable"), "{refused:?}");
     assert_eq!(gw.admin_get("/readyz").unwrap().0, 503, "not ready while audit is unavailable");
     assert_eq!(gw.metric("egress_audit_unavailable"), Some(1.0));
+    // And it stays so while the spool is full: readiness follows the rule admission follows. The
+    // close event of the tunnel closing now fits in the room left, and is written; a small
+    // decision would fit too, and is refused: until a margin of room is back, neither admits
+    // requests nor reports ready.
+    drop(tunnel);
+    for i in 0..25 {
+        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(gw.admin_get("/readyz").unwrap().0, 503, "ready again while full ({i})");
+        assert_eq!(gw.metric("egress_audit_unavailable"), Some(1.0), "({i})");
+        assert_eq!(get(&gw, p).status, 503, "({i})");
+    }
     // SOCKS5 and CONNECT are refused too (0x01 general failure; 503).
     let s = curl(&["--socks5-hostname", &gw.socks.to_string(), &format!("http://up.test:{p}/")]);
     assert_eq!(s.exit, 97, "SOCKS5 refused: {s:?}");

@@ -709,16 +709,20 @@ impl SpoolWriter {
         }
     }
 
-    /// Recovery check while nothing is being written: space again, or the disk writable again.
+    /// Recovery check while nothing is being written: room again (the margin admission asks
+    /// for), or the spool writable again (what an append needs, not only a flush).
     fn probe(&mut self) {
-        let ok = if self.full {
-            self.spool.total_bytes() < self.spool_max_minus_margin()
-        } else {
-            self.spool.sync().is_ok()
-        };
+        let ok = if self.full { !self.still_full() } else { self.spool.probe().is_ok() };
         if ok {
+            self.full = false;
             self.set_healthy(true);
         }
+    }
+
+    /// After the spool was found full: until the sinks have freed a margin of room, it counts as
+    /// full for admission and readiness alike (a close event may still fit; it changes neither).
+    fn still_full(&self) -> bool {
+        self.full && self.spool.total_bytes() >= self.spool_max_minus_margin()
     }
 
     fn spool_max_minus_margin(&self) -> u64 {
@@ -747,6 +751,21 @@ impl SpoolWriter {
         buf: &mut Vec<u8>,
     ) {
         buf.clear();
+        if self.still_full() && self.on_failure == OnFailure::FailClosed {
+            // Decisions are refused as on a failed write; close events are kept and written below
+            // while they fit.
+            events.retain_mut(|(_, done)| match done.take() {
+                Some(d) => {
+                    self.metrics.audit_dropped.inc();
+                    let _ = d.send(false);
+                    false
+                }
+                None => true,
+            });
+            if events.is_empty() && self.backlog.is_empty() && self.gap.is_none() {
+                return;
+            }
+        }
         let mut seq = self.seq;
         // Events lost before reaching the writer (failOpen, queue full) take their numbers now.
         let lost = self.lost_in_queue.swap(0, Ordering::Relaxed);
@@ -798,7 +817,7 @@ impl SpoolWriter {
                 }
                 self.gap = None;
                 self.backlog.clear();
-                self.full = false;
+                self.full = self.still_full();
                 self.metrics.audit_events.inc_by(n);
                 self.metrics.audit_spool_bytes.set(self.spool.total_bytes() as i64);
                 let wake = {
@@ -813,7 +832,7 @@ impl SpoolWriter {
                 if wake {
                     self.shared.cond.notify_all();
                 }
-                self.set_healthy(true);
+                self.set_healthy(!self.full);
                 for (_, done) in events.drain(..) {
                     if let Some(d) = done {
                         let _ = d.send(true);

@@ -221,6 +221,19 @@ impl Spool {
         Ok(())
     }
 
+    /// Whether an append could succeed now, for the recovery probe after an I/O error: a file can
+    /// be created, written and flushed in the spool directory (a full disk, a read-only remount
+    /// and a process out of file descriptors all fail it) and the current segment flushes.
+    pub(super) fn probe(&mut self) -> io::Result<()> {
+        let path = self.dir.join("probe.tmp");
+        let f = OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(&path)?;
+        (&f).write_all(b"\n")?;
+        f.sync_data()?;
+        drop(f);
+        fs::remove_file(&path)?;
+        self.sync()
+    }
+
     /// Flushes written data to stable storage.
     pub(super) fn sync(&mut self) -> io::Result<()> {
         if self.unsynced {
@@ -400,5 +413,30 @@ impl Reader {
                 _ => return Ok(ReadResult::Idle),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{FsyncPolicy, SpoolConfig};
+
+    /// The recovery probe tests what an append needs (a file created and written in the spool
+    /// directory), not only a flush of the open segment, which still succeeds when nothing new
+    /// can be opened.
+    #[test]
+    fn rejects_an_unwritable_spool_in_the_probe() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("spool");
+        let cfg = SpoolConfig { dir: dir.clone(), max_bytes: 1 << 20, segment_bytes: 4096, fsync: FsyncPolicy::Always };
+        let (mut spool, _, _) = Spool::open(&cfg).unwrap();
+        spool.append(b"{\"seq\":1}\n", 1).unwrap();
+        assert!(spool.probe().is_ok());
+        assert!(!dir.join("probe.tmp").exists(), "the probe leaves nothing behind");
+        // The directory is gone (a volume unmounted underneath): the open segment still flushes,
+        // but the probe fails.
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(spool.sync().is_ok());
+        assert!(spool.probe().is_err());
     }
 }
