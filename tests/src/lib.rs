@@ -192,19 +192,32 @@ impl Dns {
     /// Starts dnsmasq with `(name, address)` records (several per name allowed; a value that is
     /// not an address makes `name` a CNAME of that name).
     pub fn start(records: &[(&str, &str)]) -> Dns {
-        let port = loop {
-            let p = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            if TcpListener::bind(("127.0.0.1", p)).is_ok() {
-                break p;
-            }
-        };
-        Dns::start_at(None, SocketAddr::from(([127, 0, 0, 1], port)), records)
+        Dns::start_at(None, SocketAddr::from(([127, 0, 0, 1], 0)), records)
     }
 
-    /// Starts dnsmasq on `addr`, inside `ns` when given. A record whose value is not an address
-    /// is a CNAME to that (known) name.
+    /// Starts dnsmasq on `addr` (port 0: a free one), inside `ns` when given. A record whose
+    /// value is not an address is a CNAME to that (known) name.
     pub fn start_at(ns: Option<&Netns>, addr: SocketAddr, records: &[(&str, &str)]) -> Dns {
-        let port = addr.port();
+        let ip = addr.ip();
+        let pick = move || match addr.port() {
+            0 => loop {
+                // Free for both UDP and TCP.
+                let p = UdpSocket::bind((ip, 0)).unwrap().local_addr().unwrap().port();
+                if TcpListener::bind((ip, p)).is_ok() {
+                    break p;
+                }
+            },
+            p => p,
+        };
+        let pick = || match ns {
+            Some(n) => n.enter(pick),
+            None => pick(),
+        };
+        let (child, port) = spawn_listening(pick, |port| Dns::spawn(ns, ip, port, records));
+        Dns { proc: Proc(child), addr: SocketAddr::new(ip, port) }
+    }
+
+    fn spawn(ns: Option<&Netns>, ip: std::net::IpAddr, port: u16, records: &[(&str, &str)]) -> Child {
         let mut cmd = match ns {
             Some(n) => n.command("dnsmasq"),
             None => Command::new("dnsmasq"),
@@ -215,7 +228,7 @@ impl Dns {
             "--no-hosts",
             "--no-poll",
             "--bind-interfaces",
-            &format!("--listen-address={}", addr.ip()),
+            &format!("--listen-address={ip}"),
             "--pid-file=",
             "--user=root",
             "--local-ttl=1",
@@ -237,18 +250,50 @@ impl Dns {
                 cmd.arg(format!("--host-record={n},{a}"));
             }
         }
-        let child =
-            cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("dnsmasq (apt-get install dnsmasq-base)");
-        let dns = Dns { proc: Proc(child), addr: SocketAddr::new(addr.ip(), port) };
-        match ns {
-            None => wait_until(Duration::from_secs(10), || TcpStream::connect(dns.addr).is_ok()),
-            Some(n) => {
-                let a = dns.addr;
-                wait_until(Duration::from_secs(10), || n.enter(move || TcpStream::connect(a).is_ok()))
-            }
-        }
-        dns
+        cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("dnsmasq (apt-get install dnsmasq-base)")
     }
+}
+
+/// Whether process `pid` listens on TCP `port` on a socket of its own (read from /proc, in the
+/// process's network namespace): a server that came up, not another one answering on the port.
+pub fn listens(pid: u32, port: u16) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
+    let inodes: std::collections::HashSet<String> = fds
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| l.to_str()?.strip_prefix("socket:[")?.strip_suffix(']').map(str::to_string))
+        .collect();
+    ["tcp", "tcp6"].iter().any(|f| {
+        std::fs::read_to_string(format!("/proc/{pid}/net/{f}")).unwrap_or_default().lines().skip(1).any(|l| {
+            let c: Vec<&str> = l.split_whitespace().collect();
+            c.len() > 9
+                && c[3] == "0A" // LISTEN
+                && c[1].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()) == Some(port)
+                && inodes.contains(c[9])
+        })
+    })
+}
+
+/// Starts a server process that binds its port itself (`spawn(port)`), on a port from `pick`,
+/// and waits until it listens there. A port taken by someone else between the pick and the bind
+/// makes the server exit: then another one is picked. Returns the process and its port.
+pub fn spawn_listening(mut pick: impl FnMut() -> u16, mut spawn: impl FnMut(u16) -> Child) -> (Child, u16) {
+    for _ in 0..10 {
+        let port = pick();
+        let mut child = spawn(port);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if child.try_wait().unwrap().is_some() {
+                break; // could not bind: another port
+            }
+            if listens(child.id(), port) {
+                return (child, port);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    panic!("the server did not come up on any of ten ports");
 }
 
 /// Polls `f` until it is true or the deadline passes (then panics).
@@ -1078,36 +1123,34 @@ impl TlsUpstream {
             .status()
             .expect("openssl (apt-get install openssl)");
         assert!(ok.success());
-        let free = {
+        let pick = || {
             let ip = ip.to_string();
-            move || TcpListener::bind((ip.as_str(), 0)).unwrap().local_addr().unwrap().port()
+            let free = move || TcpListener::bind((ip.as_str(), 0)).unwrap().local_addr().unwrap().port();
+            port.unwrap_or_else(|| match ns {
+                Some(n) => n.enter(free),
+                None => free(),
+            })
         };
-        let port = port.unwrap_or_else(|| match ns {
-            Some(n) => n.enter(free),
-            None => free(),
+        let at = |port: u16| -> SocketAddr {
+            if ip.contains(':') { format!("[{ip}]:{port}") } else { format!("{ip}:{port}") }.parse().unwrap()
+        };
+        let (child, port) = spawn_listening(pick, |port| {
+            let mut cmd = match ns {
+                Some(n) => n.command("openssl"),
+                None => Command::new("openssl"),
+            };
+            cmd.args(["s_server", "-quiet", "-www", "-accept", &at(port).to_string()])
+                .arg("-cert")
+                .arg(&cert)
+                .arg("-key")
+                .arg(&key)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
         });
-        let addr: SocketAddr =
-            if ip.contains(':') { format!("[{ip}]:{port}") } else { format!("{ip}:{port}") }.parse().unwrap();
-        let mut cmd = match ns {
-            Some(n) => n.command("openssl"),
-            None => Command::new("openssl"),
-        };
-        let child = cmd
-            .args(["s_server", "-quiet", "-www", "-accept", &addr.to_string()])
-            .arg("-cert")
-            .arg(&cert)
-            .arg("-key")
-            .arg(&key)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let up = TlsUpstream { addr, cert, _proc: Proc(child), _dir: dir };
-        match ns {
-            None => wait_until(Duration::from_secs(10), || TcpStream::connect(up.addr).is_ok()),
-            Some(n) => wait_until(Duration::from_secs(10), || n.enter(move || TcpStream::connect(addr).is_ok())),
-        }
+        let up = TlsUpstream { addr: at(port), cert, _proc: Proc(child), _dir: dir };
         up
     }
 }

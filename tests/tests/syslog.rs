@@ -203,12 +203,10 @@ impl TlsCollector {
     /// A collector presenting `cert` (`server` or `expired`), demanding a client certificate or
     /// not (then only the sink's own verification of the collector can refuse it).
     fn start_with(pki: &Pki, cert: &str, client_cert: bool) -> TlsCollector {
-        // s_server binds the port itself: pick one, and pick again if another process took it
-        // between the pick and the bind (s_server then exits at once).
-        for _ in 0..10 {
-            let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            let out = pki.path("received.bin");
-            let mut child = Command::new("openssl")
+        let out = pki.path("received.bin");
+        let pick = || TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let (child, port) = spawn_listening(pick, |port| {
+            Command::new("openssl")
                 .current_dir(pki.dir.path())
                 .args([
                     "s_server",
@@ -229,21 +227,9 @@ impl TlsCollector {
                 .stdout(std::fs::File::create(&out).unwrap())
                 .stderr(Stdio::null())
                 .spawn()
-                .unwrap();
-            let start = std::time::Instant::now();
-            while start.elapsed() < Duration::from_secs(10) {
-                if child.try_wait().unwrap().is_some() {
-                    break; // the bind failed: another port
-                }
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return TlsCollector { child, out, port };
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        panic!("openssl s_server did not start");
+                .unwrap()
+        });
+        TlsCollector { child, out, port }
     }
 
     fn received(&self) -> Vec<u8> {
