@@ -1150,8 +1150,7 @@ impl TlsUpstream {
                 .spawn()
                 .unwrap()
         });
-        let up = TlsUpstream { addr: at(port), cert, _proc: Proc(child), _dir: dir };
-        up
+        TlsUpstream { addr: at(port), cert, _proc: Proc(child), _dir: dir }
     }
 }
 
