@@ -537,6 +537,16 @@ fn socks5_protocol_errors_get_the_right_reply_codes() {
     // BIND (0x02) -> 0x07
     let out = raw_exchange(gw.socks, &[5, 1, 0, 5, 2, 0, 1, 1, 2, 3, 4, 0, 80], Duration::from_secs(5));
     assert_eq!(&out[..4], &[5, 0, 5, 7], "{out:?}");
+    // ... and then a clean close, never a reset, even with unread bytes left behind (the rest
+    // of the refused request, data sent ahead): a reset can destroy the reply in flight.
+    let mut c = TcpStream::connect(gw.socks).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut hello = vec![5, 1, 0, 5, 2, 0, 1, 1, 2, 3, 4, 0, 80];
+    hello.extend_from_slice(&[0x42; 3000]);
+    c.write_all(&hello).unwrap();
+    let mut out = Vec::new();
+    c.read_to_end(&mut out).expect("a clean close (FIN), not a reset");
+    assert_eq!(&out[..4], &[5, 0, 5, 7], "{out:?}");
     // address type 0x05 -> 0x08
     let out = raw_exchange(gw.socks, &[5, 1, 0, 5, 1, 0, 5, 1, 2, 3, 4, 0, 80], Duration::from_secs(5));
     assert_eq!(&out[..4], &[5, 0, 5, 8], "{out:?}");
@@ -1330,4 +1340,87 @@ fn a_cluster_deny_cidr_is_removed_from_an_allowed_names_resolution() {
     assert_eq!(r.status, 403, "{r:?}");
     assert!(r.body.contains("reason: cluster_deny"), "{r:?}");
     assert_eq!(canary.hits(), 0, "the denied address was never dialled");
+}
+
+/// Sends `bytes` (ignoring a write cut short by the gateway closing) and reads until close.
+fn exchange_lossy(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(bytes);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).to_string()
+}
+
+/// Defects found by trying the gateway as an attacker would, each answered as the protocol
+/// says and audited: a request head over `maxHeaderBytes` sent in one write (431, never
+/// forwarded); a CONNECT request announcing content (400: those bytes would be swallowed or
+/// tunnelled); a malformed chunked request body (the client's fault: 400, and the close event
+/// says `client_error`, not `upstream_closed`).
+#[test]
+fn hard_limits_on_heads_connect_without_content_and_bad_bodies_are_the_clients_fault() {
+    let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
+    let p = up.addr.port();
+    let gw = Gateway::start(&dns, &config(p, ""));
+    // 100 KiB of header in one write, against the default 64 KiB.
+    let big = format!(
+        "GET http://up.test:{p}/big HTTP/1.1\r\nHost: up.test:{p}\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(100 * 1024)
+    );
+    let out = exchange_lossy(gw.http, big.as_bytes());
+    assert!(out.starts_with("HTTP/1.1 431"), "{}", &out[..out.len().min(200)]);
+    // CONNECT with a body.
+    let out = exchange_lossy(
+        gw.http,
+        format!("CONNECT up.test:{p} HTTP/1.1\r\nHost: up.test:{p}\r\nContent-Length: 5\r\n\r\nhello").as_bytes(),
+    );
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert!(out.contains("a CONNECT request carries no content"), "{out}");
+    let d = gw.decision(|e| e["front"] == "connect");
+    assert_eq!(d["decision"]["reason"], "malformed_request", "{d}");
+    // Nothing of either reached the upstream; the positive control does.
+    assert_eq!(up.hits(), 0);
+    assert_eq!(curl(&["-x", &proxy(&gw), &format!("http://up.test:{p}/ok")]).status, 200);
+    assert_eq!(up.hits(), 1);
+    // A malformed chunk size in the request body.
+    let bad = format!(
+        "POST http://up.test:{p}/chunked HTTP/1.1\r\nHost: up.test:{p}\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"
+    );
+    let out = exchange_lossy(gw.http, bad.as_bytes());
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert!(out.contains("malformed request body"), "{out}");
+    let is_close = |e: &Value| e["event"] == "close" && e["target"]["http"]["path"] == "/chunked";
+    wait_for("the close event", Duration::from_secs(10), || gw.events().iter().any(is_close));
+    let close = gw.events().into_iter().find(is_close).unwrap();
+    assert_eq!(close["close"]["end"], "client_error", "{close}");
+}
+
+/// An idle keep-alive connection that reaches `headerTimeout` after its request was answered
+/// is closed quietly: no decision (a `header_timeout` denial per pooled client connection would
+/// be a false denial in every report). A request that started and did not finish in time is
+/// still one (the positive control).
+#[test]
+fn an_idle_keep_alive_connection_times_out_without_a_false_denial() {
+    let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
+    let p = up.addr.port();
+    let gw = Gateway::start(&dns, &format!("{}limits: {{headerTimeout: 1s}}\n", config(p, "")));
+    let mut s = TcpStream::connect(gw.http).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    write!(s, "GET http://up.test:{p}/pooled HTTP/1.1\r\nHost: up.test:{p}\r\n\r\n").unwrap();
+    let (status, h) = read_head(&mut r);
+    assert_eq!(status, 200);
+    let mut body = vec![0u8; h["content-length"].parse().unwrap()];
+    r.read_exact(&mut body).unwrap();
+    // Idle until the gateway closes it.
+    let mut rest = Vec::new();
+    assert_eq!(r.read_to_end(&mut rest).unwrap(), 0, "closed without a response");
+    let conn = gw.decision(|e| e["target"]["http"]["path"] == "/pooled")["connection_id"].clone();
+    // The positive control: half a head, then silence.
+    let out = exchange_lossy(gw.http, format!("GET http://up.test:{p}/half HTTP/1.1\r\nHo").as_bytes());
+    assert!(out.starts_with("HTTP/1.1 408") || out.is_empty(), "{out}");
+    gw.wait_reason("header_timeout");
+    let of_conn: Vec<Value> = gw.events().into_iter().filter(|e| e["connection_id"] == conn).collect();
+    assert_eq!(of_conn.len(), 2, "one decision and its close, nothing else: {of_conn:#?}");
+    assert!(of_conn.iter().all(|e| e["decision"]["reason"] != "header_timeout"), "{of_conn:#?}");
 }

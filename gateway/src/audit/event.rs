@@ -36,6 +36,8 @@ pub enum End {
     Shutdown,
     /// The upstream connect failed.
     ConnectFailed,
+    /// The client sent something invalid after the decision (a malformed request body).
+    ClientError,
     /// A relay or protocol error.
     Error,
 }

@@ -46,19 +46,32 @@ async fn serve_conn(gw: Arc<Gateway>, stream: TcpStream, peer: SocketAddr) {
     let conn = gw.new_conn(peer, Front::Http);
     let limits = gw.state().loaded.config.limits.clone();
     let cache: Arc<Mutex<Option<Cached>>> = Arc::new(Mutex::new(None));
+    // Bytes read from the client, and that count when the last request was answered: a header
+    // timeout with nothing read since is an idle keep-alive connection closing, not a request.
+    let read = Arc::new(AtomicU64::new(0));
+    let answered_at = Arc::new(AtomicU64::new(0));
     let svc = {
-        let (gw, conn) = (gw.clone(), conn.clone());
+        let (gw, conn, read, answered_at) = (gw.clone(), conn.clone(), read.clone(), answered_at.clone());
         service_fn(move |req| {
             let (gw, conn, cache) = (gw.clone(), conn.clone(), cache.clone());
-            async move { Ok::<_, Infallible>(handle(gw, conn, cache, req).await) }
+            let (read, answered_at) = (read.clone(), answered_at.clone());
+            async move {
+                let resp = handle(gw, conn, cache, req).await;
+                answered_at.store(read.load(Ordering::Relaxed), Ordering::Relaxed);
+                Ok::<_, Infallible>(resp)
+            }
         })
     };
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
+        // A hard bound on the request head, also when it arrives in one read (the buffer bound
+        // alone is checked only while the head is incomplete).
+        .max_header_size(limits.max_header_bytes)
         .max_buf_size(limits.max_header_bytes)
         .keep_alive(true);
+    let stream = CountingIo { io: stream, read: read.clone() };
     let served = builder.serve_connection(TokioIo::new(stream), svc).with_upgrades();
     tokio::pin!(served);
     let result = tokio::select! {
@@ -69,7 +82,12 @@ async fn serve_conn(gw: Arc<Gateway>, stream: TcpStream, peer: SocketAddr) {
         }
     };
     if let Err(e) = result {
-        let reason = if e.is_timeout() {
+        let idle = read.load(Ordering::Relaxed) == answered_at.load(Ordering::Relaxed);
+        let reason = if e.is_timeout() && idle {
+            // Nothing of a next request arrived: a quiet close, not a decision.
+            tracing::debug!(peer = %peer, "idle client connection closed after headerTimeout");
+            None
+        } else if e.is_timeout() {
             Some(Reason::HeaderTimeout)
         } else if e.is_parse() || e.is_parse_too_large() {
             Some(Reason::MalformedRequest)
@@ -107,6 +125,14 @@ async fn handle(
             http: None,
             transparent: None,
         };
+        // A CONNECT request has no content (RFC 9110 §9.3.6): bytes announced as one would be
+        // either swallowed or sent on as tunnel data. Refused, and the connection closed.
+        let has_content = req.headers().contains_key(header::TRANSFER_ENCODING)
+            || req.headers().get(header::CONTENT_LENGTH).is_some_and(|v| v.as_bytes() != b"0");
+        if has_content {
+            let r = gw.refuse_malformed(&ereq, Reason::MalformedRequest, "a CONNECT request carries no content");
+            return refusal(&r, true);
+        }
         return connect(gw, ereq, req).await;
     }
     let uri = req.uri().clone();
@@ -161,7 +187,7 @@ async fn connect(gw: Arc<Gateway>, ereq: EgressRequest, req: Request<Incoming>) 
             Err(e) => return up.log.finish(0, 0, End::ClientClosed, None, Some(e.to_string())),
         };
         // The client's socket itself, when hyper hands it back: then the tunnel is spliced.
-        let r = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        let r = match upgraded.downcast::<TokioIo<CountingIo>>() {
             Ok(parts) => {
                 let mut upstream = up.stream;
                 let early = parts.read_buf.len() as u64;
@@ -170,7 +196,7 @@ async fn connect(gw: Arc<Gateway>, ereq: EgressRequest, req: Request<Incoming>) 
                 {
                     return up.log.finish(0, 0, End::UpstreamClosed, None, Some(e.to_string()));
                 }
-                let mut r = crate::relay::relay_tcp(parts.io.into_inner(), upstream, tunnel, &gw2.stop).await;
+                let mut r = crate::relay::relay_tcp(parts.io.into_inner().io, upstream, tunnel, &gw2.stop).await;
                 r.up += early;
                 r
             }
@@ -179,6 +205,54 @@ async fn connect(gw: Arc<Gateway>, ereq: EgressRequest, req: Request<Incoming>) 
         up.log.finish(r.up, r.down, r.end, None, r.error);
     });
     Response::new(empty())
+}
+
+/// The client's socket, counting the bytes read from it (one relaxed add per read).
+struct CountingIo {
+    io: TcpStream,
+    read: Arc<AtomicU64>,
+}
+
+impl tokio::io::AsyncRead for CountingIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.read.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for CountingIo {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus the proxy ones; headers named in `Connection` too.
@@ -287,6 +361,21 @@ async fn forward(
             let body = TrackedBody::response(body, counters, log, status);
             Response::from_parts(parts, body.boxed())
         }
+        Err(e) if counters.client_body_error.load(Ordering::Relaxed) => {
+            // The client's fault, not the upstream's: 400, and the connection closed (its framing
+            // is lost).
+            let up = counters.up.load(Ordering::Relaxed);
+            let detail = format!(
+                "malformed request body: {}",
+                std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string())
+            );
+            log.finish(up, 0, End::ClientError, None, Some(detail.clone()));
+            let body = format!(
+                "egress gateway: bad request\nreason: malformed_request\nrequest_id: {}\ndetail: {detail}\n",
+                ereq.id
+            );
+            text(StatusCode::BAD_REQUEST, body, "malformed_request", &ereq.id, true)
+        }
         Err(e) => {
             let up = counters.up.load(Ordering::Relaxed);
             log.finish(up, 0, End::UpstreamClosed, None, Some(e.to_string()));
@@ -299,6 +388,8 @@ async fn forward(
 struct Counters {
     up: AtomicU64,
     down: AtomicU64,
+    /// The client's request body could not be decoded (bad chunked framing, cut short).
+    client_body_error: std::sync::atomic::AtomicBool,
 }
 
 /// A body that counts what passes and, for responses, emits the close event at its end.
@@ -349,6 +440,9 @@ impl Body for TrackedBody {
             }
             Poll::Ready(None) => self.finish(End::Completed, None),
             Poll::Ready(Some(Err(e))) => {
+                if self.upstream {
+                    self.counters.client_body_error.store(true, Ordering::Relaxed);
+                }
                 let msg = e.to_string();
                 self.finish(End::UpstreamClosed, Some(msg));
             }

@@ -63,7 +63,7 @@ async fn serve_conn(gw: &Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr) 
             };
             gw.refuse_malformed(&bare_request(&conn), reason, &detail);
             if let Some(code) = code {
-                let _ = stream.write_all(&reply_bytes(code, None)).await;
+                refuse(&mut stream, code).await;
             }
             return;
         }
@@ -77,14 +77,14 @@ async fn serve_conn(gw: &Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr) 
     let permit = match gw.authorize(&req).await {
         Ok(p) => p,
         Err(r) => {
-            let _ = stream.write_all(&reply_bytes(code_for(&r), None)).await;
+            refuse(&mut stream, code_for(&r)).await;
             return;
         }
     };
     let up = match permit.connect().await {
         Ok(u) => u,
         Err(r) => {
-            let _ = stream.write_all(&reply_bytes(code_for(&r), None)).await;
+            refuse(&mut stream, code_for(&r)).await;
             return;
         }
     };
@@ -95,6 +95,27 @@ async fn serve_conn(gw: &Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr) 
     }
     let r = crate::relay::relay_tcp(stream, up.stream, tunnel, &gw.stop).await;
     up.log.finish(r.up, r.down, r.end, None, r.error);
+}
+
+/// Answers with a failure reply and closes so that the client reads it: the write side is shut
+/// (FIN after the reply), and what the client sent that was not read (the rest of a refused
+/// request, data sent ahead) is drained, at most 64 KiB for at most a second, since closing a
+/// socket with unread input resets it and the reset can destroy the reply in flight.
+async fn refuse(stream: &mut TcpStream, code: u8) {
+    if stream.write_all(&reply_bytes(code, None)).await.is_err() || stream.shutdown().await.is_err() {
+        return;
+    }
+    let drain = async {
+        let mut buf = [0u8; 4096];
+        let mut left: usize = 64 * 1024;
+        while left > 0 {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drain).await;
 }
 
 fn bare_request(conn: &Arc<ClientConn>) -> EgressRequest {
