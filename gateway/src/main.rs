@@ -179,6 +179,12 @@ fn audit_verify(public_key: Option<PathBuf>, files: Vec<PathBuf>) -> ExitCode {
             ExitCode::from(1)
         }
         None => {
+            if r.duplicates > 0 {
+                println!(
+                    "skipped {} exact duplicates of events already checked (redelivered after a restart: at-least-once delivery)",
+                    r.duplicates
+                );
+            }
             println!(
                 "ok: {} events, hash chain intact; {} checkpoints verified{}; {} events after the last verified checkpoint",
                 r.events,

@@ -185,12 +185,51 @@ pub struct Report {
     pub problem: Option<String>,
     /// Events after the last verified checkpoint (not covered by a signature yet).
     pub unsigned_tail: u64,
+    /// Exact copies of events already checked (at-least-once delivery: after a crash a sink
+    /// receives the events since its last saved cursor again), skipped.
+    pub duplicates: u64,
 }
+
+/// How many checked events per stream a copy may repeat: a sink redelivers what it had not
+/// confirmed (at most a few batches), far fewer than this.
+const DUPLICATE_WINDOW: usize = 1 << 18;
 
 struct Stream {
     last_seq: u64,
     last_hash: String,
     since_checkpoint: u64,
+    /// The hashes of the last checked events, by sequence number, for telling an exact copy from
+    /// a changed or reordered event.
+    recent: std::collections::HashMap<u64, [u8; 32]>,
+    order: std::collections::VecDeque<u64>,
+}
+
+impl Stream {
+    fn remember(&mut self, seq: u64, hash: &str) {
+        if let Some(h) = hash_bytes(hash) {
+            self.recent.insert(seq, h);
+            self.order.push_back(seq);
+            if self.order.len() > DUPLICATE_WINDOW
+                && let Some(old) = self.order.pop_front()
+            {
+                self.recent.remove(&old);
+            }
+        }
+    }
+}
+
+/// A SHA-256 hex digest as bytes (`None` if it is not one).
+fn hash_bytes(hex: &str) -> Option<[u8; 32]> {
+    let b = hex.as_bytes();
+    if b.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in b.chunks(2).enumerate() {
+        let s = std::str::from_utf8(pair).ok()?;
+        out[i] = u8::from_str_radix(s, 16).ok()?;
+    }
+    Some(out)
 }
 
 /// Verifies egress.v1 events (JSON lines, in file order; several instances may be interleaved)
@@ -234,12 +273,21 @@ pub fn verify(lines: &[(String, String)], key: Option<&Verifier>) -> Report {
             last_seq: 0,
             last_hash: GENESIS.to_string(),
             since_checkpoint: 0,
+            recent: Default::default(),
+            order: Default::default(),
         });
         if seq <= stream.last_seq {
-            if seq == stream.last_seq && hash == stream.last_hash {
-                continue; // the same event delivered twice (at least once)
+            // An exact copy of an event already checked (its hash, which covers all of it and
+            // its place in the chain, is the same): redelivered, not tampered with.
+            let known = stream.recent.get(&seq);
+            if known.is_some() && known.copied() == hash_bytes(hash) {
+                r.duplicates += 1;
+                continue;
             }
-            r.problem = Some(format!("{at}: out of order after seq {} (reordered or replayed)", stream.last_seq));
+            r.problem = Some(match known {
+                Some(_) => format!("{at}: differs from the event already seen with this number (changed or forged)"),
+                None => format!("{at}: out of order after seq {} (reordered or replayed)", stream.last_seq),
+            });
             return r;
         }
         // A first event seen mid-stream (files start after a rotation or spool collection):
@@ -294,6 +342,7 @@ pub fn verify(lines: &[(String, String)], key: Option<&Verifier>) -> Report {
         }
         stream.last_seq = seq;
         stream.last_hash = hash.to_string();
+        stream.remember(seq, hash);
         r.events += 1;
     }
     r.unsigned_tail = streams.values().map(|s| s.since_checkpoint).sum();
@@ -303,6 +352,64 @@ pub fn verify(lines: &[(String, String)], key: Option<&Verifier>) -> Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A chained stream of `n` events of one instance, as the writer makes it.
+    fn chain(n: u64) -> Vec<String> {
+        let mut prev = GENESIS.to_string();
+        (1..=n)
+            .map(|seq| {
+                let mut v = serde_json::json!({"schema": "egress.v1", "event": "decision", "seq": seq,
+                    "instance": "i-1", "id": format!("id-{seq}"), "prev_hash": prev});
+                let h = hash_of_value(&v);
+                v["hash"] = Value::String(h.clone());
+                prev = h;
+                v.to_string()
+            })
+            .collect()
+    }
+
+    fn lines(ls: &[String]) -> Vec<(String, String)> {
+        ls.iter().enumerate().map(|(i, l)| (format!("f:{}", i + 1), l.clone())).collect()
+    }
+
+    /// After a crash a sink gets the events since its last saved cursor again: exact copies are
+    /// skipped and counted; the chain goes on after them.
+    #[test]
+    fn accepts_a_redelivered_range_and_counts_it() {
+        let c = chain(12);
+        let mut ls: Vec<String> = c[..10].to_vec();
+        ls.extend_from_slice(&c[4..10]); // 5..=10 again
+        ls.extend_from_slice(&c[10..]);
+        let r = verify(&lines(&ls), None);
+        assert_eq!(r.problem, None);
+        assert_eq!((r.events, r.duplicates), (12, 6));
+    }
+
+    #[test]
+    fn rejects_a_changed_copy_of_a_checked_event() {
+        let c = chain(6);
+        let mut forged: Value = serde_json::from_str(&c[2]).unwrap();
+        forged["id"] = Value::String("other".into());
+        let h = hash_of_value(&forged);
+        forged["hash"] = Value::String(h); // consistent with itself, not with the first copy
+        let mut ls: Vec<String> = c.clone();
+        ls.push(forged.to_string());
+        let r = verify(&lines(&ls), None);
+        assert!(
+            r.problem.as_deref().unwrap().contains("seq 3: differs from the event already seen"),
+            "{:?}",
+            r.problem
+        );
+    }
+
+    #[test]
+    fn rejects_a_true_reorder() {
+        let c = chain(6);
+        let ls = vec![c[0].clone(), c[2].clone(), c[1].clone(), c[3].clone()];
+        let r = verify(&lines(&ls), None);
+        assert!(r.problem.as_deref().unwrap().contains("seq 2 should come first"), "{:?}", r.problem);
+        assert_eq!(r.duplicates, 0);
+    }
 
     /// The fast path agrees byte for byte with the general RFC 8785 implementation.
     #[test]
