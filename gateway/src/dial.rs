@@ -40,6 +40,15 @@ pub enum DialError {
     /// The pool has no source address of any candidate's family.
     #[error("egress address pool {0:?} has no source address for these destinations")]
     NoSource(String),
+    /// The gateway ran out of something of its own (file descriptors, ephemeral ports, socket
+    /// buffers): no other address would fare better.
+    #[error("out of local resources: {0}")]
+    LocalResources(String),
+}
+
+/// Whether a connect error is about this host's resources rather than the destination.
+fn is_local_resource(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL))
 }
 
 impl Pools {
@@ -136,6 +145,7 @@ pub async fn happy_eyeballs(
             tokio::select! {
                 Some(done) = set.join_next() => match done {
                     Ok((dest, Ok(s))) => return Ok((s, dest)),
+                    Ok((_, Err(e))) if is_local_resource(&e) => return Err(DialError::LocalResources(e.to_string())),
                     Ok((_, Err(e))) => {
                         refused &= e.kind() == io::ErrorKind::ConnectionRefused;
                         last_err = Some(e);

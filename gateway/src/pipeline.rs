@@ -185,6 +185,24 @@ pub enum RefusalKind {
     Unreachable,
     /// The decision could not be committed to the audit spool (`failClosed`).
     AuditUnavailable,
+    /// The gateway ran out of file descriptors, ports or buffers.
+    LocalResources,
+}
+
+impl RefusalKind {
+    /// The HTTP status and the words of the answer, for every front that answers in HTTP.
+    pub fn http_status(self) -> (u16, &'static str) {
+        match self {
+            RefusalKind::Denied => (403, "denied by egress policy"),
+            RefusalKind::RateLimited => (429, "rate limit exceeded"),
+            RefusalKind::BadRequest => (400, "bad request"),
+            RefusalKind::DnsFailure => (502, "name resolution failed"),
+            RefusalKind::ConnectRefused | RefusalKind::Unreachable => (502, "upstream unreachable"),
+            RefusalKind::ConnectTimeout => (504, "upstream connect timed out"),
+            RefusalKind::AuditUnavailable => (503, "audit log unavailable"),
+            RefusalKind::LocalResources => (503, "gateway out of local resources"),
+        }
+    }
 }
 
 /// A refusal, already audited.
@@ -576,12 +594,14 @@ impl Permit {
             }
             Err(e) => {
                 self.gw.metrics.connect_failures.inc();
-                let kind = match e {
-                    DialError::Refused(_) => RefusalKind::ConnectRefused,
-                    DialError::Timeout(_) => RefusalKind::ConnectTimeout,
-                    DialError::Unreachable(_) | DialError::NoSource(_) => RefusalKind::Unreachable,
+                let (kind, reason) = match e {
+                    DialError::Refused(_) => (RefusalKind::ConnectRefused, self.base.decision.reason),
+                    DialError::Timeout(_) => (RefusalKind::ConnectTimeout, self.base.decision.reason),
+                    DialError::Unreachable(_) | DialError::NoSource(_) => {
+                        (RefusalKind::Unreachable, self.base.decision.reason)
+                    }
+                    DialError::LocalResources(_) => (RefusalKind::LocalResources, Reason::LocalResourceLimit),
                 };
-                let reason = self.base.decision.reason;
                 let log = self.allowed(None, None).await?;
                 log.finish(0, 0, End::ConnectFailed, None, Some(e.to_string()));
                 Err(Refusal { kind, reason, request_id, detail: e.to_string() })

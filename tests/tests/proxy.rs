@@ -1424,3 +1424,62 @@ fn an_idle_keep_alive_connection_times_out_without_a_false_denial() {
     assert_eq!(of_conn.len(), 2, "one decision and its close, nothing else: {of_conn:#?}");
     assert!(of_conn.iter().all(|e| e["decision"]["reason"] != "header_timeout"), "{of_conn:#?}");
 }
+
+/// The gateway out of file descriptors (run under `prlimit --nofile`): a request whose upstream
+/// connect fails for it is answered 503 with its own reason (`local_resource_limit`), not 502
+/// "unreachable"; connections it cannot accept are logged once in a while with a count, not
+/// every 50 ms; once descriptors are free again, requests are served (the positive control).
+#[test]
+fn out_of_file_descriptors_is_503_local_resource_limit_and_logged_sparingly() {
+    let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
+    let p = up.addr.port();
+    let body = single_policy(
+        "fds",
+        &format!("      rules: [{{name: up, to: [{{cidr: 127.0.0.2/32}}], ports: [{{port: {p}}}]}}]"),
+        "",
+    );
+    let gw = Gateway::start_under(&dns, &["prlimit", "--nofile=64:64"], &body);
+    let url = format!("http://127.0.0.2:{p}/");
+    // Descriptors in use below the limit (one inherited from the test runner may sit above it).
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", gw.pid()))
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_str().unwrap().parse::<u32>().unwrap() < 64)
+            .count()
+    };
+    assert_eq!(curl(&["-x", &proxy(&gw), &url]).status, 200);
+    // Its client and upstream connections closed again (what the first request opened for good,
+    // it keeps): the count settles.
+    let mut seen = (fds(), 0);
+    while seen.1 < 5 {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = fds();
+        seen = if now == seen.0 { (now, seen.1 + 1) } else { (now, 0) };
+    }
+    let base = seen.0;
+    // Idle client connections until every descriptor is taken, then one closed: the next
+    // connection takes that one, and its upstream connect finds none.
+    let mut idle = Vec::new();
+    while base + idle.len() < 64 {
+        idle.push(TcpStream::connect(gw.http).unwrap());
+        let n = idle.len();
+        wait_for("the connection accepted", Duration::from_secs(10), || fds() >= base + n);
+    }
+    drop(idle.pop());
+    wait_for("the connection closed", Duration::from_secs(10), || fds() == 63);
+    let r = curl(&["-x", &proxy(&gw), &url]);
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(r.body.contains("reason: local_resource_limit"), "{r:?}");
+    assert!(r.body.contains("Too many open files"), "{r:?}");
+    // None left: connections wait in the backlog; accept fails over and over.
+    let queued: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(gw.http).unwrap()).collect();
+    wait_for("an accept failure logged", Duration::from_secs(10), || gw.log_text().contains("accept failed"));
+    std::thread::sleep(Duration::from_secs(1)); // twenty retries' worth
+    let warnings = gw.log_text().matches("accept failed").count();
+    assert_eq!(warnings, 1, "one warning, not one per retry:\n{}", gw.log_text());
+    assert!(gw.log_text().contains("raise the file descriptor limit"));
+    // Descriptors free again: served.
+    drop(idle);
+    drop(queued);
+    wait_until(Duration::from_secs(10), || curl(&["-x", &proxy(&gw), &url]).status == 200);
+}

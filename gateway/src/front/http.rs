@@ -489,15 +489,8 @@ fn text(status: StatusCode, body: String, reason: &str, request_id: &str, close:
 
 /// The protocol answer to a refusal.
 fn refusal(r: &Refusal, close: bool) -> Response<ProxyBody> {
-    let (status, what) = match r.kind {
-        RefusalKind::Denied => (StatusCode::FORBIDDEN, "denied by egress policy"),
-        RefusalKind::RateLimited => (StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded"),
-        RefusalKind::BadRequest => (StatusCode::BAD_REQUEST, "bad request"),
-        RefusalKind::DnsFailure => (StatusCode::BAD_GATEWAY, "name resolution failed"),
-        RefusalKind::ConnectRefused | RefusalKind::Unreachable => (StatusCode::BAD_GATEWAY, "upstream unreachable"),
-        RefusalKind::ConnectTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream connect timed out"),
-        RefusalKind::AuditUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "audit log unavailable"),
-    };
+    let (code, what) = r.kind.http_status();
+    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let reason = r.reason.as_str();
     let mut body = format!("egress gateway: {what}\nreason: {reason}\nrequest_id: {}\n", r.request_id);
     if !r.detail.is_empty() {

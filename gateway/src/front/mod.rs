@@ -23,6 +23,10 @@ where
     F: Fn(Arc<Gateway>, TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    // Accept errors (out of file descriptors, mostly) repeat every 50 ms while they last: one
+    // warning every few seconds, with the count since the last one.
+    let mut failed_since_warning = 0u64;
+    let mut last_warning: Option<std::time::Instant> = None;
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -40,7 +44,17 @@ where
                 });
             }
             Err(e) => {
-                tracing::warn!(listener = name, error = %e, "accept failed");
+                failed_since_warning += 1;
+                if last_warning.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(5)) {
+                    let hint = if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+                        ": raise the file descriptor limit (ulimit -n, LimitNOFILE) or lower the connection limits"
+                    } else {
+                        ""
+                    };
+                    tracing::warn!(listener = name, error = %e, failures = failed_since_warning, "accept failed{hint}");
+                    failed_since_warning = 0;
+                    last_warning = Some(std::time::Instant::now());
+                }
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }

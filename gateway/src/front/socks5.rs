@@ -134,7 +134,7 @@ fn code_for(r: &Refusal) -> u8 {
         RefusalKind::Denied | RefusalKind::RateLimited => reply::NOT_ALLOWED,
         RefusalKind::DnsFailure | RefusalKind::Unreachable | RefusalKind::ConnectTimeout => reply::HOST_UNREACHABLE,
         RefusalKind::ConnectRefused => reply::CONNECTION_REFUSED,
-        RefusalKind::BadRequest | RefusalKind::AuditUnavailable => reply::GENERAL_FAILURE,
+        RefusalKind::BadRequest | RefusalKind::AuditUnavailable | RefusalKind::LocalResources => reply::GENERAL_FAILURE,
     }
 }
 

@@ -241,17 +241,12 @@ async fn refuse(stream: &mut TcpStream, r: &Refusal, is_http: bool) {
     if !is_http {
         return; // TLS or opaque: the connection is closed
     }
-    let status = match r.kind {
-        RefusalKind::Denied => "403 Forbidden",
-        RefusalKind::RateLimited => "429 Too Many Requests",
-        RefusalKind::BadRequest => "400 Bad Request",
-        RefusalKind::DnsFailure | RefusalKind::ConnectRefused | RefusalKind::Unreachable => "502 Bad Gateway",
-        RefusalKind::ConnectTimeout => "504 Gateway Timeout",
-        RefusalKind::AuditUnavailable => "503 Service Unavailable",
-    };
-    let body = format!("egress gateway: refused\nreason: {}\nrequest_id: {}\n", r.reason.as_str(), r.request_id);
+    let (code, what) = r.kind.http_status();
+    let status =
+        http::StatusCode::from_u16(code).map_or(String::new(), |s| s.canonical_reason().unwrap_or("").to_string());
+    let body = format!("egress gateway: {what}\nreason: {}\nrequest_id: {}\n", r.reason.as_str(), r.request_id);
     let resp = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nx-egress-reason: {}\r\nx-egress-request-id: {}\r\nconnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {code} {status}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nx-egress-reason: {}\r\nx-egress-request-id: {}\r\nconnection: close\r\n\r\n{body}",
         body.len(),
         r.reason.as_str(),
         r.request_id

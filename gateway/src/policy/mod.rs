@@ -61,11 +61,14 @@ pub enum Reason {
     UntrustedRelay,
     /// The decision could not be committed to the audit spool (`audit.onFailure: failClosed`).
     AuditUnavailable,
+    /// The gateway itself ran out of a local resource (file descriptors, ports, buffers) while
+    /// connecting upstream.
+    LocalResourceLimit,
 }
 
 impl Reason {
     /// Every reason, for metrics pre-registration.
-    pub const ALL: [Reason; 23] = [
+    pub const ALL: [Reason; 24] = [
         Reason::RuleAllow,
         Reason::DefaultAllow,
         Reason::DefaultDeny,
@@ -89,6 +92,7 @@ impl Reason {
         Reason::EgressAddressUnavailable,
         Reason::UntrustedRelay,
         Reason::AuditUnavailable,
+        Reason::LocalResourceLimit,
     ];
 
     /// The stable snake_case name.
@@ -117,6 +121,7 @@ impl Reason {
             Reason::EgressAddressUnavailable => "egress_address_unavailable",
             Reason::UntrustedRelay => "untrusted_relay",
             Reason::AuditUnavailable => "audit_unavailable",
+            Reason::LocalResourceLimit => "local_resource_limit",
         }
     }
 
