@@ -67,6 +67,31 @@ pub struct Config {
     /// Transparent front.
     #[serde(default)]
     pub transparent: TransparentConfig,
+    /// Operational logs (stderr).
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// Operational logging (stderr; the audit trail is separate). The filter is the `EGRESS_LOG`
+/// environment variable (`info` by default).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` (the default; coloured only on a terminal) or `json` (one object per line, for log
+    /// collectors). Read at start; `EGRESS_LOG_FORMAT` overrides it.
+    #[serde(default)]
+    pub format: egress_log::Format,
+    /// One concise line at info level per denied request (who, where to, why, request id), for
+    /// denials that a client only sees in a status code or SOCKS5 reply. Also filterable with
+    /// `EGRESS_LOG=info,egress_gateway::denials=off`.
+    #[serde(default = "yes")]
+    pub denials: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { format: egress_log::Format::Text, denials: true }
+    }
 }
 
 /// Transparent front settings.

@@ -86,10 +86,10 @@ fn main() -> ExitCode {
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("EGRESS_LOG").unwrap_or_else(|_| "info".into()))
-        .init();
+    // `run` logs in the format its configuration asks for, so it starts logging once loaded.
+    if !matches!(cli.command, Command::Run { .. }) {
+        egress_log::init(egress_log::Format::Text, &[]);
+    }
     match cli.command {
         Command::Audit { command: AuditCommand::Verify { public_key, files } } => audit_verify(public_key, files),
         Command::Validate { config } => match load(&config) {
@@ -127,6 +127,7 @@ fn main() -> ExitCode {
                 Ok(l) => l,
                 Err(c) => return c,
             };
+            egress_log::init(loaded.config.log.format, &[]);
             let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {

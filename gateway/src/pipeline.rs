@@ -205,6 +205,32 @@ impl RefusalKind {
     }
 }
 
+impl Refusal {
+    /// The words of the answer: what refused the request, in terms a user can act on (the
+    /// built-in guard is not a policy, and says why).
+    pub fn words(&self) -> &'static str {
+        match (self.kind, self.reason) {
+            (RefusalKind::Denied, Reason::GuardBlocked | Reason::GuardBlockedName) => {
+                "denied by the built-in guard: the destination is cloud metadata, loopback, link-local or another blocked range, which only guard.allowCidrs opens"
+            }
+            (RefusalKind::Denied, Reason::GuardInternal) => {
+                "denied by the built-in guard: the destination is an internal address (RFC 1918, CGNAT, ULA), which only a cidr rule naming it opens"
+            }
+            (RefusalKind::Denied, Reason::DnsGuardBlocked) => {
+                "denied by the built-in guard: the name resolves only to blocked addresses (cloud metadata, loopback, link-local, ...)"
+            }
+            (RefusalKind::Denied, Reason::DnsInternalAddress) => {
+                "denied by the built-in guard: the name resolves only to internal addresses, which a domain rule never opens"
+            }
+            (RefusalKind::Denied, Reason::ClusterDeny) => "denied by a ClusterEgressPolicy Deny rule",
+            (RefusalKind::Denied, Reason::DefaultDeny | Reason::NoRuleMatched) => {
+                "denied by egress policy: no rule allows this destination for this client"
+            }
+            (kind, _) => kind.http_status().1,
+        }
+    }
+}
+
 /// A refusal, already audited.
 #[derive(Debug, Clone)]
 pub struct Refusal {
@@ -443,6 +469,31 @@ impl Gateway {
 
     /// Refuses a request the front could not parse (malformed, origin-form, bad SOCKS command...)
     /// and audits it. The connection never reaches policy.
+    /// One concise line per denial (`log.denials`, target `egress_gateway::denials`): the
+    /// protocol answer (a status code, a SOCKS5 reply) is all a client sees, and the audit trail
+    /// is not where an operator trying a policy looks first.
+    fn log_denial(&self, ev: &Event) {
+        if !self.state.load().loaded.config.log.denials {
+            return;
+        }
+        let who = match (&ev.client.namespace, &ev.client.name) {
+            (Some(ns), Some(name)) => format!("{ns}/{name}"),
+            (Some(ns), None) => ns.clone(),
+            _ => "unknown client".to_string(),
+        };
+        tracing::info!(
+            target: "egress_gateway::denials",
+            front = ev.front.as_str(),
+            client = %ev.client.address,
+            who = %who,
+            to = %format_args!("{}:{}", ev.target.host, ev.target.port),
+            reason = ev.decision.reason.as_str(),
+            policy = ev.decision.policy.as_deref().unwrap_or(""),
+            request_id = %ev.request_id,
+            "denied"
+        );
+    }
+
     pub fn refuse_malformed(&self, req: &EgressRequest, reason: Reason, detail: &str) -> Refusal {
         let id = self.state.load().identities.lookup(req.conn.peer.ip());
         let (host, port) = raw_host_port(&req.target);
@@ -461,6 +512,7 @@ impl Gateway {
                 detail: Some(detail.to_string()),
             },
         );
+        self.log_denial(&ev);
         self.audit.emit(ev);
         self.metrics.decision(false, reason);
         let kind = if reason == Reason::AuthFailed { RefusalKind::Denied } else { RefusalKind::BadRequest };
@@ -513,6 +565,7 @@ impl Gateway {
         ev.resolved = checked.resolved;
         ev.egress_pool = Some(d.egress_address.clone());
         if d.action == Action::Deny {
+            self.log_denial(&ev);
             let committed = self.audit.commit(ev).await;
             self.metrics.decision(false, d.reason);
             if committed.is_err() {
@@ -544,6 +597,9 @@ impl Permit {
         // Crash tests: the process dies right before / right after the commit.
         failpoint!("pipeline::before_commit", |_| std::process::abort());
         if self.gw.audit.commit(self.base.clone()).await.is_err() {
+            let mut ev = self.base.clone();
+            ev.decision.reason = Reason::AuditUnavailable;
+            self.gw.log_denial(&ev);
             self.gw.metrics.decision(false, Reason::AuditUnavailable);
             return Err(Refusal::audit_unavailable(self.base.request_id.clone()));
         }
@@ -571,6 +627,7 @@ impl Permit {
             let mut ev = self.base;
             ev.decision.action = Action::Deny;
             ev.decision.reason = Reason::EgressAddressUnavailable;
+            self.gw.log_denial(&ev);
             let committed = self.gw.audit.commit(ev).await;
             self.gw.metrics.decision(false, Reason::EgressAddressUnavailable);
             if committed.is_err() {

@@ -103,7 +103,7 @@ impl Resolver {
         let deadline = tokio::time::Instant::now() + self.timeout;
         match tokio::time::timeout_at(deadline, self.lookup_families(name, deadline)).await {
             Ok(r) => r,
-            Err(_) => Err(format!("no answer within resolver.timeout ({:?})", self.timeout)),
+            Err(_) => Err(format!("{name}: no answer within resolver.timeout ({:?})", self.timeout)),
         }
     }
 
@@ -130,7 +130,7 @@ impl Resolver {
                 Err(_) => Err(Failed::Timeout),
             },
             // NXDOMAIN is about the name, not a type: the other family cannot have records.
-            Err(e @ Failed::NoRecords { nx_domain: true, .. }) => return Err(e.to_string()),
+            Err(Failed::NoRecords { nx_domain: true, .. }) => return Err(format!("{name}: no such name (NXDOMAIN)")),
             _ => rest.await,
         };
         let (mut v4, mut v6) = match first {
@@ -151,11 +151,18 @@ impl Resolver {
                 std::mem::take(a)
             }
             (Ok(a), Err(_)) | (Err(_), Ok(a)) => std::mem::take(a),
-            // Name the failure rather than the other family's "no records", if there is one.
-            (Err(a), Err(b)) => return Err(if !a.is_failure() && b.is_failure() { b } else { a }.to_string()),
+            // Both outcomes, in a sentence.
+            (Err(Failed::NoRecords { nx_domain: true, .. }), _)
+            | (_, Err(Failed::NoRecords { nx_domain: true, .. })) => {
+                return Err(format!("{name}: no such name (NXDOMAIN)"));
+            }
+            (Err(Failed::NoRecords { .. }), Err(Failed::NoRecords { .. })) => {
+                return Err(format!("{name} has no A or AAAA records"));
+            }
+            (Err(a), Err(b)) => return Err(format!("{name}: A: {a}; AAAA: {b}")),
         };
         if ips.is_empty() {
-            return Err(format!("no A or AAAA records for {fqdn}"));
+            return Err(format!("{name} has no A or AAAA records"));
         }
         Ok(ips)
     }
@@ -173,9 +180,7 @@ impl Resolver {
                 v.dedup();
                 Ok(v)
             }
-            Err(e) if e.is_no_records_found() => {
-                Err(Failed::NoRecords { nx_domain: e.is_nx_domain(), message: e.to_string() })
-            }
+            Err(e) if e.is_no_records_found() => Err(Failed::NoRecords { nx_domain: e.is_nx_domain() }),
             Err(e) => Err(Failed::Error(e)),
         }
     }
@@ -196,7 +201,7 @@ impl Resolver {
 /// Why a family has no addresses.
 enum Failed {
     /// An authoritative negative answer (NXDOMAIN, or NODATA for this type), cached by hickory.
-    NoRecords { nx_domain: bool, message: String },
+    NoRecords { nx_domain: bool },
     /// The server failed, refused or did not answer.
     Error(NetError),
     /// No answer within `SECOND_FAMILY_WAIT` after the other family's.
@@ -212,8 +217,9 @@ impl Failed {
 impl std::fmt::Display for Failed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Failed::NoRecords { message, .. } => f.write_str(message),
-            Failed::Error(e) => write!(f, "{e}"),
+            Failed::NoRecords { nx_domain: true, .. } => f.write_str("no such name (NXDOMAIN)"),
+            Failed::NoRecords { .. } => f.write_str("no records"),
+            Failed::Error(e) => write!(f, "the server failed or refused ({e})"),
             Failed::Timeout => f.write_str("no answer in time after the other family answered"),
         }
     }

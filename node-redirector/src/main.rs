@@ -103,12 +103,9 @@ fn main() -> ExitCode {
         return cni::main();
     }
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("REDIRECTOR_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    // EGRESS_LOG (and EGRESS_LOG_FORMAT) as for the gateway; REDIRECTOR_LOG, the older name,
+    // still works.
+    egress_log::init(egress_log::Format::Text, &["REDIRECTOR_LOG"]);
     match cli.command {
         Cmd::Validate { config } => match load(&config) {
             Ok(l) => {

@@ -615,8 +615,14 @@ impl Gateway {
         loop {
             let text = std::fs::read(&self.log).unwrap_or_default();
             let text = strip_ansi(&String::from_utf8_lossy(&text[log_start.min(text.len())..]));
+            // Text lines (`... HTTP proxy listening addr=127.0.0.1:4711`) or JSON lines
+            // (`log.format: json`: `{"fields": {"message": ..., "addr": ...}}`).
             let bound = |what: &str| -> Option<SocketAddr> {
-                text.lines().find(|l| l.contains(what))?.split("addr=").nth(1)?.split_whitespace().next()?.parse().ok()
+                let line = text.lines().find(|l| l.contains(what))?;
+                match serde_json::from_str::<Value>(line) {
+                    Ok(v) => v["fields"]["addr"].as_str()?.parse().ok(),
+                    Err(_) => line.split("addr=").nth(1)?.split_whitespace().next()?.parse().ok(),
+                }
             };
             if let (Some(h), Some(s), Some(a)) =
                 (bound("HTTP proxy listening"), bound("SOCKS5 proxy listening"), bound("admin listening"))

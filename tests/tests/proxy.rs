@@ -1116,6 +1116,9 @@ fn a_family_the_resolver_never_answers_is_held_not_asked_again_per_request() {
     assert_eq!(r.status, 502, "{r:?}");
     let d = gw.decision(|e| e["target"]["host"] == "nothere.v4only.test");
     assert_eq!(d["decision"]["reason"], "dns_failure", "{d}");
+    // The detail is a sentence naming the name and the outcome, not resolver debug text.
+    assert_eq!(d["decision"]["detail"], "nothere.v4only.test: no such name (NXDOMAIN)", "{d}");
+    assert!(r.body.contains("detail: nothere.v4only.test: no such name (NXDOMAIN)"), "{r:?}");
     assert_eq!(gw.metric("egress_dns_family_held_total"), Some(1.0));
 }
 
@@ -1134,7 +1137,7 @@ fn a_silent_nameserver_fails_requests_at_the_resolver_timeout() {
     let r = curl(&["-x", &proxy(&gw), &url]);
     assert_eq!(r.status, 502, "{r:?}");
     assert!(r.body.contains("reason: dns_failure"), "{r:?}");
-    assert!(r.body.contains("no answer within resolver.timeout (1s)"), "{r:?}");
+    assert!(r.body.contains("detail: up.test: no answer within resolver.timeout (1s)"), "{r:?}");
     let r = curl(&["--socks5-hostname", &socks(&gw), &url]);
     assert_eq!(r.exit, 97, "SOCKS5 refusal (host unreachable): {r:?}");
     let d = gw.decision(|e| e["front"] == "socks5");
@@ -1482,4 +1485,51 @@ fn out_of_file_descriptors_is_503_local_resource_limit_and_logged_sparingly() {
     drop(idle);
     drop(queued);
     wait_until(Duration::from_secs(10), || curl(&["-x", &proxy(&gw), &url]).status == 200);
+}
+
+/// First use, as a new user meets it: a guard denial says it was the built-in guard and why (no
+/// policy was involved); every denial, also those a client sees only as a SOCKS5 reply or a
+/// CONNECT status, is one concise line in the log; a name that does not resolve is named in a
+/// sentence with both families' outcomes; the log has no colour codes when it is not a terminal,
+/// and is JSON with `log.format: json` (or `EGRESS_LOG_FORMAT=json`); `log.denials: false`
+/// silences the denial lines.
+#[test]
+fn first_use_answers_and_logs_say_what_happened() {
+    let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
+    let p = up.addr.port();
+    let gw = Gateway::start(&dns, &config(p, ""));
+    // The guard, not a policy.
+    let r = curl(&["-x", &proxy(&gw), "http://169.254.169.254/latest/meta-data/"]);
+    assert_eq!(r.status, 403, "{r:?}");
+    assert!(r.body.contains("denied by the built-in guard: the destination is cloud metadata"), "{r:?}");
+    let r = curl(&["-x", &proxy(&gw), &format!("http://nope.example:{p}/")]);
+    assert!(r.body.contains("denied by egress policy: no rule allows this destination"), "{r:?}");
+    // A SOCKS5 denial, in the log.
+    let (_, code) = socks5_domain(gw.socks, "nope.example", p);
+    assert_eq!(code, 0x02);
+    wait_for("the denial line", Duration::from_secs(10), || {
+        gw.log_text()
+            .lines()
+            .any(|l| l.contains("denied") && l.contains("front=\"socks5\"") && l.contains("to=nope.example"))
+    });
+    let line = gw.log_text().lines().find(|l| l.contains("front=\"socks5\"")).unwrap().to_string();
+    assert!(line.contains("who=shop/api") && line.contains("reason=\"no_rule_matched\""), "{line}");
+    // No colour codes in a file.
+    assert!(!gw.log_text().contains('\u{1b}'), "ANSI codes in the log file");
+    // Both families failed: one sentence with both outcomes.
+    let r = curl(&["-x", &proxy(&gw), &format!("http://norecords.up.test:{p}/")]);
+    assert_eq!(r.status, 502, "{r:?}");
+    assert!(r.body.contains("detail: norecords.up.test"), "{r:?}");
+    assert!(!r.body.contains("Query {"), "no debug text: {r:?}");
+
+    // JSON lines, and no denial lines when asked.
+    let gw = Gateway::start(&dns, &format!("{}log: {{format: json, denials: false}}\n", config(p, "")));
+    let r = curl(&["-x", &proxy(&gw), &format!("http://nope.example:{p}/")]);
+    assert_eq!(r.status, 403);
+    assert_eq!(curl(&["-x", &proxy(&gw), &format!("http://up.test:{p}/")]).status, 200);
+    let log = gw.log_text();
+    let lines: Vec<Value> =
+        log.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect();
+    assert!(lines.iter().any(|l| l["fields"]["message"] == "HTTP proxy listening"), "{log}");
+    assert!(lines.iter().all(|l| l["target"] != "egress_gateway::denials"), "{log}");
 }

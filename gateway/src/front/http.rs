@@ -489,8 +489,8 @@ fn text(status: StatusCode, body: String, reason: &str, request_id: &str, close:
 
 /// The protocol answer to a refusal.
 fn refusal(r: &Refusal, close: bool) -> Response<ProxyBody> {
-    let (code, what) = r.kind.http_status();
-    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let what = r.words();
+    let status = StatusCode::from_u16(r.kind.http_status().0).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let reason = r.reason.as_str();
     let mut body = format!("egress gateway: {what}\nreason: {reason}\nrequest_id: {}\n", r.request_id);
     if !r.detail.is_empty() {

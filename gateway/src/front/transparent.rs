@@ -241,7 +241,7 @@ async fn refuse(stream: &mut TcpStream, r: &Refusal, is_http: bool) {
     if !is_http {
         return; // TLS or opaque: the connection is closed
     }
-    let (code, what) = r.kind.http_status();
+    let (code, what) = (r.kind.http_status().0, r.words());
     let status =
         http::StatusCode::from_u16(code).map_or(String::new(), |s| s.canonical_reason().unwrap_or("").to_string());
     let body = format!("egress gateway: {what}\nreason: {}\nrequest_id: {}\n", r.reason.as_str(), r.request_id);
