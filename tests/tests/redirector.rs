@@ -1485,3 +1485,24 @@ policies:
         assert!(seen.contains(needed), "{needed} not exercised: {seen:?}");
     }
 }
+
+/// The commented standalone example next to the gateway's validates and renders: the selected
+/// Pod of this node is steered, the unselected one and the other node's are not.
+#[test]
+fn the_standalone_example_validates_and_renders() {
+    let example = repo_root().join("examples/node-redirector.yaml");
+    let run = |cmd: &str| {
+        let out =
+            Command::new(workspace_bin("node-redirector")).args([cmd, "--config"]).arg(&example).output().unwrap();
+        assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert!(run("validate").contains("ok (1 policies)"));
+    let rules = run("render");
+    let selected = rules.lines().find(|l| l.contains("set selected_v4")).unwrap();
+    assert!(
+        selected.contains("10.244.1.5") && !selected.contains("10.244.1.6") && !selected.contains("10.244.2.7"),
+        "{selected}"
+    );
+    assert!(rules.contains("10.0.0.10 . 15080, 10.0.0.11 . 15080"), "{rules}");
+}
