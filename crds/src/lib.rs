@@ -315,9 +315,101 @@ pub enum DocumentError {
     /// The document is not a mapping with `apiVersion` and `kind`.
     #[error("{0}")]
     Shape(String),
-    /// The document does not deserialise into its kind.
-    #[error("{0}")]
-    Decode(String),
+    /// The document does not deserialise into its kind: every problem found, each at its field.
+    #[error("{}", .0.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; "))]
+    Decode(Vec<DecodeProblem>),
+}
+
+/// One field of a document that does not fit its kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodeProblem {
+    /// The field, as a path from the document's root (`spec.rules[0].to[0].domian`), as
+    /// segments: a map key or a list index.
+    pub path: Vec<PathSegment>,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// One step of a field path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathSegment {
+    /// A mapping key.
+    Key(String),
+    /// A list index.
+    Index(usize),
+}
+
+impl std::fmt::Display for DecodeProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", path_string(&self.path), self.message)
+    }
+}
+
+/// `spec.rules[0].to`, or `.` for the root.
+pub fn path_string(path: &[PathSegment]) -> String {
+    let mut s = String::new();
+    for seg in path {
+        match seg {
+            PathSegment::Key(k) => {
+                if !s.is_empty() {
+                    s.push('.');
+                }
+                s.push_str(k);
+            }
+            PathSegment::Index(i) => s.push_str(&format!("[{i}]")),
+        }
+    }
+    if s.is_empty() { ".".into() } else { s }
+}
+
+/// Decodes `value` as `T`, collecting every unknown field (each is reported and set aside, and
+/// decoding goes on) and the first other problem.
+fn decode_all<T: serde::de::DeserializeOwned>(mut value: serde_json::Value) -> Result<T, Vec<DecodeProblem>> {
+    let mut problems = Vec::new();
+    for _ in 0..64 {
+        let err = match serde_path_to_error::deserialize::<_, T>(&value) {
+            Ok(v) if problems.is_empty() => return Ok(v),
+            Ok(_) => return Err(problems),
+            Err(e) => e,
+        };
+        let path: Vec<PathSegment> = err
+            .path()
+            .iter()
+            .filter_map(|s| match s {
+                serde_path_to_error::Segment::Map { key } => Some(PathSegment::Key(key.clone())),
+                serde_path_to_error::Segment::Seq { index } => Some(PathSegment::Index(*index)),
+                _ => None,
+            })
+            .collect();
+        let message = err.inner().to_string();
+        let unknown = message.starts_with("unknown field");
+        let removed = unknown && remove_at(&mut value, &path);
+        problems.push(DecodeProblem { path, message });
+        if !removed {
+            return Err(problems);
+        }
+    }
+    Err(problems)
+}
+
+/// Removes the field at `path` (its last segment a key); whether there was one.
+fn remove_at(value: &mut serde_json::Value, path: &[PathSegment]) -> bool {
+    let Some((PathSegment::Key(last), parent)) = path.split_last() else { return false };
+    let mut v = value;
+    for seg in parent {
+        v = match (seg, v) {
+            (PathSegment::Key(k), serde_json::Value::Object(m)) => match m.get_mut(k) {
+                Some(x) => x,
+                None => return false,
+            },
+            (PathSegment::Index(i), serde_json::Value::Array(a)) => match a.get_mut(*i) {
+                Some(x) => x,
+                None => return false,
+            },
+            _ => return false,
+        };
+    }
+    v.as_object_mut().is_some_and(|m| m.remove(last).is_some())
 }
 
 impl AnyPolicy {
@@ -329,12 +421,8 @@ impl AnyPolicy {
             return Err(DocumentError::Shape(format!("apiVersion: expected {API_VERSION:?}, found {api_version:?}")));
         }
         match kind {
-            "EgressPolicy" => serde_json::from_value(value)
-                .map(AnyPolicy::Namespaced)
-                .map_err(|e| DocumentError::Decode(e.to_string())),
-            "ClusterEgressPolicy" => {
-                serde_json::from_value(value).map(AnyPolicy::Cluster).map_err(|e| DocumentError::Decode(e.to_string()))
-            }
+            "EgressPolicy" => decode_all(value).map(AnyPolicy::Namespaced).map_err(DocumentError::Decode),
+            "ClusterEgressPolicy" => decode_all(value).map(AnyPolicy::Cluster).map_err(DocumentError::Decode),
             other => Err(DocumentError::Shape(format!(
                 "kind: expected EgressPolicy or ClusterEgressPolicy, found {other:?}"
             ))),

@@ -864,7 +864,7 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigErrors> {
     let mut policies = Vec::new();
     for (i, v) in config.policies.iter().enumerate() {
         let origin = Origin { file: path.to_path_buf(), document: i, inline: true };
-        read_document(v.clone(), origin, &mut policies, &mut errors);
+        read_document(v.clone(), origin, None, &mut policies, &mut errors);
     }
     for p in &config.policy_files {
         let p = relative_to(base, p);
@@ -1138,11 +1138,15 @@ fn read_policy_file(f: &Path, out: &mut Vec<(Origin, AnyPolicy)>, errors: &mut V
             return;
         }
     };
+    let starts = document_starts(&text);
     for (i, doc) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
         let origin = Origin { file: f.to_path_buf(), document: i, inline: false };
         match serde_json::Value::deserialize(doc) {
             Ok(serde_json::Value::Null) => {} // empty document (e.g. a trailing `---`)
-            Ok(v) => read_document(v, origin, out, errors),
+            Ok(v) => {
+                let at = starts.get(i).map(|start| (text.as_str(), *start));
+                read_document(v, origin, at, out, errors)
+            }
             Err(e) => {
                 errors.push(format!("{origin}: {e}"));
                 return; // the YAML stream is broken past this point
@@ -1151,7 +1155,82 @@ fn read_policy_file(f: &Path, out: &mut Vec<(Origin, AnyPolicy)>, errors: &mut V
     }
 }
 
-fn read_document(v: serde_json::Value, origin: Origin, out: &mut Vec<(Origin, AnyPolicy)>, errors: &mut Vec<String>) {
+/// The first line (0-based) of each YAML document of `text`: documents are separated by `---`
+/// lines; a `---` before anything but comments opens the first one.
+fn document_starts(text: &str) -> Vec<usize> {
+    let mut starts = vec![0];
+    let mut content = false;
+    for (n, line) in text.lines().enumerate() {
+        if line.trim_end() == "---" || line.starts_with("--- ") {
+            if content {
+                starts.push(n + 1);
+            } else {
+                starts[0] = n + 1;
+            }
+            content = false;
+        } else if !line.trim().is_empty() && !line.trim_start().starts_with('#') {
+            content = true;
+        }
+    }
+    starts
+}
+
+/// The line (1-based) of the field at `path` in the document starting at line `start` of
+/// `text`: each key is looked for after the previous one, each list item counted among the
+/// `- ` lines under its key (a flow list `[...]` stays on its key's line). A best effort for the
+/// message: `None` when the walk loses its way.
+fn line_of(text: &str, start: usize, path: &[egress_crds::PathSegment]) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let mut at = start;
+    for seg in path {
+        match seg {
+            egress_crds::PathSegment::Key(k) => {
+                let found = (at..lines.len()).find(|&n| {
+                    let l = lines[n];
+                    l.match_indices(k.as_str()).any(|(i, _)| {
+                        let before = l[..i].chars().last();
+                        let after = l[i + k.len()..].trim_start();
+                        matches!(before, None | Some(' ' | '{' | ',' | '-' | '"' | '\'')) && {
+                            let after = after.trim_start_matches(['"', '\'']);
+                            after.starts_with(':')
+                        }
+                    })
+                })?;
+                at = found;
+            }
+            egress_crds::PathSegment::Index(i) => {
+                let key_line = lines.get(at)?;
+                if key_line.contains('[') {
+                    continue; // a flow list: its items are on this line
+                }
+                let key_indent = indent(key_line);
+                // The list's block: lines indented past the key, or `- ` items at its indentation.
+                let items: Vec<usize> = (at + 1..lines.len())
+                    .take_while(|&n| {
+                        let l = lines[n];
+                        l.trim().is_empty()
+                            || indent(l) > key_indent
+                            || (l.trim_start().starts_with("- ") && indent(l) >= key_indent)
+                    })
+                    .filter(|&n| lines[n].trim_start().starts_with('-'))
+                    .collect();
+                let item_indent = items.first().map(|&n| indent(lines[n]))?;
+                // The item's line; its first key may share it (`- name: x`).
+                at = *items.iter().filter(|&&n| indent(lines[n]) == item_indent).nth(*i)?;
+            }
+        }
+    }
+    Some(at + 1)
+}
+
+fn read_document(
+    v: serde_json::Value,
+    origin: Origin,
+    at: Option<(&str, usize)>,
+    out: &mut Vec<(Origin, AnyPolicy)>,
+    errors: &mut Vec<String>,
+) {
     match AnyPolicy::from_value(v) {
         Ok(p) => {
             let problems = p.validate();
@@ -1160,6 +1239,14 @@ fn read_document(v: serde_json::Value, origin: Origin, out: &mut Vec<(Origin, An
             } else {
                 for e in problems {
                     errors.push(format!("{origin} ({}): {e}", p.key()));
+                }
+            }
+        }
+        Err(egress_crds::DocumentError::Decode(problems)) => {
+            for p in problems {
+                match at.and_then(|(text, start)| line_of(text, start, &p.path)) {
+                    Some(line) => errors.push(format!("{origin}, line {line}: {p}")),
+                    None => errors.push(format!("{origin}: {p}")),
                 }
             }
         }
@@ -1195,6 +1282,44 @@ fn check_policy_set(c: &Config, policies: &[(Origin, AnyPolicy)], errors: &mut V
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Field paths are found on their lines, in block and flow style, past the first list item.
+    #[test]
+    fn line_of_finds_fields_by_path() {
+        use egress_crds::PathSegment::{Index as I, Key as K};
+        let text = "# comment\n---\napiVersion: x\nspec:\n  rules:\n    - name: a\n      to: [{domain: a.com}]\n    - name: b\n      to:\n        - domain: b.com\n        - domian: c.com\n---\nspec: {podSelectr: {}}\n";
+        let starts = document_starts(text);
+        assert_eq!(starts, vec![2, 12]);
+        let k = |s: &str| K(s.to_string());
+        assert_eq!(line_of(text, starts[0], &[k("spec"), k("rules"), I(1), k("to"), I(1), k("domian")]), Some(11));
+        assert_eq!(line_of(text, starts[0], &[k("spec"), k("rules"), I(0), k("to"), I(0), k("domain")]), Some(7));
+        assert_eq!(line_of(text, starts[0], &[k("spec"), k("rules"), I(1), k("name")]), Some(8));
+        assert_eq!(line_of(text, starts[1], &[k("spec"), k("podSelectr")]), Some(13));
+        assert_eq!(line_of(text, starts[0], &[k("nowhere")]), None);
+    }
+
+    /// Every unknown field of a document is reported, each with its line and path, not only the
+    /// first; and the documents after it are read too.
+    #[test]
+    fn rejects_every_typo_with_file_document_line_and_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let policies = "apiVersion: egress.dev/v1alpha1\nkind: EgressPolicy\nmetadata: {name: a, namespace: shop}\nspec:\n  podSelector: {}\n  rules:\n    - name: r\n      too: [{domain: x.com}]\n      prots: [{port: 443}]\n---\napiVersion: egress.dev/v1alpha1\nkind: EgressPolicy\nmetadata: {name: b, namespace: shop}\nspec:\n  podSelector: {}\n  rules: [{name: r, to: [{domian: y.com}]}]\n";
+        write(dir.path(), "p.yaml", policies);
+        let cfg = write(dir.path(), "gw.yaml", "policyFiles: [p.yaml]\n");
+        let errs = load(&cfg).unwrap_err().0;
+        let p = dir.path().join("p.yaml").display().to_string();
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with(&format!("{p}: document 1, line 8: spec.rules[0].too: unknown field `too`"))),
+            "{errs:#?}"
+        );
+        assert!(errs.iter().any(|e| e.starts_with(&format!("{p}: document 1, line 9: spec.rules[0].prots: unknown field `prots`"))), "{errs:#?}");
+        assert!(
+            errs.iter().any(|e| e
+                .starts_with(&format!("{p}: document 2, line 16: spec.rules[0].to[0].domian: unknown field `domian`"))),
+            "{errs:#?}"
+        );
+    }
 
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
         let p = dir.join(name);
