@@ -745,6 +745,22 @@ pub struct Limits {
     /// of the gateway's CPU per GiB.
     #[serde(deserialize_with = "duration", default = "d1ms")]
     pub tunnel_coalesce: Duration,
+    /// Client connections open at once on this replica, all fronts together; beyond it new
+    /// ones are refused (HTTP 503, SOCKS5 0x01, transparent: reset) and audited as
+    /// `connection_limit`.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Connections one client address may have open at once on this replica (on the
+    /// transparent front, the Pod's address from the PROXY header, not the relay's).
+    #[serde(default = "default_max_connections_per_client")]
+    pub max_connections_per_client: usize,
+}
+
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_max_connections_per_client() -> usize {
+    1_000
 }
 
 impl Default for Limits {
@@ -756,6 +772,8 @@ impl Default for Limits {
             max_header_bytes: default_max_header_bytes(),
             tunnel_no_delay: true,
             tunnel_coalesce: d1ms(),
+            max_connections: default_max_connections(),
+            max_connections_per_client: default_max_connections_per_client(),
         }
     }
 }
@@ -1053,6 +1071,12 @@ fn validate_config(c: &Config, file: &str, errors: &mut Vec<String>) {
         if u.password.is_empty() || u.password.len() > 255 {
             err(&format!("socks5.users[{i}].password"), "must be 1-255 bytes".into());
         }
+    }
+    if c.limits.max_connections == 0 || c.limits.max_connections_per_client == 0 {
+        err(
+            "limits.maxConnections",
+            "limits.maxConnections and limits.maxConnectionsPerClient must be at least 1".into(),
+        );
     }
     if c.limits.max_header_bytes < 8192 {
         err("limits.maxHeaderBytes", "must be at least 8192".into());

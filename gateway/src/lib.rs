@@ -33,6 +33,7 @@ pub mod front;
 pub mod guard;
 pub mod identity;
 pub mod k8s;
+pub mod limits;
 pub mod metrics;
 pub mod pipeline;
 pub mod policy;

@@ -15,6 +15,10 @@ pub struct Metrics {
     registry: Registry,
     /// Accepted client connections per front.
     pub connections: [Counter; Front::ALL.len()],
+    /// Client addresses the policies' rate limiters hold state for (pruned every 10 s).
+    pub rate_limiter_keys: Gauge,
+    /// Client states dropped by that pruning.
+    pub rate_limiter_pruned: Counter,
     /// Client connections currently open.
     pub active_connections: Gauge,
     decisions_allow: Vec<Counter>,
@@ -145,6 +149,18 @@ impl Metrics {
         registry.register("connections", "Accepted client connections", conns);
         let active_connections = Gauge::default();
         registry.register("active_connections", "Client connections currently open", active_connections.clone());
+        let rate_limiter_keys = Gauge::default();
+        registry.register(
+            "rate_limiter_keys",
+            "Client addresses the policies' rate limiters hold state for (idle ones are pruned every 10 s)",
+            rate_limiter_keys.clone(),
+        );
+        let rate_limiter_pruned = Counter::default();
+        registry.register(
+            "rate_limiter_pruned",
+            "Client states the rate limiters dropped because they were back to a full bucket",
+            rate_limiter_pruned.clone(),
+        );
         let decisions = Family::<DecisionLabels, Counter>::default();
         let mk = |action| {
             Reason::ALL
@@ -244,6 +260,8 @@ impl Metrics {
             kube_stale_seconds,
             registry,
             connections,
+            rate_limiter_keys,
+            rate_limiter_pruned,
             active_connections,
             decisions_allow,
             decisions_deny,

@@ -187,6 +187,8 @@ pub enum RefusalKind {
     AuditUnavailable,
     /// The gateway ran out of file descriptors, ports or buffers.
     LocalResources,
+    /// A connection limit (`limits.maxConnections`, `limits.maxConnectionsPerClient`).
+    ConnectionLimit,
 }
 
 impl RefusalKind {
@@ -201,6 +203,7 @@ impl RefusalKind {
             RefusalKind::ConnectTimeout => (504, "upstream connect timed out"),
             RefusalKind::AuditUnavailable => (503, "audit log unavailable"),
             RefusalKind::LocalResources => (503, "gateway out of local resources"),
+            RefusalKind::ConnectionLimit => (503, "too many connections"),
         }
     }
 }
@@ -313,6 +316,8 @@ pub struct Gateway {
     pub kube_health: Arc<WatchHealth>,
     /// Relay headers already accepted (kept across reloads).
     pub relay_replay: egress_netio::proxy::ReplayGuard,
+    /// Client connections open, in total and per client.
+    pub conn_limits: Arc<crate::limits::ConnLimits>,
 }
 
 impl Gateway {
@@ -345,6 +350,7 @@ impl Gateway {
             kube: ArcSwapOption::empty(),
             kube_health: Arc::new(WatchHealth::default()),
             relay_replay: egress_netio::proxy::ReplayGuard::default(),
+            conn_limits: Arc::default(),
         }))
     }
 
@@ -469,6 +475,27 @@ impl Gateway {
 
     /// Refuses a request the front could not parse (malformed, origin-form, bad SOCKS command...)
     /// and audits it. The connection never reaches policy.
+    /// Admits a client connection under `limits.maxConnections` and
+    /// `limits.maxConnectionsPerClient`; a refusal is audited (`connection_limit`) and returned
+    /// for the front to answer in its protocol. `conn` is the client as decisions see it.
+    pub fn admit_connection(&self, conn: &Arc<ClientConn>, front: Front) -> Result<crate::limits::ConnPermit, Refusal> {
+        let (max_total, max_client) = {
+            let l = &self.state.load().loaded.config.limits;
+            (l.max_connections, l.max_connections_per_client)
+        };
+        self.conn_limits.admit(target::canonical_ip(conn.peer.ip()), max_total, max_client).map_err(|hit| {
+            let req = EgressRequest {
+                id: conn.next_request_id(),
+                conn: conn.clone(),
+                front,
+                target: RawTarget::Authority(String::new()),
+                http: None,
+                transparent: None,
+            };
+            self.refuse_malformed(&req, Reason::ConnectionLimit, &hit.to_string())
+        })
+    }
+
     /// One concise line per denial (`log.denials`, target `egress_gateway::denials`): the
     /// protocol answer (a status code, a SOCKS5 reply) is all a client sees, and the audit trail
     /// is not where an operator trying a policy looks first.
@@ -515,7 +542,11 @@ impl Gateway {
         self.log_denial(&ev);
         self.audit.emit(ev);
         self.metrics.decision(false, reason);
-        let kind = if reason == Reason::AuthFailed { RefusalKind::Denied } else { RefusalKind::BadRequest };
+        let kind = match reason {
+            Reason::AuthFailed => RefusalKind::Denied,
+            Reason::ConnectionLimit => RefusalKind::ConnectionLimit,
+            _ => RefusalKind::BadRequest,
+        };
         Refusal { kind, reason, request_id: req.id.clone(), detail: detail.to_string() }
     }
 

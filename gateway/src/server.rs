@@ -70,6 +70,30 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         tracing::info!(addr = %l.local_addr()?, "admin listening");
         tokio::spawn(crate::admin::serve(gw.clone(), l));
     }
+    // The rate limiters keep one state per client address: every 10 s the states that are back
+    // to a full bucket (indistinguishable from a new client) are dropped, so that many
+    // short-lived client addresses do not grow memory without bound.
+    let pruning = gw.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let state = pruning.state();
+            let (mut keys, mut pruned) = (0, 0);
+            for p in &state.snapshot.policies {
+                if let Some((_, limiter)) = &p.rate_limit {
+                    let before = limiter.len();
+                    limiter.retain_recent();
+                    limiter.shrink_to_fit();
+                    keys += limiter.len();
+                    pruned += before.saturating_sub(limiter.len());
+                }
+            }
+            pruning.metrics.rate_limiter_keys.set(keys as i64);
+            pruning.metrics.rate_limiter_pruned.inc_by(pruned as u64);
+        }
+    });
     gw.set_ready();
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<()>(1);
     let _watcher = start_watcher(&watch_paths, reload_tx.clone());

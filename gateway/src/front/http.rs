@@ -42,8 +42,12 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener) {
     super::accept_loop(gw, listener, "http", serve_conn).await
 }
 
-async fn serve_conn(gw: Arc<Gateway>, stream: TcpStream, peer: SocketAddr) {
+async fn serve_conn(gw: Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr) {
     let conn = gw.new_conn(peer, Front::Http);
+    let _permit = match gw.admit_connection(&conn, Front::Http) {
+        Ok(p) => p,
+        Err(r) => return super::answer_and_close(&mut stream, super::raw_http_refusal(&r).as_bytes()).await,
+    };
     let limits = gw.state().loaded.config.limits.clone();
     let cache: Arc<Mutex<Option<Cached>>> = Arc::new(Mutex::new(None));
     // Bytes read from the client, and that count when the last request was answered: a header

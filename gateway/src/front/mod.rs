@@ -61,6 +61,46 @@ where
     }
 }
 
+/// A refusal as a complete HTTP/1.1 response that closes the connection, for fronts that
+/// answer outside hyper (the transparent front, a connection refused before it is served).
+pub(crate) fn raw_http_refusal(r: &crate::pipeline::Refusal) -> String {
+    let (code, what) = (r.kind.http_status().0, r.words());
+    let status = ::http::StatusCode::from_u16(code).map_or("", |s| s.canonical_reason().unwrap_or(""));
+    let body = format!(
+        "egress gateway: {what}\nreason: {}\nrequest_id: {}\ndetail: {}\n",
+        r.reason.as_str(),
+        r.request_id,
+        r.detail
+    );
+    format!(
+        "HTTP/1.1 {code} {status}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nx-egress-reason: {}\r\nx-egress-request-id: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len(),
+        r.reason.as_str(),
+        r.request_id
+    )
+}
+
+/// Writes `bytes`, shuts the write side and drains what the client sent (at most 64 KiB, for at
+/// most a second) before the socket closes: closing with unread input sends a reset, which can
+/// destroy the answer in flight.
+pub(crate) async fn answer_and_close(stream: &mut tokio::net::TcpStream, bytes: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if stream.write_all(bytes).await.is_err() || stream.shutdown().await.is_err() {
+        return;
+    }
+    let drain = async {
+        let mut buf = [0u8; 4096];
+        let mut left: usize = 64 * 1024;
+        while left > 0 {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drain).await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

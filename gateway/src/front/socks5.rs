@@ -52,7 +52,18 @@ async fn serve_conn(gw: &Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr) 
     let users = cfg.socks5.users.clone();
     let (header_timeout, tunnel) = (cfg.limits.header_timeout, crate::relay::Tunnel::from(&cfg.limits));
     drop(state);
+    let permit = gw.admit_connection(&conn, Front::Socks5);
     let shake = tokio::time::timeout(header_timeout, handshake(&mut stream, &users)).await;
+    let _permit = match permit {
+        Ok(p) => p,
+        // Refused (and audited): the handshake is finished so that the client gets its reply.
+        Err(_) => {
+            if let Ok(Ok(_)) = shake {
+                refuse(&mut stream, reply::GENERAL_FAILURE).await;
+            }
+            return;
+        }
+    };
     let target = match shake {
         Ok(Ok(t)) => t,
         Ok(Err(h)) => {
@@ -102,20 +113,7 @@ async fn serve_conn(gw: &Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr) 
 /// request, data sent ahead) is drained, at most 64 KiB for at most a second, since closing a
 /// socket with unread input resets it and the reset can destroy the reply in flight.
 async fn refuse(stream: &mut TcpStream, code: u8) {
-    if stream.write_all(&reply_bytes(code, None)).await.is_err() || stream.shutdown().await.is_err() {
-        return;
-    }
-    let drain = async {
-        let mut buf = [0u8; 4096];
-        let mut left: usize = 64 * 1024;
-        while left > 0 {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => left = left.saturating_sub(n),
-            }
-        }
-    };
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drain).await;
+    super::answer_and_close(stream, &reply_bytes(code, None)).await;
 }
 
 fn bare_request(conn: &Arc<ClientConn>) -> EgressRequest {
@@ -134,7 +132,10 @@ fn code_for(r: &Refusal) -> u8 {
         RefusalKind::Denied | RefusalKind::RateLimited => reply::NOT_ALLOWED,
         RefusalKind::DnsFailure | RefusalKind::Unreachable | RefusalKind::ConnectTimeout => reply::HOST_UNREACHABLE,
         RefusalKind::ConnectRefused => reply::CONNECTION_REFUSED,
-        RefusalKind::BadRequest | RefusalKind::AuditUnavailable | RefusalKind::LocalResources => reply::GENERAL_FAILURE,
+        RefusalKind::BadRequest
+        | RefusalKind::AuditUnavailable
+        | RefusalKind::LocalResources
+        | RefusalKind::ConnectionLimit => reply::GENERAL_FAILURE,
     }
 }
 

@@ -102,6 +102,12 @@ async fn serve_conn(gw: &Arc<Gateway>, mut stream: TcpStream, relay: SocketAddr)
         }
     };
     drop(state);
+    // The client is the Pod the header names, not the relay: the connection limits count it.
+    let conn = gw.new_conn(source, Front::Transparent);
+    let _permit = match gw.admit_connection(&conn, Front::Transparent) {
+        Ok(p) => p,
+        Err(r) => return refuse(&mut stream, &r, false).await,
+    };
     let mut buf = Vec::with_capacity(4096);
     let peeked = peek(&mut stream, &mut buf, first_byte, header_timeout).await;
     let (target, sni, http_host, is_http) = match &peeked {
@@ -115,7 +121,6 @@ async fn serve_conn(gw: &Arc<Gateway>, mut stream: TcpStream, relay: SocketAddr)
         Peeked::Http(None) => (RawTarget::Addr(original_dst), None, None, true),
         Peeked::Tls(None) | Peeked::Opaque => (RawTarget::Addr(original_dst), None, None, false),
     };
-    let conn = gw.new_conn(source, Front::Transparent);
     let req = EgressRequest {
         id: conn.next_request_id(),
         conn,
@@ -233,7 +238,7 @@ fn host_without_port(host: &str) -> &str {
 }
 
 async fn refuse(stream: &mut TcpStream, r: &Refusal, is_http: bool) {
-    if r.kind == RefusalKind::AuditUnavailable {
+    if matches!(r.kind, RefusalKind::AuditUnavailable | RefusalKind::ConnectionLimit) {
         // Reset, whatever the protocol: the relay and the Pod see a refused connection.
         let _ = socket2::SockRef::from(&*stream).set_linger(Some(std::time::Duration::ZERO));
         return;
@@ -241,17 +246,7 @@ async fn refuse(stream: &mut TcpStream, r: &Refusal, is_http: bool) {
     if !is_http {
         return; // TLS or opaque: the connection is closed
     }
-    let (code, what) = (r.kind.http_status().0, r.words());
-    let status =
-        http::StatusCode::from_u16(code).map_or(String::new(), |s| s.canonical_reason().unwrap_or("").to_string());
-    let body = format!("egress gateway: {what}\nreason: {}\nrequest_id: {}\n", r.reason.as_str(), r.request_id);
-    let resp = format!(
-        "HTTP/1.1 {code} {status}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nx-egress-reason: {}\r\nx-egress-request-id: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len(),
-        r.reason.as_str(),
-        r.request_id
-    );
-    let _ = stream.write_all(resp.as_bytes()).await;
+    let _ = stream.write_all(super::raw_http_refusal(r).as_bytes()).await;
 }
 
 #[cfg(test)]

@@ -64,11 +64,13 @@ pub enum Reason {
     /// The gateway itself ran out of a local resource (file descriptors, ports, buffers) while
     /// connecting upstream.
     LocalResourceLimit,
+    /// `limits.maxConnections` or `limits.maxConnectionsPerClient` reached.
+    ConnectionLimit,
 }
 
 impl Reason {
     /// Every reason, for metrics pre-registration.
-    pub const ALL: [Reason; 24] = [
+    pub const ALL: [Reason; 25] = [
         Reason::RuleAllow,
         Reason::DefaultAllow,
         Reason::DefaultDeny,
@@ -93,6 +95,7 @@ impl Reason {
         Reason::UntrustedRelay,
         Reason::AuditUnavailable,
         Reason::LocalResourceLimit,
+        Reason::ConnectionLimit,
     ];
 
     /// The stable snake_case name.
@@ -122,6 +125,7 @@ impl Reason {
             Reason::UntrustedRelay => "untrusted_relay",
             Reason::AuditUnavailable => "audit_unavailable",
             Reason::LocalResourceLimit => "local_resource_limit",
+            Reason::ConnectionLimit => "connection_limit",
         }
     }
 

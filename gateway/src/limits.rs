@@ -1,0 +1,118 @@
+//! Connection limits, in total and per client address, counted per replica.
+//!
+//! A front asks for a [`ConnPermit`] once it knows the client (the peer address for the HTTP
+//! and SOCKS5 fronts, the PROXY header's source on the transparent front, where the peer is a
+//! relay) and holds it for the connection's life. The limits are read from the current
+//! configuration at each admission, so a reload applies to new connections. The per-client
+//! table holds only clients with connections open: it cannot grow past the connections
+//! themselves.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use dashmap::DashMap;
+
+/// Open connections, in total and per client.
+#[derive(Default)]
+pub struct ConnLimits {
+    total: AtomicUsize,
+    per_client: DashMap<IpAddr, usize>,
+}
+
+/// Which limit a connection ran into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitHit {
+    /// `limits.maxConnections` connections are open.
+    Total(usize),
+    /// The client has `limits.maxConnectionsPerClient` connections open.
+    Client(usize),
+}
+
+impl std::fmt::Display for LimitHit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LimitHit::Total(n) => write!(f, "the gateway has {n} connections open (limits.maxConnections)"),
+            LimitHit::Client(n) => {
+                write!(f, "this client has {n} connections open (limits.maxConnectionsPerClient)")
+            }
+        }
+    }
+}
+
+/// One admitted connection; counted until dropped.
+pub struct ConnPermit {
+    limits: Arc<ConnLimits>,
+    client: IpAddr,
+}
+
+impl ConnLimits {
+    /// Admits a connection of `client` if both limits leave room.
+    pub fn admit(
+        self: &Arc<Self>,
+        client: IpAddr,
+        max_total: usize,
+        max_client: usize,
+    ) -> Result<ConnPermit, LimitHit> {
+        if self.total.fetch_add(1, Ordering::AcqRel) >= max_total {
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return Err(LimitHit::Total(max_total));
+        }
+        let mut open = self.per_client.entry(client).or_insert(0);
+        if *open >= max_client {
+            let idle = *open == 0;
+            drop(open);
+            if idle {
+                self.per_client.remove_if(&client, |_, n| *n == 0);
+            }
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return Err(LimitHit::Client(max_client));
+        }
+        *open += 1;
+        Ok(ConnPermit { limits: self.clone(), client })
+    }
+
+    /// Connections open.
+    pub fn open(&self) -> usize {
+        self.total.load(Ordering::Acquire)
+    }
+
+    /// Clients with connections open.
+    pub fn clients(&self) -> usize {
+        self.per_client.len()
+    }
+}
+
+impl Drop for ConnPermit {
+    fn drop(&mut self) {
+        if let dashmap::mapref::entry::Entry::Occupied(mut e) = self.limits.per_client.entry(self.client) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+        self.limits.total.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_past_either_limit_and_frees_on_drop() {
+        let l = Arc::new(ConnLimits::default());
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let p1 = l.admit(a, 3, 2).unwrap();
+        let p2 = l.admit(a, 3, 2).unwrap();
+        assert_eq!(l.admit(a, 3, 2).err(), Some(LimitHit::Client(2)));
+        let p3 = l.admit(b, 3, 2).unwrap();
+        assert_eq!(l.admit(b, 3, 2).err(), Some(LimitHit::Total(3)));
+        assert_eq!((l.open(), l.clients()), (3, 2));
+        drop((p1, p2, p3));
+        assert_eq!((l.open(), l.clients()), (0, 0), "nothing kept for clients without connections");
+        // A refused client leaves no entry behind either.
+        assert_eq!(l.admit(a, 5, 0).err(), Some(LimitHit::Client(0)));
+        assert_eq!(l.clients(), 0);
+    }
+}
