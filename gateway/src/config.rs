@@ -754,6 +754,11 @@ pub struct Limits {
     /// transparent front, the Pod's address from the PROXY header, not the relay's).
     #[serde(default = "default_max_connections_per_client")]
     pub max_connections_per_client: usize,
+    /// Tunnels (CONNECT, SOCKS5, transparent connections) one client address may have open at
+    /// once on this replica: at most its connections, lower to keep long-lived opaque tunnels
+    /// from taking all of a client's share.
+    #[serde(default = "default_max_connections_per_client")]
+    pub max_tunnels_per_client: usize,
 }
 
 fn default_max_connections() -> usize {
@@ -774,6 +779,7 @@ impl Default for Limits {
             tunnel_coalesce: d1ms(),
             max_connections: default_max_connections(),
             max_connections_per_client: default_max_connections_per_client(),
+            max_tunnels_per_client: default_max_connections_per_client(),
         }
     }
 }
@@ -1072,11 +1078,14 @@ fn validate_config(c: &Config, file: &str, errors: &mut Vec<String>) {
             err(&format!("socks5.users[{i}].password"), "must be 1-255 bytes".into());
         }
     }
-    if c.limits.max_connections == 0 || c.limits.max_connections_per_client == 0 {
-        err(
-            "limits.maxConnections",
-            "limits.maxConnections and limits.maxConnectionsPerClient must be at least 1".into(),
-        );
+    for (field, n) in [
+        ("limits.maxConnections", c.limits.max_connections),
+        ("limits.maxConnectionsPerClient", c.limits.max_connections_per_client),
+        ("limits.maxTunnelsPerClient", c.limits.max_tunnels_per_client),
+    ] {
+        if n == 0 {
+            err(field, "must be at least 1".into());
+        }
     }
     if c.limits.max_header_bytes < 8192 {
         err("limits.maxHeaderBytes", "must be at least 8192".into());

@@ -13,11 +13,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use dashmap::DashMap;
 
-/// Open connections, in total and per client.
+/// Open connections, in total and per client, and open tunnels per client.
 #[derive(Default)]
 pub struct ConnLimits {
     total: AtomicUsize,
     per_client: DashMap<IpAddr, usize>,
+    tunnels: Arc<DashMap<IpAddr, usize>>,
 }
 
 /// Which limit a connection ran into.
@@ -27,6 +28,8 @@ pub enum LimitHit {
     Total(usize),
     /// The client has `limits.maxConnectionsPerClient` connections open.
     Client(usize),
+    /// The client has `limits.maxTunnelsPerClient` tunnels open.
+    Tunnels(usize),
 }
 
 impl std::fmt::Display for LimitHit {
@@ -36,6 +39,7 @@ impl std::fmt::Display for LimitHit {
             LimitHit::Client(n) => {
                 write!(f, "this client has {n} connections open (limits.maxConnectionsPerClient)")
             }
+            LimitHit::Tunnels(n) => write!(f, "this client has {n} tunnels open (limits.maxTunnelsPerClient)"),
         }
     }
 }
@@ -72,6 +76,22 @@ impl ConnLimits {
         Ok(ConnPermit { limits: self.clone(), client })
     }
 
+    /// Admits a tunnel (CONNECT, SOCKS5, transparent) of `client` if it has fewer than `max`
+    /// open.
+    pub fn admit_tunnel(&self, client: IpAddr, max: usize) -> Result<TunnelPermit, LimitHit> {
+        let mut open = self.tunnels.entry(client).or_insert(0);
+        if *open >= max {
+            let idle = *open == 0;
+            drop(open);
+            if idle {
+                self.tunnels.remove_if(&client, |_, n| *n == 0);
+            }
+            return Err(LimitHit::Tunnels(max));
+        }
+        *open += 1;
+        Ok(TunnelPermit { tunnels: self.tunnels.clone(), client })
+    }
+
     /// Connections open.
     pub fn open(&self) -> usize {
         self.total.load(Ordering::Acquire)
@@ -80,6 +100,23 @@ impl ConnLimits {
     /// Clients with connections open.
     pub fn clients(&self) -> usize {
         self.per_client.len()
+    }
+}
+
+/// One admitted tunnel; counted until dropped.
+pub struct TunnelPermit {
+    tunnels: Arc<DashMap<IpAddr, usize>>,
+    client: IpAddr,
+}
+
+impl Drop for TunnelPermit {
+    fn drop(&mut self) {
+        if let dashmap::mapref::entry::Entry::Occupied(mut e) = self.tunnels.entry(self.client) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
     }
 }
 
@@ -114,5 +151,12 @@ mod tests {
         // A refused client leaves no entry behind either.
         assert_eq!(l.admit(a, 5, 0).err(), Some(LimitHit::Client(0)));
         assert_eq!(l.clients(), 0);
+        // Tunnels, counted on their own.
+        let t = l.admit_tunnel(a, 1).unwrap();
+        assert_eq!(l.admit_tunnel(a, 1).err(), Some(LimitHit::Tunnels(1)));
+        assert!(l.admit_tunnel(b, 1).is_ok());
+        drop(t);
+        assert!(l.admit_tunnel(a, 1).is_ok());
+        assert!(l.tunnels.is_empty());
     }
 }

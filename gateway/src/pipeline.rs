@@ -496,6 +496,15 @@ impl Gateway {
         })
     }
 
+    /// Admits a tunnel of the request's client under `limits.maxTunnelsPerClient`; a refusal is
+    /// audited (`connection_limit`) and returned for the front to answer.
+    pub fn admit_tunnel(&self, req: &EgressRequest) -> Result<crate::limits::TunnelPermit, Refusal> {
+        let max = self.state.load().loaded.config.limits.max_tunnels_per_client;
+        self.conn_limits
+            .admit_tunnel(target::canonical_ip(req.conn.peer.ip()), max)
+            .map_err(|hit| self.refuse_malformed(req, Reason::ConnectionLimit, &hit.to_string()))
+    }
+
     /// One concise line per denial (`log.denials`, target `egress_gateway::denials`): the
     /// protocol answer (a status code, a SOCKS5 reply) is all a client sees, and the audit trail
     /// is not where an operator trying a policy looks first.

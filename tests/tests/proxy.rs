@@ -1624,3 +1624,34 @@ fn ten_thousand_client_addresses_do_not_grow_the_rate_limiter() {
             && gw.metric("egress_rate_limiter_keys") == Some(0.0)
     });
 }
+
+/// `limits.maxTunnelsPerClient`: a client's CONNECT and SOCKS5 tunnels beyond it are refused
+/// (503 / 0x01, audited `connection_limit`) while its plain HTTP requests are still served; a
+/// closed tunnel makes room.
+#[test]
+fn tunnels_per_client_are_limited_apart_from_connections() {
+    let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
+    let p = up.addr.port();
+    let gw = Gateway::start(&dns, &limits_config(p, "maxTunnelsPerClient: 2", ""));
+    let tunnel = || {
+        let mut c = TcpStream::connect(gw.http).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(c, "CONNECT up.test:{p} HTTP/1.1\r\nHost: up.test:{p}\r\n\r\n").unwrap();
+        let mut head = [0u8; 12];
+        c.read_exact(&mut head).unwrap();
+        (c, String::from_utf8_lossy(&head).to_string())
+    };
+    let (t1, h1) = tunnel();
+    let (t2, h2) = tunnel();
+    assert_eq!((h1.as_str(), h2.as_str()), ("HTTP/1.1 200", "HTTP/1.1 200"));
+    let (_, h3) = tunnel();
+    assert_eq!(h3, "HTTP/1.1 503");
+    let d = gw.decision(|e| e["decision"]["reason"] == "connection_limit");
+    assert!(d["decision"]["detail"].as_str().unwrap().contains("maxTunnelsPerClient"), "{d}");
+    let (_, code) = socks5_domain(gw.socks, "up.test", p);
+    assert_eq!(code, 0x01, "SOCKS5 general failure");
+    // Plain requests are not tunnels.
+    assert_eq!(curl(&["-x", &proxy(&gw), &format!("http://up.test:{p}/")]).status, 200);
+    drop((t1, t2));
+    wait_until(Duration::from_secs(10), || tunnel().1 == "HTTP/1.1 200");
+}

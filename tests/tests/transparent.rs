@@ -234,3 +234,40 @@ fn the_first_byte_wait_is_a_setting() {
         "{d}"
     );
 }
+
+/// On the transparent front the client of the connection limits is the Pod the PROXY header
+/// names, not the relay: one Pod over `limits.maxConnectionsPerClient` is reset (and audited
+/// with its own address) while another Pod behind the same relay is answered.
+#[test]
+fn connection_limits_count_the_pod_not_the_relay() {
+    use std::io::{Read, Write};
+    let dns = Dns::start(&[("up.test", "127.0.0.2")]);
+    let http = Upstream::start("127.0.0.2");
+    let hp = http.addr.port();
+    let body = format!(
+        "transparent: {{trustedRelays: [\"{RELAY_IP}/32\"], relayKeyFile: $RELAY_KEY}}\nlimits: {{maxConnectionsPerClient: 1}}\nguard: {{allowCidrs: [127.0.0.2/32]}}\nclients: [{{cidr: 127.0.0.0/8, namespace: shop, name: pods, labels: {{}}}}]\npolicies:\n  - apiVersion: egress.dev/v1alpha1\n    kind: EgressPolicy\n    metadata: {{name: p, namespace: shop}}\n    spec:\n      podSelector: {{}}\n      rules: [{{name: ip, to: [{{cidr: 127.0.0.2/32}}], ports: [{{port: {hp}}}]}}]\n"
+    );
+    let gw = Gateway::start(&dns, &body);
+    let relay = TestRelay::start(gw.transparent, RELAY_IP, format!("127.0.0.2:{hp}").parse().unwrap());
+    // The first connection of Pod 127.0.0.1 stays open (silent: decided on its original
+    // destination once the first-byte wait is over).
+    let held = connect_from("127.0.0.1", relay.addr);
+    gw.decision(|e| e["front"] == "transparent" && e["client"]["address"] == "127.0.0.1");
+    // Its second: reset, audited with the Pod's address.
+    let mut second = connect_from("127.0.0.1", relay.addr);
+    second.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = second.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let mut out = Vec::new();
+    let _ = second.read_to_end(&mut out);
+    assert!(out.is_empty(), "{}", String::from_utf8_lossy(&out));
+    let d = gw.decision(|e| e["decision"]["reason"] == "connection_limit");
+    assert_eq!(d["client"]["address"], "127.0.0.1", "the Pod, not the relay {RELAY_IP}: {d}");
+    // Another Pod behind the same relay is served.
+    let mut other = connect_from("127.0.0.5", relay.addr);
+    other.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(other, "GET / HTTP/1.1\r\nHost: 127.0.0.2:{hp}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    let _ = other.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    drop(held);
+}

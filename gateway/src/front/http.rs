@@ -175,6 +175,10 @@ async fn handle(
 }
 
 async fn connect(gw: Arc<Gateway>, ereq: EgressRequest, req: Request<Incoming>) -> Response<ProxyBody> {
+    let tunnel_permit = match gw.admit_tunnel(&ereq) {
+        Ok(p) => p,
+        Err(r) => return refusal(&r, true),
+    };
     let permit = match gw.authorize(&ereq).await {
         Ok(p) => p,
         Err(r) => return refusal(&r, false),
@@ -186,6 +190,7 @@ async fn connect(gw: Arc<Gateway>, ereq: EgressRequest, req: Request<Incoming>) 
     let tunnel = crate::relay::Tunnel::from(&gw.state().loaded.config.limits);
     let gw2 = gw.clone();
     gw.tracker.spawn(async move {
+        let _tunnel_permit = tunnel_permit;
         let upgraded = match hyper::upgrade::on(req).await {
             Ok(u) => u,
             Err(e) => return up.log.finish(0, 0, End::ClientClosed, None, Some(e.to_string())),

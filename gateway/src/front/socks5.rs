@@ -85,6 +85,10 @@ async fn serve_conn(gw: &Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr) 
     };
     let req =
         EgressRequest { id: conn.next_request_id(), conn, front: Front::Socks5, target, http: None, transparent: None };
+    let _tunnel_permit = match gw.admit_tunnel(&req) {
+        Ok(p) => p,
+        Err(_) => return refuse(&mut stream, reply::GENERAL_FAILURE).await,
+    };
     let permit = match gw.authorize(&req).await {
         Ok(p) => p,
         Err(r) => {

@@ -129,6 +129,10 @@ async fn serve_conn(gw: &Arc<Gateway>, mut stream: TcpStream, relay: SocketAddr)
         http: None,
         transparent: Some(TransparentFacts { original_dst, relay, sni, http_host, original_in_resolved: None }),
     };
+    let _tunnel_permit = match gw.admit_tunnel(&req) {
+        Ok(p) => p,
+        Err(r) => return refuse(&mut stream, &r, false).await,
+    };
     let permit = match gw.authorize(&req).await {
         Ok(p) => p,
         Err(r) => return refuse(&mut stream, &r, is_http).await,
