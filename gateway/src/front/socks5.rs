@@ -36,6 +36,7 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener) {
 }
 
 /// What went wrong in the handshake.
+#[derive(Debug)]
 enum Handshake {
     /// Close without a reply (not SOCKS5, or the client went away).
     Malformed(String),
@@ -165,7 +166,13 @@ fn malformed(e: std::io::Error) -> Handshake {
     Handshake::Malformed(format!("SOCKS5 handshake: {e}"))
 }
 
-async fn handshake(s: &mut TcpStream, users: &[crate::config::Socks5User]) -> Result<RawTarget, Handshake> {
+/// The RFC 1928 greeting, RFC 1929 authentication and request, on any byte stream (tests feed
+/// it bytes): the target, or what went wrong. It reads exactly what each step announces and
+/// allocates at most 255 + 2 bytes for any field.
+async fn handshake<S>(s: &mut S, users: &[crate::config::Socks5User]) -> Result<RawTarget, Handshake>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let mut head = [0u8; 2];
     s.read_exact(&mut head).await.map_err(malformed)?;
     if head[0] != 5 {
@@ -268,4 +275,119 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
         return false;
     }
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Socks5User;
+    use proptest::prelude::*;
+
+    /// Runs the handshake on `input` (then end of stream): its result and what it answered.
+    async fn shake(input: &[u8], users: &[Socks5User]) -> (Result<RawTarget, Handshake>, Vec<u8>) {
+        let (mut client, mut server) = tokio::io::duplex(1 << 16);
+        client.write_all(input).await.unwrap();
+        client.shutdown().await.unwrap();
+        let r = handshake(&mut server, users).await;
+        drop(server);
+        let mut answered = Vec::new();
+        client.read_to_end(&mut answered).await.unwrap();
+        (r, answered)
+    }
+
+    fn user() -> Vec<Socks5User> {
+        vec![Socks5User { username: "u".into(), password: "p".into() }]
+    }
+
+    #[tokio::test]
+    async fn accepts_connect_by_name_ipv4_and_ipv6() {
+        let (r, out) = shake(&[5, 1, 0, 5, 1, 0, 3, 6, b'u', b'p', b'.', b't', b'e', b's', 0, 80], &[]).await;
+        assert!(matches!(r, Ok(RawTarget::HostPort(ref h, 80)) if h == "up.tes"), "{r:?}");
+        assert_eq!(out, [5, 0]);
+        let (r, _) = shake(&[5, 1, 0, 5, 1, 0, 1, 10, 0, 0, 1, 1, 187], &[]).await;
+        assert!(matches!(r, Ok(RawTarget::Addr(a)) if a == "10.0.0.1:443".parse().unwrap()), "{r:?}");
+        let mut v6 = vec![5, 1, 0, 5, 1, 0, 4];
+        v6.extend_from_slice(&"2001:db8::1".parse::<Ipv6Addr>().unwrap().octets());
+        v6.extend_from_slice(&[0, 80]);
+        let (r, _) = shake(&v6, &[]).await;
+        assert!(matches!(r, Ok(RawTarget::Addr(a)) if a == "[2001:db8::1]:80".parse().unwrap()), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn rejects_another_version() {
+        let (r, out) = shake(b"GET / HTTP/1.1\r\n\r\n", &[]).await;
+        assert!(matches!(r, Err(Handshake::Malformed(ref d)) if d.contains("not SOCKS5")), "{r:?}");
+        assert!(out.is_empty());
+    }
+
+    #[tokio::test]
+    async fn rejects_bind_and_udp_associate_with_0x07() {
+        for cmd in [2, 3] {
+            let (r, _) = shake(&[5, 1, 0, 5, cmd, 0, 1, 1, 2, 3, 4, 0, 80], &[]).await;
+            assert!(
+                matches!(r, Err(Handshake::Reply(reply::COMMAND_NOT_SUPPORTED, Reason::UnsupportedCommand, _))),
+                "{r:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn rejects_an_unknown_address_type_with_0x08() {
+        let (r, _) = shake(&[5, 1, 0, 5, 1, 0, 9, 1, 2, 3, 4, 0, 80], &[]).await;
+        assert!(matches!(r, Err(Handshake::Reply(reply::ADDRESS_TYPE_NOT_SUPPORTED, _, _))), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn rejects_a_name_that_is_not_utf8() {
+        let (r, _) = shake(&[5, 1, 0, 5, 1, 0, 3, 2, 0xff, 0xfe, 0, 80], &[]).await;
+        assert!(matches!(r, Err(Handshake::Reply(reply::GENERAL_FAILURE, Reason::InvalidTarget, _))), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn rejects_a_request_cut_short() {
+        for cut in 1..16 {
+            let full = [5, 1, 0, 5, 1, 0, 3, 6, b'u', b'p', b'.', b't', b'e', b's', 0, 80];
+            let (r, _) = shake(&full[..cut], &[]).await;
+            assert!(matches!(r, Err(Handshake::Malformed(_))), "cut at {cut}: {r:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn rejects_no_auth_when_users_are_configured_and_wrong_credentials() {
+        let (r, out) = shake(&[5, 1, 0], &user()).await;
+        assert!(matches!(r, Err(Handshake::AuthFailed(_))), "{r:?}");
+        assert_eq!(out, [5, 0xff]);
+        let (r, out) = shake(&[5, 1, 2, 1, 1, b'u', 1, b'x'], &user()).await;
+        assert!(matches!(r, Err(Handshake::AuthFailed(ref d)) if d.contains("bad username or password")), "{r:?}");
+        assert_eq!(out, [5, 2, 1, 1]);
+        let (r, out) = shake(&[5, 1, 2, 1, 1, b'u', 1, b'p', 5, 1, 0, 1, 10, 0, 0, 1, 0, 80], &user()).await;
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(out, [5, 2, 1, 0]);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        /// Hostile bytes: never a panic, and a target only from a well-formed CONNECT request.
+        #[test]
+        fn never_panics_on_hostile_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..600), auth in any::<bool>()) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let users = if auth { user() } else { Vec::new() };
+            let (r, _) = rt.block_on(shake(&bytes, &users));
+            if r.is_ok() {
+                prop_assert!(bytes.len() >= 10 && bytes[0] == 5);
+            }
+        }
+
+        /// Any name of 1..=255 bytes of UTF-8 comes back as sent, with its port.
+        #[test]
+        fn round_trips_names(name in "[a-z0-9.-]{1,255}", port in any::<u16>()) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let mut req = vec![5, 1, 0, 5, 1, 0, 3, name.len() as u8];
+            req.extend_from_slice(name.as_bytes());
+            req.extend_from_slice(&port.to_be_bytes());
+            let (r, _) = rt.block_on(shake(&req, &[]));
+            prop_assert!(matches!(r, Ok(RawTarget::HostPort(ref h, p)) if *h == name && p == port));
+        }
+    }
 }
