@@ -213,4 +213,36 @@ mod tests {
         assert!(parse_authority("example.com:65536").is_err());
         assert!(parse_authority("2001:db8::1:443").is_err());
     }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 5000, ..ProptestConfig::default() })]
+
+        /// Hostile hosts and authorities: never a panic; whatever is accepted is canonical (its
+        /// own normal form) and a name is never a numeric host in disguise.
+        #[test]
+        fn never_panics_and_accepts_only_canonical_hosts(raw in "\\PC{0,80}") {
+            if let Ok(h) = parse_host(&raw) {
+                let again = parse_host(&h.to_string().trim_start_matches('[').trim_end_matches(']').to_string());
+                prop_assert_eq!(again.as_ref().ok(), Some(&h));
+                if let Host::Name(n) = &h {
+                    prop_assert!(parse_ipv4_whatwg(n.trim_end_matches('.')).is_none(), "{}", n);
+                }
+            }
+            let _ = parse_authority(&raw);
+        }
+
+        /// Every spelling of an IPv4 address (decimal, hex, octal parts; 1 to 4 parts) is the
+        /// same address, as the WHATWG parser, curl and browsers read it.
+        #[test]
+        fn every_spelling_of_an_ipv4_address_is_that_address(a in any::<u32>(), parts in 1usize..=4, base in 0u8..3) {
+            let bytes = a.to_be_bytes();
+            let fmt = |v: u64| match base { 0 => v.to_string(), 1 => format!("0x{v:x}"), _ => format!("0{v:o}") };
+            let lead: Vec<String> = bytes[..parts - 1].iter().map(|b| fmt(u64::from(*b))).collect();
+            let rest = bytes[parts - 1..].iter().fold(0u64, |acc, b| acc << 8 | u64::from(*b));
+            let spelled = lead.into_iter().chain(std::iter::once(fmt(rest))).collect::<Vec<_>>().join(".");
+            prop_assert_eq!(parse_host(&spelled).ok(), Some(Host::Ip(IpAddr::V4(Ipv4Addr::from(a)))), "{}", spelled);
+        }
+    }
 }
