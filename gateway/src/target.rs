@@ -224,7 +224,7 @@ mod tests {
         #[test]
         fn never_panics_and_accepts_only_canonical_hosts(raw in "\\PC{0,80}") {
             if let Ok(h) = parse_host(&raw) {
-                let again = parse_host(&h.to_string().trim_start_matches('[').trim_end_matches(']').to_string());
+                let again = parse_host(h.to_string().trim_start_matches('[').trim_end_matches(']'));
                 prop_assert_eq!(again.as_ref().ok(), Some(&h));
                 if let Host::Name(n) = &h {
                     prop_assert!(parse_ipv4_whatwg(n.trim_end_matches('.')).is_none(), "{}", n);
