@@ -272,4 +272,52 @@ mod tests {
         assert_eq!(host_without_port("[2001:db8::1]:443"), "2001:db8::1");
         assert_eq!(host_without_port("a.example"), "a.example");
     }
+
+    use proptest::prelude::*;
+
+    /// A real TLS ClientHello (rustls as the client) for `name`.
+    fn client_hello(name: &str) -> Vec<u8> {
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let server = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
+        let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), server).unwrap();
+        let mut out = Vec::new();
+        conn.write_tls(&mut out).unwrap();
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+        /// Hostile first flights: never a panic, and an answer once the peek is full.
+        #[test]
+        fn never_panics_on_hostile_first_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..2048), tls in any::<bool>()) {
+            let mut bytes = bytes;
+            if tls && !bytes.is_empty() {
+                bytes[0] = 0x16;
+            }
+            let _ = classify(&bytes);
+            let _ = classify_final(&bytes);
+        }
+    }
+
+    proptest! {
+        // Each case classifies every prefix of a ClientHello (some 300): fewer cases.
+        #![proptest_config(ProptestConfig { cases: 150, ..ProptestConfig::default() })]
+
+        /// A ClientHello's SNI is found, and no prefix of it is taken for something else: the
+        /// peek waits for more (a name is never lost to a ClientHello split across segments).
+        #[test]
+        fn finds_the_sni_of_a_client_hello_and_waits_on_every_prefix(name in "[a-z][a-z0-9]{0,20}(\\.[a-z][a-z0-9]{0,20}){1,3}") {
+            let hello = client_hello(&name);
+            prop_assert_eq!(classify(&hello), Some(Peeked::Tls(Some(name.clone()))));
+            for cut in 1..hello.len() {
+                prop_assert_eq!(classify(&hello[..cut]), None, "prefix of {} bytes", cut);
+            }
+        }
+    }
 }
