@@ -457,3 +457,95 @@ pub fn namespace_labels(name: &str, labels: &BTreeMap<String, String>) -> BTreeM
     all.insert("kubernetes.io/metadata.name".to_string(), name.to_string());
     all
 }
+
+#[cfg(test)]
+mod hostile_documents {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    /// JSON values shaped like policy documents: the keys of the schema (and a few that are not)
+    /// at any depth, with any kind of value.
+    fn document() -> impl Strategy<Value = Value> {
+        let keys = prop::sample::select(vec![
+            "apiVersion",
+            "kind",
+            "metadata",
+            "name",
+            "namespace",
+            "spec",
+            "podSelector",
+            "namespaceSelector",
+            "matchLabels",
+            "matchExpressions",
+            "key",
+            "operator",
+            "values",
+            "rules",
+            "to",
+            "domain",
+            "cidr",
+            "except",
+            "ports",
+            "port",
+            "endPort",
+            "protocol",
+            "http",
+            "methods",
+            "paths",
+            "action",
+            "mode",
+            "redirect",
+            "egressAddress",
+            "rateLimit",
+            "requestsPerSecond",
+            "burst",
+            "podSelectr",
+            "",
+        ]);
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(|f| json!(f)),
+            "\\PC{0,24}".prop_map(Value::from),
+            prop::sample::select(vec![
+                "*.example.com",
+                "10.0.0.0/8",
+                "Deny",
+                "Allow",
+                "Audit",
+                "Transparent",
+                "GET",
+                "In",
+                "::/0"
+            ])
+            .prop_map(Value::from),
+        ];
+        leaf.prop_recursive(5, 64, 6, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                prop::collection::btree_map(keys.clone(), inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().map(|(k, v)| (k.to_string(), v)).collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+        /// Any document: decoding and validation never panic, and every decode problem names a
+        /// field path.
+        #[test]
+        fn never_panics_on_hostile_documents(spec in document(), kind in prop::sample::select(vec!["EgressPolicy", "ClusterEgressPolicy", "Other"])) {
+            let doc = json!({"apiVersion": API_VERSION, "kind": kind, "metadata": {"name": "p", "namespace": "n"}, "spec": spec});
+            match AnyPolicy::from_value(doc) {
+                Ok(p) => {
+                    let _ = p.validate();
+                }
+                Err(DocumentError::Decode(problems)) => prop_assert!(!problems.is_empty()),
+                Err(DocumentError::Shape(_)) => prop_assert_eq!(kind, "Other"),
+            }
+        }
+    }
+}
