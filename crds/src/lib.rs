@@ -464,6 +464,11 @@ mod hostile_documents {
     use proptest::prelude::*;
     use serde_json::{Value, json};
 
+    /// `n` cases, times `EGRESS_FUZZ_SCALE` (scripts/fuzz.sh runs a longer budget).
+    fn fuzz_cases(n: u32) -> u32 {
+        n * std::env::var("EGRESS_FUZZ_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1)
+    }
+
     /// JSON values shaped like policy documents: the keys of the schema (and a few that are not)
     /// at any depth, with any kind of value.
     fn document() -> impl Strategy<Value = Value> {
@@ -532,7 +537,7 @@ mod hostile_documents {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig::with_cases(fuzz_cases(3000)))]
 
         /// Any document: decoding and validation never panic, and every decode problem names a
         /// field path.

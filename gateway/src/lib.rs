@@ -24,6 +24,13 @@ macro_rules! failpoint {
     ($name:expr, $f:expr) => {};
 }
 
+/// Property-test cases: `n`, times `EGRESS_FUZZ_SCALE` (scripts/fuzz.sh runs a longer budget
+/// than the test command).
+#[cfg(test)]
+pub(crate) fn fuzz_cases(n: u32) -> u32 {
+    n * std::env::var("EGRESS_FUZZ_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1)
+}
+
 pub mod admin;
 pub mod audit;
 pub mod check;

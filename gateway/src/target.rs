@@ -217,7 +217,7 @@ mod tests {
     use proptest::prelude::*;
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 5000, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig::with_cases(crate::fuzz_cases(5000)))]
 
         /// Hostile hosts and authorities: never a panic; whatever is accepted is canonical (its
         /// own normal form) and a name is never a numeric host in disguise.

@@ -1581,7 +1581,12 @@ fn connection_limits_refuse_the_client_over_its_limit_and_serve_the_others() {
     assert_eq!(&reply[..4], &[5, 0, 5, 1], "SOCKS5 general failure: {reply:?}");
     // Another client is served meanwhile.
     assert_eq!(get_from("127.0.0.5", gw.http, &host), 200);
-    // The total: two more open connections reach 5; a sixth client is refused too.
+    // The total: two more open connections reach 5; a sixth client is refused too. (First the
+    // connections just answered are gone: the gauge counts every accepted connection, also one
+    // being refused or closed.)
+    wait_for("only the three held connections open", Duration::from_secs(10), || {
+        gw.metric("egress_active_connections") == Some(3.0)
+    });
     let b: Vec<TcpStream> = ["127.0.0.6", "127.0.0.7"].iter().map(|s| open(s)).collect();
     wait_for("five connections open", Duration::from_secs(10), || {
         gw.metric("egress_active_connections").unwrap_or(0.0) >= 5.0

@@ -366,7 +366,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig::with_cases(crate::fuzz_cases(2000)))]
 
         /// Hostile bytes: never a panic, and a target only from a well-formed CONNECT request.
         #[test]

@@ -291,7 +291,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig::with_cases(crate::fuzz_cases(3000)))]
 
         /// Hostile first flights: never a panic, and an answer once the peek is full.
         #[test]
@@ -307,7 +307,7 @@ mod tests {
 
     proptest! {
         // Each case classifies every prefix of a ClientHello (some 300): fewer cases.
-        #![proptest_config(ProptestConfig { cases: 150, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig::with_cases(crate::fuzz_cases(150)))]
 
         /// A ClientHello's SNI is found, and no prefix of it is taken for something else: the
         /// peek waits for more (a name is never lost to a ClientHello split across segments).

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# A longer run of the parsers' property tests than the test command's bounded budget: every
+# hostile-input property test (SOCKS5 handshake, transparent first flight and SNI peek, host and
+# authority parsing, policy documents, PROXY v2 header) with EGRESS_FUZZ_SCALE times its cases
+# (default 50: about a minute per target on 2 cores, in a release build). Stable Rust only.
+#
+#   ./scripts/fuzz.sh            # 50x
+#   EGRESS_FUZZ_SCALE=500 ./scripts/fuzz.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export EGRESS_FUZZ_SCALE="${EGRESS_FUZZ_SCALE:-50}"
+# netio's PROXY v2 property tests use proptest's default configuration, which reads this.
+export PROPTEST_CASES=$((256 * EGRESS_FUZZ_SCALE))
+cargo test --release --locked -p egress-gateway -p egress-crds -p egress-netio --lib -- \
+  never_panics round_trips finds_the_sni every_spelling proxy::
