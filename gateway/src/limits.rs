@@ -17,8 +17,8 @@ use dashmap::DashMap;
 #[derive(Default)]
 pub struct ConnLimits {
     total: AtomicUsize,
-    per_client: DashMap<IpAddr, usize>,
-    tunnels: Arc<DashMap<IpAddr, usize>>,
+    per_client: Counts,
+    tunnels: Counts,
 }
 
 /// Which limit a connection ran into.
@@ -44,10 +44,57 @@ impl std::fmt::Display for LimitHit {
     }
 }
 
+/// Something open per client address; a client with none has no entry.
+#[derive(Default, Clone)]
+struct Counts(Arc<DashMap<IpAddr, usize>>);
+
+/// One counted thing of a client; uncounted when dropped.
+struct Slot {
+    counts: Counts,
+    client: IpAddr,
+}
+
+impl Counts {
+    /// Counts one more for `client` if it has fewer than `max`.
+    fn take(&self, client: IpAddr, max: usize) -> Option<Slot> {
+        let mut open = self.0.entry(client).or_insert(0);
+        if *open >= max {
+            let idle = *open == 0;
+            drop(open);
+            if idle {
+                self.0.remove_if(&client, |_, n| *n == 0);
+            }
+            return None;
+        }
+        *open += 1;
+        Some(Slot { counts: self.clone(), client })
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let dashmap::mapref::entry::Entry::Occupied(mut e) = self.counts.0.entry(self.client) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+}
+
 /// One admitted connection; counted until dropped.
 pub struct ConnPermit {
     limits: Arc<ConnLimits>,
-    client: IpAddr,
+    _client: Slot,
+}
+
+/// One admitted tunnel; counted until dropped.
+pub struct TunnelPermit {
+    _slot: Slot,
 }
 
 impl ConnLimits {
@@ -62,34 +109,19 @@ impl ConnLimits {
             self.total.fetch_sub(1, Ordering::AcqRel);
             return Err(LimitHit::Total(max_total));
         }
-        let mut open = self.per_client.entry(client).or_insert(0);
-        if *open >= max_client {
-            let idle = *open == 0;
-            drop(open);
-            if idle {
-                self.per_client.remove_if(&client, |_, n| *n == 0);
+        match self.per_client.take(client, max_client) {
+            Some(slot) => Ok(ConnPermit { limits: self.clone(), _client: slot }),
+            None => {
+                self.total.fetch_sub(1, Ordering::AcqRel);
+                Err(LimitHit::Client(max_client))
             }
-            self.total.fetch_sub(1, Ordering::AcqRel);
-            return Err(LimitHit::Client(max_client));
         }
-        *open += 1;
-        Ok(ConnPermit { limits: self.clone(), client })
     }
 
     /// Admits a tunnel (CONNECT, SOCKS5, transparent) of `client` if it has fewer than `max`
     /// open.
     pub fn admit_tunnel(&self, client: IpAddr, max: usize) -> Result<TunnelPermit, LimitHit> {
-        let mut open = self.tunnels.entry(client).or_insert(0);
-        if *open >= max {
-            let idle = *open == 0;
-            drop(open);
-            if idle {
-                self.tunnels.remove_if(&client, |_, n| *n == 0);
-            }
-            return Err(LimitHit::Tunnels(max));
-        }
-        *open += 1;
-        Ok(TunnelPermit { tunnels: self.tunnels.clone(), client })
+        self.tunnels.take(client, max).map(|_slot| TunnelPermit { _slot }).ok_or(LimitHit::Tunnels(max))
     }
 
     /// Connections open.
@@ -103,31 +135,8 @@ impl ConnLimits {
     }
 }
 
-/// One admitted tunnel; counted until dropped.
-pub struct TunnelPermit {
-    tunnels: Arc<DashMap<IpAddr, usize>>,
-    client: IpAddr,
-}
-
-impl Drop for TunnelPermit {
-    fn drop(&mut self) {
-        if let dashmap::mapref::entry::Entry::Occupied(mut e) = self.tunnels.entry(self.client) {
-            *e.get_mut() -= 1;
-            if *e.get() == 0 {
-                e.remove();
-            }
-        }
-    }
-}
-
 impl Drop for ConnPermit {
     fn drop(&mut self) {
-        if let dashmap::mapref::entry::Entry::Occupied(mut e) = self.limits.per_client.entry(self.client) {
-            *e.get_mut() -= 1;
-            if *e.get() == 0 {
-                e.remove();
-            }
-        }
         self.limits.total.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -157,6 +166,6 @@ mod tests {
         assert!(l.admit_tunnel(b, 1).is_ok());
         drop(t);
         assert!(l.admit_tunnel(a, 1).is_ok());
-        assert!(l.tunnels.is_empty());
+        assert_eq!(l.tunnels.len(), 0);
     }
 }

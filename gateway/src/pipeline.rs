@@ -484,15 +484,7 @@ impl Gateway {
             (l.max_connections, l.max_connections_per_client)
         };
         self.conn_limits.admit(target::canonical_ip(conn.peer.ip()), max_total, max_client).map_err(|hit| {
-            let req = EgressRequest {
-                id: conn.next_request_id(),
-                conn: conn.clone(),
-                front,
-                target: RawTarget::Authority(String::new()),
-                http: None,
-                transparent: None,
-            };
-            self.refuse_malformed(&req, Reason::ConnectionLimit, &hit.to_string())
+            self.refuse_malformed(&EgressRequest::bare(conn, front), Reason::ConnectionLimit, &hit.to_string())
         })
     }
 

@@ -91,6 +91,21 @@ pub struct EgressRequest {
     pub transparent: Option<TransparentFacts>,
 }
 
+impl EgressRequest {
+    /// A request with no target yet: what a refusal before the target is known (a handshake
+    /// gone wrong, a connection limit) is audited as.
+    pub fn bare(conn: &Arc<ClientConn>, front: Front) -> Self {
+        EgressRequest {
+            id: conn.next_request_id(),
+            conn: conn.clone(),
+            front,
+            target: RawTarget::Authority(String::new()),
+            http: None,
+            transparent: None,
+        }
+    }
+}
+
 /// Facts of a transparently steered connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TransparentFacts {

@@ -99,15 +99,7 @@ async fn serve_conn(gw: Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr) {
             None
         };
         if let Some(reason) = reason {
-            let req = EgressRequest {
-                id: conn.next_request_id(),
-                conn: conn.clone(),
-                front: Front::Http,
-                target: RawTarget::Authority(String::new()),
-                http: None,
-                transparent: None,
-            };
-            gw.refuse_malformed(&req, reason, &e.to_string());
+            gw.refuse_malformed(&EgressRequest::bare(&conn, Front::Http), reason, &e.to_string());
         }
     }
 }

@@ -9,7 +9,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::pipeline::{Gateway, Refusal, RefusalKind};
 use crate::policy::Reason;
-use crate::request::{ClientConn, EgressRequest, Front, RawTarget};
+use crate::request::{EgressRequest, Front, RawTarget};
 
 /// RFC 1928 reply codes.
 pub mod reply {
@@ -73,14 +73,18 @@ async fn serve_conn(gw: &Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr) 
                 Handshake::AuthFailed(d) => (Reason::AuthFailed, d, None),
                 Handshake::Reply(code, reason, d) => (reason, d, Some(code)),
             };
-            gw.refuse_malformed(&bare_request(&conn), reason, &detail);
+            gw.refuse_malformed(&EgressRequest::bare(&conn, Front::Socks5), reason, &detail);
             if let Some(code) = code {
                 refuse(&mut stream, code).await;
             }
             return;
         }
         Err(_) => {
-            gw.refuse_malformed(&bare_request(&conn), Reason::HeaderTimeout, "SOCKS5 handshake not completed in time");
+            gw.refuse_malformed(
+                &EgressRequest::bare(&conn, Front::Socks5),
+                Reason::HeaderTimeout,
+                "SOCKS5 handshake not completed in time",
+            );
             return;
         }
     };
@@ -119,17 +123,6 @@ async fn serve_conn(gw: &Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr) 
 /// socket with unread input resets it and the reset can destroy the reply in flight.
 async fn refuse(stream: &mut TcpStream, code: u8) {
     super::answer_and_close(stream, &reply_bytes(code, None)).await;
-}
-
-fn bare_request(conn: &Arc<ClientConn>) -> EgressRequest {
-    EgressRequest {
-        id: conn.next_request_id(),
-        conn: conn.clone(),
-        front: Front::Socks5,
-        target: RawTarget::Authority(String::new()),
-        http: None,
-        transparent: None,
-    }
 }
 
 fn code_for(r: &Refusal) -> u8 {

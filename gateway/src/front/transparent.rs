@@ -52,15 +52,7 @@ enum Peeked {
 
 fn refuse_bare(gw: &Gateway, relay: SocketAddr, reason: Reason, detail: &str) {
     let conn = gw.new_conn(relay, Front::Transparent);
-    let req = EgressRequest {
-        id: conn.next_request_id(),
-        conn,
-        front: Front::Transparent,
-        target: RawTarget::Authority(String::new()),
-        http: None,
-        transparent: None,
-    };
-    gw.refuse_malformed(&req, reason, detail);
+    gw.refuse_malformed(&EgressRequest::bare(&conn, Front::Transparent), reason, detail);
 }
 
 async fn serve_conn(gw: &Arc<Gateway>, mut stream: TcpStream, relay: SocketAddr) {
