@@ -12,20 +12,20 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-use crate::pipeline::Gateway;
+use crate::runtime::Gateway;
 
 /// Serves the admin endpoints until the process stops (readiness must stay visible while draining).
-pub async fn serve(gw: Arc<Gateway>, listener: TcpListener) {
+pub async fn serve(gw: Gateway, kube: Option<Arc<crate::k8s::WatchHealth>>, listener: TcpListener) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
-        let gw = gw.clone();
+        let (gw, kube) = (gw.clone(), kube.clone());
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                let gw = gw.clone();
-                async move { Ok::<_, Infallible>(route(&gw, &req)) }
+                let (gw, kube) = (gw.clone(), kube.clone());
+                async move { Ok::<_, Infallible>(route(&gw, kube.as_deref(), &req)) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -36,11 +36,13 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener) {
     }
 }
 
-fn route(gw: &Gateway, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn route(gw: &Gateway, kube: Option<&crate::k8s::WatchHealth>, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let (status, ctype, body) = match req.uri().path() {
         "/metrics" => {
-            gw.metrics.kube_stale_seconds.set(gw.kube_health.stale_seconds() as i64);
-            (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", gw.metrics.render())
+            if let Some(k) = kube {
+                gw.pipeline.metrics.kube_stale_seconds.set(k.stale_seconds() as i64);
+            }
+            (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", gw.pipeline.metrics.render())
         }
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
         "/readyz" if gw.is_ready() => (StatusCode::OK, "text/plain", "ready\n".to_string()),

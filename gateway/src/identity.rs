@@ -46,7 +46,7 @@ impl IdentityTable {
     /// policies selecting each identity.
     pub fn build(
         clients: &[ClientEntry],
-        pods: &[crate::k8s::PodIdentity],
+        pods: &[crate::inputs::PodIdentity],
         select: impl Fn(&Identity) -> Vec<usize>,
     ) -> Self {
         let mut t = IdentityTable::from_clients(clients, &select);

@@ -7,12 +7,10 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::audit::{
     Audit, ClientInfo, CloseInfo, DecisionInfo, End, Event, EventKind, ResolvedAddr, TargetInfo, now_rfc3339,
@@ -21,7 +19,7 @@ use crate::config::{self, Loaded};
 use crate::dial::{self, DialError, Pools};
 use crate::guard::{Guard, Verdict};
 use crate::identity::{Identity, IdentityTable};
-use crate::k8s::{KubeInputs, Stores, WatchHealth};
+use crate::inputs::KubeInputs;
 use crate::metrics::Metrics;
 use crate::policy::{Action, Decision, HttpFacts, Reason, Snapshot};
 use crate::request::{ClientConn, EgressRequest, Front, RawTarget};
@@ -261,7 +259,7 @@ impl Refusal {
 
 /// An allowed, checked request, ready to dial or reuse.
 pub struct Permit {
-    gw: Arc<Gateway>,
+    gw: Arc<Pipeline>,
     base: Event,
     /// The normalised target.
     pub target: Target,
@@ -274,7 +272,7 @@ pub struct Permit {
 
 /// An upstream connection or request in progress; emits the close event exactly once.
 pub struct CloseLog {
-    gw: Arc<Gateway>,
+    gw: Arc<Pipeline>,
     base: Option<Event>,
     started: Instant,
 }
@@ -289,8 +287,10 @@ pub struct Upstream {
     pub log: CloseLog,
 }
 
-/// The running gateway.
-pub struct Gateway {
+/// The decision pipeline of a running gateway: the state in force (swapped whole on reload
+/// and on every Kubernetes change), the resolver, the audit log and the metrics. Fronts hand it
+/// their requests; it knows nothing of listeners, shutdown or readiness (`runtime`).
+pub struct Pipeline {
     state: ArcSwap<State>,
     config_path: PathBuf,
     own: Vec<IpAddr>,
@@ -303,26 +303,16 @@ pub struct Gateway {
     /// Instance id.
     pub instance: Arc<str>,
     next_conn: AtomicU64,
-    /// Fires when the shutdown grace period is over: open relays end.
-    pub stop: CancellationToken,
-    /// Fires when shutdown starts: listeners stop accepting, keep-alive connections close.
-    pub draining: CancellationToken,
-    /// Tracks every connection task, for draining.
-    pub tracker: TaskTracker,
-    ready: AtomicBool,
-    kube_ready: AtomicBool,
     kube: ArcSwapOption<KubeInputs>,
-    /// Health of the Kubernetes watchers.
-    pub kube_health: Arc<WatchHealth>,
     /// Relay headers already accepted (kept across reloads).
-    pub relay_replay: egress_netio::proxy::ReplayGuard,
+    relay_replay: egress_netio::proxy::ReplayGuard,
     /// Client connections open, in total and per client.
-    pub conn_limits: Arc<crate::limits::ConnLimits>,
+    conn_limits: Arc<crate::limits::ConnLimits>,
 }
 
-impl Gateway {
-    /// Builds the gateway from a loaded config.
-    pub fn new(loaded: Loaded, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Gateway>> {
+impl Pipeline {
+    /// Builds the pipeline from a loaded config.
+    pub fn new(loaded: Loaded, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Pipeline>> {
         let instance: Arc<str> = uuid::Uuid::new_v4().simple().to_string()[..12].into();
         let own = own_addresses(&loaded.config.listen);
         for net in &loaded.config.guard.allow_cidrs {
@@ -331,9 +321,8 @@ impl Gateway {
         let resolver = Resolver::new(&loaded.config.resolver, metrics.dns_family_held.clone())?;
         let (audit, instance) = Audit::start(&loaded.config.audit, instance, metrics.clone())?;
         let config_path = loaded.path.clone();
-        let kube_mode = loaded.config.kubernetes.enabled;
         let state = State::build(loaded, None, None, &own);
-        Ok(Arc::new(Gateway {
+        Ok(Arc::new(Pipeline {
             state: ArcSwap::from_pointee(state),
             config_path,
             own,
@@ -342,13 +331,7 @@ impl Gateway {
             metrics,
             instance,
             next_conn: AtomicU64::new(0),
-            stop: CancellationToken::new(),
-            draining: CancellationToken::new(),
-            tracker: TaskTracker::new(),
-            ready: AtomicBool::new(false),
-            kube_ready: AtomicBool::new(!kube_mode),
             kube: ArcSwapOption::empty(),
-            kube_health: Arc::new(WatchHealth::default()),
             relay_replay: egress_netio::proxy::ReplayGuard::default(),
             conn_limits: Arc::default(),
         }))
@@ -359,45 +342,58 @@ impl Gateway {
         self.state.load_full()
     }
 
-    /// Whether the gateway serves: listeners bound, Kubernetes watchers synced (in Kubernetes
-    /// mode), not draining.
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
-            && self.kube_ready.load(Ordering::Relaxed)
-            && !self.draining.is_cancelled()
-            && self.audit.is_available()
+    /// The limits in force (`limits`), for the fronts' timeouts and relays.
+    pub fn limits(&self) -> config::Limits {
+        self.state.load().loaded.config.limits.clone()
     }
 
-    /// Marks the Kubernetes watchers synced.
-    pub fn set_kube_ready(&self) {
-        self.kube_ready.store(true, Ordering::Relaxed);
+    /// The SOCKS5 users in force (`socks5.users`); empty: no authentication.
+    pub fn socks5_users(&self) -> Vec<config::Socks5User> {
+        self.state.load().loaded.config.socks5.users.clone()
     }
 
-    /// Rebuilds the snapshot from the stores (called on every watch change, coalesced) and
-    /// returns what the API contributed.
-    pub fn apply_kube(&self, stores: &Stores) -> Arc<KubeInputs> {
+    /// The transparent front's settings in force (`transparent`).
+    pub fn transparent(&self) -> config::TransparentConfig {
+        self.state.load().loaded.config.transparent.clone()
+    }
+
+    /// Checks a relay's PROXY v2 header: its MAC under a key of `transparent.relayKeyFile`, its
+    /// age within `transparent.relayMaxSkew`, and that it was never accepted before.
+    pub fn verify_relay(&self, h: &egress_netio::proxy::Header<'_>) -> Result<(), egress_netio::proxy::AuthError> {
+        self.state.load().relay_auth.verify(h, std::time::SystemTime::now(), &self.relay_replay)
+    }
+
+    /// Whether an egress address pool is configured.
+    pub fn pool_exists(&self, pool: &str) -> bool {
+        self.state.load().loaded.config.egress_addresses.contains_key(pool)
+    }
+
+    /// Drops the rate limiters' per-client states that are back to a full bucket
+    /// (indistinguishable from a new client) and updates `egress_rate_limiter_keys` and
+    /// `egress_rate_limiter_pruned_total`.
+    pub fn prune_rate_limiters(&self) {
         let state = self.state.load();
-        let pools = &state.loaded.config.egress_addresses;
-        let inputs = stores.inputs(&|p: &str| pools.contains_key(p));
-        let before = self.kube.load();
-        let old_invalid: Vec<&String> =
-            before.as_ref().map(|k| k.invalid.iter().map(|(_, key, _)| key).collect()).unwrap_or_default();
-        for (kind, key, errors) in &inputs.invalid {
-            if !old_invalid.contains(&key) {
-                let msg: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
-                tracing::warn!(kind = kind, policy = %key, errors = %msg.join("; "), "invalid policy skipped whole");
+        let (mut keys, mut pruned) = (0, 0);
+        for p in &state.snapshot.policies {
+            if let Some((_, limiter)) = &p.rate_limit {
+                let before = limiter.len();
+                limiter.retain_recent();
+                limiter.shrink_to_fit();
+                keys += limiter.len();
+                pruned += before.saturating_sub(limiter.len());
             }
         }
-        let inputs = Arc::new(inputs);
+        self.metrics.rate_limiter_keys.set(keys as i64);
+        self.metrics.rate_limiter_pruned.inc_by(pruned as u64);
+    }
+
+    /// Recompiles the snapshot with what the Kubernetes API contributes now (called on every
+    /// coalesced watch change).
+    pub fn apply_kube(&self, inputs: Arc<KubeInputs>) {
+        let state = self.state.load();
         self.kube.store(Some(inputs.clone()));
         let next = State::build(state.loaded.clone(), Some(&inputs), Some(&state), &self.own);
         self.state.store(Arc::new(next));
-        inputs
-    }
-
-    /// Marks the gateway ready.
-    pub fn set_ready(&self) {
-        self.ready.store(true, Ordering::Relaxed);
     }
 
     /// Re-reads the config file and its policies. On any error the previous state stays in force.

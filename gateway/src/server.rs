@@ -12,7 +12,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::config::Loaded;
 use crate::metrics::Metrics;
-use crate::pipeline::Gateway;
+use crate::runtime::Gateway;
 
 async fn bind(what: &str, addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
     let sock = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
@@ -34,9 +34,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     let kube = loaded.config.kubernetes.clone();
     let metrics = Arc::new(Metrics::new());
     let gw = Gateway::new(loaded, metrics)?;
-    if kube.enabled {
-        crate::k8s::start(gw.clone(), kube.clone()).await.context("kubernetes")?;
-    }
+    let kube_health = if kube.enabled { Some(follow_kubernetes(&gw, kube).await?) } else { None };
     let http = match listen.http {
         Some(a) => Some(bind("http", a).await?),
         None => None,
@@ -68,33 +66,21 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     }
     if let Some(l) = admin {
         tracing::info!(addr = %l.local_addr()?, "admin listening");
-        tokio::spawn(crate::admin::serve(gw.clone(), l));
+        tokio::spawn(crate::admin::serve(gw.clone(), kube_health.clone(), l));
     }
     // The rate limiters keep one state per client address: every 10 s the states that are back
     // to a full bucket (indistinguishable from a new client) are dropped, so that many
     // short-lived client addresses do not grow memory without bound.
-    let pruning = gw.clone();
+    let pruning = gw.pipeline.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(10));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let state = pruning.state();
-            let (mut keys, mut pruned) = (0, 0);
-            for p in &state.snapshot.policies {
-                if let Some((_, limiter)) = &p.rate_limit {
-                    let before = limiter.len();
-                    limiter.retain_recent();
-                    limiter.shrink_to_fit();
-                    keys += limiter.len();
-                    pruned += before.saturating_sub(limiter.len());
-                }
-            }
-            pruning.metrics.rate_limiter_keys.set(keys as i64);
-            pruning.metrics.rate_limiter_pruned.inc_by(pruned as u64);
+            pruning.prune_rate_limiters();
         }
     });
-    gw.set_ready();
+    gw.runtime.set_listening();
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<()>(1);
     let _watcher = start_watcher(&watch_paths, reload_tx.clone());
     let mut hup = signal(SignalKind::hangup())?;
@@ -108,27 +94,54 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 while reload_rx.try_recv().is_ok() {}
                 let gw2 = gw.clone();
-                let _ = tokio::task::spawn_blocking(move || gw2.reload()).await;
+                let _ = tokio::task::spawn_blocking(move || gw2.pipeline.reload()).await;
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
     }
-    let grace = gw.state().loaded.config.shutdown.grace;
+    let grace = gw.pipeline.state().loaded.config.shutdown.grace;
     let shutdown_started = std::time::Instant::now();
     tracing::info!(grace = ?grace, "shutting down: no new connections, draining open ones");
-    gw.draining.cancel();
+    gw.runtime.draining.cancel();
     while fronts.join_next().await.is_some() {}
-    gw.tracker.close();
-    if tokio::time::timeout(grace, gw.tracker.wait()).await.is_err() {
+    gw.runtime.tracker.close();
+    if tokio::time::timeout(grace, gw.runtime.tracker.wait()).await.is_err() {
         tracing::warn!("grace period over: closing the remaining connections");
-        gw.stop.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(2), gw.tracker.wait()).await;
+        gw.runtime.stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(2), gw.runtime.tracker.wait()).await;
     }
     // The sinks drain for what is left of the grace period (at least two seconds).
-    gw.audit.close(grace.saturating_sub(shutdown_started.elapsed()).max(Duration::from_secs(2)));
+    gw.pipeline.audit.close(grace.saturating_sub(shutdown_started.elapsed()).max(Duration::from_secs(2)));
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Starts the Kubernetes watchers and applies what they deliver to the pipeline; the gateway is
+/// not ready before their first full list.
+async fn follow_kubernetes(
+    gw: &Gateway,
+    cfg: crate::config::KubernetesConfig,
+) -> anyhow::Result<Arc<crate::k8s::WatchHealth>> {
+    let pipeline = gw.pipeline.clone();
+    let cx = crate::k8s::Context {
+        pool_exists: Arc::new(move |pool: &str| pipeline.pool_exists(pool)),
+        instance: gw.pipeline.instance.clone(),
+        tracker: gw.runtime.tracker.clone(),
+        draining: gw.runtime.draining.clone(),
+    };
+    let mut watching = crate::k8s::start(cfg, cx).await.context("kubernetes")?;
+    let gw = gw.clone();
+    tokio::spawn(async move {
+        while watching.inputs.changed().await.is_ok() {
+            let inputs = watching.inputs.borrow_and_update().clone();
+            if let Some(inputs) = inputs {
+                gw.pipeline.apply_kube(inputs);
+                gw.runtime.set_kube_synced();
+            }
+        }
+    });
+    Ok(watching.health)
 }
 
 fn watched_paths(loaded: &Loaded) -> Vec<PathBuf> {

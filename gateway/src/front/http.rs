@@ -22,9 +22,10 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::audit::End;
-use crate::pipeline::{CloseLog, Gateway, Refusal, RefusalKind, http_facts};
+use crate::pipeline::{CloseLog, Refusal, RefusalKind, http_facts};
 use crate::policy::Reason;
 use crate::request::{ClientConn, EgressRequest, Front, RawTarget};
+use crate::runtime::Gateway;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type ProxyBody = BoxBody<Bytes, BoxError>;
@@ -38,17 +39,17 @@ struct Cached {
 }
 
 /// Serves the explicit HTTP proxy on `listener` until the gateway drains.
-pub async fn serve(gw: Arc<Gateway>, listener: TcpListener) {
+pub async fn serve(gw: Gateway, listener: TcpListener) {
     super::accept_loop(gw, listener, "http", serve_conn).await
 }
 
-async fn serve_conn(gw: Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr) {
-    let conn = gw.new_conn(peer, Front::Http);
-    let _permit = match gw.admit_connection(&conn, Front::Http) {
+async fn serve_conn(gw: Gateway, mut stream: TcpStream, peer: SocketAddr) {
+    let conn = gw.pipeline.new_conn(peer, Front::Http);
+    let _permit = match gw.pipeline.admit_connection(&conn, Front::Http) {
         Ok(p) => p,
         Err(r) => return super::answer_and_close(&mut stream, super::raw_http_refusal(&r).as_bytes()).await,
     };
-    let limits = gw.state().loaded.config.limits.clone();
+    let limits = gw.pipeline.limits();
     let cache: Arc<Mutex<Option<Cached>>> = Arc::new(Mutex::new(None));
     // Bytes read from the client, and that count when the last request was answered: a header
     // timeout with nothing read since is an idle keep-alive connection closing, not a request.
@@ -80,7 +81,7 @@ async fn serve_conn(gw: Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr) {
     tokio::pin!(served);
     let result = tokio::select! {
         r = served.as_mut() => r,
-        _ = gw.draining.cancelled() => {
+        _ = gw.runtime.draining.cancelled() => {
             served.as_mut().graceful_shutdown();
             served.await
         }
@@ -99,13 +100,13 @@ async fn serve_conn(gw: Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr) {
             None
         };
         if let Some(reason) = reason {
-            gw.refuse_malformed(&EgressRequest::bare(&conn, Front::Http), reason, &e.to_string());
+            gw.pipeline.refuse_malformed(&EgressRequest::bare(&conn, Front::Http), reason, &e.to_string());
         }
     }
 }
 
 async fn handle(
-    gw: Arc<Gateway>,
+    gw: Gateway,
     conn: Arc<ClientConn>,
     cache: Arc<Mutex<Option<Cached>>>,
     req: Request<Incoming>,
@@ -126,7 +127,8 @@ async fn handle(
         let has_content = req.headers().contains_key(header::TRANSFER_ENCODING)
             || req.headers().get(header::CONTENT_LENGTH).is_some_and(|v| v.as_bytes() != b"0");
         if has_content {
-            let r = gw.refuse_malformed(&ereq, Reason::MalformedRequest, "a CONNECT request carries no content");
+            let r =
+                gw.pipeline.refuse_malformed(&ereq, Reason::MalformedRequest, "a CONNECT request carries no content");
             return refusal(&r, true);
         }
         return connect(gw, ereq, req).await;
@@ -147,7 +149,7 @@ async fn handle(
             forward(gw, ereq, cache, req).await
         }
         (None, _) => {
-            let r = gw.refuse_malformed(
+            let r = gw.pipeline.refuse_malformed(
                 &ereq,
                 Reason::OriginForm,
                 "this is an egress proxy: send absolute-form requests (GET http://host/path) or CONNECT host:port",
@@ -160,18 +162,18 @@ async fn handle(
             } else {
                 format!("scheme {scheme:?} is not supported: only http:// and CONNECT")
             };
-            let r = gw.refuse_malformed(&ereq, Reason::MalformedRequest, &msg);
+            let r = gw.pipeline.refuse_malformed(&ereq, Reason::MalformedRequest, &msg);
             refusal(&r, false)
         }
     }
 }
 
-async fn connect(gw: Arc<Gateway>, ereq: EgressRequest, req: Request<Incoming>) -> Response<ProxyBody> {
-    let tunnel_permit = match gw.admit_tunnel(&ereq) {
+async fn connect(gw: Gateway, ereq: EgressRequest, req: Request<Incoming>) -> Response<ProxyBody> {
+    let tunnel_permit = match gw.pipeline.admit_tunnel(&ereq) {
         Ok(p) => p,
         Err(r) => return refusal(&r, true),
     };
-    let permit = match gw.authorize(&ereq).await {
+    let permit = match gw.pipeline.authorize(&ereq).await {
         Ok(p) => p,
         Err(r) => return refusal(&r, false),
     };
@@ -179,9 +181,9 @@ async fn connect(gw: Arc<Gateway>, ereq: EgressRequest, req: Request<Incoming>) 
         Ok(u) => u,
         Err(r) => return refusal(&r, false),
     };
-    let tunnel = crate::relay::Tunnel::from(&gw.state().loaded.config.limits);
+    let tunnel = crate::relay::Tunnel::from(&gw.pipeline.limits());
     let gw2 = gw.clone();
-    gw.tracker.spawn(async move {
+    gw.runtime.tracker.spawn(async move {
         let _tunnel_permit = tunnel_permit;
         let upgraded = match hyper::upgrade::on(req).await {
             Ok(u) => u,
@@ -197,11 +199,14 @@ async fn connect(gw: Arc<Gateway>, ereq: EgressRequest, req: Request<Incoming>) 
                 {
                     return up.log.finish(0, 0, End::UpstreamClosed, None, Some(e.to_string()));
                 }
-                let mut r = crate::relay::relay_tcp(parts.io.into_inner().io, upstream, tunnel, &gw2.stop).await;
+                let mut r =
+                    crate::relay::relay_tcp(parts.io.into_inner().io, upstream, tunnel, &gw2.runtime.stop).await;
                 r.up += early;
                 r
             }
-            Err(upgraded) => crate::relay::relay(TokioIo::new(upgraded), up.stream, tunnel.idle, &gw2.stop).await,
+            Err(upgraded) => {
+                crate::relay::relay(TokioIo::new(upgraded), up.stream, tunnel.idle, &gw2.runtime.stop).await
+            }
         };
         up.log.finish(r.up, r.down, r.end, None, r.error);
     });
@@ -284,12 +289,12 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 }
 
 async fn forward(
-    gw: Arc<Gateway>,
+    gw: Gateway,
     ereq: EgressRequest,
     cache: Arc<Mutex<Option<Cached>>>,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
-    let permit = match gw.authorize(&ereq).await {
+    let permit = match gw.pipeline.authorize(&ereq).await {
         Ok(p) => p,
         Err(r) => return refusal(&r, false),
     };
@@ -319,7 +324,7 @@ async fn forward(
             let handshake = hyper::client::conn::http1::Builder::new().handshake(TokioIo::new(up.stream)).await;
             match handshake {
                 Ok((sender, connection)) => {
-                    gw.tracker.spawn(async move {
+                    gw.runtime.tracker.spawn(async move {
                         let _ = connection.await;
                     });
                     (sender, up.log, up.dialled, source, pool)

@@ -8,19 +8,18 @@ pub mod transparent;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::pipeline::Gateway;
+use crate::runtime::Gateway;
 
 /// Accepts on `listener` until the gateway drains; every connection runs `handle` as a tracked
 /// task (drained on shutdown) and is counted in `egress_active_connections`. Accepted sockets
 /// carry TCP_NODELAY (handshakes and answers are small writes that must leave at once; a tunnel
 /// clears it only when `limits.tunnelNoDelay` is off).
-pub async fn accept_loop<F, Fut>(gw: Arc<Gateway>, listener: TcpListener, name: &'static str, handle: F)
+pub async fn accept_loop<F, Fut>(gw: Gateway, listener: TcpListener, name: &'static str, handle: F)
 where
-    F: Fn(Arc<Gateway>, TcpStream, SocketAddr) -> Fut,
+    F: Fn(Gateway, TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     // Accept errors (out of file descriptors, mostly) repeat every 50 ms while they last: one
@@ -30,17 +29,17 @@ where
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            _ = gw.draining.cancelled() => return,
+            _ = gw.runtime.draining.cancelled() => return,
         };
         match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
                 let conn = handle(gw.clone(), stream, peer);
                 let gw2 = gw.clone();
-                gw.tracker.spawn(async move {
-                    gw2.metrics.active_connections.inc();
+                gw.runtime.tracker.spawn(async move {
+                    gw2.pipeline.metrics.active_connections.inc();
                     conn.await;
-                    gw2.metrics.active_connections.dec();
+                    gw2.pipeline.metrics.active_connections.dec();
                 });
             }
             Err(e) => {
@@ -112,7 +111,7 @@ mod tests {
         let audit = dir.path().join("audit.jsonl");
         std::fs::write(&path, format!("audit: {{sinks: [{{type: file, path: {}}}]}}\n", audit.display())).unwrap();
         let loaded = crate::config::load(&path).unwrap();
-        let gw = Gateway::new(loaded, Arc::new(crate::metrics::Metrics::new())).unwrap();
+        let gw = Gateway::new(loaded, std::sync::Arc::new(crate::metrics::Metrics::new())).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -122,7 +121,7 @@ mod tests {
         }));
         let _client = TcpStream::connect(addr).await.unwrap();
         assert!(rx.recv().await.unwrap(), "TCP_NODELAY on the accepted socket");
-        gw.draining.cancel();
+        gw.runtime.draining.cancel();
         accepting.await.unwrap();
     }
 }

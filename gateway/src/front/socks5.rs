@@ -2,14 +2,14 @@
 //! authentication when users are configured. Domain targets are resolved by the gateway.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::pipeline::{Gateway, Refusal, RefusalKind};
+use crate::pipeline::{Refusal, RefusalKind};
 use crate::policy::Reason;
 use crate::request::{EgressRequest, Front, RawTarget};
+use crate::runtime::Gateway;
 
 /// RFC 1928 reply codes.
 pub mod reply {
@@ -30,7 +30,7 @@ pub mod reply {
 }
 
 /// Serves SOCKS5 on `listener` until the gateway drains.
-pub async fn serve(gw: Arc<Gateway>, listener: TcpListener) {
+pub async fn serve(gw: Gateway, listener: TcpListener) {
     super::accept_loop(gw, listener, "socks5", |gw, stream, peer| async move { serve_conn(&gw, stream, peer).await })
         .await
 }
@@ -46,14 +46,11 @@ enum Handshake {
     Reply(u8, Reason, String),
 }
 
-async fn serve_conn(gw: &Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr) {
-    let conn = gw.new_conn(peer, Front::Socks5);
-    let state = gw.state();
-    let cfg = &state.loaded.config;
-    let users = cfg.socks5.users.clone();
-    let (header_timeout, tunnel) = (cfg.limits.header_timeout, crate::relay::Tunnel::from(&cfg.limits));
-    drop(state);
-    let permit = gw.admit_connection(&conn, Front::Socks5);
+async fn serve_conn(gw: &Gateway, mut stream: TcpStream, peer: SocketAddr) {
+    let conn = gw.pipeline.new_conn(peer, Front::Socks5);
+    let (users, limits) = (gw.pipeline.socks5_users(), gw.pipeline.limits());
+    let (header_timeout, tunnel) = (limits.header_timeout, crate::relay::Tunnel::from(&limits));
+    let permit = gw.pipeline.admit_connection(&conn, Front::Socks5);
     let shake = tokio::time::timeout(header_timeout, handshake(&mut stream, &users)).await;
     let _permit = match permit {
         Ok(p) => p,
@@ -73,14 +70,14 @@ async fn serve_conn(gw: &Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr) 
                 Handshake::AuthFailed(d) => (Reason::AuthFailed, d, None),
                 Handshake::Reply(code, reason, d) => (reason, d, Some(code)),
             };
-            gw.refuse_malformed(&EgressRequest::bare(&conn, Front::Socks5), reason, &detail);
+            gw.pipeline.refuse_malformed(&EgressRequest::bare(&conn, Front::Socks5), reason, &detail);
             if let Some(code) = code {
                 refuse(&mut stream, code).await;
             }
             return;
         }
         Err(_) => {
-            gw.refuse_malformed(
+            gw.pipeline.refuse_malformed(
                 &EgressRequest::bare(&conn, Front::Socks5),
                 Reason::HeaderTimeout,
                 "SOCKS5 handshake not completed in time",
@@ -90,11 +87,11 @@ async fn serve_conn(gw: &Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr) 
     };
     let req =
         EgressRequest { id: conn.next_request_id(), conn, front: Front::Socks5, target, http: None, transparent: None };
-    let _tunnel_permit = match gw.admit_tunnel(&req) {
+    let _tunnel_permit = match gw.pipeline.admit_tunnel(&req) {
         Ok(p) => p,
         Err(_) => return refuse(&mut stream, reply::GENERAL_FAILURE).await,
     };
-    let permit = match gw.authorize(&req).await {
+    let permit = match gw.pipeline.authorize(&req).await {
         Ok(p) => p,
         Err(r) => {
             refuse(&mut stream, code_for(&r)).await;
@@ -113,7 +110,7 @@ async fn serve_conn(gw: &Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr) 
         up.log.finish(0, 0, crate::audit::End::ClientClosed, None, Some(e.to_string()));
         return;
     }
-    let r = crate::relay::relay_tcp(stream, up.stream, tunnel, &gw.stop).await;
+    let r = crate::relay::relay_tcp(stream, up.stream, tunnel, &gw.runtime.stop).await;
     up.log.finish(r.up, r.down, r.end, None, r.error);
 }
 

@@ -18,21 +18,21 @@
 //! enforced for the ones after it.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::pipeline::{Gateway, Refusal, RefusalKind};
+use crate::pipeline::{Refusal, RefusalKind};
 use crate::policy::Reason;
 use crate::request::{EgressRequest, Front, RawTarget, TransparentFacts};
+use crate::runtime::Gateway;
 
 /// Largest first flight the front waits for before it decides without a name.
 const MAX_PEEK: usize = 16 * 1024;
 
 /// Serves the transparent front until the gateway drains.
-pub async fn serve(gw: Arc<Gateway>, listener: TcpListener) {
+pub async fn serve(gw: Gateway, listener: TcpListener) {
     super::accept_loop(
         gw,
         listener,
@@ -51,21 +51,20 @@ enum Peeked {
 }
 
 fn refuse_bare(gw: &Gateway, relay: SocketAddr, reason: Reason, detail: &str) {
-    let conn = gw.new_conn(relay, Front::Transparent);
-    gw.refuse_malformed(&EgressRequest::bare(&conn, Front::Transparent), reason, detail);
+    let conn = gw.pipeline.new_conn(relay, Front::Transparent);
+    gw.pipeline.refuse_malformed(&EgressRequest::bare(&conn, Front::Transparent), reason, detail);
 }
 
-async fn serve_conn(gw: &Arc<Gateway>, mut stream: TcpStream, relay: SocketAddr) {
-    let state = gw.state();
-    let cfg = &state.loaded.config;
+async fn serve_conn(gw: &Gateway, mut stream: TcpStream, relay: SocketAddr) {
+    let settings = gw.pipeline.transparent();
     let relay_ip = crate::target::canonical_ip(relay.ip());
-    if !cfg.transparent.trusted_relays.iter().any(|n| n.contains(&relay_ip)) {
-        drop(state);
+    if !settings.trusted_relays.iter().any(|n| n.contains(&relay_ip)) {
         refuse_bare(gw, relay, Reason::UntrustedRelay, "PROXY protocol accepted only from transparent.trustedRelays");
         return;
     }
-    let (header_timeout, first_byte) = (cfg.limits.header_timeout, cfg.transparent.first_byte_timeout);
-    let tunnel = crate::relay::Tunnel::from(&cfg.limits);
+    let limits = gw.pipeline.limits();
+    let (header_timeout, first_byte) = (limits.header_timeout, settings.first_byte_timeout);
+    let tunnel = crate::relay::Tunnel::from(&limits);
     let header = match tokio::time::timeout(header_timeout, read_proxy_header(&mut stream)).await {
         Ok(Ok(h)) => h,
         Ok(Err(e)) => {
@@ -80,23 +79,20 @@ async fn serve_conn(gw: &Arc<Gateway>, mut stream: TcpStream, relay: SocketAddr)
     let (source, original_dst) = match egress_netio::proxy::parse(&header) {
         Ok(h) => {
             let Some(addrs) = h.addresses else { return }; // LOCAL: a relay health check
-            if let Err(e) = state.relay_auth.verify(&h, std::time::SystemTime::now(), &gw.relay_replay) {
-                drop(state);
+            if let Err(e) = gw.pipeline.verify_relay(&h) {
                 refuse_bare(gw, relay, Reason::UntrustedRelay, &format!("PROXY v2 header refused: {e}"));
                 return;
             }
             addrs
         }
         Err(e) => {
-            drop(state);
             refuse_bare(gw, relay, Reason::MalformedRequest, &format!("PROXY v2 header: {e}"));
             return;
         }
     };
-    drop(state);
     // The client is the Pod the header names, not the relay: the connection limits count it.
-    let conn = gw.new_conn(source, Front::Transparent);
-    let _permit = match gw.admit_connection(&conn, Front::Transparent) {
+    let conn = gw.pipeline.new_conn(source, Front::Transparent);
+    let _permit = match gw.pipeline.admit_connection(&conn, Front::Transparent) {
         Ok(p) => p,
         Err(r) => return refuse(&mut stream, &r, false).await,
     };
@@ -121,11 +117,11 @@ async fn serve_conn(gw: &Arc<Gateway>, mut stream: TcpStream, relay: SocketAddr)
         http: None,
         transparent: Some(TransparentFacts { original_dst, relay, sni, http_host, original_in_resolved: None }),
     };
-    let _tunnel_permit = match gw.admit_tunnel(&req) {
+    let _tunnel_permit = match gw.pipeline.admit_tunnel(&req) {
         Ok(p) => p,
         Err(r) => return refuse(&mut stream, &r, false).await,
     };
-    let permit = match gw.authorize(&req).await {
+    let permit = match gw.pipeline.authorize(&req).await {
         Ok(p) => p,
         Err(r) => return refuse(&mut stream, &r, is_http).await,
     };
@@ -139,7 +135,7 @@ async fn serve_conn(gw: &Arc<Gateway>, mut stream: TcpStream, relay: SocketAddr)
     }
     let first = buf.len() as u64;
     drop(buf);
-    let r = crate::relay::relay_tcp(stream, up.stream, tunnel, &gw.stop).await;
+    let r = crate::relay::relay_tcp(stream, up.stream, tunnel, &gw.runtime.stop).await;
     up.log.finish(r.up + first, r.down, r.end, None, r.error);
 }
 

@@ -6,26 +6,7 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 
-/// One Pod's identity and addresses.
-#[derive(Debug, Clone)]
-pub struct PodIdentity {
-    /// Its IPs.
-    pub ips: Vec<IpAddr>,
-    /// Namespace.
-    pub namespace: String,
-    /// Name.
-    pub name: String,
-    /// UID.
-    pub uid: String,
-    /// Labels.
-    pub labels: BTreeMap<String, String>,
-    /// Namespace labels.
-    pub namespace_labels: BTreeMap<String, String>,
-    /// Service account.
-    pub service_account: Option<String>,
-    /// Node.
-    pub node: Option<String>,
-}
+use crate::inputs::PodIdentity;
 
 /// Rank of a Pod's claim on its IP when two Pods report the same one (a reused IP): a running
 /// Pod beats a pending one, a Pod not being deleted beats one that is, newer beats older.

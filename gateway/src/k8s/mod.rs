@@ -9,7 +9,7 @@
 mod identity;
 pub mod status;
 
-pub use identity::{PodIdentity, pod_identities};
+pub use identity::pod_identities;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -25,18 +25,11 @@ use kube::runtime::watcher;
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 
-use crate::pipeline::Gateway;
+use tokio::sync::watch as channel;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-/// What the API contributes to a snapshot.
-#[derive(Debug, Default, Clone)]
-pub struct KubeInputs {
-    /// Valid policies (invalid ones are left out whole).
-    pub policies: Vec<AnyPolicy>,
-    /// Invalid policies: `(kind, key, errors)`.
-    pub invalid: Vec<(&'static str, String, Vec<egress_crds::FieldError>)>,
-    /// Pod IP -> identity.
-    pub pods: Vec<PodIdentity>,
-}
+use crate::inputs::KubeInputs;
 
 /// The four stores.
 #[derive(Clone)]
@@ -214,9 +207,32 @@ fn trim_meta<K: Resource>(o: &mut K) {
     o.meta_mut().managed_fields = None;
 }
 
-/// Connects to the API (KUBECONFIG, `kubernetes.kubeconfig` or in-cluster), starts the
-/// watchers, and keeps the gateway's snapshot in step with them.
-pub async fn start(gw: Arc<Gateway>, cfg: crate::config::KubernetesConfig) -> anyhow::Result<()> {
+/// What `start` needs of the process, and nothing of the pipeline.
+pub struct Context {
+    /// Whether an egress address pool is configured (a policy naming another is invalid). Read
+    /// at every rebuild, so that a config reload is seen.
+    pub pool_exists: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+    /// The gateway instance id: part of the leader-election identity.
+    pub instance: Arc<str>,
+    /// Shutdown waits for the tasks on it (the election releases its lease there).
+    pub tracker: TaskTracker,
+    /// Fires when shutdown starts.
+    pub draining: CancellationToken,
+}
+
+/// What `start` hands back.
+pub struct Watching {
+    /// The inputs, replaced whole on every coalesced change; `None` until every watcher has
+    /// its first full list.
+    pub inputs: channel::Receiver<Option<Arc<KubeInputs>>>,
+    /// Health of the watchers (`egress_kube_stale_seconds`).
+    pub health: Arc<WatchHealth>,
+}
+
+/// Connects to the API (KUBECONFIG, `kubernetes.kubeconfig` or in-cluster) and starts the
+/// watchers; their contents come out of the returned channel, and the elected replica writes
+/// policy status.
+pub async fn start(cfg: crate::config::KubernetesConfig, cx: Context) -> anyhow::Result<Watching> {
     let config = match cfg.kubeconfig.clone() {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(&path)?;
@@ -226,7 +242,7 @@ pub async fn start(gw: Arc<Gateway>, cfg: crate::config::KubernetesConfig) -> an
     };
     let client = Client::try_from(config)?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
-    let health = gw.kube_health.clone();
+    let health = Arc::new(WatchHealth::default());
     let stores = Stores {
         pods: watch(Api::<Pod>::all(client.clone()), "pods", 0, trim_pod, tx.clone(), health.clone()),
         namespaces: watch(
@@ -265,11 +281,11 @@ pub async fn start(gw: Arc<Gateway>, cfg: crate::config::KubernetesConfig) -> an
             .ok()
             .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_string()))
             .unwrap_or_else(|| "egress-gateway".into());
-        let identity = format!("{who}_{}", gw.instance);
+        let identity = format!("{who}_{}", cx.instance);
         let election = status::Election::new(client.clone(), &ns, &cfg.lease_name, identity, cfg.lease_duration);
         let flag = election.flag();
         // On the connection tracker: shutdown waits for the lease to be released.
-        gw.tracker.spawn(election.run(lead_tx, gw.draining.clone()));
+        cx.tracker.spawn(election.run(lead_tx, cx.draining.clone()));
         Some(flag)
     } else {
         None
@@ -284,7 +300,20 @@ pub async fn start(gw: Arc<Gateway>, cfg: crate::config::KubernetesConfig) -> an
             }
         }
     });
-    let gw2 = gw.clone();
+    let (out, inputs_rx) = channel::channel(None);
+    let pool_exists = cx.pool_exists;
+    let rebuild = move |stores: &Stores, before: Option<&KubeInputs>| {
+        let inputs = stores.inputs(&*pool_exists);
+        let old_invalid: Vec<&String> =
+            before.map(|k| k.invalid.iter().map(|(_, key, _)| key).collect()).unwrap_or_default();
+        for (kind, key, errors) in &inputs.invalid {
+            if !old_invalid.contains(&key) {
+                let msg: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+                tracing::warn!(kind = kind, policy = %key, errors = %msg.join("; "), "invalid policy skipped whole");
+            }
+        }
+        Arc::new(inputs)
+    };
     tokio::spawn(async move {
         // Not ready until every watcher has its first full list.
         let ready = async {
@@ -297,8 +326,8 @@ pub async fn start(gw: Arc<Gateway>, cfg: crate::config::KubernetesConfig) -> an
             tracing::error!("Kubernetes watchers stopped before their first list");
             return;
         }
-        let mut inputs = gw2.apply_kube(&stores);
-        gw2.set_kube_ready();
+        let mut inputs = rebuild(&stores, None);
+        out.send_replace(Some(inputs.clone()));
         tracing::info!("Kubernetes watchers synced; serving API policies");
         if is_leader() {
             status::write_statuses(&client, &stores, &inputs).await;
@@ -312,7 +341,8 @@ pub async fn start(gw: Arc<Gateway>, cfg: crate::config::KubernetesConfig) -> an
                     // Coalesce bursts (a relist delivers many events) into one rebuild.
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     while rx.try_recv().is_ok() {}
-                    inputs = gw2.apply_kube(&stores);
+                    inputs = rebuild(&stores, Some(&inputs));
+                    out.send_replace(Some(inputs.clone()));
                 }
                 Some(()) = lead_rx.recv() => {}
             }
@@ -321,5 +351,5 @@ pub async fn start(gw: Arc<Gateway>, cfg: crate::config::KubernetesConfig) -> an
             }
         }
     });
-    Ok(())
+    Ok(Watching { inputs: inputs_rx, health })
 }

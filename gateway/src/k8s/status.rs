@@ -24,7 +24,8 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 
-use super::{KubeInputs, Stores};
+use super::Stores;
+use crate::inputs::KubeInputs;
 
 /// Field manager of every status write.
 pub const FIELD_MANAGER: &str = "egress-gateway";

@@ -1,0 +1,39 @@
+//! What the Kubernetes API contributes to a snapshot: the types `k8s` produces and `pipeline`
+//! compiles. Neither of those modules imports the other; both import this one.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use egress_crds::AnyPolicy;
+
+/// The policies and Pods of the API, as of one coalesced change of the watchers.
+#[derive(Debug, Default, Clone)]
+pub struct KubeInputs {
+    /// Valid policies (invalid ones are left out whole).
+    pub policies: Vec<AnyPolicy>,
+    /// Invalid policies: `(kind, key, errors)`.
+    pub invalid: Vec<(&'static str, String, Vec<egress_crds::FieldError>)>,
+    /// Pod IP -> identity.
+    pub pods: Vec<PodIdentity>,
+}
+
+/// One Pod's identity and addresses.
+#[derive(Debug, Clone)]
+pub struct PodIdentity {
+    /// Its IPs.
+    pub ips: Vec<IpAddr>,
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// UID.
+    pub uid: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Namespace labels.
+    pub namespace_labels: BTreeMap<String, String>,
+    /// Service account.
+    pub service_account: Option<String>,
+    /// Node.
+    pub node: Option<String>,
+}
