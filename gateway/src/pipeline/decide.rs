@@ -1,0 +1,29 @@
+//! Stage 3, decide and rate-limit: runs on every normalised request.
+//!
+//! The client's identity (a Pod, a `clients` row, or unknown) and the target go to the compiled
+//! policy snapshot, which applies the decision order of DESIGN.md: the built-in guard on an IP
+//! literal first (metadata and blocked ranges are refused whatever a policy says), then cluster
+//! Deny rules, then the policies selecting the client, then the default action. An allow by a
+//! policy with a `rateLimit` then takes a token from that policy's bucket for the client's
+//! address. It refuses with the guard's reasons (`guard_blocked`, `guard_internal`,
+//! `guard_blocked_name`), `cluster_deny`, `no_rule_matched`, `default_deny` and `rate_limited`
+//! (HTTP 429). A name is not resolved here: stage 4 checks its addresses.
+
+use super::State;
+use crate::identity::Identity;
+use crate::policy::{Action, Decision, Reason};
+use crate::request::EgressRequest;
+use crate::target::{self, Target};
+
+/// The decision for `target` by the client of `req`, rate limit included.
+pub(super) fn decide(state: &State, identity: Option<&Identity>, target: &Target, req: &EgressRequest) -> Decision {
+    let decision = state.snapshot.decide(&state.guard, identity, target, req.http.as_ref());
+    if decision.action == Action::Allow
+        && let Some(pi) = decision.policy_index
+        && let Some((_, limiter)) = &state.snapshot.policies[pi].rate_limit
+        && limiter.check_key(&target::canonical_ip(req.conn.peer.ip())).is_err()
+    {
+        return decision.deny(Reason::RateLimited);
+    }
+    decision
+}

@@ -1,0 +1,217 @@
+//! The one decision pipeline every front hands its `EgressRequest` to. Its stages, in order,
+//! each in its own file with what it may refuse and why:
+//!
+//! 1. [`admit`]: connection and tunnel limits, and requests the front could not parse;
+//! 2. [`normalise`]: the raw target into one canonical `Target`;
+//! 3. [`decide`]: identity, the built-in guard on IP literals, policy, then the rate limit;
+//! 4. [`resolve`]: the gateway's own resolution, the guard and cluster Deny rules on every address;
+//! 5. [`dial`]: from the policy's egress address pool, or reuse of a pooled upstream;
+//! 6. [`events`]: the decision event (committed before the client gets an answer and before the
+//!    first byte goes upstream) and the close event once the front's relay ends.
+//!
+//! Every refusal is a [`Refusal`], already audited, which the front turns into its protocol's
+//! answer. The state a request is decided on is loaded once ([`state`]) and used to the end.
+//! The pipeline knows nothing of listeners, shutdown or readiness (`runtime`), nor of the
+//! Kubernetes API (it is handed `inputs::KubeInputs`).
+
+mod admit;
+mod decide;
+mod dial;
+mod events;
+mod normalise;
+mod refusal;
+mod resolve;
+mod state;
+
+pub use dial::{Permit, Upstream};
+pub use events::CloseLog;
+pub use normalise::{http_facts, parse_target};
+pub use refusal::{Refusal, RefusalKind};
+pub use resolve::{Checked, resolve_checked};
+pub use state::{State, own_addresses};
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+
+use crate::audit::Audit;
+use crate::config::{self, Loaded};
+use crate::inputs::KubeInputs;
+use crate::metrics::Metrics;
+use crate::policy::Action;
+use crate::request::{ClientConn, EgressRequest, Front};
+use crate::resolve::Resolver;
+
+/// The decision pipeline of a running gateway: the state in force (swapped whole on reload
+/// and on every Kubernetes change), the resolver, the audit log and the metrics. Fronts hand it
+/// their requests; it knows nothing of listeners, shutdown or readiness (`runtime`).
+pub struct Pipeline {
+    state: ArcSwap<State>,
+    config_path: PathBuf,
+    own: Vec<IpAddr>,
+    /// The resolver.
+    pub resolver: Resolver,
+    /// The audit log.
+    pub audit: Audit,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Instance id.
+    pub instance: Arc<str>,
+    next_conn: AtomicU64,
+    kube: ArcSwapOption<KubeInputs>,
+    /// Relay headers already accepted (kept across reloads).
+    relay_replay: egress_netio::proxy::ReplayGuard,
+    /// Client connections open, in total and per client.
+    conn_limits: Arc<crate::limits::ConnLimits>,
+}
+
+impl Pipeline {
+    /// Builds the pipeline from a loaded config.
+    pub fn new(loaded: Loaded, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Pipeline>> {
+        let instance: Arc<str> = uuid::Uuid::new_v4().simple().to_string()[..12].into();
+        let own = own_addresses(&loaded.config.listen);
+        for net in &loaded.config.guard.allow_cidrs {
+            tracing::warn!(cidr = %net, "guard.allowCidrs exempts this range from the built-in guard");
+        }
+        let resolver = Resolver::new(&loaded.config.resolver, metrics.dns_family_held.clone())?;
+        let (audit, instance) = Audit::start(&loaded.config.audit, instance, metrics.clone())?;
+        let config_path = loaded.path.clone();
+        let state = State::build(loaded, None, None, &own);
+        Ok(Arc::new(Pipeline {
+            state: ArcSwap::from_pointee(state),
+            config_path,
+            own,
+            resolver,
+            audit,
+            metrics,
+            instance,
+            next_conn: AtomicU64::new(0),
+            kube: ArcSwapOption::empty(),
+            relay_replay: egress_netio::proxy::ReplayGuard::default(),
+            conn_limits: Arc::default(),
+        }))
+    }
+
+    /// The state in force.
+    pub fn state(&self) -> Arc<State> {
+        self.state.load_full()
+    }
+
+    /// The limits in force (`limits`), for the fronts' timeouts and relays.
+    pub fn limits(&self) -> config::Limits {
+        self.state.load().loaded.config.limits.clone()
+    }
+
+    /// The SOCKS5 users in force (`socks5.users`); empty: no authentication.
+    pub fn socks5_users(&self) -> Vec<config::Socks5User> {
+        self.state.load().loaded.config.socks5.users.clone()
+    }
+
+    /// The transparent front's settings in force (`transparent`).
+    pub fn transparent(&self) -> config::TransparentConfig {
+        self.state.load().loaded.config.transparent.clone()
+    }
+
+    /// Checks a relay's PROXY v2 header: its MAC under a key of `transparent.relayKeyFile`, its
+    /// age within `transparent.relayMaxSkew`, and that it was never accepted before.
+    pub fn verify_relay(&self, h: &egress_netio::proxy::Header<'_>) -> Result<(), egress_netio::proxy::AuthError> {
+        self.state.load().relay_auth.verify(h, std::time::SystemTime::now(), &self.relay_replay)
+    }
+
+    /// Whether an egress address pool is configured.
+    pub fn pool_exists(&self, pool: &str) -> bool {
+        self.state.load().loaded.config.egress_addresses.contains_key(pool)
+    }
+
+    /// Drops the rate limiters' per-client states that are back to a full bucket
+    /// (indistinguishable from a new client) and updates `egress_rate_limiter_keys` and
+    /// `egress_rate_limiter_pruned_total`.
+    pub fn prune_rate_limiters(&self) {
+        let state = self.state.load();
+        let (mut keys, mut pruned) = (0, 0);
+        for p in &state.snapshot.policies {
+            if let Some((_, limiter)) = &p.rate_limit {
+                let before = limiter.len();
+                limiter.retain_recent();
+                limiter.shrink_to_fit();
+                keys += limiter.len();
+                pruned += before.saturating_sub(limiter.len());
+            }
+        }
+        self.metrics.rate_limiter_keys.set(keys as i64);
+        self.metrics.rate_limiter_pruned.inc_by(pruned as u64);
+    }
+
+    /// Recompiles the snapshot with what the Kubernetes API contributes now (called on every
+    /// coalesced watch change).
+    pub fn apply_kube(&self, inputs: Arc<KubeInputs>) {
+        let state = self.state.load();
+        self.kube.store(Some(inputs.clone()));
+        let next = State::build(state.loaded.clone(), Some(&inputs), Some(&state), &self.own);
+        self.state.store(Arc::new(next));
+    }
+
+    /// Re-reads the config file and its policies. On any error the previous state stays in force.
+    pub fn reload(&self) -> Result<(), config::ConfigErrors> {
+        match config::load_with_secrets(&self.config_path) {
+            Ok(loaded) => {
+                let old = self.state.load();
+                let (a, b) = (&old.loaded.config, &loaded.config);
+                if a.listen != b.listen || a.resolver != b.resolver || a.audit != b.audit {
+                    tracing::warn!("listen, resolver and audit changes take effect at the next restart");
+                }
+                for net in b.guard.allow_cidrs.iter().filter(|n| !a.guard.allow_cidrs.contains(n)) {
+                    tracing::warn!(cidr = %net, "guard.allowCidrs exempts this range from the built-in guard");
+                }
+                let n = loaded.policies.len();
+                let kube = self.kube.load_full();
+                let state = State::build(loaded, kube.as_deref(), Some(&old), &self.own);
+                self.state.store(Arc::new(state));
+                self.metrics.reloads_ok.inc();
+                self.metrics.config_stale.set(0);
+                tracing::info!(policies = n, "configuration reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics.reloads_failed.inc();
+                self.metrics.config_stale.set(1);
+                tracing::error!(errors = %e, "configuration reload failed; the previous configuration stays in force");
+                Err(e)
+            }
+        }
+    }
+
+    /// A new client connection record.
+    pub fn new_conn(&self, peer: SocketAddr, front: Front) -> Arc<ClientConn> {
+        let n = self.next_conn.fetch_add(1, Ordering::Relaxed) + 1;
+        self.metrics.connections[front_index(front)].inc();
+        Arc::new(ClientConn::new(format!("{}-{n}", self.instance).into(), peer))
+    }
+
+    /// Runs a request through stages 2 to 4 (normalise, decide and rate-limit, resolve and
+    /// check) on one snapshot of the state. A denial is audited before it is returned; an allow
+    /// is a [`Permit`] for stage 5, audited when it is used.
+    pub async fn authorize(self: &Arc<Self>, req: &EgressRequest) -> Result<Permit, Refusal> {
+        let state = self.state.load_full();
+        let target = match parse_target(&req.target) {
+            Ok(t) => t,
+            Err(e) => return Err(self.refuse_malformed(req, crate::policy::Reason::InvalidTarget, &e.to_string())),
+        };
+        let identity = state.identities.lookup(req.conn.peer.ip());
+        let decision = decide::decide(&state, identity.as_deref(), &target, req);
+        let checked = resolve_checked(&state, Some(&self.resolver), Some(&self.metrics), decision, &target).await;
+        let ev = self.decision_event(req, identity.as_deref(), &target, &checked);
+        if checked.decision.action == Action::Deny {
+            return Err(self.deny(ev, checked.detail).await);
+        }
+        let pool = checked.decision.egress_address.clone();
+        Ok(Permit::new(self.clone(), ev, target, checked.addrs, pool, state))
+    }
+}
+
+fn front_index(f: Front) -> usize {
+    Front::ALL.iter().position(|x| *x == f).unwrap_or(0)
+}

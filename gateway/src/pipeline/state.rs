@@ -1,0 +1,64 @@
+//! The state in force: everything derived from one config load (and, in Kubernetes mode, one
+//! change of the API's policies and Pods), compiled once and swapped whole, so that a request
+//! sees one consistent snapshot from its first stage to its last.
+
+use std::net::IpAddr;
+
+use crate::config::{self, Loaded};
+use crate::dial::Pools;
+use crate::guard::Guard;
+use crate::identity::IdentityTable;
+use crate::inputs::KubeInputs;
+use crate::policy::Snapshot;
+
+/// Everything derived from one config load, swapped whole.
+pub struct State {
+    /// The config and its policies.
+    pub loaded: Loaded,
+    /// Compiled policies.
+    pub snapshot: Snapshot,
+    /// Client identities.
+    pub identities: IdentityTable,
+    /// The guard.
+    pub guard: Guard,
+    /// Source-address pools.
+    pub pools: Pools,
+    /// Checks the relays' PROXY header MACs (`transparent.relayKeyFile`, `relayMaxSkew`).
+    pub relay_auth: egress_netio::proxy::Verifier,
+}
+
+impl State {
+    /// Compiles a loaded config and, in Kubernetes mode, the API's policies and Pods.
+    /// `previous` lends its rate-limit buckets to unchanged policies.
+    pub fn build(loaded: Loaded, kube: Option<&KubeInputs>, previous: Option<&State>, own: &[IpAddr]) -> State {
+        let c = &loaded.config;
+        let mut policies: Vec<_> = loaded.policies.iter().map(|(_, p)| p.clone()).collect();
+        if let Some(k) = kube {
+            policies.extend(k.policies.iter().cloned());
+        }
+        let snapshot = Snapshot::compile(c.default_action, &policies, previous.map(|p| &p.snapshot));
+        let pods = kube.map(|k| k.pods.as_slice()).unwrap_or(&[]);
+        State {
+            identities: IdentityTable::build(&c.clients, pods, |id| snapshot.selected(Some(id))),
+            snapshot,
+            guard: Guard::new(c.guard.allow_cidrs.clone(), own.to_vec()),
+            pools: Pools::new(&c.egress_addresses),
+            relay_auth: egress_netio::proxy::Verifier::new(loaded.relay_keys.clone(), c.transparent.relay_max_skew),
+            loaded,
+        }
+    }
+}
+
+/// The gateway's own addresses (every interface, and the listeners'), blocked by the guard.
+pub fn own_addresses(listen: &config::Listen) -> Vec<IpAddr> {
+    let mut v: Vec<IpAddr> =
+        if_addrs::get_if_addrs().map(|l| l.into_iter().map(|i| i.ip()).collect()).unwrap_or_default();
+    for sa in [listen.http, listen.socks5, listen.admin, listen.transparent].into_iter().flatten() {
+        if !sa.ip().is_unspecified() {
+            v.push(sa.ip());
+        }
+    }
+    v.sort();
+    v.dedup();
+    v
+}
