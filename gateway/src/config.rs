@@ -271,7 +271,7 @@ impl fmt::Debug for Socks5User {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuditConfig {
     /// Where events go. Default: one stdout sink.
-    #[serde(default = "default_sinks")]
+    #[serde(default = "default_sinks", deserialize_with = "sinks")]
     pub sinks: Vec<SinkConfig>,
     /// The local spool every event is committed to before the client is answered; absent: events
     /// go from memory straight to the sinks (nothing survives a crash).
@@ -314,29 +314,7 @@ fn d60s() -> Duration {
 }
 
 fn default_sinks() -> Vec<SinkConfig> {
-    vec![SinkConfig {
-        name: None,
-        kind: SinkKind::Stdout,
-        path: None,
-        format: AuditFormat::Json,
-        max_bytes: None,
-        max_files: None,
-        address: None,
-        transport: None,
-        tls: None,
-        facility: None,
-        app_name: None,
-        url: None,
-        preset: None,
-        token: None,
-        token_file: None,
-        gzip: None,
-        batch: None,
-        timeout: None,
-        index: None,
-        hec: None,
-        dead_letter: None,
-    }]
+    vec![SinkConfig::Stdout(StdoutSinkConfig::default())]
 }
 
 /// The audit spool.
@@ -400,72 +378,156 @@ pub enum OnFailure {
     FailOpen,
 }
 
-/// One audit sink.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+/// One audit sink: `type` picks the kind, and each kind takes its own fields (any other is an
+/// unknown field). Every kind has `name` and `format`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SinkConfig {
+    /// Standard output.
+    Stdout(StdoutSinkConfig),
+    /// An append-only file, rotated by size.
+    File(FileSinkConfig),
+    /// A syslog collector (RFC 5424 over TCP, TLS or UDP).
+    Syslog(SyslogSinkConfig),
+    /// Batched HTTP POSTs (Splunk HEC, Elastic `_bulk`, NDJSON webhook).
+    Http(Box<HttpSinkConfig>),
+}
+
+/// The sinks as written: `#[serde(tag = "type")]` on the public enum would buffer each entry
+/// and lose which entry a problem is in, so each entry is read on its own and every problem is
+/// reported with its index.
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum TaggedSink {
+    Stdout(StdoutSinkConfig),
+    File(FileSinkConfig),
+    Syslog(SyslogSinkConfig),
+    Http(Box<HttpSinkConfig>),
+}
+
+fn sinks<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SinkConfig>, D::Error> {
+    let raw = Vec::<serde_yaml_ng::Value>::deserialize(d)?;
+    let (mut out, mut problems) = (Vec::with_capacity(raw.len()), Vec::new());
+    for (i, v) in raw.into_iter().enumerate() {
+        match serde_yaml_ng::from_value::<TaggedSink>(v) {
+            Ok(TaggedSink::Stdout(s)) => out.push(SinkConfig::Stdout(s)),
+            Ok(TaggedSink::File(s)) => out.push(SinkConfig::File(s)),
+            Ok(TaggedSink::Syslog(s)) => out.push(SinkConfig::Syslog(s)),
+            Ok(TaggedSink::Http(s)) => out.push(SinkConfig::Http(s)),
+            Err(e) => problems.push(format!("sinks[{i}]: {e}")),
+        }
+    }
+    if problems.is_empty() { Ok(out) } else { Err(serde::de::Error::custom(problems.join("; "))) }
+}
+
+/// A `stdout` sink.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct SinkConfig {
+pub struct StdoutSinkConfig {
     /// Name of the sink (its delivery cursor in the spool is kept under it); default `<type>-<index>`.
     #[serde(default)]
     pub name: Option<String>,
-    /// `stdout` or `file`.
-    #[serde(rename = "type")]
-    pub kind: SinkKind,
-    /// File path (type `file`).
-    #[serde(default)]
-    pub path: Option<PathBuf>,
     /// Serialisation: `json` (egress.v1), `ocsf` or `ecs`; one JSON object per line.
     #[serde(default)]
     pub format: AuditFormat,
-    /// `file`: rotate when the file would exceed this many bytes (absent: never).
+}
+
+/// A `file` sink.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FileSinkConfig {
+    /// Name of the sink; default `file-<index>`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Serialisation.
+    #[serde(default)]
+    pub format: AuditFormat,
+    /// The file (appended to; created if absent).
+    pub path: PathBuf,
+    /// Rotate when the file would exceed this many bytes (absent: never; at least 4096).
     #[serde(default)]
     pub max_bytes: Option<u64>,
-    /// `file`: rotated files kept (`<path>.1` newest ... `<path>.<maxFiles>`); default 5.
+    /// Rotated files kept (`<path>.1` newest ... `<path>.<maxFiles>`); 1 to 1000, default 5.
+    #[serde(default = "default_max_files")]
+    pub max_files: u32,
+}
+
+fn default_max_files() -> u32 {
+    5
+}
+
+/// A `syslog` sink.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SyslogSinkConfig {
+    /// Name of the sink; default `syslog-<index>`.
     #[serde(default)]
-    pub max_files: Option<u32>,
-    /// `syslog`: `host:port` of the collector.
+    pub name: Option<String>,
+    /// Serialisation.
     #[serde(default)]
-    pub address: Option<String>,
-    /// `syslog`: `tcp` (default, octet-counting framing), `tls` (RFC 5425) or `udp` (RFC 5426, lossy).
+    pub format: AuditFormat,
+    /// `host:port` of the collector.
+    pub address: String,
+    /// `tcp` (default, octet-counting framing), `tls` (RFC 5425) or `udp` (RFC 5426, lossy).
     #[serde(default)]
-    pub transport: Option<SyslogTransport>,
-    /// `syslog` over `tls`: CA bundle, optional client certificate and key, server name.
+    pub transport: SyslogTransport,
+    /// Transport `tls`: CA bundle, optional client certificate and key, server name.
     #[serde(default)]
     pub tls: Option<SinkTls>,
-    /// `syslog`: facility number 0-23 (default 16, local0).
+    /// Facility number 0-23 (default 16, local0).
+    #[serde(default = "default_facility")]
+    pub facility: u8,
+    /// APP-NAME (default `egress-gateway`).
+    #[serde(default = "default_app_name")]
+    pub app_name: String,
+}
+
+fn default_facility() -> u8 {
+    16
+}
+fn default_app_name() -> String {
+    "egress-gateway".into()
+}
+
+/// An `http` sink.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpSinkConfig {
+    /// Name of the sink; default `http-<index>`.
     #[serde(default)]
-    pub facility: Option<u8>,
-    /// `syslog`: APP-NAME (default `egress-gateway`).
+    pub name: Option<String>,
+    /// Serialisation.
     #[serde(default)]
-    pub app_name: Option<String>,
-    /// `http`: the endpoint (`https://...`; HEC: `.../services/collector/event`, Elastic: `.../_bulk`).
-    #[serde(default)]
-    pub url: Option<String>,
-    /// `http`: `splunk_hec`, `elastic_bulk` or `ndjson`.
-    #[serde(default)]
-    pub preset: Option<HttpPreset>,
-    /// `http`: the credential (HEC token, Elastic API key, webhook bearer token); prefer `tokenFile`.
+    pub format: AuditFormat,
+    /// The endpoint (`https://...`; HEC: `.../services/collector/event`, Elastic: `.../_bulk`).
+    pub url: String,
+    /// `splunk_hec`, `elastic_bulk` or `ndjson`.
+    pub preset: HttpPreset,
+    /// The credential (HEC token, Elastic API key, webhook bearer token); prefer `tokenFile`.
     #[serde(default)]
     pub token: Option<String>,
-    /// `http`: a file holding the credential (a mounted Secret); read at start.
+    /// A file holding the credential (a mounted Secret); read at start.
     #[serde(default)]
     pub token_file: Option<PathBuf>,
-    /// `http`: gzip request bodies (default true).
+    /// Gzip request bodies (default true).
+    #[serde(default = "yes")]
+    pub gzip: bool,
+    /// Batch bounds.
     #[serde(default)]
-    pub gzip: Option<bool>,
-    /// `http`: batch bounds.
-    #[serde(default)]
-    pub batch: Option<BatchConfig>,
-    /// `http`: request timeout (default 30s).
-    #[serde(default, deserialize_with = "opt_duration")]
-    pub timeout: Option<Duration>,
-    /// `http`: Elastic `_index` or HEC `index`.
+    pub batch: BatchConfig,
+    /// Request timeout (default 30s).
+    #[serde(default = "d30s", deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// Elastic `_index` or HEC `index`.
     #[serde(default)]
     pub index: Option<String>,
-    /// `http` `splunk_hec`: indexer acknowledgement and the envelope's source and sourcetype.
+    /// `splunk_hec`: indexer acknowledgement and the envelope's source and sourcetype.
     #[serde(default)]
     pub hec: Option<HecConfig>,
-    /// `http`: where events the receiver rejects for good (HTTP 400, Elastic item 400) are
-    /// written; default `<spool dir>/dead-letter/<sink>.jsonl`.
+    /// TLS client settings (CA bundle, client certificate and key) for the endpoint.
+    #[serde(default)]
+    pub tls: Option<SinkTls>,
+    /// Where events the receiver rejects for good (HTTP 400, Elastic item 400) are written;
+    /// default `<spool dir>/dead-letter/<sink>.jsonl`.
     #[serde(default)]
     pub dead_letter: Option<PathBuf>,
 }
@@ -539,9 +601,9 @@ pub struct HecConfig {
     pub sourcetype: Option<String>,
 }
 
-/// The settings of an HTTP sink, checked and with defaults applied.
+/// The settings of an HTTP sink, checked, with defaults applied and the token read.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HttpSinkConfig {
+pub struct HttpSettings {
     /// Endpoint.
     pub url: String,
     /// Preset.
@@ -574,9 +636,9 @@ pub struct HttpSinkConfig {
     pub sourcetype: Option<String>,
 }
 
-impl SinkConfig {
-    /// The HTTP settings of an `http` sink (reads `tokenFile`).
-    pub fn http(&self) -> anyhow::Result<HttpSinkConfig> {
+impl HttpSinkConfig {
+    /// The settings the sink runs with (reads `tokenFile`).
+    pub fn settings(&self) -> anyhow::Result<HttpSettings> {
         let token = match (&self.token, &self.token_file) {
             (Some(t), _) => Some(t.clone()),
             (None, Some(f)) => Some(
@@ -587,23 +649,21 @@ impl SinkConfig {
             ),
             (None, None) => None,
         };
-        let batch = self.batch.clone().unwrap_or_default();
         let hec = self.hec.clone().unwrap_or_default();
-        let preset = self.preset.ok_or_else(|| anyhow::anyhow!("preset is required"))?;
-        let channel = match (&hec.channel, hec.ack && preset == HttpPreset::SplunkHec) {
+        let channel = match (&hec.channel, hec.ack && self.preset == HttpPreset::SplunkHec) {
             (Some(c), _) => Some(c.clone()),
             (None, true) => Some(uuid::Uuid::new_v4().to_string()),
             (None, false) => None,
         };
-        Ok(HttpSinkConfig {
-            url: self.url.clone().ok_or_else(|| anyhow::anyhow!("url is required"))?,
-            preset,
+        Ok(HttpSettings {
+            url: self.url.clone(),
+            preset: self.preset,
             token,
-            gzip: self.gzip.unwrap_or(true),
-            max_events: batch.max_events,
-            max_bytes: batch.max_bytes,
-            max_age: batch.max_age,
-            timeout: self.timeout.unwrap_or(Duration::from_secs(30)),
+            gzip: self.gzip,
+            max_events: self.batch.max_events,
+            max_bytes: self.batch.max_bytes,
+            max_age: self.batch.max_age,
+            timeout: self.timeout,
             tls: self.tls.clone(),
             index: self.index.clone(),
             ack: hec.ack,
@@ -612,6 +672,31 @@ impl SinkConfig {
             source: hec.source,
             sourcetype: hec.sourcetype,
         })
+    }
+
+    fn check(&self, out: &mut Vec<(&'static str, String)>) {
+        let u = &self.url;
+        if !(u.starts_with("https://") || u.starts_with("http://")) || u.parse::<http::Uri>().is_err() {
+            out.push((".url", format!("{u:?} is not an http(s) URL")));
+        }
+        if self.token.is_some() && self.token_file.is_some() {
+            out.push((".token", "token or tokenFile, not both".into()));
+        }
+        if self.preset == HttpPreset::SplunkHec && self.token.is_none() && self.token_file.is_none() {
+            out.push((".tokenFile", "Splunk HEC needs a token".into()));
+        }
+        if self.hec.is_some() && self.preset != HttpPreset::SplunkHec {
+            out.push((".hec", "only for preset splunk_hec".into()));
+        }
+        if self.batch.max_events == 0 || self.batch.max_events > 100_000 {
+            out.push((".batch.maxEvents", "1 to 100000".into()));
+        }
+        if self.batch.max_bytes < 8192 {
+            out.push((".batch.maxBytes", "at least 8192".into()));
+        }
+        if let Some(t) = &self.tls {
+            t.check(out);
+        }
     }
 }
 
@@ -645,61 +730,89 @@ pub struct SinkTls {
     pub server_name: Option<String>,
 }
 
-/// The settings of a syslog sink, checked.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SyslogConfig {
-    /// `host:port`.
-    pub address: String,
-    /// Transport.
-    pub transport: SyslogTransport,
-    /// TLS settings (transport `tls`).
-    pub tls: Option<SinkTls>,
-    /// Facility (0-23).
-    pub facility: u8,
-    /// APP-NAME.
-    pub app_name: String,
+impl SinkTls {
+    fn check(&self, out: &mut Vec<(&'static str, String)>) {
+        if self.cert.is_some() != self.key.is_some() {
+            out.push((".tls", "cert and key go together".into()));
+        }
+    }
 }
 
-impl SinkConfig {
-    /// The syslog settings of a `syslog` sink.
-    pub fn syslog(&self) -> Option<SyslogConfig> {
-        Some(SyslogConfig {
-            address: self.address.clone()?,
-            transport: self.transport.unwrap_or_default(),
-            tls: self.tls.clone(),
-            facility: self.facility.unwrap_or(16),
-            app_name: self.app_name.clone().unwrap_or_else(|| "egress-gateway".into()),
-        })
+impl SyslogSinkConfig {
+    fn check(&self, out: &mut Vec<(&'static str, String)>) {
+        let a = &self.address;
+        if a.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
+            out.push((".address", format!("{a:?} is not host:port")));
+        }
+        match (&self.tls, self.transport) {
+            (None, SyslogTransport::Tls) => out.push((".tls", "required for transport tls (at least `ca`)".into())),
+            (Some(_), SyslogTransport::Tcp | SyslogTransport::Udp) => {
+                out.push((".tls", "only for transport tls".into()))
+            }
+            (Some(t), SyslogTransport::Tls) => t.check(out),
+            (None, _) => {}
+        }
+        if self.facility > 23 {
+            out.push((".facility", "0 to 23".into()));
+        }
+    }
+}
+
+impl FileSinkConfig {
+    fn check(&self, out: &mut Vec<(&'static str, String)>) {
+        if self.max_bytes.is_some_and(|b| b < 4096) {
+            out.push((".maxBytes", "at least 4096".into()));
+        }
+        if self.max_files == 0 || self.max_files > 1000 {
+            out.push((".maxFiles", "1 to 1000".into()));
+        }
     }
 }
 
 impl SinkConfig {
+    /// The `type`: `stdout`, `file`, `syslog` or `http`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SinkConfig::Stdout(_) => "stdout",
+            SinkConfig::File(_) => "file",
+            SinkConfig::Syslog(_) => "syslog",
+            SinkConfig::Http(_) => "http",
+        }
+    }
+
+    /// The serialisation of its events.
+    pub fn format(&self) -> AuditFormat {
+        match self {
+            SinkConfig::Stdout(s) => s.format,
+            SinkConfig::File(s) => s.format,
+            SinkConfig::Syslog(s) => s.format,
+            SinkConfig::Http(s) => s.format,
+        }
+    }
+
     /// The sink's name: `name`, or `<type>-<index>`.
     pub fn name_or_default(&self, index: usize) -> String {
-        self.name.clone().unwrap_or_else(|| {
-            let t = match self.kind {
-                SinkKind::Stdout => "stdout",
-                SinkKind::File => "file",
-                SinkKind::Syslog => "syslog",
-                SinkKind::Http => "http",
-            };
-            format!("{t}-{index}")
-        })
+        let name = match self {
+            SinkConfig::Stdout(s) => &s.name,
+            SinkConfig::File(s) => &s.name,
+            SinkConfig::Syslog(s) => &s.name,
+            SinkConfig::Http(s) => &s.name,
+        };
+        name.clone().unwrap_or_else(|| format!("{}-{index}", self.kind()))
     }
-}
 
-/// Sink type.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum SinkKind {
-    /// Standard output.
-    Stdout,
-    /// An append-only file.
-    File,
-    /// A syslog collector (RFC 5424 over TCP, TLS or UDP).
-    Syslog,
-    /// Batched HTTP POSTs (Splunk HEC, Elastic `_bulk`, NDJSON webhook).
-    Http,
+    /// The sink's own checks, each as (field path below the sink, problem). What its type
+    /// does not take was refused when it was read.
+    pub fn check(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        match self {
+            SinkConfig::Stdout(_) => {}
+            SinkConfig::File(s) => s.check(&mut out),
+            SinkConfig::Syslog(s) => s.check(&mut out),
+            SinkConfig::Http(s) => s.check(&mut out),
+        }
+        out
+    }
 }
 
 /// Event serialisation.
@@ -881,8 +994,23 @@ impl std::error::Error for ConfigErrors {}
 pub fn load(path: &Path) -> Result<Loaded, ConfigErrors> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors(vec![format!("{file}: {e}")]))?;
-    let config: Config = serde_yaml_ng::from_str(&text).map_err(|e| ConfigErrors(vec![format!("{file}: {e}")]))?;
     let mut errors = Vec::new();
+    let config: Config = match serde_yaml_ng::from_str(&text) {
+        Ok(c) => c,
+        Err(e) => {
+            // A sink entry that cannot be read: report every such entry, and check the rest of
+            // the file without them, so that one run names every problem.
+            errors = sink_problems(&text, &file);
+            let mut doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap_or_default();
+            if let Some(audit) = doc.get_mut("audit").and_then(|a| a.as_mapping_mut()) {
+                audit.remove("sinks");
+            }
+            match serde_yaml_ng::from_value(doc) {
+                Ok(c) if !errors.is_empty() => c,
+                _ => return Err(ConfigErrors(vec![format!("{file}: {e}")])),
+            }
+        }
+    };
     validate_config(&config, &file, &mut errors);
     let base = path.parent().unwrap_or(Path::new("."));
     let mut policies = Vec::new();
@@ -902,6 +1030,29 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigErrors> {
     } else {
         Err(ConfigErrors(errors))
     }
+}
+
+/// Reads each `audit.sinks` entry on its own, so that its problems name the entry and its line
+/// (the error of the whole file names only the list), every entry's, not the first.
+fn sink_problems(text: &str, file: &str) -> Vec<String> {
+    use egress_crds::PathSegment::{Index, Key};
+    let Ok(doc) = serde_yaml_ng::from_str::<serde_yaml_ng::Value>(text) else {
+        return Vec::new();
+    };
+    let Some(list) = doc.get("audit").and_then(|a| a.get("sinks")).and_then(|s| s.as_sequence()) else {
+        return Vec::new();
+    };
+    list.iter()
+        .enumerate()
+        .filter_map(|(i, v)| {
+            let e = serde_yaml_ng::from_value::<TaggedSink>(v.clone()).err()?;
+            let path = [Key("audit".into()), Key("sinks".into()), Index(i)];
+            Some(match line_of(text, 0, &path) {
+                Some(line) => format!("{file}, line {line}: audit.sinks[{i}]: {e}"),
+                None => format!("{file}: audit.sinks[{i}]: {e}"),
+            })
+        })
+        .collect()
 }
 
 /// A path of the config file: absolute as it is, relative to the config file's folder `base`.
@@ -935,102 +1086,8 @@ fn validate_config(c: &Config, file: &str, errors: &mut Vec<String>) {
         }
     }
     for (i, s) in c.audit.sinks.iter().enumerate() {
-        if s.kind == SinkKind::File && s.path.is_none() {
-            err(&format!("audit.sinks[{i}].path"), "required for type file".into());
-        }
-        if s.kind != SinkKind::File && s.path.is_some() {
-            err(&format!("audit.sinks[{i}].path"), "only for type file".into());
-        }
-        let syslog_only = s.address.is_some() || s.transport.is_some() || s.facility.is_some() || s.app_name.is_some();
-        let http_only = s.url.is_some()
-            || s.preset.is_some()
-            || s.token.is_some()
-            || s.token_file.is_some()
-            || s.gzip.is_some()
-            || s.batch.is_some()
-            || s.timeout.is_some()
-            || s.index.is_some()
-            || s.hec.is_some()
-            || s.dead_letter.is_some();
-        if s.kind == SinkKind::Http {
-            match s.url.as_deref() {
-                None => err(&format!("audit.sinks[{i}].url"), "required for type http".into()),
-                Some(u)
-                    if !(u.starts_with("https://") || u.starts_with("http://")) || u.parse::<http::Uri>().is_err() =>
-                {
-                    err(&format!("audit.sinks[{i}].url"), format!("{u:?} is not an http(s) URL"))
-                }
-                _ => {}
-            }
-            if s.preset.is_none() {
-                err(&format!("audit.sinks[{i}].preset"), "required: splunk_hec, elastic_bulk or ndjson".into());
-            }
-            if s.token.is_some() && s.token_file.is_some() {
-                err(&format!("audit.sinks[{i}].token"), "token or tokenFile, not both".into());
-            }
-            if s.preset == Some(HttpPreset::SplunkHec) && s.token.is_none() && s.token_file.is_none() {
-                err(&format!("audit.sinks[{i}].tokenFile"), "Splunk HEC needs a token".into());
-            }
-            if s.hec.is_some() && s.preset != Some(HttpPreset::SplunkHec) {
-                err(&format!("audit.sinks[{i}].hec"), "only for preset splunk_hec".into());
-            }
-            if let Some(b) = &s.batch {
-                if b.max_events == 0 || b.max_events > 100_000 {
-                    err(&format!("audit.sinks[{i}].batch.maxEvents"), "1 to 100000".into());
-                }
-                if b.max_bytes < 8192 {
-                    err(&format!("audit.sinks[{i}].batch.maxBytes"), "at least 8192".into());
-                }
-            }
-            if let Some(t) = &s.tls
-                && t.cert.is_some() != t.key.is_some()
-            {
-                err(&format!("audit.sinks[{i}].tls"), "cert and key go together".into());
-            }
-        } else if http_only {
-            err(
-                &format!("audit.sinks[{i}]"),
-                "url, preset, token, tokenFile, gzip, batch, timeout, index, hec and deadLetter are for type http"
-                    .into(),
-            );
-        }
-        if s.tls.is_some() && !matches!(s.kind, SinkKind::Syslog | SinkKind::Http) {
-            err(&format!("audit.sinks[{i}].tls"), "only for type syslog or http".into());
-        }
-
-        if s.kind == SinkKind::Syslog {
-            match s.address.as_deref() {
-                None => err(&format!("audit.sinks[{i}].address"), "required for type syslog (host:port)".into()),
-                Some(a) if a.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) => {
-                    err(&format!("audit.sinks[{i}].address"), format!("{a:?} is not host:port"))
-                }
-                _ => {}
-            }
-            if s.transport == Some(SyslogTransport::Tls) && s.tls.is_none() {
-                err(&format!("audit.sinks[{i}].tls"), "required for transport tls (at least `ca`)".into());
-            }
-            if s.transport != Some(SyslogTransport::Tls) && s.tls.is_some() {
-                err(&format!("audit.sinks[{i}].tls"), "only for transport tls".into());
-            }
-            if s.facility.is_some_and(|f| f > 23) {
-                err(&format!("audit.sinks[{i}].facility"), "0 to 23".into());
-            }
-            if let Some(t) = &s.tls
-                && t.cert.is_some() != t.key.is_some()
-            {
-                err(&format!("audit.sinks[{i}].tls"), "cert and key go together".into());
-            }
-        } else if syslog_only {
-            err(&format!("audit.sinks[{i}]"), "address, transport, facility and appName are for type syslog".into());
-        }
-        if s.kind != SinkKind::File && (s.max_bytes.is_some() || s.max_files.is_some()) {
-            err(&format!("audit.sinks[{i}].maxBytes"), "rotation is only for type file".into());
-        }
-        if s.max_bytes.is_some_and(|b| b < 4096) {
-            err(&format!("audit.sinks[{i}].maxBytes"), "at least 4096".into());
-        }
-        if s.max_files.is_some_and(|n| n == 0 || n > 1000) {
-            err(&format!("audit.sinks[{i}].maxFiles"), "1 to 1000".into());
+        for (field, m) in s.check() {
+            err(&format!("audit.sinks[{i}]{field}"), m);
         }
     }
     if c.audit.sinks.is_empty() {
@@ -1050,7 +1107,7 @@ fn validate_config(c: &Config, file: &str, errors: &mut Vec<String>) {
         }
     }
     if c.audit.spool.is_none()
-        && let Some(i) = c.audit.sinks.iter().position(|s| s.kind == SinkKind::Http)
+        && let Some(i) = c.audit.sinks.iter().position(|s| matches!(s, SinkConfig::Http(_)))
     {
         err(&format!("audit.sinks[{i}]"), "type http needs audit.spool (batches and retries are sent from it)".into());
     }
@@ -1377,7 +1434,7 @@ mod tests {
         let errs = load(&cfg).unwrap_err().0;
         let f = cfg.display().to_string();
         let pf = dir.join("pol/a.yaml").display().to_string();
-        assert!(errs.contains(&format!("{f}: audit.sinks[0].path: required for type file")), "{errs:#?}");
+        assert!(errs.contains(&format!("{f}, line 3: audit.sinks[0]: missing field `path`")), "{errs:#?}");
         assert!(errs.contains(&format!("{f}: limits.connectTimeout: must be greater than zero")), "{errs:#?}");
         assert!(
             errs.iter().any(|e| e.starts_with(&format!("{f}: limits.tunnelCoalesce: 1s is longer than 100ms"))),
@@ -1395,6 +1452,44 @@ mod tests {
         let errs = load(&cfg).unwrap_err().0;
         assert!(errs[0].contains("unknown field `htp`"), "{errs:#?}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Each sink kind takes its own fields: another kind's field is an unknown field, reported
+    /// with the entry's index and line, every entry's, and the rest of the file is still checked.
+    #[test]
+    fn sink_entries_are_read_and_checked_by_their_type() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = write(
+            dir.path(),
+            "gw.yaml",
+            "limits: {connectTimeout: 0s}\naudit:\n  sinks:\n    - type: stdout\n    - type: file\n      path: /tmp/a\n      url: https://x\n    - type: syslog\n      address: c:514\n      facility: 30\n    - {type: http, url: 'https://c/_bulk'}\n    - type: kafka\n",
+        );
+        let f = cfg.display().to_string();
+        let errs = load(&cfg).unwrap_err().0;
+        let has = |prefix: &str| errs.iter().any(|e| e.starts_with(&format!("{f}{prefix}")));
+        assert!(has(", line 5: audit.sinks[1]: unknown field `url`, expected one of"), "{errs:#?}");
+        assert!(has(", line 11: audit.sinks[3]: missing field `preset`"), "{errs:#?}");
+        assert!(has(", line 12: audit.sinks[4]: unknown variant `kafka`"), "{errs:#?}");
+        assert!(has(": limits.connectTimeout: must be greater than zero"), "{errs:#?}");
+        assert_eq!(errs.len(), 4, "{errs:#?}");
+        // Values are checked per kind once every entry reads.
+        let cfg = write(
+            dir.path(),
+            "gw2.yaml",
+            "audit:\n  sinks:\n    - {type: syslog, address: 'c:514', facility: 30, transport: udp, tls: {ca: /ca.pem}}\n    - {type: file, path: /tmp/a, maxFiles: 0}\n    - {type: http, url: 'ftp://c', preset: ndjson, hec: {ack: true}}\n",
+        );
+        let f = cfg.display().to_string();
+        let errs = load(&cfg).unwrap_err().0;
+        for e in [
+            "audit.sinks[0].facility: 0 to 23",
+            "audit.sinks[0].tls: only for transport tls",
+            "audit.sinks[1].maxFiles: 1 to 1000",
+            "audit.sinks[2].url: \"ftp://c\" is not an http(s) URL",
+            "audit.sinks[2].hec: only for preset splunk_hec",
+            "audit.sinks[2]: type http needs audit.spool",
+        ] {
+            assert!(errs.iter().any(|x| x.starts_with(&format!("{f}: {e}"))), "{e}: {errs:#?}");
+        }
     }
 
     #[test]

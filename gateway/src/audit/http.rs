@@ -24,7 +24,7 @@ use hyper::client::conn::http1::SendRequest;
 use rustls::pki_types::ServerName;
 use serde_json::{Value, json};
 
-use crate::config::{HttpPreset, HttpSinkConfig};
+use crate::config::{HttpPreset, HttpSettings};
 
 /// A delivery failure that tells when to try again (HTTP `Retry-After`).
 #[derive(Debug)]
@@ -88,7 +88,7 @@ fn parse_url(url: &str) -> anyhow::Result<Target> {
 
 /// The sink.
 pub struct HttpSink {
-    cfg: HttpSinkConfig,
+    cfg: HttpSettings,
     target: Target,
     /// Taken out while a batch is sent (`block_on` needs it by value next to `&mut self`).
     rt: Option<tokio::runtime::Runtime>,
@@ -114,7 +114,7 @@ struct Progress {
 
 impl HttpSink {
     /// Checks the settings and loads TLS material; connects on first use.
-    pub fn new(cfg: &HttpSinkConfig, hostname: &str, dead_letter: Option<PathBuf>) -> anyhow::Result<HttpSink> {
+    pub fn new(cfg: &HttpSettings, hostname: &str, dead_letter: Option<PathBuf>) -> anyhow::Result<HttpSink> {
         let target = parse_url(&cfg.url)?;
         let tls = if target.tls {
             let (config, name) = super::tls::client(cfg.tls.as_ref(), &target.host)?;

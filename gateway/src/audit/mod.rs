@@ -133,7 +133,7 @@ impl Audit {
         let healthy = Arc::new(AtomicBool::new(true));
         let lost_in_queue = Arc::new(AtomicU64::new(0));
         let Some(spool_cfg) = &cfg.spool else {
-            let sinks = opened.into_iter().zip(&cfg.sinks).map(|((_, s), c)| (s, c.format)).collect();
+            let sinks = opened.into_iter().zip(&cfg.sinks).map(|((_, s), c)| (s, c.format())).collect();
             drop(rx);
             let direct = Arc::new(Direct {
                 state: Mutex::new(DirectState {
@@ -185,7 +185,7 @@ impl Audit {
             let ps = persisted.clone();
             let a = abandon.clone();
             let sh = shared.clone();
-            let format = sc.format;
+            let format = sc.format();
             let handle = std::thread::Builder::new()
                 .name(format!("audit-sink-{name}"))
                 .spawn(move || deliver_loop(reader, cursor, sink, format, sh, (d, ps), a, sm))?;

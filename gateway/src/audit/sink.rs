@@ -4,7 +4,7 @@ use std::fs::OpenOptions;
 use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::OpenOptionsExt;
 
-use crate::config::{SinkConfig, SinkKind};
+use crate::config::SinkConfig;
 
 pub(super) enum Sink {
     Stdout(BufWriter<io::Stdout>),
@@ -70,23 +70,22 @@ impl FileSink {
 }
 
 pub(super) fn open(cfg: &SinkConfig, dead_letter: Option<std::path::PathBuf>) -> io::Result<Sink> {
-    match cfg.kind {
-        SinkKind::Http => {
-            let hc = cfg.http().map_err(|e| io::Error::other(format!("{e:#}")))?;
+    match cfg {
+        SinkConfig::Http(h) => {
+            let hc = h.settings().map_err(|e| io::Error::other(format!("{e:#}")))?;
             let hostname = super::format::Context::local().hostname;
-            let dead = cfg.dead_letter.clone().or(dead_letter);
+            let dead = h.dead_letter.clone().or(dead_letter);
             let s = super::http::HttpSink::new(&hc, &hostname, dead).map_err(|e| io::Error::other(format!("{e:#}")))?;
             Ok(Sink::Http(hc.url.clone(), Box::new(s)))
         }
-        SinkKind::Syslog => {
-            let sc = cfg.syslog().ok_or_else(|| io::Error::other("address is required"))?;
+        SinkConfig::Syslog(sc) => {
             let hostname = super::format::Context::local().hostname;
-            let s = super::syslog::Syslog::new(&sc, &hostname).map_err(|e| io::Error::other(format!("{e:#}")))?;
+            let s = super::syslog::Syslog::new(sc, &hostname).map_err(|e| io::Error::other(format!("{e:#}")))?;
             Ok(Sink::Syslog(format!("syslog {}", sc.address), Box::new(s)))
         }
-        SinkKind::Stdout => Ok(Sink::Stdout(BufWriter::with_capacity(64 * 1024, io::stdout()))),
-        SinkKind::File => {
-            let path = cfg.path.as_ref().ok_or_else(|| io::Error::other("path is required"))?;
+        SinkConfig::Stdout(_) => Ok(Sink::Stdout(BufWriter::with_capacity(64 * 1024, io::stdout()))),
+        SinkConfig::File(fc) => {
+            let path = &fc.path;
             let mut f = open_append(path)?;
             end_torn_line(path, &mut f).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
             let size = f.metadata()?.len();
@@ -95,8 +94,8 @@ pub(super) fn open(cfg: &SinkConfig, dead_letter: Option<std::path::PathBuf>) ->
                 path: path.clone(),
                 w: BufWriter::with_capacity(64 * 1024, f),
                 size,
-                max_bytes: cfg.max_bytes,
-                max_files: cfg.max_files.unwrap_or(5),
+                max_bytes: fc.max_bytes,
+                max_files: fc.max_files,
             }))
         }
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 
-use crate::config::{SyslogConfig, SyslogTransport};
+use crate::config::{SyslogSinkConfig, SyslogTransport};
 
 /// Largest message (header and body) the sink sends; a longer event is replaced by a summary.
 pub const MAX_MESSAGE: usize = 8 * 1024 - 1;
@@ -21,7 +21,7 @@ enum Conn {
 
 /// A syslog destination, connected lazily and again after every error.
 pub struct Syslog {
-    cfg: SyslogConfig,
+    cfg: SyslogSinkConfig,
     tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
     hostname: String,
     conn: Option<Conn>,
@@ -30,7 +30,7 @@ pub struct Syslog {
 
 impl Syslog {
     /// Checks the settings and loads the TLS material; connects on first use.
-    pub fn new(cfg: &SyslogConfig, hostname: &str) -> anyhow::Result<Syslog> {
+    pub fn new(cfg: &SyslogSinkConfig, hostname: &str) -> anyhow::Result<Syslog> {
         let tls = match cfg.transport {
             SyslogTransport::Tls => {
                 let t = cfg.tls.as_ref().ok_or_else(|| anyhow::anyhow!("tls: required for transport tls"))?;
