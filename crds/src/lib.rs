@@ -5,6 +5,7 @@
 //! schema), label-selector matching, domain-pattern normalisation and validation with precise
 //! field paths.
 
+#![forbid(unsafe_code)]
 // kube-derive repeats `type_` in each `printcolumn(...)`; clippy takes them for duplicated attributes.
 #![allow(clippy::duplicated_attributes)]
 

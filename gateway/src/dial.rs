@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -100,18 +99,8 @@ async fn connect_one(dest: SocketAddr, source: Option<IpAddr>) -> io::Result<Tcp
         // The port is chosen by connect(), per destination, instead of by bind() for all of
         // them: without this one source address runs out of ports (TIME_WAIT included) after
         // about 28k connections a minute across every upstream, not per upstream.
-        let on: libc::c_int = 1;
-        // SAFETY: setsockopt on a valid socket with a c_int value. Kernels before 4.2 lack it;
-        // the bind below then works as before.
-        unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::IPPROTO_IP,
-                libc::IP_BIND_ADDRESS_NO_PORT,
-                (&on as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
+        // Kernels before 4.2 lack the option; the bind below then works as before.
+        let _ = egress_netio::sockopt::set_bind_address_no_port(&sock);
         sock.bind(SocketAddr::new(src, 0))?;
     }
     let s = sock.connect(dest).await?;

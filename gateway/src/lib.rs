@@ -6,6 +6,8 @@
 //! `pipeline` (identity, normalisation, policy, rate limit, resolution, guard, dial) -> `relay`,
 //! with `audit` events along the way.
 
+#![forbid(unsafe_code)]
+
 /// A fault-injection point for the crash tests (`fail` crate, configured by the `FAILPOINTS`
 /// environment variable). Without the `failpoints` feature, which release builds never have, it
 /// expands to nothing.

@@ -1,5 +1,7 @@
 //! The `egress-gateway` binary: thin CLI over the library.
 
+#![forbid(unsafe_code)]
+
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -27,6 +27,7 @@
 //! end of a burst and anything interactive after it go out at once. A hold of zero turns it off.
 
 pub mod proxy;
+pub mod sockopt;
 
 use std::io;
 use std::mem::MaybeUninit;

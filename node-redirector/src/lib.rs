@@ -1,6 +1,8 @@
 //! node-redirector: steers the TCP egress of Pods selected by `redirect: Transparent` policies
 //! to the egress gateway with nftables, and relays those connections with a PROXY v2 header.
 
+#![forbid(unsafe_code)]
+
 pub mod admin;
 pub mod admit;
 pub mod cni;

@@ -3,8 +3,7 @@
 //! endpoint, sends a signed PROXY protocol v2 header (source = Pod, destination = original; see
 //! `egress_netio::proxy`), then relays with splice(2).
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::AsRawFd;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -16,44 +15,12 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
-const SO_ORIGINAL_DST: libc::c_int = 80;
-const IP6T_SO_ORIGINAL_DST: libc::c_int = 80;
-
-/// The original destination of a redirected connection (from conntrack).
+/// The original destination of a redirected connection (from conntrack: `SO_ORIGINAL_DST`,
+/// `IP6T_SO_ORIGINAL_DST`).
 pub fn original_dst(s: &TcpStream) -> std::io::Result<SocketAddr> {
-    let fd = s.as_raw_fd();
-    if s.local_addr()?.is_ipv4() {
-        // SAFETY: getsockopt writes at most `len` bytes into a properly sized sockaddr_in.
-        unsafe {
-            let mut addr: libc::sockaddr_in = std::mem::zeroed();
-            let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            if libc::getsockopt(fd, libc::SOL_IP, SO_ORIGINAL_DST, &mut addr as *mut _ as *mut libc::c_void, &mut len)
-                != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            let ip = Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr));
-            Ok(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(addr.sin_port))))
-        }
-    } else {
-        // SAFETY: as above, with sockaddr_in6.
-        unsafe {
-            let mut addr: libc::sockaddr_in6 = std::mem::zeroed();
-            let mut len = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
-            if libc::getsockopt(
-                fd,
-                libc::SOL_IPV6,
-                IP6T_SO_ORIGINAL_DST,
-                &mut addr as *mut _ as *mut libc::c_void,
-                &mut len,
-            ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            let ip = Ipv6Addr::from(addr.sin6_addr.s6_addr);
-            Ok(SocketAddr::V6(SocketAddrV6::new(ip, u16::from_be(addr.sin6_port), 0, 0)))
-        }
-    }
+    let sock = socket2::SockRef::from(s);
+    let addr = if s.local_addr()?.is_ipv4() { sock.original_dst_v4()? } else { sock.original_dst_v6()? };
+    addr.as_socket().ok_or_else(|| std::io::Error::other("SO_ORIGINAL_DST: not an IP address"))
 }
 
 /// One gateway endpoint and its health.

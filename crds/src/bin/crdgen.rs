@@ -4,6 +4,8 @@
 //! `charts/egress-gateway/crds/`; `--check` exits 1 when a checked-in file differs from the
 //! generated one (the tests do the same).
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 
 fn main() {
