@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use crate::runtime::Gateway;
 
 /// Serves the admin endpoints until the process stops (readiness must stay visible while draining).
-pub async fn serve(gw: Gateway, kube: Option<Arc<crate::k8s::WatchHealth>>, listener: TcpListener) {
+pub(crate) async fn serve(gw: Gateway, kube: Option<Arc<crate::k8s::WatchHealth>>, listener: TcpListener) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;

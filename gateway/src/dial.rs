@@ -12,21 +12,21 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::task::JoinSet;
 
 /// Delay before the next attempt while one is still pending.
-pub const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
+pub(crate) const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
 
 /// Source-address pools: name -> addresses, with a round-robin cursor each.
 #[derive(Debug, Default)]
-pub struct Pools {
+pub(crate) struct Pools {
     pools: HashMap<String, (Vec<IpAddr>, AtomicUsize)>,
 }
 
 /// The pool is unknown or has no source address of the destination's family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NoSource;
+pub(crate) struct NoSource;
 
 /// Why a dial failed.
 #[derive(Debug, thiserror::Error)]
-pub enum DialError {
+pub(crate) enum DialError {
     /// Every address refused the connection.
     #[error("connection refused: {0}")]
     Refused(String),
@@ -36,9 +36,6 @@ pub enum DialError {
     /// Unreachable, or another error.
     #[error("unreachable: {0}")]
     Unreachable(String),
-    /// The pool has no source address of any candidate's family.
-    #[error("egress address pool {0:?} has no source address for these destinations")]
-    NoSource(String),
     /// The gateway ran out of something of its own (file descriptors, ephemeral ports, socket
     /// buffers): no other address would fare better.
     #[error("out of local resources: {0}")]
@@ -52,7 +49,7 @@ fn is_local_resource(e: &io::Error) -> bool {
 
 impl Pools {
     /// Builds the pools from the config.
-    pub fn new(cfg: &std::collections::BTreeMap<String, Vec<IpAddr>>) -> Self {
+    pub(crate) fn new(cfg: &std::collections::BTreeMap<String, Vec<IpAddr>>) -> Self {
         Pools {
             pools: cfg
                 .iter()
@@ -64,7 +61,7 @@ impl Pools {
 
     /// The source address to use towards `dest` from pool `name`: `Ok(None)` lets the kernel
     /// choose (`default` without addresses), `Err` when the pool has no address of that family.
-    pub fn source_for(&self, name: &str, dest: IpAddr) -> Result<Option<IpAddr>, NoSource> {
+    pub(crate) fn source_for(&self, name: &str, dest: IpAddr) -> Result<Option<IpAddr>, NoSource> {
         match self.pools.get(name) {
             None if name == "default" => Ok(None),
             None => Err(NoSource),
@@ -81,7 +78,7 @@ impl Pools {
 }
 
 /// Orders addresses for Happy Eyeballs: IPv6 first, then alternating families.
-pub fn interleave(addrs: &[SocketAddr]) -> Vec<SocketAddr> {
+pub(crate) fn interleave(addrs: &[SocketAddr]) -> Vec<SocketAddr> {
     let (v6, v4): (Vec<SocketAddr>, Vec<SocketAddr>) = addrs.iter().partition(|a| a.is_ipv6());
     let mut out = Vec::with_capacity(addrs.len());
     let (mut a, mut b) = (v6.into_iter(), v4.into_iter());
@@ -110,7 +107,7 @@ async fn connect_one(dest: SocketAddr, source: Option<IpAddr>) -> io::Result<Tcp
 
 /// Connects to the first address that answers. `candidates` are (destination, source) pairs,
 /// already ordered.
-pub async fn happy_eyeballs(
+pub(crate) async fn happy_eyeballs(
     candidates: Vec<(SocketAddr, Option<IpAddr>)>,
     timeout: Duration,
 ) -> Result<(TcpStream, SocketAddr), DialError> {

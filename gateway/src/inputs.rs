@@ -8,7 +8,7 @@ use egress_crds::AnyPolicy;
 
 /// The policies and Pods of the API, as of one coalesced change of the watchers.
 #[derive(Debug, Default, Clone)]
-pub struct KubeInputs {
+pub(crate) struct KubeInputs {
     /// Valid policies (invalid ones are left out whole).
     pub policies: Vec<AnyPolicy>,
     /// Invalid policies: `(kind, key, errors)`.

@@ -7,6 +7,8 @@
 //! with `audit` events along the way.
 
 #![forbid(unsafe_code)]
+// Visibility says what is API: `pub` only where the binary, the benches or the tests use it.
+#![warn(unreachable_pub)]
 
 /// A fault-injection point for the crash tests (`fail` crate, configured by the `FAILPOINTS`
 /// environment variable). Without the `failpoints` feature, which release builds never have, it
@@ -33,23 +35,23 @@ pub(crate) fn fuzz_cases(n: u32) -> u32 {
     n * std::env::var("EGRESS_FUZZ_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1)
 }
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod audit;
 pub mod check;
 pub mod config;
-pub mod dial;
-pub mod front;
+pub(crate) mod dial;
+pub(crate) mod front;
 pub mod guard;
 pub mod identity;
-pub mod inputs;
-pub mod k8s;
-pub mod limits;
-pub mod metrics;
-pub mod pipeline;
+pub(crate) mod inputs;
+pub(crate) mod k8s;
+pub(crate) mod limits;
+pub(crate) mod metrics;
+pub(crate) mod pipeline;
 pub mod policy;
-pub mod relay;
-pub mod request;
-pub mod resolve;
-pub mod runtime;
+pub(crate) mod relay;
+pub(crate) mod request;
+pub(crate) mod resolve;
+pub(crate) mod runtime;
 pub mod server;
 pub mod target;

@@ -15,7 +15,7 @@ use dashmap::DashMap;
 
 /// Open connections, in total and per client, and open tunnels per client.
 #[derive(Default)]
-pub struct ConnLimits {
+pub(crate) struct ConnLimits {
     total: AtomicUsize,
     per_client: Counts,
     tunnels: Counts,
@@ -23,7 +23,7 @@ pub struct ConnLimits {
 
 /// Which limit a connection ran into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LimitHit {
+pub(crate) enum LimitHit {
     /// `limits.maxConnections` connections are open.
     Total(usize),
     /// The client has `limits.maxConnectionsPerClient` connections open.
@@ -70,6 +70,7 @@ impl Counts {
         Some(Slot { counts: self.clone(), client })
     }
 
+    #[cfg(test)]
     fn len(&self) -> usize {
         self.0.len()
     }
@@ -87,19 +88,19 @@ impl Drop for Slot {
 }
 
 /// One admitted connection; counted until dropped.
-pub struct ConnPermit {
+pub(crate) struct ConnPermit {
     limits: Arc<ConnLimits>,
     _client: Slot,
 }
 
 /// One admitted tunnel; counted until dropped.
-pub struct TunnelPermit {
+pub(crate) struct TunnelPermit {
     _slot: Slot,
 }
 
 impl ConnLimits {
     /// Admits a connection of `client` if both limits leave room.
-    pub fn admit(
+    pub(crate) fn admit(
         self: &Arc<Self>,
         client: IpAddr,
         max_total: usize,
@@ -120,17 +121,19 @@ impl ConnLimits {
 
     /// Admits a tunnel (CONNECT, SOCKS5, transparent) of `client` if it has fewer than `max`
     /// open.
-    pub fn admit_tunnel(&self, client: IpAddr, max: usize) -> Result<TunnelPermit, LimitHit> {
+    pub(crate) fn admit_tunnel(&self, client: IpAddr, max: usize) -> Result<TunnelPermit, LimitHit> {
         self.tunnels.take(client, max).map(|_slot| TunnelPermit { _slot }).ok_or(LimitHit::Tunnels(max))
     }
 
     /// Connections open.
-    pub fn open(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn open(&self) -> usize {
         self.total.load(Ordering::Acquire)
     }
 
     /// Clients with connections open.
-    pub fn clients(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn clients(&self) -> usize {
         self.per_client.len()
     }
 }

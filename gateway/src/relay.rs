@@ -18,7 +18,7 @@ const BUF: usize = 64 * 1024;
 
 /// Result of a relay.
 #[derive(Debug)]
-pub struct Relayed {
+pub(crate) struct Relayed {
     /// Bytes client -> upstream.
     pub up: u64,
     /// Bytes upstream -> client.
@@ -66,7 +66,7 @@ impl<S: AsyncWrite> AsyncWrite for Counted<'_, S> {
 /// Relays until both directions are done, the connection is idle for `idle`, or `stop` fires.
 /// For streams that are not plain sockets (an upgraded HTTP connection): user-space copy with
 /// one pair of 64 KiB buffers.
-pub async fn relay<C, U>(client: C, upstream: U, idle: Duration, stop: &CancellationToken) -> Relayed
+pub(crate) async fn relay<C, U>(client: C, upstream: U, idle: Duration, stop: &CancellationToken) -> Relayed
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
@@ -82,7 +82,7 @@ where
 /// How a tunnel relays, from `limits` (read once per connection, so a reload applies to the
 /// next tunnel).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Tunnel {
+pub(crate) struct Tunnel {
     /// `limits.idleTimeout`.
     pub idle: Duration,
     /// `limits.tunnelNoDelay`: on (the default), every splice leaves at once, as the endpoints
@@ -103,7 +103,7 @@ impl From<&crate::config::Limits> for Tunnel {
 /// The same for two plain sockets, through egress-netio (splice(2) once a direction is bulk,
 /// reads batched while it keeps arriving back to back). Both sockets arrive with TCP_NODELAY on
 /// (the fronts' accept loop and the dialer set it), so only `nodelay: false` costs a syscall here.
-pub async fn relay_tcp(
+pub(crate) async fn relay_tcp(
     client: tokio::net::TcpStream,
     upstream: tokio::net::TcpStream,
     tunnel: Tunnel,

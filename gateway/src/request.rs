@@ -3,7 +3,6 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Instant;
 
 use serde::Serialize;
 
@@ -40,24 +39,22 @@ impl Front {
 
 /// One client connection.
 #[derive(Debug)]
-pub struct ClientConn {
+pub(crate) struct ClientConn {
     /// Connection id, unique per gateway instance run.
     pub id: Arc<str>,
     /// The client's address as the gateway sees it.
     pub peer: SocketAddr,
-    /// When it was accepted.
-    pub accepted: Instant,
     requests: AtomicU32,
 }
 
 impl ClientConn {
     /// A new connection record.
-    pub fn new(id: Arc<str>, peer: SocketAddr) -> Self {
-        ClientConn { id, peer, accepted: Instant::now(), requests: AtomicU32::new(0) }
+    pub(crate) fn new(id: Arc<str>, peer: SocketAddr) -> Self {
+        ClientConn { id, peer, requests: AtomicU32::new(0) }
     }
 
     /// The next request id on this connection: `<connection id>.<n>`.
-    pub fn next_request_id(&self) -> Arc<str> {
+    pub(crate) fn next_request_id(&self) -> Arc<str> {
         let n = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
         format!("{}.{n}", self.id).into()
     }
@@ -65,7 +62,7 @@ impl ClientConn {
 
 /// Where the client wants to go, as its protocol spelled it (normalised by the pipeline).
 #[derive(Debug, Clone)]
-pub enum RawTarget {
+pub(crate) enum RawTarget {
     /// `host:port` (CONNECT request target).
     Authority(String),
     /// Host as written, and port (absolute-form URI, SOCKS5 domain).
@@ -76,7 +73,7 @@ pub enum RawTarget {
 
 /// What every front hands to the pipeline.
 #[derive(Debug, Clone)]
-pub struct EgressRequest {
+pub(crate) struct EgressRequest {
     /// The client connection.
     pub conn: Arc<ClientConn>,
     /// Request id (decision and close events share it; denial bodies name it).
@@ -94,7 +91,7 @@ pub struct EgressRequest {
 impl EgressRequest {
     /// A request with no target yet: what a refusal before the target is known (a handshake
     /// gone wrong, a connection limit) is audited as.
-    pub fn bare(conn: &Arc<ClientConn>, front: Front) -> Self {
+    pub(crate) fn bare(conn: &Arc<ClientConn>, front: Front) -> Self {
         EgressRequest {
             id: conn.next_request_id(),
             conn: conn.clone(),

@@ -18,12 +18,12 @@ use prometheus_client::metrics::counter::Counter;
 use crate::config::ResolverConfig;
 
 /// Once one address family of a name has answered, how long the other may still take.
-pub const SECOND_FAMILY_WAIT: Duration = Duration::from_secs(2);
+pub(crate) const SECOND_FAMILY_WAIT: Duration = Duration::from_secs(2);
 /// How long before the lookup's deadline the wait for a second family ends.
 const DEADLINE_MARGIN: Duration = Duration::from_millis(50);
 /// How long a family that failed (server error, or no answer within `SECOND_FAMILY_WAIT`) while
 /// the other answered is not asked again for that name.
-pub const FAMILY_HOLD: Duration = Duration::from_secs(30);
+pub(crate) const FAMILY_HOLD: Duration = Duration::from_secs(30);
 
 /// An address family: which query (A or AAAA) an answer came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,7 +57,7 @@ impl Family {
 /// has answered, the other gets `SECOND_FAMILY_WAIT`; a family that fails is held (not asked)
 /// for that name for `FAMILY_HOLD`, and counted in `egress_dns_family_held_total`.
 #[derive(Clone)]
-pub struct Resolver {
+pub(crate) struct Resolver {
     inner: TokioResolver,
     /// name -> the family not asked until the entry expires.
     held: moka::sync::Cache<String, Family>,
@@ -69,7 +69,7 @@ pub struct Resolver {
 impl Resolver {
     /// Builds a resolver from the config (system configuration when no nameserver is given).
     /// `held_total` counts families put on hold.
-    pub fn new(cfg: &ResolverConfig, held_total: Counter) -> anyhow::Result<Self> {
+    pub(crate) fn new(cfg: &ResolverConfig, held_total: Counter) -> anyhow::Result<Self> {
         let mut builder = if cfg.nameservers.is_empty() {
             TokioResolver::builder_tokio()?
         } else {
@@ -99,7 +99,7 @@ impl Resolver {
     }
 
     /// Every address of a (normalised) name, IPv4 first, then IPv6, within `resolver.timeout`.
-    pub async fn lookup(&self, name: &str) -> Result<Vec<IpAddr>, String> {
+    pub(crate) async fn lookup(&self, name: &str) -> Result<Vec<IpAddr>, String> {
         let deadline = tokio::time::Instant::now() + self.timeout;
         match tokio::time::timeout_at(deadline, self.lookup_families(name, deadline)).await {
             Ok(r) => r,

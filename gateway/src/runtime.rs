@@ -13,7 +13,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 
 /// Shutdown, drain and readiness.
-pub struct Runtime {
+pub(crate) struct Runtime {
     /// Fires when the shutdown grace period is over: open relays end.
     pub stop: CancellationToken,
     /// Fires when shutdown starts: listeners stop accepting, keep-alive connections close.
@@ -26,7 +26,7 @@ pub struct Runtime {
 
 impl Runtime {
     /// A runtime; in Kubernetes mode it is not ready before the watchers have synced.
-    pub fn new(kube_mode: bool) -> Runtime {
+    pub(crate) fn new(kube_mode: bool) -> Runtime {
         Runtime {
             stop: CancellationToken::new(),
             draining: CancellationToken::new(),
@@ -37,17 +37,17 @@ impl Runtime {
     }
 
     /// Marks the listeners bound.
-    pub fn set_listening(&self) {
+    pub(crate) fn set_listening(&self) {
         self.listening.store(true, Ordering::Relaxed);
     }
 
     /// Marks the Kubernetes watchers synced.
-    pub fn set_kube_synced(&self) {
+    pub(crate) fn set_kube_synced(&self) {
         self.kube_synced.store(true, Ordering::Relaxed);
     }
 
     /// Listeners bound, Kubernetes watchers synced (in Kubernetes mode), not draining.
-    pub fn is_serving(&self) -> bool {
+    pub(crate) fn is_serving(&self) -> bool {
         self.listening.load(Ordering::Relaxed)
             && self.kube_synced.load(Ordering::Relaxed)
             && !self.draining.is_cancelled()
@@ -56,7 +56,7 @@ impl Runtime {
 
 /// What a listener serves with: the decision pipeline and the runtime (two `Arc`s; cheap to clone).
 #[derive(Clone)]
-pub struct Gateway {
+pub(crate) struct Gateway {
     /// The decision pipeline.
     pub pipeline: Arc<Pipeline>,
     /// Shutdown, drain and readiness.
@@ -65,13 +65,13 @@ pub struct Gateway {
 
 impl Gateway {
     /// Builds the gateway from a loaded config.
-    pub fn new(loaded: Loaded, metrics: Arc<Metrics>) -> anyhow::Result<Gateway> {
+    pub(crate) fn new(loaded: Loaded, metrics: Arc<Metrics>) -> anyhow::Result<Gateway> {
         let kube_mode = loaded.config.kubernetes.enabled;
         Ok(Gateway { pipeline: Pipeline::new(loaded, metrics)?, runtime: Arc::new(Runtime::new(kube_mode)) })
     }
 
     /// `/readyz`: serving, and the audit log can take decisions (the same rule as admission).
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         self.runtime.is_serving() && self.pipeline.audit.is_available()
     }
 }

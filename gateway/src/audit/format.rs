@@ -7,21 +7,21 @@ use serde_json::{Map, Value, json};
 use crate::config::AuditFormat;
 
 /// The OCSF version the `ocsf` format follows.
-pub const OCSF_VERSION: &str = "1.5.0";
+pub(crate) const OCSF_VERSION: &str = "1.5.0";
 /// The ECS version the `ecs` format declares in `ecs.version`.
-pub const ECS_VERSION: &str = "8.11.0";
+pub(crate) const ECS_VERSION: &str = "8.11.0";
 const PRODUCT: &str = "egress-gateway";
 
 /// What a formatter knows besides the event: who is writing.
 #[derive(Debug, Clone)]
-pub struct Context {
+pub(crate) struct Context {
     /// The host the gateway runs on.
     pub hostname: String,
 }
 
 impl Context {
     /// The local host name (`HOSTNAME`, else `/proc/sys/kernel/hostname`, else empty).
-    pub fn local() -> Context {
+    pub(crate) fn local() -> Context {
         let hostname = std::env::var("HOSTNAME")
             .ok()
             .filter(|h| !h.is_empty())
@@ -33,7 +33,7 @@ impl Context {
 
 /// Renders whole egress.v1 lines into `out` in `format` (one line per event). A line that is not
 /// valid JSON (cannot happen: the writer produced it) is passed through as it is.
-pub fn render(format: AuditFormat, ctx: &Context, lines: &[u8], out: &mut Vec<u8>) {
+pub(crate) fn render(format: AuditFormat, ctx: &Context, lines: &[u8], out: &mut Vec<u8>) {
     for line in lines.split_inclusive(|b| *b == b'\n') {
         let body = line.strip_suffix(b"\n").unwrap_or(line);
         if body.is_empty() {
@@ -254,7 +254,7 @@ fn kubernetes(ev: &Value) -> Value {
 /// One egress.v1 event as OCSF 1.5.0: HTTP Activity (4002) for the `http` and `connect` fronts,
 /// Network Activity (4001) for `socks5` and `transparent`, Event Log Activity (1008) for
 /// `audit_gap`; profiles `security_control` and `network_proxy`.
-pub fn ocsf(ev: &Value, ctx: &Context) -> Value {
+pub(crate) fn ocsf(ev: &Value, ctx: &Context) -> Value {
     let kind = s(ev, &["event"]).unwrap_or("");
     let time = s(ev, &["time"]).unwrap_or("");
     let mut out = Map::new();
@@ -429,7 +429,7 @@ pub fn ocsf(ev: &Value, ctx: &Context) -> Value {
 /// One egress.v1 event as ECS: categorisation `event.*`, `source.*`, `destination.*`, `url.*`,
 /// `http.*`, `tls.client.server_name`, `rule.*`, `orchestrator.*`, `observer.*`, `network.*`;
 /// everything else under the custom `egress.*` object.
-pub fn ecs(ev: &Value, ctx: &Context) -> Value {
+pub(crate) fn ecs(ev: &Value, ctx: &Context) -> Value {
     let time = s(ev, &["time"]).unwrap_or("");
     let mut out = Map::new();
     put(&mut out, "@timestamp", json!(time));

@@ -8,7 +8,7 @@
 //! - `ndjson`: a generic webhook, one event per line, `Idempotency-Key` per request.
 //!
 //! The delivery thread owns retries (backoff with jitter, `Retry-After` honoured through
-//! [`RetryAfter`]); a send succeeds only when every event of the batch is delivered or
+//! [`RetrySoon`]); a send succeeds only when every event of the batch is delivered or
 //! dead-lettered. A retry resumes where the batch failed: chunks already accepted, and `_bulk`
 //! items already stored or dead-lettered, are not sent again (after a restart the whole batch
 //! is, and `_bulk` answers 409 for what it has).
@@ -26,17 +26,6 @@ use serde_json::{Value, json};
 
 use crate::config::{HttpPreset, HttpSettings};
 
-/// A delivery failure that tells when to try again (HTTP `Retry-After`).
-#[derive(Debug)]
-pub struct RetryAfter(pub Duration);
-
-impl std::fmt::Display for RetryAfter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "retry after {:?}", self.0)
-    }
-}
-impl std::error::Error for RetryAfter {}
-
 fn retry_error(status: u16, retry_after: Option<Duration>, body: &str) -> io::Error {
     let text = format!("HTTP {status}: {}", body.chars().take(300).collect::<String>());
     match retry_after {
@@ -47,7 +36,7 @@ fn retry_error(status: u16, retry_after: Option<Duration>, body: &str) -> io::Er
 
 /// An error with the server's `Retry-After`.
 #[derive(Debug)]
-pub struct RetrySoon {
+pub(crate) struct RetrySoon {
     text: String,
     /// When to try again.
     pub after: Duration,
@@ -60,7 +49,7 @@ impl std::fmt::Display for RetrySoon {
 impl std::error::Error for RetrySoon {}
 
 /// The server's wish for a pause, if an error carries one.
-pub fn retry_after_of(e: &io::Error) -> Option<Duration> {
+pub(crate) fn retry_after_of(e: &io::Error) -> Option<Duration> {
     e.get_ref().and_then(|x| x.downcast_ref::<RetrySoon>()).map(|r| r.after)
 }
 
@@ -87,7 +76,7 @@ fn parse_url(url: &str) -> anyhow::Result<Target> {
 }
 
 /// The sink.
-pub struct HttpSink {
+pub(crate) struct HttpSink {
     cfg: HttpSettings,
     target: Target,
     /// Taken out while a batch is sent (`block_on` needs it by value next to `&mut self`).
@@ -114,7 +103,7 @@ struct Progress {
 
 impl HttpSink {
     /// Checks the settings and loads TLS material; connects on first use.
-    pub fn new(cfg: &HttpSettings, hostname: &str, dead_letter: Option<PathBuf>) -> anyhow::Result<HttpSink> {
+    pub(crate) fn new(cfg: &HttpSettings, hostname: &str, dead_letter: Option<PathBuf>) -> anyhow::Result<HttpSink> {
         let target = parse_url(&cfg.url)?;
         let tls = if target.tls {
             let (config, name) = super::tls::client(cfg.tls.as_ref(), &target.host)?;
@@ -234,13 +223,13 @@ impl HttpSink {
     }
 
     /// (events, bytes, longest wait) of a batch.
-    pub fn batching(&self) -> (usize, usize, Duration) {
+    pub(crate) fn batching(&self) -> (usize, usize, Duration) {
         (self.cfg.max_events, self.cfg.max_bytes, self.cfg.max_age)
     }
 
     /// Delivers a batch: `rendered` in the sink's format, `originals` the same events as egress.v1
     /// (ids, times). Splits it by `batch.maxEvents` / `batch.maxBytes`.
-    pub fn send(&mut self, rendered: &[u8], originals: &[u8]) -> io::Result<()> {
+    pub(crate) fn send(&mut self, rendered: &[u8], originals: &[u8]) -> io::Result<()> {
         let rendered: Vec<&[u8]> = rendered.split(|b| *b == b'\n').filter(|l| !l.is_empty()).collect();
         let originals: Vec<Value> = originals
             .split(|b| *b == b'\n')

@@ -13,12 +13,12 @@ mod checkpoint;
 mod deliver;
 mod direct;
 mod event;
-pub mod format;
-pub mod http;
+pub(crate) mod format;
+pub(crate) mod http;
 mod sink;
 mod spool;
 mod spooled;
-pub mod syslog;
+pub(crate) mod syslog;
 mod tls;
 
 pub use event::{ClientInfo, CloseInfo, DecisionInfo, End, Event, EventKind, ResolvedAddr, TargetInfo, now_rfc3339};

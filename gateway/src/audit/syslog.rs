@@ -11,7 +11,7 @@ use rustls::pki_types::ServerName;
 use crate::config::{SyslogSinkConfig, SyslogTransport};
 
 /// Largest message (header and body) the sink sends; a longer event is replaced by a summary.
-pub const MAX_MESSAGE: usize = 8 * 1024 - 1;
+pub(crate) const MAX_MESSAGE: usize = 8 * 1024 - 1;
 
 enum Conn {
     Tcp(TcpStream),
@@ -20,7 +20,7 @@ enum Conn {
 }
 
 /// A syslog destination, connected lazily and again after every error.
-pub struct Syslog {
+pub(crate) struct Syslog {
     cfg: SyslogSinkConfig,
     tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
     hostname: String,
@@ -30,7 +30,7 @@ pub struct Syslog {
 
 impl Syslog {
     /// Checks the settings and loads the TLS material; connects on first use.
-    pub fn new(cfg: &SyslogSinkConfig, hostname: &str) -> anyhow::Result<Syslog> {
+    pub(crate) fn new(cfg: &SyslogSinkConfig, hostname: &str) -> anyhow::Result<Syslog> {
         let tls = match cfg.transport {
             SyslogTransport::Tls => {
                 let t = cfg.tls.as_ref().ok_or_else(|| anyhow::anyhow!("tls: required for transport tls"))?;
@@ -84,7 +84,7 @@ impl Syslog {
 
     /// Sends rendered events (one per line, in the sink's format) as one message each. On error
     /// the connection is dropped and the whole batch fails (the caller retries it).
-    pub fn send(&mut self, lines: &[u8], originals: &[u8]) -> io::Result<()> {
+    pub(crate) fn send(&mut self, lines: &[u8], originals: &[u8]) -> io::Result<()> {
         let mut frames = std::mem::take(&mut self.frames);
         frames.clear();
         let mut datagrams: Vec<(usize, usize)> = Vec::new();

@@ -19,7 +19,10 @@ fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
 
 /// A client config trusting `tls.ca` (or, without `tls`, the system's CA certificates), with the
 /// client certificate when one is given; and the name to verify (`tls.serverName`, else `host`).
-pub fn client(tls: Option<&SinkTls>, host: &str) -> anyhow::Result<(Arc<rustls::ClientConfig>, ServerName<'static>)> {
+pub(super) fn client(
+    tls: Option<&SinkTls>,
+    host: &str,
+) -> anyhow::Result<(Arc<rustls::ClientConfig>, ServerName<'static>)> {
     let mut roots = rustls::RootCertStore::empty();
     match tls {
         Some(t) => {

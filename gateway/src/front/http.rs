@@ -39,7 +39,7 @@ struct Cached {
 }
 
 /// Serves the explicit HTTP proxy on `listener` until the gateway drains.
-pub async fn serve(gw: Gateway, listener: TcpListener) {
+pub(crate) async fn serve(gw: Gateway, listener: TcpListener) {
     super::accept_loop(gw, listener, "http", serve_conn).await
 }
 

@@ -2,9 +2,9 @@
 //! pipeline and writes its protocol's answer back; nothing about policy, resolution or audit
 //! lives here.
 
-pub mod http;
-pub mod socks5;
-pub mod transparent;
+pub(crate) mod http;
+pub(crate) mod socks5;
+pub(crate) mod transparent;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -17,7 +17,7 @@ use crate::runtime::Gateway;
 /// task (drained on shutdown) and is counted in `egress_active_connections`. Accepted sockets
 /// carry TCP_NODELAY (handshakes and answers are small writes that must leave at once; a tunnel
 /// clears it only when `limits.tunnelNoDelay` is off).
-pub async fn accept_loop<F, Fut>(gw: Gateway, listener: TcpListener, name: &'static str, handle: F)
+pub(crate) async fn accept_loop<F, Fut>(gw: Gateway, listener: TcpListener, name: &'static str, handle: F)
 where
     F: Fn(Gateway, TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,

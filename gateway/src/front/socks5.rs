@@ -12,25 +12,25 @@ use crate::request::{EgressRequest, Front, RawTarget};
 use crate::runtime::Gateway;
 
 /// RFC 1928 reply codes.
-pub mod reply {
+pub(crate) mod reply {
     /// Succeeded.
-    pub const SUCCEEDED: u8 = 0x00;
+    pub(crate) const SUCCEEDED: u8 = 0x00;
     /// General SOCKS server failure.
-    pub const GENERAL_FAILURE: u8 = 0x01;
+    pub(crate) const GENERAL_FAILURE: u8 = 0x01;
     /// Connection not allowed by ruleset.
-    pub const NOT_ALLOWED: u8 = 0x02;
+    pub(crate) const NOT_ALLOWED: u8 = 0x02;
     /// Host unreachable.
-    pub const HOST_UNREACHABLE: u8 = 0x04;
+    pub(crate) const HOST_UNREACHABLE: u8 = 0x04;
     /// Connection refused.
-    pub const CONNECTION_REFUSED: u8 = 0x05;
+    pub(crate) const CONNECTION_REFUSED: u8 = 0x05;
     /// Command not supported.
-    pub const COMMAND_NOT_SUPPORTED: u8 = 0x07;
+    pub(crate) const COMMAND_NOT_SUPPORTED: u8 = 0x07;
     /// Address type not supported.
-    pub const ADDRESS_TYPE_NOT_SUPPORTED: u8 = 0x08;
+    pub(crate) const ADDRESS_TYPE_NOT_SUPPORTED: u8 = 0x08;
 }
 
 /// Serves SOCKS5 on `listener` until the gateway drains.
-pub async fn serve(gw: Gateway, listener: TcpListener) {
+pub(crate) async fn serve(gw: Gateway, listener: TcpListener) {
     super::accept_loop(gw, listener, "socks5", |gw, stream, peer| async move { serve_conn(&gw, stream, peer).await })
         .await
 }
@@ -135,7 +135,7 @@ fn code_for(r: &Refusal) -> u8 {
 }
 
 /// `VER REP RSV ATYP BND.ADDR BND.PORT`.
-pub fn reply_bytes(code: u8, bound: Option<SocketAddr>) -> Vec<u8> {
+pub(crate) fn reply_bytes(code: u8, bound: Option<SocketAddr>) -> Vec<u8> {
     let mut v = vec![5, code, 0];
     match bound.unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)) {
         SocketAddr::V4(a) => {

@@ -32,7 +32,7 @@ use crate::runtime::Gateway;
 const MAX_PEEK: usize = 16 * 1024;
 
 /// Serves the transparent front until the gateway drains.
-pub async fn serve(gw: Gateway, listener: TcpListener) {
+pub(crate) async fn serve(gw: Gateway, listener: TcpListener) {
     super::accept_loop(
         gw,
         listener,

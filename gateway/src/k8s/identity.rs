@@ -23,7 +23,10 @@ fn claim_rank(p: &Pod) -> (u8, bool, String) {
 
 /// Builds the identities of Pods that own IPs. Pods with `hostNetwork` never own an IP (they share
 /// the node's); finished Pods (`Succeeded`, `Failed`) have released theirs.
-pub fn pod_identities(pods: &[Arc<Pod>], ns_labels: &BTreeMap<String, BTreeMap<String, String>>) -> Vec<PodIdentity> {
+pub(crate) fn pod_identities(
+    pods: &[Arc<Pod>],
+    ns_labels: &BTreeMap<String, BTreeMap<String, String>>,
+) -> Vec<PodIdentity> {
     let mut owner: HashMap<IpAddr, &Pod> = HashMap::new();
     for p in pods {
         let host_network = p.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false);

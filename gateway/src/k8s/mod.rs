@@ -7,9 +7,9 @@
 //! - Invalid policies are skipped whole (never half-applied) and logged.
 
 mod identity;
-pub mod status;
+pub(crate) mod status;
 
-pub use identity::pod_identities;
+pub(crate) use identity::pod_identities;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -33,7 +33,7 @@ use crate::inputs::KubeInputs;
 
 /// The four stores.
 #[derive(Clone)]
-pub struct Stores {
+pub(crate) struct Stores {
     pods: Store<Pod>,
     namespaces: Store<Namespace>,
     policies: Store<EgressPolicy>,
@@ -42,7 +42,7 @@ pub struct Stores {
 
 impl Stores {
     /// Builds the inputs of a snapshot from the current store contents.
-    pub fn inputs(&self, pools: &dyn Fn(&str) -> bool) -> KubeInputs {
+    pub(crate) fn inputs(&self, pools: &dyn Fn(&str) -> bool) -> KubeInputs {
         let ns_labels: BTreeMap<String, BTreeMap<String, String>> = self
             .namespaces
             .state()
@@ -94,7 +94,7 @@ impl Stores {
 /// an idle watch delivers nothing, until the API answers a probe and that watcher has not failed
 /// for `QUIET` seconds.
 #[derive(Default)]
-pub struct WatchHealth {
+pub(crate) struct WatchHealth {
     /// Unix seconds since which each watcher has been failing (0: healthy).
     failing_since: [AtomicU64; 4],
     /// Unix seconds of each watcher's last error.
@@ -134,7 +134,7 @@ impl WatchHealth {
 
     /// Seconds the snapshot has been possibly stale: how long the longest-failing watcher has
     /// been failing (0 when every watcher is healthy).
-    pub fn stale_seconds(&self) -> u64 {
+    pub(crate) fn stale_seconds(&self) -> u64 {
         let now = Self::now();
         self.failing_since
             .iter()
@@ -208,7 +208,7 @@ fn trim_meta<K: Resource>(o: &mut K) {
 }
 
 /// What `start` needs of the process, and nothing of the pipeline.
-pub struct Context {
+pub(crate) struct Context {
     /// Whether an egress address pool is configured (a policy naming another is invalid). Read
     /// at every rebuild, so that a config reload is seen.
     pub pool_exists: Arc<dyn Fn(&str) -> bool + Send + Sync>,
@@ -221,7 +221,7 @@ pub struct Context {
 }
 
 /// What `start` hands back.
-pub struct Watching {
+pub(crate) struct Watching {
     /// The inputs, replaced whole on every coalesced change; `None` until every watcher has
     /// its first full list.
     pub inputs: channel::Receiver<Option<Arc<KubeInputs>>>,
@@ -232,7 +232,7 @@ pub struct Watching {
 /// Connects to the API (KUBECONFIG, `kubernetes.kubeconfig` or in-cluster) and starts the
 /// watchers; their contents come out of the returned channel, and the elected replica writes
 /// policy status.
-pub async fn start(cfg: crate::config::KubernetesConfig, cx: Context) -> anyhow::Result<Watching> {
+pub(crate) async fn start(cfg: crate::config::KubernetesConfig, cx: Context) -> anyhow::Result<Watching> {
     let config = match cfg.kubeconfig.clone() {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(&path)?;

@@ -28,10 +28,10 @@ use super::Stores;
 use crate::inputs::KubeInputs;
 
 /// Field manager of every status write.
-pub const FIELD_MANAGER: &str = "egress-gateway";
+pub(crate) const FIELD_MANAGER: &str = "egress-gateway";
 
 /// Lease-based leader election.
-pub struct Election {
+pub(crate) struct Election {
     api: Api<Lease>,
     name: String,
     identity: String,
@@ -41,7 +41,7 @@ pub struct Election {
 
 impl Election {
     /// An election on Lease `namespace/name` as `identity`.
-    pub fn new(client: Client, namespace: &str, name: &str, identity: String, duration: Duration) -> Self {
+    pub(crate) fn new(client: Client, namespace: &str, name: &str, identity: String, duration: Duration) -> Self {
         Election {
             api: Api::namespaced(client, namespace),
             name: name.to_string(),
@@ -52,13 +52,13 @@ impl Election {
     }
 
     /// Whether this replica holds the lease.
-    pub fn flag(&self) -> Arc<AtomicBool> {
+    pub(crate) fn flag(&self) -> Arc<AtomicBool> {
         self.leader.clone()
     }
 
     /// Runs until `shutdown`, then releases the lease if it holds it; `became_leader` is
     /// signalled on every transition to leader.
-    pub async fn run(
+    pub(crate) async fn run(
         self,
         became_leader: tokio::sync::mpsc::Sender<()>,
         shutdown: tokio_util::sync::CancellationToken,
@@ -227,7 +227,7 @@ fn selected_pods(p: &AnyPolicy, inputs: &KubeInputs) -> i64 {
 }
 
 /// Writes every status that differs from what the API has.
-pub async fn write_statuses(client: &Client, stores: &Stores, inputs: &KubeInputs) {
+pub(crate) async fn write_statuses(client: &Client, stores: &Stores, inputs: &KubeInputs) {
     let params = PatchParams::apply(FIELD_MANAGER).force();
     let error_of = |key: &str, cluster: bool| {
         inputs

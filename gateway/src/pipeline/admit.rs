@@ -21,7 +21,11 @@ impl Pipeline {
     /// Admits a client connection under `limits.maxConnections` and
     /// `limits.maxConnectionsPerClient`; a refusal is audited (`connection_limit`) and returned
     /// for the front to answer in its protocol. `conn` is the client as decisions see it.
-    pub fn admit_connection(&self, conn: &Arc<ClientConn>, front: Front) -> Result<crate::limits::ConnPermit, Refusal> {
+    pub(crate) fn admit_connection(
+        &self,
+        conn: &Arc<ClientConn>,
+        front: Front,
+    ) -> Result<crate::limits::ConnPermit, Refusal> {
         let (max_total, max_client) = {
             let l = &self.state.load().loaded.config.limits;
             (l.max_connections, l.max_connections_per_client)
@@ -33,7 +37,7 @@ impl Pipeline {
 
     /// Admits a tunnel of the request's client under `limits.maxTunnelsPerClient`; a refusal is
     /// audited (`connection_limit`) and returned for the front to answer.
-    pub fn admit_tunnel(&self, req: &EgressRequest) -> Result<crate::limits::TunnelPermit, Refusal> {
+    pub(crate) fn admit_tunnel(&self, req: &EgressRequest) -> Result<crate::limits::TunnelPermit, Refusal> {
         let max = self.state.load().loaded.config.limits.max_tunnels_per_client;
         self.conn_limits
             .admit_tunnel(target::canonical_ip(req.conn.peer.ip()), max)
@@ -42,7 +46,7 @@ impl Pipeline {
 
     /// Refuses a request the front could not parse (malformed, origin-form, bad SOCKS command...)
     /// and audits it. The connection never reaches policy.
-    pub fn refuse_malformed(&self, req: &EgressRequest, reason: Reason, detail: &str) -> Refusal {
+    pub(crate) fn refuse_malformed(&self, req: &EgressRequest, reason: Reason, detail: &str) -> Refusal {
         let id = self.state.load().identities.lookup(req.conn.peer.ip());
         let (host, port) = raw_host_port(&req.target);
         let ev = Self::event(

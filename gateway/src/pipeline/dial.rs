@@ -20,7 +20,7 @@ use crate::policy::{Action, Reason};
 use crate::target::Target;
 
 /// An allowed, checked request, ready to dial or reuse.
-pub struct Permit {
+pub(crate) struct Permit {
     gw: Arc<Pipeline>,
     base: Event,
     /// The normalised target.
@@ -33,7 +33,7 @@ pub struct Permit {
 }
 
 /// A dialled upstream.
-pub struct Upstream {
+pub(crate) struct Upstream {
     /// The TCP stream.
     pub stream: tokio::net::TcpStream,
     /// The address dialled.
@@ -55,7 +55,7 @@ impl Permit {
     }
 
     /// Whether an existing upstream connection to `dialled` from pool `pool` may carry this request.
-    pub fn accepts(&self, dialled: SocketAddr, pool: &str) -> bool {
+    pub(crate) fn accepts(&self, dialled: SocketAddr, pool: &str) -> bool {
         dialled.port() == self.target.port && self.addrs.contains(&dialled.ip()) && *self.pool == *pool
     }
 
@@ -79,13 +79,13 @@ impl Permit {
     }
 
     /// Reuses an upstream connection (plain HTTP keep-alive): audits the allow.
-    pub async fn reuse(self, dialled: SocketAddr, source: Option<SocketAddr>) -> Result<CloseLog, Refusal> {
+    pub(crate) async fn reuse(self, dialled: SocketAddr, source: Option<SocketAddr>) -> Result<CloseLog, Refusal> {
         self.allowed(Some(dialled), source).await
     }
 
     /// Dials a checked address from the policy's pool and audits the allow. A failed connect is
     /// audited as an allow followed by a `connect_failed` close.
-    pub async fn connect(self) -> Result<Upstream, Refusal> {
+    pub(crate) async fn connect(self) -> Result<Upstream, Refusal> {
         let port = self.target.port;
         let dests: Vec<SocketAddr> = self.addrs.iter().map(|ip| SocketAddr::new(*ip, port)).collect();
         let candidates: Vec<(SocketAddr, Option<IpAddr>)> = dial::interleave(&dests)
@@ -124,9 +124,7 @@ impl Permit {
                 let (kind, reason) = match e {
                     DialError::Refused(_) => (RefusalKind::ConnectRefused, self.base.decision.reason),
                     DialError::Timeout(_) => (RefusalKind::ConnectTimeout, self.base.decision.reason),
-                    DialError::Unreachable(_) | DialError::NoSource(_) => {
-                        (RefusalKind::Unreachable, self.base.decision.reason)
-                    }
+                    DialError::Unreachable(_) => (RefusalKind::Unreachable, self.base.decision.reason),
                     DialError::LocalResources(_) => (RefusalKind::LocalResources, Reason::LocalResourceLimit),
                 };
                 let log = self.allowed(None, None).await?;

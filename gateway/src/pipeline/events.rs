@@ -18,7 +18,7 @@ use crate::request::EgressRequest;
 use crate::target::{self, Host, Target};
 
 /// An upstream connection or request in progress; emits the close event exactly once.
-pub struct CloseLog {
+pub(crate) struct CloseLog {
     gw: Arc<Pipeline>,
     base: Option<Event>,
     started: Instant,
@@ -31,7 +31,7 @@ impl CloseLog {
     }
 
     /// Emits the close event.
-    pub fn finish(mut self, up: u64, down: u64, end: End, http_status: Option<u16>, error: Option<String>) {
+    pub(crate) fn finish(mut self, up: u64, down: u64, end: End, http_status: Option<u16>, error: Option<String>) {
         self.emit(up, down, end, http_status, error);
     }
 

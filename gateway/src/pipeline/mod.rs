@@ -23,12 +23,12 @@ mod refusal;
 mod resolve;
 mod state;
 
-pub use dial::{Permit, Upstream};
-pub use events::CloseLog;
-pub use normalise::{http_facts, parse_target};
-pub use refusal::{Refusal, RefusalKind};
-pub use resolve::{Checked, resolve_checked};
-pub use state::{State, own_addresses};
+pub(crate) use dial::Permit;
+pub(crate) use events::CloseLog;
+pub(crate) use normalise::{http_facts, parse_target};
+pub(crate) use refusal::{Refusal, RefusalKind};
+pub(crate) use resolve::{Checked, resolve_checked};
+pub(crate) use state::{State, own_addresses};
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -48,7 +48,7 @@ use crate::resolve::Resolver;
 /// The decision pipeline of a running gateway: the state in force (swapped whole on reload
 /// and on every Kubernetes change), the resolver, the audit log and the metrics. Fronts hand it
 /// their requests; it knows nothing of listeners, shutdown or readiness (`runtime`).
-pub struct Pipeline {
+pub(crate) struct Pipeline {
     state: ArcSwap<State>,
     config_path: PathBuf,
     own: Vec<IpAddr>,
@@ -70,7 +70,7 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// Builds the pipeline from a loaded config.
-    pub fn new(loaded: Loaded, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Pipeline>> {
+    pub(crate) fn new(loaded: Loaded, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Pipeline>> {
         let instance: Arc<str> = uuid::Uuid::new_v4().simple().to_string()[..12].into();
         let own = own_addresses(&loaded.config.listen);
         for net in &loaded.config.guard.allow_cidrs {
@@ -96,40 +96,43 @@ impl Pipeline {
     }
 
     /// The state in force.
-    pub fn state(&self) -> Arc<State> {
+    pub(crate) fn state(&self) -> Arc<State> {
         self.state.load_full()
     }
 
     /// The limits in force (`limits`), for the fronts' timeouts and relays.
-    pub fn limits(&self) -> config::Limits {
+    pub(crate) fn limits(&self) -> config::Limits {
         self.state.load().loaded.config.limits.clone()
     }
 
     /// The SOCKS5 users in force (`socks5.users`); empty: no authentication.
-    pub fn socks5_users(&self) -> Vec<config::Socks5User> {
+    pub(crate) fn socks5_users(&self) -> Vec<config::Socks5User> {
         self.state.load().loaded.config.socks5.users.clone()
     }
 
     /// The transparent front's settings in force (`transparent`).
-    pub fn transparent(&self) -> config::TransparentConfig {
+    pub(crate) fn transparent(&self) -> config::TransparentConfig {
         self.state.load().loaded.config.transparent.clone()
     }
 
     /// Checks a relay's PROXY v2 header: its MAC under a key of `transparent.relayKeyFile`, its
     /// age within `transparent.relayMaxSkew`, and that it was never accepted before.
-    pub fn verify_relay(&self, h: &egress_netio::proxy::Header<'_>) -> Result<(), egress_netio::proxy::AuthError> {
+    pub(crate) fn verify_relay(
+        &self,
+        h: &egress_netio::proxy::Header<'_>,
+    ) -> Result<(), egress_netio::proxy::AuthError> {
         self.state.load().relay_auth.verify(h, std::time::SystemTime::now(), &self.relay_replay)
     }
 
     /// Whether an egress address pool is configured.
-    pub fn pool_exists(&self, pool: &str) -> bool {
+    pub(crate) fn pool_exists(&self, pool: &str) -> bool {
         self.state.load().loaded.config.egress_addresses.contains_key(pool)
     }
 
     /// Drops the rate limiters' per-client states that are back to a full bucket
     /// (indistinguishable from a new client) and updates `egress_rate_limiter_keys` and
     /// `egress_rate_limiter_pruned_total`.
-    pub fn prune_rate_limiters(&self) {
+    pub(crate) fn prune_rate_limiters(&self) {
         let state = self.state.load();
         let (mut keys, mut pruned) = (0, 0);
         for p in &state.snapshot.policies {
@@ -147,7 +150,7 @@ impl Pipeline {
 
     /// Recompiles the snapshot with what the Kubernetes API contributes now (called on every
     /// coalesced watch change).
-    pub fn apply_kube(&self, inputs: Arc<KubeInputs>) {
+    pub(crate) fn apply_kube(&self, inputs: Arc<KubeInputs>) {
         let state = self.state.load();
         self.kube.store(Some(inputs.clone()));
         let next = State::build(state.loaded.clone(), Some(&inputs), Some(&state), &self.own);
@@ -155,7 +158,7 @@ impl Pipeline {
     }
 
     /// Re-reads the config file and its policies. On any error the previous state stays in force.
-    pub fn reload(&self) -> Result<(), config::ConfigErrors> {
+    pub(crate) fn reload(&self) -> Result<(), config::ConfigErrors> {
         match config::load_with_secrets(&self.config_path) {
             Ok(loaded) => {
                 let old = self.state.load();
@@ -185,7 +188,7 @@ impl Pipeline {
     }
 
     /// A new client connection record.
-    pub fn new_conn(&self, peer: SocketAddr, front: Front) -> Arc<ClientConn> {
+    pub(crate) fn new_conn(&self, peer: SocketAddr, front: Front) -> Arc<ClientConn> {
         let n = self.next_conn.fetch_add(1, Ordering::Relaxed) + 1;
         self.metrics.connections[front_index(front)].inc();
         Arc::new(ClientConn::new(format!("{}-{n}", self.instance).into(), peer))
@@ -194,7 +197,7 @@ impl Pipeline {
     /// Runs a request through stages 2 to 4 (normalise, decide and rate-limit, resolve and
     /// check) on one snapshot of the state. A denial is audited before it is returned; an allow
     /// is a [`Permit`] for stage 5, audited when it is used.
-    pub async fn authorize(self: &Arc<Self>, req: &EgressRequest) -> Result<Permit, Refusal> {
+    pub(crate) async fn authorize(self: &Arc<Self>, req: &EgressRequest) -> Result<Permit, Refusal> {
         let state = self.state.load_full();
         let target = match parse_target(&req.target) {
             Ok(t) => t,

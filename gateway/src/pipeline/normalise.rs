@@ -11,7 +11,7 @@ use crate::request::RawTarget;
 use crate::target::{self, Host, Target, TargetError};
 
 /// Normalises a front's raw target.
-pub fn parse_target(raw: &RawTarget) -> Result<Target, TargetError> {
+pub(crate) fn parse_target(raw: &RawTarget) -> Result<Target, TargetError> {
     match raw {
         RawTarget::Authority(a) => target::parse_authority(a),
         RawTarget::HostPort(h, p) => {
@@ -41,6 +41,6 @@ pub(super) fn raw_host_port(raw: &RawTarget) -> (String, u16) {
 }
 
 /// HTTP facts of a request.
-pub fn http_facts(method: &str, path: &str) -> HttpFacts {
+pub(crate) fn http_facts(method: &str, path: &str) -> HttpFacts {
     HttpFacts { method: method.to_string(), path: path.to_string() }
 }

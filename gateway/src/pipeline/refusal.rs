@@ -8,7 +8,7 @@ use crate::policy::Reason;
 
 /// How a front must refuse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RefusalKind {
+pub(crate) enum RefusalKind {
     /// Policy or guard said no.
     Denied,
     /// Rate limit exceeded.
@@ -33,7 +33,7 @@ pub enum RefusalKind {
 
 impl RefusalKind {
     /// The HTTP status and the words of the answer, for every front that answers in HTTP.
-    pub fn http_status(self) -> (u16, &'static str) {
+    pub(crate) fn http_status(self) -> (u16, &'static str) {
         match self {
             RefusalKind::Denied => (403, "denied by egress policy"),
             RefusalKind::RateLimited => (429, "rate limit exceeded"),
@@ -51,7 +51,7 @@ impl RefusalKind {
 impl Refusal {
     /// The words of the answer: what refused the request, in terms a user can act on (the
     /// built-in guard is not a policy, and says why).
-    pub fn words(&self) -> &'static str {
+    pub(crate) fn words(&self) -> &'static str {
         match (self.kind, self.reason) {
             (RefusalKind::Denied, Reason::GuardBlocked | Reason::GuardBlockedName) => {
                 "denied by the built-in guard: the destination is cloud metadata, loopback, link-local or another blocked range, which only guard.allowCidrs opens"
@@ -76,7 +76,7 @@ impl Refusal {
 
 /// A refusal, already audited.
 #[derive(Debug, Clone)]
-pub struct Refusal {
+pub(crate) struct Refusal {
     /// What kind of answer the front gives.
     pub kind: RefusalKind,
     /// Reason code.

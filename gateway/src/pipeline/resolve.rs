@@ -20,7 +20,7 @@ use crate::target::{self, Host, Target};
 
 /// The result of resolving an allowed name and checking every address.
 #[derive(Debug, Clone)]
-pub struct Checked {
+pub(crate) struct Checked {
     /// The decision, turned into a denial when no address survived.
     pub decision: Decision,
     /// Every resolved address with its verdict.
@@ -33,7 +33,7 @@ pub struct Checked {
 
 /// Resolves an allowed target (when it is a name) and keeps only the addresses the guard passes
 /// and no cluster Deny CIDR rule covers. A denied decision is returned unchanged.
-pub async fn resolve_checked(
+pub(crate) async fn resolve_checked(
     state: &State,
     resolver: Option<&Resolver>,
     metrics: Option<&Metrics>,

@@ -12,7 +12,7 @@ use crate::inputs::KubeInputs;
 use crate::policy::Snapshot;
 
 /// Everything derived from one config load, swapped whole.
-pub struct State {
+pub(crate) struct State {
     /// The config and its policies.
     pub loaded: Loaded,
     /// Compiled policies.
@@ -30,7 +30,7 @@ pub struct State {
 impl State {
     /// Compiles a loaded config and, in Kubernetes mode, the API's policies and Pods.
     /// `previous` lends its rate-limit buckets to unchanged policies.
-    pub fn build(loaded: Loaded, kube: Option<&KubeInputs>, previous: Option<&State>, own: &[IpAddr]) -> State {
+    pub(crate) fn build(loaded: Loaded, kube: Option<&KubeInputs>, previous: Option<&State>, own: &[IpAddr]) -> State {
         let c = &loaded.config;
         let mut policies: Vec<_> = loaded.policies.iter().map(|(_, p)| p.clone()).collect();
         if let Some(k) = kube {
@@ -50,7 +50,7 @@ impl State {
 }
 
 /// The gateway's own addresses (every interface, and the listeners'), blocked by the guard.
-pub fn own_addresses(listen: &config::Listen) -> Vec<IpAddr> {
+pub(crate) fn own_addresses(listen: &config::Listen) -> Vec<IpAddr> {
     let mut v: Vec<IpAddr> =
         if_addrs::get_if_addrs().map(|l| l.into_iter().map(|i| i.ip()).collect()).unwrap_or_default();
     for sa in [listen.http, listen.socks5, listen.admin, listen.transparent].into_iter().flatten() {

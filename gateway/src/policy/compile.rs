@@ -15,7 +15,7 @@ use prefix_trie::PrefixMap;
 use crate::config::DefaultAction;
 
 /// A per-client token bucket of one policy.
-pub type Limiter = DefaultKeyedRateLimiter<IpAddr>;
+pub(super) type Limiter = DefaultKeyedRateLimiter<IpAddr>;
 
 /// One policy, compiled.
 #[derive(Debug)]
