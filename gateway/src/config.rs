@@ -1532,3 +1532,158 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+/// Hostile configuration files: `load` never panics, and every rejection names the file (and,
+/// where the problem is in a field, the field).
+#[cfg(test)]
+mod hostile_configs {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    /// JSON values shaped like gateway configs: the config's keys (and a few that are not) at
+    /// any depth, with any kind of value. `policyFiles` is left out: it names files to read.
+    fn config() -> impl Strategy<Value = Value> {
+        let keys = prop::sample::select(vec![
+            "listen",
+            "http",
+            "socks5",
+            "transparent",
+            "admin",
+            "egressAddresses",
+            "default",
+            "guard",
+            "allowCidrs",
+            "clients",
+            "cidr",
+            "namespace",
+            "name",
+            "labels",
+            "serviceAccount",
+            "resolver",
+            "servers",
+            "limits",
+            "connectTimeout",
+            "idleTimeout",
+            "headerTimeout",
+            "maxHeaderBytes",
+            "maxConnections",
+            "maxConnectionsPerClient",
+            "maxTunnelsPerClient",
+            "tunnelCoalesce",
+            "audit",
+            "sinks",
+            "type",
+            "path",
+            "format",
+            "maxBytes",
+            "maxFiles",
+            "address",
+            "transport",
+            "tls",
+            "ca",
+            "facility",
+            "url",
+            "preset",
+            "batch",
+            "maxEvents",
+            "hec",
+            "spool",
+            "dir",
+            "fsync",
+            "segmentBytes",
+            "onFailure",
+            "checkpoint",
+            "every",
+            "interval",
+            "kubernetes",
+            "enabled",
+            "leaseDuration",
+            "policies",
+            "defaultAction",
+            "users",
+            "username",
+            "password",
+            "log",
+            "denials",
+            "shutdown",
+            "grace",
+            "trustedRelays",
+            "relayMaxSkew",
+            "firstByteTimeout",
+            "lisen",
+            "",
+        ]);
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(|f| json!(f)),
+            "\\PC{0,24}".prop_map(Value::from),
+            prop::sample::select(vec![
+                "127.0.0.1:0",
+                "[::1]:0",
+                "10.0.0.0/8",
+                "file",
+                "stdout",
+                "syslog",
+                "http",
+                "5s",
+                "0s",
+                "1ms",
+                "always",
+                "failOpen",
+                "Deny",
+                "json",
+                "ocsf",
+                "c:514",
+                "https://c/_bulk",
+                "ndjson",
+                "splunk_hec",
+            ])
+            .prop_map(Value::from),
+        ];
+        leaf.prop_recursive(5, 64, 6, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                prop::collection::btree_map(keys.clone(), inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().map(|(k, v)| (k.to_string(), v)).collect())),
+            ]
+        })
+    }
+
+    fn check(dir: &Path, text: &str) -> Result<(), TestCaseError> {
+        let path = dir.join("gateway.yaml");
+        std::fs::write(&path, text).unwrap();
+        if let Err(ConfigErrors(errors)) = load(&path) {
+            let file = path.display().to_string();
+            prop_assert!(!errors.is_empty());
+            for e in &errors {
+                prop_assert!(e.starts_with(&file) && e.len() > file.len() + 2, "unnamed: {e:?}");
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(crate::fuzz_cases(1500)))]
+
+        /// Structured hostile configs (a mapping at the top, config keys anywhere).
+        #[test]
+        fn never_panics_on_hostile_configs(top in prop::collection::btree_map(prop::sample::select(vec![
+            "listen", "guard", "clients", "resolver", "limits", "audit", "kubernetes", "policies",
+            "defaultAction", "socks5", "log", "shutdown", "transparent", "egressAddresses", "lisen",
+        ]), config(), 0..6)) {
+            let dir = tempfile::tempdir().unwrap();
+            let doc = Value::Object(top.into_iter().map(|(k, v)| (k.to_string(), v)).collect());
+            check(dir.path(), &serde_yaml_ng::to_string(&doc).unwrap())?;
+        }
+
+        /// Any text at all.
+        #[test]
+        fn never_panics_on_hostile_text(text in "\\PC{0,200}|[\\[\\]{}:,\\-'\"#&*!|>%@` \\n\\ta-z0-9]{0,200}") {
+            let dir = tempfile::tempdir().unwrap();
+            check(dir.path(), &text)?;
+        }
+    }
+}
