@@ -155,6 +155,22 @@ pub struct KubernetesConfig {
     /// A holder that has not renewed for this long loses the Lease.
     #[serde(deserialize_with = "duration", default = "d15s")]
     pub lease_duration: Duration,
+    /// Share each policy's `rateLimit` among the gateway's ready replicas: every replica
+    /// enforces `requestsPerSecond / N` and `burst / N` (at least 1), N being the Ready Pods
+    /// these labels select in the namespace. Absent: each replica enforces the whole rate.
+    #[serde(default)]
+    pub rate_limit_replicas: Option<ReplicaSelector>,
+}
+
+/// The gateway's own Pods, counted to share rate limits among them.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReplicaSelector {
+    /// Labels every gateway Pod carries (the Deployment's selector); at least one.
+    pub match_labels: BTreeMap<String, String>,
+    /// Namespace of the gateway's Pods; default `$POD_NAMESPACE`, else `default`.
+    #[serde(default)]
+    pub namespace: Option<String>,
 }
 
 impl Default for KubernetesConfig {
@@ -166,6 +182,7 @@ impl Default for KubernetesConfig {
             lease_namespace: None,
             lease_name: default_lease_name(),
             lease_duration: d15s(),
+            rate_limit_replicas: None,
         }
     }
 }
@@ -1089,6 +1106,14 @@ fn validate_config(c: &Config, file: &str, errors: &mut Vec<String>) {
         for (field, m) in s.check() {
             err(&format!("audit.sinks[{i}]{field}"), m);
         }
+    }
+    if let Some(r) = &c.kubernetes.rate_limit_replicas
+        && r.match_labels.is_empty()
+    {
+        err(
+            "kubernetes.rateLimitReplicas.matchLabels",
+            "at least one label (the gateway Deployment's selector)".into(),
+        );
     }
     if c.audit.sinks.is_empty() {
         err("audit.sinks", "at least one sink is required: every decision is audited".into());

@@ -15,6 +15,8 @@ pub(crate) struct KubeInputs {
     pub invalid: Vec<(&'static str, String, Vec<egress_crds::FieldError>)>,
     /// Pod IP -> identity.
     pub pods: Vec<PodIdentity>,
+    /// The gateway's Ready replicas (`kubernetes.rateLimitReplicas`; `None` when not counted).
+    pub ready_replicas: Option<u32>,
 }
 
 /// One Pod's identity and addresses.

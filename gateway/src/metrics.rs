@@ -19,6 +19,8 @@ pub struct Metrics {
     pub rate_limiter_keys: Gauge,
     /// Client states dropped by that pruning.
     pub rate_limiter_pruned: Counter,
+    /// Replicas every rate limit is shared among (`kubernetes.rateLimitReplicas`; 1: not shared).
+    pub rate_limit_replicas: Gauge,
     /// Client connections currently open.
     pub active_connections: Gauge,
     decisions_allow: Vec<Counter>,
@@ -161,6 +163,13 @@ impl Metrics {
             "Client states the rate limiters dropped because they were back to a full bucket",
             rate_limiter_pruned.clone(),
         );
+        let rate_limit_replicas = Gauge::default();
+        rate_limit_replicas.set(1);
+        registry.register(
+            "rate_limit_replicas",
+            "Ready gateway replicas each policy's rate limit is shared among (kubernetes.rateLimitReplicas; 1: each replica enforces the whole rate)",
+            rate_limit_replicas.clone(),
+        );
         let decisions = Family::<DecisionLabels, Counter>::default();
         let mk = |action| {
             Reason::ALL
@@ -262,6 +271,7 @@ impl Metrics {
             connections,
             rate_limiter_keys,
             rate_limiter_pruned,
+            rate_limit_replicas,
             active_connections,
             decisions_allow,
             decisions_deny,

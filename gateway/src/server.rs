@@ -129,6 +129,14 @@ async fn follow_kubernetes(
         instance: gw.pipeline.instance.clone(),
         tracker: gw.runtime.tracker.clone(),
         draining: gw.runtime.draining.clone(),
+        replicas: cfg.rate_limit_replicas.as_ref().map(|r| crate::k8s::Replicas {
+            namespace: r
+                .namespace
+                .clone()
+                .or_else(|| std::env::var("POD_NAMESPACE").ok())
+                .unwrap_or_else(|| "default".into()),
+            labels: r.match_labels.clone(),
+        }),
     };
     let mut watching = crate::k8s::start(cfg, cx).await.context("kubernetes")?;
     let gw = gw.clone();

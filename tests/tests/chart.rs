@@ -372,6 +372,14 @@ fn the_gateway_pod_is_restricted_and_drains_within_its_grace_period() {
     let sc = &container(get(&docs, "Deployment", GATEWAY), "gateway")["securityContext"];
     assert_eq!((sc["runAsUser"].as_u64(), sc["runAsGroup"].as_u64()), (Some(64001), Some(64002)));
     assert!(find(&docs, "DaemonSet", REDIRECTOR).is_none(), "steering is opt-in: it needs the cluster's CIDRs");
+    assert!(yaml(&config_map_file(&docs, GATEWAY, "gateway.yaml"))["kubernetes"].get("rateLimitReplicas").is_none());
+    // Rate limits shared among the replicas: the gateway counts exactly the Deployment's Pods.
+    let (_, docs) = render(&None, &["--set", "gateway.kubernetes.shareRateLimits=true"]).unwrap();
+    let cfg = yaml(&config_map_file(&docs, GATEWAY, "gateway.yaml"));
+    let share = &cfg["kubernetes"]["rateLimitReplicas"];
+    let dep = get(&docs, "Deployment", GATEWAY);
+    assert_eq!(share["matchLabels"], dep["spec"]["selector"]["matchLabels"], "{share}");
+    assert_eq!(share["namespace"], dep["metadata"]["namespace"], "{share}");
 }
 
 #[test]

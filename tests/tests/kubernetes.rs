@@ -29,6 +29,11 @@ struct Setup {
 }
 
 fn setup(populate: impl FnOnce(&FakeApi, u16)) -> Setup {
+    setup_with("", populate)
+}
+
+/// [`setup`], with `extra` added to the `kubernetes` settings (`, key: value`).
+fn setup_with(extra: &str, populate: impl FnOnce(&FakeApi, u16)) -> Setup {
     let dns = Dns::start(&[("up.test", "127.0.0.2"), ("other.test", "127.0.0.2")]);
     let up = Upstream::start("127.0.0.2");
     let api = FakeApi::start();
@@ -38,7 +43,7 @@ fn setup(populate: impl FnOnce(&FakeApi, u16)) -> Setup {
     let (kc_file, kc_path) = kc.keep().unwrap();
     drop(kc_file);
     let body = format!(
-        "guard: {{allowCidrs: [127.0.0.2/32]}}\nkubernetes: {{enabled: true, kubeconfig: {}}}\n",
+        "guard: {{allowCidrs: [127.0.0.2/32]}}\nkubernetes: {{enabled: true, kubeconfig: {}{extra}}}\n",
         kc_path.display()
     );
     let gw = Gateway::start(&dns, &body);
@@ -144,6 +149,70 @@ fn pods_and_policies_from_the_api_drive_decisions() {
     s.eventually("127.0.0.1", "other.test", 200);
     s.api.delete(POLICIES, "shop", "api-egress");
     s.eventually("127.0.0.1", "other.test", 403);
+}
+
+/// A gateway replica: a Pod of namespace `egress` with the Deployment's labels.
+fn gateway_pod(name: &str, ip: &str, ready: bool) -> Value {
+    let mut p = pod("egress", name, &[ip], json!({"app": "egress-gateway"}), "Running");
+    p["status"]["conditions"] = json!([{"type": "Ready", "status": if ready { "True" } else { "False" }}, {"type": "PodScheduled", "status": "True"}]);
+    p
+}
+
+/// `kubernetes.rateLimitReplicas`: a policy's rate limit is shared among the gateway's Ready
+/// replicas (the Pods its labels select), and follows them as they come and go. With
+/// `requestsPerSecond: 1, burst: 6`, a replica lets a client through `6 / N` times at once.
+#[test]
+fn rate_limits_are_shared_among_the_ready_replicas() {
+    let extra = ", rateLimitReplicas: {matchLabels: {app: egress-gateway}, namespace: egress}";
+    let s = setup_with(extra, |api, port| {
+        api.apply(NAMESPACES, namespace("shop", json!({})));
+        api.apply(NAMESPACES, namespace("egress", json!({})));
+        api.apply(PODS, pod("shop", "api-1", &["127.0.0.1"], json!({"app": "api"}), "Running"));
+        // Two Ready replicas; one not Ready and one with other labels do not count.
+        api.apply(PODS, gateway_pod("gw-a", "10.9.0.1", true));
+        api.apply(PODS, gateway_pod("gw-b", "10.9.0.2", true));
+        api.apply(PODS, gateway_pod("gw-c", "10.9.0.3", false));
+        let mut other = gateway_pod("other", "10.9.0.4", true);
+        other["metadata"]["labels"] = json!({"app": "something-else"});
+        api.apply(PODS, other);
+        let mut p = egress_policy("shop", "api-egress", json!({"matchLabels": {"app": "api"}}), allow_up(port));
+        p["spec"]["rateLimit"] = json!({"requestsPerSecond": 1, "burst": 6});
+        api.apply(POLICIES, p);
+    });
+    s.eventually("127.0.0.1", "other.test", 403); // synced (and no token spent)
+    // Ten requests at once: the share of the burst passes, and at most one more token per
+    // `N` seconds that the ten took (one every N seconds at 1 request per second shared by N).
+    let allowed_of_ten = |n: u32| {
+        let started = std::time::Instant::now();
+        let ok = (0..10).filter(|_| s.get("127.0.0.1", "up.test").status == 200).count() as f64;
+        let refill = started.elapsed().as_secs_f64() / f64::from(n);
+        let share = f64::from(6 / n);
+        assert!(
+            ok >= share && ok <= share + refill.ceil(),
+            "{ok} of 10 allowed; shared by {n} replicas: {share} at once, {refill:.2} refilled\n{}",
+            s.gw.log_text()
+        );
+        let denied = s.gw.decision(|e| e["decision"]["reason"] == "rate_limited");
+        assert_eq!(denied["decision"]["policy"], "shop/api-egress");
+    };
+    let replicas = |n: f64| {
+        wait_for("the replicas counted", Duration::from_secs(10), || {
+            s.gw.metric("egress_rate_limit_replicas") == Some(n)
+        })
+    };
+    replicas(2.0);
+    allowed_of_ten(2);
+    // A third replica turns Ready: each one's share shrinks (new buckets).
+    s.api.apply(PODS, gateway_pod("gw-c", "10.9.0.3", true));
+    replicas(3.0);
+    allowed_of_ten(3);
+    // Down to one Ready replica (one not Ready, one being deleted): the whole rate.
+    s.api.apply(PODS, gateway_pod("gw-b", "10.9.0.2", false));
+    let mut leaving = gateway_pod("gw-c", "10.9.0.3", true);
+    leaving["metadata"]["deletionTimestamp"] = json!("2026-11-28T00:00:00Z");
+    s.api.apply(PODS, leaving);
+    replicas(1.0);
+    allowed_of_ten(1);
 }
 
 #[test]

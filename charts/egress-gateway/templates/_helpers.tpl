@@ -107,6 +107,11 @@ kubernetes:
   writeStatus: {{ $g.kubernetes.writeStatus }}
   leaseName: {{ include "egress.leaseName" . }}
   leaseDuration: {{ $g.kubernetes.leaseDuration }}
+  {{- if $g.kubernetes.shareRateLimits }}
+  rateLimitReplicas:
+    namespace: {{ .Release.Namespace }}
+    matchLabels: {{- include "egress.selectorLabels" (dict "ctx" . "component" "gateway") | nindent 6 }}
+  {{- end }}
 {{- end -}}
 
 {{/* The node-redirector's configuration file (checked in CI by `node-redirector validate`). */}}

@@ -42,7 +42,7 @@ pub(crate) struct Stores {
 
 impl Stores {
     /// Builds the inputs of a snapshot from the current store contents.
-    pub(crate) fn inputs(&self, pools: &dyn Fn(&str) -> bool) -> KubeInputs {
+    pub(crate) fn inputs(&self, pools: &dyn Fn(&str) -> bool, replicas: Option<&Replicas>) -> KubeInputs {
         let ns_labels: BTreeMap<String, BTreeMap<String, String>> = self
             .namespaces
             .state()
@@ -53,7 +53,12 @@ impl Stores {
                 Some((name.clone(), egress_crds::namespace_labels(&name, &labels)))
             })
             .collect();
-        let mut out = KubeInputs { pods: pod_identities(&self.pods.state(), &ns_labels), ..Default::default() };
+        let pods = self.pods.state();
+        let mut out = KubeInputs {
+            pods: pod_identities(&pods, &ns_labels),
+            ready_replicas: replicas.map(|r| r.ready(&pods)),
+            ..Default::default()
+        };
         let mut ns_pol: Vec<Arc<EgressPolicy>> = self.policies.state();
         ns_pol.sort_by_key(|p| (p.metadata.namespace.clone(), p.metadata.name.clone()));
         let mut cl_pol: Vec<Arc<ClusterEgressPolicy>> = self.cluster.state();
@@ -85,6 +90,34 @@ impl Stores {
             }
         }
         out
+    }
+}
+
+/// The gateway's own Pods (`kubernetes.rateLimitReplicas`).
+pub(crate) struct Replicas {
+    /// Their namespace.
+    pub(crate) namespace: String,
+    /// Labels each of them carries.
+    pub(crate) labels: BTreeMap<String, String>,
+}
+
+impl Replicas {
+    /// How many of `pods` are gateway replicas that serve: selected, Ready, not being deleted.
+    fn ready(&self, pods: &[Arc<Pod>]) -> u32 {
+        let n = pods
+            .iter()
+            .filter(|p| p.metadata.namespace.as_deref() == Some(self.namespace.as_str()))
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .filter(|p| {
+                let labels = p.metadata.labels.as_ref();
+                self.labels.iter().all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+            })
+            .filter(|p| {
+                let conditions = p.status.as_ref().and_then(|s| s.conditions.as_ref());
+                conditions.into_iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True")
+            })
+            .count();
+        u32::try_from(n).unwrap_or(u32::MAX)
     }
 }
 
@@ -179,8 +212,8 @@ where
     store
 }
 
-/// Keeps only what identity needs of a Pod: names, labels, uid, node, service account,
-/// hostNetwork, phase and IPs.
+/// Keeps only what identity needs of a Pod (names, labels, uid, node, service account,
+/// hostNetwork, phase and IPs) and its Ready condition.
 fn trim_pod(p: &mut Pod) {
     p.metadata.managed_fields = None;
     p.metadata.annotations = None;
@@ -194,10 +227,13 @@ fn trim_pod(p: &mut Pod) {
         });
     }
     if let Some(st) = p.status.take() {
+        // Of the conditions only Ready, which counts the gateway's own replicas.
+        let ready = st.conditions.map(|c| c.into_iter().filter(|c| c.type_ == "Ready").collect());
         p.status = Some(k8s_openapi::api::core::v1::PodStatus {
             phase: st.phase,
             pod_ip: st.pod_ip,
             pod_ips: st.pod_ips,
+            conditions: ready,
             ..Default::default()
         });
     }
@@ -218,6 +254,8 @@ pub(crate) struct Context {
     pub tracker: TaskTracker,
     /// Fires when shutdown starts.
     pub draining: CancellationToken,
+    /// The gateway's own Pods, counted for `kubernetes.rateLimitReplicas`.
+    pub replicas: Option<Replicas>,
 }
 
 /// What `start` hands back.
@@ -301,9 +339,9 @@ pub(crate) async fn start(cfg: crate::config::KubernetesConfig, cx: Context) -> 
         }
     });
     let (out, inputs_rx) = channel::channel(None);
-    let pool_exists = cx.pool_exists;
+    let (pool_exists, replicas) = (cx.pool_exists, cx.replicas);
     let rebuild = move |stores: &Stores, before: Option<&KubeInputs>| {
-        let inputs = stores.inputs(&*pool_exists);
+        let inputs = stores.inputs(&*pool_exists, replicas.as_ref());
         let old_invalid: Vec<&String> =
             before.map(|k| k.invalid.iter().map(|(_, key, _)| key).collect()).unwrap_or_default();
         for (kind, key, errors) in &inputs.invalid {

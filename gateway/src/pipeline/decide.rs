@@ -20,8 +20,8 @@ pub(super) fn decide(state: &State, identity: Option<&Identity>, target: &Target
     let decision = state.snapshot.decide(&state.guard, identity, target, req.http.as_ref());
     if decision.action == Action::Allow
         && let Some(pi) = decision.policy_index
-        && let Some((_, limiter)) = &state.snapshot.policies[pi].rate_limit
-        && limiter.check_key(&target::canonical_ip(req.conn.peer.ip())).is_err()
+        && let Some(rate) = &state.snapshot.policies[pi].rate_limit
+        && rate.limiter.check_key(&target::canonical_ip(req.conn.peer.ip())).is_err()
     {
         return decision.deny(Reason::RateLimited);
     }

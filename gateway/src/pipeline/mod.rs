@@ -136,7 +136,7 @@ impl Pipeline {
         let state = self.state.load();
         let (mut keys, mut pruned) = (0, 0);
         for p in &state.snapshot.policies {
-            if let Some((_, limiter)) = &p.rate_limit {
+            if let Some(limiter) = p.rate_limit.as_ref().map(|r| &r.limiter) {
                 let before = limiter.len();
                 limiter.retain_recent();
                 limiter.shrink_to_fit();
@@ -155,6 +155,9 @@ impl Pipeline {
         self.kube.store(Some(inputs.clone()));
         let next = State::build(state.loaded.clone(), Some(&inputs), Some(&state), &self.own);
         self.state.store(Arc::new(next));
+        if let Some(n) = inputs.ready_replicas {
+            self.metrics.rate_limit_replicas.set(i64::from(n.max(1)));
+        }
     }
 
     /// Re-reads the config file and its policies. On any error the previous state stays in force.

@@ -36,7 +36,9 @@ impl State {
         if let Some(k) = kube {
             policies.extend(k.policies.iter().cloned());
         }
-        let snapshot = Snapshot::compile(c.default_action, &policies, previous.map(|p| &p.snapshot));
+        // `kubernetes.rateLimitReplicas`: every rate limit shared among the Ready replicas.
+        let replicas = kube.and_then(|k| k.ready_replicas).unwrap_or(1).max(1);
+        let snapshot = Snapshot::compile_shared(c.default_action, &policies, previous.map(|p| &p.snapshot), replicas);
         let pods = kube.map(|k| k.pods.as_slice()).unwrap_or(&[]);
         State {
             identities: IdentityTable::build(&c.clients, pods, |id| snapshot.selected(Some(id))),

@@ -37,7 +37,19 @@ pub struct CompiledPolicy {
     /// Whether selecting a client isolates it (namespaced: always; cluster: with an Allow rule).
     pub isolates: bool,
     /// Rate limit and its buckets (kept across reloads while the policy and limit are unchanged).
-    pub rate_limit: Option<(RateLimit, Arc<Limiter>)>,
+    pub rate_limit: Option<PolicyRate>,
+}
+
+/// A policy's rate limit as this replica enforces it.
+#[derive(Debug)]
+pub struct PolicyRate {
+    /// The policy's `rateLimit`.
+    pub spec: RateLimit,
+    /// The replicas it is shared among (`kubernetes.rateLimitReplicas`; 1: not shared).
+    pub shared_by: u32,
+    /// The per-client buckets, filled at `requestsPerSecond / shared_by` up to
+    /// `burst / shared_by` (at least 1).
+    pub limiter: Arc<Limiter>,
 }
 
 /// What a rule matched a target on.
@@ -124,6 +136,18 @@ pub struct Snapshot {
 impl Snapshot {
     /// Compiles validated policies. `previous` lends its rate-limit buckets to unchanged policies.
     pub fn compile(default_action: DefaultAction, policies: &[AnyPolicy], previous: Option<&Snapshot>) -> Snapshot {
+        Snapshot::compile_shared(default_action, policies, previous, 1)
+    }
+
+    /// [`Snapshot::compile`], with every rate limit shared among `replicas` replicas (each
+    /// enforces its share; a change of `replicas` starts the buckets anew).
+    pub fn compile_shared(
+        default_action: DefaultAction,
+        policies: &[AnyPolicy],
+        previous: Option<&Snapshot>,
+        replicas: u32,
+    ) -> Snapshot {
+        let replicas = replicas.max(1);
         let mut s = Snapshot {
             default_action,
             policies: Vec::new(),
@@ -135,7 +159,7 @@ impl Snapshot {
             cidr_v4: PrefixMap::new(),
             cidr_v6: PrefixMap::new(),
         };
-        let old_limiters: BTreeMap<(bool, &str), &(RateLimit, Arc<Limiter>)> = previous
+        let old_limiters: BTreeMap<(bool, &str), &PolicyRate> = previous
             .map(|p| {
                 p.policies
                     .iter()
@@ -169,9 +193,11 @@ impl Snapshot {
                 ),
             };
             let isolates = !cluster || rules.iter().any(|(a, _)| *a == RuleAction::Allow);
-            let rate_limit = rate.map(|rl| match old_limiters.get(&(cluster, &*key)) {
-                Some((old, limiter)) if *old == rl => (rl, limiter.clone()),
-                _ => (rl, Arc::new(new_limiter(rl))),
+            let rate_limit = rate.map(|spec| match old_limiters.get(&(cluster, &*key)) {
+                Some(old) if old.spec == spec && old.shared_by == replicas => {
+                    PolicyRate { spec, shared_by: replicas, limiter: old.limiter.clone() }
+                }
+                _ => PolicyRate { spec, shared_by: replicas, limiter: Arc::new(new_limiter(spec, replicas)) },
             });
             s.policies.push(CompiledPolicy {
                 key,
@@ -244,8 +270,34 @@ fn push_trie<P: prefix_trie::Prefix>(m: &mut PrefixMap<P, Vec<CidrEntry>>, p: P,
     }
 }
 
-fn new_limiter(rl: RateLimit) -> Limiter {
-    let rps = NonZeroU32::new(rl.requests_per_second).unwrap_or(NonZeroU32::MIN);
-    let burst = rl.burst.and_then(NonZeroU32::new).unwrap_or(rps);
-    RateLimiter::keyed(Quota::per_second(rps).allow_burst(burst))
+/// Buckets for `rl` shared among `replicas`: one token every `replicas / requestsPerSecond`
+/// seconds, at most `burst / replicas` of them (rounded down, at least 1).
+fn new_limiter(rl: RateLimit, replicas: u32) -> Limiter {
+    let rps = rl.requests_per_second.max(1);
+    let burst = rl.burst.unwrap_or(rps).max(1);
+    let share = NonZeroU32::new(burst / replicas).unwrap_or(NonZeroU32::MIN);
+    let period = std::time::Duration::from_nanos(1_000_000_000 * u64::from(replicas) / u64::from(rps))
+        .max(std::time::Duration::from_nanos(1));
+    let quota = Quota::with_period(period).unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX));
+    RateLimiter::keyed(quota.allow_burst(share))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tokens a fresh client gets at once from a limiter.
+    fn at_once(l: &Limiter) -> u32 {
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        (0..1000).take_while(|_| l.check_key(&ip).is_ok()).count() as u32
+    }
+
+    #[test]
+    fn a_shared_rate_limit_gives_each_replica_its_share_of_the_burst() {
+        let rl = |rps, burst| RateLimit { requests_per_second: rps, burst };
+        assert_eq!(at_once(&new_limiter(rl(100, Some(12)), 1)), 12);
+        assert_eq!(at_once(&new_limiter(rl(100, Some(12)), 3)), 4);
+        assert_eq!(at_once(&new_limiter(rl(100, None), 4)), 25, "burst defaults to the rate");
+        assert_eq!(at_once(&new_limiter(rl(1, Some(2)), 5)), 1, "at least one");
+    }
 }

@@ -5,7 +5,7 @@
 mod compile;
 mod decide;
 
-pub use compile::{CompiledPolicy, CompiledRule, PeerMatch, Snapshot};
+pub use compile::{CompiledPolicy, CompiledRule, PeerMatch, PolicyRate, Snapshot};
 pub use decide::{Action, Decision, HttpFacts};
 
 use serde::Serialize;
