@@ -2,9 +2,15 @@
 //! from the egress.v1 event as written (one parsed line), so every sink of every format carries
 //! the same facts; the field tables are in docs/audit.md.
 
+use std::net::{IpAddr, SocketAddr};
+
+use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
+use super::End;
 use crate::config::AuditFormat;
+use crate::policy::{Action, Reason};
+use crate::request::Front;
 
 /// The OCSF version the `ocsf` format follows.
 pub(crate) const OCSF_VERSION: &str = "1.5.0";
@@ -42,8 +48,8 @@ pub(crate) fn render(format: AuditFormat, ctx: &Context, lines: &[u8], out: &mut
         let mapped = match serde_json::from_slice::<Value>(body) {
             Ok(ev) => match format {
                 AuditFormat::Json => None,
-                AuditFormat::Ocsf => Some(ocsf(&ev, ctx)),
-                AuditFormat::Ecs => Some(ecs(&ev, ctx)),
+                AuditFormat::Ocsf => ocsf(&ev, ctx),
+                AuditFormat::Ecs => ecs(&ev, ctx),
             },
             Err(_) => None,
         };
@@ -55,20 +61,115 @@ pub(crate) fn render(format: AuditFormat, ctx: &Context, lines: &[u8], out: &mut
     }
 }
 
-fn s<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
-    let mut cur = v;
-    for p in path {
-        cur = cur.get(p)?;
-    }
-    cur.as_str()
+/// The members of an egress.v1 event the mappings read, typed and borrowed from the parsed
+/// line. (Members carried over verbatim, under `unmapped` / `egress`, are copied from the line
+/// itself.) A line that does not read as one is passed through unmapped.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct View<'a> {
+    event: Kind,
+    time: &'a str,
+    id: &'a str,
+    seq: u64,
+    instance: &'a str,
+    front: Option<Front>,
+    request_id: Option<&'a str>,
+    connection_id: Option<&'a str>,
+    #[serde(borrow)]
+    client: ClientView<'a>,
+    #[serde(borrow)]
+    target: TargetView<'a>,
+    #[serde(borrow)]
+    decision: Option<DecisionView<'a>>,
+    #[serde(borrow)]
+    close: Option<CloseView<'a>>,
+    dialled: Option<SocketAddr>,
+    #[serde(borrow)]
+    transparent: Option<TransparentView<'a>>,
+    gap: Option<GapView>,
+    checkpoint: Option<CheckpointView>,
 }
 
-fn u(v: &Value, path: &[&str]) -> Option<u64> {
-    let mut cur = v;
-    for p in path {
-        cur = cur.get(p)?;
-    }
-    cur.as_u64()
+#[derive(Deserialize, Default, PartialEq, Eq, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+enum Kind {
+    Decision,
+    Close,
+    AuditGap,
+    Checkpoint,
+    #[default]
+    #[serde(other)]
+    Other,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, rename_all = "camelCase")]
+struct ClientView<'a> {
+    address: Option<IpAddr>,
+    port: u16,
+    namespace: Option<&'a str>,
+    name: Option<&'a str>,
+    service_account: Option<&'a str>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct TargetView<'a> {
+    host: &'a str,
+    port: u16,
+    #[serde(borrow)]
+    http: Option<HttpView<'a>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct HttpView<'a> {
+    method: &'a str,
+    path: &'a str,
+}
+
+#[derive(Deserialize)]
+struct DecisionView<'a> {
+    action: Action,
+    reason: Reason,
+    #[serde(default)]
+    policy: Option<&'a str>,
+    #[serde(default)]
+    rule: Option<&'a str>,
+    #[serde(default)]
+    detail: Option<&'a str>,
+}
+
+#[derive(Deserialize)]
+struct CloseView<'a> {
+    end: End,
+    #[serde(default)]
+    error: Option<&'a str>,
+    #[serde(default)]
+    http_status: Option<u16>,
+    #[serde(default)]
+    bytes_up: u64,
+    #[serde(default)]
+    bytes_down: u64,
+    #[serde(default)]
+    duration_ms: u64,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct TransparentView<'a> {
+    sni: Option<&'a str>,
+}
+
+#[derive(Deserialize)]
+struct GapView {
+    from_seq: u64,
+    to_seq: u64,
+}
+
+#[derive(Deserialize)]
+struct CheckpointView {
+    covers_to_seq: u64,
 }
 
 /// Milliseconds since the epoch of an RFC 3339 time.
@@ -85,54 +186,52 @@ fn put(m: &mut Map<String, Value>, k: &str, v: Value) {
     }
 }
 
-fn ip_of(addr: &str) -> Option<String> {
-    addr.parse::<std::net::SocketAddr>().ok().map(|a| a.ip().to_string())
-}
-
 /// The target: `name_key` = the host when it is a name, `ip` = the dialled address (or the
 /// IP-literal target), `port`.
-fn destination(ev: &Value, name_key: &str) -> Map<String, Value> {
-    let host = s(ev, &["target", "host"]).unwrap_or("");
+fn destination(v: &View<'_>, name_key: &str) -> Map<String, Value> {
+    let host = v.target.host;
     let mut m = Map::new();
     if is_name(host) {
         put(&mut m, name_key, json!(host));
     }
-    if let Some(d) = s(ev, &["dialled"]) {
-        put(&mut m, "ip", json!(ip_of(d)));
+    if let Some(d) = v.dialled {
+        put(&mut m, "ip", json!(d.ip().to_string()));
     } else if !host.is_empty() && !is_name(host) {
         put(&mut m, "ip", json!(host.trim_start_matches('[').trim_end_matches(']')));
     }
-    if let Some(port) = u(ev, &["target", "port"]).filter(|p| *p > 0) {
-        put(&mut m, "port", json!(port));
+    if v.target.port > 0 {
+        put(&mut m, "port", json!(v.target.port));
     }
     m
 }
 
 /// The facts of a traffic event (`decision` or `close`) both mappings start from.
 struct Traffic<'a> {
-    front: &'a str,
+    front: Front,
     allow: bool,
-    reason: &'a str,
+    reason: Reason,
     close: bool,
     host: &'a str,
-    port: u64,
+    port: u16,
     method: Option<&'a str>,
     /// `allowed`, `denied` or `closed`, for the one-line message.
     verb: &'static str,
 }
 
 impl<'a> Traffic<'a> {
-    fn of(ev: &'a Value) -> Traffic<'a> {
-        let allow = s(ev, &["decision", "action"]) == Some("allow");
-        let close = s(ev, &["event"]) == Some("close");
-        Traffic {
-            front: s(ev, &["front"]).unwrap_or(""),
+    /// `None` for an event that is not about traffic or lacks its front or decision.
+    fn of(v: &View<'a>) -> Option<Traffic<'a>> {
+        let d = v.decision.as_ref()?;
+        let allow = d.action == Action::Allow;
+        let close = v.event == Kind::Close;
+        Some(Traffic {
+            front: v.front?,
             allow,
-            reason: s(ev, &["decision", "reason"]).unwrap_or(""),
+            reason: d.reason,
             close,
-            host: s(ev, &["target", "host"]).unwrap_or(""),
-            port: u(ev, &["target", "port"]).unwrap_or(0),
-            method: s(ev, &["target", "http", "method"]),
+            host: v.target.host,
+            port: v.target.port,
+            method: v.target.http.as_ref().map(|h| h.method),
             verb: if close {
                 "closed"
             } else if allow {
@@ -140,7 +239,12 @@ impl<'a> Traffic<'a> {
             } else {
                 "denied"
             },
-        }
+        })
+    }
+
+    /// Whether OCSF files it under HTTP Activity and ECS under `web`.
+    fn http_class(&self) -> bool {
+        matches!(self.front, Front::Http | Front::Connect)
     }
 }
 
@@ -152,25 +256,25 @@ struct LogEvent {
     message: String,
 }
 
-fn log_event(ev: &Value) -> Option<LogEvent> {
-    match s(ev, &["event"])? {
-        "audit_gap" => {
-            let (from, to) = (u(ev, &["gap", "from_seq"]).unwrap_or(0), u(ev, &["gap", "to_seq"]).unwrap_or(0));
+fn log_event(v: &View<'_>) -> Option<LogEvent> {
+    match v.event {
+        Kind::AuditGap => {
+            let (from, to) = v.gap.as_ref().map_or((0, 0), |g| (g.from_seq, g.to_seq));
             Some(LogEvent {
                 activity: "Audit Gap",
                 ecs_action: "audit-gap",
                 ok: false,
-                message: format!("audit events {from}..={to} of instance {} were lost", ev["instance"]),
+                message: format!("audit events {from}..={to} of instance {:?} were lost", v.instance),
             })
         }
-        "checkpoint" => Some(LogEvent {
+        Kind::Checkpoint => Some(LogEvent {
             activity: "Checkpoint",
             ecs_action: "audit-checkpoint",
             ok: true,
             message: format!(
-                "signed checkpoint of events up to {} of instance {}",
-                u(ev, &["checkpoint", "covers_to_seq"]).unwrap_or(0),
-                ev["instance"]
+                "signed checkpoint of events up to {} of instance {:?}",
+                v.checkpoint.as_ref().map_or(0, |c| c.covers_to_seq),
+                v.instance
             ),
         }),
         _ => None,
@@ -182,18 +286,18 @@ fn is_name(host: &str) -> bool {
     host.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().is_err()
 }
 
-fn severity(reason: &str, allow: bool) -> (u64, &'static str) {
+fn severity(reason: Reason, allow: bool) -> (u64, &'static str) {
     if allow {
         return (1, "Informational");
     }
     match reason {
         // Someone tried a metadata or internal address: worth a look.
-        "guard_blocked"
-        | "guard_blocked_name"
-        | "guard_internal"
-        | "dns_guard_blocked"
-        | "dns_internal_address"
-        | "untrusted_relay" => (3, "Medium"),
+        Reason::GuardBlocked
+        | Reason::GuardBlockedName
+        | Reason::GuardInternal
+        | Reason::DnsGuardBlocked
+        | Reason::DnsInternalAddress
+        | Reason::UntrustedRelay => (3, "Medium"),
         _ => (2, "Low"),
     }
 }
@@ -254,25 +358,26 @@ fn kubernetes(ev: &Value) -> Value {
 /// One egress.v1 event as OCSF 1.5.0: HTTP Activity (4002) for the `http` and `connect` fronts,
 /// Network Activity (4001) for `socks5` and `transparent`, Event Log Activity (1008) for
 /// `audit_gap`; profiles `security_control` and `network_proxy`.
-pub(crate) fn ocsf(ev: &Value, ctx: &Context) -> Value {
-    let kind = s(ev, &["event"]).unwrap_or("");
-    let time = s(ev, &["time"]).unwrap_or("");
+/// `None`: the event does not read as egress.v1 (it is then passed through as it is).
+pub(crate) fn ocsf(ev: &Value, ctx: &Context) -> Option<Value> {
+    let v = View::deserialize(ev).ok()?;
+    let time = v.time;
     let mut out = Map::new();
     let mut metadata = json!({
         "version": OCSF_VERSION,
         "product": {"name": PRODUCT, "vendor_name": PRODUCT, "version": env!("CARGO_PKG_VERSION")},
-        "uid": ev["id"],
-        "sequence": ev["seq"],
+        "uid": v.id,
+        "sequence": v.seq,
         "original_time": time,
         "log_name": "egress.v1",
-        "event_code": kind,
+        "event_code": ev["event"],
         "profiles": ["security_control", "network_proxy"],
     });
-    if let Some(r) = s(ev, &["request_id"]) {
+    if let Some(r) = v.request_id {
         metadata["correlation_uid"] = json!(r);
     }
-    let proxy_endpoint = json!({"name": PRODUCT, "hostname": ctx.hostname, "uid": ev["instance"]});
-    if let Some(log) = log_event(ev) {
+    let proxy_endpoint = json!({"name": PRODUCT, "hostname": ctx.hostname, "uid": v.instance});
+    if let Some(log) = log_event(&v) {
         metadata["profiles"] = json!([]);
         put(&mut out, "class_uid", json!(1008));
         put(&mut out, "class_name", json!("Event Log Activity"));
@@ -294,13 +399,14 @@ pub(crate) fn ocsf(ev: &Value, ctx: &Context) -> Value {
         put(&mut out, "time", json!(epoch_ms(time)));
         put(&mut out, "metadata", metadata);
         put(&mut out, "unmapped", json!({"egress": extras(ev)}));
-        return Value::Object(out);
+        return Some(Value::Object(out));
     }
-    let Traffic { front, allow, reason, close, host, port, method, verb } = Traffic::of(ev);
-    let http_class = front == "http" || front == "connect";
+    let traffic = Traffic::of(&v)?;
+    let http_class = traffic.http_class();
+    let Traffic { front, allow, reason, close, host, port, method, verb } = traffic;
 
     let (class_uid, class_name, activity_id, activity_name) = if http_class {
-        let m = if front == "connect" { "CONNECT" } else { method.unwrap_or("") };
+        let m = if front == Front::Connect { "CONNECT" } else { method.unwrap_or("") };
         let (id, name) = match m {
             "CONNECT" => (1, "Connect"),
             "DELETE" => (2, "Delete"),
@@ -337,37 +443,38 @@ pub(crate) fn ocsf(ev: &Value, ctx: &Context) -> Value {
     put(&mut out, "status_id", json!(if allow { 1 } else { 2 }));
     put(&mut out, "status", json!(if allow { "Success" } else { "Failure" }));
     put(&mut out, "status_code", json!(reason));
-    if let Some(d) = s(ev, &["decision", "detail"]).or_else(|| s(ev, &["close", "error"])) {
+    let path = v.target.http.as_ref().map(|h| h.path);
+    if let Some(d) = v.decision.as_ref().and_then(|d| d.detail).or_else(|| v.close.as_ref().and_then(|c| c.error)) {
         put(&mut out, "status_detail", json!(d));
     }
     let target = if http_class && method.is_some() {
-        format!("{} http://{host}:{port}{}", method.unwrap_or(""), s(ev, &["target", "http", "path"]).unwrap_or(""))
+        format!("{} http://{host}:{port}{}", method.unwrap_or(""), path.unwrap_or(""))
     } else {
         format!("{host}:{port}")
     };
-    put(&mut out, "message", json!(format!("{front} {target} {verb} ({reason})")));
+    put(&mut out, "message", json!(format!("{} {target} {verb} ({})", front.as_str(), reason.as_str())));
     put(&mut out, "metadata", metadata);
 
     // Who: the client address, its Pod and service account.
-    let mut src = json!({"ip": ev["client"]["address"], "port": ev["client"]["port"]});
-    if let Some(n) = s(ev, &["client", "name"]) {
+    let mut src = json!({"ip": v.client.address, "port": v.client.port});
+    if let Some(n) = v.client.name {
         src["name"] = json!(n);
     }
-    if let (Some(ns), Some(sa)) = (s(ev, &["client", "namespace"]), s(ev, &["client", "serviceAccount"])) {
+    if let (Some(ns), Some(sa)) = (v.client.namespace, v.client.service_account) {
         src["owner"] =
             json!({"name": format!("system:serviceaccount:{ns}:{sa}"), "type_id": 99, "type": "ServiceAccount"});
     }
     put(&mut out, "src_endpoint", src);
     // Where to: the name asked for, the address dialled.
-    put(&mut out, "dst_endpoint", Value::Object(destination(ev, "hostname")));
+    put(&mut out, "dst_endpoint", Value::Object(destination(&v, "hostname")));
     let mut conn = json!({"direction_id": 2, "direction": "Outbound", "protocol_name": "tcp", "protocol_num": 6});
-    if let Some(c) = s(ev, &["connection_id"]) {
+    if let Some(c) = v.connection_id {
         conn["uid"] = json!(c);
     }
     put(&mut out, "connection_info", conn);
     if http_class {
         let mut url = json!({"hostname": host, "port": port});
-        match s(ev, &["target", "http", "path"]) {
+        match path {
             Some(path) => {
                 url["path"] = json!(path);
                 url["scheme"] = json!("http");
@@ -377,7 +484,7 @@ pub(crate) fn ocsf(ev: &Value, ctx: &Context) -> Value {
             None => url["url_string"] = json!(format!("{host}:{port}")),
         }
         let mut req = json!({"url": url});
-        let m = if front == "connect" { Some("CONNECT") } else { method };
+        let m = if front == Front::Connect { Some("CONNECT") } else { method };
         // OCSF 1.5.0 lists these methods; others (PATCH, WebDAV...) are named by activity_name.
         if let Some(m) =
             m.filter(|m| ["CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "POST", "PUT", "TRACE"].contains(m))
@@ -385,13 +492,12 @@ pub(crate) fn ocsf(ev: &Value, ctx: &Context) -> Value {
             req["http_method"] = json!(m);
         }
         put(&mut out, "http_request", req);
-        if let Some(code) = u(ev, &["close", "http_status"]) {
+        if let Some(code) = v.close.as_ref().and_then(|c| c.http_status) {
             put(&mut out, "http_response", json!({"code": code}));
         }
     }
-    if close {
-        let (up, down) = (u(ev, &["close", "bytes_up"]).unwrap_or(0), u(ev, &["close", "bytes_down"]).unwrap_or(0));
-        let duration = u(ev, &["close", "duration_ms"]).unwrap_or(0);
+    if let (true, Some(c)) = (close, &v.close) {
+        let (up, down, duration) = (c.bytes_up, c.bytes_down, c.duration_ms);
         // OCSF: bytes_out from the source (client) to the destination, bytes_in back.
         put(&mut out, "traffic", json!({"bytes_out": up, "bytes_in": down, "bytes": up + down}));
         put(&mut out, "duration", json!(duration));
@@ -399,7 +505,7 @@ pub(crate) fn ocsf(ev: &Value, ctx: &Context) -> Value {
         put(&mut out, "start_time", json!(epoch_ms(time) - duration as i64));
     }
     // security_control profile.
-    let audit_only = reason == "audit_would_deny";
+    let audit_only = reason == Reason::AuditWouldDeny;
     put(&mut out, "action_id", json!(if allow { 1 } else { 2 }));
     put(&mut out, "action", json!(if allow { "Allowed" } else { "Denied" }));
     let (disp_id, disp) = if audit_only {
@@ -411,9 +517,9 @@ pub(crate) fn ocsf(ev: &Value, ctx: &Context) -> Value {
     };
     put(&mut out, "disposition_id", json!(disp_id));
     put(&mut out, "disposition", json!(disp));
-    if let Some(p) = s(ev, &["decision", "policy"]) {
+    if let Some(p) = v.decision.as_ref().and_then(|d| d.policy) {
         put(&mut out, "policy", json!({"name": p, "uid": p, "is_applied": !audit_only}));
-        if let Some(r) = s(ev, &["decision", "rule"]) {
+        if let Some(r) = v.decision.as_ref().and_then(|d| d.rule) {
             put(&mut out, "firewall_rule", json!({"name": r, "uid": format!("{p}/{r}"), "type": "EgressPolicy"}));
         }
     }
@@ -423,14 +529,16 @@ pub(crate) fn ocsf(ev: &Value, ctx: &Context) -> Value {
     unmapped.insert("egress".into(), extras(ev));
     put(&mut unmapped, "kubernetes", kubernetes(ev));
     put(&mut out, "unmapped", Value::Object(unmapped));
-    Value::Object(out)
+    Some(Value::Object(out))
 }
 
 /// One egress.v1 event as ECS: categorisation `event.*`, `source.*`, `destination.*`, `url.*`,
 /// `http.*`, `tls.client.server_name`, `rule.*`, `orchestrator.*`, `observer.*`, `network.*`;
 /// everything else under the custom `egress.*` object.
-pub(crate) fn ecs(ev: &Value, ctx: &Context) -> Value {
-    let time = s(ev, &["time"]).unwrap_or("");
+/// `None`: the event does not read as egress.v1 (it is then passed through as it is).
+pub(crate) fn ecs(ev: &Value, ctx: &Context) -> Option<Value> {
+    let v = View::deserialize(ev).ok()?;
+    let time = v.time;
     let mut out = Map::new();
     put(&mut out, "@timestamp", json!(time));
     put(&mut out, "ecs", json!({"version": ECS_VERSION}));
@@ -438,13 +546,13 @@ pub(crate) fn ecs(ev: &Value, ctx: &Context) -> Value {
         &mut out,
         "observer",
         json!({"type": "proxy", "product": PRODUCT, "vendor": PRODUCT, "version": env!("CARGO_PKG_VERSION"),
-               "hostname": ctx.hostname, "name": ev["instance"]}),
+               "hostname": ctx.hostname, "name": v.instance}),
     );
     let mut event = json!({
-        "kind": "event", "id": ev["id"], "sequence": ev["seq"], "dataset": "egress_gateway.audit",
+        "kind": "event", "id": v.id, "sequence": v.seq, "dataset": "egress_gateway.audit",
         "module": "egress_gateway", "created": time,
     });
-    if let Some(log) = log_event(ev) {
+    if let Some(log) = log_event(&v) {
         event["category"] = json!(["configuration"]);
         event["type"] = json!(["info"]);
         event["action"] = json!(log.ecs_action);
@@ -453,14 +561,14 @@ pub(crate) fn ecs(ev: &Value, ctx: &Context) -> Value {
         put(&mut out, "event", event);
         put(&mut out, "message", json!(log.message));
         put(&mut out, "egress", extras(ev));
-        return Value::Object(out);
+        return Some(Value::Object(out));
     }
-    let Traffic { front, allow, reason, close, host, port, method, verb } = Traffic::of(ev);
-
+    let traffic = Traffic::of(&v)?;
     let mut category = vec!["network"];
-    if front == "http" || front == "connect" {
+    if traffic.http_class() {
         category.push("web");
     }
+    let Traffic { front, allow, reason, close, host, port, method, verb } = traffic;
     event["category"] = json!(category);
     event["type"] = if close {
         json!(["connection", "end"])
@@ -471,7 +579,7 @@ pub(crate) fn ecs(ev: &Value, ctx: &Context) -> Value {
     };
     event["action"] = json!(if close { "egress-close" } else { "egress-decision" });
     event["outcome"] = json!(if close {
-        if s(ev, &["close", "end"]) == Some("completed") { "success" } else { "failure" }
+        if v.close.as_ref().is_some_and(|c| c.end == End::Completed) { "success" } else { "failure" }
     } else if allow {
         "success"
     } else {
@@ -479,23 +587,22 @@ pub(crate) fn ecs(ev: &Value, ctx: &Context) -> Value {
     });
     event["reason"] = json!(reason);
     if close {
-        let ms = u(ev, &["close", "duration_ms"]).unwrap_or(0);
+        let ms = v.close.as_ref().map_or(0, |c| c.duration_ms);
         event["duration"] = json!(ms.saturating_mul(1_000_000));
         event["end"] = json!(time);
     }
     put(&mut out, "event", event);
-    put(&mut out, "message", json!(format!("{front} {host}:{port} {verb} ({reason})")));
+    put(&mut out, "message", json!(format!("{} {host}:{port} {verb} ({})", front.as_str(), reason.as_str())));
 
-    let mut source =
-        json!({"ip": ev["client"]["address"], "port": ev["client"]["port"], "address": ev["client"]["address"]});
-    let mut destination = destination(ev, "domain");
+    let mut source = json!({"ip": v.client.address, "port": v.client.port, "address": v.client.address});
+    let mut destination = destination(&v, "domain");
     put(&mut destination, "address", json!(host));
     let mut network = json!({"direction": "egress", "transport": "tcp"});
-    if let Some(ip) = ev["client"]["address"].as_str() {
-        network["type"] = json!(if ip.contains(':') { "ipv6" } else { "ipv4" });
+    if let Some(ip) = v.client.address {
+        network["type"] = json!(if ip.is_ipv6() { "ipv6" } else { "ipv4" });
     }
-    if close {
-        let (up, down) = (u(ev, &["close", "bytes_up"]).unwrap_or(0), u(ev, &["close", "bytes_down"]).unwrap_or(0));
+    if let (true, Some(c)) = (close, &v.close) {
+        let (up, down) = (c.bytes_up, c.bytes_down);
         // ECS: source.bytes from the source to the destination, destination.bytes back.
         source["bytes"] = json!(up);
         destination.insert("bytes".into(), json!(down));
@@ -504,7 +611,7 @@ pub(crate) fn ecs(ev: &Value, ctx: &Context) -> Value {
     put(&mut out, "source", source);
     put(&mut out, "destination", Value::Object(destination));
     if let Some(m) = method {
-        let path = s(ev, &["target", "http", "path"]).unwrap_or("");
+        let path = v.target.http.as_ref().map_or("", |h| h.path);
         network["protocol"] = json!("http");
         put(
             &mut out,
@@ -513,28 +620,28 @@ pub(crate) fn ecs(ev: &Value, ctx: &Context) -> Value {
                    "full": format!("http://{host}:{port}{path}"), "original": format!("http://{host}:{port}{path}")}),
         );
         let mut http = json!({"request": {"method": m}});
-        if let Some(code) = u(ev, &["close", "http_status"]) {
+        if let Some(code) = v.close.as_ref().and_then(|c| c.http_status) {
             http["response"] = json!({"status_code": code});
         }
         put(&mut out, "http", http);
-    } else if front == "connect" {
+    } else if front == Front::Connect {
         put(&mut out, "http", json!({"request": {"method": "CONNECT"}}));
     }
     put(&mut out, "network", network);
-    if let Some(sni) = s(ev, &["transparent", "sni"]) {
+    if let Some(sni) = v.transparent.as_ref().and_then(|t| t.sni) {
         put(&mut out, "tls", json!({"client": {"server_name": sni}}));
     }
-    if let Some(p) = s(ev, &["decision", "policy"]) {
+    if let Some(p) = v.decision.as_ref().and_then(|d| d.policy) {
         let mut rule = json!({"ruleset": p, "category": "EgressPolicy"});
-        if let Some(r) = s(ev, &["decision", "rule"]) {
+        if let Some(r) = v.decision.as_ref().and_then(|d| d.rule) {
             rule["name"] = json!(r);
             rule["id"] = json!(format!("{p}/{r}"));
         }
         put(&mut out, "rule", rule);
     }
-    if let Some(ns) = s(ev, &["client", "namespace"]) {
+    if let Some(ns) = v.client.namespace {
         let mut o = json!({"type": "kubernetes", "namespace": ns});
-        if let Some(n) = s(ev, &["client", "name"]) {
+        if let Some(n) = v.client.name {
             o["resource"] = json!({"type": "pod", "name": n});
         }
         put(&mut out, "orchestrator", o);
@@ -542,5 +649,5 @@ pub(crate) fn ecs(ev: &Value, ctx: &Context) -> Value {
     let mut egress = extras(ev);
     put(egress.as_object_mut().expect("object"), "client", kubernetes(ev));
     put(&mut out, "egress", egress);
-    Value::Object(out)
+    Some(Value::Object(out))
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use egress_crds::{Mode, RuleAction};
 use ipnet::IpNet;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::Reason;
 use super::compile::{CidrEntry, PeerMatch, Snapshot};
@@ -25,7 +25,7 @@ pub struct HttpFacts {
 }
 
 /// Allow or deny.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
     /// Let it through.

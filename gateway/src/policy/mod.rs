@@ -8,11 +8,11 @@ mod decide;
 pub use compile::{CompiledPolicy, CompiledRule, PeerMatch, PolicyRate, Snapshot};
 pub use decide::{Action, Decision, HttpFacts};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Why a request was allowed or denied. Stable names: they appear in audit events, metrics,
 /// `check` output and denial bodies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reason {
     /// A rule allowed it.
