@@ -49,6 +49,7 @@ pub(crate) mod limits;
 pub(crate) mod metrics;
 pub(crate) mod pipeline;
 pub mod policy;
+pub mod reason;
 pub(crate) mod relay;
 pub(crate) mod request;
 pub(crate) mod resolve;

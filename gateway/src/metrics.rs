@@ -7,7 +7,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::policy::Reason;
+use crate::reason::Reason;
 use crate::request::Front;
 
 /// Every metric the gateway exports.

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::guard::Verdict;
-use crate::policy::{Action, HttpFacts, Reason};
+use crate::policy::{Action, HttpFacts};
+use crate::reason::Reason;
 use crate::request::Front;
 
 /// `decision` or `close`.

@@ -9,7 +9,8 @@ use serde_json::{Map, Value, json};
 
 use super::End;
 use crate::config::AuditFormat;
-use crate::policy::{Action, Reason};
+use crate::policy::Action;
+use crate::reason::Reason;
 use crate::request::Front;
 
 /// The OCSF version the `ocsf` format follows.

@@ -23,7 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::audit::End;
 use crate::pipeline::{CloseLog, Refusal, RefusalKind, http_facts};
-use crate::policy::Reason;
+use crate::reason::Reason;
 use crate::request::{ClientConn, EgressRequest, Front, RawTarget};
 use crate::runtime::Gateway;
 

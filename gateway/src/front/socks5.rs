@@ -7,7 +7,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::pipeline::{Refusal, RefusalKind};
-use crate::policy::Reason;
+use crate::reason::Reason;
 use crate::request::{EgressRequest, Front, RawTarget};
 use crate::runtime::Gateway;
 

@@ -24,7 +24,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::pipeline::{Refusal, RefusalKind};
-use crate::policy::Reason;
+use crate::reason::Reason;
 use crate::request::{EgressRequest, Front, RawTarget, TransparentFacts};
 use crate::runtime::Gateway;
 

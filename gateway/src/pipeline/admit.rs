@@ -13,7 +13,8 @@ use std::sync::Arc;
 use super::normalise::raw_host_port;
 use super::{Pipeline, Refusal, RefusalKind};
 use crate::audit::{DecisionInfo, TargetInfo};
-use crate::policy::{Action, Reason};
+use crate::policy::Action;
+use crate::reason::Reason;
 use crate::request::{ClientConn, EgressRequest, Front};
 use crate::target;
 

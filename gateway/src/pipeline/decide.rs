@@ -11,7 +11,8 @@
 
 use super::State;
 use crate::identity::Identity;
-use crate::policy::{Action, Decision, Reason};
+use crate::policy::{Action, Decision};
+use crate::reason::Reason;
 use crate::request::EgressRequest;
 use crate::target::{self, Target};
 

@@ -16,7 +16,8 @@ use std::time::Instant;
 use super::{CloseLog, Pipeline, Refusal, RefusalKind, State};
 use crate::audit::{End, Event};
 use crate::dial::{self, DialError};
-use crate::policy::{Action, Reason};
+use crate::policy::Action;
+use crate::reason::Reason;
 use crate::target::Target;
 
 /// An allowed, checked request, ready to dial or reuse.

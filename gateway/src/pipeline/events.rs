@@ -13,7 +13,7 @@ use std::time::Instant;
 use super::{Checked, Pipeline, Refusal, RefusalKind};
 use crate::audit::{ClientInfo, CloseInfo, DecisionInfo, End, Event, EventKind, TargetInfo, now_rfc3339};
 use crate::identity::Identity;
-use crate::policy::Reason;
+use crate::reason::Reason;
 use crate::request::EgressRequest;
 use crate::target::{self, Host, Target};
 

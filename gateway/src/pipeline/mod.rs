@@ -204,7 +204,7 @@ impl Pipeline {
         let state = self.state.load_full();
         let target = match parse_target(&req.target) {
             Ok(t) => t,
-            Err(e) => return Err(self.refuse_malformed(req, crate::policy::Reason::InvalidTarget, &e.to_string())),
+            Err(e) => return Err(self.refuse_malformed(req, crate::reason::Reason::InvalidTarget, &e.to_string())),
         };
         let identity = state.identities.lookup(req.conn.peer.ip());
         let decision = decide::decide(&state, identity.as_deref(), &target, req);

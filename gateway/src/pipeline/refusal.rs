@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use crate::policy::Reason;
+use crate::reason::Reason;
 
 /// How a front must refuse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,7 +14,8 @@ use super::State;
 use crate::audit::ResolvedAddr;
 use crate::guard::Verdict;
 use crate::metrics::Metrics;
-use crate::policy::{Action, Decision, Reason};
+use crate::policy::{Action, Decision};
+use crate::reason::Reason;
 use crate::resolve::Resolver;
 use crate::target::{self, Host, Target};
 

@@ -8,11 +8,11 @@ use egress_crds::{Mode, RuleAction};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use super::Reason;
 use super::compile::{CidrEntry, PeerMatch, Snapshot};
 use crate::config::DefaultAction;
 use crate::guard::{Guard, Verdict};
 use crate::identity::Identity;
+use crate::reason::Reason;
 use crate::target::{Host, Target};
 
 /// What the gateway sees of a plain-HTTP request.
