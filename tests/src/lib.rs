@@ -5,6 +5,8 @@
 //! Addresses: upstreams on 127.0.0.2-127.0.0.9 (exempted in each test's `guard.allowCidrs`), so
 //! 127.0.0.1 stays a guarded loopback address for the guard tests.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -312,6 +314,8 @@ pub struct Upstream {
     pub addr: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// The server thread's id, once it runs.
+    tid: std::sync::Arc<std::sync::OnceLock<rustix::thread::Pid>>,
     peers: std::sync::Arc<std::sync::Mutex<Vec<SocketAddr>>>,
 }
 
@@ -338,7 +342,10 @@ impl Upstream {
         let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
         let peers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen = peers.clone();
+        let tid = std::sync::Arc::new(std::sync::OnceLock::new());
+        let its_tid = tid.clone();
         let thread = std::thread::spawn(move || {
+            let _ = its_tid.set(rustix::thread::gettid());
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
@@ -354,25 +361,19 @@ impl Upstream {
                 }
             });
         });
-        Upstream { addr, stop: Some(tx), thread: Some(thread), peers }
+        Upstream { addr, stop: Some(tx), thread: Some(thread), tid, peers }
     }
 
     /// Pins the server's thread to one CPU (benchmarks).
     pub fn pin_to(&self, cpu: usize) {
-        use std::os::unix::thread::JoinHandleExt;
-        let t = self.thread.as_ref().expect("running").as_pthread_t();
-        let set = cpu_set(cpu);
-        // SAFETY: the thread is alive (joined only on drop); the set is a valid cpu_set_t.
-        let rc = unsafe { libc::pthread_setaffinity_np(t, std::mem::size_of::<libc::cpu_set_t>(), &set) };
-        assert_eq!(rc, 0, "pthread_setaffinity_np");
+        let tid = *self.tid.wait();
+        rustix::thread::sched_setaffinity(Some(tid), &cpu_set(cpu)).expect("sched_setaffinity");
     }
 }
 
-fn cpu_set(cpu: usize) -> libc::cpu_set_t {
-    // SAFETY: cpu_set_t is plain data; all zeroes is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: CPU_SET writes inside the set for cpu < CPU_SETSIZE.
-    unsafe { libc::CPU_SET(cpu, &mut set) };
+fn cpu_set(cpu: usize) -> rustix::thread::CpuSet {
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
     set
 }
 
@@ -389,8 +390,8 @@ pub fn pin(pid: u32, cpu: usize) {
             .collect()
     };
     for tid in tids {
-        // SAFETY: a valid cpu_set_t of the size passed; a vanished thread only returns an error.
-        unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+        // A vanished thread only returns an error.
+        let _ = rustix::thread::sched_setaffinity(rustix::thread::Pid::from_raw(tid), &set);
     }
 }
 
@@ -971,10 +972,10 @@ impl Netns {
         let path = format!("/var/run/netns/{}", self.name);
         std::thread::spawn(move || {
             let file = std::fs::File::open(&path).expect("netns file");
-            use std::os::fd::AsRawFd;
-            // SAFETY: setns on a valid namespace fd affects only this (new) thread.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            use std::os::fd::AsFd;
+            // Only this (new) thread moves.
+            rustix::thread::move_into_link_name_space(file.as_fd(), Some(rustix::thread::LinkNameSpaceType::Network))
+                .expect("setns");
             f()
         })
         .join()
@@ -1172,4 +1173,15 @@ pub fn connect_from(src_ip: &str, dst: SocketAddr) -> TcpStream {
     let std = s.into_std().unwrap();
     std.set_nonblocking(false).unwrap();
     std
+}
+
+/// Creates a FIFO at `path` and opens its read end without blocking, with the smallest pipe
+/// buffer (4 KiB): a writer stalls after a few lines unless it is drained.
+pub fn small_fifo(path: &std::path::Path) -> std::fs::File {
+    use std::os::unix::fs::OpenOptionsExt;
+    rustix::fs::mknodat(rustix::fs::CWD, path, rustix::fs::FileType::Fifo, rustix::fs::Mode::from_raw_mode(0o600), 0)
+        .expect("mkfifo");
+    let reader = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).unwrap();
+    assert!(rustix::pipe::fcntl_setpipe_size(&reader, 4096).expect("F_SETPIPE_SZ") >= 4096);
+    reader
 }

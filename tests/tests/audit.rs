@@ -5,10 +5,11 @@
 //!
 //! A stalled sink is a real one: a FIFO whose 4 KiB pipe buffer the test fills by not reading it.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,11 +30,7 @@ impl Fifo {
     /// smallest pipe buffer: the sink stalls after a few events unless drained.
     fn new(dir: &Path, name: &str) -> Fifo {
         let path = dir.join(name);
-        let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
-        let reader = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&path).unwrap();
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&reader);
-        assert!(unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, 4096) } >= 4096, "F_SETPIPE_SZ");
+        let reader = small_fifo(&path);
         Fifo { path, reader: Some(reader), data: Arc::default(), drain: None }
     }
 

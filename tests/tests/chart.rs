@@ -6,6 +6,8 @@
 //! rejecting wrong values; the security settings, RBAC and wiring between objects; hadolint on the
 //! Dockerfile.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

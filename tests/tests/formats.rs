@@ -9,6 +9,8 @@
 //!
 //! The validators are shown to reject broken events too.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -59,13 +61,7 @@ fn ocsf_and_ecs_events_are_valid_and_carry_the_same_facts() {
     // A stalled json sink (a FIFO nobody reads, 4 KiB pipe) fills the small spool, so that
     // failOpen loses a range and writes an audit_gap event, which the other sinks receive.
     let fifo = dir.path().join("stalled.fifo");
-    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-    let reader = {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&fifo).unwrap()
-    };
-    assert!(unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&reader), libc::F_SETPIPE_SZ, 4096) } >= 4096);
+    let reader = small_fifo(&fifo);
     let key = dir.path().join("checkpoint-key.pem");
     assert!(
         Command::new("openssl")

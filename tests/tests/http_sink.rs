@@ -3,6 +3,8 @@
 //! Elasticsearch `_bulk` (per-item statuses: 201, 409, 429, 400), and a generic NDJSON webhook:
 //! every event arrives, in order, once (or, for `_bulk`, rejected ones go to the dead-letter file).
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::io::Read;
 use std::net::SocketAddr;

@@ -1,6 +1,8 @@
 //! Kubernetes mode against a scripted API server (real list/watch JSON over HTTP), asserting
 //! decisions made through the real proxy listener.
 
+#![forbid(unsafe_code)]
+
 use std::time::Duration;
 
 use egress_e2e::kubeapi::Patch;

@@ -1,5 +1,7 @@
 //! End-to-end: the real gateway binary with curl, dnsmasq and upstream servers on loopback.
 
+#![forbid(unsafe_code)]
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
@@ -818,14 +820,9 @@ fn bulk_tunnels_past_the_pipe_quota_keep_copying_and_lose_nothing() {
     // Spend the quota: 1 MiB pipes (256 pages each) held by this process, same uid.
     let hog: Vec<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> = (0..soft / 256 + 1)
         .map(|_| {
-            let mut fds = [0; 2];
-            // SAFETY: pipe2 fills two fds that we own from here on; fcntl on a valid pipe fd.
-            unsafe {
-                use std::os::fd::FromRawFd;
-                assert_eq!(libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC), 0);
-                assert_eq!(libc::fcntl(fds[1], libc::F_SETPIPE_SZ, 1 << 20), 1 << 20);
-                (std::os::fd::OwnedFd::from_raw_fd(fds[0]), std::os::fd::OwnedFd::from_raw_fd(fds[1]))
-            }
+            let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
+            assert_eq!(rustix::pipe::fcntl_setpipe_size(&w, 1 << 20).unwrap(), 1 << 20);
+            (r, w)
         })
         .collect();
     for _ in 0..3 {

@@ -7,6 +7,8 @@
 //! ```
 //! All addresses are documentation ranges that exist only inside these namespaces.
 
+#![forbid(unsafe_code)]
+
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -1266,8 +1268,7 @@ impl CpuSample {
 }
 
 fn clock_ticks() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
+    rustix::param::clock_ticks_per_second() as f64
 }
 
 /// On-CPU time of a process's threads, in seconds (schedstat: nanoseconds, where /proc/PID/stat

@@ -4,6 +4,8 @@
 //! event the json file sink got. The TCP collector is down when the run starts: every event
 //! arrives once it is up, in order. UDP delivers one datagram per event.
 
+#![forbid(unsafe_code)]
+
 use std::io::Read;
 use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};

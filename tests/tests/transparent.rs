@@ -2,6 +2,8 @@
 //! v2 (the node-redirector's side and its nftables rules are a separate piece). Real curl, real
 //! HTTPS (openssl s_server) and HTTP upstreams, dnsmasq.
 
+#![forbid(unsafe_code)]
+
 use std::time::Duration;
 
 use egress_e2e::*;

@@ -12,6 +12,8 @@
 //! client with a rule that allows every address and `*.internal`; it must still be denied by the
 //! guard (and that client is shown to be allowed elsewhere, so the rule is real).
 
+#![forbid(unsafe_code)]
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
