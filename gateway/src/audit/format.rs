@@ -652,3 +652,99 @@ pub(crate) fn ecs(ev: &Value, ctx: &Context) -> Option<Value> {
     put(&mut out, "egress", egress);
     Some(Value::Object(out))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> Context {
+        Context { hostname: "gw-host".into() }
+    }
+
+    fn event(front: &str, kind: &str, decision: Value, extra: Value) -> Value {
+        let mut ev = json!({
+            "schema": "egress.v1", "event": kind, "id": "id-1", "seq": 7, "time": "2026-11-28T10:00:00Z",
+            "instance": "inst", "connection_id": "inst-1", "request_id": "inst-1-1", "front": front,
+            "client": {"address": "10.0.0.1", "port": 5555, "namespace": "shop", "name": "api-1", "serviceAccount": "api"},
+            "target": {"host": "169.254.169.254", "port": 80},
+            "decision": decision,
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            ev[k] = v.clone();
+        }
+        ev
+    }
+
+    #[test]
+    fn a_guard_denial_on_socks5_is_a_medium_network_refusal() {
+        let ev = event(
+            "socks5",
+            "decision",
+            json!({"action": "deny", "reason": "guard_blocked", "mode": "Enforce"}),
+            json!({}),
+        );
+        let o = ocsf(&ev, &ctx()).unwrap();
+        assert_eq!((o["class_uid"].as_u64(), o["activity_name"].as_str()), (Some(4001), Some("Refuse")));
+        assert_eq!((o["severity_id"].as_u64(), o["status_code"].as_str()), (Some(3), Some("guard_blocked")));
+        assert_eq!(o["src_endpoint"]["ip"], "10.0.0.1");
+        assert_eq!(o["src_endpoint"]["owner"]["name"], "system:serviceaccount:shop:api");
+        assert_eq!(o["dst_endpoint"]["ip"], "169.254.169.254");
+        assert_eq!(o["message"], "socks5 169.254.169.254:80 denied (guard_blocked)");
+        let e = ecs(&ev, &ctx()).unwrap();
+        assert_eq!(e["event"]["category"], json!(["network"]));
+        assert_eq!(e["event"]["type"], json!(["connection", "denied"]));
+        assert_eq!(e["orchestrator"]["resource"]["name"], "api-1");
+    }
+
+    #[test]
+    fn an_http_close_is_http_activity_with_its_status_and_bytes() {
+        let ev = event(
+            "http",
+            "close",
+            json!({"action": "allow", "reason": "rule_allow", "mode": "Enforce", "policy": "shop/api", "rule": "up"}),
+            json!({"target": {"host": "up.test", "port": 8080, "http": {"method": "GET", "path": "/x"}},
+                   "dialled": "93.184.216.34:8080",
+                   "close": {"bytes_up": 10, "bytes_down": 90, "duration_ms": 5, "end": "completed", "http_status": 200}}),
+        );
+        let o = ocsf(&ev, &ctx()).unwrap();
+        assert_eq!((o["class_uid"].as_u64(), o["activity_name"].as_str()), (Some(4002), Some("Get")));
+        assert_eq!(o["http_response"]["code"], 200);
+        assert_eq!(o["traffic"], json!({"bytes_out": 10, "bytes_in": 90, "bytes": 100}));
+        assert_eq!(o["dst_endpoint"], json!({"hostname": "up.test", "ip": "93.184.216.34", "port": 8080}));
+        assert_eq!(o["firewall_rule"]["uid"], "shop/api/up");
+        let e = ecs(&ev, &ctx()).unwrap();
+        assert_eq!(e["event"]["outcome"], "success");
+        assert_eq!(e["url"]["full"], "http://up.test:8080/x");
+        assert_eq!((e["source"]["bytes"].as_u64(), e["destination"]["bytes"].as_u64()), (Some(10), Some(90)));
+    }
+
+    #[test]
+    fn a_connect_is_web_and_names_its_method() {
+        let ev = event(
+            "connect",
+            "decision",
+            json!({"action": "allow", "reason": "rule_allow", "mode": "Enforce"}),
+            json!({}),
+        );
+        assert_eq!(ocsf(&ev, &ctx()).unwrap()["http_request"]["http_method"], "CONNECT");
+        let e = ecs(&ev, &ctx()).unwrap();
+        assert_eq!(e["event"]["category"], json!(["network", "web"]));
+        assert_eq!(e["http"]["request"]["method"], "CONNECT");
+    }
+
+    #[test]
+    fn lines_that_do_not_read_as_egress_v1_pass_through_unmapped() {
+        let unknown = event(
+            "socks5",
+            "decision",
+            json!({"action": "deny", "reason": "from_the_future", "mode": "Enforce"}),
+            json!({}),
+        );
+        let lines = format!("{unknown}\nnot json\n");
+        for f in [AuditFormat::Ocsf, AuditFormat::Ecs] {
+            let mut out = Vec::new();
+            render(f, &ctx(), lines.as_bytes(), &mut out);
+            assert_eq!(String::from_utf8(out).unwrap(), lines, "{f:?}");
+        }
+    }
+}

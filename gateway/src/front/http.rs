@@ -509,3 +509,49 @@ fn upstream_error(request_id: &str, status: StatusCode, detail: &str) -> Respons
     let body = format!("egress gateway: upstream error\nrequest_id: {request_id}\ndetail: {detail}\n");
     text(status, body, "upstream_error", request_id, false)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_proxy_headers_and_those_connection_names() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "keep-alive, X-Hop, bad header name"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-authorization", "Basic c2VjcmV0"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("x-hop", "1"),
+            ("x-kept", "2"),
+            ("host", "up.test"),
+        ] {
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-kept", "host"], "the proxy credentials never reach the upstream");
+    }
+
+    #[test]
+    fn a_refusal_says_what_refused_and_a_bad_request_closes() {
+        let r = Refusal {
+            kind: RefusalKind::Denied,
+            reason: Reason::GuardBlocked,
+            request_id: "gw-1-1".into(),
+            detail: String::new(),
+        };
+        let resp = refusal(&r, false);
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+        assert_eq!(resp.headers()["x-egress-reason"], "guard_blocked");
+        assert_eq!(resp.headers()["x-egress-request-id"], "gw-1-1");
+        assert!(resp.headers().get(header::CONNECTION).is_none(), "a denial keeps the connection");
+        let bad = Refusal { kind: RefusalKind::BadRequest, reason: Reason::InvalidTarget, ..r };
+        let resp = refusal(&bad, false);
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(resp.headers()[header::CONNECTION], "close");
+    }
+}

@@ -250,3 +250,118 @@ impl Snapshot {
             .map(|ri| (self.policies[self.rules[ri].policy].key.clone(), self.rules[ri].name.clone()))
     }
 }
+
+/// The decision order of DESIGN.md on small snapshots: the guard first, then cluster Deny
+/// rules, then the policies selecting the client, then the default action.
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use egress_crds::AnyPolicy;
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::config::DefaultAction;
+
+    fn snapshot(default_action: DefaultAction, policies: &[Value]) -> Snapshot {
+        let policies: Vec<AnyPolicy> = policies.iter().map(|p| AnyPolicy::from_value(p.clone()).unwrap()).collect();
+        Snapshot::compile(default_action, &policies, None)
+    }
+
+    fn namespaced(name: &str, mode: &str, rules: Value) -> Value {
+        json!({"apiVersion": "egress.dev/v1alpha1", "kind": "EgressPolicy",
+               "metadata": {"name": name, "namespace": "shop"},
+               "spec": {"podSelector": {"matchLabels": {"app": "api"}}, "mode": mode, "rules": rules}})
+    }
+
+    fn cluster(name: &str, rules: Value) -> Value {
+        json!({"apiVersion": "egress.dev/v1alpha1", "kind": "ClusterEgressPolicy", "metadata": {"name": name},
+               "spec": {"namespaceSelector": {}, "podSelector": {}, "rules": rules}})
+    }
+
+    /// A Pod of namespace `shop` with label `app`, as the snapshot selects it.
+    fn pod(s: &Snapshot, app: &str) -> Identity {
+        let mut id = Identity {
+            namespace: "shop".into(),
+            name: format!("{app}-1"),
+            service_account: None,
+            labels: BTreeMap::from([("app".to_string(), app.to_string())]),
+            namespace_labels: egress_crds::namespace_labels("shop", &BTreeMap::new()),
+            selected: Arc::from([]),
+        };
+        id.selected = s.selected(Some(&id)).into();
+        id
+    }
+
+    fn decide(s: &Snapshot, id: &Identity, target: &str) -> (Action, Reason) {
+        let guard = Guard::new(Vec::new(), Vec::new());
+        let d = s.decide(&guard, Some(id), &crate::target::parse_authority(target).unwrap(), None);
+        (d.action, d.reason)
+    }
+
+    #[test]
+    fn rejects_metadata_and_blocked_ranges_whatever_a_policy_allows() {
+        let s = snapshot(
+            DefaultAction::Allow,
+            &[namespaced("open", "Enforce", json!([{"to": [{"cidr": "0.0.0.0/0"}, {"domain": "*.internal"}]}]))],
+        );
+        let api = pod(&s, "api");
+        assert_eq!(decide(&s, &api, "169.254.169.254:80"), (Action::Deny, Reason::GuardBlocked));
+        assert_eq!(decide(&s, &api, "127.0.0.1:80"), (Action::Deny, Reason::GuardBlocked));
+        assert_eq!(decide(&s, &api, "metadata.google.internal:80"), (Action::Deny, Reason::GuardBlockedName));
+        assert_eq!(decide(&s, &api, "93.184.216.34:443"), (Action::Allow, Reason::RuleAllow));
+    }
+
+    #[test]
+    fn rejects_by_a_cluster_deny_before_a_namespaced_allow() {
+        let s = snapshot(
+            DefaultAction::Allow,
+            &[
+                namespaced("api", "Enforce", json!([{"to": [{"domain": "*.example.com"}]}])),
+                cluster("platform", json!([{"action": "Deny", "to": [{"domain": "bad.example.com"}]}])),
+            ],
+        );
+        let api = pod(&s, "api");
+        assert_eq!(decide(&s, &api, "bad.example.com:443"), (Action::Deny, Reason::ClusterDeny));
+        assert_eq!(decide(&s, &api, "good.example.com:443"), (Action::Allow, Reason::RuleAllow));
+        // A client no namespaced policy selects meets the cluster Deny too.
+        assert_eq!(decide(&s, &pod(&s, "batch"), "bad.example.com:443"), (Action::Deny, Reason::ClusterDeny));
+    }
+
+    #[test]
+    fn rejects_what_no_rule_allows_for_a_selected_client_and_defaults_the_others() {
+        let s = snapshot(
+            DefaultAction::Deny,
+            &[namespaced("api", "Enforce", json!([{"to": [{"domain": "a.test"}], "ports": [{"port": 443}]}]))],
+        );
+        let api = pod(&s, "api");
+        assert_eq!(decide(&s, &api, "a.test:443"), (Action::Allow, Reason::RuleAllow));
+        assert_eq!(decide(&s, &api, "a.test:80"), (Action::Deny, Reason::NoRuleMatched), "wrong port");
+        assert_eq!(decide(&s, &api, "b.test:443"), (Action::Deny, Reason::NoRuleMatched));
+        assert_eq!(decide(&s, &pod(&s, "batch"), "a.test:443"), (Action::Deny, Reason::DefaultDeny));
+        let open = snapshot(DefaultAction::Allow, &[]);
+        assert_eq!(decide(&open, &pod(&open, "batch"), "b.test:443"), (Action::Allow, Reason::DefaultAllow));
+    }
+
+    #[test]
+    fn an_audit_mode_policy_lets_a_would_deny_through_and_says_so() {
+        let s = snapshot(DefaultAction::Deny, &[namespaced("try", "Audit", json!([{"to": [{"domain": "a.test"}]}]))]);
+        let d = {
+            let guard = Guard::new(Vec::new(), Vec::new());
+            s.decide(&guard, Some(&pod(&s, "api")), &crate::target::parse_authority("b.test:443").unwrap(), None)
+        };
+        assert_eq!((d.action, d.reason, d.mode), (Action::Allow, Reason::AuditWouldDeny, Mode::Audit));
+        assert_eq!(d.policy.as_deref(), Some("shop/try"));
+    }
+
+    #[test]
+    fn rejects_internal_addresses_that_only_a_cidr_rule_names() {
+        let s =
+            snapshot(DefaultAction::Allow, &[namespaced("lan", "Enforce", json!([{"to": [{"cidr": "10.1.0.0/16"}]}]))]);
+        let api = pod(&s, "api");
+        assert_eq!(decide(&s, &api, "10.1.2.3:443"), (Action::Allow, Reason::RuleAllow));
+        // The default action never opens an internal range; neither does a rule that does not name it.
+        assert_eq!(decide(&s, &pod(&s, "batch"), "10.1.2.3:443"), (Action::Deny, Reason::GuardInternal));
+        assert_eq!(decide(&s, &api, "10.2.0.1:443"), (Action::Deny, Reason::NoRuleMatched));
+    }
+}
