@@ -1,9 +1,9 @@
 //! Audit events (`schema: egress.v1`), the spool they are committed to, and their sinks.
 //!
 //! Events are built by the pipeline (never by a front) and written in one of three modes
-//! ([`Writer`], one file each): without a spool ([`direct`]), or with one, committed by group
-//! commit (`fsync: always`) or appended by the calling request (`fsync: <period>`)
-//! ([`spooled`]). Every event gets its per-instance sequence number, id and place in the hash
+//! ([`Writer`], one file each): without a spool ([`direct`]), or with one ([`spooled`], the
+//! writer both share), committed by group commit (`fsync: always`, [`group_commit`]) or appended
+//! by the calling request (`fsync: <period>`, [`inline`]). Every event gets its per-instance sequence number, id and place in the hash
 //! chain ([`chain`]) when it is written, and is serialised once; every sink renders those lines
 //! in its format ([`format`]). With a spool, one thread per sink delivers from its own cursor
 //! ([`deliver`]).
@@ -14,7 +14,9 @@ mod deliver;
 mod direct;
 mod event;
 pub(crate) mod format;
+mod group_commit;
 pub(crate) mod http;
+mod inline;
 mod sink;
 mod spool;
 mod spooled;
@@ -137,12 +139,8 @@ impl Audit {
             Writer::GroupCommit(sp) => sp,
         };
         failpoint!("audit::queue_full", |_| self.failed());
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        match sp.tx.try_send(Msg::Event(Box::new(event), Some(tx))) {
-            Ok(()) => {}
-            Err(_) => return self.failed(),
-        }
-        match rx.await {
+        let Some(committed) = sp.queue(event) else { return self.failed() };
+        match committed.await {
             Ok(true) => Ok(()),
             _ => Err(AuditUnavailable),
         }

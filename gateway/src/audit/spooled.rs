@@ -1,22 +1,12 @@
-//! Write modes with a spool: an event is appended to the spool before the decision waiting on
-//! it is acknowledged, so the client is answered, or the first byte sent upstream, only after
-//! its decision event is committed.
-//!
-//! - `fsync: always` ([`super::Writer::GroupCommit`]): requests queue their decision events to
-//!   the writer thread, which appends and fsyncs them in batches and wakes the waiting requests.
-//!   Close events, which nothing waits for, are handed over through a list of their own and
-//!   never wait for room in the queue (an async task must not block on a full queue).
-//! - `fsync: <period>` ([`super::Writer::Inline`], the default): each request appends its own
-//!   event to the page cache under the writer's lock, with no hand-off between threads (close
-//!   events keep their place in line and are written with the next decision or within one
-//!   tick); the writer thread only fsyncs every period, outside the lock.
-//!
-//! In both, the writer thread writes time-based checkpoints and gap events, retries what failed
-//! and probes for recovery. When an event cannot be committed (spool full or unwritable),
-//! `audit.onFailure` decides: `failClosed` refuses the request and turns readiness false until
-//! commits work again (with a margin of room after a full spool, for admission and readiness
-//! alike); `failOpen` lets it through, counts the loss and writes an `audit_gap` event with the
-//! lost sequence range once writing works again.
+//! What both write modes with a spool share ([`super::group_commit`], [`super::inline`]): an
+//! event is appended to the spool before the decision waiting on it is acknowledged, so the
+//! client is answered, or the first byte sent upstream, only after its decision event is
+//! committed. The writer thread writes time-based checkpoints and gap events, retries what
+//! failed and probes for recovery. When an event cannot be committed (spool full or
+//! unwritable), `audit.onFailure` decides: `failClosed` refuses the request and turns readiness
+//! false until commits work again (with a margin of room after a full spool, for admission and
+//! readiness alike); `failOpen` lets it through, counts the loss and writes an `audit_gap` event
+//! with the lost sequence range once writing works again.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
@@ -116,48 +106,11 @@ impl Spooled {
         self.writer.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Appends one event on the calling thread; returns whether it may go ahead (committed, or
-    /// lost under `failOpen`). Used with `fsync: <period>`, where a commit is a write to the page
-    /// cache: cheaper than waking the writer thread and being woken by it. An event nothing waits
-    /// for (a close) is queued in order and written with the next decision, or by the writer
-    /// thread within one tick (at most the fsync period, or 200 ms).
-    pub(super) fn append_now(&self, event: Event, waits: bool) -> bool {
-        /// Close events held back at most (one write each time that many are queued).
-        const DEFERRED: usize = 64;
-        let mut w = self.writer();
-        if !waits {
-            w.inline_batch.push((Box::new(event), None));
-            if w.inline_batch.len() >= DEFERRED {
-                w.commit_inline();
-            }
-            return true;
-        }
-        let (tx, mut rx) = tokio::sync::oneshot::channel();
-        w.inline_batch.push((Box::new(event), Some(tx)));
-        w.commit_inline();
-        drop(w);
-        // `commit` answered before returning; nothing waits on the receiver.
-        rx.try_recv() == Ok(true)
-    }
-
     /// Fsyncs the spool now (at shutdown).
     pub(super) fn sync(&self) {
         if let Err(e) = self.writer().spool.sync() {
             tracing::error!(error = %e, "audit spool fsync failed");
         }
-    }
-
-    /// Hands a close event to the writer thread (`fsync: always`), which commits it with the
-    /// next batch or within one tick. Never waits for the writer: the list's lock is held only
-    /// to push or to swap the list. `false`: the writer is far behind (a stalled disk) and the
-    /// event is dropped; the caller counts it for the next `audit_gap`.
-    pub(super) fn hand_over(&self, event: Event) -> bool {
-        let mut list = self.handed_over.lock().unwrap_or_else(|p| p.into_inner());
-        if list.len() >= BACKLOG {
-            return false;
-        }
-        list.push(event);
-        true
     }
 }
 
@@ -173,7 +126,7 @@ pub(super) struct SinkThread {
 /// Most events written in one append (one group commit).
 const BATCH: usize = 4096;
 /// Close events kept in memory while the spool refuses them (`failClosed`); beyond, counted lost.
-const BACKLOG: usize = 100_000;
+pub(super) const BACKLOG: usize = 100_000;
 
 pub(super) struct SpoolWriter {
     spool: Spool,
@@ -199,7 +152,7 @@ pub(super) struct SpoolWriter {
     checkpoints: Option<Checkpoints>,
     /// Events appended by callers (`Spooled::append_now`) and not written yet: close events wait
     /// here for the next decision or tick.
-    inline_batch: Vec<(Box<Event>, Option<tokio::sync::oneshot::Sender<bool>>)>,
+    pub(super) inline_batch: Vec<(Box<Event>, Option<tokio::sync::oneshot::Sender<bool>>)>,
     inline_buf: Vec<u8>,
     /// Close events handed over by callers (`fsync: always`), taken at every wake-up.
     handed_over: Arc<Mutex<Vec<Event>>>,
@@ -207,7 +160,7 @@ pub(super) struct SpoolWriter {
 
 impl SpoolWriter {
     /// Commits the events callers queued (`inline_batch`).
-    fn commit_inline(&mut self) {
+    pub(super) fn commit_inline(&mut self) {
         let mut batch = std::mem::take(&mut self.inline_batch);
         let mut buf = std::mem::take(&mut self.inline_buf);
         self.commit(&mut batch, &mut buf);
