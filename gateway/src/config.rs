@@ -70,6 +70,9 @@ pub struct Config {
     /// Operational logs (stderr).
     #[serde(default)]
     pub log: LogConfig,
+    /// Workload identity beyond the source address.
+    #[serde(default)]
+    pub identity: IdentityConfig,
 }
 
 /// Operational logging (stderr; the audit trail is separate). The filter is the `EGRESS_LOG`
@@ -256,6 +259,42 @@ pub struct ClientEntry {
     /// Labels, matched by `podSelector`.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+}
+
+/// Workload identity beyond the source address.
+#[derive(Debug, Clone, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// Kubernetes ServiceAccount tokens in `Proxy-Authorization` (HTTP and CONNECT); absent:
+    /// the header is not read and clients are who their address says.
+    #[serde(default)]
+    pub tokens: Option<TokenConfig>,
+    /// Accept a token whose Pod is not the one the connection comes from (clients outside the
+    /// cluster; Kubernetes mode).
+    #[serde(default)]
+    pub allow_remote: bool,
+}
+
+/// Where ServiceAccount tokens come from and what they must say.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TokenConfig {
+    /// The issuer (`iss`): the API server's `--service-account-issuer`.
+    pub issuer: String,
+    /// Accepted audiences (`aud`); a projected token is requested for one of them.
+    #[serde(default = "default_audiences")]
+    pub audiences: Vec<String>,
+    /// The issuer's JWKS document (`kubectl get --raw /openid/v1/jwks`), read at start and on
+    /// every reload.
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(deserialize_with = "duration", default = "d60s")]
+    pub leeway: Duration,
+}
+
+fn default_audiences() -> Vec<String> {
+    vec!["egress.dev".into()]
 }
 
 /// SOCKS5 settings.
@@ -986,6 +1025,8 @@ pub struct Loaded {
     pub policies: Vec<(Origin, AnyPolicy)>,
     /// The relay keys of `transparent.relayKeyFile` (empty without it).
     pub relay_keys: Vec<egress_netio::proxy::RelayKey>,
+    /// The token issuer's keys (`identity.tokens.jwksFile`).
+    pub(crate) token_keys: Option<std::sync::Arc<crate::token::KeySet>>,
 }
 
 /// Every error found while loading, each naming file, document and field.
@@ -1043,7 +1084,7 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigErrors> {
     }
     check_policy_set(&config, &policies, &mut errors);
     if errors.is_empty() {
-        Ok(Loaded { path: path.to_path_buf(), config, policies, relay_keys: Vec::new() })
+        Ok(Loaded { path: path.to_path_buf(), config, policies, relay_keys: Vec::new(), token_keys: None })
     } else {
         Err(ConfigErrors(errors))
     }
@@ -1087,6 +1128,17 @@ pub fn load_with_secrets(path: &Path) -> Result<Loaded, ConfigErrors> {
         loaded.relay_keys = egress_netio::proxy::RelayKey::load(&relative_to(base, k))
             .map_err(|e| ConfigErrors(vec![format!("{}: transparent.relayKeyFile: {e}", path.display())]))?;
     }
+    if let Some(f) = loaded.config.identity.tokens.as_ref().and_then(|t| t.jwks_file.as_ref()) {
+        let base = path.parent().unwrap_or(Path::new("."));
+        let file = relative_to(base, f);
+        let keys = std::fs::read(&file)
+            .map_err(|e| e.to_string())
+            .and_then(|doc| crate::token::KeySet::from_jwks(&doc))
+            .map_err(|e| {
+                ConfigErrors(vec![format!("{}: identity.tokens.jwksFile: {}: {e}", path.display(), file.display())])
+            })?;
+        loaded.token_keys = Some(std::sync::Arc::new(keys));
+    }
     Ok(loaded)
 }
 
@@ -1105,6 +1157,20 @@ fn validate_config(c: &Config, file: &str, errors: &mut Vec<String>) {
     for (i, s) in c.audit.sinks.iter().enumerate() {
         for (field, m) in s.check() {
             err(&format!("audit.sinks[{i}]{field}"), m);
+        }
+    }
+    if let Some(t) = &c.identity.tokens {
+        if t.issuer.is_empty() {
+            err(
+                "identity.tokens.issuer",
+                "the issuer tokens must name (the API server's --service-account-issuer)".into(),
+            );
+        }
+        if t.audiences.is_empty() || t.audiences.iter().any(String::is_empty) {
+            err("identity.tokens.audiences", "at least one, none empty".into());
+        }
+        if t.jwks_file.is_none() {
+            err("identity.tokens.jwksFile", "required: the issuer's keys (kubectl get --raw /openid/v1/jwks); fetching them from the API server is not built yet".into());
         }
     }
     if let Some(r) = &c.kubernetes.rate_limit_replicas

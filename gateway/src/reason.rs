@@ -66,11 +66,19 @@ pub enum Reason {
     LocalResourceLimit,
     /// `limits.maxConnections` or `limits.maxConnectionsPerClient` reached.
     ConnectionLimit,
+    // Workload identity (`identity`).
+    /// The ServiceAccount token presented was refused (the event's detail says why: expired,
+    /// audience, issuer, signature, unknown key, malformed, pod gone).
+    TokenInvalid,
+    /// A verified identity is required and the client presented none.
+    IdentityRequired,
+    /// The token names another Pod than the one the connection comes from.
+    IdentityMismatch,
 }
 
 impl Reason {
     /// Every reason, for metrics pre-registration.
-    pub const ALL: [Reason; 25] = [
+    pub const ALL: [Reason; 28] = [
         Reason::RuleAllow,
         Reason::DefaultAllow,
         Reason::DefaultDeny,
@@ -96,6 +104,9 @@ impl Reason {
         Reason::AuditUnavailable,
         Reason::LocalResourceLimit,
         Reason::ConnectionLimit,
+        Reason::TokenInvalid,
+        Reason::IdentityRequired,
+        Reason::IdentityMismatch,
     ];
 
     /// The stable snake_case name.
@@ -126,6 +137,9 @@ impl Reason {
             Reason::AuditUnavailable => "audit_unavailable",
             Reason::LocalResourceLimit => "local_resource_limit",
             Reason::ConnectionLimit => "connection_limit",
+            Reason::TokenInvalid => "token_invalid",
+            Reason::IdentityRequired => "identity_required",
+            Reason::IdentityMismatch => "identity_mismatch",
         }
     }
 

@@ -86,6 +86,19 @@ pub(crate) struct EgressRequest {
     pub http: Option<HttpFacts>,
     /// What the transparent front knows (original destination, relay, SNI or Host).
     pub transparent: Option<TransparentFacts>,
+    /// A credential the client presented for this request (HTTP `Proxy-Authorization`).
+    pub credential: Option<Credential>,
+}
+
+/// A ServiceAccount token a client presented. Never logged, audited or shown: its `Debug` says
+/// only that there is one.
+#[derive(Clone)]
+pub(crate) struct Credential(pub(crate) Arc<str>);
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Credential(<redacted>)")
+    }
 }
 
 impl EgressRequest {
@@ -99,6 +112,7 @@ impl EgressRequest {
             target: RawTarget::Authority(String::new()),
             http: None,
             transparent: None,
+            credential: None,
         }
     }
 }

@@ -155,7 +155,8 @@ async fn follow_kubernetes(
 fn watched_paths(loaded: &Loaded) -> Vec<PathBuf> {
     let base = loaded.path.parent().unwrap_or(Path::new(".")).to_path_buf();
     let mut v = vec![loaded.path.clone()];
-    for p in loaded.config.policy_files.iter().chain(&loaded.config.transparent.relay_key_file) {
+    let jwks = loaded.config.identity.tokens.as_ref().and_then(|t| t.jwks_file.as_ref());
+    for p in loaded.config.policy_files.iter().chain(&loaded.config.transparent.relay_key_file).chain(jwks) {
         v.push(crate::config::relative_to(&base, p));
     }
     v

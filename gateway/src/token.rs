@@ -20,9 +20,6 @@
 //! already uses for TLS; jsonwebtoken 10 offers only aws-lc-rs or RustCrypto's `rsa`
 //! (RUSTSEC-2023-0071).
 
-// Not called outside its tests until the fronts read tokens (issue 15, next step).
-#![cfg_attr(not(test), allow(dead_code))]
-
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ring::signature::{self, UnparsedPublicKey};
@@ -125,6 +122,13 @@ impl Key {
 /// The verification keys of an issuer, from its JWKS document (`{"keys": [...]}`).
 pub(crate) struct KeySet {
     keys: Vec<Key>,
+}
+
+impl std::fmt::Debug for KeySet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kids: Vec<&str> = self.keys.iter().map(|k| k.kid.as_deref().unwrap_or("")).collect();
+        f.debug_struct("KeySet").field("kids", &kids).finish()
+    }
 }
 
 #[derive(Deserialize)]

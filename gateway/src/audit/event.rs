@@ -106,6 +106,9 @@ pub struct Event {
 pub struct ClientInfo {
     /// Source address.
     pub address: IpAddr,
+    /// How the identity below was established: `address` or `token`.
+    #[serde(rename = "identity_source")]
+    pub identity_source: &'static str,
     /// Labels.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub labels: Option<BTreeMap<String, String>>,

@@ -24,7 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::audit::End;
 use crate::pipeline::{CloseLog, Refusal, RefusalKind, http_facts};
 use crate::reason::Reason;
-use crate::request::{ClientConn, EgressRequest, Front, RawTarget};
+use crate::request::{ClientConn, Credential, EgressRequest, Front, RawTarget};
 use crate::runtime::Gateway;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -112,6 +112,7 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let id = conn.next_request_id();
+    let credential = credential(req.headers());
     if req.method() == Method::CONNECT {
         let authority = req.uri().authority().map(|a| a.as_str().to_string()).unwrap_or_default();
         let ereq = EgressRequest {
@@ -121,6 +122,7 @@ async fn handle(
             target: RawTarget::Authority(authority),
             http: None,
             transparent: None,
+            credential,
         };
         // A CONNECT request has no content (RFC 9110 §9.3.6): bytes announced as one would be
         // either swallowed or sent on as tunnel data. Refused, and the connection closed.
@@ -142,6 +144,7 @@ async fn handle(
         target: RawTarget::Authority(String::new()),
         http: Some(facts),
         transparent: None,
+        credential,
     };
     match (uri.scheme_str(), uri.host()) {
         (Some("http"), Some(host)) => {
@@ -259,6 +262,26 @@ impl tokio::io::AsyncWrite for CountingIo {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
+}
+
+/// The ServiceAccount token of `Proxy-Authorization`: `Bearer <token>`, or `Basic` with any
+/// user name and the token as the password (what `http://x:TOKEN@gw:3128` in `HTTPS_PROXY` makes
+/// curl, Go, Python and Java send). Another scheme or an unreadable value is no credential: the
+/// request is then decided by its address, as without the header. The pipeline verifies it.
+fn credential(h: &HeaderMap) -> Option<Credential> {
+    let v = h.get(header::PROXY_AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, rest) = v.split_once(' ')?;
+    let token = if scheme.eq_ignore_ascii_case("bearer") {
+        rest.trim().to_string()
+    } else if scheme.eq_ignore_ascii_case("basic") {
+        use base64::Engine;
+        let raw = base64::engine::general_purpose::STANDARD.decode(rest.trim()).ok()?;
+        let text = String::from_utf8(raw).ok()?;
+        text.split_once(':')?.1.to_string()
+    } else {
+        return None;
+    };
+    (!token.is_empty()).then(|| Credential(token.into()))
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus the proxy ones; headers named in `Connection` too.
@@ -502,7 +525,13 @@ fn refusal(r: &Refusal, close: bool) -> Response<ProxyBody> {
     if !r.detail.is_empty() {
         body.push_str(&format!("detail: {}\n", r.detail));
     }
-    text(status, body, reason, &r.request_id, close || r.kind == RefusalKind::BadRequest)
+    let mut resp = text(status, body, reason, &r.request_id, close || r.kind == RefusalKind::BadRequest);
+    if r.kind == RefusalKind::AuthRequired {
+        let h = resp.headers_mut();
+        h.append(header::PROXY_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"egress-gateway\""));
+        h.append(header::PROXY_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"egress-gateway\""));
+    }
+    resp
 }
 
 fn upstream_error(request_id: &str, status: StatusCode, detail: &str) -> Response<ProxyBody> {
@@ -534,6 +563,25 @@ mod tests {
         strip_hop_by_hop(&mut h);
         let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["x-kept", "host"], "the proxy credentials never reach the upstream");
+    }
+
+    #[test]
+    fn reads_a_token_as_bearer_or_as_the_basic_password_and_nothing_else() {
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::PROXY_AUTHORIZATION, HeaderValue::from_str(v).unwrap());
+            credential(&h).map(|c| c.0.to_string())
+        };
+        assert_eq!(with("Bearer abc.def.ghi"), Some("abc.def.ghi".into()));
+        assert_eq!(with("bearer   abc.def.ghi "), Some("abc.def.ghi".into()));
+        // `http://pod:TOKEN@gw` in HTTPS_PROXY: any user name, the token as the password.
+        assert_eq!(with("Basic cG9kOmFiYy5kZWYuZ2hp"), Some("abc.def.ghi".into()));
+        assert_eq!(with("Basic cG9kOg=="), None, "an empty password");
+        assert_eq!(with("Basic !!!"), None);
+        assert_eq!(with("Digest username=x"), None);
+        assert_eq!(with("Bearer"), None);
+        assert!(credential(&HeaderMap::new()).is_none());
+        assert_eq!(format!("{:?}", Credential("secret".into())), "Credential(<redacted>)");
     }
 
     #[test]

@@ -85,8 +85,15 @@ async fn serve_conn(gw: &Gateway, mut stream: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    let req =
-        EgressRequest { id: conn.next_request_id(), conn, front: Front::Socks5, target, http: None, transparent: None };
+    let req = EgressRequest {
+        id: conn.next_request_id(),
+        conn,
+        front: Front::Socks5,
+        target,
+        http: None,
+        transparent: None,
+        credential: None,
+    };
     let _tunnel_permit = match gw.pipeline.admit_tunnel(&req) {
         Ok(p) => p,
         Err(_) => return refuse(&mut stream, reply::GENERAL_FAILURE).await,
@@ -124,7 +131,7 @@ async fn refuse(stream: &mut TcpStream, code: u8) {
 
 fn code_for(r: &Refusal) -> u8 {
     match r.kind {
-        RefusalKind::Denied | RefusalKind::RateLimited => reply::NOT_ALLOWED,
+        RefusalKind::Denied | RefusalKind::RateLimited | RefusalKind::AuthRequired => reply::NOT_ALLOWED,
         RefusalKind::DnsFailure | RefusalKind::Unreachable | RefusalKind::ConnectTimeout => reply::HOST_UNREACHABLE,
         RefusalKind::ConnectRefused => reply::CONNECTION_REFUSED,
         RefusalKind::BadRequest

@@ -116,6 +116,7 @@ async fn serve_conn(gw: &Gateway, mut stream: TcpStream, relay: SocketAddr) {
         target,
         http: None,
         transparent: Some(TransparentFacts { original_dst, relay, sni, http_host, original_in_resolved: None }),
+        credential: None,
     };
     let _tunnel_permit = match gw.pipeline.admit_tunnel(&req) {
         Ok(p) => p,

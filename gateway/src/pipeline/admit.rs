@@ -52,7 +52,7 @@ impl Pipeline {
         let (host, port) = raw_host_port(&req.target);
         let ev = Self::event(
             req,
-            Self::client_info(req.conn.peer, id.as_deref()),
+            Self::client_info(req.conn.peer, id.as_deref(), super::identify::IdentitySource::Address),
             TargetInfo { host, port, http: req.http.clone() },
             DecisionInfo {
                 action: Action::Deny,
@@ -71,6 +71,8 @@ impl Pipeline {
         let kind = match reason {
             Reason::AuthFailed => RefusalKind::Denied,
             Reason::ConnectionLimit => RefusalKind::ConnectionLimit,
+            Reason::TokenInvalid => RefusalKind::AuthRequired,
+            Reason::IdentityMismatch => RefusalKind::Denied,
             _ => RefusalKind::BadRequest,
         };
         Refusal { kind, reason, request_id: req.id.clone(), detail: detail.to_string() }

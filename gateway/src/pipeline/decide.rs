@@ -1,13 +1,13 @@
-//! Stage 3, decide and rate-limit: runs on every normalised request.
+//! Stage 4, decide and rate-limit: runs on every normalised request.
 //!
-//! The client's identity (a Pod, a `clients` row, or unknown) and the target go to the compiled
+//! The client's identity (stage 3) and the target go to the compiled
 //! policy snapshot, which applies the decision order of DESIGN.md: the built-in guard on an IP
 //! literal first (metadata and blocked ranges are refused whatever a policy says), then cluster
 //! Deny rules, then the policies selecting the client, then the default action. An allow by a
 //! policy with a `rateLimit` then takes a token from that policy's bucket for the client's
 //! address. It refuses with the guard's reasons (`guard_blocked`, `guard_internal`,
 //! `guard_blocked_name`), `cluster_deny`, `no_rule_matched`, `default_deny` and `rate_limited`
-//! (HTTP 429). A name is not resolved here: stage 4 checks its addresses.
+//! (HTTP 429). A name is not resolved here: stage 5 checks its addresses.
 
 use super::State;
 use crate::identity::Identity;

@@ -1,4 +1,4 @@
-//! Stage 5, dial: runs once a request is allowed and its addresses checked.
+//! Stage 6, dial: runs once a request is allowed and its addresses checked.
 //!
 //! The front either dials (`Permit::connect`: every checked address, IPv6 and IPv4 interleaved,
 //! from the policy's egress address pool) or reuses a pooled upstream connection that the permit

@@ -1,4 +1,4 @@
-//! Stage 6, events: the audit events of a request and the operator's denial line.
+//! Stage 7, events: the audit events of a request and the operator's denial line.
 //!
 //! A decision event is built once per request from the front's facts, the client's identity and
 //! the decision; a denial is committed (`failClosed`: refused as `audit_unavailable` if it cannot
@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::identify::{IdentitySource, Who};
 use super::{Checked, Pipeline, Refusal, RefusalKind};
 use crate::audit::{ClientInfo, CloseInfo, DecisionInfo, End, Event, EventKind, TargetInfo, now_rfc3339};
 use crate::identity::Identity;
@@ -63,9 +64,10 @@ impl Drop for CloseLog {
 }
 
 impl Pipeline {
-    pub(super) fn client_info(peer: SocketAddr, id: Option<&Identity>) -> ClientInfo {
+    pub(super) fn client_info(peer: SocketAddr, id: Option<&Identity>, source: IdentitySource) -> ClientInfo {
         ClientInfo {
             address: target::canonical_ip(peer.ip()),
+            identity_source: source.as_str(),
             port: peer.port(),
             namespace: id.map(|i| i.namespace.clone()),
             name: id.map(|i| i.name.clone()),
@@ -125,17 +127,11 @@ impl Pipeline {
     }
 
     /// The decision event of a request that went through stages 2 to 4.
-    pub(super) fn decision_event(
-        &self,
-        req: &EgressRequest,
-        identity: Option<&Identity>,
-        target: &Target,
-        checked: &Checked,
-    ) -> Event {
+    pub(super) fn decision_event(&self, req: &EgressRequest, who: &Who, target: &Target, checked: &Checked) -> Event {
         let d = &checked.decision;
         let mut ev = Self::event(
             req,
-            Self::client_info(req.conn.peer, identity),
+            Self::client_info(req.conn.peer, who.identity.as_deref(), who.source),
             TargetInfo { host: target.host.to_string(), port: target.port, http: req.http.clone() },
             DecisionInfo {
                 action: d.action,

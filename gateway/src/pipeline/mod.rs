@@ -3,10 +3,11 @@
 //!
 //! 1. [`admit`]: connection and tunnel limits, and requests the front could not parse;
 //! 2. [`normalise`]: the raw target into one canonical `Target`;
-//! 3. [`decide`]: identity, the built-in guard on IP literals, policy, then the rate limit;
-//! 4. [`resolve`]: the gateway's own resolution, the guard and cluster Deny rules on every address;
-//! 5. [`dial`]: from the policy's egress address pool, or reuse of a pooled upstream;
-//! 6. [`events`]: the decision event (committed before the client gets an answer and before the
+//! 3. [`identify`]: who the client is: its address, or a verified ServiceAccount token;
+//! 4. [`decide`]: the built-in guard on IP literals, policy, then the rate limit;
+//! 5. [`resolve`]: the gateway's own resolution, the guard and cluster Deny rules on every address;
+//! 6. [`dial`]: from the policy's egress address pool, or reuse of a pooled upstream;
+//! 7. [`events`]: the decision event (committed before the client gets an answer and before the
 //!    first byte goes upstream) and the close event once the front's relay ends.
 //!
 //! Every refusal is a [`Refusal`], already audited, which the front turns into its protocol's
@@ -18,6 +19,7 @@ mod admit;
 mod decide;
 mod dial;
 mod events;
+mod identify;
 mod normalise;
 mod refusal;
 mod resolve;
@@ -197,8 +199,8 @@ impl Pipeline {
         Arc::new(ClientConn::new(format!("{}-{n}", self.instance).into(), peer))
     }
 
-    /// Runs a request through stages 2 to 4 (normalise, decide and rate-limit, resolve and
-    /// check) on one snapshot of the state. A denial is audited before it is returned; an allow
+    /// Runs a request through stages 2 to 5 (normalise, identify, decide and rate-limit,
+    /// resolve and check) on one snapshot of the state. A denial is audited before it is returned; an allow
     /// is a [`Permit`] for stage 5, audited when it is used.
     pub(crate) async fn authorize(self: &Arc<Self>, req: &EgressRequest) -> Result<Permit, Refusal> {
         let state = self.state.load_full();
@@ -206,10 +208,13 @@ impl Pipeline {
             Ok(t) => t,
             Err(e) => return Err(self.refuse_malformed(req, crate::reason::Reason::InvalidTarget, &e.to_string())),
         };
-        let identity = state.identities.lookup(req.conn.peer.ip());
-        let decision = decide::decide(&state, identity.as_deref(), &target, req);
+        let who = match self.identify(&state, req) {
+            Ok(who) => who,
+            Err((reason, detail)) => return Err(self.refuse_malformed(req, reason, &detail)),
+        };
+        let decision = decide::decide(&state, who.identity.as_deref(), &target, req);
         let checked = resolve_checked(&state, Some(&self.resolver), Some(&self.metrics), decision, &target).await;
-        let ev = self.decision_event(req, identity.as_deref(), &target, &checked);
+        let ev = self.decision_event(req, &who, &target, &checked);
         if checked.decision.action == Action::Deny {
             return Err(self.deny(ev, checked.detail).await);
         }

@@ -29,6 +29,8 @@ pub(crate) enum RefusalKind {
     LocalResources,
     /// A connection limit (`limits.maxConnections`, `limits.maxConnectionsPerClient`).
     ConnectionLimit,
+    /// The credential was refused, or one is required: HTTP 407 with `Proxy-Authenticate`.
+    AuthRequired,
 }
 
 impl RefusalKind {
@@ -44,6 +46,7 @@ impl RefusalKind {
             RefusalKind::AuditUnavailable => (503, "audit log unavailable"),
             RefusalKind::LocalResources => (503, "gateway out of local resources"),
             RefusalKind::ConnectionLimit => (503, "too many connections"),
+            RefusalKind::AuthRequired => (407, "proxy authentication required"),
         }
     }
 }
@@ -66,6 +69,12 @@ impl Refusal {
                 "denied by the built-in guard: the name resolves only to internal addresses, which a domain rule never opens"
             }
             (RefusalKind::Denied, Reason::ClusterDeny) => "denied by a ClusterEgressPolicy Deny rule",
+            (_, Reason::TokenInvalid) => {
+                "the ServiceAccount token was refused (see detail); send a valid one in Proxy-Authorization"
+            }
+            (_, Reason::IdentityMismatch) => {
+                "the ServiceAccount token belongs to another Pod than the one this connection comes from"
+            }
             (RefusalKind::Denied, Reason::DefaultDeny | Reason::NoRuleMatched) => {
                 "denied by egress policy: no rule allows this destination for this client"
             }

@@ -1,4 +1,4 @@
-//! Stage 4, resolve and check: runs after an allow (a denial passes through untouched).
+//! Stage 5, resolve and check: runs after an allow (a denial passes through untouched).
 //!
 //! A name is resolved by the gateway's own resolver (never the client's answer), and every
 //! address is put to the built-in guard and to the cluster Deny CIDR rules; only addresses that

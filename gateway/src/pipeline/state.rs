@@ -2,14 +2,17 @@
 //! change of the API's policies and Pods), compiled once and swapped whole, so that a request
 //! sees one consistent snapshot from its first stage to its last.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use crate::config::{self, Loaded};
 use crate::dial::Pools;
 use crate::guard::Guard;
 use crate::identity::IdentityTable;
-use crate::inputs::KubeInputs;
+use crate::inputs::{KubeInputs, PodIdentity};
 use crate::policy::Snapshot;
+use crate::token;
 
 /// Everything derived from one config load, swapped whole.
 pub(crate) struct State {
@@ -25,6 +28,10 @@ pub(crate) struct State {
     pub pools: Pools,
     /// Checks the relays' PROXY header MACs (`transparent.relayKeyFile`, `relayMaxSkew`).
     pub relay_auth: egress_netio::proxy::Verifier,
+    /// Verifies ServiceAccount tokens (`identity.tokens`).
+    pub tokens: Option<(token::Verifier, Arc<token::KeySet>)>,
+    /// The API's Pods by `(namespace, name)`, for Pod-bound tokens (only with `identity.tokens`).
+    pub pods_by_name: HashMap<(String, String), PodIdentity>,
 }
 
 impl State {
@@ -46,6 +53,19 @@ impl State {
             guard: Guard::new(c.guard.allow_cidrs.clone(), own.to_vec()),
             pools: Pools::new(&c.egress_addresses),
             relay_auth: egress_netio::proxy::Verifier::new(loaded.relay_keys.clone(), c.transparent.relay_max_skew),
+            tokens: c.identity.tokens.as_ref().zip(loaded.token_keys.clone()).map(|(t, keys)| {
+                let verifier = token::Verifier {
+                    issuer: t.issuer.clone(),
+                    audiences: t.audiences.clone(),
+                    leeway: t.leeway.as_secs(),
+                };
+                (verifier, keys)
+            }),
+            pods_by_name: if c.identity.tokens.is_some() {
+                pods.iter().map(|p| ((p.namespace.clone(), p.name.clone()), p.clone())).collect()
+            } else {
+                HashMap::new()
+            },
             loaded,
         }
     }

@@ -1,0 +1,122 @@
+//! Stage 3, identify: who the client is, for selection and the audit. Runs on every normalised
+//! request, before the decision.
+//!
+//! Without a credential (or without `identity.tokens`) the client is who its source address
+//! says: a Pod IP in Kubernetes mode, a `clients` row, or unknown. With a ServiceAccount token
+//! in `Proxy-Authorization` it is who the token says, once the token verifies (`token`):
+//! its namespace and ServiceAccount, and for a Pod-bound token in Kubernetes mode that Pod's
+//! labels from the watch; in standalone mode a `clients` row with the same namespace and
+//! `serviceAccount` lends its labels. It refuses a token that does not verify or whose Pod no
+//! longer exists (`token_invalid`, HTTP 407, the cause in the event's detail) and, in
+//! Kubernetes mode, a token of another Pod or ServiceAccount than the Pod the connection comes
+//! from (`identity_mismatch`), unless `identity.allowRemote` lets clients outside the cluster
+//! present one.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::{Pipeline, State};
+use crate::identity::Identity;
+use crate::reason::Reason;
+use crate::request::EgressRequest;
+
+/// How the client's identity was established (`client.identity_source` in the audit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum IdentitySource {
+    /// The source address (a Pod IP, a `clients` row), or nothing at all.
+    Address,
+    /// A verified ServiceAccount token.
+    Token,
+}
+
+impl IdentitySource {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            IdentitySource::Address => "address",
+            IdentitySource::Token => "token",
+        }
+    }
+}
+
+/// Who a request's client is.
+pub(super) struct Who {
+    pub(super) identity: Option<Arc<Identity>>,
+    pub(super) source: IdentitySource,
+}
+
+impl Pipeline {
+    /// The client of `req`, or why its credential is refused.
+    pub(super) fn identify(&self, state: &State, req: &EgressRequest) -> Result<Who, (Reason, String)> {
+        let by_address = state.identities.lookup(req.conn.peer.ip());
+        let (Some(credential), Some((verifier, keys))) = (&req.credential, &state.tokens) else {
+            return Ok(Who { identity: by_address, source: IdentitySource::Address });
+        };
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let t = verifier.verify(keys, &credential.0, now).map_err(|e| (Reason::TokenInvalid, e.to_string()))?;
+        let c = &state.loaded.config;
+        let (name, labels, namespace_labels) = if c.kubernetes.enabled {
+            // The connection's own Pod, when it comes from one, must be the token's.
+            let from = by_address.as_deref();
+            let same_account = from.is_some_and(|p| {
+                p.namespace == t.namespace && p.service_account.as_deref() == Some(t.service_account.as_str())
+            });
+            let same_pod = match &t.pod {
+                Some((pod, _)) => same_account && from.is_some_and(|p| p.name == *pod),
+                None => same_account,
+            };
+            if !same_pod && !c.identity.allow_remote {
+                let source = match from {
+                    Some(p) => format!("Pod {}/{}", p.namespace, p.name),
+                    None => "an address that is no Pod".to_string(),
+                };
+                let claimed = match &t.pod {
+                    Some((pod, _)) => format!("Pod {}/{pod}", t.namespace),
+                    None => format!("ServiceAccount {}/{}", t.namespace, t.service_account),
+                };
+                return Err((
+                    Reason::IdentityMismatch,
+                    format!("the token is {claimed}'s; the connection comes from {source}"),
+                ));
+            }
+            match &t.pod {
+                Some((pod, uid)) => {
+                    let p = state
+                        .pods_by_name
+                        .get(&(t.namespace.clone(), pod.clone()))
+                        .filter(|p| p.uid == *uid)
+                        .ok_or_else(|| {
+                            (Reason::TokenInvalid, format!("pod gone: {}/{pod} no longer exists", t.namespace))
+                        })?;
+                    (pod.clone(), p.labels.clone(), p.namespace_labels.clone())
+                }
+                None => (
+                    t.service_account.clone(),
+                    BTreeMap::new(),
+                    egress_crds::namespace_labels(&t.namespace, &BTreeMap::new()),
+                ),
+            }
+        } else {
+            // Standalone: a `clients` row of this namespace and ServiceAccount lends its labels.
+            let row = c.clients.iter().find(|r| {
+                r.namespace == t.namespace && r.service_account.as_deref() == Some(t.service_account.as_str())
+            });
+            let name = t.pod.as_ref().map(|(p, _)| p.clone()).unwrap_or_else(|| t.service_account.clone());
+            (
+                name,
+                row.map(|r| r.labels.clone()).unwrap_or_default(),
+                egress_crds::namespace_labels(&t.namespace, &BTreeMap::new()),
+            )
+        };
+        let mut id = Identity {
+            namespace: t.namespace,
+            name,
+            service_account: Some(t.service_account),
+            labels,
+            namespace_labels,
+            selected: Arc::from([]),
+        };
+        id.selected = state.snapshot.selected(Some(&id)).into();
+        Ok(Who { identity: Some(Arc::new(id)), source: IdentitySource::Token })
+    }
+}

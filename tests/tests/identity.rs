@@ -1,0 +1,178 @@
+//! Workload identity: Kubernetes ServiceAccount tokens in `Proxy-Authorization` (standalone mode,
+//! the issuer's keys from a JWKS file), through the real HTTP proxy with curl.
+
+#![forbid(unsafe_code)]
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use egress_e2e::*;
+use ring::rand::SystemRandom;
+use ring::signature::{self, EcdsaKeyPair, KeyPair};
+use serde_json::{Value, json};
+
+const ISSUER: &str = "https://kubernetes.default.svc";
+
+/// A token issuer with one ES256 key.
+struct Issuer {
+    key: EcdsaKeyPair,
+    kid: &'static str,
+}
+
+impl Issuer {
+    fn new(kid: &'static str) -> Issuer {
+        let rng = SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        let key = EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng).unwrap();
+        Issuer { key, kid }
+    }
+
+    fn jwk(&self) -> Value {
+        let p = self.key.public_key().as_ref();
+        json!({"kty": "EC", "crv": "P-256", "kid": self.kid, "use": "sig", "alg": "ES256",
+               "x": URL_SAFE_NO_PAD.encode(&p[1..33]), "y": URL_SAFE_NO_PAD.encode(&p[33..65])})
+    }
+
+    fn sign(&self, claims: &Value) -> String {
+        let header = json!({"alg": "ES256", "kid": self.kid, "typ": "JWT"});
+        let msg =
+            format!("{}.{}", URL_SAFE_NO_PAD.encode(header.to_string()), URL_SAFE_NO_PAD.encode(claims.to_string()));
+        let sig = self.key.sign(&SystemRandom::new(), msg.as_bytes()).unwrap();
+        format!("{msg}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref()))
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// A projected token of ServiceAccount `shop/api`, bound to Pod `api-7`, valid for an hour.
+fn claims() -> Value {
+    let now = now();
+    json!({"iss": ISSUER, "aud": ["egress.dev"], "iat": now, "nbf": now, "exp": now + 3600,
+           "sub": "system:serviceaccount:shop:api",
+           "kubernetes.io": {"namespace": "shop", "serviceaccount": {"name": "api", "uid": "sa-uid"},
+                             "pod": {"name": "api-7", "uid": "pod-uid"}}})
+}
+
+/// Standalone: client 127.0.0.1 is nobody by its address; the `clients` row of ServiceAccount
+/// `shop/api` (at an address no test uses) lends `app: api` to token clients of that account,
+/// and only `app: api` may reach up.test.
+fn start(dns: &Dns, port: u16, jwks: &std::path::Path) -> Gateway {
+    let body = format!(
+        r#"
+guard: {{allowCidrs: [127.0.0.2/32]}}
+identity:
+  tokens: {{issuer: "{ISSUER}", jwksFile: {}}}
+clients:
+  - {{cidr: 10.255.0.1/32, namespace: shop, name: api-row, serviceAccount: api, labels: {{app: api}}}}
+policies:
+  - apiVersion: egress.dev/v1alpha1
+    kind: EgressPolicy
+    metadata: {{name: api-egress, namespace: shop}}
+    spec:
+      podSelector: {{matchLabels: {{app: api}}}}
+      rules: [{{name: up, to: [{{domain: up.test}}], ports: [{{port: {port}}}]}}]
+"#,
+        jwks.display()
+    );
+    Gateway::start(dns, &body)
+}
+
+fn through(gw: &Gateway, port: u16, auth: &[&str], connect: bool) -> CurlResult {
+    let proxy = format!("http://{}", gw.http);
+    let url = format!("http://up.test:{port}/who");
+    let mut args = vec!["-x", &proxy];
+    if connect {
+        args.push("-p");
+    }
+    args.extend_from_slice(auth);
+    args.push(&url);
+    curl(&args)
+}
+
+#[test]
+fn service_account_tokens_identify_clients_and_bad_ones_get_407() {
+    let (dns, up) = (Dns::start(&[("up.test", "127.0.0.2")]), Upstream::start("127.0.0.2"));
+    let port = up.addr.port();
+    let issuer = Issuer::new("key-1");
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, json!({"keys": [issuer.jwk()]}).to_string()).unwrap();
+    let gw = start(&dns, port, &jwks);
+
+    // By its address alone the client is nobody: the default action (deny).
+    assert_eq!(through(&gw, port, &[], false).status, 403);
+    // With a valid token it is shop/api (labels lent by the clients row), through both the
+    // absolute-form front and CONNECT, as Bearer and as Basic (the token as the password).
+    let token = issuer.sign(&claims());
+    let bearer = format!("Proxy-Authorization: Bearer {token}");
+    for (auth, connect) in [
+        (vec!["-H", bearer.as_str()], false),
+        (vec!["--proxy-header", bearer.as_str()], true),
+        (vec!["--proxy-user", &format!("pod:{token}")], false),
+        (vec!["--proxy-user", &format!("pod:{token}")], true),
+    ] {
+        let r = through(&gw, port, &auth, connect);
+        assert_eq!(r.status, 200, "{auth:?} connect={connect}: {r:?}\n{}", gw.log_text());
+    }
+    let d = gw.decision(|e| e["decision"]["action"] == "allow" && e["client"]["identity_source"] == "token");
+    assert_eq!(d["client"]["namespace"], "shop", "{d}");
+    assert_eq!(d["client"]["serviceAccount"], "api", "{d}");
+    assert_eq!(d["client"]["name"], "api-7", "{d}");
+    assert_eq!(d["client"]["labels"], json!({"app": "api"}), "{d}");
+    assert_eq!(d["decision"]["policy"], "shop/api-egress", "{d}");
+    let plain = gw.decision(|e| e["decision"]["reason"] == "default_deny");
+    assert_eq!(plain["client"]["identity_source"], "address", "{plain}");
+
+    // Refused tokens: 407 with a challenge, reason token_invalid and the cause in the detail.
+    let other = Issuer::new("key-1");
+    let mut expired = claims();
+    expired["exp"] = json!(now() - 600);
+    let mut early = claims();
+    early["nbf"] = json!(now() + 600);
+    let mut audience = claims();
+    audience["aud"] = json!(["https://kubernetes.default.svc"]);
+    let mut iss = claims();
+    iss["iss"] = json!("https://evil.example");
+    let unknown_kid = Issuer::new("key-9").sign(&claims());
+    let none = format!(
+        "{}.{}.",
+        URL_SAFE_NO_PAD.encode(json!({"alg": "none"}).to_string()),
+        URL_SAFE_NO_PAD.encode(claims().to_string())
+    );
+    let cases = [
+        (issuer.sign(&expired), "expired"),
+        (issuer.sign(&early), "not yet valid"),
+        (issuer.sign(&audience), "audience"),
+        (issuer.sign(&iss), "issuer"),
+        (other.sign(&claims()), "signature"),
+        (unknown_kid, "unknown key"),
+        (none, "algorithm \"none\""),
+        (token[..token.len() - 10].to_string(), "signature"),
+        ("not-a-token".to_string(), "malformed"),
+    ];
+    for (bad, cause) in &cases {
+        let h = format!("Proxy-Authorization: Bearer {bad}");
+        let r = through(&gw, port, &["-H", &h, "-D", "-"], false);
+        assert_eq!(r.status, 407, "{cause}: {r:?}");
+        assert!(r.body.to_ascii_lowercase().contains("proxy-authenticate: bearer"), "{cause}: a challenge: {r:?}");
+        let d = gw.decision(|e| {
+            e["decision"]["reason"] == "token_invalid"
+                && e["decision"]["detail"].as_str().is_some_and(|d| d.contains(cause))
+        });
+        assert_eq!(d["decision"]["action"], "deny", "{d}");
+    }
+    // CONNECT with a refused token: 407 too (the CONNECT's own status).
+    let h = format!("Proxy-Authorization: Bearer {}", issuer.sign(&expired));
+    assert_eq!(through(&gw, port, &["--proxy-header", &h, "-w", "\n%{http_connect}"], true).status, 407);
+
+    // The token itself is never written: not to the audit trail, not to the log.
+    gw.events_at_least(1);
+    std::thread::sleep(Duration::from_millis(300));
+    let signature = token.rsplit('.').next().unwrap();
+    let audit = std::fs::read_to_string(gw.audit_path()).unwrap();
+    assert!(!audit.contains(signature) && !audit.contains(&token[..40]), "a token in the audit trail");
+    assert!(!gw.log_text().contains(signature), "a token in the log");
+}
