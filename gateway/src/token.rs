@@ -337,6 +337,68 @@ impl Verifier {
     }
 }
 
+/// Verified tokens until they expire, keyed by the SHA-256 of the token (the map never holds a
+/// token): a client that presents the same token again costs a hash and a lookup instead of a
+/// signature check. An entry answers only for the key set and settings it was verified with (a
+/// reload re-verifies); at `capacity`, expired entries are dropped, and if none are, new tokens
+/// are verified without being kept.
+pub(crate) struct Cache {
+    entries: dashmap::DashMap<[u8; 32], Cached>,
+    capacity: usize,
+}
+
+struct Cached {
+    identity: std::sync::Arc<TokenIdentity>,
+    keys: std::sync::Arc<KeySet>,
+    settings: (String, Vec<String>, u64),
+}
+
+impl Cache {
+    /// A cache of at most `capacity` tokens.
+    pub(crate) fn new(capacity: usize) -> Cache {
+        Cache { entries: dashmap::DashMap::new(), capacity }
+    }
+
+    /// [`Verifier::verify`], answered from the cache when this token was verified before under
+    /// the same keys and settings and has not expired since.
+    pub(crate) fn verify(
+        &self,
+        verifier: &Verifier,
+        keys: &std::sync::Arc<KeySet>,
+        token: &str,
+        now: u64,
+    ) -> Result<std::sync::Arc<TokenIdentity>, TokenError> {
+        let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+        let key: [u8; 32] = digest.as_ref().try_into().expect("SHA-256");
+        let settings = (verifier.issuer.clone(), verifier.audiences.clone(), verifier.leeway);
+        if let Some(hit) = self.entries.get(&key)
+            && std::sync::Arc::ptr_eq(&hit.keys, keys)
+            && hit.settings == settings
+        {
+            if now <= hit.identity.expires.saturating_add(verifier.leeway) {
+                return Ok(hit.identity.clone());
+            }
+            drop(hit);
+            self.entries.remove(&key);
+            return Err(TokenError::Expired);
+        }
+        let identity = std::sync::Arc::new(verifier.verify(keys, token, now)?);
+        if self.entries.len() >= self.capacity {
+            self.entries.retain(|_, c| now <= c.identity.expires.saturating_add(c.settings.2));
+        }
+        if self.entries.len() < self.capacity {
+            self.entries.insert(key, Cached { identity: identity.clone(), keys: keys.clone(), settings });
+        }
+        Ok(identity)
+    }
+
+    /// Tokens held.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
 /// Test tokens: an issuer with ES256 (generated) and RS256 (openssl-made) keys.
 #[cfg(test)]
 pub(crate) mod testing {
@@ -576,6 +638,36 @@ mod tests {
         doc["keys"][0]["use"] = json!("enc");
         doc["keys"].as_array_mut().unwrap().truncate(1);
         assert!(KeySet::from_jwks(doc.to_string().as_bytes()).is_err(), "an encryption key does not verify");
+    }
+
+    #[test]
+    fn the_cache_answers_for_its_keys_until_expiry_and_stays_bounded() {
+        let issuer = Issuer::new();
+        let keys = std::sync::Arc::new(KeySet::from_jwks(issuer.jwks().as_bytes()).unwrap());
+        let cache = Cache::new(2);
+        let t = issuer.sign(&es(), &claims(NOW));
+        let first = cache.verify(&verifier(), &keys, &t, NOW).unwrap();
+        let again = cache.verify(&verifier(), &keys, &t, NOW + 10).unwrap();
+        assert!(std::sync::Arc::ptr_eq(&first, &again), "answered from the cache");
+        // Expired since: refused, and forgotten.
+        assert_eq!(cache.verify(&verifier(), &keys, &t, NOW + 3600 + 61), Err(TokenError::Expired));
+        assert_eq!(cache.len(), 0);
+        // Another key set (a reload) or other settings: verified again, not taken on trust.
+        cache.verify(&verifier(), &keys, &t, NOW).unwrap();
+        let rotated = std::sync::Arc::new(KeySet::from_jwks(Issuer::new().jwks().as_bytes()).unwrap());
+        assert_eq!(cache.verify(&verifier(), &rotated, &t, NOW), Err(TokenError::Signature));
+        let strict = Verifier { audiences: vec!["other".into()], ..verifier() };
+        assert_eq!(cache.verify(&strict, &keys, &t, NOW), Err(TokenError::Audience));
+        // Bounded: a third live token is verified but not kept.
+        for n in 1..=3 {
+            let mut c = claims(NOW);
+            c["iat"] = json!(NOW + n);
+            cache.verify(&verifier(), &keys, &issuer.sign(&es(), &c), NOW).unwrap();
+        }
+        assert_eq!(cache.len(), 2);
+        // Refused tokens are never kept.
+        let _ = cache.verify(&verifier(), &keys, "x.y.z", NOW);
+        assert_eq!(cache.len(), 2);
     }
 
     proptest! {

@@ -3,7 +3,8 @@
 //!
 //! Without a credential (or without `identity.tokens`) the client is who its source address
 //! says: a Pod IP in Kubernetes mode, a `clients` row, or unknown. With a ServiceAccount token
-//! in `Proxy-Authorization` it is who the token says, once the token verifies (`token`):
+//! in `Proxy-Authorization` it is who the token says, once the token verifies (`token`; a token
+//! verified before is answered from a bounded cache until it expires):
 //! its namespace and ServiceAccount, and for a Pod-bound token in Kubernetes mode that Pod's
 //! labels from the watch; in standalone mode a `clients` row with the same namespace and
 //! `serviceAccount` lends its labels. It refuses a token that does not verify or whose Pod no
@@ -53,7 +54,10 @@ impl Pipeline {
             return Ok(Who { identity: by_address, source: IdentitySource::Address });
         };
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        let t = verifier.verify(keys, &credential.0, now).map_err(|e| (Reason::TokenInvalid, e.to_string()))?;
+        let t = self
+            .token_cache
+            .verify(verifier, keys, &credential.0, now)
+            .map_err(|e| (Reason::TokenInvalid, e.to_string()))?;
         let c = &state.loaded.config;
         let (name, labels, namespace_labels) = if c.kubernetes.enabled {
             // The connection's own Pod, when it comes from one, must be the token's.
@@ -109,9 +113,9 @@ impl Pipeline {
             )
         };
         let mut id = Identity {
-            namespace: t.namespace,
+            namespace: t.namespace.clone(),
             name,
-            service_account: Some(t.service_account),
+            service_account: Some(t.service_account.clone()),
             labels,
             namespace_labels,
             selected: Arc::from([]),

@@ -47,6 +47,9 @@ use crate::policy::Action;
 use crate::request::{ClientConn, EgressRequest, Front};
 use crate::resolve::Resolver;
 
+/// Verified ServiceAccount tokens kept (a few hundred bytes each).
+const TOKEN_CACHE: usize = 100_000;
+
 /// The decision pipeline of a running gateway: the state in force (swapped whole on reload
 /// and on every Kubernetes change), the resolver, the audit log and the metrics. Fronts hand it
 /// their requests; it knows nothing of listeners, shutdown or readiness (`runtime`).
@@ -68,6 +71,8 @@ pub(crate) struct Pipeline {
     relay_replay: egress_netio::proxy::ReplayGuard,
     /// Client connections open, in total and per client.
     conn_limits: Arc<crate::limits::ConnLimits>,
+    /// ServiceAccount tokens verified before (`identity.tokens`).
+    token_cache: crate::token::Cache,
 }
 
 impl Pipeline {
@@ -94,6 +99,7 @@ impl Pipeline {
             kube: ArcSwapOption::empty(),
             relay_replay: egress_netio::proxy::ReplayGuard::default(),
             conn_limits: Arc::default(),
+            token_cache: crate::token::Cache::new(TOKEN_CACHE),
         }))
     }
 
