@@ -56,4 +56,4 @@ pub(crate) mod resolve;
 pub(crate) mod runtime;
 pub mod server;
 pub mod target;
-pub(crate) mod token;
+pub mod token;

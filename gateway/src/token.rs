@@ -26,11 +26,11 @@ use ring::signature::{self, UnparsedPublicKey};
 use serde::Deserialize;
 
 /// Longest token read (projected tokens are 1-2 KiB).
-pub(crate) const MAX_TOKEN: usize = 16 * 1024;
+pub const MAX_TOKEN: usize = 16 * 1024;
 
 /// Why a token was refused. The text goes into the audit event's detail (never the token).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum TokenError {
+pub enum TokenError {
     /// Not a JWS in compact form, or its JSON is not what a token holds.
     #[error("malformed: {0}")]
     Malformed(&'static str),
@@ -62,15 +62,15 @@ pub(crate) enum TokenError {
 
 /// Who a verified token says the client is.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct TokenIdentity {
+pub struct TokenIdentity {
     /// Namespace of the ServiceAccount.
-    pub(crate) namespace: String,
+    pub namespace: String,
     /// The ServiceAccount.
-    pub(crate) service_account: String,
+    pub service_account: String,
     /// The Pod a Pod-bound token names: `(name, uid)`.
-    pub(crate) pod: Option<(String, String)>,
+    pub pod: Option<(String, String)>,
     /// `exp`, Unix seconds.
-    pub(crate) expires: u64,
+    pub expires: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,7 +120,7 @@ impl Key {
 }
 
 /// The verification keys of an issuer, from its JWKS document (`{"keys": [...]}`).
-pub(crate) struct KeySet {
+pub struct KeySet {
     keys: Vec<Key>,
 }
 
@@ -165,7 +165,7 @@ fn b64(s: &Option<String>) -> Result<Vec<u8>, String> {
 impl KeySet {
     /// Reads a JWKS document. Keys for encryption (`use: enc`) and of kinds no accepted
     /// algorithm uses are skipped; a set with no usable key is an error.
-    pub(crate) fn from_jwks(json: &[u8]) -> Result<KeySet, String> {
+    pub fn from_jwks(json: &[u8]) -> Result<KeySet, String> {
         let doc: Jwks = serde_json::from_slice(json).map_err(|e| format!("not a JWKS document: {e}"))?;
         let mut keys = Vec::new();
         for (i, k) in doc.keys.iter().enumerate() {
@@ -214,13 +214,13 @@ impl KeySet {
 }
 
 /// What a token must say to be accepted.
-pub(crate) struct Verifier {
+pub struct Verifier {
     /// `iss`.
-    pub(crate) issuer: String,
+    pub issuer: String,
     /// `aud` must name one of them.
-    pub(crate) audiences: Vec<String>,
+    pub audiences: Vec<String>,
     /// Seconds of clock skew allowed on `exp` and `nbf`.
-    pub(crate) leeway: u64,
+    pub leeway: u64,
 }
 
 #[derive(Deserialize)]
@@ -272,7 +272,7 @@ struct Named {
 
 impl Verifier {
     /// Verifies `token` at `now` (Unix seconds) against `keys`.
-    pub(crate) fn verify(&self, keys: &KeySet, token: &str, now: u64) -> Result<TokenIdentity, TokenError> {
+    pub fn verify(&self, keys: &KeySet, token: &str, now: u64) -> Result<TokenIdentity, TokenError> {
         if token.len() > MAX_TOKEN {
             return Err(TokenError::Malformed("longer than 16 KiB"));
         }
@@ -342,7 +342,7 @@ impl Verifier {
 /// signature check. An entry answers only for the key set and settings it was verified with (a
 /// reload re-verifies); at `capacity`, expired entries are dropped, and if none are, new tokens
 /// are verified without being kept.
-pub(crate) struct Cache {
+pub struct Cache {
     entries: dashmap::DashMap<[u8; 32], Cached>,
     capacity: usize,
 }
@@ -355,13 +355,13 @@ struct Cached {
 
 impl Cache {
     /// A cache of at most `capacity` tokens.
-    pub(crate) fn new(capacity: usize) -> Cache {
+    pub fn new(capacity: usize) -> Cache {
         Cache { entries: dashmap::DashMap::new(), capacity }
     }
 
     /// [`Verifier::verify`], answered from the cache when this token was verified before under
     /// the same keys and settings and has not expired since.
-    pub(crate) fn verify(
+    pub fn verify(
         &self,
         verifier: &Verifier,
         keys: &std::sync::Arc<KeySet>,
@@ -370,10 +370,11 @@ impl Cache {
     ) -> Result<std::sync::Arc<TokenIdentity>, TokenError> {
         let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
         let key: [u8; 32] = digest.as_ref().try_into().expect("SHA-256");
-        let settings = (verifier.issuer.clone(), verifier.audiences.clone(), verifier.leeway);
         if let Some(hit) = self.entries.get(&key)
             && std::sync::Arc::ptr_eq(&hit.keys, keys)
-            && hit.settings == settings
+            && hit.settings.0 == verifier.issuer
+            && hit.settings.1 == verifier.audiences
+            && hit.settings.2 == verifier.leeway
         {
             if now <= hit.identity.expires.saturating_add(verifier.leeway) {
                 return Ok(hit.identity.clone());
@@ -387,6 +388,7 @@ impl Cache {
             self.entries.retain(|_, c| now <= c.identity.expires.saturating_add(c.settings.2));
         }
         if self.entries.len() < self.capacity {
+            let settings = (verifier.issuer.clone(), verifier.audiences.clone(), verifier.leeway);
             self.entries.insert(key, Cached { identity: identity.clone(), keys: keys.clone(), settings });
         }
         Ok(identity)
