@@ -176,3 +176,82 @@ fn service_account_tokens_identify_clients_and_bad_ones_get_407() {
     assert!(!audit.contains(signature) && !audit.contains(&token[..40]), "a token in the audit trail");
     assert!(!gw.log_text().contains(signature), "a token in the log");
 }
+
+/// Kubernetes mode: a Pod-bound token is that Pod (its labels from the watch), only from that
+/// Pod's own address unless `identity.allowRemote`; a token of a Pod that is gone is refused.
+#[test]
+fn in_kubernetes_mode_a_pod_bound_token_is_its_pod_and_only_from_it() {
+    use egress_e2e::kubeapi::*;
+    let (dns, up) = (Dns::start(&[("up.test", "127.0.0.2")]), Upstream::start("127.0.0.2"));
+    let port = up.addr.port();
+    let api = FakeApi::start();
+    api.apply(NAMESPACES, namespace("shop", json!({})));
+    // pod() gives Pod <name> the ServiceAccount <name>-sa and the uid uid-<ns>-<name>.
+    api.apply(PODS, pod("shop", "api-1", &["127.0.0.1"], json!({"app": "api"}), "Running"));
+    api.apply(PODS, pod("shop", "web-1", &["127.0.0.5"], json!({"app": "web"}), "Running"));
+    api.apply(
+        POLICIES,
+        json!({"apiVersion": "egress.dev/v1alpha1", "kind": "EgressPolicy",
+               "metadata": {"name": "api-egress", "namespace": "shop", "generation": 1},
+               "spec": {"podSelector": {"matchLabels": {"app": "api"}},
+                        "rules": [{"name": "up", "to": [{"domain": "up.test"}], "ports": [{"port": port}]}]}}),
+    );
+    let issuer = Issuer::new("key-1");
+    let dir = tempfile::tempdir().unwrap();
+    let (jwks, kubeconfig) = (dir.path().join("jwks.json"), dir.path().join("kubeconfig"));
+    std::fs::write(&jwks, json!({"keys": [issuer.jwk()]}).to_string()).unwrap();
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    let token_of = |pod: &str, uid: &str| {
+        let mut c = claims();
+        c["sub"] = json!(format!("system:serviceaccount:shop:{pod}-sa"));
+        c["kubernetes.io"] = json!({"namespace": "shop", "serviceaccount": {"name": format!("{pod}-sa"), "uid": "sa"},
+                                    "pod": {"name": pod, "uid": uid}});
+        format!("Proxy-Authorization: Bearer {}", issuer.sign(&c))
+    };
+    let start = |allow_remote: bool| {
+        Gateway::start(
+            &dns,
+            &format!(
+                "guard: {{allowCidrs: [127.0.0.2/32]}}\nkubernetes: {{enabled: true, kubeconfig: {}}}\nidentity:\n  allowRemote: {allow_remote}\n  tokens: {{issuer: \"{ISSUER}\", jwksFile: {}}}\n",
+                kubeconfig.display(),
+                jwks.display()
+            ),
+        )
+    };
+    let get = |gw: &Gateway, from: &str, auth: &str| {
+        let proxy = format!("http://{}", gw.http);
+        let url = format!("http://up.test:{port}/");
+        curl(&["--interface", from, "-x", &proxy, "-H", auth, &url])
+    };
+    let gw = start(false);
+    let api_1 = token_of("api-1", "uid-shop-api-1");
+    wait_until(Duration::from_secs(10), || get(&gw, "127.0.0.1", &api_1).status == 200);
+    let d = gw.decision(|e| e["client"]["identity_source"] == "token" && e["decision"]["action"] == "allow");
+    assert_eq!(
+        (d["client"]["name"].as_str(), d["client"]["serviceAccount"].as_str()),
+        (Some("api-1"), Some("api-1-sa"))
+    );
+    assert_eq!(d["client"]["labels"], json!({"app": "api"}), "the Pod's labels from the watch: {d}");
+    // The same token from another Pod, or from an address that is no Pod: identity_mismatch.
+    for from in ["127.0.0.5", "127.0.0.9"] {
+        let r = get(&gw, from, &api_1);
+        assert_eq!(r.status, 403, "{from}: {r:?}");
+        assert!(r.body.contains("identity_mismatch"), "{from}: {r:?}");
+    }
+    let m = gw.decision(|e| e["decision"]["reason"] == "identity_mismatch" && e["client"]["address"] == "127.0.0.5");
+    assert!(m["decision"]["detail"].as_str().unwrap().contains("Pod shop/web-1"), "{m}");
+    // A token of a Pod that was replaced (same name, another uid): the Pod it names is gone.
+    let stale = token_of("api-1", "uid-of-an-earlier-api-1");
+    let r = get(&gw, "127.0.0.1", &stale);
+    assert_eq!(r.status, 407, "{r:?}");
+    gw.decision(|e| e["decision"]["detail"].as_str().is_some_and(|d| d.contains("pod gone: shop/api-1")));
+    drop(gw);
+
+    // allowRemote: a client outside the cluster may present a Pod's token; the Pod must exist.
+    let gw = start(true);
+    wait_until(Duration::from_secs(10), || get(&gw, "127.0.0.9", &api_1).status == 200);
+    let r = get(&gw, "127.0.0.9", &token_of("api-9", "uid-shop-api-9"));
+    assert_eq!(r.status, 407, "{r:?}");
+    api.delete(PODS, "shop", "api-1");
+    wait_until(Duration::from_secs(10), || get(&gw, "127.0.0.9", &api_1).status == 407);
+}
