@@ -382,6 +382,21 @@ fn the_gateway_pod_is_restricted_and_drains_within_its_grace_period() {
     let dep = get(&docs, "Deployment", GATEWAY);
     assert_eq!(share["matchLabels"], dep["spec"]["selector"]["matchLabels"], "{share}");
     assert_eq!(share["namespace"], dep["metadata"]["namespace"], "{share}");
+    // ServiceAccount tokens: off by default; with an issuer, the JWKS sits next to the config
+    // (jwksFile is relative to it) and is required.
+    let (_, docs) = render(&None, &[]).unwrap();
+    assert!(yaml(&config_map_file(&docs, GATEWAY, "gateway.yaml")).get("identity").is_none());
+    let issuer = ["--set", "gateway.identity.tokens.issuer=https://kubernetes.default.svc"];
+    let err = render(&None, &issuer).unwrap_err();
+    assert!(err.contains("gateway.identity.tokens.jwks"), "{err}");
+    let values = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(values.path(), "gateway: {identity: {tokens: {jwks: '{\"keys\":[]}'}}}\n").unwrap();
+    let with_jwks = [&issuer[..], &["--values", values.path().to_str().unwrap()]].concat();
+    let (_, docs) = render(&None, &with_jwks).unwrap();
+    let cfg = yaml(&config_map_file(&docs, GATEWAY, "gateway.yaml"));
+    assert_eq!(cfg["identity"]["tokens"]["jwksFile"], "jwks.json", "{cfg}");
+    assert_eq!(cfg["identity"]["tokens"]["audiences"], json!(["egress.dev"]), "{cfg}");
+    assert_eq!(config_map_file(&docs, GATEWAY, "jwks.json"), "{\"keys\":[]}");
 }
 
 #[test]

@@ -112,6 +112,18 @@ kubernetes:
     namespace: {{ .Release.Namespace }}
     matchLabels: {{- include "egress.selectorLabels" (dict "ctx" . "component" "gateway") | nindent 6 }}
   {{- end }}
+{{- with $g.identity }}
+{{- if .tokens.issuer }}
+identity:
+  allowRemote: {{ .allowRemote }}
+  tokens:
+    issuer: {{ .tokens.issuer | quote }}
+    audiences: {{- toYaml .tokens.audiences | nindent 6 }}
+    # The issuer's JWKS, next to this file in the same ConfigMap.
+    jwksFile: jwks.json
+    leeway: {{ .tokens.leeway }}
+{{- end }}
+{{- end }}
 {{- end -}}
 
 {{/* The node-redirector's configuration file (checked in CI by `node-redirector validate`). */}}
