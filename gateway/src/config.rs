@@ -314,6 +314,16 @@ pub struct Socks5User {
     pub username: String,
     /// Password (1-255 bytes).
     pub password: String,
+    /// With `serviceAccount`: the identity this user has (a verified one, like a token's):
+    /// namespace, ServiceAccount and labels for policy selection.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// The user's ServiceAccount (with `namespace`).
+    #[serde(default)]
+    pub service_account: Option<String>,
+    /// The user's labels, matched by `podSelector` (with `namespace`).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 impl fmt::Debug for Socks5User {
@@ -1224,6 +1234,15 @@ fn validate_config(c: &Config, file: &str, errors: &mut Vec<String>) {
         }
         if u.password.is_empty() || u.password.len() > 255 {
             err(&format!("socks5.users[{i}].password"), "must be 1-255 bytes".into());
+        }
+        if u.namespace.is_some() != u.service_account.is_some() {
+            err(&format!("socks5.users[{i}]"), "namespace and serviceAccount name an identity together".into());
+        }
+        if u.namespace.is_none() && !u.labels.is_empty() {
+            err(&format!("socks5.users[{i}].labels"), "only with an identity (namespace and serviceAccount)".into());
+        }
+        if c.socks5.users[..i].iter().any(|o| o.username == u.username) {
+            err(&format!("socks5.users[{i}].username"), format!("{:?} is listed twice", u.username));
         }
     }
     for (field, n) in [

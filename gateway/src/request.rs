@@ -90,14 +90,22 @@ pub(crate) struct EgressRequest {
     pub credential: Option<Credential>,
 }
 
-/// A ServiceAccount token a client presented. Never logged, audited or shown: its `Debug` says
-/// only that there is one.
+/// A credential a client presented.
 #[derive(Clone)]
-pub(crate) struct Credential(pub(crate) Arc<str>);
+pub(crate) enum Credential {
+    /// A ServiceAccount token (HTTP `Proxy-Authorization`). Never logged, audited or shown: its
+    /// `Debug` says only that there is one.
+    Token(Arc<str>),
+    /// The SOCKS5 user (RFC 1929) the client authenticated as.
+    Socks5User(Arc<str>),
+}
 
 impl std::fmt::Debug for Credential {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Credential(<redacted>)")
+        match self {
+            Credential::Token(_) => f.write_str("Token(<redacted>)"),
+            Credential::Socks5User(u) => write!(f, "Socks5User({u:?})"),
+        }
     }
 }
 

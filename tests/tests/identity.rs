@@ -255,3 +255,45 @@ fn in_kubernetes_mode_a_pod_bound_token_is_its_pod_and_only_from_it() {
     api.delete(PODS, "shop", "api-1");
     wait_until(Duration::from_secs(10), || get(&gw, "127.0.0.9", &api_1).status == 407);
 }
+
+/// SOCKS5 carries no token (RFC 1929 caps a password at 255 bytes), but a `socks5.users` entry
+/// may name an identity: a client that authenticates as it is that identity, verified by its
+/// password; a user that names none is left to its address.
+#[test]
+fn a_socks5_user_can_name_an_identity() {
+    let (dns, up) = (Dns::start(&[("up.test", "127.0.0.2")]), Upstream::start("127.0.0.2"));
+    let port = up.addr.port();
+    let gw = Gateway::start(
+        &dns,
+        &format!(
+            r#"
+guard: {{allowCidrs: [127.0.0.2/32]}}
+socks5:
+  users:
+    - {{username: ci, password: s3cret, namespace: shop, serviceAccount: runner, labels: {{app: api}}}}
+    - {{username: plain, password: pw}}
+policies:
+  - apiVersion: egress.dev/v1alpha1
+    kind: EgressPolicy
+    metadata: {{name: api-egress, namespace: shop}}
+    spec:
+      podSelector: {{matchLabels: {{app: api}}}}
+      rules: [{{name: up, to: [{{domain: up.test}}], ports: [{{port: {port}}}]}}]
+"#
+        ),
+    );
+    let url = format!("http://up.test:{port}/");
+    let via = |user: &str| curl(&["-x", &format!("socks5h://{user}@{}", gw.socks), &url]);
+    assert_eq!(via("ci:s3cret").status, 200);
+    let d = gw.decision(|e| e["client"]["identity_source"] == "socks5_user");
+    assert_eq!(d["decision"]["action"], "allow", "{d}");
+    assert_eq!(
+        (d["client"]["namespace"].as_str(), d["client"]["serviceAccount"].as_str()),
+        (Some("shop"), Some("runner"))
+    );
+    assert_eq!((d["client"]["name"].as_str(), &d["client"]["labels"]), (Some("ci"), &json!({"app": "api"})), "{d}");
+    // A user without an identity: who its address says (nobody here), so the default action.
+    assert_ne!(via("plain:pw").status, 200);
+    let d = gw.decision(|e| e["front"] == "socks5" && e["decision"]["reason"] == "default_deny");
+    assert_eq!(d["client"]["identity_source"], "address", "{d}");
+}

@@ -281,7 +281,7 @@ fn credential(h: &HeaderMap) -> Option<Credential> {
     } else {
         return None;
     };
-    (!token.is_empty()).then(|| Credential(token.into()))
+    (!token.is_empty()).then(|| Credential::Token(token.into()))
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus the proxy ones; headers named in `Connection` too.
@@ -570,7 +570,10 @@ mod tests {
         let with = |v: &str| {
             let mut h = HeaderMap::new();
             h.insert(header::PROXY_AUTHORIZATION, HeaderValue::from_str(v).unwrap());
-            credential(&h).map(|c| c.0.to_string())
+            credential(&h).map(|c| match c {
+                Credential::Token(t) => t.to_string(),
+                Credential::Socks5User(_) => unreachable!("HTTP carries tokens"),
+            })
         };
         assert_eq!(with("Bearer abc.def.ghi"), Some("abc.def.ghi".into()));
         assert_eq!(with("bearer   abc.def.ghi "), Some("abc.def.ghi".into()));
@@ -581,7 +584,7 @@ mod tests {
         assert_eq!(with("Digest username=x"), None);
         assert_eq!(with("Bearer"), None);
         assert!(credential(&HeaderMap::new()).is_none());
-        assert_eq!(format!("{:?}", Credential("secret".into())), "Credential(<redacted>)");
+        assert_eq!(format!("{:?}", Credential::Token("secret".into())), "Token(<redacted>)");
     }
 
     #[test]

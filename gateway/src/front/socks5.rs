@@ -8,7 +8,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::pipeline::{Refusal, RefusalKind};
 use crate::reason::Reason;
-use crate::request::{EgressRequest, Front, RawTarget};
+use crate::request::{Credential, EgressRequest, Front, RawTarget};
 use crate::runtime::Gateway;
 
 /// RFC 1928 reply codes.
@@ -62,7 +62,7 @@ async fn serve_conn(gw: &Gateway, mut stream: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    let target = match shake {
+    let (target, user) = match shake {
         Ok(Ok(t)) => t,
         Ok(Err(h)) => {
             let (reason, detail, code) = match h {
@@ -92,7 +92,7 @@ async fn serve_conn(gw: &Gateway, mut stream: TcpStream, peer: SocketAddr) {
         target,
         http: None,
         transparent: None,
-        credential: None,
+        credential: user.map(|i| Credential::Socks5User(users[i].username.as_str().into())),
     };
     let _tunnel_permit = match gw.pipeline.admit_tunnel(&req) {
         Ok(p) => p,
@@ -166,7 +166,7 @@ fn malformed(e: std::io::Error) -> Handshake {
 /// The RFC 1928 greeting, RFC 1929 authentication and request, on any byte stream (tests feed
 /// it bytes): the target, or what went wrong. It reads exactly what each step announces and
 /// allocates at most 255 + 2 bytes for any field.
-async fn handshake<S>(s: &mut S, users: &[crate::config::Socks5User]) -> Result<RawTarget, Handshake>
+async fn handshake<S>(s: &mut S, users: &[crate::config::Socks5User]) -> Result<(RawTarget, Option<usize>), Handshake>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -187,6 +187,7 @@ where
         }));
     }
     s.write_all(&[5, wanted]).await.map_err(malformed)?;
+    let mut authenticated = None;
     if wanted == 0x02 {
         let mut ver = [0u8; 2];
         s.read_exact(&mut ver).await.map_err(malformed)?;
@@ -199,10 +200,15 @@ where
         s.read_exact(&mut plen).await.map_err(malformed)?;
         let mut pass = vec![0u8; plen[0] as usize];
         s.read_exact(&mut pass).await.map_err(malformed)?;
-        let ok = users
-            .iter()
-            .fold(false, |acc, u| acc | (ct_eq(u.username.as_bytes(), &user) & ct_eq(u.password.as_bytes(), &pass)));
-        if !ok {
+        // Every entry is compared (in constant time), whichever matches.
+        let mut matched = None;
+        for (i, u) in users.iter().enumerate() {
+            let hit = ct_eq(u.username.as_bytes(), &user) & ct_eq(u.password.as_bytes(), &pass);
+            if hit && matched.is_none() {
+                matched = Some(i);
+            }
+        }
+        if matched.is_none() {
             let _ = s.write_all(&[1, 1]).await;
             return Err(Handshake::AuthFailed(format!(
                 "bad username or password (user {:?})",
@@ -210,6 +216,7 @@ where
             )));
         }
         s.write_all(&[1, 0]).await.map_err(malformed)?;
+        authenticated = matched;
     }
     let mut req = [0u8; 4];
     s.read_exact(&mut req).await.map_err(malformed)?;
@@ -263,7 +270,7 @@ where
             ));
         }
     };
-    Ok(target)
+    Ok((target, authenticated))
 }
 
 /// Constant-time byte comparison (length leaks, content does not).
@@ -285,7 +292,7 @@ mod tests {
         let (mut client, mut server) = tokio::io::duplex(1 << 16);
         client.write_all(input).await.unwrap();
         client.shutdown().await.unwrap();
-        let r = handshake(&mut server, users).await;
+        let r = handshake(&mut server, users).await.map(|(t, _)| t);
         drop(server);
         let mut answered = Vec::new();
         client.read_to_end(&mut answered).await.unwrap();
@@ -293,7 +300,13 @@ mod tests {
     }
 
     fn user() -> Vec<Socks5User> {
-        vec![Socks5User { username: "u".into(), password: "p".into() }]
+        vec![Socks5User {
+            username: "u".into(),
+            password: "p".into(),
+            namespace: None,
+            service_account: None,
+            labels: Default::default(),
+        }]
     }
 
     #[tokio::test]

@@ -11,7 +11,9 @@
 //! longer exists (`token_invalid`, HTTP 407, the cause in the event's detail) and, in
 //! Kubernetes mode, a token of another Pod or ServiceAccount than the Pod the connection comes
 //! from (`identity_mismatch`), unless `identity.allowRemote` lets clients outside the cluster
-//! present one.
+//! present one. A SOCKS5 client that authenticated as a `socks5.users` entry naming an identity
+//! (`namespace`, `serviceAccount`, `labels`) is that identity (RFC 1929 caps a password at 255
+//! bytes, too short for a token); an entry that names none leaves the client to its address.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -20,7 +22,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use super::{Pipeline, State};
 use crate::identity::Identity;
 use crate::reason::Reason;
-use crate::request::EgressRequest;
+use crate::request::{Credential, EgressRequest};
 
 /// How the client's identity was established (`client.identity_source` in the audit).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +31,8 @@ pub(crate) enum IdentitySource {
     Address,
     /// A verified ServiceAccount token.
     Token,
+    /// A `socks5.users` entry that names an identity, authenticated by its password.
+    Socks5User,
 }
 
 impl IdentitySource {
@@ -36,6 +40,7 @@ impl IdentitySource {
         match self {
             IdentitySource::Address => "address",
             IdentitySource::Token => "token",
+            IdentitySource::Socks5User => "socks5_user",
         }
     }
 }
@@ -50,14 +55,20 @@ impl Pipeline {
     /// The client of `req`, or why its credential is refused.
     pub(super) fn identify(&self, state: &State, req: &EgressRequest) -> Result<Who, (Reason, String)> {
         let by_address = state.identities.lookup(req.conn.peer.ip());
-        let (Some(credential), Some((verifier, keys))) = (&req.credential, &state.tokens) else {
+        let token = match &req.credential {
+            Some(Credential::Socks5User(name)) => {
+                return Ok(Self::socks5_user(state, name)
+                    .unwrap_or(Who { identity: by_address, source: IdentitySource::Address }));
+            }
+            Some(Credential::Token(t)) => t,
+            None => return Ok(Who { identity: by_address, source: IdentitySource::Address }),
+        };
+        let Some((verifier, keys)) = &state.tokens else {
             return Ok(Who { identity: by_address, source: IdentitySource::Address });
         };
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        let t = self
-            .token_cache
-            .verify(verifier, keys, &credential.0, now)
-            .map_err(|e| (Reason::TokenInvalid, e.to_string()))?;
+        let t =
+            self.token_cache.verify(verifier, keys, token, now).map_err(|e| (Reason::TokenInvalid, e.to_string()))?;
         let c = &state.loaded.config;
         let (name, labels, namespace_labels) = if c.kubernetes.enabled {
             // The connection's own Pod, when it comes from one, must be the token's.
@@ -122,5 +133,22 @@ impl Pipeline {
         };
         id.selected = state.snapshot.selected(Some(&id)).into();
         Ok(Who { identity: Some(Arc::new(id)), source: IdentitySource::Token })
+    }
+
+    /// The identity a `socks5.users` entry names (`namespace`, `serviceAccount`, `labels`), if
+    /// it names one: the password proved it, as a signature proves a token's.
+    fn socks5_user(state: &State, name: &str) -> Option<Who> {
+        let u = state.loaded.config.socks5.users.iter().find(|u| u.username == name)?;
+        let (namespace, service_account) = (u.namespace.clone()?, u.service_account.clone()?);
+        let mut id = Identity {
+            namespace_labels: egress_crds::namespace_labels(&namespace, &BTreeMap::new()),
+            namespace,
+            name: u.username.clone(),
+            service_account: Some(service_account),
+            labels: u.labels.clone(),
+            selected: Arc::from([]),
+        };
+        id.selected = state.snapshot.selected(Some(&id)).into();
+        Some(Who { identity: Some(Arc::new(id)), source: IdentitySource::Socks5User })
     }
 }
