@@ -724,6 +724,20 @@ impl Gateway {
         }
     }
 
+    /// The first decision event matching `f` among those written after the first `from` events
+    /// (`events().len()` taken before the request was sent), waiting for the audit writer: a
+    /// request cannot be mistaken for an earlier one that matched too (a reused source port).
+    pub fn decision_since(&self, from: usize, f: impl Fn(&Value) -> bool) -> Value {
+        let start = Instant::now();
+        loop {
+            if let Some(e) = self.events().into_iter().skip(from).find(|e| e["event"] == "decision" && f(e)) {
+                return e;
+            }
+            assert!(start.elapsed() < Duration::from_secs(5), "no matching decision in {:#?}", self.events());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits until an event with `decision.reason == reason` is written.
     pub fn wait_reason(&self, reason: &str) {
         let start = Instant::now();
