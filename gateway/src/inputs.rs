@@ -17,6 +17,9 @@ pub(crate) struct KubeInputs {
     pub pods: Vec<PodIdentity>,
     /// The gateway's Ready replicas (`kubernetes.rateLimitReplicas`; `None` when not counted).
     pub ready_replicas: Option<u32>,
+    /// Every Namespace's labels (with `kubernetes.io/metadata.name`), for clients identified by
+    /// a token or a SOCKS5 user rather than by a Pod.
+    pub namespace_labels: std::sync::Arc<BTreeMap<String, BTreeMap<String, String>>>,
 }
 
 /// One Pod's identity and addresses.

@@ -185,7 +185,14 @@ fn in_kubernetes_mode_a_pod_bound_token_is_its_pod_and_only_from_it() {
     let (dns, up) = (Dns::start(&[("up.test", "127.0.0.2")]), Upstream::start("127.0.0.2"));
     let port = up.addr.port();
     let api = FakeApi::start();
-    api.apply(NAMESPACES, namespace("shop", json!({})));
+    api.apply(NAMESPACES, namespace("shop", json!({"team": "payments"})));
+    // A platform rule by namespace label, for a SOCKS5 user of namespace shop (no Pod).
+    api.apply(
+        CLUSTER_POLICIES,
+        json!({"apiVersion": "egress.dev/v1alpha1", "kind": "ClusterEgressPolicy", "metadata": {"name": "payments-ci", "generation": 1},
+               "spec": {"namespaceSelector": {"matchLabels": {"team": "payments"}}, "podSelector": {"matchLabels": {"app": "ci"}},
+                        "rules": [{"name": "up", "action": "Allow", "to": [{"domain": "up.test"}], "ports": [{"port": port}]}]}}),
+    );
     // pod() gives Pod <name> the ServiceAccount <name>-sa and the uid uid-<ns>-<name>.
     api.apply(PODS, pod("shop", "api-1", &["127.0.0.1"], json!({"app": "api"}), "Running"));
     api.apply(PODS, pod("shop", "web-1", &["127.0.0.5"], json!({"app": "web"}), "Running"));
@@ -212,7 +219,7 @@ fn in_kubernetes_mode_a_pod_bound_token_is_its_pod_and_only_from_it() {
         Gateway::start(
             &dns,
             &format!(
-                "guard: {{allowCidrs: [127.0.0.2/32]}}\nkubernetes: {{enabled: true, kubeconfig: {}}}\nidentity:\n  allowRemote: {allow_remote}\n  tokens: {{issuer: \"{ISSUER}\", jwksFile: {}}}\n",
+                "guard: {{allowCidrs: [127.0.0.2/32]}}\nkubernetes: {{enabled: true, kubeconfig: {}}}\nidentity:\n  allowRemote: {allow_remote}\n  tokens: {{issuer: \"{ISSUER}\", jwksFile: {}}}\nsocks5: {{users: [{{username: ci, password: pw, namespace: shop, serviceAccount: ci, labels: {{app: ci}}}}]}}\n",
                 kubeconfig.display(),
                 jwks.display()
             ),
@@ -238,6 +245,17 @@ fn in_kubernetes_mode_a_pod_bound_token_is_its_pod_and_only_from_it() {
         assert_eq!(r.status, 403, "{from}: {r:?}");
         assert!(r.body.contains("identity_mismatch"), "{from}: {r:?}");
     }
+    // A SOCKS5 user of namespace shop has that Namespace's labels (team: payments) from the watch.
+    let socks = curl(&[
+        "--interface",
+        "127.0.0.9",
+        "-x",
+        &format!("socks5h://ci:pw@{}", gw.socks),
+        &format!("http://up.test:{port}/"),
+    ]);
+    assert_eq!(socks.status, 200, "{socks:?}");
+    let d = gw.decision(|e| e["client"]["identity_source"] == "socks5_user");
+    assert_eq!(d["decision"]["policy"], "payments-ci", "{d}");
     let m = gw.decision(|e| e["decision"]["reason"] == "identity_mismatch" && e["client"]["address"] == "127.0.0.5");
     assert!(m["decision"]["detail"].as_str().unwrap().contains("Pod shop/web-1"), "{m}");
     // A token of a Pod that was replaced (same name, another uid): the Pod it names is gone.

@@ -59,6 +59,7 @@ impl Stores {
             ready_replicas: replicas.map(|r| r.ready(&pods)),
             ..Default::default()
         };
+        out.namespace_labels = Arc::new(ns_labels);
         let mut ns_pol: Vec<Arc<EgressPolicy>> = self.policies.state();
         ns_pol.sort_by_key(|p| (p.metadata.namespace.clone(), p.metadata.name.clone()));
         let mut cl_pol: Vec<Arc<ClusterEgressPolicy>> = self.cluster.state();

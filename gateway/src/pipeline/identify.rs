@@ -105,11 +105,7 @@ impl Pipeline {
                         })?;
                     (pod.clone(), p.labels.clone(), p.namespace_labels.clone())
                 }
-                None => (
-                    t.service_account.clone(),
-                    BTreeMap::new(),
-                    egress_crds::namespace_labels(&t.namespace, &BTreeMap::new()),
-                ),
+                None => (t.service_account.clone(), BTreeMap::new(), state.labels_of_namespace(&t.namespace)),
             }
         } else {
             // Standalone: a `clients` row of this namespace and ServiceAccount lends its labels.
@@ -117,11 +113,7 @@ impl Pipeline {
                 r.namespace == t.namespace && r.service_account.as_deref() == Some(t.service_account.as_str())
             });
             let name = t.pod.as_ref().map(|(p, _)| p.clone()).unwrap_or_else(|| t.service_account.clone());
-            (
-                name,
-                row.map(|r| r.labels.clone()).unwrap_or_default(),
-                egress_crds::namespace_labels(&t.namespace, &BTreeMap::new()),
-            )
+            (name, row.map(|r| r.labels.clone()).unwrap_or_default(), state.labels_of_namespace(&t.namespace))
         };
         let mut id = Identity {
             namespace: t.namespace.clone(),
@@ -141,7 +133,7 @@ impl Pipeline {
         let u = state.loaded.config.socks5.users.iter().find(|u| u.username == name)?;
         let (namespace, service_account) = (u.namespace.clone()?, u.service_account.clone()?);
         let mut id = Identity {
-            namespace_labels: egress_crds::namespace_labels(&namespace, &BTreeMap::new()),
+            namespace_labels: state.labels_of_namespace(&namespace),
             namespace,
             name: u.username.clone(),
             service_account: Some(service_account),

@@ -32,6 +32,20 @@ pub(crate) struct State {
     pub tokens: Option<(token::Verifier, Arc<token::KeySet>)>,
     /// The API's Pods by `(namespace, name)`, for Pod-bound tokens (only with `identity.tokens`).
     pub pods_by_name: HashMap<(String, String), PodIdentity>,
+    /// The API's Namespace labels (Kubernetes mode), for clients identified by a token or a
+    /// SOCKS5 user rather than by a Pod.
+    pub namespace_labels: Arc<std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>>,
+}
+
+impl State {
+    /// The labels of namespace `ns`: the API's, or (unknown namespace, standalone mode) only
+    /// `kubernetes.io/metadata.name`.
+    pub(crate) fn labels_of_namespace(&self, ns: &str) -> std::collections::BTreeMap<String, String> {
+        self.namespace_labels
+            .get(ns)
+            .cloned()
+            .unwrap_or_else(|| egress_crds::namespace_labels(ns, &std::collections::BTreeMap::new()))
+    }
 }
 
 impl State {
@@ -61,6 +75,7 @@ impl State {
                 };
                 (verifier, keys)
             }),
+            namespace_labels: kube.map(|k| k.namespace_labels.clone()).unwrap_or_default(),
             pods_by_name: if c.identity.tokens.is_some() {
                 pods.iter().map(|p| ((p.namespace.clone(), p.name.clone()), p.clone())).collect()
             } else {
