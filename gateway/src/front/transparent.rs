@@ -56,14 +56,12 @@ fn refuse_bare(gw: &Gateway, relay: SocketAddr, reason: Reason, detail: &str) {
 }
 
 async fn serve_conn(gw: &Gateway, mut stream: TcpStream, relay: SocketAddr) {
-    let settings = gw.pipeline.transparent();
-    let relay_ip = crate::target::canonical_ip(relay.ip());
-    if !settings.trusted_relays.iter().any(|n| n.contains(&relay_ip)) {
+    if !gw.pipeline.trusts_relay(crate::target::canonical_ip(relay.ip())) {
         refuse_bare(gw, relay, Reason::UntrustedRelay, "PROXY protocol accepted only from transparent.trustedRelays");
         return;
     }
     let limits = gw.pipeline.limits();
-    let (header_timeout, first_byte) = (limits.header_timeout, settings.first_byte_timeout);
+    let (header_timeout, first_byte) = (limits.header_timeout, gw.pipeline.first_byte_timeout());
     let tunnel = crate::relay::Tunnel::from(&limits);
     let header = match tokio::time::timeout(header_timeout, read_proxy_header(&mut stream)).await {
         Ok(Ok(h)) => h,

@@ -57,8 +57,10 @@ impl Pipeline {
         let by_address = state.identities.lookup(req.conn.peer.ip());
         let token = match &req.credential {
             Some(Credential::Socks5User(name)) => {
-                return Ok(Self::socks5_user(state, name)
-                    .unwrap_or(Who { identity: by_address, source: IdentitySource::Address }));
+                return Ok(match state.socks5_identities.get(&**name) {
+                    Some(id) => Who { identity: Some(id.clone()), source: IdentitySource::Socks5User },
+                    None => Who { identity: by_address, source: IdentitySource::Address },
+                });
             }
             Some(Credential::Token(t)) => t,
             None => return Ok(Who { identity: by_address, source: IdentitySource::Address }),
@@ -125,22 +127,5 @@ impl Pipeline {
         };
         id.selected = state.snapshot.selected(Some(&id)).into();
         Ok(Who { identity: Some(Arc::new(id)), source: IdentitySource::Token })
-    }
-
-    /// The identity a `socks5.users` entry names (`namespace`, `serviceAccount`, `labels`), if
-    /// it names one: the password proved it, as a signature proves a token's.
-    fn socks5_user(state: &State, name: &str) -> Option<Who> {
-        let u = state.loaded.config.socks5.users.iter().find(|u| u.username == name)?;
-        let (namespace, service_account) = (u.namespace.clone()?, u.service_account.clone()?);
-        let mut id = Identity {
-            namespace_labels: state.labels_of_namespace(&namespace),
-            namespace,
-            name: u.username.clone(),
-            service_account: Some(service_account),
-            labels: u.labels.clone(),
-            selected: Arc::from([]),
-        };
-        id.selected = state.snapshot.selected(Some(&id)).into();
-        Some(Who { identity: Some(Arc::new(id)), source: IdentitySource::Socks5User })
     }
 }

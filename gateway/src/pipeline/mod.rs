@@ -118,9 +118,15 @@ impl Pipeline {
         self.state.load().loaded.config.socks5.users.clone()
     }
 
-    /// The transparent front's settings in force (`transparent`).
-    pub(crate) fn transparent(&self) -> config::TransparentConfig {
-        self.state.load().loaded.config.transparent.clone()
+    /// Whether `relay` is one of `transparent.trustedRelays` (the only peers whose PROXY
+    /// headers the transparent front reads).
+    pub(crate) fn trusts_relay(&self, relay: IpAddr) -> bool {
+        self.state.load().loaded.config.transparent.trusted_relays.iter().any(|n| n.contains(&relay))
+    }
+
+    /// `transparent.firstByteTimeout`.
+    pub(crate) fn first_byte_timeout(&self) -> std::time::Duration {
+        self.state.load().loaded.config.transparent.first_byte_timeout
     }
 
     /// Checks a relay's PROXY v2 header: its MAC under a key of `transparent.relayKeyFile`, its

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use crate::config::{self, Loaded};
 use crate::dial::Pools;
 use crate::guard::Guard;
-use crate::identity::IdentityTable;
+use crate::identity::{Identity, IdentityTable};
 use crate::inputs::{KubeInputs, PodIdentity};
 use crate::policy::Snapshot;
 use crate::token;
@@ -35,16 +35,15 @@ pub(crate) struct State {
     /// The API's Namespace labels (Kubernetes mode), for clients identified by a token or a
     /// SOCKS5 user rather than by a Pod.
     pub namespace_labels: Arc<std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>>,
+    /// The identities `socks5.users` entries name, by user name, compiled with this snapshot.
+    pub socks5_identities: HashMap<String, Arc<Identity>>,
 }
 
 impl State {
     /// The labels of namespace `ns`: the API's, or (unknown namespace, standalone mode) only
     /// `kubernetes.io/metadata.name`.
     pub(crate) fn labels_of_namespace(&self, ns: &str) -> std::collections::BTreeMap<String, String> {
-        self.namespace_labels
-            .get(ns)
-            .cloned()
-            .unwrap_or_else(|| egress_crds::namespace_labels(ns, &std::collections::BTreeMap::new()))
+        labels_of_namespace(&self.namespace_labels, ns)
     }
 }
 
@@ -61,6 +60,26 @@ impl State {
         let replicas = kube.and_then(|k| k.ready_replicas).unwrap_or(1).max(1);
         let snapshot = Snapshot::compile_shared(c.default_action, &policies, previous.map(|p| &p.snapshot), replicas);
         let pods = kube.map(|k| k.pods.as_slice()).unwrap_or(&[]);
+        let namespace_labels = kube.map(|k| k.namespace_labels.clone()).unwrap_or_default();
+        // A `socks5.users` entry naming `namespace` and `serviceAccount` is that identity.
+        let socks5_identities = c
+            .socks5
+            .users
+            .iter()
+            .filter_map(|u| {
+                let (ns, sa) = (u.namespace.clone()?, u.service_account.clone()?);
+                let mut id = Identity {
+                    namespace_labels: labels_of_namespace(&namespace_labels, &ns),
+                    namespace: ns,
+                    name: u.username.clone(),
+                    service_account: Some(sa),
+                    labels: u.labels.clone(),
+                    selected: Arc::from([]),
+                };
+                id.selected = snapshot.selected(Some(&id)).into();
+                Some((u.username.clone(), Arc::new(id)))
+            })
+            .collect();
         State {
             identities: IdentityTable::build(&c.clients, pods, |id| snapshot.selected(Some(id))),
             snapshot,
@@ -75,7 +94,8 @@ impl State {
                 };
                 (verifier, keys)
             }),
-            namespace_labels: kube.map(|k| k.namespace_labels.clone()).unwrap_or_default(),
+            namespace_labels,
+            socks5_identities,
             pods_by_name: if c.identity.tokens.is_some() {
                 pods.iter().map(|p| ((p.namespace.clone(), p.name.clone()), p.clone())).collect()
             } else {
@@ -84,6 +104,13 @@ impl State {
             loaded,
         }
     }
+}
+
+fn labels_of_namespace(
+    all: &std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>,
+    ns: &str,
+) -> std::collections::BTreeMap<String, String> {
+    all.get(ns).cloned().unwrap_or_else(|| egress_crds::namespace_labels(ns, &std::collections::BTreeMap::new()))
 }
 
 /// The gateway's own addresses (every interface, and the listeners'), blocked by the guard.
