@@ -14,6 +14,8 @@ pub const DOMAIN_RE: &str =
     "^([*][.])?[a-z0-9_]([-a-z0-9_]{0,61}[a-z0-9_])?([.][a-z0-9_]([-a-z0-9_]{0,61}[a-z0-9_])?)*$";
 /// A last label that makes a host an IPv4 literal (decimal or hex).
 pub const NUMERIC_TLD_RE: &str = "(^|[.])([0-9]+|0[xX][0-9a-fA-F]*)$";
+/// A ServiceAccount name (a DNS-1123 subdomain).
+pub const SERVICE_ACCOUNT_RE: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
 /// A rule name.
 pub const RULE_NAME_RE: &str = "^[a-zA-Z0-9]([-a-zA-Z0-9_.]{0,251}[a-zA-Z0-9])?$";
 /// An HTTP method.
@@ -116,14 +118,36 @@ pub fn egress_rule(s: &mut Schema) {
     );
 }
 
-/// Rules of a spec: unique rule names.
+/// Rules of a spec: unique rule names; `identity: Verified` not with `redirect: Transparent`.
 pub fn spec(s: &mut Schema) {
     add(
         s,
+        vec![
+            rule(
+                "!has(self.rules) || self.rules.all(r, !has(r.name) || size(self.rules.filter(x, has(x.name) && x.name == r.name)) == 1)".into(),
+                "rule names must be unique within the policy",
+                ".rules",
+            ),
+            rule(
+                "!(has(self.identity) && self.identity == 'Verified' && has(self.redirect) && self.redirect == 'Transparent')".into(),
+                VERIFIED_TRANSPARENT,
+                ".identity",
+            ),
+        ],
+    );
+}
+
+/// Why `identity: Verified` and `redirect: Transparent` exclude each other (CEL and Rust alike).
+pub const VERIFIED_TRANSPARENT: &str = "identity: Verified selects only clients that present a token or a certificate, which transparently redirected connections never carry; use redirect: None";
+
+/// Rules of a ServiceAccount selector.
+pub fn service_account_selector(s: &mut Schema) {
+    add(
+        s,
         vec![rule(
-            "!has(self.rules) || self.rules.all(r, !has(r.name) || size(self.rules.filter(x, has(x.name) && x.name == r.name)) == 1)".into(),
-            "rule names must be unique within the policy",
-            ".rules",
+            format!("self.names.all(n, n.matches('{SERVICE_ACCOUNT_RE}'))"),
+            "names are ServiceAccount names: lower-case DNS subdomains of at most 253 characters",
+            ".names",
         )],
     );
 }

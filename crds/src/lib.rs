@@ -44,6 +44,7 @@ pub const API_VERSION: &str = "egress.dev/v1alpha1";
     doc = "EgressPolicy allows selected Pods of its namespace to reach declared domains, CIDRs and ports through the egress gateway. Allows are additive; a Pod selected by no policy gets the gateway's defaultAction.",
     printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
     printcolumn(name = "Redirect", type_ = "string", json_path = ".spec.redirect"),
+    printcolumn(name = "Identity", type_ = "string", json_path = ".spec.identity"),
     printcolumn(name = "Pods", type_ = "integer", json_path = ".status.selectedPods"),
     printcolumn(name = "Accepted", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].status"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
@@ -53,6 +54,16 @@ pub const API_VERSION: &str = "egress.dev/v1alpha1";
 pub struct EgressPolicySpec {
     /// Selects the Pods of this namespace the policy applies to. `{}` selects every Pod of the namespace.
     pub pod_selector: LabelSelector,
+    /// Narrows the selection to clients running as one of these ServiceAccounts (of this
+    /// namespace). Absent: any ServiceAccount.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_selector: Option<ServiceAccountSelector>,
+    /// `Any` (default): a client is who its address, token, certificate or SOCKS5 user says.
+    /// `Verified`: the policy's Allow rules apply only to clients that proved their identity with
+    /// a ServiceAccount token, a client certificate or an identity-bearing SOCKS5 user; a client it
+    /// would select by its address alone is still isolated by it and refused as `identity_required`.
+    #[serde(default)]
+    pub identity: IdentityRequirement,
     /// `Enforce` (default) denies what no rule allows; `Audit` lets would-deny connections through and
     /// records them. Audit never overrides the built-in guard or a cluster Deny rule.
     #[serde(default)]
@@ -86,6 +97,7 @@ pub struct EgressPolicySpec {
     doc = "ClusterEgressPolicy selects Pods across namespaces. Its Deny rules beat every namespaced Allow; its Allow rules add to the namespaced ones.",
     printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
     printcolumn(name = "Redirect", type_ = "string", json_path = ".spec.redirect"),
+    printcolumn(name = "Identity", type_ = "string", json_path = ".spec.identity"),
     printcolumn(name = "Pods", type_ = "integer", json_path = ".status.selectedPods"),
     printcolumn(name = "Accepted", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].status"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
@@ -98,6 +110,13 @@ pub struct ClusterEgressPolicySpec {
     pub namespace_selector: LabelSelector,
     /// Selects Pods within the selected namespaces. `{}` selects every Pod.
     pub pod_selector: LabelSelector,
+    /// Narrows the selection to clients running as one of these ServiceAccounts (in any
+    /// selected namespace). Absent: any ServiceAccount.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_selector: Option<ServiceAccountSelector>,
+    /// `Any` (default) or `Verified`; see EgressPolicy.
+    #[serde(default)]
+    pub identity: IdentityRequirement,
     /// `Enforce` (default) or `Audit`; see EgressPolicy.
     #[serde(default)]
     pub mode: Mode,
@@ -135,6 +154,48 @@ pub enum Redirect {
     None,
     /// The node-redirector steers all TCP egress of the selected Pods to the gateway.
     Transparent,
+}
+
+/// What a policy asks of how a client's identity was established.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default, JsonSchema)]
+pub enum IdentityRequirement {
+    /// Any way: the source address included.
+    #[default]
+    Any,
+    /// A verified credential: a ServiceAccount token, a client certificate, or a SOCKS5 user
+    /// that names an identity. Never the source address alone.
+    Verified,
+}
+
+/// Selects clients by the ServiceAccount they run as.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(transform = cel::service_account_selector)]
+pub struct ServiceAccountSelector {
+    /// ServiceAccount names (at least one). A client whose ServiceAccount is unknown (a
+    /// `clients` row without one) matches none.
+    #[schemars(length(min = 1, max = 64), inner(length(min = 1, max = 253)))]
+    pub names: Vec<String>,
+}
+
+impl ServiceAccountSelector {
+    /// Whether a client running as `service_account` is selected.
+    pub fn matches(&self, service_account: Option<&str>) -> bool {
+        service_account.is_some_and(|sa| self.names.iter().any(|n| n == sa))
+    }
+}
+
+/// What a policy's selectors look at: one client workload.
+#[derive(Debug, Clone, Copy)]
+pub struct Workload<'a> {
+    /// Its namespace.
+    pub namespace: &'a str,
+    /// The labels of its namespace, `kubernetes.io/metadata.name` included.
+    pub namespace_labels: &'a BTreeMap<String, String>,
+    /// Its Pod's labels.
+    pub labels: &'a BTreeMap<String, String>,
+    /// Its ServiceAccount, when known.
+    pub service_account: Option<&'a str>,
 }
 
 /// Action of a ClusterEgressPolicy rule.
@@ -427,6 +488,40 @@ impl AnyPolicy {
             other => Err(DocumentError::Shape(format!(
                 "kind: expected EgressPolicy or ClusterEgressPolicy, found {other:?}"
             ))),
+        }
+    }
+
+    /// Whether the policy's selectors (namespace, Pod labels, ServiceAccount) select `w`. How
+    /// `w`'s identity was established (`spec.identity`) is the gateway's concern, not this.
+    pub fn selects(&self, w: &Workload<'_>) -> bool {
+        let (in_scope, pods, accounts) = match self {
+            AnyPolicy::Namespaced(p) => (
+                p.metadata.namespace.as_deref() == Some(w.namespace),
+                &p.spec.pod_selector,
+                p.spec.service_account_selector.as_ref(),
+            ),
+            AnyPolicy::Cluster(p) => (
+                p.spec.namespace_selector.matches(w.namespace_labels),
+                &p.spec.pod_selector,
+                p.spec.service_account_selector.as_ref(),
+            ),
+        };
+        in_scope && pods.matches(w.labels) && accounts.is_none_or(|a| a.matches(w.service_account))
+    }
+
+    /// `spec.identity`.
+    pub fn identity(&self) -> IdentityRequirement {
+        match self {
+            AnyPolicy::Namespaced(p) => p.spec.identity,
+            AnyPolicy::Cluster(p) => p.spec.identity,
+        }
+    }
+
+    /// `spec.redirect`.
+    pub fn redirect(&self) -> Redirect {
+        match self {
+            AnyPolicy::Namespaced(p) => p.spec.redirect,
+            AnyPolicy::Cluster(p) => p.spec.redirect,
         }
     }
 

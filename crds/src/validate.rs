@@ -11,7 +11,10 @@ use regex::Regex;
 
 use crate::cel;
 use crate::domain::DomainPattern;
-use crate::{ClusterEgressPolicy, EgressPolicy, EgressRule, HttpMatch, LabelSelector, RateLimit};
+use crate::{
+    ClusterEgressPolicy, EgressPolicy, EgressRule, HttpMatch, IdentityRequirement, LabelSelector, RateLimit, Redirect,
+    ServiceAccountSelector,
+};
 
 /// One problem, at one field.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +46,7 @@ pub fn egress_policy(p: &EgressPolicy) -> Vec<FieldError> {
     let mut e = Errors(Vec::new());
     metadata(&mut e, p.metadata.name.as_deref(), p.metadata.namespace.as_deref(), true);
     selector(&mut e, "spec.podSelector", &p.spec.pod_selector);
+    who(&mut e, p.spec.service_account_selector.as_ref(), p.spec.identity, p.spec.redirect);
     common(&mut e, p.spec.egress_address.as_deref(), p.spec.rate_limit.as_ref());
     if p.spec.rules.len() > cel::MAX_RULES {
         e.push("spec.rules", "InvalidRule", format!("at most {} rules", cel::MAX_RULES));
@@ -60,6 +64,7 @@ pub fn cluster_egress_policy(p: &ClusterEgressPolicy) -> Vec<FieldError> {
     metadata(&mut e, p.metadata.name.as_deref(), p.metadata.namespace.as_deref(), false);
     selector(&mut e, "spec.namespaceSelector", &p.spec.namespace_selector);
     selector(&mut e, "spec.podSelector", &p.spec.pod_selector);
+    who(&mut e, p.spec.service_account_selector.as_ref(), p.spec.identity, p.spec.redirect);
     common(&mut e, p.spec.egress_address.as_deref(), p.spec.rate_limit.as_ref());
     if p.spec.rules.len() > cel::MAX_RULES {
         e.push("spec.rules", "InvalidRule", format!("at most {} rules", cel::MAX_RULES));
@@ -100,6 +105,30 @@ fn selector(e: &mut Errors, path: &str, s: &LabelSelector) {
     }
 }
 
+/// `serviceAccountSelector` and `identity`.
+fn who(e: &mut Errors, accounts: Option<&ServiceAccountSelector>, identity: IdentityRequirement, redirect: Redirect) {
+    if let Some(a) = accounts {
+        if a.names.is_empty() {
+            e.push("spec.serviceAccountSelector.names", "InvalidSelector", "at least one ServiceAccount name");
+        }
+        if a.names.len() > cel::MAX_SMALL {
+            e.push("spec.serviceAccountSelector.names", "InvalidSelector", format!("at most {} names", cel::MAX_SMALL));
+        }
+        for (i, n) in a.names.iter().enumerate() {
+            if n.len() > 253 || !SERVICE_ACCOUNT.is_match(n) {
+                e.push(
+                    format!("spec.serviceAccountSelector.names[{i}]"),
+                    "InvalidSelector",
+                    format!("{n:?} is not a ServiceAccount name: a lower-case DNS subdomain of at most 253 characters"),
+                );
+            }
+        }
+    }
+    if identity == IdentityRequirement::Verified && redirect == Redirect::Transparent {
+        e.push("spec.identity", "InvalidIdentity", cel::VERIFIED_TRANSPARENT);
+    }
+}
+
 fn common(e: &mut Errors, egress_address: Option<&str>, rate: Option<&RateLimit>) {
     if egress_address.is_some_and(|a| a.is_empty() || a.len() > 253) {
         e.push("spec.egressAddress", "InvalidEgressAddress", "must be 1-253 characters (omit it for `default`)");
@@ -116,6 +145,7 @@ fn common(e: &mut Errors, egress_address: Option<&str>, rate: Option<&RateLimit>
 
 static DOMAIN: LazyLock<Regex> = LazyLock::new(|| Regex::new(cel::DOMAIN_RE).expect("valid regex"));
 static NUMERIC_TLD: LazyLock<Regex> = LazyLock::new(|| Regex::new(cel::NUMERIC_TLD_RE).expect("valid regex"));
+static SERVICE_ACCOUNT: LazyLock<Regex> = LazyLock::new(|| Regex::new(cel::SERVICE_ACCOUNT_RE).expect("valid regex"));
 static RULE_NAME: LazyLock<Regex> = LazyLock::new(|| Regex::new(cel::RULE_NAME_RE).expect("valid regex"));
 static METHOD: LazyLock<Regex> = LazyLock::new(|| Regex::new(cel::METHOD_RE).expect("valid regex"));
 static PATH: LazyLock<Regex> = LazyLock::new(|| Regex::new(cel::PATH_RE).expect("valid regex"));

@@ -144,6 +144,8 @@ fn cel_alone_rejects_what_the_schema_cannot_see() {
         ("selector-in-without-values.yaml", ".values"),
         ("connect-method.yaml", ".methods"),
         ("path-with-query.yaml", ".paths"),
+        ("verified-transparent.yaml", ".identity"),
+        ("service-account-name.yaml", ".names"),
     ] {
         let doc = &documents(&dir.join(file))[0];
         let (s, c, _) = judge(doc);

@@ -43,6 +43,7 @@ fn bench(c: &mut Criterion) {
         service_account: None,
         labels: BTreeMap::from([("app".to_string(), "api".to_string())]),
         namespace_labels: egress_crds::namespace_labels("shop", &BTreeMap::new()),
+        verified: false,
         selected: std::sync::Arc::from([]),
     };
     let mut g = c.benchmark_group("decide");

@@ -27,10 +27,27 @@ pub struct Identity {
     /// Labels of the namespace, including `kubernetes.io/metadata.name`.
     #[serde(skip)]
     pub namespace_labels: BTreeMap<String, String>,
+    /// Whether the identity was proved by a credential (a ServiceAccount token, a client
+    /// certificate, an identity-bearing SOCKS5 user) rather than taken from the source address:
+    /// only then do the Allow rules of `identity: Verified` policies apply.
+    #[serde(skip)]
+    pub verified: bool,
     /// Indices of the policies (in the snapshot built with this identity) that select it,
     /// computed once per snapshot so that a decision never scans the policy list.
     #[serde(skip)]
     pub selected: Arc<[usize]>,
+}
+
+impl Identity {
+    /// What a policy's selectors look at.
+    pub fn workload(&self) -> egress_crds::Workload<'_> {
+        egress_crds::Workload {
+            namespace: &self.namespace,
+            namespace_labels: &self.namespace_labels,
+            labels: &self.labels,
+            service_account: self.service_account.as_deref(),
+        }
+    }
 }
 
 /// Source address -> identity, by longest prefix.
@@ -57,6 +74,7 @@ impl IdentityTable {
                 service_account: p.service_account.clone(),
                 labels: p.labels.clone(),
                 namespace_labels: p.namespace_labels.clone(),
+                verified: false,
                 selected: Arc::from([]),
             };
             id.selected = select(&id).into();
@@ -90,6 +108,7 @@ impl IdentityTable {
                 service_account: c.service_account.clone(),
                 labels: c.labels.clone(),
                 namespace_labels: egress_crds::namespace_labels(&c.namespace, &BTreeMap::new()),
+                verified: false,
                 selected: Arc::from([]),
             };
             id.selected = select(&id).into();

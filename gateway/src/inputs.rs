@@ -42,3 +42,15 @@ pub struct PodIdentity {
     /// Node.
     pub node: Option<String>,
 }
+
+impl PodIdentity {
+    /// What a policy's selectors look at.
+    pub fn workload(&self) -> egress_crds::Workload<'_> {
+        egress_crds::Workload {
+            namespace: &self.namespace,
+            namespace_labels: &self.namespace_labels,
+            labels: &self.labels,
+            service_account: self.service_account.as_deref(),
+        }
+    }
+}

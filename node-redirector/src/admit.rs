@@ -115,6 +115,7 @@ mod tests {
             node_name: "n".into(),
             ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
             labels: Default::default(),
+            service_account: None,
             interface: iface.map(str::to_string),
             uid: String::new(),
         }

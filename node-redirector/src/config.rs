@@ -188,6 +188,9 @@ pub struct PodEntry {
     /// Labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The Pod's ServiceAccount (`spec.serviceAccountName`), for `serviceAccountSelector`.
+    #[serde(default)]
+    pub service_account: Option<String>,
     /// The host-side interface of the Pod (anti-spoofing keys on it). Absent: the interface of
     /// the node's host route to the Pod's address, when there is one (see `docs/redirector.md`).
     #[serde(default)]

@@ -86,6 +86,7 @@ fn entry(p: &Pod) -> PodEntry {
             .filter_map(|i| i.ip.parse().ok())
             .collect(),
         labels: p.metadata.labels.clone().unwrap_or_default(),
+        service_account: p.spec.as_ref().and_then(|s| s.service_account_name.clone()),
         interface: None,
         uid: p.metadata.uid.clone().unwrap_or_default(),
     }

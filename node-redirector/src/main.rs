@@ -478,6 +478,7 @@ async fn admit_request(
                     node_name: inputs.node_name.clone(),
                     ips: Vec::new(),
                     labels: Default::default(),
+                    service_account: None,
                     interface: None,
                     uid: String::new(),
                 },

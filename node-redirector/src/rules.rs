@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 
-use egress_crds::{AnyPolicy, Redirect};
+use egress_crds::{AnyPolicy, Redirect, Workload};
 use ipnet::IpNet;
 use serde_json::{Value, json};
 
@@ -85,18 +85,13 @@ pub struct Desired {
 pub fn is_selected(i: &Inputs, pod: &PodEntry) -> bool {
     let ns_labels =
         egress_crds::namespace_labels(&pod.namespace, i.namespaces.get(&pod.namespace).unwrap_or(&Default::default()));
-    i.policies.iter().any(|p| match p {
-        AnyPolicy::Namespaced(p) => {
-            p.spec.redirect == Redirect::Transparent
-                && p.metadata.namespace.as_deref() == Some(pod.namespace.as_str())
-                && p.spec.pod_selector.matches(&pod.labels)
-        }
-        AnyPolicy::Cluster(p) => {
-            p.spec.redirect == Redirect::Transparent
-                && p.spec.namespace_selector.matches(&ns_labels)
-                && p.spec.pod_selector.matches(&pod.labels)
-        }
-    })
+    let w = Workload {
+        namespace: &pod.namespace,
+        namespace_labels: &ns_labels,
+        labels: &pod.labels,
+        service_account: pod.service_account.as_deref(),
+    };
+    i.policies.iter().any(|p| p.redirect() == Redirect::Transparent && p.selects(&w))
 }
 
 /// The table for the Pods of this node.
@@ -622,6 +617,38 @@ mod tests {
             dns: ["10.96.0.10".parse().unwrap()].into(),
             relay_port: 15001,
         }
+    }
+
+    #[test]
+    fn selects_a_pod_by_its_service_account_when_the_policy_names_one() {
+        let policy: AnyPolicy = AnyPolicy::from_value(json!({
+            "apiVersion": "egress.dev/v1alpha1", "kind": "EgressPolicy",
+            "metadata": {"name": "p", "namespace": "shop"},
+            "spec": {"podSelector": {}, "redirect": "Transparent", "serviceAccountSelector": {"names": ["api"]}}
+        }))
+        .unwrap();
+        let inputs = Inputs {
+            node_name: "n".into(),
+            pods: vec![],
+            namespaces: BTreeMap::new(),
+            policies: vec![policy],
+            gateways: vec![],
+            interfaces: BTreeMap::new(),
+            changed_at: None,
+        };
+        let pod = |sa: Option<&str>| PodEntry {
+            namespace: "shop".into(),
+            name: "a".into(),
+            node_name: "n".into(),
+            ips: vec![],
+            labels: BTreeMap::new(),
+            service_account: sa.map(str::to_string),
+            interface: None,
+            uid: String::new(),
+        };
+        assert!(is_selected(&inputs, &pod(Some("api"))));
+        assert!(!is_selected(&inputs, &pod(Some("default"))));
+        assert!(!is_selected(&inputs, &pod(None)), "an unknown ServiceAccount matches no name");
     }
 
     #[test]

@@ -200,9 +200,11 @@ fn in_kubernetes_mode_a_pod_bound_token_is_its_pod_and_only_from_it() {
         POLICIES,
         json!({"apiVersion": "egress.dev/v1alpha1", "kind": "EgressPolicy",
                "metadata": {"name": "api-egress", "namespace": "shop", "generation": 1},
-               "spec": {"podSelector": {"matchLabels": {"app": "api"}},
+               "spec": {"podSelector": {"matchLabels": {"app": "api"}}, "serviceAccountSelector": {"names": ["api-1-sa"]},
                         "rules": [{"name": "up", "to": [{"domain": "up.test"}], "ports": [{"port": port}]}]}}),
     );
+    // Labelled app: api, but running as ServiceAccount api-2-sa: the policy does not select it.
+    api.apply(PODS, pod("shop", "api-2", &["127.0.0.6"], json!({"app": "api"}), "Running"));
     let issuer = Issuer::new("key-1");
     let dir = tempfile::tempdir().unwrap();
     let (jwks, kubeconfig) = (dir.path().join("jwks.json"), dir.path().join("kubeconfig"));
@@ -233,6 +235,10 @@ fn in_kubernetes_mode_a_pod_bound_token_is_its_pod_and_only_from_it() {
     let gw = start(false);
     let api_1 = token_of("api-1", "uid-shop-api-1");
     wait_until(Duration::from_secs(10), || get(&gw, "127.0.0.1", &api_1).status == 200);
+    // By address: the Pod's ServiceAccount (from the watch) takes part in the selection.
+    assert_eq!(get(&gw, "127.0.0.1", "X-No-Token: 1").status, 200);
+    let r = get(&gw, "127.0.0.6", "X-No-Token: 1");
+    assert!(r.status == 403 && r.body.contains("default_deny"), "{r:?}");
     let d = gw.decision(|e| e["client"]["identity_source"] == "token" && e["decision"]["action"] == "allow");
     assert_eq!(
         (d["client"]["name"].as_str(), d["client"]["serviceAccount"].as_str()),
@@ -314,4 +320,106 @@ policies:
     assert_ne!(via("plain:pw").status, 200);
     let d = gw.decision(|e| e["front"] == "socks5" && e["decision"]["reason"] == "default_deny");
     assert_eq!(d["client"]["identity_source"], "address", "{d}");
+}
+
+/// `identity: Verified`: the policy's Allow rules apply only to clients that proved who they
+/// are. The very client it selects by address (the `clients` row of 127.0.0.1: shop/api, app
+/// api) is refused as `identity_required` on every front, answered in that front's protocol,
+/// while a policy that asks nothing of the identity still serves it; with a token (HTTP,
+/// CONNECT) or an identity-bearing SOCKS5 user it is allowed.
+#[test]
+fn a_verified_policy_never_selects_an_address_only_client_on_any_front() {
+    let (dns, up) = (Dns::start(&[("up.test", "127.0.0.2"), ("open.test", "127.0.0.2")]), Upstream::start("127.0.0.2"));
+    let port = up.addr.port();
+    let issuer = Issuer::new("key-1");
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, json!({"keys": [issuer.jwk()]}).to_string()).unwrap();
+    let gw = Gateway::start(
+        &dns,
+        &format!(
+            r#"
+guard: {{allowCidrs: [127.0.0.2/32]}}
+transparent: {{trustedRelays: [127.0.0.3/32], relayKeyFile: $RELAY_KEY}}
+identity:
+  tokens: {{issuer: "{ISSUER}", jwksFile: {}}}
+socks5:
+  users:
+    - {{username: api, password: s3cret, namespace: shop, serviceAccount: api, labels: {{app: api}}}}
+    - {{username: plain, password: pw}}
+clients:
+  - {{cidr: 127.0.0.1/32, namespace: shop, name: api-1, serviceAccount: api, labels: {{app: api}}}}
+policies:
+  - apiVersion: egress.dev/v1alpha1
+    kind: EgressPolicy
+    metadata: {{name: verified-only, namespace: shop}}
+    spec:
+      podSelector: {{matchLabels: {{app: api}}}}
+      serviceAccountSelector: {{names: [api]}}
+      identity: Verified
+      rules: [{{name: up, to: [{{domain: up.test}}], ports: [{{port: {port}}}]}}]
+  - apiVersion: egress.dev/v1alpha1
+    kind: EgressPolicy
+    metadata: {{name: anyone, namespace: shop}}
+    spec:
+      podSelector: {{matchLabels: {{app: api}}}}
+      rules: [{{name: open, to: [{{domain: open.test}}], ports: [{{port: {port}}}]}}]
+"#,
+            jwks.display()
+        ),
+    );
+    let (up_url, open_url) = (format!("http://up.test:{port}/"), format!("http://open.test:{port}/"));
+    let proxy = format!("http://{}", gw.http);
+    let required = |front: &str| {
+        let d = gw.decision(|e| e["front"] == front && e["decision"]["reason"] == "identity_required");
+        assert_eq!(d["client"]["identity_source"], "address", "{d}");
+        assert_eq!(d["decision"]["policy"], "shop/verified-only", "{d}");
+        assert_eq!(d["client"]["name"], "api-1", "selected by its address: {d}");
+    };
+
+    // HTTP (absolute form) and CONNECT: 407 with a challenge; a token gets through.
+    for connect in [false, true] {
+        let mut args = vec!["-x", proxy.as_str(), "-D", "-"];
+        if connect {
+            args.extend(["-p", "-w", "\n%{http_connect}"]);
+        }
+        assert_eq!(curl(&[&args[..], &[open_url.as_str()]].concat()).status, 200, "open.test needs no identity");
+        let r = curl(&[&args[..], &[up_url.as_str()]].concat());
+        assert_eq!(r.status, 407, "connect={connect}: {r:?}");
+        assert!(r.body.to_ascii_lowercase().contains("proxy-authenticate: bearer"), "{r:?}");
+        assert!(r.body.contains("identity_required"), "{r:?}");
+        let token = format!("Proxy-Authorization: Bearer {}", issuer.sign(&claims()));
+        let auth = if connect { "--proxy-header" } else { "-H" };
+        let r = curl(&[&args[..], &[auth, token.as_str(), up_url.as_str()]].concat());
+        assert_eq!(r.status, 200, "connect={connect} with a token: {r:?}");
+    }
+    required("http");
+    required("connect");
+
+    // SOCKS5: a user that names no identity is its address: 0x02; the identity-bearing user passes.
+    let via = |user: &str, url: &str| curl(&["-x", &format!("socks5h://{user}@{}", gw.socks), url]);
+    assert_eq!(via("plain:pw", &open_url).status, 200);
+    let r = via("plain:pw", &up_url);
+    assert!(r.status == 0 && r.exit != 0, "{r:?}");
+    required("socks5");
+    assert_eq!(via("api:s3cret", &up_url).status, 200);
+    gw.decision(|e| {
+        e["front"] == "socks5" && e["client"]["identity_source"] == "socks5_user" && e["decision"]["action"] == "allow"
+    });
+
+    // Transparent: a redirected connection never carries a credential, so the address it comes
+    // from is all there is: refused (403 to a client that does not know it speaks to a proxy).
+    let relay = TestRelay::start(gw.transparent, "127.0.0.3", format!("127.0.0.2:{port}").parse().unwrap());
+    let via_relay = |host: &str| {
+        curl(&[
+            "--connect-to",
+            &format!("{host}:{port}:127.0.0.1:{}", relay.addr.port()),
+            &format!("http://{host}:{port}/"),
+        ])
+    };
+    assert_eq!(via_relay("open.test").status, 200);
+    let r = via_relay("up.test");
+    assert_eq!(r.status, 403, "{r:?}");
+    assert!(r.body.contains("identity_required"), "{r:?}");
+    required("transparent");
 }

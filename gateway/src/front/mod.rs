@@ -61,9 +61,15 @@ where
 }
 
 /// A refusal as a complete HTTP/1.1 response that closes the connection, for fronts that
-/// answer outside hyper (the transparent front, a connection refused before it is served).
+/// answer outside hyper (the transparent front, a connection refused before it is served). A
+/// `407` is a proxy's challenge, which only a client that knows it speaks to a proxy can answer
+/// (and a transparent client carries no credential): it goes out as `403`, the reason unchanged.
 pub(crate) fn raw_http_refusal(r: &crate::pipeline::Refusal) -> String {
-    let (code, what) = (r.kind.http_status().0, r.words());
+    let code = match r.kind.http_status().0 {
+        407 => 403,
+        c => c,
+    };
+    let what = r.words();
     let status = ::http::StatusCode::from_u16(code).map_or("", |s| s.canonical_reason().unwrap_or(""));
     let body = format!(
         "egress gateway: {what}\nreason: {}\nrequest_id: {}\ndetail: {}\n",

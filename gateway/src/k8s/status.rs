@@ -211,19 +211,7 @@ fn same(a: &PolicyStatus, b: Option<&PolicyStatus>) -> bool {
 }
 
 fn selected_pods(p: &AnyPolicy, inputs: &KubeInputs) -> i64 {
-    inputs
-        .pods
-        .iter()
-        .filter(|pod| match p {
-            AnyPolicy::Namespaced(p) => {
-                p.metadata.namespace.as_deref() == Some(pod.namespace.as_str())
-                    && p.spec.pod_selector.matches(&pod.labels)
-            }
-            AnyPolicy::Cluster(p) => {
-                p.spec.namespace_selector.matches(&pod.namespace_labels) && p.spec.pod_selector.matches(&pod.labels)
-            }
-        })
-        .count() as i64
+    inputs.pods.iter().filter(|pod| p.selects(&pod.workload())).count() as i64
 }
 
 /// Writes every status that differs from what the API has.

@@ -168,6 +168,7 @@ impl Pipeline {
         let kind = match reason {
             Reason::RateLimited => RefusalKind::RateLimited,
             Reason::DnsFailure => RefusalKind::DnsFailure,
+            Reason::IdentityRequired => RefusalKind::AuthRequired,
             _ => RefusalKind::Denied,
         };
         Refusal { kind, reason, request_id, detail: detail.unwrap_or_default() }

@@ -123,6 +123,7 @@ impl Pipeline {
             service_account: Some(t.service_account.clone()),
             labels,
             namespace_labels,
+            verified: true,
             selected: Arc::from([]),
         };
         id.selected = state.snapshot.selected(Some(&id)).into();

@@ -72,6 +72,9 @@ impl Refusal {
             (_, Reason::TokenInvalid) => {
                 "the ServiceAccount token was refused (see detail); send a valid one in Proxy-Authorization"
             }
+            (_, Reason::IdentityRequired) => {
+                "a policy selecting this client requires a verified identity: send a ServiceAccount token in Proxy-Authorization"
+            }
             (_, Reason::IdentityMismatch) => {
                 "the ServiceAccount token belongs to another Pod than the one this connection comes from"
             }

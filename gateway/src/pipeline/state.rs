@@ -74,6 +74,7 @@ impl State {
                     name: u.username.clone(),
                     service_account: Some(sa),
                     labels: u.labels.clone(),
+                    verified: true,
                     selected: Arc::from([]),
                 };
                 id.selected = snapshot.selected(Some(&id)).into();

@@ -7,7 +7,10 @@ use std::sync::Arc;
 
 use egress_crds::domain::DomainPattern;
 use egress_crds::validate::parse_cidr;
-use egress_crds::{AnyPolicy, EgressRule, LabelSelector, Mode, RateLimit, RuleAction};
+use egress_crds::{
+    AnyPolicy, EgressRule, IdentityRequirement, LabelSelector, Mode, RateLimit, RuleAction, ServiceAccountSelector,
+    Workload,
+};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use ipnet::IpNet;
 use prefix_trie::PrefixMap;
@@ -30,6 +33,10 @@ pub struct CompiledPolicy {
     pub pod_selector: LabelSelector,
     /// Namespace selector (cluster policies).
     pub namespace_selector: Option<LabelSelector>,
+    /// ServiceAccount selector.
+    pub service_accounts: Option<ServiceAccountSelector>,
+    /// `Verified`: the Allow rules apply only to clients with a verified identity.
+    pub identity: IdentityRequirement,
     /// Enforce or Audit.
     pub mode: Mode,
     /// Source-address pool name.
@@ -38,6 +45,19 @@ pub struct CompiledPolicy {
     pub isolates: bool,
     /// Rate limit and its buckets (kept across reloads while the policy and limit are unchanged).
     pub rate_limit: Option<PolicyRate>,
+}
+
+impl CompiledPolicy {
+    /// Whether the policy's selectors select `w` (`AnyPolicy::selects` on the compiled form).
+    pub fn selects(&self, w: &Workload<'_>) -> bool {
+        let in_scope = match &self.namespace_selector {
+            Some(ns) => ns.matches(w.namespace_labels),
+            None => self.namespace.as_deref() == Some(w.namespace),
+        };
+        in_scope
+            && self.pod_selector.matches(w.labels)
+            && self.service_accounts.as_ref().is_none_or(|a| a.matches(w.service_account))
+    }
 }
 
 /// A policy's rate limit as this replica enforces it.
@@ -199,12 +219,18 @@ impl Snapshot {
                 }
                 _ => PolicyRate { spec, shared_by: replicas, limiter: Arc::new(new_limiter(spec, replicas)) },
             });
+            let (service_accounts, identity) = match p {
+                AnyPolicy::Namespaced(p) => (p.spec.service_account_selector.clone(), p.spec.identity),
+                AnyPolicy::Cluster(p) => (p.spec.service_account_selector.clone(), p.spec.identity),
+            };
             s.policies.push(CompiledPolicy {
                 key,
                 cluster,
                 namespace: namespace.clone(),
                 pod_selector,
                 namespace_selector,
+                service_accounts,
+                identity,
                 mode,
                 egress_address: egress.unwrap_or_else(|| "default".into()).into(),
                 isolates,

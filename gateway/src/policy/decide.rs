@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use egress_crds::{Mode, RuleAction};
+use egress_crds::{IdentityRequirement, Mode, RuleAction};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
@@ -91,19 +91,16 @@ impl Snapshot {
     /// and snapshot; `decide` uses the precomputed `Identity::selected`).
     pub fn selected(&self, id: Option<&Identity>) -> Vec<usize> {
         let Some(id) = id else { return Vec::new() };
+        let w = id.workload();
         let mut out: Vec<usize> = self
             .by_namespace
             .get(&id.namespace)
             .into_iter()
             .flatten()
+            .chain(&self.cluster)
             .copied()
-            .filter(|&i| self.policies[i].pod_selector.matches(&id.labels))
+            .filter(|&i| self.policies[i].selects(&w))
             .collect();
-        out.extend(self.cluster.iter().copied().filter(|&i| {
-            let p = &self.policies[i];
-            p.namespace_selector.as_ref().is_some_and(|s| s.matches(&id.namespace_labels))
-                && p.pod_selector.matches(&id.labels)
-        }));
         out.sort_unstable();
         out
     }
@@ -193,12 +190,29 @@ impl Snapshot {
         let mut applicable: Vec<usize> =
             candidates.into_iter().filter(|&ri| self.rule_applies(ri, &selected, target.port, http)).collect();
         applicable.sort_unstable();
+        let verified = id.is_some_and(|i| i.verified);
+        // An `identity: Verified` policy's Allow rules do not apply to a client known by its
+        // address alone; its Deny rules and its isolation still do.
+        let withheld =
+            |ri: usize| !verified && self.policies[self.rules[ri].policy].identity == IdentityRequirement::Verified;
         let deny = applicable.iter().find(|&&ri| self.rules[ri].action == RuleAction::Deny);
-        let allow = applicable.iter().find(|&&ri| self.rules[ri].action == RuleAction::Allow);
+        let allow = applicable.iter().find(|&&ri| self.rules[ri].action == RuleAction::Allow && !withheld(ri));
         let mut d = match (deny, allow) {
             (Some(&ri), _) => self.decided_by(ri, Decision::new(Action::Deny, Reason::ClusterDeny, selected), via),
             (None, Some(&ri)) => self.decided_by(ri, Decision::new(Action::Allow, Reason::RuleAllow, selected), via),
-            (None, None) => self.fallback(selected),
+            (None, None) => {
+                let needs_identity = applicable.iter().copied().find(|&ri| {
+                    self.rules[ri].action == RuleAction::Allow
+                        && withheld(ri)
+                        && self.policies[self.rules[ri].policy].mode == Mode::Enforce
+                });
+                match needs_identity {
+                    Some(ri) => {
+                        self.decided_by(ri, Decision::new(Action::Deny, Reason::IdentityRequired, selected), via)
+                    }
+                    None => self.fallback(selected),
+                }
+            }
         };
         d.guard_exempt = exempt;
         if let Some(c) = internal
@@ -281,12 +295,19 @@ mod tests {
 
     /// A Pod of namespace `shop` with label `app`, as the snapshot selects it.
     fn pod(s: &Snapshot, app: &str) -> Identity {
+        workload(s, app, None, false)
+    }
+
+    /// A client of namespace `shop` with label `app`, ServiceAccount `sa`, whose identity was
+    /// `verified` by a credential or taken from its address.
+    fn workload(s: &Snapshot, app: &str, sa: Option<&str>, verified: bool) -> Identity {
         let mut id = Identity {
             namespace: "shop".into(),
             name: format!("{app}-1"),
-            service_account: None,
+            service_account: sa.map(str::to_string),
             labels: BTreeMap::from([("app".to_string(), app.to_string())]),
             namespace_labels: egress_crds::namespace_labels("shop", &BTreeMap::new()),
+            verified,
             selected: Arc::from([]),
         };
         id.selected = s.selected(Some(&id)).into();
@@ -363,5 +384,76 @@ mod tests {
         // The default action never opens an internal range; neither does a rule that does not name it.
         assert_eq!(decide(&s, &pod(&s, "batch"), "10.1.2.3:443"), (Action::Deny, Reason::GuardInternal));
         assert_eq!(decide(&s, &api, "10.2.0.1:443"), (Action::Deny, Reason::NoRuleMatched));
+    }
+
+    #[test]
+    fn rejects_an_address_only_client_under_a_verified_policy_that_would_allow_it() {
+        let mut verified = namespaced("api", "Enforce", json!([{"to": [{"domain": "a.test"}]}]));
+        verified["spec"]["identity"] = json!("Verified");
+        let s = snapshot(
+            DefaultAction::Allow,
+            &[
+                verified,
+                namespaced("any", "Enforce", json!([{"to": [{"domain": "b.test"}]}])),
+                cluster("platform", json!([{"action": "Deny", "to": [{"domain": "c.test"}]}])),
+            ],
+        );
+        let by_token = workload(&s, "api", Some("api"), true);
+        let by_address = workload(&s, "api", Some("api"), false);
+        assert_eq!(decide(&s, &by_token, "a.test:443"), (Action::Allow, Reason::RuleAllow));
+        assert_eq!(decide(&s, &by_address, "a.test:443"), (Action::Deny, Reason::IdentityRequired));
+        // A policy that asks nothing of the identity still allows what it allows.
+        assert_eq!(decide(&s, &by_address, "b.test:443"), (Action::Allow, Reason::RuleAllow));
+        // The Verified policy still isolates the client: no fall-through to defaultAction Allow.
+        assert_eq!(decide(&s, &by_address, "d.test:443"), (Action::Deny, Reason::NoRuleMatched));
+        assert_eq!(decide(&s, &by_token, "c.test:443"), (Action::Deny, Reason::ClusterDeny));
+        assert_eq!(decide(&s, &by_address, "c.test:443"), (Action::Deny, Reason::ClusterDeny));
+    }
+
+    #[test]
+    fn an_audit_mode_verified_policy_lets_an_address_only_client_through_as_would_deny() {
+        let mut p = namespaced("try", "Audit", json!([{"to": [{"domain": "a.test"}]}]));
+        p["spec"]["identity"] = json!("Verified");
+        let s = snapshot(DefaultAction::Deny, &[p]);
+        assert_eq!(
+            decide(&s, &workload(&s, "api", None, false), "a.test:443"),
+            (Action::Allow, Reason::AuditWouldDeny)
+        );
+        assert_eq!(decide(&s, &workload(&s, "api", None, true), "a.test:443"), (Action::Allow, Reason::RuleAllow));
+    }
+
+    #[test]
+    fn selects_by_service_account_only_the_named_ones() {
+        let mut p = namespaced("api", "Enforce", json!([{"to": [{"domain": "a.test"}]}]));
+        p["spec"]["serviceAccountSelector"] = json!({"names": ["api", "api-canary"]});
+        let mut c = cluster("platform", json!([{"action": "Allow", "to": [{"domain": "b.test"}]}]));
+        c["spec"]["serviceAccountSelector"] = json!({"names": ["batch"]});
+        let s = snapshot(DefaultAction::Deny, &[p, c]);
+        assert_eq!(
+            decide(&s, &workload(&s, "api", Some("api"), false), "a.test:443"),
+            (Action::Allow, Reason::RuleAllow)
+        );
+        assert_eq!(
+            decide(&s, &workload(&s, "api", Some("api-canary"), true), "a.test:443"),
+            (Action::Allow, Reason::RuleAllow)
+        );
+        assert_eq!(
+            decide(&s, &workload(&s, "api", Some("default"), false), "a.test:443"),
+            (Action::Deny, Reason::DefaultDeny),
+            "another ServiceAccount: not selected"
+        );
+        assert_eq!(
+            decide(&s, &workload(&s, "api", None, false), "a.test:443"),
+            (Action::Deny, Reason::DefaultDeny),
+            "an unknown ServiceAccount matches no name"
+        );
+        assert_eq!(
+            decide(&s, &workload(&s, "x", Some("batch"), false), "b.test:443"),
+            (Action::Allow, Reason::RuleAllow)
+        );
+        assert_eq!(
+            decide(&s, &workload(&s, "x", Some("api"), false), "b.test:443"),
+            (Action::Deny, Reason::DefaultDeny)
+        );
     }
 }
