@@ -36,6 +36,7 @@ pub fn parse_check_target(raw: &str, method: Option<&str>) -> Result<(Target, Op
 pub async fn check(
     loaded: Loaded,
     client: IpAddr,
+    verified: bool,
     method: Option<&str>,
     raw_target: &str,
     resolve: bool,
@@ -44,7 +45,9 @@ pub async fn check(
     let resolver = if resolve { Some(Resolver::new(&loaded.config.resolver, Default::default())?) } else { None };
     let own = crate::pipeline::own_addresses(&loaded.config.listen);
     let state = State::build(loaded, None, None, &own);
-    let identity = state.identities.lookup(client);
+    let identity = state.identities.lookup(client).map(|id| {
+        if verified { std::sync::Arc::new(crate::identity::Identity { verified: true, ..(*id).clone() }) } else { id }
+    });
     let decision = state.snapshot.decide(&state.guard, identity.as_deref(), &target, http.as_ref());
     let checked = resolve_checked(&state, resolver.as_ref(), None, decision, &target).await;
     let d = &checked.decision;
@@ -56,7 +59,7 @@ pub async fn check(
         "rule": d.rule,
         "mode": d.mode,
         "target": {"host": target.host.to_string(), "port": target.port, "http": http},
-        "client": {"address": client, "identity": identity.as_deref()},
+        "client": {"address": client, "identity": identity.as_deref(), "verified": verified},
         "guard_exempt": d.guard_exempt,
         "guard_category": d.guard_category,
         "egress_address": d.egress_address,

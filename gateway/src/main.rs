@@ -40,6 +40,10 @@ enum Command {
         /// Do not resolve names (the guard then sees only IP-literal targets).
         #[arg(long)]
         no_resolve: bool,
+        /// Decide as for a client whose identity a credential proved (a token, an
+        /// identity-bearing SOCKS5 user): the Allow rules of `identity: Verified` policies apply.
+        #[arg(long)]
+        verified: bool,
         /// `http://host/path`, `https://host` or `host:port`.
         target: String,
     },
@@ -101,7 +105,7 @@ fn main() -> ExitCode {
             }
             Err(c) => c,
         },
-        Command::Check { config, client, method, no_resolve, target } => {
+        Command::Check { config, client, method, no_resolve, verified, target } => {
             let loaded = match load(&config) {
                 Ok(l) => l,
                 Err(c) => return c,
@@ -113,7 +117,14 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            match rt.block_on(egress_gateway::check::check(loaded, client, method.as_deref(), &target, !no_resolve)) {
+            match rt.block_on(egress_gateway::check::check(
+                loaded,
+                client,
+                verified,
+                method.as_deref(),
+                &target,
+                !no_resolve,
+            )) {
                 Ok((json, allowed)) => {
                     println!("{json}");
                     if allowed { ExitCode::SUCCESS } else { ExitCode::from(1) }

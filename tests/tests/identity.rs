@@ -422,4 +422,18 @@ policies:
     assert_eq!(r.status, 403, "{r:?}");
     assert!(r.body.contains("identity_required"), "{r:?}");
     required("transparent");
+
+    // The simulator agrees: address-only is identity_required, --verified is allowed.
+    let check = |extra: &[&str]| {
+        let out = std::process::Command::new(gateway_bin())
+            .args(["check", "--no-resolve", "--client", "127.0.0.1", "--config"])
+            .arg(gw.config_path())
+            .args(extra)
+            .arg(format!("up.test:{port}"))
+            .output()
+            .unwrap();
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()["reason_code"].clone()
+    };
+    assert_eq!(check(&[]), "identity_required");
+    assert_eq!(check(&["--verified"]), "rule_allow");
 }
