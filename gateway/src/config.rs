@@ -285,7 +285,7 @@ pub struct TokenConfig {
     #[serde(default = "default_audiences")]
     pub audiences: Vec<String>,
     /// The issuer's JWKS document (`kubectl get --raw /openid/v1/jwks`), read at start and on
-    /// every reload.
+    /// every reload. Not set, in Kubernetes mode: fetched from the API server.
     #[serde(default)]
     pub jwks_file: Option<PathBuf>,
     /// Clock skew allowed on `exp` and `nbf`.
@@ -1179,8 +1179,11 @@ fn validate_config(c: &Config, file: &str, errors: &mut Vec<String>) {
         if t.audiences.is_empty() || t.audiences.iter().any(String::is_empty) {
             err("identity.tokens.audiences", "at least one, none empty".into());
         }
-        if t.jwks_file.is_none() {
-            err("identity.tokens.jwksFile", "required: the issuer's keys (kubectl get --raw /openid/v1/jwks); fetching them from the API server is not built yet".into());
+        if t.jwks_file.is_none() && !c.kubernetes.enabled {
+            err(
+                "identity.tokens.jwksFile",
+                "required outside Kubernetes mode: the issuer's keys (kubectl get --raw /openid/v1/jwks); in Kubernetes mode they are fetched from the API server when it is not set".into(),
+            );
         }
     }
     if let Some(r) = &c.kubernetes.rate_limit_replicas
@@ -1519,6 +1522,22 @@ mod tests {
                 .starts_with(&format!("{p}: document 2, line 16: spec.rules[0].to[0].domian: unknown field `domian`"))),
             "{errs:#?}"
         );
+    }
+
+    /// The token keys come from a file, except in Kubernetes mode, where the API server has them.
+    #[test]
+    fn rejects_tokens_without_keys_outside_kubernetes_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = "identity: {tokens: {issuer: https://kubernetes.default.svc}}\n";
+        let cfg = write(dir.path(), "gw.yaml", tokens);
+        let errs = load(&cfg).unwrap_err().0;
+        assert!(
+            errs.iter().any(|e| e.contains("identity.tokens.jwksFile: required outside Kubernetes mode")),
+            "{errs:#?}"
+        );
+        let cfg = write(dir.path(), "kube.yaml", &format!("kubernetes: {{enabled: true}}\n{tokens}"));
+        let loaded = load(&cfg).unwrap();
+        assert!(loaded.config.identity.tokens.is_some_and(|t| t.jwks_file.is_none()));
     }
 
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {

@@ -64,10 +64,14 @@ pub(crate) struct Gateway {
 }
 
 impl Gateway {
-    /// Builds the gateway from a loaded config.
-    pub(crate) fn new(loaded: Loaded, metrics: Arc<Metrics>) -> anyhow::Result<Gateway> {
+    /// Builds the gateway from a loaded config (`api_keys`: see [`Pipeline::new`]).
+    pub(crate) fn new(
+        loaded: Loaded,
+        metrics: Arc<Metrics>,
+        api_keys: Option<Arc<crate::token::ApiKeys>>,
+    ) -> anyhow::Result<Gateway> {
         let kube_mode = loaded.config.kubernetes.enabled;
-        Ok(Gateway { pipeline: Pipeline::new(loaded, metrics)?, runtime: Arc::new(Runtime::new(kube_mode)) })
+        Ok(Gateway { pipeline: Pipeline::new(loaded, metrics, api_keys)?, runtime: Arc::new(Runtime::new(kube_mode)) })
     }
 
     /// `/readyz`: serving, and the audit log can take decisions (the same rule as admission).

@@ -33,8 +33,14 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     let watch_paths = watched_paths(&loaded);
     let kube = loaded.config.kubernetes.clone();
     let metrics = Arc::new(Metrics::new());
-    let gw = Gateway::new(loaded, metrics)?;
-    let kube_health = if kube.enabled { Some(follow_kubernetes(&gw, kube).await?) } else { None };
+    // Kubernetes mode without `identity.tokens.jwksFile`: the token keys come from the API.
+    let issuer = loaded.config.identity.tokens.as_ref().filter(|t| t.jwks_file.is_none()).map(|t| t.issuer.clone());
+    let api_keys = issuer.filter(|_| kube.enabled).map(|issuer| {
+        let (keys, asks) = crate::token::ApiKeys::new();
+        crate::k8s::TokenKeys { issuer, keys, asks }
+    });
+    let gw = Gateway::new(loaded, metrics, api_keys.as_ref().map(|k| k.keys.clone()))?;
+    let kube_health = if kube.enabled { Some(follow_kubernetes(&gw, kube, api_keys).await?) } else { None };
     let http = match listen.http {
         Some(a) => Some(bind("http", a).await?),
         None => None,
@@ -122,6 +128,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
 async fn follow_kubernetes(
     gw: &Gateway,
     cfg: crate::config::KubernetesConfig,
+    token_keys: Option<crate::k8s::TokenKeys>,
 ) -> anyhow::Result<Arc<crate::k8s::WatchHealth>> {
     let pipeline = gw.pipeline.clone();
     let cx = crate::k8s::Context {
@@ -137,6 +144,7 @@ async fn follow_kubernetes(
                 .unwrap_or_else(|| "default".into()),
             labels: r.match_labels.clone(),
         }),
+        token_keys,
     };
     let mut watching = crate::k8s::start(cfg, cx).await.context("kubernetes")?;
     let gw = gw.clone();

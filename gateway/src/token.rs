@@ -401,6 +401,64 @@ impl Cache {
     }
 }
 
+/// The issuer's keys as the API server publishes them (`/openid/v1/jwks`; Kubernetes mode
+/// without `jwksFile`): the set last fetched, and a line to the fetcher (`k8s::issuer_keys`)
+/// to fetch again now, for a token whose `kid` no key of the set has (the cluster rotated its
+/// signing key). The fetcher bounds how often that happens, whatever clients send.
+pub(crate) struct ApiKeys {
+    current: arc_swap::ArcSwapOption<KeySet>,
+    asks: tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<()>>,
+    fetched: tokio::sync::watch::Sender<bool>,
+}
+
+/// What the fetcher receives: one sender per waiting request, answered after the fetch.
+pub(crate) type KeyAsks = tokio::sync::mpsc::Receiver<tokio::sync::oneshot::Sender<()>>;
+
+/// Asks queued for the fetcher at once; beyond them a token with an unknown key is refused at once.
+const WAITING_FOR_KEYS: usize = 256;
+
+/// How long a request with a token of an unknown key waits for the keys to be fetched again.
+pub(crate) const KEY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl ApiKeys {
+    /// No keys yet, and the fetcher's end of the line.
+    pub(crate) fn new() -> (std::sync::Arc<ApiKeys>, KeyAsks) {
+        let (asks, rx) = tokio::sync::mpsc::channel(WAITING_FOR_KEYS);
+        let keys = ApiKeys {
+            current: arc_swap::ArcSwapOption::empty(),
+            asks,
+            fetched: tokio::sync::watch::Sender::new(false),
+        };
+        (std::sync::Arc::new(keys), rx)
+    }
+
+    /// The set in force, once one was fetched.
+    pub(crate) fn current(&self) -> Option<std::sync::Arc<KeySet>> {
+        self.current.load_full()
+    }
+
+    /// Puts a freshly fetched set in force.
+    pub(crate) fn set(&self, keys: KeySet) {
+        self.current.store(Some(std::sync::Arc::new(keys)));
+        self.fetched.send_replace(true);
+    }
+
+    /// Waits until a first set is in force.
+    pub(crate) async fn first(&self) {
+        let mut rx = self.fetched.subscribe();
+        let _ = rx.wait_for(|f| *f).await;
+    }
+
+    /// Asks the fetcher for a fetch now and waits (at most [`KEY_WAIT`]) until it has run or
+    /// declined (it fetches at most once per interval); returns at once when too many wait.
+    pub(crate) async fn refetch(&self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.asks.try_send(tx).is_ok() {
+            let _ = tokio::time::timeout(KEY_WAIT, rx).await;
+        }
+    }
+}
+
 /// Test tokens: an issuer with ES256 (generated) and RS256 (openssl-made) keys.
 #[cfg(test)]
 pub(crate) mod testing {

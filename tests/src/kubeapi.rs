@@ -82,6 +82,9 @@ struct State {
     /// Every Lease write: (bearer token, the Lease as written).
     lease_writes: Vec<(String, Value)>,
     daemonsets: BTreeMap<String, Value>,
+    /// The ServiceAccount token issuer (OIDC discovery) and its keys (`/openid/v1/jwks`).
+    issuer: String,
+    jwks: Value,
     patches: Vec<Patch>,
     on_patch: Option<PatchHook>,
 }
@@ -135,7 +138,13 @@ impl FakeApi {
         let addr = listener.local_addr().unwrap();
         let rbac = |f: &str| std::fs::read_to_string(crate::repo_root().join("deploy").join(f)).expect("deploy RBAC");
         let (gateway, redirector) = (rbac("rbac.yaml"), rbac("node-redirector-rbac.yaml"));
-        let mut st = State { rv: 1, rbac: Rbac::from_manifests(&[&gateway, &redirector]), ..Default::default() };
+        let mut st = State {
+            rv: 1,
+            rbac: Rbac::from_manifests(&[&gateway, &redirector]),
+            issuer: "https://kubernetes.default.svc".into(),
+            jwks: json!({"keys": []}),
+            ..Default::default()
+        };
         for k in [PODS, NAMESPACES, POLICIES, CLUSTER_POLICIES, SLICES] {
             st.kinds.insert(k.to_string(), Kind::default());
         }
@@ -247,6 +256,11 @@ impl FakeApi {
     /// `deploy/`): any other request is answered `403 Forbidden`.
     pub fn set_rbac(&self, manifests: &[&str]) {
         self.state.lock().unwrap().rbac = Rbac::from_manifests(manifests);
+    }
+
+    /// Publishes `jwks` as the ServiceAccount token issuer's keys (`/openid/v1/jwks`).
+    pub fn set_jwks(&self, jwks: Value) {
+        self.state.lock().unwrap().jwks = jwks;
     }
 
     /// Request lines answered `403 Forbidden`.
@@ -396,12 +410,18 @@ async fn handle(
         st.requests.push((token.clone(), line.clone()));
         // The authoriser: RBAC of the manifests; a non-resource URL (`/version`) is open to every
         // authenticated client.
-        if let Some(a) = Attributes::of(req.method().as_str(), &req.uri().to_string())
-            && !st.rbac.allows(&a)
-        {
-            st.forbidden.push(line);
-            let user = format!("system:serviceaccount:egress-system:{token}");
-            return Ok(status_with(403, "Forbidden", &a.forbidden(&user)));
+        let user = format!("system:serviceaccount:egress-system:{token}");
+        match Attributes::of(req.method().as_str(), &req.uri().to_string()) {
+            Some(a) if !st.rbac.allows(&a) => {
+                st.forbidden.push(line);
+                return Ok(status_with(403, "Forbidden", &a.forbidden(&user)));
+            }
+            None if !st.rbac.allows_url(req.method().as_str(), &path) => {
+                st.forbidden.push(line);
+                let msg = format!("forbidden: User \"{user}\" cannot get path \"{path}\"");
+                return Ok(status_with(403, "Forbidden", &msg));
+            }
+            _ => {}
         }
     }
     if !state.lock().unwrap().kinds.contains_key(&path) {
@@ -632,6 +652,19 @@ async fn other(
     let bytes = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     let mut st = state.lock().unwrap();
+    // ServiceAccount token issuer discovery, as the API server serves it.
+    if path == "/.well-known/openid-configuration" {
+        let issuer = st.issuer.clone();
+        return json_response(
+            200,
+            &json!({"issuer": issuer, "jwks_uri": format!("{issuer}/openid/v1/jwks"),
+                    "response_types_supported": ["id_token"], "subject_types_supported": ["public"],
+                    "id_token_signing_alg_values_supported": ["RS256", "ES256"]}),
+        );
+    }
+    if path == "/openid/v1/jwks" {
+        return json_response(200, &st.jwks);
+    }
     if path == "/version" {
         return json_response(
             200,

@@ -8,6 +8,35 @@ use serde_json::Value;
 /// One permission: (namespace or "" for cluster-wide, apiGroup, resource, resourceName or "", verb).
 type Grant = (String, String, String, String, String);
 
+/// The non-resource URL rules (`nonResourceURLs`, ClusterRoles only) of a manifest: (URL, verb);
+/// a URL ending in `*` is a prefix.
+pub fn url_grants(manifest: &str) -> Vec<(String, String)> {
+    let mut allowed = Vec::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(manifest) {
+        let v: Value = serde::Deserialize::deserialize(doc).expect("RBAC manifest parses");
+        if v["kind"] != "ClusterRole" {
+            continue;
+        }
+        for rule in v["rules"].as_array().expect("rules") {
+            for url in rule["nonResourceURLs"].as_array().into_iter().flatten() {
+                for verb in rule["verbs"].as_array().unwrap() {
+                    allowed.push((url.as_str().unwrap().to_string(), verb.as_str().unwrap().to_string()));
+                }
+            }
+        }
+    }
+    allowed
+}
+
+/// Non-resource URLs every authenticated client may get (the stock ClusterRoles
+/// `system:public-info-viewer` and `system:discovery`).
+pub fn public_url(path: &str) -> bool {
+    matches!(path, "/version" | "/version/" | "/healthz" | "/livez" | "/readyz" | "/api" | "/apis")
+        || path.starts_with("/api/")
+        || path.starts_with("/apis/")
+        || path.starts_with("/openapi/")
+}
+
 /// The rules of every Role and ClusterRole in a multi-document YAML manifest.
 pub fn grants(manifest: &str) -> Vec<Grant> {
     let mut allowed = Vec::new();
@@ -19,6 +48,9 @@ pub fn grants(manifest: &str) -> Vec<Grant> {
             _ => continue,
         };
         for rule in v["rules"].as_array().expect("rules") {
+            if rule.get("nonResourceURLs").is_some() {
+                continue;
+            }
             let names: Vec<String> = rule["resourceNames"]
                 .as_array()
                 .map(|a| a.iter().map(|n| n.as_str().unwrap().to_string()).collect())
@@ -45,7 +77,7 @@ pub fn grants(manifest: &str) -> Vec<Grant> {
 
 /// What a set of RBAC rules allows, as the API server's authoriser decides it for one request.
 #[derive(Debug, Clone, Default)]
-pub struct Rbac(Vec<Grant>);
+pub struct Rbac(Vec<Grant>, Vec<(String, String)>);
 
 /// A request as the authoriser sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,7 +141,26 @@ impl Attributes {
 impl Rbac {
     /// The rules of every Role and ClusterRole of the manifests (bound to the one client).
     pub fn from_manifests(manifests: &[&str]) -> Rbac {
-        Rbac(manifests.iter().flat_map(|m| grants(m)).collect())
+        Rbac(manifests.iter().flat_map(|m| grants(m)).collect(), manifests.iter().flat_map(|m| url_grants(m)).collect())
+    }
+
+    /// Whether the rules allow `METHOD path` of a non-resource URL (public ones always).
+    pub fn allows_url(&self, method: &str, path: &str) -> bool {
+        let verb = match method {
+            "GET" | "HEAD" => "get",
+            "POST" => "post",
+            "PUT" => "put",
+            "DELETE" => "delete",
+            other => return other.is_empty(),
+        };
+        public_url(path)
+            || self.1.iter().any(|(url, v)| {
+                (v == verb || v == "*")
+                    && match url.strip_suffix('*') {
+                        Some(prefix) => path.starts_with(prefix),
+                        None => url == path,
+                    }
+            })
     }
 
     /// Whether the rules allow the request.
@@ -131,9 +182,15 @@ pub fn assert_covered(requests: &[String], manifest: &str, manifest_name: &str) 
     let mut seen = BTreeSet::new();
     for line in requests {
         let (method, uri) = line.split_once(' ').unwrap();
-        // A non-resource URL (`/version`) is readable by every authenticated client
-        // (system:public-info-viewer).
-        let Some(a) = Attributes::of(method, uri) else { continue };
+        let Some(a) = Attributes::of(method, uri) else {
+            // A non-resource URL: public (`/version`), or granted by `nonResourceURLs`.
+            let path = uri.split('?').next().unwrap_or(uri);
+            if !public_url(path) {
+                seen.insert(format!("{} {path}", method.to_ascii_lowercase()));
+            }
+            assert!(rbac.allows_url(method, path), "{line} needs get on the URL {path}: not in {manifest_name}");
+            continue;
+        };
         seen.insert(format!("{} {}", a.verb, a.resource));
         assert!(
             rbac.allows(&a),

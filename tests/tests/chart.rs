@@ -382,13 +382,21 @@ fn the_gateway_pod_is_restricted_and_drains_within_its_grace_period() {
     let dep = get(&docs, "Deployment", GATEWAY);
     assert_eq!(share["matchLabels"], dep["spec"]["selector"]["matchLabels"], "{share}");
     assert_eq!(share["namespace"], dep["metadata"]["namespace"], "{share}");
-    // ServiceAccount tokens: off by default; with an issuer, the JWKS sits next to the config
-    // (jwksFile is relative to it) and is required.
+    // ServiceAccount tokens: off by default; with an issuer and no JWKS, the keys come from the
+    // API server (no jwksFile, and the gateway may get the two discovery URLs); with a JWKS, it
+    // sits next to the config (jwksFile is relative to it) and nothing more is granted.
+    let url_rule =
+        json!({"nonResourceURLs": ["/.well-known/openid-configuration", "/openid/v1/jwks"], "verbs": ["get"]});
+    let grants_urls =
+        |docs: &[Value]| get(docs, "ClusterRole", GATEWAY)["rules"].as_array().unwrap().contains(&url_rule);
     let (_, docs) = render(&None, &[]).unwrap();
     assert!(yaml(&config_map_file(&docs, GATEWAY, "gateway.yaml")).get("identity").is_none());
+    assert!(!grants_urls(&docs));
     let issuer = ["--set", "gateway.identity.tokens.issuer=https://kubernetes.default.svc"];
-    let err = render(&None, &issuer).unwrap_err();
-    assert!(err.contains("gateway.identity.tokens.jwks"), "{err}");
+    let (_, docs) = render(&None, &issuer).unwrap();
+    let cfg = yaml(&config_map_file(&docs, GATEWAY, "gateway.yaml"));
+    assert!(cfg["identity"]["tokens"].get("jwksFile").is_none(), "{cfg}");
+    assert!(grants_urls(&docs), "the keys are fetched from the API server");
     let values = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(values.path(), "gateway: {identity: {tokens: {jwks: '{\"keys\":[]}'}}}\n").unwrap();
     let with_jwks = [&issuer[..], &["--values", values.path().to_str().unwrap()]].concat();
@@ -397,6 +405,7 @@ fn the_gateway_pod_is_restricted_and_drains_within_its_grace_period() {
     assert_eq!(cfg["identity"]["tokens"]["jwksFile"], "jwks.json", "{cfg}");
     assert_eq!(cfg["identity"]["tokens"]["audiences"], json!(["egress.dev"]), "{cfg}");
     assert_eq!(config_map_file(&docs, GATEWAY, "jwks.json"), "{\"keys\":[]}");
+    assert!(!grants_urls(&docs), "a JWKS given: no URL is granted");
 }
 
 #[test]
@@ -525,9 +534,15 @@ fn chart_rbac_is_the_tested_minimal_rbac() {
         serde_yaml_ng::Deserializer::from_str(&t).map(|d| serde::Deserialize::deserialize(d).unwrap()).collect()
     };
     let set = Some(repo_root().join(CHART).join("ci/redirector-ipv4-values.yaml"));
-    let (_, docs) = render(&set, &[]).unwrap();
     let gw = manifest("rbac.yaml");
+    // With tokens whose keys come from the API server: every rule of deploy/rbac.yaml; with a
+    // JWKS in the values (the ci file), those but the issuer discovery URLs.
+    let (_, docs) = render(&set, &["--set", "gateway.identity.tokens.jwks="]).unwrap();
     assert_eq!(rules_of(&docs, "ClusterRole", GATEWAY), rules_of(&gw, "ClusterRole", "egress-gateway"));
+    let (_, docs) = render(&set, &[]).unwrap();
+    let mut without_urls = rules_of(&gw, "ClusterRole", "egress-gateway");
+    without_urls.as_array_mut().unwrap().retain(|r| r.get("nonResourceURLs").is_none());
+    assert_eq!(rules_of(&docs, "ClusterRole", GATEWAY), without_urls);
     let mut lease = rules_of(&gw, "Role", "egress-gateway-lease");
     lease[1]["resourceNames"] = json!([format!("{GATEWAY}-status")]);
     assert_eq!(rules_of(&docs, "Role", &format!("{GATEWAY}-lease")), lease);

@@ -437,3 +437,79 @@ policies:
     assert_eq!(check(&[]), "identity_required");
     assert_eq!(check(&["--verified"]), "rule_allow");
 }
+
+/// Kubernetes mode without `jwksFile`: the keys come from the API server's `/openid/v1/jwks`
+/// (granted by deploy/rbac.yaml). A token signed by a key the cluster adds later (a rotation)
+/// is accepted on first use; tokens with made-up key ids are refused and cannot make the gateway
+/// fetch more than once per interval. Without the grant the gateway never becomes ready.
+#[test]
+fn in_kubernetes_mode_the_keys_come_from_the_api_server_and_follow_a_rotation() {
+    use egress_e2e::kubeapi::*;
+    let (dns, up) = (Dns::start(&[("up.test", "127.0.0.2")]), Upstream::start("127.0.0.2"));
+    let port = up.addr.port();
+    let api = FakeApi::start();
+    api.apply(NAMESPACES, namespace("shop", json!({})));
+    api.apply(
+        POLICIES,
+        json!({"apiVersion": "egress.dev/v1alpha1", "kind": "EgressPolicy",
+               "metadata": {"name": "api-egress", "namespace": "shop", "generation": 1},
+               "spec": {"podSelector": {}, "identity": "Verified",
+                        "rules": [{"name": "up", "to": [{"domain": "up.test"}], "ports": [{"port": port}]}]}}),
+    );
+    let (one, two) = (Issuer::new("key-1"), Issuer::new("key-2"));
+    api.set_jwks(json!({"keys": [one.jwk()]}));
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    let config = format!(
+        "guard: {{allowCidrs: [127.0.0.2/32]}}\nkubernetes: {{enabled: true, writeStatus: false, kubeconfig: {}}}\nidentity:\n  allowRemote: true\n  tokens: {{issuer: \"{ISSUER}\"}}\n",
+        kubeconfig.display()
+    );
+    // A ServiceAccount token of shop/api, not bound to a Pod.
+    let token = |issuer: &Issuer| {
+        let mut c = claims();
+        c["kubernetes.io"].as_object_mut().unwrap().remove("pod");
+        format!("Proxy-Authorization: Bearer {}", issuer.sign(&c))
+    };
+    let gw = Gateway::start(&dns, &config);
+    let get =
+        |auth: &str| curl(&["-x", &format!("http://{}", gw.http), "-H", auth, &format!("http://up.test:{port}/")]);
+    assert_eq!(get(&token(&one)).status, 200);
+    let fetches = || api.requests().iter().filter(|r| r.ends_with(" /openid/v1/jwks")).count();
+    let before = fetches();
+
+    // The cluster rotates: key-2 joins the set. The first token signed with it is accepted.
+    api.set_jwks(json!({"keys": [one.jwk(), two.jwk()]}));
+    let r = get(&token(&two));
+    assert_eq!(r.status, 200, "{r:?}\n{}", gw.log_text());
+    assert_eq!(fetches(), before + 1, "fetched once, for the unknown key");
+    assert_eq!(get(&token(&one)).status, 200, "the old key still verifies");
+
+    // Made-up key ids: refused, and the burst costs the API at most one more fetch.
+    let after_rotation = fetches();
+    for i in 0..20 {
+        let kid: &'static str = Box::leak(format!("made-up-{i}").into_boxed_str());
+        let r = get(&token(&Issuer::new(kid)));
+        assert_eq!(r.status, 407, "{r:?}");
+    }
+    assert!(fetches() <= after_rotation + 1, "{} fetches for 20 unknown keys", fetches() - after_rotation);
+    gw.decision(|e| e["decision"]["detail"].as_str().is_some_and(|d| d.contains("unknown key \"made-up-")));
+    let seen = egress_e2e::rbac::assert_covered(
+        &api.requests(),
+        &std::fs::read_to_string(repo_root().join("deploy/rbac.yaml")).unwrap(),
+        "deploy/rbac.yaml",
+    );
+    assert!(seen.contains("get /openid/v1/jwks"), "{seen:?}");
+    drop(gw);
+
+    // Without the grant: forbidden, and the gateway does not become ready.
+    let rbac = std::fs::read_to_string(repo_root().join("deploy/rbac.yaml")).unwrap();
+    let without = rbac
+        .replace("  - nonResourceURLs: [/.well-known/openid-configuration, /openid/v1/jwks]\n    verbs: [get]\n", "");
+    assert_ne!(without, rbac);
+    api.set_rbac(&[&without]);
+    let gw = Gateway::start_alive(&dns, &config);
+    wait_until(Duration::from_secs(10), || gw.log_text().contains("not ready until they are fetched"));
+    assert_eq!(gw.admin_get("/readyz").map(|(s, _)| s), Some(503));
+    assert!(api.forbidden().iter().any(|l| l.ends_with(" /openid/v1/jwks")), "{:?}", api.forbidden());
+}

@@ -119,8 +119,12 @@ identity:
   tokens:
     issuer: {{ .tokens.issuer | quote }}
     audiences: {{- toYaml .tokens.audiences | nindent 6 }}
+    {{- if .tokens.jwks }}
     # The issuer's JWKS, next to this file in the same ConfigMap.
     jwksFile: jwks.json
+    {{- else }}
+    # No jwksFile: the keys are fetched from the API server (/openid/v1/jwks).
+    {{- end }}
     leeway: {{ .tokens.leeway }}
 {{- end }}
 {{- end }}

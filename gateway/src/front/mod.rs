@@ -117,7 +117,7 @@ mod tests {
         let audit = dir.path().join("audit.jsonl");
         std::fs::write(&path, format!("audit: {{sinks: [{{type: file, path: {}}}]}}\n", audit.display())).unwrap();
         let loaded = crate::config::load(&path).unwrap();
-        let gw = Gateway::new(loaded, std::sync::Arc::new(crate::metrics::Metrics::new())).unwrap();
+        let gw = Gateway::new(loaded, std::sync::Arc::new(crate::metrics::Metrics::new()), None).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();

@@ -7,6 +7,7 @@
 //! - Invalid policies are skipped whole (never half-applied) and logged.
 
 mod identity;
+mod keys;
 pub(crate) mod status;
 
 pub(crate) use identity::pod_identities;
@@ -257,6 +258,19 @@ pub(crate) struct Context {
     pub draining: CancellationToken,
     /// The gateway's own Pods, counted for `kubernetes.rateLimitReplicas`.
     pub replicas: Option<Replicas>,
+    /// The token issuer's keys to fetch (`identity.tokens` without `jwksFile`).
+    pub token_keys: Option<TokenKeys>,
+}
+
+/// The token issuer's keys the watch fetches from the API server, and the line on which the
+/// pipeline asks for an early fetch.
+pub(crate) struct TokenKeys {
+    /// `identity.tokens.issuer`, compared with what discovery announces.
+    pub issuer: String,
+    /// Where the fetched set goes.
+    pub keys: Arc<crate::token::ApiKeys>,
+    /// Early fetches asked for.
+    pub asks: crate::token::KeyAsks,
 }
 
 /// What `start` hands back.
@@ -339,6 +353,10 @@ pub(crate) async fn start(cfg: crate::config::KubernetesConfig, cx: Context) -> 
             }
         }
     });
+    let first_keys = cx.token_keys.as_ref().map(|t| t.keys.clone());
+    if let Some(t) = cx.token_keys {
+        cx.tracker.spawn(keys::follow(client.clone(), t.issuer, t.keys, t.asks, cx.draining.clone()));
+    }
     let (out, inputs_rx) = channel::channel(None);
     let (pool_exists, replicas) = (cx.pool_exists, cx.replicas);
     let rebuild = move |stores: &Stores, before: Option<&KubeInputs>| {
@@ -364,6 +382,10 @@ pub(crate) async fn start(cfg: crate::config::KubernetesConfig, cx: Context) -> 
         if ready.await.is_err() {
             tracing::error!("Kubernetes watchers stopped before their first list");
             return;
+        }
+        // Nor before the token issuer's keys, when they come from the API.
+        if let Some(k) = &first_keys {
+            k.first().await;
         }
         let mut inputs = rebuild(&stores, None);
         out.send_replace(Some(inputs.clone()));

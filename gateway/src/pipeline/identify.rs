@@ -45,6 +45,20 @@ impl IdentitySource {
     }
 }
 
+/// Why a client could not be identified: its credential was refused.
+pub(super) struct Unidentified {
+    pub(super) reason: Reason,
+    pub(super) detail: String,
+    /// The token names a key the issuer's set does not have (yet: a rotation may have added it).
+    pub(super) unknown_key: bool,
+}
+
+impl From<(Reason, String)> for Unidentified {
+    fn from((reason, detail): (Reason, String)) -> Self {
+        Unidentified { reason, detail, unknown_key: false }
+    }
+}
+
 /// Who a request's client is.
 pub(super) struct Who {
     pub(super) identity: Option<Arc<Identity>>,
@@ -53,7 +67,7 @@ pub(super) struct Who {
 
 impl Pipeline {
     /// The client of `req`, or why its credential is refused.
-    pub(super) fn identify(&self, state: &State, req: &EgressRequest) -> Result<Who, (Reason, String)> {
+    pub(super) fn identify(&self, state: &State, req: &EgressRequest) -> Result<Who, Unidentified> {
         let by_address = state.identities.lookup(req.conn.peer.ip());
         let token = match &req.credential {
             Some(Credential::Socks5User(name)) => {
@@ -65,12 +79,22 @@ impl Pipeline {
             Some(Credential::Token(t)) => t,
             None => return Ok(Who { identity: by_address, source: IdentitySource::Address }),
         };
-        let Some((verifier, keys)) = &state.tokens else {
+        let Some((verifier, file_keys)) = &state.tokens else {
             return Ok(Who { identity: by_address, source: IdentitySource::Address });
         };
+        // The keys of `jwksFile`, else those fetched from the API server.
+        let keys = file_keys.clone().or_else(|| self.api_keys.as_ref().and_then(|k| k.current())).ok_or_else(|| {
+            Unidentified::from((
+                Reason::TokenInvalid,
+                "no issuer keys yet (they are fetched from the API server)".into(),
+            ))
+        })?;
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        let t =
-            self.token_cache.verify(verifier, keys, token, now).map_err(|e| (Reason::TokenInvalid, e.to_string()))?;
+        let t = self.token_cache.verify(verifier, &keys, token, now).map_err(|e| Unidentified {
+            reason: Reason::TokenInvalid,
+            detail: e.to_string(),
+            unknown_key: matches!(e, crate::token::TokenError::UnknownKey(_)),
+        })?;
         let c = &state.loaded.config;
         let (name, labels, namespace_labels) = if c.kubernetes.enabled {
             // The connection's own Pod, when it comes from one, must be the token's.
@@ -94,7 +118,8 @@ impl Pipeline {
                 return Err((
                     Reason::IdentityMismatch,
                     format!("the token is {claimed}'s; the connection comes from {source}"),
-                ));
+                )
+                    .into());
             }
             match &t.pod {
                 Some((pod, uid)) => {
@@ -103,7 +128,10 @@ impl Pipeline {
                         .get(&(t.namespace.clone(), pod.clone()))
                         .filter(|p| p.uid == *uid)
                         .ok_or_else(|| {
-                            (Reason::TokenInvalid, format!("pod gone: {}/{pod} no longer exists", t.namespace))
+                            Unidentified::from((
+                                Reason::TokenInvalid,
+                                format!("pod gone: {}/{pod} no longer exists", t.namespace),
+                            ))
                         })?;
                     (pod.clone(), p.labels.clone(), p.namespace_labels.clone())
                 }

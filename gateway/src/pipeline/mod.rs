@@ -73,11 +73,18 @@ pub(crate) struct Pipeline {
     conn_limits: Arc<crate::limits::ConnLimits>,
     /// ServiceAccount tokens verified before (`identity.tokens`).
     token_cache: crate::token::Cache,
+    /// The token issuer's keys from the API server (Kubernetes mode without `jwksFile`).
+    api_keys: Option<Arc<crate::token::ApiKeys>>,
 }
 
 impl Pipeline {
-    /// Builds the pipeline from a loaded config.
-    pub(crate) fn new(loaded: Loaded, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Pipeline>> {
+    /// Builds the pipeline from a loaded config; `api_keys`: the token issuer's keys as the
+    /// Kubernetes watch fetches them (when `jwksFile` is not set).
+    pub(crate) fn new(
+        loaded: Loaded,
+        metrics: Arc<Metrics>,
+        api_keys: Option<Arc<crate::token::ApiKeys>>,
+    ) -> anyhow::Result<Arc<Pipeline>> {
         let instance: Arc<str> = uuid::Uuid::new_v4().simple().to_string()[..12].into();
         let own = own_addresses(&loaded.config.listen);
         for net in &loaded.config.guard.allow_cidrs {
@@ -100,6 +107,7 @@ impl Pipeline {
             relay_replay: egress_netio::proxy::ReplayGuard::default(),
             conn_limits: Arc::default(),
             token_cache: crate::token::Cache::new(TOKEN_CACHE),
+            api_keys,
         }))
     }
 
@@ -183,6 +191,14 @@ impl Pipeline {
                 if a.listen != b.listen || a.resolver != b.resolver || a.audit != b.audit {
                     tracing::warn!("listen, resolver and audit changes take effect at the next restart");
                 }
+                let from_api = |c: &config::Config| {
+                    c.kubernetes.enabled && c.identity.tokens.as_ref().is_some_and(|t| t.jwks_file.is_none())
+                };
+                if from_api(a) != from_api(b) {
+                    tracing::warn!(
+                        "where the token keys come from (identity.tokens.jwksFile or the API server) changes at the next restart"
+                    );
+                }
                 for net in b.guard.allow_cidrs.iter().filter(|n| !a.guard.allow_cidrs.contains(n)) {
                     tracing::warn!(cidr = %net, "guard.allowCidrs exempts this range from the built-in guard");
                 }
@@ -220,9 +236,18 @@ impl Pipeline {
             Ok(t) => t,
             Err(e) => return Err(self.refuse_malformed(req, crate::reason::Reason::InvalidTarget, &e.to_string())),
         };
-        let who = match self.identify(&state, req) {
+        let mut who = self.identify(&state, req);
+        if let (Err(e), Some(keys)) = (&who, &self.api_keys)
+            && e.unknown_key
+        {
+            // A key the set lacks: the cluster may have rotated its signing key. Fetch the set
+            // again (at most once per interval, whoever asks) and decide on what it holds.
+            keys.refetch().await;
+            who = self.identify(&state, req);
+        }
+        let who = match who {
             Ok(who) => who,
-            Err((reason, detail)) => return Err(self.refuse_malformed(req, reason, &detail)),
+            Err(e) => return Err(self.refuse_malformed(req, e.reason, &e.detail)),
         };
         let decision = decide::decide(&state, who.identity.as_deref(), &target, req);
         let checked = resolve_checked(&state, Some(&self.resolver), Some(&self.metrics), decision, &target).await;

@@ -28,8 +28,9 @@ pub(crate) struct State {
     pub pools: Pools,
     /// Checks the relays' PROXY header MACs (`transparent.relayKeyFile`, `relayMaxSkew`).
     pub relay_auth: egress_netio::proxy::Verifier,
-    /// Verifies ServiceAccount tokens (`identity.tokens`).
-    pub tokens: Option<(token::Verifier, Arc<token::KeySet>)>,
+    /// Verifies ServiceAccount tokens (`identity.tokens`), with the keys of `jwksFile` (none:
+    /// the keys come from the API server, `Pipeline::api_keys`).
+    pub tokens: Option<(token::Verifier, Option<Arc<token::KeySet>>)>,
     /// The API's Pods by `(namespace, name)`, for Pod-bound tokens (only with `identity.tokens`).
     pub pods_by_name: HashMap<(String, String), PodIdentity>,
     /// The API's Namespace labels (Kubernetes mode), for clients identified by a token or a
@@ -87,13 +88,13 @@ impl State {
             guard: Guard::new(c.guard.allow_cidrs.clone(), own.to_vec()),
             pools: Pools::new(&c.egress_addresses),
             relay_auth: egress_netio::proxy::Verifier::new(loaded.relay_keys.clone(), c.transparent.relay_max_skew),
-            tokens: c.identity.tokens.as_ref().zip(loaded.token_keys.clone()).map(|(t, keys)| {
+            tokens: c.identity.tokens.as_ref().map(|t| {
                 let verifier = token::Verifier {
                     issuer: t.issuer.clone(),
                     audiences: t.audiences.clone(),
                     leeway: t.leeway.as_secs(),
                 };
-                (verifier, keys)
+                (verifier, loaded.token_keys.clone())
             }),
             namespace_labels,
             socks5_identities,
