@@ -73,6 +73,53 @@ pub struct Config {
     /// Workload identity beyond the source address.
     #[serde(default)]
     pub identity: IdentityConfig,
+    /// TLS of the HTTPS proxy front (`listen.https`).
+    #[serde(default)]
+    pub https: HttpsConfig,
+}
+
+/// The HTTPS proxy front: the explicit proxy spoken over TLS (`curl --proxy https://...`),
+/// optionally with client certificates that identify the client (`client.identity_source:
+/// certificate`). Paths are relative to the config file; the files are re-read on reload, so a
+/// renewed certificate is served to new connections without a restart.
+#[derive(Debug, Clone, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpsConfig {
+    /// The gateway's certificate chain (PEM, leaf first).
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// The CA certificates (PEM) client certificates must chain to.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// `None`, `Optional` or `Required`; default `Required` with `clientCa`, else `None`.
+    #[serde(default)]
+    pub client_cert: Option<ClientCertMode>,
+}
+
+/// Whether the HTTPS front asks for client certificates.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+pub enum ClientCertMode {
+    /// Not asked for.
+    None,
+    /// Asked for: a client without one is served and identified by its address; one that does
+    /// not verify ends the handshake.
+    Optional,
+    /// Required: the handshake ends without one that verifies.
+    Required,
+}
+
+impl HttpsConfig {
+    /// The mode in force: `clientCert`, else `Required` with a `clientCa` and `None` without.
+    pub fn client_cert_mode(&self) -> ClientCertMode {
+        self.client_cert.unwrap_or(if self.client_ca.is_some() {
+            ClientCertMode::Required
+        } else {
+            ClientCertMode::None
+        })
+    }
 }
 
 /// Operational logging (stderr; the audit trail is separate). The filter is the `EGRESS_LOG`
@@ -212,6 +259,8 @@ pub struct Listen {
     pub admin: Option<SocketAddr>,
     /// Transparent front: PROXY protocol v2 connections from node-redirector relays.
     pub transparent: Option<SocketAddr>,
+    /// The explicit proxy over TLS (`https`), with optional client certificates.
+    pub https: Option<SocketAddr>,
 }
 
 /// DNS resolution settings.
@@ -247,8 +296,13 @@ pub struct GuardConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ClientEntry {
-    /// Source prefix of the client.
-    pub cidr: IpNet,
+    /// Source prefix of the client (absent: a row only for certificate or token clients).
+    #[serde(default)]
+    pub cidr: Option<IpNet>,
+    /// A client certificate (HTTPS front) that makes its holder this client: by its subject's
+    /// common name or one of its subject alternative names.
+    #[serde(default)]
+    pub certificate: Option<CertificateMatch>,
     /// Namespace the client belongs to.
     pub namespace: String,
     /// Client (Pod) name.
@@ -259,6 +313,29 @@ pub struct ClientEntry {
     /// Labels, matched by `podSelector`.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+}
+
+/// Which client certificates a `clients` row stands for: exactly one of the two.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CertificateMatch {
+    /// The subject's common name, exactly.
+    #[serde(default)]
+    pub common_name: Option<String>,
+    /// A subject alternative name (DNS name, URI or e-mail address), exactly.
+    #[serde(default)]
+    pub san: Option<String>,
+}
+
+impl CertificateMatch {
+    /// Whether a certificate with this common name and these SANs is the one meant.
+    pub(crate) fn matches(&self, common_name: Option<&str>, sans: &[String]) -> bool {
+        match (&self.common_name, &self.san) {
+            (Some(cn), None) => common_name == Some(cn.as_str()),
+            (None, Some(san)) => sans.iter().any(|s| s == san),
+            _ => false,
+        }
+    }
 }
 
 /// Workload identity beyond the source address.
@@ -1037,6 +1114,8 @@ pub struct Loaded {
     pub relay_keys: Vec<egress_netio::proxy::RelayKey>,
     /// The token issuer's keys (`identity.tokens.jwksFile`).
     pub(crate) token_keys: Option<std::sync::Arc<crate::token::KeySet>>,
+    /// The HTTPS front's TLS configuration (`https`), read from its files.
+    pub(crate) https: Option<std::sync::Arc<rustls::ServerConfig>>,
 }
 
 /// Every error found while loading, each naming file, document and field.
@@ -1094,7 +1173,7 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigErrors> {
     }
     check_policy_set(&config, &policies, &mut errors);
     if errors.is_empty() {
-        Ok(Loaded { path: path.to_path_buf(), config, policies, relay_keys: Vec::new(), token_keys: None })
+        Ok(Loaded { path: path.to_path_buf(), config, policies, relay_keys: Vec::new(), token_keys: None, https: None })
     } else {
         Err(ConfigErrors(errors))
     }
@@ -1148,6 +1227,23 @@ pub fn load_with_secrets(path: &Path) -> Result<Loaded, ConfigErrors> {
                 ConfigErrors(vec![format!("{}: identity.tokens.jwksFile: {}: {e}", path.display(), file.display())])
             })?;
         loaded.token_keys = Some(std::sync::Arc::new(keys));
+    }
+    let h = &loaded.config.https;
+    if loaded.config.listen.https.is_some()
+        && let (Some(cert), Some(key)) = (&h.cert, &h.key)
+    {
+        use crate::certs::ClientAuth;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let auth = match h.client_cert_mode() {
+            ClientCertMode::None => ClientAuth::None,
+            ClientCertMode::Optional => ClientAuth::Optional,
+            ClientCertMode::Required => ClientAuth::Required,
+        };
+        let ca = h.client_ca.as_ref().map(|c| relative_to(base, c));
+        let config =
+            crate::certs::server_config(&relative_to(base, cert), &relative_to(base, key), ca.as_deref(), auth)
+                .map_err(|e| ConfigErrors(vec![format!("{}: https: {e}", path.display())]))?;
+        loaded.https = Some(config);
     }
     Ok(loaded)
 }
@@ -1274,14 +1370,41 @@ fn validate_config(c: &Config, file: &str, errors: &mut Vec<String>) {
         err("limits.tunnelCoalesce", e);
     }
     for (i, e) in c.clients.iter().enumerate() {
-        if e.cidr.trunc() != e.cidr {
-            err(
-                &format!("clients[{i}].cidr"),
-                format!("{} has host bits set; did you mean {}?", e.cidr, e.cidr.trunc()),
-            );
+        if let Some(cidr) = e.cidr
+            && cidr.trunc() != cidr
+        {
+            err(&format!("clients[{i}].cidr"), format!("{cidr} has host bits set; did you mean {}?", cidr.trunc()));
+        }
+        match &e.certificate {
+            None if e.cidr.is_none() && e.service_account.is_none() => err(
+                &format!("clients[{i}]"),
+                "a row needs a cidr, a certificate or a serviceAccount (for token clients) to stand for anyone".into(),
+            ),
+            Some(m) if m.common_name.is_some() == m.san.is_some() => {
+                err(&format!("clients[{i}].certificate"), "set exactly one of commonName or san".into())
+            }
+            Some(m) if m.common_name.as_deref() == Some("") || m.san.as_deref() == Some("") => {
+                err(&format!("clients[{i}].certificate"), "must not be empty".into())
+            }
+            _ => {}
         }
         if e.namespace.is_empty() {
             err(&format!("clients[{i}].namespace"), "must not be empty".into());
+        }
+    }
+    if c.listen.https.is_some() {
+        if c.https.cert.is_none() || c.https.key.is_none() {
+            err("https", "listen.https needs https.cert and https.key (PEM files)".into());
+        }
+        match (c.https.client_cert_mode(), &c.https.client_ca) {
+            (ClientCertMode::Optional | ClientCertMode::Required, None) => {
+                err("https.clientCa", "client certificates need the CA they must chain to".into())
+            }
+            (ClientCertMode::None, Some(_)) => err(
+                "https.clientCert",
+                "None, yet https.clientCa is set: say Optional or Required, or drop clientCa".into(),
+            ),
+            _ => {}
         }
     }
     if c.listen.transparent.is_some() && c.transparent.trusted_relays.is_empty() {
@@ -1538,6 +1661,39 @@ mod tests {
         let cfg = write(dir.path(), "kube.yaml", &format!("kubernetes: {{enabled: true}}\n{tokens}"));
         let loaded = load(&cfg).unwrap();
         assert!(loaded.config.identity.tokens.is_some_and(|t| t.jwks_file.is_none()));
+    }
+
+    #[test]
+    fn rejects_https_and_certificate_rows_that_cannot_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            ("listen: {https: 127.0.0.1:0}\n", "https: listen.https needs https.cert and https.key"),
+            (
+                "listen: {https: 127.0.0.1:0}\nhttps: {cert: c.pem, key: k.pem, clientCert: Required}\n",
+                "https.clientCa: client certificates need the CA",
+            ),
+            (
+                "listen: {https: 127.0.0.1:0}\nhttps: {cert: c.pem, key: k.pem, clientCa: ca.pem, clientCert: None}\n",
+                "https.clientCert: None, yet https.clientCa is set",
+            ),
+            (
+                "clients: [{namespace: a, name: b}]\n",
+                "clients[0]: a row needs a cidr, a certificate or a serviceAccount",
+            ),
+            (
+                "clients: [{namespace: a, name: b, certificate: {commonName: x, san: y}}]\n",
+                "clients[0].certificate: set exactly one of commonName or san",
+            ),
+        ];
+        for (i, (text, expected)) in cases.iter().enumerate() {
+            let cfg = write(dir.path(), &format!("gw{i}.yaml"), text);
+            let errs = load(&cfg).unwrap_err().0;
+            assert!(errs.iter().any(|e| e.contains(expected)), "{text}: {errs:#?}");
+        }
+        // With clientCa, clientCert defaults to Required.
+        let h = HttpsConfig { client_ca: Some("ca.pem".into()), ..Default::default() };
+        assert_eq!(h.client_cert_mode(), ClientCertMode::Required);
+        assert_eq!(HttpsConfig::default().client_cert_mode(), ClientCertMode::None);
     }
 
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {

@@ -112,7 +112,9 @@ impl IdentityTable {
                 selected: Arc::from([]),
             };
             id.selected = select(&id).into();
-            t.insert(c.cidr, Arc::new(id));
+            if let Some(cidr) = c.cidr {
+                t.insert(cidr, Arc::new(id));
+            }
         }
         t
     }

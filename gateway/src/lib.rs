@@ -37,6 +37,7 @@ pub(crate) fn fuzz_cases(n: u32) -> u32 {
 
 pub(crate) mod admin;
 pub mod audit;
+pub(crate) mod certs;
 pub mod check;
 pub mod config;
 pub(crate) mod dial;

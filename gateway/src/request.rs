@@ -98,6 +98,8 @@ pub(crate) enum Credential {
     Token(Arc<str>),
     /// The SOCKS5 user (RFC 1929) the client authenticated as.
     Socks5User(Arc<str>),
+    /// The client certificate the HTTPS front verified in the handshake.
+    Certificate(Arc<crate::certs::ClientCert>),
 }
 
 impl std::fmt::Debug for Credential {
@@ -105,6 +107,7 @@ impl std::fmt::Debug for Credential {
         match self {
             Credential::Token(_) => f.write_str("Token(<redacted>)"),
             Credential::Socks5User(u) => write!(f, "Socks5User({u:?})"),
+            Credential::Certificate(c) => write!(f, "Certificate({c:?})"),
         }
     }
 }

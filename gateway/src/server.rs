@@ -24,9 +24,9 @@ async fn bind(what: &str, addr: std::net::SocketAddr) -> anyhow::Result<TcpListe
 /// Runs the gateway until SIGTERM/SIGINT and the drain that follows.
 pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     let listen = loaded.config.listen.clone();
-    if listen.http.is_none() && listen.socks5.is_none() && listen.transparent.is_none() {
+    if listen.http.is_none() && listen.socks5.is_none() && listen.transparent.is_none() && listen.https.is_none() {
         anyhow::bail!(
-            "{}: listen: none of listen.http, listen.socks5, listen.transparent is set; nothing to serve",
+            "{}: listen: none of listen.http, listen.https, listen.socks5, listen.transparent is set; nothing to serve",
             loaded.path.display()
         );
     }
@@ -53,6 +53,10 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         Some(a) => Some(bind("transparent", a).await?),
         None => None,
     };
+    let https = match listen.https {
+        Some(a) => Some(bind("https", a).await?),
+        None => None,
+    };
     let admin = match listen.admin {
         Some(a) => Some(bind("admin", a).await?),
         None => None,
@@ -61,6 +65,10 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     if let Some(l) = http {
         tracing::info!(addr = %l.local_addr()?, "HTTP proxy listening");
         fronts.spawn(crate::front::http::serve(gw.clone(), l));
+    }
+    if let Some(l) = https {
+        tracing::info!(addr = %l.local_addr()?, "HTTPS proxy listening");
+        fronts.spawn(crate::front::https::serve(gw.clone(), l));
     }
     if let Some(l) = socks {
         tracing::info!(addr = %l.local_addr()?, "SOCKS5 proxy listening");
@@ -164,7 +172,9 @@ fn watched_paths(loaded: &Loaded) -> Vec<PathBuf> {
     let base = loaded.path.parent().unwrap_or(Path::new(".")).to_path_buf();
     let mut v = vec![loaded.path.clone()];
     let jwks = loaded.config.identity.tokens.as_ref().and_then(|t| t.jwks_file.as_ref());
-    for p in loaded.config.policy_files.iter().chain(&loaded.config.transparent.relay_key_file).chain(jwks) {
+    let h = &loaded.config.https;
+    let tls = h.cert.iter().chain(&h.key).chain(&h.client_ca);
+    for p in loaded.config.policy_files.iter().chain(&loaded.config.transparent.relay_key_file).chain(jwks).chain(tls) {
         v.push(crate::config::relative_to(&base, p));
     }
     v

@@ -485,6 +485,8 @@ pub struct Gateway {
     pub admin: SocketAddr,
     /// Transparent front (configured only when the body sets `transparent.trustedRelays`).
     pub transparent: SocketAddr,
+    /// HTTPS proxy front (configured only when the body has an `https:` section).
+    pub https: SocketAddr,
     /// stderr log of the process.
     pub log: PathBuf,
     /// Network namespace the gateway runs in (None: the test's own).
@@ -537,6 +539,7 @@ impl Gateway {
             socks: unbound,
             admin: unbound,
             transparent: unbound,
+            https: unbound,
             log: dir.path().join("gateway.log"),
             netns: netns.map(|n| n.name.clone()),
             launcher: launcher.iter().map(|s| s.to_string()).collect(),
@@ -566,8 +569,11 @@ impl Gateway {
         // released before use, which another test could take meanwhile); `spawn` reads the
         // bound addresses from its log.
         let transparent_ip = if self.netns.is_some() { "0.0.0.0" } else { "127.0.0.1" };
-        let transparent =
+        let mut transparent =
             if body.contains("trustedRelays") { format!(", transparent: {transparent_ip}:0") } else { String::new() };
+        if body.starts_with("https:") || body.contains("\nhttps:") {
+            transparent.push_str(", https: 127.0.0.1:0");
+        }
         // A body with its own `audit:` replaces the default file sink; `$DIR` is the config directory.
         let audit = if body.contains("\naudit:") || body.starts_with("audit:") {
             String::new()
@@ -612,7 +618,8 @@ impl Gateway {
         self.proc = Some(Proc(child));
         let start = Instant::now();
         // The addresses it bound, from this run's part of the log.
-        let transparent = std::fs::read_to_string(self.config_path()).unwrap_or_default().contains(", transparent: ");
+        let config = std::fs::read_to_string(self.config_path()).unwrap_or_default();
+        let (transparent, https) = (config.contains(", transparent: "), config.contains(", https: "));
         loop {
             let text = std::fs::read(&self.log).unwrap_or_default();
             let text = strip_ansi(&String::from_utf8_lossy(&text[log_start.min(text.len())..]));
@@ -629,10 +636,14 @@ impl Gateway {
                 (bound("HTTP proxy listening"), bound("SOCKS5 proxy listening"), bound("admin listening"))
             {
                 let t = bound("transparent front listening");
-                if t.is_some() || !transparent {
+                let tls = bound("HTTPS proxy listening");
+                if (t.is_some() || !transparent) && (tls.is_some() || !https) {
                     (self.http, self.socks, self.admin) = (h, s, a);
                     if let Some(t) = t {
                         self.transparent = t;
+                    }
+                    if let Some(t) = tls {
+                        self.https = t;
                     }
                     break;
                 }

@@ -221,7 +221,10 @@ fn a_stalled_sink_grows_the_spool_not_the_memory_then_drains() {
         rss1.saturating_sub(rss0) < grown_kib / 2,
         "memory does not follow the backlog: RSS {rss0} -> {rss1} KiB while the spool grew {grown_kib} KiB"
     );
-    assert!(gw.metric("egress_audit_sink_lag_events{sink=\"siem\"}").unwrap() > 8000.0);
+    // The lag gauge is refreshed by the sink's delivery loop, not per event: wait for it.
+    wait_for("the sink's lag to show the backlog", Duration::from_secs(10), || {
+        gw.metric("egress_audit_sink_lag_events{sink=\"siem\"}").is_some_and(|l| l > 8000.0)
+    });
     // The sink reads again: every event arrives, in order, and the spool shrinks to its last segment.
     fifo.drain();
     let last = gw.metric("egress_audit_events").or_else(|| gw.metric("egress_audit_events_total")).unwrap() as u64;

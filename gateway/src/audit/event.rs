@@ -106,7 +106,8 @@ pub struct Event {
 pub struct ClientInfo {
     /// Source address.
     pub address: IpAddr,
-    /// How the identity below was established: `address` or `token`.
+    /// How the identity below was established: `address`, `token`, `socks5_user` or
+    /// `certificate`.
     #[serde(rename = "identity_source")]
     pub identity_source: &'static str,
     /// Labels.
@@ -123,6 +124,9 @@ pub struct ClientInfo {
     /// Service account.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub service_account: Option<String>,
+    /// The SPIFFE ID of the client certificate that identified the client.
+    #[serde(rename = "spiffe_id", skip_serializing_if = "Option::is_none")]
+    pub spiffe_id: Option<Arc<str>>,
 }
 
 /// Where to.

@@ -352,6 +352,7 @@ fn kubernetes(ev: &Value) -> Value {
         ("serviceAccount", "service_account"),
         ("labels", "labels"),
         ("identity_source", "identity_source"),
+        ("spiffe_id", "spiffe_id"),
     ] {
         if let Some(v) = c.get(from) {
             m.insert(to.into(), v.clone());
@@ -669,7 +670,7 @@ mod tests {
         let mut ev = json!({
             "schema": "egress.v1", "event": kind, "id": "id-1", "seq": 7, "time": "2026-11-28T10:00:00Z",
             "instance": "inst", "connection_id": "inst-1", "request_id": "inst-1-1", "front": front,
-            "client": {"address": "10.0.0.1", "port": 5555, "namespace": "shop", "name": "api-1", "serviceAccount": "api", "identity_source": "token"},
+            "client": {"address": "10.0.0.1", "port": 5555, "namespace": "shop", "name": "api-1", "serviceAccount": "api", "identity_source": "certificate", "spiffe_id": "spiffe://cluster.local/ns/shop/sa/api"},
             "target": {"host": "169.254.169.254", "port": 80},
             "decision": decision,
         });
@@ -698,8 +699,10 @@ mod tests {
         assert_eq!(e["event"]["category"], json!(["network"]));
         assert_eq!(e["event"]["type"], json!(["connection", "denied"]));
         assert_eq!(e["orchestrator"]["resource"]["name"], "api-1");
-        assert_eq!(e["egress"]["client"]["identity_source"], "token");
-        assert_eq!(o["unmapped"]["kubernetes"]["identity_source"], "token");
+        assert_eq!(e["egress"]["client"]["identity_source"], "certificate");
+        assert_eq!(o["unmapped"]["kubernetes"]["identity_source"], "certificate");
+        assert_eq!(e["egress"]["client"]["spiffe_id"], "spiffe://cluster.local/ns/shop/sa/api");
+        assert_eq!(o["unmapped"]["kubernetes"]["spiffe_id"], "spiffe://cluster.local/ns/shop/sa/api");
     }
 
     #[test]

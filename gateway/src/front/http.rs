@@ -49,6 +49,17 @@ async fn serve_conn(gw: Gateway, mut stream: TcpStream, peer: SocketAddr) {
         Ok(p) => p,
         Err(r) => return super::answer_and_close(&mut stream, super::raw_http_refusal(&r).as_bytes()).await,
     };
+    serve_http(gw, conn, stream, None).await
+}
+
+/// Serves HTTP/1.1 proxy requests on an admitted client connection `io` (plain TCP, or TLS
+/// from the HTTPS front, whose verified client certificate is `certificate`: the credential of
+/// every request that carries no `Proxy-Authorization` of its own).
+pub(super) async fn serve_http<IO>(gw: Gateway, conn: Arc<ClientConn>, io: IO, certificate: Option<Credential>)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let peer = conn.peer;
     let limits = gw.pipeline.limits();
     let cache: Arc<Mutex<Option<Cached>>> = Arc::new(Mutex::new(None));
     // Bytes read from the client, and that count when the last request was answered: a header
@@ -58,10 +69,10 @@ async fn serve_conn(gw: Gateway, mut stream: TcpStream, peer: SocketAddr) {
     let svc = {
         let (gw, conn, read, answered_at) = (gw.clone(), conn.clone(), read.clone(), answered_at.clone());
         service_fn(move |req| {
-            let (gw, conn, cache) = (gw.clone(), conn.clone(), cache.clone());
+            let (gw, conn, cache, certificate) = (gw.clone(), conn.clone(), cache.clone(), certificate.clone());
             let (read, answered_at) = (read.clone(), answered_at.clone());
             async move {
-                let resp = handle(gw, conn, cache, req).await;
+                let resp = handle(gw, conn, cache, req, certificate).await;
                 answered_at.store(read.load(Ordering::Relaxed), Ordering::Relaxed);
                 Ok::<_, Infallible>(resp)
             }
@@ -76,7 +87,7 @@ async fn serve_conn(gw: Gateway, mut stream: TcpStream, peer: SocketAddr) {
         .max_header_size(limits.max_header_bytes)
         .max_buf_size(limits.max_header_bytes)
         .keep_alive(true);
-    let stream = CountingIo { io: stream, read: read.clone() };
+    let stream = CountingIo { io, read: read.clone() };
     let served = builder.serve_connection(TokioIo::new(stream), svc).with_upgrades();
     tokio::pin!(served);
     let result = tokio::select! {
@@ -110,9 +121,10 @@ async fn handle(
     conn: Arc<ClientConn>,
     cache: Arc<Mutex<Option<Cached>>>,
     req: Request<Incoming>,
+    certificate: Option<Credential>,
 ) -> Response<ProxyBody> {
     let id = conn.next_request_id();
-    let credential = credential(req.headers());
+    let credential = credential(req.headers()).or(certificate);
     if req.method() == Method::CONNECT {
         let authority = req.uri().authority().map(|a| a.as_str().to_string()).unwrap_or_default();
         let ereq = EgressRequest {
@@ -193,7 +205,7 @@ async fn connect(gw: Gateway, ereq: EgressRequest, req: Request<Incoming>) -> Re
             Err(e) => return up.log.finish(0, 0, End::ClientClosed, None, Some(e.to_string())),
         };
         // The client's socket itself, when hyper hands it back: then the tunnel is spliced.
-        let r = match upgraded.downcast::<TokioIo<CountingIo>>() {
+        let r = match upgraded.downcast::<TokioIo<CountingIo<TcpStream>>>() {
             Ok(parts) => {
                 let mut upstream = up.stream;
                 let early = parts.read_buf.len() as u64;
@@ -216,13 +228,14 @@ async fn connect(gw: Gateway, ereq: EgressRequest, req: Request<Incoming>) -> Re
     Response::new(empty())
 }
 
-/// The client's socket, counting the bytes read from it (one relaxed add per read).
-struct CountingIo {
-    io: TcpStream,
+/// The client's socket (or TLS stream), counting the bytes read from it (one relaxed add per
+/// read).
+struct CountingIo<IO> {
+    io: IO,
     read: Arc<AtomicU64>,
 }
 
-impl tokio::io::AsyncRead for CountingIo {
+impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for CountingIo<IO> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -238,7 +251,7 @@ impl tokio::io::AsyncRead for CountingIo {
     }
 }
 
-impl tokio::io::AsyncWrite for CountingIo {
+impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CountingIo<IO> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
@@ -572,7 +585,7 @@ mod tests {
             h.insert(header::PROXY_AUTHORIZATION, HeaderValue::from_str(v).unwrap());
             credential(&h).map(|c| match c {
                 Credential::Token(t) => t.to_string(),
-                Credential::Socks5User(_) => unreachable!("HTTP carries tokens"),
+                Credential::Socks5User(_) | Credential::Certificate(_) => unreachable!("the header carries tokens"),
             })
         };
         assert_eq!(with("Bearer abc.def.ghi"), Some("abc.def.ghi".into()));

@@ -3,6 +3,7 @@
 //! lives here.
 
 pub(crate) mod http;
+pub(crate) mod https;
 pub(crate) mod socks5;
 pub(crate) mod transparent;
 

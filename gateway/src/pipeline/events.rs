@@ -73,6 +73,7 @@ impl Pipeline {
             name: id.map(|i| i.name.clone()),
             service_account: id.and_then(|i| i.service_account.clone()),
             labels: id.map(|i| i.labels.clone()),
+            spiffe_id: None,
         }
     }
 
@@ -131,7 +132,10 @@ impl Pipeline {
         let d = &checked.decision;
         let mut ev = Self::event(
             req,
-            Self::client_info(req.conn.peer, who.identity.as_deref(), who.source),
+            ClientInfo {
+                spiffe_id: who.spiffe_id.clone(),
+                ..Self::client_info(req.conn.peer, who.identity.as_deref(), who.source)
+            },
             TargetInfo { host: target.host.to_string(), port: target.port, http: req.http.clone() },
             DecisionInfo {
                 action: d.action,

@@ -33,6 +33,8 @@ pub(crate) enum IdentitySource {
     Token,
     /// A `socks5.users` entry that names an identity, authenticated by its password.
     Socks5User,
+    /// A verified client certificate (HTTPS front): its SPIFFE ID, or a `clients` row naming it.
+    Certificate,
 }
 
 impl IdentitySource {
@@ -41,6 +43,7 @@ impl IdentitySource {
             IdentitySource::Address => "address",
             IdentitySource::Token => "token",
             IdentitySource::Socks5User => "socks5_user",
+            IdentitySource::Certificate => "certificate",
         }
     }
 }
@@ -63,6 +66,24 @@ impl From<(Reason, String)> for Unidentified {
 pub(super) struct Who {
     pub(super) identity: Option<Arc<Identity>>,
     pub(super) source: IdentitySource,
+    /// The SPIFFE ID of the client certificate that established it.
+    pub(super) spiffe_id: Option<Arc<str>>,
+}
+
+impl Who {
+    fn new(identity: Option<Arc<Identity>>, source: IdentitySource) -> Who {
+        Who { identity, source, spiffe_id: None }
+    }
+}
+
+/// What a credential claims: a ServiceAccount and, for a Pod-bound token, the Pod.
+struct Claim<'a> {
+    /// `token` or `certificate`, for the refusal's words.
+    what: &'static str,
+    namespace: &'a str,
+    service_account: &'a str,
+    /// `(name, uid)`.
+    pod: Option<&'a (String, String)>,
 }
 
 impl Pipeline {
@@ -72,15 +93,42 @@ impl Pipeline {
         let token = match &req.credential {
             Some(Credential::Socks5User(name)) => {
                 return Ok(match state.socks5_identities.get(&**name) {
-                    Some(id) => Who { identity: Some(id.clone()), source: IdentitySource::Socks5User },
-                    None => Who { identity: by_address, source: IdentitySource::Address },
+                    Some(id) => Who::new(Some(id.clone()), IdentitySource::Socks5User),
+                    None => Who::new(by_address, IdentitySource::Address),
                 });
             }
+            Some(Credential::Certificate(cert)) => {
+                if let Some(sp) = &cert.spiffe {
+                    let claim = Claim {
+                        what: "certificate",
+                        namespace: &sp.namespace,
+                        service_account: &sp.service_account,
+                        pod: None,
+                    };
+                    let id = self.account_identity(state, by_address.as_deref(), &claim)?;
+                    return Ok(Who {
+                        identity: Some(id),
+                        source: IdentitySource::Certificate,
+                        spiffe_id: Some(sp.id.as_str().into()),
+                    });
+                }
+                // Another certificate: a `clients` row naming it, else the client is its address.
+                return Ok(
+                    match state
+                        .certificate_identities
+                        .iter()
+                        .find(|(m, _)| m.matches(cert.common_name.as_deref(), &cert.sans))
+                    {
+                        Some((_, id)) => Who::new(Some(id.clone()), IdentitySource::Certificate),
+                        None => Who::new(by_address, IdentitySource::Address),
+                    },
+                );
+            }
             Some(Credential::Token(t)) => t,
-            None => return Ok(Who { identity: by_address, source: IdentitySource::Address }),
+            None => return Ok(Who::new(by_address, IdentitySource::Address)),
         };
         let Some((verifier, file_keys)) = &state.tokens else {
-            return Ok(Who { identity: by_address, source: IdentitySource::Address });
+            return Ok(Who::new(by_address, IdentitySource::Address));
         };
         // The keys of `jwksFile`, else those fetched from the API server.
         let keys = file_keys.clone().or_else(|| self.api_keys.as_ref().and_then(|k| k.current())).ok_or_else(|| {
@@ -95,14 +143,27 @@ impl Pipeline {
             detail: e.to_string(),
             unknown_key: matches!(e, crate::token::TokenError::UnknownKey(_)),
         })?;
+        let claim =
+            Claim { what: "token", namespace: &t.namespace, service_account: &t.service_account, pod: t.pod.as_ref() };
+        Ok(Who::new(Some(self.account_identity(state, by_address.as_deref(), &claim)?), IdentitySource::Token))
+    }
+
+    /// The identity a verified credential claims, `from` being the connection's own (by its
+    /// address). Kubernetes mode: the connection must come from the claimed Pod (or a Pod of the
+    /// claimed ServiceAccount) unless `identity.allowRemote`, and a claimed Pod must exist; its
+    /// labels are that Pod's. Standalone: a `clients` row of the same namespace and
+    /// ServiceAccount lends its labels.
+    fn account_identity(
+        &self,
+        state: &State,
+        from: Option<&Identity>,
+        claim: &Claim<'_>,
+    ) -> Result<Arc<Identity>, Unidentified> {
+        let (ns, sa) = (claim.namespace, claim.service_account);
         let c = &state.loaded.config;
         let (name, labels, namespace_labels) = if c.kubernetes.enabled {
-            // The connection's own Pod, when it comes from one, must be the token's.
-            let from = by_address.as_deref();
-            let same_account = from.is_some_and(|p| {
-                p.namespace == t.namespace && p.service_account.as_deref() == Some(t.service_account.as_str())
-            });
-            let same_pod = match &t.pod {
+            let same_account = from.is_some_and(|p| p.namespace == ns && p.service_account.as_deref() == Some(sa));
+            let same_pod = match claim.pod {
                 Some((pod, _)) => same_account && from.is_some_and(|p| p.name == *pod),
                 None => same_account,
             };
@@ -111,50 +172,45 @@ impl Pipeline {
                     Some(p) => format!("Pod {}/{}", p.namespace, p.name),
                     None => "an address that is no Pod".to_string(),
                 };
-                let claimed = match &t.pod {
-                    Some((pod, _)) => format!("Pod {}/{pod}", t.namespace),
-                    None => format!("ServiceAccount {}/{}", t.namespace, t.service_account),
+                let claimed = match claim.pod {
+                    Some((pod, _)) => format!("Pod {ns}/{pod}"),
+                    None => format!("ServiceAccount {ns}/{sa}"),
                 };
+                let what = claim.what;
                 return Err((
                     Reason::IdentityMismatch,
-                    format!("the token is {claimed}'s; the connection comes from {source}"),
+                    format!("the {what} is {claimed}'s; the connection comes from {source}"),
                 )
                     .into());
             }
-            match &t.pod {
+            match claim.pod {
                 Some((pod, uid)) => {
                     let p = state
                         .pods_by_name
-                        .get(&(t.namespace.clone(), pod.clone()))
+                        .get(&(ns.to_string(), pod.clone()))
                         .filter(|p| p.uid == *uid)
                         .ok_or_else(|| {
-                            Unidentified::from((
-                                Reason::TokenInvalid,
-                                format!("pod gone: {}/{pod} no longer exists", t.namespace),
-                            ))
+                            Unidentified::from((Reason::TokenInvalid, format!("pod gone: {ns}/{pod} no longer exists")))
                         })?;
                     (pod.clone(), p.labels.clone(), p.namespace_labels.clone())
                 }
-                None => (t.service_account.clone(), BTreeMap::new(), state.labels_of_namespace(&t.namespace)),
+                None => (sa.to_string(), BTreeMap::new(), state.labels_of_namespace(ns)),
             }
         } else {
-            // Standalone: a `clients` row of this namespace and ServiceAccount lends its labels.
-            let row = c.clients.iter().find(|r| {
-                r.namespace == t.namespace && r.service_account.as_deref() == Some(t.service_account.as_str())
-            });
-            let name = t.pod.as_ref().map(|(p, _)| p.clone()).unwrap_or_else(|| t.service_account.clone());
-            (name, row.map(|r| r.labels.clone()).unwrap_or_default(), state.labels_of_namespace(&t.namespace))
+            let row = c.clients.iter().find(|r| r.namespace == ns && r.service_account.as_deref() == Some(sa));
+            let name = claim.pod.map(|(p, _)| p.clone()).unwrap_or_else(|| sa.to_string());
+            (name, row.map(|r| r.labels.clone()).unwrap_or_default(), state.labels_of_namespace(ns))
         };
         let mut id = Identity {
-            namespace: t.namespace.clone(),
+            namespace: ns.to_string(),
             name,
-            service_account: Some(t.service_account.clone()),
+            service_account: Some(sa.to_string()),
             labels,
             namespace_labels,
             verified: true,
             selected: Arc::from([]),
         };
         id.selected = state.snapshot.selected(Some(&id)).into();
-        Ok(Who { identity: Some(Arc::new(id)), source: IdentitySource::Token })
+        Ok(Arc::new(id))
     }
 }

@@ -132,6 +132,11 @@ impl Pipeline {
         self.state.load().loaded.config.transparent.trusted_relays.iter().any(|n| n.contains(&relay))
     }
 
+    /// The HTTPS front's TLS configuration in force (`https`; re-read on every reload).
+    pub(crate) fn https_config(&self) -> Option<Arc<rustls::ServerConfig>> {
+        self.state.load().loaded.https.clone()
+    }
+
     /// `transparent.firstByteTimeout`.
     pub(crate) fn first_byte_timeout(&self) -> std::time::Duration {
         self.state.load().loaded.config.transparent.first_byte_timeout

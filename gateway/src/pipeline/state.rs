@@ -38,6 +38,8 @@ pub(crate) struct State {
     pub namespace_labels: Arc<std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>>,
     /// The identities `socks5.users` entries name, by user name, compiled with this snapshot.
     pub socks5_identities: HashMap<String, Arc<Identity>>,
+    /// The `clients` rows that name a client certificate, in order, compiled with this snapshot.
+    pub certificate_identities: Vec<(config::CertificateMatch, Arc<Identity>)>,
 }
 
 impl State {
@@ -82,7 +84,26 @@ impl State {
                 Some((u.username.clone(), Arc::new(id)))
             })
             .collect();
+        let certificate_identities = c
+            .clients
+            .iter()
+            .filter_map(|r| {
+                let m = r.certificate.clone()?;
+                let mut id = Identity {
+                    namespace: r.namespace.clone(),
+                    name: r.name.clone(),
+                    service_account: r.service_account.clone(),
+                    labels: r.labels.clone(),
+                    namespace_labels: labels_of_namespace(&namespace_labels, &r.namespace),
+                    verified: true,
+                    selected: Arc::from([]),
+                };
+                id.selected = snapshot.selected(Some(&id)).into();
+                Some((m, Arc::new(id)))
+            })
+            .collect();
         State {
+            certificate_identities,
             identities: IdentityTable::build(&c.clients, pods, |id| snapshot.selected(Some(id))),
             snapshot,
             guard: Guard::new(c.guard.allow_cidrs.clone(), own.to_vec()),
@@ -119,7 +140,7 @@ fn labels_of_namespace(
 pub(crate) fn own_addresses(listen: &config::Listen) -> Vec<IpAddr> {
     let mut v: Vec<IpAddr> =
         if_addrs::get_if_addrs().map(|l| l.into_iter().map(|i| i.ip()).collect()).unwrap_or_default();
-    for sa in [listen.http, listen.socks5, listen.admin, listen.transparent].into_iter().flatten() {
+    for sa in [listen.http, listen.https, listen.socks5, listen.admin, listen.transparent].into_iter().flatten() {
         if !sa.ip().is_unspecified() {
             v.push(sa.ip());
         }
