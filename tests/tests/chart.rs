@@ -757,3 +757,70 @@ fn the_dockerfile_passes_hadolint_and_builds_with_the_ci_release_script() {
     assert_eq!(values["redirector"]["image"]["repository"], "egress-node-redirector");
     assert!(dockerfile.contains("-t egress-gateway:") && dockerfile.contains("-t egress-node-redirector:"));
 }
+
+#[test]
+fn the_https_proxy_serves_a_mounted_or_cert_manager_certificate() {
+    // Off by default: no port, no listener, no Secret mounted.
+    let (_, docs) = render(&None, &[]).unwrap();
+    let cfg = yaml(&config_map_file(&docs, GATEWAY, "gateway.yaml"));
+    assert!(cfg["listen"].get("https").is_none() && cfg.get("https").is_none(), "{cfg}");
+    assert!(find(&docs, "Certificate", &format!("{GATEWAY}-https")).is_none());
+    // Neither a Secret nor cert-manager: refused, with what to set.
+    let err = render(&None, &["--set", "gateway.https.enabled=true"]).unwrap_err();
+    assert!(err.contains("gateway.https: set secretName"), "{err}");
+
+    // A Secret of the operator's, client certificates required (ci/ipv6-values.yaml).
+    let set = Some(repo_root().join(CHART).join("ci/ipv6-values.yaml"));
+    let (_, docs) = render(&set, &[]).unwrap();
+    let cfg = yaml(&config_map_file(&docs, GATEWAY, "gateway.yaml"));
+    assert_eq!(cfg["listen"]["https"], "[::]:3129");
+    assert_eq!(cfg["https"]["clientCert"], "Required");
+    let dep = get(&docs, "Deployment", GATEWAY);
+    for file in ["cert", "key", "clientCa"] {
+        let path = cfg["https"][file].as_str().unwrap();
+        assert_eq!(secret_volume_of(dep, "gateway", path)["secret"]["secretName"], "egress-gateway-tls", "{file}");
+    }
+    let ports = container(dep, "gateway")["ports"].as_array().unwrap().clone();
+    assert!(ports.contains(&json!({"name": "https", "containerPort": 3129, "protocol": "TCP"})), "{ports:?}");
+    let svc = get(&docs, "Service", GATEWAY);
+    assert!(svc["spec"]["ports"].as_array().unwrap().iter().any(|p| p["name"] == "https" && p["port"] == 3129));
+    let np = get(&docs, "NetworkPolicy", GATEWAY);
+    assert!(np.to_string().contains("3129"), "the proxy port is open to the proxy's clients: {np}");
+
+    // cert-manager: a Certificate for the Service's names, written to the Secret that is mounted;
+    // the client CA from a Secret of its own.
+    let (_, docs) = render(
+        &None,
+        &[
+            "--set",
+            "gateway.https.enabled=true",
+            "--set",
+            "gateway.https.certManager.enabled=true",
+            "--set",
+            "gateway.https.certManager.issuerRef.name=cluster-ca",
+            "--set",
+            "gateway.https.clientCert=Optional",
+            "--set",
+            "gateway.https.clientCaSecret=workload-ca",
+        ],
+    )
+    .unwrap();
+    let cert = get(&docs, "Certificate", &format!("{GATEWAY}-https"));
+    assert_eq!(cert["spec"]["secretName"], format!("{GATEWAY}-https"));
+    assert_eq!(
+        cert["spec"]["issuerRef"],
+        json!({"name": "cluster-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"})
+    );
+    let names: Vec<&str> = cert["spec"]["dnsNames"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
+    assert!(names.contains(&&*format!("{GATEWAY}.{NAMESPACE}.svc")), "{names:?}");
+    let cfg = yaml(&config_map_file(&docs, GATEWAY, "gateway.yaml"));
+    let dep = get(&docs, "Deployment", GATEWAY);
+    let cert_path = cfg["https"]["cert"].as_str().unwrap();
+    assert_eq!(secret_volume_of(dep, "gateway", cert_path)["secret"]["secretName"], format!("{GATEWAY}-https"));
+    let ca_path = cfg["https"]["clientCa"].as_str().unwrap();
+    assert_eq!(secret_volume_of(dep, "gateway", ca_path)["secret"]["secretName"], "workload-ca");
+    let err =
+        render(&None, &["--set", "gateway.https.enabled=true", "--set", "gateway.https.certManager.enabled=true"])
+            .unwrap_err();
+    assert!(err.contains("issuerRef.name"), "{err}");
+}

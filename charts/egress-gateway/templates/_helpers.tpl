@@ -40,6 +40,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "egress.redirectorName" -}}{{ include "egress.fullname" . }}-node-redirector{{- end -}}
 {{- define "egress.transparentService" -}}{{ include "egress.fullname" . }}-transparent{{- end -}}
 {{- define "egress.relayKeySecret" -}}{{ .Values.redirector.relayKey.existingSecret | default (printf "%s-relay-key" (include "egress.fullname" .)) }}{{- end -}}
+{{- define "egress.httpsSecret" -}}{{ .Values.gateway.https.secretName | default (printf "%s-https" (include "egress.fullname" .)) }}{{- end -}}
 {{- define "egress.leaseName" -}}{{ include "egress.fullname" . }}-status{{- end -}}
 
 {{/* "addr:port" for a listener. */}}
@@ -54,6 +55,9 @@ listen:
   http: {{ include "egress.listen" (dict "bind" $g.bindAddress "port" $g.ports.http) }}
   socks5: {{ include "egress.listen" (dict "bind" $g.bindAddress "port" $g.ports.socks5) }}
   admin: {{ include "egress.listen" (dict "bind" $g.bindAddress "port" $g.ports.admin) }}
+  {{- if $g.https.enabled }}
+  https: {{ include "egress.listen" (dict "bind" $g.bindAddress "port" $g.ports.https) }}
+  {{- end }}
   {{- if .Values.redirector.enabled }}
   transparent: {{ include "egress.listen" (dict "bind" $g.bindAddress "port" $g.ports.transparent) }}
 transparent:
@@ -62,6 +66,21 @@ transparent:
   relayMaxSkew: {{ $g.transparent.relayMaxSkew }}
   firstByteTimeout: {{ $g.transparent.firstByteTimeout }}
   {{- end }}
+{{- if $g.https.enabled }}
+{{- if not (or $g.https.secretName $g.https.certManager.enabled) }}
+{{- fail "gateway.https: set secretName (a kubernetes.io/tls Secret) or certManager.enabled" }}
+{{- end }}
+{{- if and $g.https.certManager.enabled (not $g.https.certManager.issuerRef.name) }}
+{{- fail "gateway.https.certManager.issuerRef.name: the issuer that signs the gateway's certificate" }}
+{{- end }}
+https:
+  cert: /etc/egress-gateway/https/tls.crt
+  key: /etc/egress-gateway/https/tls.key
+  clientCert: {{ $g.https.clientCert }}
+  {{- if ne $g.https.clientCert "None" }}
+  clientCa: {{ if $g.https.clientCaSecret }}/etc/egress-gateway/https-client-ca/ca.crt{{ else }}/etc/egress-gateway/https/ca.crt{{ end }}
+  {{- end }}
+{{- end }}
 defaultAction: {{ $g.defaultAction }}
 resolver:
   timeout: {{ $g.resolver.timeout }}
