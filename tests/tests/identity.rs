@@ -513,3 +513,115 @@ fn in_kubernetes_mode_the_keys_come_from_the_api_server_and_follow_a_rotation() 
     assert_eq!(gw.admin_get("/readyz").map(|(s, _)| s), Some(503));
     assert!(api.forbidden().iter().any(|l| l.ends_with(" /openid/v1/jwks")), "{:?}", api.forbidden());
 }
+
+/// A collector that keeps every byte sent to it: a syslog-over-TCP receiver, or (`http`) an
+/// HTTP endpoint answering each request `200` (an ndjson webhook).
+struct Collector {
+    addr: std::net::SocketAddr,
+    bytes: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl Collector {
+    fn start(http: bool) -> Collector {
+        use std::io::{BufRead, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let bytes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = bytes.clone();
+        std::thread::spawn(move || {
+            while let Ok((s, _)) = listener.accept() {
+                let kept = kept.clone();
+                std::thread::spawn(move || {
+                    let mut w = s.try_clone().unwrap();
+                    let mut r = std::io::BufReader::new(s);
+                    if !http {
+                        let mut buf = [0u8; 65536];
+                        while let Ok(n @ 1..) = r.read(&mut buf) {
+                            kept.lock().unwrap().extend_from_slice(&buf[..n]);
+                        }
+                        return;
+                    }
+                    loop {
+                        let mut len = 0usize;
+                        let mut line = String::new();
+                        loop {
+                            line.clear();
+                            if r.read_line(&mut line).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                                len = v.trim().parse().unwrap();
+                            }
+                            if line == "\r\n" {
+                                break;
+                            }
+                        }
+                        let mut body = vec![0u8; len];
+                        r.read_exact(&mut body).unwrap();
+                        kept.lock().unwrap().extend_from_slice(&body);
+                        w.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").unwrap();
+                    }
+                });
+            }
+        });
+        Collector { addr, bytes }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.bytes.lock().unwrap()).to_string()
+    }
+}
+
+/// The token never reaches an audit sink, in any format or transport: JSON, OCSF and ECS files,
+/// syslog over TCP and an HTTP batch endpoint all carry the token clients' decisions (allowed
+/// and refused) and none of them the token or its signature; neither does the log.
+#[test]
+fn no_sink_ever_receives_the_token() {
+    let (dns, up) = (Dns::start(&[("up.test", "127.0.0.2")]), Upstream::start("127.0.0.2"));
+    let port = up.addr.port();
+    let issuer = Issuer::new("key-1");
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, json!({"keys": [issuer.jwk()]}).to_string()).unwrap();
+    let (syslog, http) = (Collector::start(false), Collector::start(true));
+    let audit = format!(
+        "audit:\n  spool: {{dir: $DIR/spool}}\n  sinks:\n    - {{name: json, type: file, path: $DIR/audit.jsonl}}\n    - {{name: ocsf, type: file, format: ocsf, path: $DIR/ocsf.jsonl}}\n    - {{name: ecs, type: file, format: ecs, path: $DIR/ecs.jsonl}}\n    - {{name: syslog, type: syslog, address: \"{}\", transport: tcp}}\n    - {{name: webhook, type: http, url: \"http://{}/events\", preset: ndjson, gzip: false, batch: {{maxAge: 100ms}}}}\n",
+        syslog.addr, http.addr
+    );
+    let body = format!(
+        "{audit}guard: {{allowCidrs: [127.0.0.2/32]}}\nidentity:\n  tokens: {{issuer: \"{ISSUER}\", jwksFile: {}}}\nclients:\n  - {{cidr: 10.255.0.1/32, namespace: shop, name: api-row, serviceAccount: api, labels: {{app: api}}}}\npolicies:\n  - apiVersion: egress.dev/v1alpha1\n    kind: EgressPolicy\n    metadata: {{name: api-egress, namespace: shop}}\n    spec:\n      podSelector: {{matchLabels: {{app: api}}}}\n      rules: [{{name: up, to: [{{domain: up.test}}], ports: [{{port: {port}}}]}}]\n",
+        jwks.display()
+    );
+    let gw = Gateway::start(&dns, &body);
+    let token = issuer.sign(&claims());
+    let mut expired = claims();
+    expired["exp"] = json!(now() - 600);
+    let refused = issuer.sign(&expired);
+    let bearer = |t: &str| format!("Proxy-Authorization: Bearer {t}");
+    assert_eq!(through(&gw, port, &["-H", &bearer(&token)], false).status, 200);
+    assert_eq!(through(&gw, port, &["--proxy-user", &format!("pod:{token}")], true).status, 200);
+    assert_eq!(through(&gw, port, &["-H", &bearer(&refused)], false).status, 407);
+    let files = ["audit.jsonl", "ocsf.jsonl", "ecs.jsonl"].map(|f| gw.dir.path().join(f));
+    let outputs = || -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> =
+            files.iter().map(|f| (f.display().to_string(), std::fs::read_to_string(f).unwrap_or_default())).collect();
+        v.push(("syslog".into(), syslog.text()));
+        v.push(("http".into(), http.text()));
+        v
+    };
+    // Every sink has the refusal (the last event) before anything is looked for.
+    let start = std::time::Instant::now();
+    while let Some((sink, text)) = outputs().into_iter().find(|(_, text)| !text.contains("token_invalid")) {
+        assert!(start.elapsed() < Duration::from_secs(20), "{sink} has not the refusal: {text}\n{}", gw.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (sink, text) in outputs() {
+        assert!(text.contains("\"identity_source\":\"token\""), "{sink} carries the token clients' events");
+        for secret in [&token, &refused] {
+            let signature = secret.rsplit('.').next().unwrap();
+            assert!(!text.contains(signature), "{sink} holds a token's signature");
+            assert!(!text.contains(&secret[..40]), "{sink} holds a token");
+        }
+    }
+    assert!(!gw.log_text().contains(token.rsplit('.').next().unwrap()), "a token in the log");
+}
