@@ -25,6 +25,9 @@ pub struct Metrics {
     pub active_connections: Gauge,
     decisions_allow: Vec<Counter>,
     decisions_deny: Vec<Counter>,
+    /// Decided requests by how the client's identity was established, in the order of
+    /// [`IDENTITY_SOURCES`].
+    identities: Vec<Counter>,
     /// Bytes client -> upstream.
     pub bytes_up: Counter,
     /// Bytes upstream -> client.
@@ -116,6 +119,14 @@ struct SinkLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct SourceLabels {
+    source: &'static str,
+}
+
+/// How a client's identity was established, as `egress_client_identities_total{source}` says it.
+pub(crate) const IDENTITY_SOURCES: [&str; 4] = ["address", "token", "socks5_user", "certificate"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 struct DecisionLabels {
     action: &'static str,
     reason: &'static str,
@@ -179,6 +190,14 @@ impl Metrics {
         };
         let (decisions_allow, decisions_deny) = (mk("allow"), mk("deny"));
         registry.register("decisions", "Decisions by action and reason", decisions);
+        let by_source = Family::<SourceLabels, Counter>::default();
+        let identities =
+            IDENTITY_SOURCES.iter().map(|&source| by_source.get_or_create(&SourceLabels { source }).clone()).collect();
+        registry.register(
+            "client_identities",
+            "Requests decided by policy, by how the client's identity was established (address, token, socks5_user, certificate)",
+            by_source,
+        );
         let bytes = Family::<DirLabels, Counter>::default();
         let bytes_up = bytes.get_or_create(&DirLabels { direction: "up" }).clone();
         let bytes_down = bytes.get_or_create(&DirLabels { direction: "down" }).clone();
@@ -275,6 +294,7 @@ impl Metrics {
             active_connections,
             decisions_allow,
             decisions_deny,
+            identities,
             bytes_up,
             bytes_down,
             connect_seconds,
@@ -288,6 +308,13 @@ impl Metrics {
             audit_events,
             audit_direct_writes,
             audit_errors,
+        }
+    }
+
+    /// Counts a request decided by policy for a client identified by `IDENTITY_SOURCES[source]`.
+    pub fn identified(&self, source: usize) {
+        if let Some(c) = self.identities.get(source) {
+            c.inc();
         }
     }
 

@@ -219,6 +219,7 @@ fn client_certificates_identify_clients_and_bad_ones_end_the_handshake() {
     );
     assert_eq!(d["client"]["labels"], json!({"app": "api"}), "lent by the clients row of shop/api: {d}");
     assert_eq!(d["decision"]["policy"], "shop/api", "{d}");
+    assert_eq!(gw.metric("egress_client_identities_total{source=\"certificate\"}"), Some(2.0));
 
     // No certificate (Optional): the client is its address, which a Verified policy never selects.
     let r = through(&gw, &pki, "ca", None, port, false);

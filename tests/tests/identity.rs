@@ -142,7 +142,18 @@ fn service_account_tokens_identify_clients_and_bad_ones_get_407() {
         URL_SAFE_NO_PAD.encode(json!({"alg": "none"}).to_string()),
         URL_SAFE_NO_PAD.encode(claims().to_string())
     );
+    // HS256 "signed" with the issuer's public key as the HMAC secret (the key-confusion attack).
+    let hs256 = {
+        let msg = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(json!({"alg": "HS256", "kid": "key-1", "typ": "JWT"}).to_string()),
+            URL_SAFE_NO_PAD.encode(claims().to_string())
+        );
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, issuer.key.public_key().as_ref());
+        format!("{msg}.{}", URL_SAFE_NO_PAD.encode(ring::hmac::sign(&key, msg.as_bytes()).as_ref()))
+    };
     let cases = [
+        (hs256, "algorithm \"HS256\""),
         (issuer.sign(&expired), "expired"),
         (issuer.sign(&early), "not yet valid"),
         (issuer.sign(&audience), "audience"),

@@ -129,6 +129,7 @@ impl Pipeline {
 
     /// The decision event of a request that went through stages 2 to 4.
     pub(super) fn decision_event(&self, req: &EgressRequest, who: &Who, target: &Target, checked: &Checked) -> Event {
+        self.metrics.identified(who.source.index());
         let d = &checked.decision;
         let mut ev = Self::event(
             req,

@@ -24,7 +24,8 @@ use crate::identity::Identity;
 use crate::reason::Reason;
 use crate::request::{Credential, EgressRequest};
 
-/// How the client's identity was established (`client.identity_source` in the audit).
+/// How the client's identity was established (`client.identity_source` in the audit; the
+/// order is that of `metrics::IDENTITY_SOURCES`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum IdentitySource {
     /// The source address (a Pod IP, a `clients` row), or nothing at all.
@@ -38,6 +39,11 @@ pub(crate) enum IdentitySource {
 }
 
 impl IdentitySource {
+    /// Its index in `metrics::IDENTITY_SOURCES`.
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             IdentitySource::Address => "address",
@@ -212,5 +218,17 @@ impl Pipeline {
         };
         id.selected = state.snapshot.selected(Some(&id)).into();
         Ok(Arc::new(id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::IdentitySource::*;
+
+    #[test]
+    fn sources_are_counted_under_their_own_names() {
+        for s in [Address, Token, Socks5User, Certificate] {
+            assert_eq!(crate::metrics::IDENTITY_SOURCES[s.index()], s.as_str());
+        }
     }
 }
