@@ -294,3 +294,54 @@ fn a_required_client_certificate_and_a_renewed_server_certificate() {
     assert!(r.status == 0 && r.exit != 0, "the old CA no longer vouches for the proxy: {r:?}");
     assert!(gw.log_text().contains("configuration reloaded"));
 }
+
+/// Kubernetes mode: a SPIFFE certificate is accepted from a Pod of its ServiceAccount (the
+/// client is then that Pod, with its labels) and refused as `identity_mismatch` from a Pod of
+/// another account.
+#[test]
+fn in_kubernetes_mode_a_spiffe_certificate_comes_from_a_pod_of_its_account() {
+    use egress_e2e::kubeapi::*;
+    let (dns, up) = (Dns::start(&[("up.test", "127.0.0.2")]), Upstream::start("127.0.0.2"));
+    let port = up.addr.port();
+    let pki = pki();
+    // pod() gives Pod <name> the ServiceAccount <name>-sa.
+    pki.issue(
+        "ca",
+        "api-1-sa",
+        "api",
+        &format!("{CLIENT_EXT}\nsubjectAltName = URI:spiffe://cluster.local/ns/shop/sa/api-1-sa"),
+        None,
+    );
+    let api = FakeApi::start();
+    api.apply(NAMESPACES, namespace("shop", json!({})));
+    api.apply(PODS, pod("shop", "api-1", &["127.0.0.1"], json!({"app": "api"}), "Running"));
+    api.apply(
+        POLICIES,
+        json!({"apiVersion": "egress.dev/v1alpha1", "kind": "EgressPolicy",
+               "metadata": {"name": "api", "namespace": "shop", "generation": 1},
+               "spec": {"podSelector": {"matchLabels": {"app": "api"}}, "identity": "Verified",
+                        "rules": [{"name": "up", "to": [{"domain": "up.test"}], "ports": [{"port": port}]}]}}),
+    );
+    let kubeconfig = pki.path("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    let p = |n: &str| pki.path(n).display().to_string();
+    let gw = Gateway::start(
+        &dns,
+        &format!(
+            "guard: {{allowCidrs: [127.0.0.2/32]}}\nkubernetes: {{enabled: true, writeStatus: false, kubeconfig: {}}}\nhttps: {{cert: {}, key: {}, clientCa: {}}}\n",
+            kubeconfig.display(),
+            p("server.crt"),
+            p("server.key"),
+            p("ca.crt")
+        ),
+    );
+    wait_until(Duration::from_secs(10), || through(&gw, &pki, "ca", Some("api-1-sa"), port, false).status == 200);
+    let d = gw.decision(|e| e["client"]["identity_source"] == "certificate");
+    assert_eq!((d["client"]["name"].as_str(), &d["client"]["labels"]), (Some("api-1"), &json!({"app": "api"})), "{d}");
+    // The certificate of shop/api (another account) from Pod api-1: identity_mismatch.
+    let r = through(&gw, &pki, "ca", Some("spiffe"), port, false);
+    assert_eq!(r.status, 403, "{r:?}");
+    let m = gw.decision(|e| e["decision"]["reason"] == "identity_mismatch");
+    assert_eq!(m["client"]["spiffe_id"], "spiffe://cluster.local/ns/shop/sa/api", "{m}");
+    assert!(m["decision"]["detail"].as_str().unwrap().contains("the certificate is ServiceAccount shop/api's"), "{m}");
+}

@@ -156,9 +156,10 @@ impl Pipeline {
 
     /// The identity a verified credential claims, `from` being the connection's own (by its
     /// address). Kubernetes mode: the connection must come from the claimed Pod (or a Pod of the
-    /// claimed ServiceAccount) unless `identity.allowRemote`, and a claimed Pod must exist; its
-    /// labels are that Pod's. Standalone: a `clients` row of the same namespace and
-    /// ServiceAccount lends its labels.
+    /// claimed ServiceAccount) unless `identity.allowRemote`, and a claimed Pod must exist; the
+    /// client is then that Pod (the claimed one, or for a ServiceAccount-only credential the
+    /// connection's own Pod of that account), with its labels. Standalone: a `clients` row of
+    /// the same namespace and ServiceAccount lends its labels.
     fn account_identity(
         &self,
         state: &State,
@@ -200,7 +201,11 @@ impl Pipeline {
                         })?;
                     (pod.clone(), p.labels.clone(), p.namespace_labels.clone())
                 }
-                None => (sa.to_string(), BTreeMap::new(), state.labels_of_namespace(ns)),
+                // The connection's own Pod, of the claimed ServiceAccount: that Pod.
+                None => match from.filter(|_| same_account) {
+                    Some(p) => (p.name.clone(), p.labels.clone(), p.namespace_labels.clone()),
+                    None => (sa.to_string(), BTreeMap::new(), state.labels_of_namespace(ns)),
+                },
             }
         } else {
             let row = c.clients.iter().find(|r| r.namespace == ns && r.service_account.as_deref() == Some(sa));
