@@ -20,9 +20,23 @@
 //! Cost: one HMAC-SHA256 over about 100 bytes per connection on each side (see the `proxy_auth`
 //! bench); the relay keeps splicing, since the bytes after the header are not touched.
 //!
+//! A second TLV of ours carries the DNS names the client (a Pod) recently resolved to the
+//! original destination address, as the node-redirector's DNS forwarder saw them answered, so
+//! that the gateway can decide a connection whose payload names nothing (no SNI, no Host):
+//!
+//! ```text
+//! TLV type 0xE8, at most [`MAX_DNS_NAMES`] names, the most recently answered first:
+//!   (length u8, name)...   each name 1-253 bytes of canonical DNS: lower-case a-z 0-9 - _,
+//!                          labels of 1-63 separated by dots, no trailing dot
+//! ```
+//!
+//! Like everything else in the header it is covered by the MAC, so only a relay holding the key
+//! can state names; a header with a malformed names TLV is refused whole.
+//!
 //! The parser is a pure function of its input, and refuses anything it does not fully
 //! understand: a wrong signature or version, an unknown command or family, a length beyond
-//! [`MAX_LEN`], a TLV running past the end, two authentication TLVs.
+//! [`MAX_LEN`], a TLV running past the end, two authentication or names TLVs, a names TLV that
+//! is not a list of canonical DNS names.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -36,11 +50,15 @@ use ring::hmac;
 
 /// The 12-byte signature every v2 header starts with.
 pub const SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
-/// Longest header accepted, fixed part included: room for an IPv6 address block and TLVs, far
-/// from the 64 KiB the length field could claim.
-pub const MAX_LEN: usize = 1024;
+/// Longest header accepted, fixed part included: room for an IPv6 address block, the names TLV
+/// at its largest and the authentication TLV, far from the 64 KiB the length field could claim.
+pub const MAX_LEN: usize = 4608;
 /// The authentication TLV's type.
 pub const AUTH_TLV: u8 = 0xE7;
+/// The DNS names TLV's type.
+pub const DNS_NAMES_TLV: u8 = 0xE8;
+/// Most names the names TLV carries.
+pub const MAX_DNS_NAMES: usize = 16;
 const AUTH_VERSION: u8 = 1;
 const NONCE_LEN: usize = 16;
 const MAC_LEN: usize = 32;
@@ -81,6 +99,9 @@ pub enum ProxyError {
     BadTlv,
     /// More than one authentication TLV.
     DuplicateAuth,
+    /// A names TLV that is not a list of at most [`MAX_DNS_NAMES`] canonical DNS names, or two
+    /// of them.
+    BadDnsNames,
 }
 
 impl fmt::Display for ProxyError {
@@ -95,6 +116,9 @@ impl fmt::Display for ProxyError {
             ProxyError::Family(x) => write!(f, "address family {x:#x} is neither IPv4 nor IPv6"),
             ProxyError::BadTlv => write!(f, "a TLV runs past the end of the PROXY header"),
             ProxyError::DuplicateAuth => write!(f, "more than one relay authentication TLV"),
+            ProxyError::BadDnsNames => {
+                write!(f, "the DNS names TLV is not one list of at most {MAX_DNS_NAMES} canonical DNS names")
+            }
         }
     }
 }
@@ -124,6 +148,58 @@ pub struct Header<'a> {
     raw: &'a [u8],
     /// Offset of the authentication TLV's value in `raw`.
     auth: Option<usize>,
+    /// Range of the names TLV's value in `raw` (already checked).
+    names: Option<(usize, usize)>,
+}
+
+impl<'a> Header<'a> {
+    /// The DNS names of the names TLV, most recently answered first (none without one). Trust
+    /// them only once the header's MAC verified.
+    pub fn dns_names(&self) -> impl Iterator<Item = &'a str> + 'a {
+        let raw: &'a [u8] = self.raw;
+        let mut at = self.names.map_or(0, |(a, _)| a);
+        let end = self.names.map_or(0, |(_, e)| e);
+        std::iter::from_fn(move || {
+            if at >= end {
+                return None;
+            }
+            let len = raw[at] as usize;
+            let name = std::str::from_utf8(&raw[at + 1..at + 1 + len]).ok()?;
+            at += 1 + len;
+            Some(name)
+        })
+    }
+}
+
+/// Whether `name` is a canonical DNS name as the names TLV carries it: 1-253 bytes, lower-case
+/// `a-z 0-9 - _`, dot-separated labels of 1-63 bytes, no trailing dot.
+pub fn is_canonical_dns_name(name: &[u8]) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split(|&b| b == b'.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.iter().all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        })
+}
+
+/// Checks a names TLV value: at most [`MAX_DNS_NAMES`] length-prefixed canonical names, nothing
+/// left over.
+fn check_names(value: &[u8]) -> Result<(), ProxyError> {
+    let (mut at, mut count) = (0, 0);
+    while at < value.len() {
+        let len = value[at] as usize;
+        let name = value.get(at + 1..at + 1 + len).ok_or(ProxyError::BadDnsNames)?;
+        count += 1;
+        if count > MAX_DNS_NAMES || !is_canonical_dns_name(name) {
+            return Err(ProxyError::BadDnsNames);
+        }
+        at += 1 + len;
+    }
+    if count == 0 {
+        return Err(ProxyError::BadDnsNames);
+    }
+    Ok(())
 }
 
 /// Parses one complete header (exactly [`header_len`] bytes).
@@ -165,6 +241,7 @@ pub fn parse(raw: &[u8]) -> Result<Header<'_>, ProxyError> {
     };
     // TLVs: type u8, length u16 BE, value.
     let mut auth = None;
+    let mut names = None;
     if addresses.is_some() {
         let mut at = 16 + used;
         while at < raw.len() {
@@ -180,10 +257,17 @@ pub fn parse(raw: &[u8]) -> Result<Header<'_>, ProxyError> {
                 }
                 auth = Some(value);
             }
+            if t[0] == DNS_NAMES_TLV {
+                if names.is_some() {
+                    return Err(ProxyError::BadDnsNames);
+                }
+                check_names(&raw[value..value + vlen])?;
+                names = Some((value, value + vlen));
+            }
             at = value + vlen;
         }
     }
-    Ok(Header { addresses, raw, auth })
+    Ok(Header { addresses, raw, auth, names })
 }
 
 /// A relay key (HMAC-SHA256). Its `Debug` never shows the key.
@@ -253,7 +337,24 @@ impl Signer {
     /// client dialled), signed at `now`. Mixed families are written as IPv6 (IPv4-mapped), or
     /// as IPv4 when the IPv6 side is itself IPv4-mapped.
     pub fn header(&self, source: SocketAddr, original: SocketAddr, now: SystemTime) -> Vec<u8> {
+        self.header_with_names(source, original, &[], now)
+    }
+
+    /// [`Signer::header`] with a names TLV carrying `names` (the first [`MAX_DNS_NAMES`]
+    /// canonical ones; none: no TLV).
+    pub fn header_with_names(
+        &self,
+        source: SocketAddr,
+        original: SocketAddr,
+        names: &[&str],
+        now: SystemTime,
+    ) -> Vec<u8> {
         let (source, original) = same_family(source, original);
+        let mut tlv = Vec::new();
+        for n in names.iter().filter(|n| is_canonical_dns_name(n.as_bytes())).take(MAX_DNS_NAMES) {
+            tlv.push(n.len() as u8);
+            tlv.extend_from_slice(n.as_bytes());
+        }
         let mut h = Vec::with_capacity(16 + 36 + 3 + AUTH_LEN);
         h.extend_from_slice(&SIGNATURE);
         h.push(0x21);
@@ -275,8 +376,14 @@ impl Signer {
         };
         h.extend_from_slice(&source.port().to_be_bytes());
         h.extend_from_slice(&original.port().to_be_bytes());
-        let len = (addr_len + 3 + AUTH_LEN) as u16;
+        let names_len = if tlv.is_empty() { 0 } else { 3 + tlv.len() };
+        let len = (addr_len + names_len + 3 + AUTH_LEN) as u16;
         h[14..16].copy_from_slice(&len.to_be_bytes());
+        if !tlv.is_empty() {
+            h.push(DNS_NAMES_TLV);
+            h.extend_from_slice(&(tlv.len() as u16).to_be_bytes());
+            h.extend_from_slice(&tlv);
+        }
         h.push(AUTH_TLV);
         h.extend_from_slice(&(AUTH_LEN as u16).to_be_bytes());
         h.push(AUTH_VERSION);
@@ -506,6 +613,72 @@ mod tests {
     }
 
     #[test]
+    fn carries_dns_names_under_the_mac() {
+        let s = Signer::new(key(1)).unwrap();
+        let now = SystemTime::now();
+        let names = ["db.example.com", "x_y.internal-1.example", "a"];
+        let raw = s.header_with_names(sa("[2001:db8::1]:5"), sa("[2001:db8::2]:5432"), &names, now);
+        let h = parse(&raw).unwrap();
+        assert_eq!(h.dns_names().collect::<Vec<_>>(), names);
+        Verifier::new(vec![key(1)], Duration::from_secs(30)).verify(&h, now, &ReplayGuard::default()).unwrap();
+        // A name changed in flight (still canonical): the MAC no longer verifies.
+        let mut forged = raw.clone();
+        let at = forged.windows(2).position(|w| w == b"db").unwrap();
+        forged[at] = b'x';
+        let h = parse(&forged).unwrap();
+        assert_eq!(h.dns_names().next(), Some("xb.example.com"));
+        let v = Verifier::new(vec![key(1)], Duration::from_secs(30));
+        assert_eq!(v.verify(&h, now, &ReplayGuard::default()), Err(AuthError::BadMac));
+        // At most 16 names, non-canonical ones left out by the signer.
+        let many: Vec<String> = (0..20).map(|i| format!("n{i}.example")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).chain(["Upper.example", "trailing.dot."]).collect();
+        let raw = s.header_with_names(sa("10.0.0.1:1"), sa("10.0.0.2:2"), &many, now);
+        assert_eq!(parse(&raw).unwrap().dns_names().count(), MAX_DNS_NAMES);
+        // The longest names TLV fits.
+        let long = format!("{}.{}.{}.{}", "a".repeat(63), "b".repeat(63), "c".repeat(63), "d".repeat(61));
+        let raw = s.header_with_names(sa("[2001:db8::1]:5"), sa("[2001:db8::2]:5"), &[long.as_str(); 16], now);
+        assert!(raw.len() <= MAX_LEN);
+        assert_eq!(parse(&raw).unwrap().dns_names().count(), 16);
+    }
+
+    /// A header carrying `value` as its names TLV (unsigned: only the parser is exercised).
+    fn with_names_tlv(value: &[u8], twice: bool) -> Vec<u8> {
+        let mut h = SIGNATURE.to_vec();
+        h.extend_from_slice(&[0x21, 0x11, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2, 0, 1, 0, 2]);
+        for _ in 0..if twice { 2 } else { 1 } {
+            h.push(DNS_NAMES_TLV);
+            h.extend_from_slice(&(value.len() as u16).to_be_bytes());
+            h.extend_from_slice(value);
+        }
+        let len = (h.len() - 16) as u16;
+        h[14..16].copy_from_slice(&len.to_be_bytes());
+        h
+    }
+
+    #[test]
+    fn rejects_names_tlvs_that_are_not_canonical_name_lists() {
+        assert!(parse(&with_names_tlv(b"\x02ok", false)).is_ok());
+        for (value, why) in [
+            (&b""[..], "no name"),
+            (b"\x00", "an empty name"),
+            (b"\x02Ok", "upper case"),
+            (b"\x03ok.", "a trailing dot"),
+            (b"\x03a..b"[..4].as_ref(), "an empty label"),
+            (b"\x05ok", "a length past the end"),
+            (b"\x02ok\x01", "a length byte without its name"),
+            (b"\x03o k", "a space"),
+            (b"\x02\xc3\xa9", "not ASCII"),
+        ] {
+            assert_eq!(parse(&with_names_tlv(value, false)), Err(ProxyError::BadDnsNames), "{why}");
+        }
+        let seventeen: Vec<u8> = (0..17).flat_map(|_| b"\x01a".iter().copied()).collect();
+        assert_eq!(parse(&with_names_tlv(&seventeen, false)), Err(ProxyError::BadDnsNames));
+        assert_eq!(parse(&with_names_tlv(b"\x02ok", true)), Err(ProxyError::BadDnsNames), "two names TLVs");
+        let label64 = [&[64u8][..], &[b'a'; 64]].concat();
+        assert_eq!(parse(&with_names_tlv(&label64, false)), Err(ProxyError::BadDnsNames), "a 64-byte label");
+    }
+
+    #[test]
     fn local_is_a_health_check() {
         assert_eq!(header_len(&LOCAL), Ok(16));
         let h = parse(&LOCAL).unwrap();
@@ -671,6 +844,25 @@ mod tests {
             let v = Verifier::new(vec![key(1)], Duration::from_secs(u32::MAX as u64));
             if let Ok(h) = parse(&bytes) {
                 proptest::prop_assert!(v.verify(&h, SystemTime::now(), &ReplayGuard::default()).is_err());
+            }
+        }
+
+        /// Hostile names TLVs (names of any bytes and lengths, length bytes that lie): never a
+        /// panic, and whatever parses yields canonical names only, at most 16.
+        #[test]
+        fn hostile_names_tlvs_never_panic_and_yield_only_canonical_names(
+            names in proptest::collection::vec(proptest::collection::vec(proptest::sample::select(b"ab-_.Z0 \xff".to_vec()), 0..70), 0..20),
+            lie in proptest::option::of(proptest::num::u8::ANY),
+        ) {
+            let mut value = Vec::new();
+            for n in &names {
+                value.push(lie.unwrap_or(n.len() as u8));
+                value.extend_from_slice(n);
+            }
+            if let Ok(h) = parse(&with_names_tlv(&value, false)) {
+                let got: Vec<&str> = h.dns_names().collect();
+                proptest::prop_assert!(!got.is_empty() && got.len() <= MAX_DNS_NAMES);
+                proptest::prop_assert!(got.iter().all(|n| is_canonical_dns_name(n.as_bytes())));
             }
         }
     }
