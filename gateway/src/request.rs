@@ -131,6 +131,13 @@ impl EgressRequest {
 /// Facts of a transparently steered connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TransparentFacts {
+    /// The one of `dns_names` that allowed the connection (set by the pipeline).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns_name: Option<Arc<str>>,
+    /// The names the Pod recently resolved to `original_dst`, as the relay stated them (most
+    /// recently answered first); decided only when the payload names nothing.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dns_names: Vec<Arc<str>>,
     /// HTTP Host header of the first request, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http_host: Option<String>,

@@ -1097,6 +1097,18 @@ pub fn proxy_v2_header(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
 impl TestRelay {
     /// Starts a relay towards `gateway` for connections to `original_dst`.
     pub fn start(gateway: SocketAddr, source_ip: &str, original_dst: SocketAddr) -> TestRelay {
+        TestRelay::start_with_names(gateway, source_ip, original_dst, &[])
+    }
+
+    /// Like `start`, stating `names` in the header's DNS names TLV (as the node-redirector
+    /// does for the names the Pod resolved to `original_dst`).
+    pub fn start_with_names(
+        gateway: SocketAddr,
+        source_ip: &str,
+        original_dst: SocketAddr,
+        names: &[&str],
+    ) -> TestRelay {
+        let names: std::sync::Arc<Vec<String>> = std::sync::Arc::new(names.iter().map(|n| n.to_string()).collect());
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let addr = listener.local_addr().unwrap();
@@ -1105,13 +1117,14 @@ impl TestRelay {
         rt.spawn(async move {
             loop {
                 let Ok((mut client, peer)) = listener.accept().await else { continue };
-                let signer = signer.clone();
+                let (signer, names) = (signer.clone(), names.clone());
                 tokio::spawn(async move {
                     let sock = tokio::net::TcpSocket::new_v4().unwrap();
                     sock.bind(SocketAddr::new(src, 0)).unwrap();
                     let Ok(mut gw) = sock.connect(gateway).await else { return };
                     use tokio::io::AsyncWriteExt;
-                    let header = signer.header(peer, original_dst, std::time::SystemTime::now());
+                    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                    let header = signer.header_with_names(peer, original_dst, &names, std::time::SystemTime::now());
                     if gw.write_all(&header).await.is_err() {
                         return;
                     }

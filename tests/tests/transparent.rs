@@ -273,3 +273,108 @@ fn connection_limits_count_the_pod_not_the_relay() {
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     drop(held);
 }
+
+/// A connection whose payload names nothing (no SNI, no Host) is decided by the names the Pod
+/// resolved to the address it dialled, as the relay states them: allowed when one of them is
+/// (ports and all), dialled to that original address, never opening what the guard closes;
+/// with an SNI the payload's name decides, whatever the names say.
+#[test]
+fn a_payload_without_a_name_is_decided_by_the_names_the_pod_resolved() {
+    let dns = Dns::start(&[("db.test", "127.0.0.2"), ("elsewhere.test", "127.0.0.3"), ("cdn.test", "127.0.0.2")]);
+    let up = Upstream::start("127.0.0.2");
+    let tls = TlsUpstream::start("127.0.0.2", "cdn.test");
+    let (p, tp) = (up.addr.port(), tls.addr.port());
+    let gw = Gateway::start(
+        &dns,
+        &format!(
+            r#"
+transparent: {{trustedRelays: ["{RELAY_IP}/32"], relayKeyFile: $RELAY_KEY}}
+guard: {{allowCidrs: [127.0.0.2/32]}}
+clients: [{{cidr: 127.0.0.1/32, namespace: shop, name: api, labels: {{app: api}}}}]
+policies:
+  - apiVersion: egress.dev/v1alpha1
+    kind: EgressPolicy
+    metadata: {{name: api, namespace: shop}}
+    spec:
+      podSelector: {{}}
+      rules:
+        - {{name: db, to: [{{domain: db.test}}, {{domain: elsewhere.test}}], ports: [{{port: {p}}}]}}
+        - {{name: tls, to: [{{domain: db.test}}], ports: [{{port: {tp}}}]}}
+"#
+        ),
+    );
+    let original: std::net::SocketAddr = format!("127.0.0.2:{p}").parse().unwrap();
+    let opaque = b"\x00\x01 a protocol that names nothing\r\n\r\n";
+    let exchange = |names: &[&str], to: std::net::SocketAddr| {
+        let relay = TestRelay::start_with_names(gw.transparent, RELAY_IP, to, names);
+        raw_exchange(relay.addr, opaque, Duration::from_secs(5))
+    };
+    let decision_for = |names: &str| {
+        gw.decision(|e| {
+            e["transparent"]["dns_names"]
+                .as_array()
+                .is_some_and(|n| n.iter().map(|v| v.as_str().unwrap()).collect::<Vec<_>>().join(",") == names)
+        })
+    };
+
+    // Allowed by the name; the original address is what is dialled.
+    let out = exchange(&["db.test"], original);
+    assert!(String::from_utf8_lossy(&out).contains("400"), "the upstream answered: {out:?}\n{}", gw.log_text());
+    let d = decision_for("db.test");
+    assert_eq!((d["decision"]["action"].as_str(), d["decision"]["rule"].as_str()), (Some("allow"), Some("db")), "{d}");
+    assert_eq!(d["transparent"]["dns_name"], "db.test");
+    assert_eq!(d["target"]["host"], "db.test");
+    assert_eq!(d["dialled"], original.to_string());
+    assert_eq!(d["transparent"]["original_in_resolved"], true);
+
+    // A name that resolves (for the gateway) elsewhere: still the Pod's address is dialled.
+    assert!(String::from_utf8_lossy(&exchange(&["elsewhere.test"], original)).contains("400"));
+    let d = decision_for("elsewhere.test");
+    assert_eq!(
+        (d["dialled"].as_str(), &d["transparent"]["original_in_resolved"]),
+        (Some(&*original.to_string()), &serde_json::json!(false))
+    );
+
+    // Anti-sharing: two names on one address, one allowed: allowed, and the event says which.
+    assert!(String::from_utf8_lossy(&exchange(&["cdn.test", "db.test"], original)).contains("400"));
+    let d = decision_for("cdn.test,db.test");
+    assert_eq!(
+        (d["decision"]["action"].as_str(), d["transparent"]["dns_name"].as_str()),
+        (Some("allow"), Some("db.test"))
+    );
+
+    // No allowed name, or no name at all: the address decides (no rule: closed).
+    for names in [&["cdn.test"][..], &[]] {
+        assert!(exchange(names, original).is_empty(), "{names:?}");
+    }
+    let d = decision_for("cdn.test");
+    assert_eq!(
+        (d["decision"]["action"].as_str(), d["decision"]["reason"].as_str()),
+        (Some("deny"), Some("no_rule_matched"))
+    );
+    assert!(d["transparent"].get("dns_name").is_none(), "{d}");
+    // The allowed name on another port: the rule's ports hold.
+    let other_port: std::net::SocketAddr = format!("127.0.0.2:{}", p.wrapping_add(1).max(1)).parse().unwrap();
+    assert!(exchange(&["db.test"], other_port).is_empty());
+    gw.decision(|e| {
+        e["transparent"]["original_dst"] == other_port.to_string() && e["decision"]["reason"] == "no_rule_matched"
+    });
+    // A name never opens what the guard closes: an internal address, cloud metadata.
+    for to in ["10.255.0.1:5432", "169.254.169.254:80"] {
+        let to: std::net::SocketAddr = to.parse().unwrap();
+        assert!(exchange(&["db.test"], to).is_empty(), "{to}");
+        let d = gw.decision(|e| e["transparent"]["original_dst"] == to.to_string());
+        assert_eq!(d["decision"]["action"], "deny", "{d}");
+        assert!(d["transparent"].get("dns_name").is_none(), "{d}");
+    }
+
+    // With an SNI the payload's name decides: cdn.test is not allowed, whatever the names say.
+    let relay =
+        TestRelay::start_with_names(gw.transparent, RELAY_IP, format!("127.0.0.2:{tp}").parse().unwrap(), &["db.test"]);
+    let cacert = tls.cert.display().to_string();
+    let to = format!("cdn.test:{tp}:127.0.0.1:{}", relay.addr.port());
+    let r = curl(&["--cacert", &cacert, "--connect-to", &to, &format!("https://cdn.test:{tp}/")]);
+    assert_ne!(r.status, 200, "{r:?}");
+    let d = gw.decision(|e| e["transparent"]["sni"] == "cdn.test");
+    assert_eq!((d["decision"]["action"].as_str(), d["target"]["host"].as_str()), (Some("deny"), Some("cdn.test")));
+}

@@ -74,14 +74,16 @@ async fn serve_conn(gw: &Gateway, mut stream: TcpStream, relay: SocketAddr) {
             return;
         }
     };
-    let (source, original_dst) = match egress_netio::proxy::parse(&header) {
+    let (source, original_dst, dns_names) = match egress_netio::proxy::parse(&header) {
         Ok(h) => {
-            let Some(addrs) = h.addresses else { return }; // LOCAL: a relay health check
+            let Some((source, original)) = h.addresses else { return }; // LOCAL: a relay health check
             if let Err(e) = gw.pipeline.verify_relay(&h) {
                 refuse_bare(gw, relay, Reason::UntrustedRelay, &format!("PROXY v2 header refused: {e}"));
                 return;
             }
-            addrs
+            // Only now, under a verified MAC, are the relay's DNS names believed.
+            let names: Vec<std::sync::Arc<str>> = h.dns_names().map(Into::into).collect();
+            (source, original, names)
         }
         Err(e) => {
             refuse_bare(gw, relay, Reason::MalformedRequest, &format!("PROXY v2 header: {e}"));
@@ -113,7 +115,15 @@ async fn serve_conn(gw: &Gateway, mut stream: TcpStream, relay: SocketAddr) {
         front: Front::Transparent,
         target,
         http: None,
-        transparent: Some(TransparentFacts { original_dst, relay, sni, http_host, original_in_resolved: None }),
+        transparent: Some(TransparentFacts {
+            original_dst,
+            relay,
+            sni,
+            http_host,
+            original_in_resolved: None,
+            dns_names,
+            dns_name: None,
+        }),
         credential: None,
     };
     let _tunnel_permit = match gw.pipeline.admit_tunnel(&req) {

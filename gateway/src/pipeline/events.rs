@@ -149,11 +149,11 @@ impl Pipeline {
                 detail: checked.detail.clone(),
             },
         );
-        if let Some(t) = ev.transparent.as_mut()
-            && matches!(target.host, Host::Name(_))
-            && !checked.resolved.is_empty()
-        {
-            t.original_in_resolved = Some(checked.resolved.iter().any(|r| r.address == t.original_dst.ip()));
+        if let Some(t) = ev.transparent.as_mut() {
+            if matches!(target.host, Host::Name(_)) && !checked.resolved.is_empty() {
+                t.original_in_resolved = Some(checked.resolved.iter().any(|r| r.address == t.original_dst.ip()));
+            }
+            t.dns_name = checked.dns_name.clone();
         }
         ev.resolved = checked.resolved.clone();
         ev.egress_pool = Some(d.egress_address.clone());

@@ -4,7 +4,9 @@
 //! 1. [`admit`]: connection and tunnel limits, and requests the front could not parse;
 //! 2. [`normalise`]: the raw target into one canonical `Target`;
 //! 3. [`identify`]: who the client is: its address, or a verified ServiceAccount token;
-//! 4. [`decide`]: the built-in guard on IP literals, policy, then the rate limit;
+//! 4. [`decide`]: the built-in guard on IP literals, policy, then the rate limit; for a
+//!    transparent connection whose payload names nothing, [`names`]: the DNS names the Pod
+//!    resolved to its address;
 //! 5. [`resolve`]: the gateway's own resolution, the guard and cluster Deny rules on every address;
 //! 6. [`dial`]: from the policy's egress address pool, or reuse of a pooled upstream;
 //! 7. [`events`]: the decision event (committed before the client gets an answer and before the
@@ -20,6 +22,7 @@ mod decide;
 mod dial;
 mod events;
 mod identify;
+mod names;
 mod normalise;
 mod refusal;
 mod resolve;
@@ -255,7 +258,15 @@ impl Pipeline {
             Err(e) => return Err(self.refuse_malformed(req, e.reason, &e.detail)),
         };
         let decision = decide::decide(&state, who.identity.as_deref(), &target, req);
-        let checked = resolve_checked(&state, Some(&self.resolver), Some(&self.metrics), decision, &target).await;
+        let (target, checked) =
+            match self.decide_by_names(&state, who.identity.as_deref(), req, &target, &decision).await {
+                Some(by_name) => by_name,
+                None => {
+                    let checked =
+                        resolve_checked(&state, Some(&self.resolver), Some(&self.metrics), decision, &target).await;
+                    (target, checked)
+                }
+            };
         let ev = self.decision_event(req, &who, &target, &checked);
         if checked.decision.action == Action::Deny {
             return Err(self.deny(ev, checked.detail).await);

@@ -30,6 +30,9 @@ pub(crate) struct Checked {
     pub addrs: Vec<IpAddr>,
     /// DNS error text.
     pub detail: Option<String>,
+    /// The DNS name (of the relay's names TLV) that allowed a connection whose payload named
+    /// nothing; its original destination is then what `addrs` holds.
+    pub dns_name: Option<std::sync::Arc<str>>,
 }
 
 /// Resolves an allowed target (when it is a name) and keeps only the addresses the guard passes
@@ -43,15 +46,15 @@ pub(crate) async fn resolve_checked(
 ) -> Checked {
     let name = match (&target.host, decision.action) {
         (_, Action::Deny) => {
-            return Checked { decision, resolved: vec![], addrs: vec![], detail: None };
+            return Checked { decision, resolved: vec![], addrs: vec![], detail: None, dns_name: None };
         }
         (Host::Ip(ip), _) => {
-            return Checked { decision, resolved: vec![], addrs: vec![*ip], detail: None };
+            return Checked { decision, resolved: vec![], addrs: vec![*ip], detail: None, dns_name: None };
         }
         (Host::Name(n), _) => n,
     };
     let Some(resolver) = resolver else {
-        return Checked { decision, resolved: vec![], addrs: vec![], detail: None };
+        return Checked { decision, resolved: vec![], addrs: vec![], detail: None, dns_name: None };
     };
     let started = Instant::now();
     let lookup = resolver.lookup(name).await;
@@ -69,6 +72,7 @@ pub(crate) async fn resolve_checked(
                 resolved: vec![],
                 addrs: vec![],
                 detail: Some(e),
+                dns_name: None,
             };
         }
     };
@@ -114,7 +118,7 @@ pub(crate) async fn resolve_checked(
             (None, None) => decision.deny(Reason::DnsFailure),
         };
         let detail = resolved.is_empty().then(|| "no address".to_string());
-        return Checked { decision, resolved, addrs, detail };
+        return Checked { decision, resolved, addrs, detail, dns_name: None };
     }
-    Checked { decision, resolved, addrs, detail: None }
+    Checked { decision, resolved, addrs, detail: None, dns_name: None }
 }
