@@ -8,6 +8,7 @@ pub mod admit;
 pub mod cni;
 pub mod config;
 pub mod conflist;
+pub mod dns;
 pub mod k8s;
 pub mod nft;
 pub mod relay;
