@@ -41,7 +41,7 @@ pub struct ResultLabel {
 
 impl Admin {
     /// The registry, with the relay's metrics in it.
-    pub fn new(relay: &crate::relay::RelayMetrics) -> Self {
+    pub fn new(relay: &crate::relay::RelayMetrics, dns: &crate::dnsfwd::DnsMetrics) -> Self {
         let mut registry = Registry::with_prefix("egress_redirector");
         let drift_repairs = Counter::default();
         registry.register(
@@ -74,6 +74,17 @@ impl Admin {
             "relay_refused",
             "Connections the relay refused: not_redirected (a direct connection to the relay port), no_endpoint (no healthy gateway)",
             relay.refused.clone(),
+        );
+        registry.register(
+            "dns_queries",
+            "Queries the DNS forwarder relayed, by transport and result: recorded (the answer bound a name), answered (it bound nothing), failed (no answer from the resolver), dropped (too many in flight)",
+            dns.queries.clone(),
+        );
+        registry.register("dns_names", "Names the DNS forwarder holds, all Pods together", dns.names.clone());
+        registry.register(
+            "dns_evicted",
+            "Names evicted to keep within dns.maxNamesPerPod (and 4 address pairs per name)",
+            dns.evicted.clone(),
         );
         let cni_admit_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
         registry.register(

@@ -49,6 +49,9 @@ pub struct Config {
     /// The chained CNI plugin.
     #[serde(default)]
     pub cni: CniConfig,
+    /// The DNS forwarder for selected Pods.
+    #[serde(default)]
+    pub dns: DnsConfig,
 }
 
 /// The chained CNI plugin (see `crate::cni`).
@@ -95,6 +98,50 @@ fn default_cni_socket() -> PathBuf {
 }
 fn default_cni_log() -> PathBuf {
     PathBuf::from(crate::cni::DEFAULT_LOG)
+}
+
+/// The DNS forwarder: selected Pods' DNS to `clusterDns` goes through it, and it remembers which
+/// names each Pod resolved to which addresses (for the names TLV of the PROXY header).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DnsConfig {
+    /// Forward and record (default); off: selected Pods' DNS goes to `clusterDns` directly.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Port of the forwarder for the first `clusterDns` address; the N-th listens on
+    /// `port + N` (UDP and TCP, IPv4 and IPv6).
+    #[serde(default = "default_dns_port")]
+    pub port: u16,
+    /// How long a (name, address) pair outlives its TTL after the last answer containing it.
+    #[serde(default = "default_grace", with = "humantime_serde_compat")]
+    pub grace: std::time::Duration,
+    /// Names kept per Pod (least recently answered evicted first).
+    #[serde(default = "default_max_names")]
+    pub max_names_per_pod: usize,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            enabled: true,
+            port: default_dns_port(),
+            grace: default_grace(),
+            max_names_per_pod: default_max_names(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_dns_port() -> u16 {
+    15053
+}
+fn default_grace() -> std::time::Duration {
+    std::time::Duration::from_secs(60)
+}
+fn default_max_names() -> usize {
+    2000
 }
 
 /// Relay settings.
@@ -274,6 +321,20 @@ pub fn load(path: &Path) -> Result<Loaded, Vec<String>> {
     {
         if d.is_zero() {
             errors.push(format!("{f}: {name}: must be greater than zero"));
+        }
+    }
+    if config.dns.enabled {
+        if config.dns.max_names_per_pod == 0 {
+            errors.push(format!("{f}: dns.maxNamesPerPod: must be at least 1"));
+        }
+        if config.cluster_dns.len() > 8 {
+            errors.push(format!("{f}: clusterDns: at most 8 addresses (one forwarder port each)"));
+        }
+        let last = u32::from(config.dns.port) + config.cluster_dns.len() as u32;
+        if config.dns.port == 0 || last > 65536 {
+            errors.push(format!("{f}: dns.port: {} leaves no room for a port per clusterDns address", config.dns.port));
+        } else if (u32::from(config.dns.port)..last).contains(&u32::from(config.relay.port)) {
+            errors.push(format!("{f}: dns.port: the forwarder ports overlap relay.port {}", config.relay.port));
         }
     }
     if config.node_name.is_none() && std::env::var("NODE_NAME").is_err() {

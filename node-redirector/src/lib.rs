@@ -9,6 +9,7 @@ pub mod cni;
 pub mod config;
 pub mod conflist;
 pub mod dns;
+pub mod dnsfwd;
 pub mod k8s;
 pub mod nft;
 pub mod relay;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use node_redirector::{admin, admit, cni, config, conflist, k8s, nft, relay, routes, rules};
+use node_redirector::{admin, admit, cni, config, conflist, dnsfwd, k8s, nft, relay, routes, rules};
 use tokio::signal::unix::{SignalKind, signal};
 
 /// Per-node nftables steering of selected Pods' egress to the egress gateway.
@@ -186,14 +186,41 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
         relay_metrics.clone(),
     ));
     let key = loaded.relay_keys().map_err(anyhow::Error::msg)?.swap_remove(0);
+    // The DNS forwarder, listening before the table redirects DNS to it.
+    let dns_metrics = Arc::new(dnsfwd::DnsMetrics::default());
+    let forwarder = if loaded.config.dns.enabled {
+        let d = &loaded.config.dns;
+        let fwd = dnsfwd::Forwarder::new(d.max_names_per_pod, d.grace, dns_metrics.clone());
+        for (resolver, port) in rules::dns_forward_ports(&loaded.config) {
+            let upstream = std::net::SocketAddr::new(resolver, 53);
+            let v4 = tokio::net::UdpSocket::bind(("0.0.0.0", port)).await?;
+            let v6 = udp_v6only(port)?;
+            let t4 = tokio::net::TcpListener::bind(("0.0.0.0", port)).await?;
+            let t6 = {
+                let sock = socket_v6only(tokio::net::TcpSocket::new_v6()?)?;
+                sock.bind(std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)))?;
+                sock.listen(1024)?
+            };
+            tokio::spawn(dnsfwd::serve_udp(v4, upstream, fwd.clone()));
+            tokio::spawn(dnsfwd::serve_udp(v6, upstream, fwd.clone()));
+            tokio::spawn(dnsfwd::serve_tcp(t4, upstream, fwd.clone()));
+            tokio::spawn(dnsfwd::serve_tcp(t6, upstream, fwd.clone()));
+            tracing::info!(port, resolver = %resolver, "DNS forwarder listening");
+        }
+        tokio::spawn(fwd.clone().sweep_forever());
+        Some(fwd)
+    } else {
+        None
+    };
     let relay = Arc::new(relay::Relay {
         endpoints: endpoints.clone(),
         signer: egress_netio::proxy::Signer::new(key).map_err(anyhow::Error::msg)?,
         coalesce: rc.coalesce,
+        names: forwarder.clone(),
     });
     tokio::spawn(relay::serve(v4, relay.clone()));
     tokio::spawn(relay::serve(v6, relay));
-    let metrics = Arc::new(admin::Admin::new(&relay_metrics));
+    let metrics = Arc::new(admin::Admin::new(&relay_metrics, &dns_metrics));
     if let Some(addr) = loaded.config.admin {
         tokio::spawn(metrics.clone().serve(tokio::net::TcpListener::bind(addr).await?));
     }
@@ -230,6 +257,9 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
     desired_inputs.interfaces = inputs.interfaces.clone();
     endpoints.set(inputs.gateways.clone());
     let mut desired = rules::desired(&desired_inputs, &cfg);
+    if let Some(f) = &forwarder {
+        f.set_pods(&desired_inputs.pods);
+    }
     // A table left by the previous instance (a restart, an upgrade) kept steering while no relay
     // listened; adopt it rather than remove it.
     let adopted = nft::adopt(&desired)?;
@@ -308,6 +338,9 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
         endpoints.set(inputs.gateways.clone());
         inputs.interfaces = routes::host_routes();
         let merged = admissions.merged(&inputs);
+        if let Some(f) = &forwarder {
+            f.set_pods(&merged.pods);
+        }
         let next = rules::desired(&merged, &cfg);
         let mut applied = Ok(());
         if next != desired {
@@ -409,7 +442,7 @@ fn wait_uninstalled(config: &std::path::Path) -> ExitCode {
         Err(c) => return c,
     };
     block_on(false, async move {
-        let a = Arc::new(admin::Admin::new(&relay::RelayMetrics::default()));
+        let a = Arc::new(admin::Admin::new(&relay::RelayMetrics::default(), &dnsfwd::DnsMetrics::default()));
         a.ready.store(true, std::sync::atomic::Ordering::Relaxed);
         if let Some(addr) = admin {
             tokio::spawn(a.serve(tokio::net::TcpListener::bind(addr).await?));
@@ -549,6 +582,15 @@ fn ensure_conflist(c: &config::CniConfig) {
         }
         Err(e) => tracing::error!(error = %e, "cannot add the CNI plugin entry"),
     }
+}
+
+/// A UDP socket on `[::]:port`, IPv6 only (the IPv4 one is separate).
+fn udp_v6only(port: u16) -> std::io::Result<tokio::net::UdpSocket> {
+    let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    s.set_only_v6(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())?;
+    tokio::net::UdpSocket::from_std(s.into())
 }
 
 fn socket_v6only(s: tokio::net::TcpSocket) -> std::io::Result<tokio::net::TcpSocket> {

@@ -1,7 +1,8 @@
 //! The node relay: accepts redirected connections (and only those), recovers the original
 //! destination with `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST`, connects to a healthy gateway
-//! endpoint, sends a signed PROXY protocol v2 header (source = Pod, destination = original; see
-//! `egress_netio::proxy`), then relays with splice(2).
+//! endpoint, sends a signed PROXY protocol v2 header (source = Pod, destination = original, and
+//! the names the Pod resolved to that address; see `egress_netio::proxy`), then relays with
+//! splice(2).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -177,6 +178,8 @@ pub struct Relay {
     pub signer: egress_netio::proxy::Signer,
     /// Read batching hold (`relay.coalesce`).
     pub coalesce: Duration,
+    /// The names each Pod resolved (`dns.enabled`), stated in the header's names TLV.
+    pub names: Option<Arc<crate::dnsfwd::Forwarder>>,
 }
 
 /// Serves redirected connections on `listener`.
@@ -222,7 +225,10 @@ async fn handle(client: TcpStream, peer: SocketAddr, relay: &Relay) -> std::io::
             return Err(e);
         }
     };
-    gw.write_all(&relay.signer.header(peer, original, std::time::SystemTime::now())).await?;
+    // The names this Pod recently resolved to the address it dialled (most recent first).
+    let names = relay.names.as_ref().map(|f| f.names_for(peer.ip(), original.ip())).unwrap_or_default();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    gw.write_all(&relay.signer.header_with_names(peer, original, &names, std::time::SystemTime::now())).await?;
     let (up, down) = (std::sync::atomic::AtomicU64::new(0), std::sync::atomic::AtomicU64::new(0));
     egress_netio::relay(&client, &gw, &up, &down, relay.coalesce).await?;
     Ok(())

@@ -77,6 +77,9 @@ pub struct Desired {
     pub excluded: BTreeSet<IpNet>,
     /// Cluster DNS servers.
     pub dns: BTreeSet<IpAddr>,
+    /// The DNS forwarder's port for each cluster DNS server (`dns.enabled`): selected Pods' DNS
+    /// to that server is redirected there.
+    pub dns_forward: Vec<(IpAddr, u16)>,
     /// Relay port.
     pub relay_port: u16,
 }
@@ -98,6 +101,9 @@ pub fn is_selected(i: &Inputs, pod: &PodEntry) -> bool {
 pub fn desired(i: &Inputs, c: &Config) -> Desired {
     let mut d =
         Desired { relay_port: c.relay.port, dns: c.cluster_dns.iter().copied().collect(), ..Desired::default() };
+    if c.dns.enabled {
+        d.dns_forward = dns_forward_ports(c);
+    }
     for pod in i.pods.iter().filter(|p| p.node_name == i.node_name) {
         let selected = is_selected(i, pod);
         for ip in &pod.ips {
@@ -120,6 +126,11 @@ pub fn desired(i: &Inputs, c: &Config) -> Desired {
     // nft interval sets refuse overlapping elements: merge them first.
     d.excluded = IpNet::aggregate(&nets).into_iter().collect();
     d
+}
+
+/// The forwarder port of each `clusterDns` address: `dns.port + index`.
+pub fn dns_forward_ports(c: &Config) -> Vec<(IpAddr, u16)> {
+    c.cluster_dns.iter().enumerate().map(|(i, ip)| (*ip, c.dns.port.saturating_add(i as u16))).collect()
 }
 
 /// The address families, with their nft names.
@@ -170,6 +181,8 @@ enum M {
     SaddrNets(Fam, Vec<&'static str>),
     /// `ip daddr { nets }`.
     DaddrNets(Fam, Vec<&'static str>),
+    /// `ip daddr ADDR`.
+    DaddrIs(IpAddr),
     /// `iifname @set`.
     Iif(String),
     /// `iifname . ip saddr != @set`.
@@ -201,6 +214,7 @@ impl M {
             M::Daddr(f, s, neg) => format!("{} daddr {}", f.ip(), set(*neg, s)),
             M::SaddrNets(f, v) => format!("{} saddr {}", f.ip(), list(v)),
             M::DaddrNets(f, v) => format!("{} daddr {}", f.ip(), list(v)),
+            M::DaddrIs(a) => format!("{} daddr {a}", Fam::of(*a).ip()),
             M::Iif(s) => format!("iifname @{s}"),
             M::IifSaddrNot(f, s) => format!("iifname . {} saddr != @{s}", f.ip()),
             M::DaddrDport(f, s) => format!("{} daddr . tcp dport @{s}", f.ip()),
@@ -234,6 +248,7 @@ impl M {
             M::Daddr(f, s, neg) => m(eq(*neg), payload(f.ip(), "daddr"), json!(format!("@{s}"))),
             M::SaddrNets(f, v) => m("==", payload(f.ip(), "saddr"), anon(v)),
             M::DaddrNets(f, v) => m("==", payload(f.ip(), "daddr"), anon(v)),
+            M::DaddrIs(a) => m("==", payload(Fam::of(*a).ip(), "daddr"), json!(a.to_string())),
             M::Iif(s) => m("==", iif, json!(format!("@{s}"))),
             M::IifSaddrNot(f, s) => m("!=", json!({"concat": [iif, payload(f.ip(), "saddr")]}), json!(format!("@{s}"))),
             M::DaddrDport(f, s) => {
@@ -356,6 +371,21 @@ impl Desired {
                 );
             }
             add("guard", vec![sel()], Verdict::Drop);
+        }
+        // DNS to the cluster resolvers goes through the forwarder (`dns.enabled`), one port per
+        // resolver so that it knows which one each query was addressed to.
+        for &(ip, port) in &self.dns_forward {
+            let f = Fam::of(ip);
+            add(
+                "steer",
+                vec![
+                    M::Saddr(f, format!("selected_{}", f.suffix()), false),
+                    M::DaddrIs(ip),
+                    M::L4(vec!["tcp", "udp"]),
+                    M::Dport(53),
+                ],
+                Verdict::Redirect(port),
+            );
         }
         for f in [V4, V6] {
             let s = f.suffix();
@@ -615,6 +645,7 @@ mod tests {
             gateways: ["198.51.100.2:15080".parse().unwrap()].into(),
             excluded: ["10.0.0.0/8".parse().unwrap()].into(),
             dns: ["10.96.0.10".parse().unwrap()].into(),
+            dns_forward: vec![("10.96.0.10".parse().unwrap(), 15053)],
             relay_port: 15001,
         }
     }

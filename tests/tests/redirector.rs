@@ -132,11 +132,19 @@ fn udp_probe(pod: &Netns, src: &str, dst: &str, port: u16, payload_hex: &str) ->
 /// The standalone world of most tests: web-1 (192.0.2.10) selected, db-1 (192.0.2.11) not; the
 /// gateway allows `allowed.test` on the upstream's port.
 fn standalone(w: &World, extra_gateway: &str, extra_redirector: &str) -> (Dns, Upstream, Gateway, tempfile::TempDir) {
-    let dns = Dns::start_at(
-        Some(&w.inet),
-        "203.0.113.10:53".parse().unwrap(),
-        &[("allowed.test", "203.0.113.10"), ("denied.test", "203.0.113.10")],
-    );
+    standalone_with_dns(w, &[], extra_gateway, extra_redirector)
+}
+
+/// [`standalone`] with more records in the cluster DNS.
+fn standalone_with_dns(
+    w: &World,
+    records: &[(&str, &str)],
+    extra_gateway: &str,
+    extra_redirector: &str,
+) -> (Dns, Upstream, Gateway, tempfile::TempDir) {
+    let mut all = vec![("allowed.test", "203.0.113.10"), ("denied.test", "203.0.113.10")];
+    all.extend_from_slice(records);
+    let dns = Dns::start_at(Some(&w.inet), "203.0.113.10:53".parse().unwrap(), &all);
     let up = Upstream::start_in(&w.inet, "203.0.113.10");
     let p = up.addr.port();
     let body = format!(
@@ -181,6 +189,73 @@ policies:
         ),
     );
     (dns, up, gw, dir)
+}
+
+/// Resolves `name` (A) from the Pod at 192.0.2.10 with the cluster resolver 203.0.113.10, over
+/// UDP or TCP, as a stub resolver does; the answered addresses.
+fn lookup_from_pod(pod: &Netns, name: &str, tcp: bool) -> Vec<String> {
+    let script = format!(
+        r#"
+import socket, struct
+name = "{name}"
+q = struct.pack(">HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0) + b"".join(bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\0" + struct.pack(">HH", 1, 1)
+if {tcp}:
+    s = socket.create_connection(("203.0.113.10", 53), timeout=5, source_address=("192.0.2.10", 0))
+    s.sendall(struct.pack(">H", len(q)) + q)
+    n = struct.unpack(">H", s.recv(2, socket.MSG_WAITALL))[0]
+    a = s.recv(n, socket.MSG_WAITALL)
+else:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("192.0.2.10", 0)); s.settimeout(5)
+    s.sendto(q, ("203.0.113.10", 53))
+    a = s.recv(65535)
+def skip(i):
+    while True:
+        l = a[i]
+        if l == 0: return i + 1
+        if l >= 0xC0: return i + 2
+        i += 1 + l
+qd, an = struct.unpack(">HH", a[4:8])
+i = 12
+for _ in range(qd): i = skip(i) + 4
+for _ in range(an):
+    i = skip(i)
+    t, c, ttl, rl = struct.unpack(">HHIH", a[i:i+10]); i += 10
+    if t == 1: print(".".join(str(b) for b in a[i:i+4]))
+    i += rl
+"#,
+        tcp = if tcp { "True" } else { "False" }
+    );
+    let out = pod.command("python3").arg("-c").arg(script).output().unwrap();
+    assert!(out.status.success(), "lookup {name}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+}
+
+/// Opens a TCP connection from the Pod to `dst`, sends `first`, reads the answer; then, after
+/// `pause`, sends `second` on the same connection and reads again (empty: nothing came back).
+fn exchange_from_pod(pod: &Netns, dst: &str, first: &str, pause: f64, second: &str) -> (String, String) {
+    let (ip, port) = dst.rsplit_once(':').unwrap();
+    let script = format!(
+        r#"
+import socket, time
+s = socket.create_connection(("{ip}", {port}), timeout=5, source_address=("192.0.2.10", 0))
+def ask(data):
+    if not data: return ""
+    try:
+        s.sendall(data.encode())
+        return s.recv(65535).decode(errors="replace").splitlines()[0]
+    except Exception as e:
+        return ""
+print(ask({first:?}))
+time.sleep({pause})
+print(ask({second:?}))
+"#
+    );
+    let out = pod.command("python3").arg("-c").arg(script).output().unwrap();
+    assert!(out.status.success(), "{dst}: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut lines = text.lines().map(str::to_string);
+    (lines.next().unwrap_or_default(), lines.next().unwrap_or_default())
 }
 
 fn redirector_metric(node: &Netns, name: &str) -> Option<f64> {
@@ -1506,4 +1581,74 @@ fn the_standalone_example_validates_and_renders() {
         "{selected}"
     );
     assert!(rules.contains("10.0.0.10 . 15080, 10.0.0.11 . 15080"), "{rules}");
+}
+
+/// DNS-aware steering: the node's forwarder answers the selected Pod's DNS and remembers what it
+/// resolved; a connection whose payload names nothing (HTTP/1.0 without Host here) is allowed
+/// when a name the Pod resolved to that address is, and only then; a name's pairs expire after
+/// TTL + grace while a connection opened before keeps relaying.
+#[test]
+fn the_names_a_pod_resolved_decide_what_its_payload_does_not_name() {
+    let w = world();
+    w.inet.exec_ok("ip", &["addr", "add", "203.0.113.20/32", "dev", "lo"]);
+    let (_dns, up, gw, dir) = standalone_with_dns(
+        &w,
+        &[("blocked.test", "203.0.113.20"), ("alias.test", "203.0.113.10")],
+        "",
+        "dns: {grace: 3s}",
+    );
+    let p = up.addr.port();
+    let log = std::fs::File::create(dir.path().join("redirector.log")).unwrap();
+    let _redirector =
+        Proc(spawn_redirector(&w.node, &dir.path().join("redirector.yaml"), &["--reconcile", "500ms"], log));
+    wait_until(Duration::from_secs(10), || node_table(&w.node).is_some());
+    let t = node_table(&w.node).unwrap();
+    assert!(t.contains("ip daddr 203.0.113.10 meta l4proto { tcp, udp } th dport 53 redirect to :15053"), "{t}");
+    let nameless = "GET /x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n";
+    let to = |ip: &str| format!("{ip}:{p}");
+
+    // Nothing resolved yet: the address alone allows nothing.
+    let (first, _) = exchange_from_pod(&w.pod, &to("203.0.113.10"), nameless, 0.0, "");
+    assert!(!first.contains("200"), "{first:?}");
+    // A name no rule allows, resolved to its own address: still nothing.
+    assert_eq!(lookup_from_pod(&w.pod, "blocked.test", false), ["203.0.113.20"]);
+    let (first, _) = exchange_from_pod(&w.pod, &to("203.0.113.20"), nameless, 0.0, "");
+    assert!(!first.contains("200"), "{first:?}");
+    let d = gw.decision(|e| e["transparent"]["original_dst"] == to("203.0.113.20"));
+    assert_eq!(
+        (d["decision"]["action"].as_str(), &d["transparent"]["dns_names"]),
+        (Some("deny"), &serde_json::json!(["blocked.test"]))
+    );
+
+    // The allowed name, over UDP: the address it answered is reachable, on the rule's port
+    // only, dialled from the gateway; a connection opened now outlives the name's expiry.
+    assert_eq!(lookup_from_pod(&w.pod, "allowed.test", false), ["203.0.113.10"]);
+    let (first, second) = exchange_from_pod(&w.pod, &to("203.0.113.10"), nameless, 4.5, nameless);
+    assert!(first.contains("200"), "{first:?}\n{}", gw.log_text());
+    assert!(second.contains("200"), "the open connection keeps relaying after expiry: {second:?}");
+    let d = gw.decision(|e| e["transparent"]["dns_name"] == "allowed.test");
+    assert_eq!((d["front"].as_str(), d["client"]["name"].as_str()), (Some("transparent"), Some("web-1")));
+    assert_eq!(d["transparent"]["dns_names"], serde_json::json!(["allowed.test"]));
+    assert_eq!(d["dialled"], to("203.0.113.10"));
+    assert_eq!(up.peers().last().unwrap().ip().to_string(), "198.51.100.2", "from the gateway");
+    // Expired now (TTL 0 + grace 3s): a new connection is denied.
+    let (first, _) = exchange_from_pod(&w.pod, &to("203.0.113.10"), nameless, 0.0, "");
+    assert!(!first.contains("200"), "after TTL + grace: {first:?}");
+
+    // Over TCP too; then another port of the same address is not allowed by the name.
+    assert_eq!(lookup_from_pod(&w.pod, "alias.test", true), ["203.0.113.10"]);
+    assert_eq!(lookup_from_pod(&w.pod, "allowed.test", true), ["203.0.113.10"]);
+    let (first, _) = exchange_from_pod(&w.pod, &to("203.0.113.10"), nameless, 0.0, "");
+    assert!(first.contains("200"), "{first:?}");
+    let d = gw.decision(|e| e["transparent"]["dns_names"] == serde_json::json!(["allowed.test", "alias.test"]));
+    assert_eq!(d["transparent"]["dns_name"], "allowed.test");
+    let (first, _) = exchange_from_pod(&w.pod, &format!("203.0.113.10:{}", p + 1), nameless, 0.0, "");
+    assert!(!first.contains("200"), "{first:?}");
+    let recorded = |t: &str| {
+        redirector_metric(
+            &w.node,
+            &format!("egress_redirector_dns_queries_total{{transport=\"{t}\",result=\"recorded\"}} "),
+        )
+    };
+    assert!(recorded("udp").is_some_and(|n| n >= 2.0) && recorded("tcp").is_some_and(|n| n >= 2.0));
 }
