@@ -198,7 +198,8 @@ impl Dns {
     }
 
     /// Starts dnsmasq on `addr` (port 0: a free one), inside `ns` when given. A record whose
-    /// value is not an address is a CNAME to that (known) name.
+    /// value is not an address is a CNAME to that (known) name; a name `*.domain` answers every
+    /// name below the domain with its address.
     pub fn start_at(ns: Option<&Netns>, addr: SocketAddr, records: &[(&str, &str)]) -> Dns {
         let ip = addr.ip();
         let pick = move || match addr.port() {
@@ -239,7 +240,10 @@ impl Dns {
         .arg(format!("--port={port}"));
         let mut by_name: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
         for (n, a) in records {
-            if a.parse::<std::net::IpAddr>().is_ok() {
+            if let Some(domain) = n.strip_prefix("*.") {
+                // Every name below `domain` (and it) answers `a`.
+                cmd.arg(format!("--address=/{domain}/{a}"));
+            } else if a.parse::<std::net::IpAddr>().is_ok() {
                 by_name.entry(n).or_default().push(a);
             } else {
                 cmd.arg(format!("--cname={n},{a}"));

@@ -1652,3 +1652,104 @@ fn the_names_a_pod_resolved_decide_what_its_payload_does_not_name() {
     };
     assert!(recorded("udp").is_some_and(|n| n >= 2.0) && recorded("tcp").is_some_and(|n| n >= 2.0));
 }
+
+/// The forwarder binds the name the Pod asked for to the end of its CNAME chain and to every
+/// address of a many-address answer; a Pod that floods it with distinct names keeps its memory
+/// bounded (least recently answered names evicted) while DNS keeps answering.
+#[test]
+fn cname_chains_many_addresses_and_a_flood_of_names() {
+    let w = world();
+    let wide: Vec<String> = (100..164).map(|i| format!("203.0.113.{i}")).collect();
+    for ip in ["203.0.113.100", "203.0.113.131", "203.0.113.163"] {
+        w.inet.exec_ok("ip", &["addr", "add", &format!("{ip}/32"), "dev", "lo"]);
+    }
+    let mut records: Vec<(&str, &str)> =
+        vec![("target.test", "203.0.113.10"), ("alias.test", "target.test"), ("*.flood.test", "203.0.113.30")];
+    records.extend(wide.iter().map(|ip| ("wide.test", ip.as_str())));
+    let gateway_policy = r#"
+  - apiVersion: egress.dev/v1alpha1
+    kind: EgressPolicy
+    metadata: {name: names, namespace: shop}
+    spec:
+      podSelector: {matchLabels: {app: web}}
+      rules: [{name: by-name, to: [{domain: alias.test}, {domain: wide.test}]}]
+"#;
+    let (_dns, up, gw, dir) = standalone_with_dns(&w, &records, gateway_policy, "");
+    let p = up.addr.port();
+    let log = std::fs::File::create(dir.path().join("redirector.log")).unwrap();
+    let redirector =
+        Proc(spawn_redirector(&w.node, &dir.path().join("redirector.yaml"), &["--reconcile", "500ms"], log));
+    wait_until(Duration::from_secs(10), || node_table(&w.node).is_some());
+    let nameless = "GET /x HTTP/1.0\r\n\r\n";
+
+    // alias.test -> CNAME target.test -> 203.0.113.10: the policy on alias.test allows it.
+    assert_eq!(lookup_from_pod(&w.pod, "alias.test", false), ["203.0.113.10"]);
+    let (first, _) = exchange_from_pod(&w.pod, &format!("203.0.113.10:{p}"), nameless, 0.0, "");
+    assert!(first.contains("200"), "{first:?}\n{}", gw.log_text());
+    let d = gw.decision(|e| e["transparent"]["dns_name"] == "alias.test");
+    assert_eq!(d["transparent"]["dns_names"], serde_json::json!(["alias.test"]), "target.test binds nothing");
+
+    // 64 addresses in one answer (over TCP, as a stub resolver retries a truncated UDP answer):
+    // each is allowed after that one lookup.
+    let mut answered = lookup_from_pod(&w.pod, "wide.test", true);
+    answered.sort();
+    let mut expected = wide.clone();
+    expected.sort();
+    assert_eq!(answered, expected);
+    for ip in ["203.0.113.100", "203.0.113.131", "203.0.113.163"] {
+        let _ = exchange_from_pod(&w.pod, &format!("{ip}:{p}"), nameless, 0.0, "");
+        let d = gw.decision(|e| e["transparent"]["original_dst"] == format!("{ip}:{p}"));
+        assert_eq!(
+            (d["decision"]["action"].as_str(), d["transparent"]["dns_name"].as_str()),
+            (Some("allow"), Some("wide.test")),
+            "{ip}"
+        );
+    }
+
+    // UDP to port 53 of another address is still dropped (only the cluster resolver is forwarded).
+    let query = "12340100000100000000000007616c6c6f77656404746573740000010001";
+    assert_eq!(udp_probe(&w.pod, "192.0.2.10", "203.0.113.99", 53, query), "silence");
+
+    // A flood of 100k distinct names: the table keeps at most dns.maxNamesPerPod (2000) and
+    // evicts the rest; memory stays flat; DNS keeps answering.
+    let rss = || -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", redirector.0.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let before = rss();
+    let flood = r#"
+import socket, struct
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("192.0.2.10", 0)); s.settimeout(1)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+got = 0
+for batch in range(1000):
+    for i in range(100):
+        n = batch * 100 + i
+        name = b"".join(bytes([len(l)]) + l.encode() for l in ("n%d" % n, "flood", "test")) + b"\0"
+        s.sendto(struct.pack(">HHHHHH", n & 0xffff, 0x0100, 1, 0, 0, 0) + name + struct.pack(">HH", 1, 1), ("203.0.113.10", 53))
+    for i in range(100):
+        try:
+            s.recv(65535); got += 1
+        except socket.timeout:
+            break
+print(got)
+"#;
+    let out = w.pod.command("python3").arg("-c").arg(flood).output().unwrap();
+    let got: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0);
+    let after = rss();
+    let evicted = redirector_metric(&w.node, "egress_redirector_dns_evicted_total ").unwrap_or(0.0);
+    eprintln!("flood: {got} answers; redirector RSS {before} -> {after} KiB; {evicted} names evicted");
+    assert!(got >= 99_000, "DNS answered through the flood: {got}");
+    assert!(evicted >= 97_000.0, "{evicted}");
+    assert!(after.saturating_sub(before) < 32 * 1024, "RSS {before} -> {after} KiB");
+    assert_eq!(lookup_from_pod(&w.pod, "allowed.test", false), ["203.0.113.10"], "still answering");
+}
