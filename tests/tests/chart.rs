@@ -426,6 +426,12 @@ fn the_redirector_has_only_net_admin_and_trusted_relays_are_the_nodes() {
 
     let gw = yaml(&config_map_file(&docs, GATEWAY, "gateway.yaml"));
     let rd = yaml(&config_map_file(&docs, REDIRECTOR, "node-redirector.yaml"));
+    // The DNS forwarder is on by default, with the values' settings.
+    assert_eq!(
+        rd["dns"],
+        serde_json::json!({"enabled": true, "port": 15053, "grace": "60s", "maxNamesPerPod": 2000}),
+        "{rd}"
+    );
     assert_eq!(gw["transparent"]["trustedRelays"], json!(["192.168.10.0/24"]));
     // Never steered: Pod, Service and node ranges.
     assert_eq!(rd["excludeCidrs"], json!(["10.244.0.0/16", "10.96.0.0/12", "192.168.10.0/24"]));

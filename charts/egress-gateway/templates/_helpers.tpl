@@ -176,6 +176,11 @@ cni:
   confDir: /host/cni/net.d
   {{- end }}
 clusterDns: {{- toYaml $c.dnsServers | nindent 2 }}
+dns:
+  enabled: {{ $r.dns.enabled }}
+  port: {{ $r.dns.port }}
+  grace: {{ $r.dns.grace }}
+  maxNamesPerPod: {{ int $r.dns.maxNamesPerPod }}
 excludeCidrs: {{- concat $c.podCidrs $c.serviceCidrs $c.nodeCidrs $r.excludeCidrs | uniq | toYaml | nindent 2 }}
 {{- end -}}
 
