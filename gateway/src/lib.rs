@@ -56,5 +56,6 @@ pub(crate) mod request;
 pub(crate) mod resolve;
 pub(crate) mod runtime;
 pub mod server;
+pub mod suggest;
 pub mod target;
 pub mod token;

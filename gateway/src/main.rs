@@ -73,6 +73,29 @@ enum AuditCommand {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Write least-privilege EgressPolicy documents from observed traffic: one per workload,
+    /// allowing exactly what its egress.v1 decision events show (Audit-mode rollouts included).
+    Suggest {
+        /// Only this namespace.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Only events of the last DURATION (e.g. 24h, 7d).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<std::time::Duration>,
+        /// Leave out destinations seen fewer times (listed in a comment).
+        #[arg(long, default_value_t = 1)]
+        min_count: u64,
+        /// Distinct names directly under one parent that make a `*.parent` wildcard (never for a
+        /// public suffix).
+        #[arg(long, default_value_t = 3)]
+        wildcard_min: usize,
+        /// Add HTTP method and path constraints for destinations only ever reached by plain HTTP.
+        #[arg(long)]
+        http_rules: bool,
+        /// egress.v1 JSON lines: files, rotated files, `.gz`, or `-` for stdin.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 fn load(path: &std::path::Path) -> Result<config::Loaded, ExitCode> {
@@ -98,6 +121,27 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Command::Audit { command: AuditCommand::Verify { public_key, files } } => audit_verify(public_key, files),
+        Command::Audit {
+            command: AuditCommand::Suggest { namespace, since, min_count, wildcard_min, http_rules, files },
+        } => {
+            let since = since
+                .and_then(|d| std::time::SystemTime::now().checked_sub(d))
+                .map(|t| t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0));
+            let opts = egress_gateway::suggest::Options { namespace, since, min_count, wildcard_min, http_rules };
+            match egress_gateway::suggest::read_events(&files) {
+                Ok((events, skipped)) => {
+                    if skipped > 0 {
+                        eprintln!("warning: {skipped} lines are not JSON events and were skipped");
+                    }
+                    print!("{}", egress_gateway::suggest::suggest(&events, &opts));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Validate { config } => match load(&config) {
             Ok(l) => {
                 println!("{}: ok ({} policies)", config.display(), l.policies.len());
