@@ -24,6 +24,8 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v openssl >/dev/null || need+=(openssl)
 command -v nft >/dev/null || need+=(nftables)
 command -v npm >/dev/null || need+=(npm)
+# The HTML audit report is opened in a real (headless) browser.
+command -v chromium >/dev/null || need+=(chromium)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 if ((${#need[@]})); then
   echo "installing: ${need[*]}"

@@ -52,6 +52,7 @@ pub(crate) mod pipeline;
 pub mod policy;
 pub mod reason;
 pub(crate) mod relay;
+pub mod report;
 pub(crate) mod request;
 pub(crate) mod resolve;
 pub(crate) mod runtime;

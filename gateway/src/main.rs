@@ -73,6 +73,19 @@ enum AuditCommand {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// What happened, per workload and per policy, from egress.v1 events: decisions by reason,
+    /// top (denied) destinations, bytes, busiest hours, guard refusals, DNS failures.
+    Report {
+        /// `text` (default) or `html` (one self-contained page with SVG charts).
+        #[arg(long, default_value = "text", value_parser = ["text", "html"])]
+        format: String,
+        /// Write here instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// egress.v1 JSON lines: files, rotated files, `.gz`, or `-` for stdin.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
     /// Write least-privilege EgressPolicy documents from observed traffic: one per workload,
     /// allowing exactly what its egress.v1 decision events show (Audit-mode rollouts included).
     Suggest {
@@ -121,6 +134,7 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Command::Audit { command: AuditCommand::Verify { public_key, files } } => audit_verify(public_key, files),
+        Command::Audit { command: AuditCommand::Report { format, out, files } } => audit_report(&format, out, &files),
         Command::Audit {
             command: AuditCommand::Suggest { namespace, since, min_count, wildcard_min, http_rules, files },
         } => {
@@ -254,6 +268,35 @@ fn audit_verify(public_key: Option<PathBuf>, files: Vec<PathBuf>) -> ExitCode {
                 },
                 r.unsigned_tail
             );
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+/// `audit report`: the report of `files` as `format`, to `out` or standard output.
+fn audit_report(format: &str, out: Option<PathBuf>, files: &[PathBuf]) -> ExitCode {
+    let (events, skipped) = match egress_gateway::suggest::read_events(files) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if skipped > 0 {
+        eprintln!("warning: {skipped} lines are not JSON events and were skipped");
+    }
+    let r = egress_gateway::report::build(&events);
+    let text = if format == "html" { r.html() } else { r.text() };
+    match out {
+        Some(path) => match std::fs::write(&path, text) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {}: {e}", path.display());
+                ExitCode::from(2)
+            }
+        },
+        None => {
+            print!("{text}");
             ExitCode::SUCCESS
         }
     }

@@ -66,10 +66,43 @@ impl Default for Options {
 
 /// Who: a workload.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-struct Workload {
-    namespace: String,
-    service_account: Option<String>,
-    labels: BTreeMap<String, String>,
+pub(crate) struct Workload {
+    pub(crate) namespace: String,
+    pub(crate) service_account: Option<String>,
+    pub(crate) labels: BTreeMap<String, String>,
+}
+
+impl std::fmt::Display for Workload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let labels: Vec<String> = self.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        write!(f, "{}/{{{}}}", self.namespace, labels.join(","))?;
+        if let Some(sa) = &self.service_account {
+            write!(f, ", ServiceAccount {sa}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The workload of an event's client: its namespace, the labels that identify its Pods (those
+/// controllers set per Pod or rollout left out) and its ServiceAccount; `None` for a client no
+/// row or Pod names.
+pub(crate) fn workload_of(e: &Value) -> Option<Workload> {
+    let c = &e["client"];
+    let ns = c["namespace"].as_str()?;
+    let labels = c["labels"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter(|(k, _)| !VOLATILE_LABELS.contains(&k.as_str()))
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default();
+    Some(Workload {
+        namespace: ns.to_string(),
+        service_account: c["serviceAccount"].as_str().map(str::to_string),
+        labels,
+    })
 }
 
 /// Where to: a name or an address.
@@ -195,20 +228,7 @@ fn observe(events: &[Value], opts: &Options) -> BTreeMap<Workload, Observed> {
         {
             continue;
         }
-        let labels: BTreeMap<String, String> = c["labels"]
-            .as_object()
-            .map(|m| {
-                m.iter()
-                    .filter(|(k, _)| !VOLATILE_LABELS.contains(&k.as_str()))
-                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let w = Workload {
-            namespace: ns.to_string(),
-            service_account: c["serviceAccount"].as_str().map(str::to_string),
-            labels,
-        };
+        let Some(w) = workload_of(e) else { continue };
         let (host, port) = (e["target"]["host"].as_str().unwrap_or(""), e["target"]["port"].as_u64().unwrap_or(0));
         let (action, reason) =
             (e["decision"]["action"].as_str().unwrap_or(""), e["decision"]["reason"].as_str().unwrap_or(""));
@@ -306,11 +326,7 @@ pub fn suggest(events: &[Value], opts: &Options) -> String {
     for (w, o) in &observed {
         let dests = group_domains(&o.dests, opts.wildcard_min);
         let (kept, rare): (Vec<_>, Vec<_>) = dests.iter().partition(|(_, s)| s.count >= opts.min_count);
-        let who = {
-            let labels: Vec<String> = w.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            let sa = w.service_account.as_deref().map(|s| format!(", ServiceAccount {s}")).unwrap_or_default();
-            format!("{}/{{{}}}{sa}", w.namespace, labels.join(","))
-        };
+        let who = w.to_string();
         let base = dns_label(&format!(
             "suggested-{}",
             w.service_account

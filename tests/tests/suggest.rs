@@ -84,3 +84,71 @@ fn suggested_policies_allow_what_was_observed_and_nothing_else() {
     // The wildcard covers a name of files.test never seen (by design: three names made it one).
     assert_eq!(curl(&["-x", &format!("socks5h://{}", gw.socks), &format!("http://d.files.test:{p}/")]).status, 200);
 }
+
+/// `audit report --format html` of real traffic, opened in a real headless browser (Debian's
+/// chromium): the page renders (a screenshot that is not empty), its SVG charts are in the
+/// rendered DOM, and the browser reports no console error.
+#[test]
+fn the_html_report_renders_in_a_real_browser() {
+    let dns = Dns::start(&[("up.test", "127.0.0.2"), ("meta.test", "169.254.169.254")]);
+    let up = Upstream::start("127.0.0.2");
+    let p = up.addr.port();
+    let gw = Gateway::start(
+        &dns,
+        &format!(
+            "{CLIENTS}policies:\n  - apiVersion: egress.dev/v1alpha1\n    kind: EgressPolicy\n    metadata: {{name: api, namespace: shop}}\n    spec: {{podSelector: {{matchLabels: {{app: api}}}}, rules: [{{name: up, to: [{{domain: up.test}}, {{domain: meta.test}}], ports: [{{port: {p}}}]}}]}}\n"
+        ),
+    );
+    let proxy = format!("http://{}", gw.http);
+    for _ in 0..3 {
+        assert_eq!(curl(&["-x", &proxy, &format!("http://up.test:{p}/bytes/4096")]).status, 200);
+    }
+    assert_eq!(curl(&["-x", &proxy, &format!("http://meta.test:{p}/")]).status, 403);
+    assert_eq!(curl(&["-x", &proxy, &format!("http://169.254.169.254:{p}/")]).status, 403);
+    gw.wait_reason("guard_blocked");
+    std::thread::sleep(Duration::from_millis(300));
+
+    let dir = tempfile::tempdir().unwrap();
+    let (html, text) = (dir.path().join("report.html"), dir.path().join("report.txt"));
+    for (format, out) in [("html", &html), ("text", &text)] {
+        let o = Command::new(gateway_bin())
+            .args(["audit", "report", "--format", format, "--out"])
+            .arg(out)
+            .arg(gw.audit_path())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let text = std::fs::read_to_string(&text).unwrap();
+    assert!(text.contains("5 decisions: 3 allowed, 2 denied, 0 would-deny"), "{text}");
+    assert!(text.contains("169.254.169.254:") && text.contains("(guard_blocked)"), "{text}");
+    assert!(text.contains("(dns_guard_blocked)"), "a name resolving to metadata: {text}");
+
+    let url = format!("file://{}", html.display());
+    let chromium = |args: &[&str]| {
+        Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--enable-logging=stderr",
+                "--v=0",
+            ])
+            .args([&format!("--user-data-dir={}", dir.path().join("profile").display())])
+            .args(args)
+            .arg(&url)
+            .output()
+            .expect("chromium (apt-get install chromium)")
+    };
+    let shot = dir.path().join("report.png");
+    let o = chromium(&[&format!("--screenshot={}", shot.display()), "--window-size=1000,1400"]);
+    let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+    let png = std::fs::read(&shot).unwrap_or_default();
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "a rendered page ({} bytes): {stderr}", png.len());
+    assert!(!stderr.contains("CONSOLE"), "console messages: {stderr}");
+    let o = chromium(&["--dump-dom"]);
+    let dom = String::from_utf8_lossy(&o.stdout);
+    assert!(dom.contains("<svg id=\"workloads\"") && dom.contains("<svg id=\"hours\""), "{dom}");
+    assert!(dom.matches("<rect").count() >= 25, "bars drawn: {dom}");
+}
