@@ -26,6 +26,8 @@ command -v nft >/dev/null || need+=(nftables)
 command -v npm >/dev/null || need+=(npm)
 # The HTML audit report is opened in a real (headless) browser.
 command -v chromium >/dev/null || need+=(chromium)
+# promtool lints both binaries' live metrics.
+command -v promtool >/dev/null || need+=(prometheus)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 if ((${#need[@]})); then
   echo "installing: ${need[*]}"

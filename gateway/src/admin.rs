@@ -42,7 +42,9 @@ fn route(gw: &Gateway, kube: Option<&crate::k8s::WatchHealth>, req: &Request<Inc
             if let Some(k) = kube {
                 gw.pipeline.metrics.kube_stale_seconds.set(k.stale_seconds() as i64);
             }
-            (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", gw.pipeline.metrics.render())
+            let accept = req.headers().get(http::header::ACCEPT).and_then(|v| v.to_str().ok());
+            let (body, ctype) = gw.pipeline.metrics.render(egress_netio::exposition::wants_openmetrics(accept));
+            (StatusCode::OK, ctype, body)
         }
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
         "/readyz" if gw.is_ready() => (StatusCode::OK, "text/plain", "ready\n".to_string()),

@@ -1,6 +1,5 @@
 //! Prometheus metrics. Counters on the hot path are pre-created (no map lookup, no lock).
 
-use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -13,6 +12,8 @@ use crate::request::Front;
 /// Every metric the gateway exports.
 pub struct Metrics {
     registry: Registry,
+    /// The process's own metrics (`process_*`, no prefix).
+    process: Registry,
     /// Accepted client connections per front.
     pub connections: [Counter; Front::ALL.len()],
     /// Client addresses the policies' rate limiters hold state for (pruned every 10 s).
@@ -119,6 +120,11 @@ struct SinkLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 struct SourceLabels {
     source: &'static str,
 }
@@ -157,6 +163,9 @@ impl Metrics {
     /// Registers every metric.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("egress");
+        let build = Family::<BuildLabels, Gauge>::default();
+        build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION") }).set(1);
+        registry.register("build_info", "The running build: its version (always 1)", build);
         let conns = Family::<FrontLabels, Counter>::default();
         let connections = Front::ALL.map(|f| conns.get_or_create(&FrontLabels { front: f.as_str() }).clone());
         registry.register("connections", "Accepted client connections", conns);
@@ -182,10 +191,20 @@ impl Metrics {
             rate_limit_replicas.clone(),
         );
         let decisions = Family::<DecisionLabels, Counter>::default();
-        let mk = |action| {
+        // Only the combinations that can happen are exported (an allow is rule_allow,
+        // default_allow or audit_would_deny; a denial anything else): the others count into
+        // counters no scrape sees.
+        let allows = |r: &Reason| matches!(r, Reason::RuleAllow | Reason::DefaultAllow | Reason::AuditWouldDeny);
+        let mk = |action: &'static str| {
             Reason::ALL
                 .iter()
-                .map(|r| decisions.get_or_create(&DecisionLabels { action, reason: r.as_str() }).clone())
+                .map(|r| {
+                    if allows(r) == (action == "allow") {
+                        decisions.get_or_create(&DecisionLabels { action, reason: r.as_str() }).clone()
+                    } else {
+                        Counter::default()
+                    }
+                })
                 .collect::<Vec<_>>()
         };
         let (decisions_allow, decisions_deny) = (mk("allow"), mk("deny"));
@@ -287,6 +306,7 @@ impl Metrics {
             audit_sinks,
             kube_stale_seconds,
             registry,
+            process: egress_netio::exposition::process_registry(),
             connections,
             rate_limiter_keys,
             rate_limiter_pruned,
@@ -324,11 +344,9 @@ impl Metrics {
         v[reason.index()].inc();
     }
 
-    /// Prometheus text exposition.
-    pub fn render(&self) -> String {
-        let mut s = String::new();
-        // Writing into a String cannot fail.
-        let _ = encode(&mut s, &self.registry);
-        s
+    /// The exposition (OpenMetrics when asked for, else the Prometheus text format) with the
+    /// process's own metrics, and its `Content-Type`.
+    pub fn render(&self, openmetrics: bool) -> (String, &'static str) {
+        egress_netio::exposition::render(&[&self.registry, &self.process], openmetrics)
     }
 }

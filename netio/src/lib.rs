@@ -26,6 +26,7 @@
 //! batch queued, the relay moves what is there and stops batching until the next run, so the
 //! end of a burst and anything interactive after it go out at once. A hold of zero turns it off.
 
+pub mod exposition;
 pub mod proxy;
 pub mod sockopt;
 

@@ -16,6 +16,8 @@ use prometheus_client::registry::Registry;
 /// The redirector's metrics and readiness.
 pub struct Admin {
     registry: Registry,
+    /// The process's own metrics (`process_*`, no prefix).
+    process: Registry,
     /// Table applied at least once.
     pub ready: AtomicBool,
     /// Drift repairs.
@@ -32,6 +34,12 @@ pub struct Admin {
     pub cni_requests: Family<ResultLabel, Counter>,
 }
 
+/// Label of `egress_redirector_build_info`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
 /// Label of [`Admin::cni_requests`].
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
@@ -43,6 +51,9 @@ impl Admin {
     /// The registry, with the relay's metrics in it.
     pub fn new(relay: &crate::relay::RelayMetrics, dns: &crate::dnsfwd::DnsMetrics) -> Self {
         let mut registry = Registry::with_prefix("egress_redirector");
+        let build = Family::<BuildLabels, Gauge>::default();
+        build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION") }).set(1);
+        registry.register("build_info", "The running build: its version (always 1)", build);
         let drift_repairs = Counter::default();
         registry.register(
             "drift_repairs",
@@ -100,6 +111,7 @@ impl Admin {
         );
         Admin {
             registry,
+            process: egress_netio::exposition::process_registry(),
             ready: AtomicBool::new(false),
             drift_repairs,
             updates,
@@ -118,7 +130,11 @@ impl Admin {
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let admin = admin.clone();
-                    async move { Ok::<_, Infallible>(admin.route(req.uri().path())) }
+                    async move {
+                        let accept = req.headers().get(hyper::header::ACCEPT).and_then(|v| v.to_str().ok());
+                        let openmetrics = egress_netio::exposition::wants_openmetrics(accept);
+                        Ok::<_, Infallible>(admin.route(req.uri().path(), openmetrics))
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
@@ -127,20 +143,24 @@ impl Admin {
         }
     }
 
-    fn route(&self, path: &str) -> hyper::Response<Full<Bytes>> {
+    fn route(&self, path: &str, openmetrics: bool) -> hyper::Response<Full<Bytes>> {
+        let mut ctype = "text/plain; charset=utf-8";
         let (code, body) = match path {
             "/healthz" => (200, "ok\n".to_string()),
             "/readyz" if self.ready.load(Ordering::Relaxed) => (200, "ready\n".to_string()),
             "/readyz" => (503, "table not applied yet\n".to_string()),
             "/metrics" => {
-                let mut s = String::new();
-                let _ = prometheus_client::encoding::text::encode(&mut s, &self.registry);
-                (200, s)
+                let (body, t) = egress_netio::exposition::render(&[&self.registry, &self.process], openmetrics);
+                ctype = t;
+                (200, body)
             }
             _ => (404, "not found\n".to_string()),
         };
         let mut r = hyper::Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = hyper::StatusCode::from_u16(code).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+        if let Ok(v) = hyper::header::HeaderValue::from_str(ctype) {
+            r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+        }
         r
     }
 }

@@ -1753,3 +1753,41 @@ print(got)
     assert!(after.saturating_sub(before) < 32 * 1024, "RSS {before} -> {after} KiB");
     assert_eq!(lookup_from_pod(&w.pod, "allowed.test", false), ["203.0.113.10"], "still answering");
 }
+
+/// Live scrapes of both binaries lint clean with promtool (Debian's `prometheus`): the Prometheus
+/// text format by default, HELP on every family, `*_build_info`, `process_*`; OpenMetrics to a
+/// scraper that asks for it.
+#[test]
+fn live_metrics_of_both_binaries_pass_promtool() {
+    let w = world();
+    let (_dns, _up, gw, dir) = standalone(&w, "", "");
+    let log = std::fs::File::create(dir.path().join("redirector.log")).unwrap();
+    let _redirector =
+        Proc(spawn_redirector(&w.node, &dir.path().join("redirector.yaml"), &["--reconcile", "500ms"], log));
+    wait_until(Duration::from_secs(10), || {
+        redirector_metric(&w.node, "egress_redirector_selected_addresses ").is_some()
+    });
+    let lint = |what: &str, text: &str| {
+        let mut child = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("promtool (apt-get install prometheus)");
+        std::io::Write::write_all(child.stdin.as_mut().unwrap(), text.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && report.trim().is_empty(), "{what}: promtool check metrics:\n{report}");
+        for family in ["build_info", "process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds"] {
+            assert!(text.lines().any(|l| l.starts_with("# HELP ") && l.contains(family)), "{what}: {family}");
+        }
+    };
+    let (status, gateway_text) = gw.admin_get("/metrics").unwrap();
+    assert_eq!(status, 200);
+    lint("gateway", &gateway_text);
+    assert!(!gateway_text.contains("action=\"allow\",reason=\"no_rule_matched\""), "no impossible combination");
+    let admin: std::net::SocketAddr = "127.0.0.1:9792".parse().unwrap();
+    let redirector_text = w.node.enter(move || admin_get(admin, "/metrics")).unwrap().1;
+    lint("node-redirector", &redirector_text);
+}
