@@ -6,6 +6,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use std::sync::Arc;
+
 use crate::reason::Reason;
 use crate::request::Front;
 
@@ -63,6 +65,13 @@ pub struct Metrics {
     pub audit_unavailable: Gauge,
     /// Bytes in the audit spool.
     pub audit_spool_bytes: Gauge,
+    /// `audit.spool.maxBytes`.
+    pub audit_spool_max_bytes: Gauge,
+    /// Decisions per deciding policy: `egress_policy_decisions_total{policy, action}`.
+    policy_decisions: Family<PolicyLabels, Counter>,
+    /// The counters of the policies in force, by key (`allow`, `deny`, `would_deny`): a
+    /// decision costs a lookup, no allocation; replaced when the policy set changes.
+    policy_counters: arc_swap::ArcSwap<std::collections::HashMap<Arc<str>, [Counter; 3]>>,
     /// Per-sink delivery metrics.
     pub audit_sinks: SinkMetricFamilies,
 }
@@ -117,6 +126,12 @@ impl SinkMetricFamilies {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 struct SinkLabels {
     sink: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct PolicyLabels {
+    policy: String,
+    action: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -274,6 +289,18 @@ impl Metrics {
         registry.register("audit_unavailable", "1 while audit events cannot be committed", audit_unavailable.clone());
         let audit_spool_bytes = Gauge::default();
         registry.register("audit_spool_bytes", "Bytes in the audit spool", audit_spool_bytes.clone());
+        let audit_spool_max_bytes = Gauge::default();
+        registry.register(
+            "audit_spool_max_bytes",
+            "The audit spool's bound (audit.spool.maxBytes; 0 without a spool)",
+            audit_spool_max_bytes.clone(),
+        );
+        let policy_decisions = Family::<PolicyLabels, Counter>::default();
+        registry.register(
+            "policy_decisions",
+            "Decisions made by each policy in force: allow, deny, or would_deny (Audit mode)",
+            policy_decisions.clone(),
+        );
         let audit_sinks = SinkMetricFamilies::default();
         registry.register("audit_sink_delivered", "Audit events delivered, per sink", audit_sinks.delivered.clone());
         registry.register("audit_sink_retried", "Audit deliveries retried, per sink", audit_sinks.retried.clone());
@@ -303,6 +330,9 @@ impl Metrics {
             audit_dropped,
             audit_unavailable,
             audit_spool_bytes,
+            audit_spool_max_bytes,
+            policy_decisions,
+            policy_counters: arc_swap::ArcSwap::from_pointee(std::collections::HashMap::new()),
             audit_sinks,
             kube_stale_seconds,
             registry,
@@ -335,6 +365,39 @@ impl Metrics {
     pub fn identified(&self, source: usize) {
         if let Some(c) = self.identities.get(source) {
             c.inc();
+        }
+    }
+
+    /// The policies in force (their keys): their counters are created, and those of policies
+    /// gone are removed from the exposition (the label set stays bounded by the policies).
+    pub fn set_policies<'a>(&self, keys: impl Iterator<Item = &'a Arc<str>>) {
+        let old = self.policy_counters.load_full();
+        let mut next = std::collections::HashMap::new();
+        for k in keys {
+            let counters = old.get(k).cloned().unwrap_or_else(|| {
+                ["allow", "deny", "would_deny"].map(|action| {
+                    self.policy_decisions.get_or_create(&PolicyLabels { policy: k.to_string(), action }).clone()
+                })
+            });
+            next.insert(k.clone(), counters);
+        }
+        for k in old.keys().filter(|k| !next.contains_key(*k)) {
+            for action in ["allow", "deny", "would_deny"] {
+                self.policy_decisions.remove(&PolicyLabels { policy: k.to_string(), action });
+            }
+        }
+        self.policy_counters.store(Arc::new(next));
+    }
+
+    /// Counts a decision of `policy`.
+    pub fn policy_decision(&self, policy: &str, allow: bool, reason: Reason) {
+        if let Some(c) = self.policy_counters.load().get(policy) {
+            let i = match (allow, reason) {
+                (true, Reason::AuditWouldDeny) => 2,
+                (true, _) => 0,
+                (false, _) => 1,
+            };
+            c[i].inc();
         }
     }
 

@@ -26,6 +26,8 @@ pub struct Admin {
     pub updates: Counter,
     /// Selected Pod addresses in the table.
     pub selected: Gauge,
+    /// 1 while the last table update failed (retried at every reconcile).
+    pub apply_failing: Gauge,
     /// Seconds from an input change (Pod, policy, config) to its rules being applied.
     pub apply_seconds: Histogram,
     /// Seconds from a CNI plugin's `ADD` arriving to the Pod's addresses in the kernel.
@@ -64,6 +66,12 @@ impl Admin {
         registry.register("table_updates", "Table updates applied", updates.clone());
         let selected = Gauge::default();
         registry.register("selected_addresses", "Pod addresses steered to the gateway", selected.clone());
+        let apply_failing = Gauge::default();
+        registry.register(
+            "table_apply_failing",
+            "1 while the last update of the nftables table failed (it is retried at every reconcile)",
+            apply_failing.clone(),
+        );
         let apply_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 14));
         registry.register(
             "apply_seconds",
@@ -116,6 +124,7 @@ impl Admin {
             drift_repairs,
             updates,
             selected,
+            apply_failing,
             apply_seconds,
             cni_admit_seconds,
             cni_requests,

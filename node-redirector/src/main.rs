@@ -347,6 +347,7 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
             match nft::update(&desired, &next) {
                 Ok(incremental) => {
                     metrics.updates.inc();
+                    metrics.apply_failing.set(0);
                     metrics.selected.set(next.selected.len() as i64);
                     if let Some(t) = inputs.changed_at.take() {
                         metrics.apply_seconds.observe(t.elapsed().as_secs_f64());
@@ -357,6 +358,7 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot update the table; retrying at the next reconcile");
+                    metrics.apply_failing.set(1);
                     applied = Err(e.to_string());
                 }
             }

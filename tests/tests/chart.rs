@@ -830,3 +830,49 @@ fn the_https_proxy_serves_a_mounted_or_cert_manager_certificate() {
             .unwrap_err();
     assert!(err.contains("issuerRef.name"), "{err}");
 }
+
+#[test]
+fn the_dashboard_and_the_alerts_render_and_promtool_accepts_the_rules() {
+    let (_, docs) = render(&None, &[]).unwrap();
+    assert!(find(&docs, "PrometheusRule", GATEWAY).is_none(), "off by default");
+    assert!(find(&docs, "ConfigMap", &format!("{GATEWAY}-dashboard")).is_none(), "off by default");
+    let (_, docs) = render(
+        &None,
+        &[
+            "--set",
+            "grafana.dashboard.enabled=true",
+            "--set",
+            "prometheusRule.enabled=true",
+            "--set",
+            "prometheusRule.labels.release=prometheus",
+        ],
+    )
+    .unwrap();
+    let cm = get(&docs, "ConfigMap", &format!("{GATEWAY}-dashboard"));
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1", "{cm}");
+    let dash: Value = serde_json::from_str(cm["data"]["egress-gateway.json"].as_str().unwrap()).unwrap();
+    let panels = dash["panels"].as_array().unwrap();
+    assert!(panels.len() >= 12, "{}", panels.len());
+    assert!(panels.iter().all(|p| p["targets"].as_array().is_some_and(|t| !t.is_empty())));
+    let rule = get(&docs, "PrometheusRule", GATEWAY);
+    assert_eq!(rule["metadata"]["labels"]["release"], "prometheus");
+    // The rendered rules are what promtool accepts.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rules.yaml");
+    std::fs::write(&file, serde_yaml_ng::to_string(&rule["spec"]).unwrap()).unwrap();
+    let out = run(Command::new("promtool").args(["check", "rules"]).arg(&file));
+    assert!(out.status.success(), "promtool check rules:\n{}", text(&out));
+    // Every alert has its runbook paragraph.
+    let runbooks = std::fs::read_to_string(repo_root().join("docs/alerts.md")).unwrap();
+    let alerts: Vec<&str> = rule["spec"]["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap())
+        .filter_map(|r| r["alert"].as_str())
+        .collect();
+    assert!(alerts.len() >= 9, "{alerts:?}");
+    for a in alerts {
+        assert!(runbooks.contains(&format!("\n## {a}\n")), "no runbook for {a}");
+    }
+}

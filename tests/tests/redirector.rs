@@ -1760,13 +1760,18 @@ print(got)
 #[test]
 fn live_metrics_of_both_binaries_pass_promtool() {
     let w = world();
-    let (_dns, _up, gw, dir) = standalone(&w, "", "");
+    // A spool and a named sink, so that the sink families have their children.
+    let audit = "audit:\n  spool: {dir: $DIR/spool}\n  sinks: [{name: file, type: file, path: $DIR/audit.jsonl}]";
+    let (_dns, _up, gw, dir) = standalone(&w, audit, "");
     let log = std::fs::File::create(dir.path().join("redirector.log")).unwrap();
     let _redirector =
         Proc(spawn_redirector(&w.node, &dir.path().join("redirector.yaml"), &["--reconcile", "500ms"], log));
     wait_until(Duration::from_secs(10), || {
         redirector_metric(&w.node, "egress_redirector_selected_addresses ").is_some()
     });
+    // One query through the DNS forwarder.
+    let query = "12340100000100000000000007616c6c6f77656404746573740000010001";
+    assert!(udp_probe(&w.pod, "192.0.2.10", "203.0.113.10", 53, query).starts_with("reply"));
     let lint = |what: &str, text: &str| {
         let mut child = Command::new("promtool")
             .args(["check", "metrics"])
@@ -1790,4 +1795,27 @@ fn live_metrics_of_both_binaries_pass_promtool() {
     let admin: std::net::SocketAddr = "127.0.0.1:9792".parse().unwrap();
     let redirector_text = w.node.enter(move || admin_get(admin, "/metrics")).unwrap().1;
     lint("node-redirector", &redirector_text);
+
+    // Every metric the chart's dashboard and alerts use exists in these scrapes.
+    let mut families = std::collections::BTreeSet::new();
+    for line in gateway_text.lines().chain(redirector_text.lines()) {
+        let Some(rest) = line.strip_prefix("# TYPE ") else { continue };
+        let (name, ty) = rest.split_once(' ').unwrap();
+        families.insert(name.to_string());
+        if ty == "histogram" {
+            for suffix in ["_bucket", "_count", "_sum"] {
+                families.insert(format!("{name}{suffix}"));
+            }
+        }
+    }
+    let chart = repo_root().join("charts/egress-gateway/files");
+    let used = std::fs::read_to_string(chart.join("dashboard.json")).unwrap()
+        + &std::fs::read_to_string(chart.join("alerts.yaml")).unwrap();
+    let names: std::collections::BTreeSet<&str> = used
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|t| t.starts_with("egress_") || t.starts_with("process_"))
+        .collect();
+    assert!(names.len() >= 15, "{names:?}");
+    let missing: Vec<&&str> = names.iter().filter(|n| !families.contains(**n)).collect();
+    assert!(missing.is_empty(), "used by the dashboard or the alerts, absent from a live scrape: {missing:?}");
 }

@@ -47,6 +47,7 @@ impl Spooled {
         let last_seq = committed.last_seq;
         let last_hash = committed.last_hash.clone();
         metrics.audit_spool_bytes.set(spool.total_bytes() as i64);
+        metrics.audit_spool_max_bytes.set(spool.max_bytes() as i64);
         let shared = Arc::new(Shared { state: std::sync::Mutex::new(committed), cond: Default::default() });
         let mut threads = Vec::new();
         let mut in_use = Vec::new();

@@ -76,6 +76,9 @@ impl Permit {
         }
         failpoint!("pipeline::after_commit", |_| std::process::abort());
         self.gw.metrics.decision(true, self.base.decision.reason);
+        if let Some(p) = &self.base.decision.policy {
+            self.gw.metrics.policy_decision(p, true, self.base.decision.reason);
+        }
         Ok(CloseLog::start(self.gw, self.base))
     }
 

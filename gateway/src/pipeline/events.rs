@@ -164,6 +164,9 @@ impl Pipeline {
     /// uncommitted denial is answered `audit_unavailable`).
     pub(super) async fn deny(&self, ev: Event, detail: Option<String>) -> Refusal {
         let (reason, request_id) = (ev.decision.reason, ev.request_id.clone());
+        if let Some(p) = &ev.decision.policy {
+            self.metrics.policy_decision(p, false, reason);
+        }
         self.log_denial(&ev);
         let committed = self.audit.commit(ev).await;
         self.metrics.decision(false, reason);

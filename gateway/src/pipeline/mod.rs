@@ -97,6 +97,7 @@ impl Pipeline {
         let (audit, instance) = Audit::start(&loaded.config.audit, instance, metrics.clone())?;
         let config_path = loaded.path.clone();
         let state = State::build(loaded, None, None, &own);
+        metrics.set_policies(state.snapshot.policies.iter().map(|p| &p.key));
         Ok(Arc::new(Pipeline {
             state: ArcSwap::from_pointee(state),
             config_path,
@@ -184,6 +185,7 @@ impl Pipeline {
         let state = self.state.load();
         self.kube.store(Some(inputs.clone()));
         let next = State::build(state.loaded.clone(), Some(&inputs), Some(&state), &self.own);
+        self.metrics.set_policies(next.snapshot.policies.iter().map(|p| &p.key));
         self.state.store(Arc::new(next));
         if let Some(n) = inputs.ready_replicas {
             self.metrics.rate_limit_replicas.set(i64::from(n.max(1)));
@@ -213,6 +215,7 @@ impl Pipeline {
                 let n = loaded.policies.len();
                 let kube = self.kube.load_full();
                 let state = State::build(loaded, kube.as_deref(), Some(&old), &self.own);
+                self.metrics.set_policies(state.snapshot.policies.iter().map(|p| &p.key));
                 self.state.store(Arc::new(state));
                 self.metrics.reloads_ok.inc();
                 self.metrics.config_stale.set(0);
