@@ -82,6 +82,8 @@ struct State {
     /// Every Lease write: (bearer token, the Lease as written).
     lease_writes: Vec<(String, Value)>,
     daemonsets: BTreeMap<String, Value>,
+    /// Events recorded (`events.k8s.io/v1`), as posted.
+    events: Vec<Value>,
     /// The ServiceAccount token issuer (OIDC discovery) and its keys (`/openid/v1/jwks`).
     issuer: String,
     jwks: Value,
@@ -256,6 +258,11 @@ impl FakeApi {
     /// `deploy/`): any other request is answered `403 Forbidden`.
     pub fn set_rbac(&self, manifests: &[&str]) {
         self.state.lock().unwrap().rbac = Rbac::from_manifests(manifests);
+    }
+
+    /// The Events recorded (`events.k8s.io/v1`).
+    pub fn events(&self) -> Vec<Value> {
+        self.state.lock().unwrap().events.clone()
     }
 
     /// Publishes `jwks` as the ServiceAccount token issuer's keys (`/openid/v1/jwks`).
@@ -800,6 +807,34 @@ async fn other(
         let force = params.get("force") == Some(&"true");
         st.patches.push(Patch { token, path: path.clone(), query: query.clone(), content_type, body: body.clone() });
         return apply_status(st, &notify, kind, &key, &manager, force, body["status"].clone());
+    }
+    // /apis/events.k8s.io/v1/namespaces/{ns}/events[/{name}]: kept as recorded.
+    if parts.len() >= 6 && parts[1] == "events.k8s.io" && parts[5] == "events" {
+        let ns = parts[4].to_string();
+        return match (method.as_str(), parts.get(6)) {
+            ("POST", None) => {
+                let mut e = body.clone();
+                e["metadata"]["namespace"] = json!(ns);
+                st.events.push(e.clone());
+                json_response(201, &e)
+            }
+            ("PATCH", Some(name)) => {
+                let found =
+                    st.events.iter_mut().find(|e| e["metadata"]["name"] == *name && e["metadata"]["namespace"] == ns);
+                match found {
+                    Some(e) => {
+                        if let (Some(into), Some(from)) = (e.as_object_mut(), body.as_object()) {
+                            for (k, v) in from {
+                                into.insert(k.clone(), v.clone());
+                            }
+                        }
+                        json_response(200, e)
+                    }
+                    None => status(404, "NotFound"),
+                }
+            }
+            _ => status(405, "MethodNotAllowed"),
+        };
     }
     status(404, "NotFound")
 }

@@ -473,6 +473,17 @@ fn status_accepted_false_for_an_invalid_policy_and_true_once_fixed() {
     assert!(c["message"].as_str().unwrap().contains("spec.rules[1].to[0].domain"), "{c}");
     assert_eq!(p.body["kind"], "EgressPolicy");
     assert_eq!(p.body["apiVersion"], "egress.dev/v1alpha1");
+    // And an Event on the policy, for `kubectl describe`.
+    let rejected = |e: &Value| e["regarding"]["name"] == "p" && e["type"] == "Warning";
+    wait_until(Duration::from_secs(10), || api.events().iter().any(rejected));
+    let ev = api.events().into_iter().find(|e| rejected(e)).unwrap();
+    assert_eq!(
+        (ev["reason"].as_str(), ev["regarding"]["kind"].as_str()),
+        (Some("InvalidDomain"), Some("EgressPolicy")),
+        "{ev}"
+    );
+    assert_eq!(ev["metadata"]["namespace"], "shop");
+    assert!(ev["note"].as_str().unwrap().contains("spec.rules[1].to[0].domain"), "{ev}");
     let stored = api.object(POLICIES, "shop", "p").unwrap();
     assert_eq!(stored["metadata"]["managedFields"][0]["manager"], "egress-gateway", "{stored}");
     // Fixed: generation 3.
@@ -482,6 +493,8 @@ fn status_accepted_false_for_an_invalid_policy_and_true_once_fixed() {
     assert_eq!(st["conditions"][0]["status"], "True");
     assert_eq!(st["conditions"][0]["reason"], "Valid");
     assert_eq!(st["selectedPods"], 2);
+    let accepted = |e: &Value| e["regarding"]["name"] == "p" && e["type"] == "Normal" && e["reason"] == "Accepted";
+    wait_until(Duration::from_secs(10), || api.events().iter().any(accepted));
     // A status that did not change is not written again. Status passes run one after another,
     // each on the policies as the watch last delivered them; a pass that ran before the echo of
     // its own write may write the same status once more. A marker policy's status, once written,

@@ -357,6 +357,13 @@ pub(crate) async fn start(cfg: crate::config::KubernetesConfig, cx: Context) -> 
     if let Some(t) = cx.token_keys {
         cx.tracker.spawn(keys::follow(client.clone(), t.issuer, t.keys, t.asks, cx.draining.clone()));
     }
+    let events = kube::runtime::events::Recorder::new(
+        client.clone(),
+        kube::runtime::events::Reporter {
+            controller: status::FIELD_MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok().or_else(|| Some(cx.instance.to_string())),
+        },
+    );
     let (out, inputs_rx) = channel::channel(None);
     let (pool_exists, replicas) = (cx.pool_exists, cx.replicas);
     let rebuild = move |stores: &Stores, before: Option<&KubeInputs>| {
@@ -391,7 +398,7 @@ pub(crate) async fn start(cfg: crate::config::KubernetesConfig, cx: Context) -> 
         out.send_replace(Some(inputs.clone()));
         tracing::info!("Kubernetes watchers synced; serving API policies");
         if is_leader() {
-            status::write_statuses(&client, &stores, &inputs).await;
+            status::write_statuses(&client, &stores, &inputs, &events).await;
         }
         loop {
             tokio::select! {
@@ -408,7 +415,7 @@ pub(crate) async fn start(cfg: crate::config::KubernetesConfig, cx: Context) -> 
                 Some(()) = lead_rx.recv() => {}
             }
             if is_leader() {
-                status::write_statuses(&client, &stores, &inputs).await;
+                status::write_statuses(&client, &stores, &inputs, &events).await;
             }
         }
     });

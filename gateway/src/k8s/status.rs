@@ -11,7 +11,10 @@
 //! The leader writes each policy's status with server-side apply (field manager
 //! `egress-gateway`): `observedGeneration`, an `Accepted` condition (`True`/`Valid`, or `False`
 //! with the reason of the first problem and every problem in the message) and `selectedPods`.
-//! Unchanged statuses are not written again.
+//! Unchanged statuses are not written again. When a policy's `Accepted` condition changes, the
+//! leader also records a Kubernetes Event on it (`events.k8s.io/v1`; cluster-scoped policies'
+//! land in `default`): `Normal Accepted` or `Warning <reason>` with the problems, so that
+//! `kubectl describe` says why a policy is not applied.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,10 +22,12 @@ use std::time::Duration;
 
 use egress_crds::{AnyPolicy, ClusterEgressPolicy, Condition, EgressPolicy, FieldError, PolicyStatus};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams, PostParams};
-use kube::{Api, Client};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Api, Client, Resource};
 
 use super::Stores;
 use crate::inputs::KubeInputs;
@@ -215,7 +220,33 @@ fn selected_pods(p: &AnyPolicy, inputs: &KubeInputs) -> i64 {
 }
 
 /// Writes every status that differs from what the API has.
-pub(crate) async fn write_statuses(client: &Client, stores: &Stores, inputs: &KubeInputs) {
+/// The `Accepted` condition's (status, reason, message), what an Event reports a change of.
+fn accepted(s: Option<&PolicyStatus>) -> Option<(String, String, String)> {
+    let c = s?.conditions.iter().find(|c| c.type_ == "Accepted")?;
+    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// A Kubernetes Event on the policy when its `Accepted` condition changed (what `kubectl
+/// describe` shows): `Normal Accepted` or `Warning <reason>` with the problems.
+async fn announce(events: &Recorder, reference: &ObjectReference, key: &str, want: &PolicyStatus) {
+    let Some((status, reason, message)) = accepted(Some(want)) else { return };
+    let selected = want.selected_pods.unwrap_or(0);
+    let (type_, reason, note) = if status == "True" {
+        (EventType::Normal, "Accepted".to_string(), format!("valid; selects {selected} Pods"))
+    } else {
+        // events.k8s.io notes are at most 1 KiB.
+        let note: String = message.chars().take(1000).collect();
+        (EventType::Warning, reason, note)
+    };
+    let ev = Event { type_, reason, note: Some(note), action: "Validate".into(), secondary: None };
+    if let Err(e) = events.publish(&ev, reference).await {
+        tracing::warn!(policy = %key, error = %e, "cannot record a Kubernetes Event");
+    }
+}
+
+/// Writes every status that differs from what the API has, and records an Event on each
+/// policy whose `Accepted` condition changed.
+pub(crate) async fn write_statuses(client: &Client, stores: &Stores, inputs: &KubeInputs, events: &Recorder) {
     let params = PatchParams::apply(FIELD_MANAGER).force();
     let error_of = |key: &str, cluster: bool| {
         inputs
@@ -236,8 +267,12 @@ pub(crate) async fn write_statuses(client: &Client, stores: &Stores, inputs: &Ku
         };
         let body = serde_json::json!({"apiVersion": egress_crds::API_VERSION, "kind": "EgressPolicy", "status": want});
         let api: Api<EgressPolicy> = Api::namespaced(client.clone(), ns);
-        if let Err(e) = api.patch_status(name, &params, &Patch::Apply(&body)).await {
-            tracing::warn!(policy = %any.key(), error = %e, "status write failed");
+        match api.patch_status(name, &params, &Patch::Apply(&body)).await {
+            Ok(_) if accepted(Some(&want)) != accepted(p.status.as_ref()) => {
+                announce(events, &p.object_ref(&()), &any.key(), &want).await;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(policy = %any.key(), error = %e, "status write failed"),
         }
     }
     for p in stores.cluster.state() {
@@ -253,8 +288,12 @@ pub(crate) async fn write_statuses(client: &Client, stores: &Stores, inputs: &Ku
         let body =
             serde_json::json!({"apiVersion": egress_crds::API_VERSION, "kind": "ClusterEgressPolicy", "status": want});
         let api: Api<ClusterEgressPolicy> = Api::all(client.clone());
-        if let Err(e) = api.patch_status(name, &params, &Patch::Apply(&body)).await {
-            tracing::warn!(policy = %any.key(), error = %e, "status write failed");
+        match api.patch_status(name, &params, &Patch::Apply(&body)).await {
+            Ok(_) if accepted(Some(&want)) != accepted(p.status.as_ref()) => {
+                announce(events, &p.object_ref(&()), &any.key(), &want).await;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(policy = %any.key(), error = %e, "status write failed"),
         }
     }
 }
