@@ -26,6 +26,8 @@ pub struct Metrics {
     pub rate_limit_replicas: Gauge,
     /// Client connections currently open.
     pub active_connections: Gauge,
+    /// Tunnels (CONNECT, SOCKS5, transparent) currently open.
+    pub open_tunnels: Gauge,
     decisions_allow: Vec<Counter>,
     decisions_deny: Vec<Counter>,
     /// Decided requests by how the client's identity was established, in the order of
@@ -186,6 +188,12 @@ impl Metrics {
         registry.register("connections", "Accepted client connections", conns);
         let active_connections = Gauge::default();
         registry.register("active_connections", "Client connections currently open", active_connections.clone());
+        let open_tunnels = Gauge::default();
+        registry.register(
+            "open_tunnels",
+            "Tunnels currently open (CONNECT, SOCKS5, transparent), admitted under limits.maxTunnelsPerClient",
+            open_tunnels.clone(),
+        );
         let rate_limiter_keys = Gauge::default();
         registry.register(
             "rate_limiter_keys",
@@ -342,6 +350,7 @@ impl Metrics {
             rate_limiter_pruned,
             rate_limit_replicas,
             active_connections,
+            open_tunnels,
             decisions_allow,
             decisions_deny,
             identities,

@@ -38,11 +38,14 @@ impl Pipeline {
 
     /// Admits a tunnel of the request's client under `limits.maxTunnelsPerClient`; a refusal is
     /// audited (`connection_limit`) and returned for the front to answer.
-    pub(crate) fn admit_tunnel(&self, req: &EgressRequest) -> Result<crate::limits::TunnelPermit, Refusal> {
+    pub(crate) fn admit_tunnel(&self, req: &EgressRequest) -> Result<OpenTunnel, Refusal> {
         let max = self.state.load().loaded.config.limits.max_tunnels_per_client;
-        self.conn_limits
+        let permit = self
+            .conn_limits
             .admit_tunnel(target::canonical_ip(req.conn.peer.ip()), max)
-            .map_err(|hit| self.refuse_malformed(req, Reason::ConnectionLimit, &hit.to_string()))
+            .map_err(|hit| self.refuse_malformed(req, Reason::ConnectionLimit, &hit.to_string()))?;
+        self.metrics.open_tunnels.inc();
+        Ok(OpenTunnel { _permit: permit, gauge: self.metrics.open_tunnels.clone() })
     }
 
     /// Refuses a request the front could not parse (malformed, origin-form, bad SOCKS command...)
@@ -81,5 +84,18 @@ impl Pipeline {
             _ => RefusalKind::BadRequest,
         };
         Refusal { kind, reason, request_id: req.id.clone(), detail: detail.to_string() }
+    }
+}
+
+/// An admitted tunnel: its slot under `limits.maxTunnelsPerClient`, counted in
+/// `egress_open_tunnels` until it is dropped.
+pub(crate) struct OpenTunnel {
+    _permit: crate::limits::TunnelPermit,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Drop for OpenTunnel {
+    fn drop(&mut self) {
+        self.gauge.dec();
     }
 }
