@@ -125,9 +125,10 @@ impl Pipeline {
         self.state.load().loaded.config.limits.clone()
     }
 
-    /// The SOCKS5 users in force (`socks5.users`); empty: no authentication.
-    pub(crate) fn socks5_users(&self) -> Vec<config::Socks5User> {
-        self.state.load().loaded.config.socks5.users.clone()
+    /// The SOCKS5 users in force (`socks5.users`; empty: no authentication), shared with the
+    /// state they came with (no copy per connection).
+    pub(crate) fn socks5_users(&self) -> Arc<[config::Socks5User]> {
+        self.state.load().socks5_users.clone()
     }
 
     /// Whether `relay` is one of `transparent.trustedRelays` (the only peers whose PROXY

@@ -38,6 +38,8 @@ pub(crate) struct State {
     pub namespace_labels: Arc<std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>>,
     /// The identities `socks5.users` entries name, by user name, compiled with this snapshot.
     pub socks5_identities: HashMap<String, Arc<Identity>>,
+    /// `socks5.users`, shared by the connections the SOCKS5 front serves with this state.
+    pub socks5_users: Arc<[config::Socks5User]>,
     /// The `clients` rows that name a client certificate, in order, compiled with this snapshot.
     pub certificate_identities: Vec<(config::CertificateMatch, Arc<Identity>)>,
 }
@@ -103,6 +105,7 @@ impl State {
             })
             .collect();
         State {
+            socks5_users: c.socks5.users.clone().into(),
             certificate_identities,
             identities: IdentityTable::build(&c.clients, pods, |id| snapshot.selected(Some(id))),
             snapshot,
