@@ -137,11 +137,6 @@ struct PolicyLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
-struct BuildLabels {
-    version: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 struct SourceLabels {
     source: &'static str,
 }
@@ -180,9 +175,7 @@ impl Metrics {
     /// Registers every metric.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("egress");
-        let build = Family::<BuildLabels, Gauge>::default();
-        build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION") }).set(1);
-        registry.register("build_info", "The running build: its version (always 1)", build);
+        egress_netio::exposition::register_build_info(&mut registry, env!("CARGO_PKG_VERSION"));
         let conns = Family::<FrontLabels, Counter>::default();
         let connections = Front::ALL.map(|f| conns.get_or_create(&FrontLabels { front: f.as_str() }).clone());
         registry.register("connections", "Accepted client connections", conns);

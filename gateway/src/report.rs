@@ -57,6 +57,19 @@ impl Tally {
         }
     }
 
+    /// `N decisions: a allowed, d denied, w would-deny; X up, Y down`.
+    fn summary(&self) -> String {
+        format!(
+            "{} decisions: {} allowed, {} denied, {} would-deny; {} up, {} down",
+            self.requests,
+            self.allowed,
+            self.denied,
+            self.would_deny,
+            bytes(self.bytes_up),
+            bytes(self.bytes_down)
+        )
+    }
+
     fn close(&mut self, e: &Value) {
         self.bytes_up += e["close"]["bytes_up"].as_u64().unwrap_or(0);
         self.bytes_down += e["close"]["bytes_down"].as_u64().unwrap_or(0);
@@ -107,7 +120,7 @@ pub fn build(events: &[Value]) -> Report {
                     r.hours[h] += 1;
                 }
                 let reason = e["decision"]["reason"].as_str().unwrap_or("");
-                if reason.starts_with("guard_") || reason.starts_with("dns_guard") || reason == "dns_internal_address" {
+                if crate::suggest::guard_reason(reason) {
                     *r.guard.entry((who(e), destination(e), reason.to_string())).or_default() += 1;
                 }
                 if reason == "dns_failure" {
@@ -154,22 +167,15 @@ fn bytes(n: u64) -> String {
 }
 
 impl Report {
+    /// The first and last event time.
+    fn span_text(&self) -> String {
+        self.span.as_ref().map(|(a, b)| format!("{a} .. {b}")).unwrap_or_else(|| "no events".into())
+    }
+
     /// The report for a terminal.
     pub fn text(&self) -> String {
         let mut o = String::new();
-        let span = self.span.as_ref().map(|(a, b)| format!("{a} .. {b}")).unwrap_or_else(|| "no events".into());
-        let _ = writeln!(o, "egress report: {span}");
-        let t = &self.total;
-        let _ = writeln!(
-            o,
-            "{} decisions: {} allowed, {} denied, {} would-deny (Audit); {} up, {} down\n",
-            t.requests,
-            t.allowed,
-            t.denied,
-            t.would_deny,
-            bytes(t.bytes_up),
-            bytes(t.bytes_down)
-        );
+        let _ = writeln!(o, "egress report: {}\n{}\n", self.span_text(), self.total.summary());
         if !self.guard.is_empty() {
             let _ = writeln!(o, "Refused by the built-in guard:");
             for ((w, d, reason), n) in &self.guard {
@@ -186,16 +192,7 @@ impl Report {
         }
         for (title, map) in [("Workload", &self.workloads), ("Policy", &self.policies)] {
             for (name, t) in map {
-                let _ = writeln!(
-                    o,
-                    "{title} {name}: {} decisions: {} allowed, {} denied, {} would-deny; {} up, {} down",
-                    t.requests,
-                    t.allowed,
-                    t.denied,
-                    t.would_deny,
-                    bytes(t.bytes_up),
-                    bytes(t.bytes_down)
-                );
+                let _ = writeln!(o, "{title} {name}: {}", t.summary());
                 let reasons: Vec<String> = t.reasons.iter().map(|(r, n)| format!("{r} {n}")).collect();
                 let _ = writeln!(o, "  reasons: {}", reasons.join(", "));
                 for (label, m) in [("top destinations", &t.destinations), ("top denied", &t.denied_destinations)] {
@@ -223,7 +220,7 @@ impl Report {
     pub fn html(&self) -> String {
         let esc = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;");
         let mut o = String::new();
-        let span = self.span.as_ref().map(|(a, b)| format!("{a} .. {b}")).unwrap_or_else(|| "no events".into());
+        let span = self.span_text();
         let _ = write!(
             o,
             "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>egress report</title><style>\
@@ -234,17 +231,7 @@ impl Report {
              </style></head><body>\n<h1>Egress report</h1>\n<p>{}</p>\n",
             esc(&span)
         );
-        let t = &self.total;
-        let _ = writeln!(
-            o,
-            "<p>{} decisions: {} allowed, {} denied, {} would-deny (Audit); {} up, {} down.</p>",
-            t.requests,
-            t.allowed,
-            t.denied,
-            t.would_deny,
-            bytes(t.bytes_up),
-            bytes(t.bytes_down)
-        );
+        let _ = writeln!(o, "<p>{}.</p>", self.total.summary());
         // Decisions per workload: stacked horizontal bars.
         let _ = writeln!(
             o,
@@ -323,17 +310,7 @@ impl Report {
         }
         for (title, map) in [("Workload", &self.workloads), ("Policy", &self.policies)] {
             for (name, t) in map {
-                let _ = writeln!(
-                    o,
-                    "<h2>{title} {}</h2><p>{} decisions: {} allowed, {} denied, {} would-deny; {} up, {} down.</p>",
-                    esc(name),
-                    t.requests,
-                    t.allowed,
-                    t.denied,
-                    t.would_deny,
-                    bytes(t.bytes_up),
-                    bytes(t.bytes_down)
-                );
+                let _ = writeln!(o, "<h2>{title} {}</h2><p>{}.</p>", esc(name), t.summary());
                 let _ = writeln!(o, "<table><tr><th>reason</th><th>count</th></tr>");
                 for (r, n) in &t.reasons {
                     let _ = writeln!(o, "<tr><td>{}</td><td class=\"n\">{n}</td></tr>", esc(r));
@@ -441,7 +418,7 @@ mod tests {
         assert_eq!(r.span, Some(("2026-11-29T10:00:00Z".into(), "2026-11-29T12:00:00Z".into())));
         let text = r.text();
         for line in [
-            "11 decisions: 5 allowed, 5 denied, 1 would-deny (Audit); 2.0 KiB up, 3.0 MiB down",
+            "11 decisions: 5 allowed, 5 denied, 1 would-deny; 2.0 KiB up, 3.0 MiB down",
             "       1  shop/{app=api}, ServiceAccount api -> 169.254.169.254:80 (guard_blocked)",
             "Workload shop/{app=api}, ServiceAccount api: 9 decisions: 5 allowed, 4 denied, 0 would-deny; 2.0 KiB up, 3.0 MiB down",
             "  reasons: guard_blocked 1, no_rule_matched 3, rule_allow 5",

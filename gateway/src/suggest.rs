@@ -207,7 +207,8 @@ fn wanted(action: &str, reason: &str) -> bool {
     action == "allow" || matches!(reason, "no_rule_matched" | "default_deny" | "identity_required")
 }
 
-fn guard_reason(reason: &str) -> bool {
+/// Whether a refusal came from the built-in guard (the target or its resolution).
+pub(crate) fn guard_reason(reason: &str) -> bool {
     matches!(
         reason,
         "guard_blocked" | "guard_blocked_name" | "guard_internal" | "dns_guard_blocked" | "dns_internal_address"

@@ -157,6 +157,18 @@ impl prometheus_client::collector::Collector for ProcessCollector {
     }
 }
 
+/// `<prefix>_build_info{version} 1`: which build runs.
+pub fn register_build_info(registry: &mut Registry, version: &'static str) {
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+    struct Build {
+        version: &'static str,
+    }
+    let build =
+        prometheus_client::metrics::family::Family::<Build, prometheus_client::metrics::gauge::Gauge>::default();
+    build.get_or_create(&Build { version }).set(1);
+    registry.register("build_info", "The running build: its version (always 1)", build);
+}
+
 /// A registry with the process's metrics (no prefix).
 pub fn process_registry() -> Registry {
     let mut r = Registry::default();

@@ -36,12 +36,6 @@ pub struct Admin {
     pub cni_requests: Family<ResultLabel, Counter>,
 }
 
-/// Label of `egress_redirector_build_info`.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct BuildLabels {
-    version: &'static str,
-}
-
 /// Label of [`Admin::cni_requests`].
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
@@ -53,9 +47,7 @@ impl Admin {
     /// The registry, with the relay's metrics in it.
     pub fn new(relay: &crate::relay::RelayMetrics, dns: &crate::dnsfwd::DnsMetrics) -> Self {
         let mut registry = Registry::with_prefix("egress_redirector");
-        let build = Family::<BuildLabels, Gauge>::default();
-        build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION") }).set(1);
-        registry.register("build_info", "The running build: its version (always 1)", build);
+        egress_netio::exposition::register_build_info(&mut registry, env!("CARGO_PKG_VERSION"));
         let drift_repairs = Counter::default();
         registry.register(
             "drift_repairs",

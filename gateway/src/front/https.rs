@@ -37,10 +37,12 @@ async fn serve_conn(gw: Gateway, stream: TcpStream, peer: SocketAddr) {
     let tls = match tokio::time::timeout(limit, TlsAcceptor::from(config).accept(stream)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            // rustls reports a refused client certificate as an invalid-data error naming it.
-            let text = e.to_string();
-            let cert = text.contains("certificate") || text.contains("Certificate");
-            return refuse(if cert { Reason::AuthFailed } else { Reason::MalformedRequest }, text);
+            // A refused or missing client certificate is an authentication failure; anything
+            // else (not TLS, no common version or cipher) a malformed request.
+            let cert = e.get_ref().and_then(|x| x.downcast_ref::<rustls::Error>()).is_some_and(|x| {
+                matches!(x, rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented)
+            });
+            return refuse(if cert { Reason::AuthFailed } else { Reason::MalformedRequest }, e.to_string());
         }
         Err(_) => return refuse(Reason::HeaderTimeout, format!("no handshake within {limit:?}")),
     };
