@@ -1,7 +1,8 @@
-//! Write mode without a spool: the calling thread numbers, chains and serialises its event into
-//! a shared buffer (under a short lock, no hand-off) and one writer thread writes the buffer to
-//! every sink every few milliseconds. Nothing survives a crash; a stalled sink makes callers
-//! wait once 8 MiB are buffered, so nothing is dropped either.
+//! Write mode without a spool. A caller hands its event over (moved into a queue under a short
+//! lock: no serialisation, no hashing, no I/O on the request's task) and goes on; one writer
+//! thread numbers, chains and serialises what was handed over, in the order of the calls, and
+//! writes it to every sink every few milliseconds. Nothing survives a crash; a stalled sink makes
+//! callers wait once [`Direct::MAX_QUEUED`] events are waiting, so nothing is dropped either.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
@@ -11,7 +12,7 @@ use super::{Event, format, sink, write_line};
 use crate::config::AuditFormat;
 use crate::metrics::Metrics;
 
-/// The audit log without a spool: callers serialise into `buf`, the writer thread writes it out.
+/// The audit log without a spool: callers queue events, the writer thread writes them out.
 pub(super) struct Direct {
     state: Mutex<DirectState>,
     /// The writer waits on it between ticks; callers wait on it for room or for a flush.
@@ -21,33 +22,39 @@ pub(super) struct Direct {
 }
 
 struct DirectState {
-    /// Serialised lines not yet written to the sinks.
-    buf: Vec<u8>,
-    /// Sequence number of the last event in `buf` (or written).
-    seq: u64,
-    /// Sequence number of the last event written to the sinks.
+    /// Events handed over and not yet taken by the writer, in the order of the calls.
+    queue: Vec<Event>,
+    /// Events handed over since start.
+    appended: u64,
+    /// Of those, events the writer has written to (and flushed on) every sink.
     written: u64,
-    /// Hash of the last event (the chain goes on from it).
-    prev: String,
-    checkpoints: Option<Checkpoints>,
+    /// Sequence number of the last event written (checkpoints included).
+    last_seq: u64,
     /// The writer sleeps long (nothing came for a while): the next event wakes it.
     sleeping: bool,
 }
 
-impl Direct {
-    /// How often the writer writes what callers buffered.
-    const TICK: Duration = Duration::from_millis(5);
-    /// Beyond this much unwritten (a stalled sink), callers wait for the writer: nothing is lost.
-    const MAX_BUFFERED: usize = 8 << 20;
+/// What only the writer thread touches: the chain goes on from `prev`.
+struct Chain {
+    seq: u64,
+    prev: String,
+    checkpoints: Option<Checkpoints>,
+}
 
-    pub(super) fn new(instance: Arc<str>, checkpoints: Option<Checkpoints>, metrics: Arc<Metrics>) -> Direct {
+impl Direct {
+    /// How often the writer writes what callers handed over.
+    const TICK: Duration = Duration::from_millis(5);
+    /// Beyond this many events waiting (a stalled sink), callers wait for the writer: nothing is
+    /// lost. About 8 MiB of serialised events.
+    const MAX_QUEUED: usize = 8 * 1024;
+
+    pub(super) fn new(instance: Arc<str>, metrics: Arc<Metrics>) -> Direct {
         Direct {
             state: Mutex::new(DirectState {
-                buf: Vec::with_capacity(64 * 1024),
-                seq: 0,
+                queue: Vec::with_capacity(1024),
+                appended: 0,
                 written: 0,
-                prev: super::chain::GENESIS.to_string(),
-                checkpoints,
+                last_seq: 0,
                 sleeping: false,
             }),
             cond: Condvar::new(),
@@ -60,70 +67,69 @@ impl Direct {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Numbers, chains and serialises `event` on the calling thread; its order among all events
-    /// is the order of calls.
-    pub(super) fn append(&self, mut event: Event) {
+    /// Hands `event` to the writer; its order among all events is the order of calls. Waits only
+    /// while [`Self::MAX_QUEUED`] events are waiting already.
+    pub(super) fn append(&self, event: Event) {
         let mut st = self.lock();
-        while st.buf.len() >= Self::MAX_BUFFERED {
+        while st.queue.len() >= Self::MAX_QUEUED {
             self.cond.notify_all();
             st = self.cond.wait_timeout(st, Duration::from_millis(100)).unwrap_or_else(|p| p.into_inner()).0;
         }
-        let st = &mut *st;
         if st.sleeping {
             st.sleeping = false;
             self.cond.notify_all();
         }
-        st.seq += 1;
-        write_line(&mut st.buf, &mut event, st.seq, &self.instance, &mut st.prev);
-        self.metrics.audit_events.inc();
-        if let Some(cp) = st.checkpoints.as_mut() {
-            cp.since += 1;
-            if cp.due(0) {
-                st.seq += 1;
-                cp.write(&mut st.buf, st.seq, &self.instance, &mut st.prev);
-            }
-        }
+        st.queue.push(event);
+        st.appended += 1;
     }
 
     /// Waits until every event appended so far is written and flushed; returns the last number.
     pub(super) fn flush(&self) -> u64 {
         let mut st = self.lock();
-        let target = st.seq;
+        let target = st.appended;
         while st.written < target {
             self.cond.notify_all();
             st = self.cond.wait_timeout(st, Duration::from_millis(100)).unwrap_or_else(|p| p.into_inner()).0;
         }
-        target
+        st.last_seq
     }
 
-    /// The writer thread: every tick (or at once for a flush or a full buffer), takes the buffer
-    /// and writes it to every sink in its format. Callers never wake it, except the first event
-    /// after a quiet spell.
-    pub(super) fn run(&self, mut sinks: Vec<(sink::Sink, AuditFormat)>) {
+    /// The writer thread: every tick (or at once for a flush or a full queue), takes the queued
+    /// events, numbers, chains and serialises them, and writes the lines to every sink in its
+    /// format. Callers never wake it, except the first event after a quiet spell.
+    pub(super) fn run(&self, mut sinks: Vec<(sink::Sink, AuditFormat)>, checkpoints: Option<Checkpoints>) {
         let ctx = format::Context::local();
+        let mut chain = Chain { seq: 0, prev: super::chain::GENESIS.to_string(), checkpoints };
+        let mut batch: Vec<Event> = Vec::with_capacity(1024);
         let mut lines = Vec::with_capacity(64 * 1024);
         let mut mapped = Vec::with_capacity(64 * 1024);
         let mut quiet = Quiet::default();
         loop {
             let (wait, sleep) = quiet.after_tick(!lines.is_empty());
             lines.clear();
-            let upto = {
+            let taken = {
                 let mut st = self.lock();
                 st.sleeping = sleep;
                 st = self.cond.wait_timeout(st, wait).unwrap_or_else(|p| p.into_inner()).0;
                 st.sleeping = false;
-                // A checkpoint due by time while traffic is quiet.
-                let st = &mut *st;
-                if let Some(cp) = st.checkpoints.as_mut()
-                    && cp.since > 0
-                    && cp.due(0)
-                {
-                    st.seq += 1;
-                    cp.write(&mut st.buf, st.seq, &self.instance, &mut st.prev);
+                std::mem::swap(&mut st.queue, &mut batch);
+                if batch.len() >= Self::MAX_QUEUED {
+                    // Callers may be waiting for room.
+                    self.cond.notify_all();
                 }
-                std::mem::swap(&mut st.buf, &mut lines);
-                st.seq
+                st.appended
             };
+            for mut event in batch.drain(..) {
+                chain.seq += 1;
+                write_line(&mut lines, &mut event, chain.seq, &self.instance, &mut chain.prev);
+                self.metrics.audit_events.inc();
+                if let Some(cp) = chain.checkpoints.as_mut() {
+                    cp.since += 1;
+                }
+                chain.checkpoint(&mut lines, &self.instance);
+            }
+            // A checkpoint due by time while traffic is quiet.
+            chain.checkpoint(&mut lines, &self.instance);
             if !lines.is_empty() {
                 for (s, fmt) in sinks.iter_mut() {
                     let bytes = if *fmt == AuditFormat::Json {
@@ -142,10 +148,24 @@ impl Direct {
                 self.metrics.audit_direct_writes.inc();
             }
             let mut st = self.lock();
-            if st.written != upto {
-                st.written = upto;
+            st.last_seq = chain.seq;
+            if st.written != taken {
+                st.written = taken;
                 self.cond.notify_all();
             }
+        }
+    }
+}
+
+impl Chain {
+    /// Writes a checkpoint when one is due (by count or by time).
+    fn checkpoint(&mut self, lines: &mut Vec<u8>, instance: &str) {
+        if let Some(cp) = self.checkpoints.as_mut()
+            && cp.since > 0
+            && cp.due(0)
+        {
+            self.seq += 1;
+            cp.write(lines, self.seq, instance, &mut self.prev);
         }
     }
 }

@@ -17,6 +17,7 @@ pub(crate) mod format;
 mod group_commit;
 pub(crate) mod http;
 mod inline;
+mod json;
 mod sink;
 mod spool;
 mod spooled;
@@ -48,7 +49,7 @@ const QUEUE: usize = 16 * 1024;
 
 /// How events are written: the three modes.
 enum Writer {
-    /// No spool: callers serialise into a shared buffer; a thread writes it to the sinks.
+    /// No spool: callers hand events over; a thread serialises them and writes to the sinks.
     Direct(Arc<Direct>),
     /// Spool with `fsync: always`: the writer thread appends and fsyncs queued decisions in
     /// batches.
@@ -91,10 +92,10 @@ impl Audit {
         let lost_in_queue = Arc::new(AtomicU64::new(0));
         let Some(spool_cfg) = &cfg.spool else {
             let sinks = opened.into_iter().zip(&cfg.sinks).map(|((_, s), c)| (s, c.format())).collect();
-            let direct = Arc::new(Direct::new(instance.clone(), checkpoints, metrics.clone()));
+            let direct = Arc::new(Direct::new(instance.clone(), metrics.clone()));
             let d = direct.clone();
-            // Detached: it ends with the process; `close` makes sure everything buffered is written first.
-            std::thread::Builder::new().name("audit-writer".into()).spawn(move || d.run(sinks))?;
+            // Detached: it ends with the process; `close` makes sure everything queued is written first.
+            std::thread::Builder::new().name("audit-writer".into()).spawn(move || d.run(sinks, checkpoints))?;
             let audit =
                 Audit { writer: Writer::Direct(direct), on_failure: cfg.on_failure, healthy, lost_in_queue, metrics };
             return Ok((audit, instance));
@@ -226,10 +227,7 @@ fn write_line(out: &mut Vec<u8>, ev: &mut Event, seq: u64, instance: &Arc<str>, 
     ev.prev_hash = Some(std::mem::take(prev));
     ev.hash = None;
     let start = out.len();
-    if serde_json::to_writer(&mut *out, &*ev).is_err() {
-        out.truncate(start);
-        return;
-    }
+    json::write_event(out, ev);
     // The compact serialisation is the canonical form (members declared in order), unless a
     // label name is outside ASCII (byte order and UTF-16 order may then differ).
     let ascii_labels = ev.client.labels.as_ref().is_none_or(|l| l.keys().all(|k| k.is_ascii()));
