@@ -75,8 +75,8 @@ where
     let down = AtomicU64::new(0);
     let mut c = Counted { inner: client, read: &up };
     let mut u = Counted { inner: upstream, read: &down };
-    let copy = tokio::io::copy_bidirectional_with_sizes(&mut c, &mut u, BUF, BUF);
-    supervise(async { copy.await.map(|_| ()) }, &up, &down, idle, stop).await
+    let copy = std::pin::pin!(tokio::io::copy_bidirectional_with_sizes(&mut c, &mut u, BUF, BUF));
+    supervise(copy, &up, &down, idle, stop).await
 }
 
 /// How a tunnel relays, from `limits` (read once per connection, so a reload applies to the
@@ -115,13 +115,17 @@ pub(crate) async fn relay_tcp(
         let _ = client.set_nodelay(false);
         let _ = upstream.set_nodelay(false);
     }
-    let copy = egress_netio::relay(&client, &upstream, &up, &down, tunnel.coalesce);
-    supervise(async { copy.await.map(|_| ()) }, &up, &down, tunnel.idle, stop).await
+    let copy = std::pin::pin!(egress_netio::relay(&client, &upstream, &up, &down, tunnel.coalesce));
+    supervise(copy, &up, &down, tunnel.idle, stop).await
 }
 
 /// Runs `copy` until it ends, the counters stop moving for `idle`, or `stop` fires.
-async fn supervise(
-    copy: impl std::future::Future<Output = io::Result<()>>,
+///
+/// `copy` is pinned by the caller and borrowed here, not moved in: a future passed by value is
+/// stored twice in the state machine (once as the argument, once as the awaited value), and
+/// every open tunnel carries that state for its whole life.
+async fn supervise<T>(
+    copy: Pin<&mut impl std::future::Future<Output = io::Result<T>>>,
     up: &AtomicU64,
     down: &AtomicU64,
     idle: Duration,
@@ -147,7 +151,7 @@ async fn supervise(
     };
     let (end, error) = tokio::select! {
         r = copy => match r {
-            Ok(()) => (End::Completed, None),
+            Ok(_) => (End::Completed, None),
             Err(e) => {
                 let end = match e.kind() {
                     io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::UnexpectedEof => End::UpstreamClosed,

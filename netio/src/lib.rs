@@ -419,6 +419,11 @@ async fn one_way(
 /// Relays both directions until both are finished (or one fails), counting bytes a->b into
 /// `a_to_b` and b->a into `b_to_a` as they leave; returns the totals. `hold` is the longest a
 /// bulk direction holds a partial read while batching ([`DEFAULT_HOLD`]; zero: never batch).
+///
+/// The sockets may come from another task (hyper's connection task hands a CONNECT's client
+/// socket over): their registrations still hold that task's waker, and with it the task's whole
+/// allocation (about 9 KiB for an HTTP connection), until the next readiness event. An idle
+/// tunnel may never see one, so the wakers are let go here first.
 pub async fn relay(
     a: &TcpStream,
     b: &TcpStream,
@@ -426,7 +431,18 @@ pub async fn relay(
     b_to_a: &AtomicU64,
     hold: Duration,
 ) -> io::Result<(u64, u64)> {
+    release_wakers(a);
+    release_wakers(b);
     tokio::try_join!(one_way(a, b, a_to_b, hold, || pipe(PIPE)), one_way(b, a, b_to_a, hold, || pipe(PIPE)))
+}
+
+/// Replaces the wakers stored in `s`'s registration by a no-op one. A waker is stored only for
+/// a direction that is not ready, and the relay waits through `readable()`/`writable()`, which
+/// keep their own waiters: nothing that waits is forgotten.
+fn release_wakers(s: &TcpStream) {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let _ = s.poll_read_ready(&mut cx);
+    let _ = s.poll_write_ready(&mut cx);
 }
 
 #[cfg(test)]
@@ -478,6 +494,29 @@ mod tests {
         drop((a, b));
         assert!(server.await.unwrap() == up_data, "upstream bytes differ");
         assert!(client.await.unwrap() == down_data, "downstream bytes differ");
+    }
+
+    /// A socket handed over by a task that waited on it (hyper's connection task) must not keep
+    /// that task's waker, and so its memory, for as long as the tunnel is idle.
+    #[tokio::test]
+    async fn lets_go_of_the_wakers_of_the_task_that_had_the_socket() {
+        struct Marker;
+        impl std::task::Wake for Marker {
+            fn wake(self: std::sync::Arc<Self>) {}
+        }
+        let ((_client, a), (_server, b)) = pairs().await;
+        let marker = std::sync::Arc::new(Marker);
+        let waker = std::task::Waker::from(marker.clone());
+        // Nothing to read (a read that would block clears a readiness left from registering):
+        // the registration keeps the waker, as it does for hyper's task.
+        assert!(a.try_read(&mut [0u8; 16]).is_err_and(|e| e.kind() == io::ErrorKind::WouldBlock));
+        assert!(a.poll_read_ready(&mut std::task::Context::from_waker(&waker)).is_pending());
+        drop(waker);
+        assert_eq!(std::sync::Arc::strong_count(&marker), 2, "the registration holds the waker");
+        let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+        let relaying = relay(&a, &b, &up, &down, DEFAULT_HOLD);
+        let _ = tokio::time::timeout(Duration::from_millis(50), relaying).await;
+        assert_eq!(std::sync::Arc::strong_count(&marker), 1, "the idle relay let go of the old waker");
     }
 
     /// A request and a small answer are copied; no pipe is ever made for them.

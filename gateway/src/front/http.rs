@@ -208,19 +208,26 @@ async fn connect(gw: Gateway, ereq: EgressRequest, req: Request<Incoming>) -> Re
         let r = match upgraded.downcast::<TokioIo<CountingIo<TcpStream>>>() {
             Ok(parts) => {
                 let mut upstream = up.stream;
-                let early = parts.read_buf.len() as u64;
+                // What the client sent after its CONNECT head. Dropped before relaying: it is a
+                // view of hyper's read buffer (8 KiB or more), which it would keep alive for
+                // the tunnel's whole life.
+                let read_buf = parts.read_buf;
+                let early = read_buf.len() as u64;
                 if early > 0
-                    && let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut upstream, &parts.read_buf).await
+                    && let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut upstream, &read_buf).await
                 {
                     return up.log.finish(0, 0, End::UpstreamClosed, None, Some(e.to_string()));
                 }
+                drop(read_buf);
                 let mut r =
                     crate::relay::relay_tcp(parts.io.into_inner().io, upstream, tunnel, &gw2.runtime.stop).await;
                 r.up += early;
                 r
             }
             Err(upgraded) => {
-                crate::relay::relay(TokioIo::new(upgraded), up.stream, tunnel.idle, &gw2.runtime.stop).await
+                // Not a plain socket (the HTTPS front's TLS stream): boxed, so that its larger
+                // state is not part of every plain tunnel's.
+                Box::pin(crate::relay::relay(TokioIo::new(upgraded), up.stream, tunnel.idle, &gw2.runtime.stop)).await
             }
         };
         up.log.finish(r.up, r.down, r.end, None, r.error);
