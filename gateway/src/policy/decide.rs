@@ -228,28 +228,36 @@ impl Snapshot {
     /// No rule matched: isolated clients are denied (or let through by Audit mode), others get
     /// the default action.
     fn fallback(&self, selected: Arc<[usize]>) -> Decision {
-        let isolating: Vec<usize> = selected.iter().copied().filter(|&i| self.policies[i].isolates).collect();
-        if isolating.is_empty() {
+        // One pass that stops at the first isolating policy in Enforce mode, nothing allocated:
+        // a client many policies select pays for them only when all of those are in Audit mode.
+        let mut first = None;
+        let mut enforcing = None;
+        for &i in selected.iter() {
+            let p = &self.policies[i];
+            if !p.isolates {
+                continue;
+            }
+            first.get_or_insert(i);
+            if p.mode == Mode::Enforce {
+                enforcing = Some(i);
+                break;
+            }
+        }
+        let Some(first) = first else {
             return match self.default_action {
                 DefaultAction::Allow => Decision::new(Action::Allow, Reason::DefaultAllow, selected),
                 DefaultAction::Deny => Decision::new(Action::Deny, Reason::DefaultDeny, selected),
             };
-        }
-        let first = &self.policies[isolating[0]];
-        let all_audit = isolating.iter().all(|&i| self.policies[i].mode == Mode::Audit);
-        let mut d = if all_audit {
-            Decision::new(Action::Allow, Reason::AuditWouldDeny, selected)
-        } else {
-            Decision::new(Action::Deny, Reason::NoRuleMatched, selected)
         };
-        let decider = if all_audit {
-            first
-        } else {
-            isolating.iter().map(|&i| &self.policies[i]).find(|p| p.mode == Mode::Enforce).unwrap_or(first)
+        // All in Audit mode: the first decides and lets it through; else the first that enforces.
+        let (index, mut d) = match enforcing {
+            None => (first, Decision::new(Action::Allow, Reason::AuditWouldDeny, selected)),
+            Some(i) => (i, Decision::new(Action::Deny, Reason::NoRuleMatched, selected)),
         };
+        let decider = &self.policies[index];
         d.policy = Some(decider.key.clone());
         d.mode = decider.mode;
-        d.policy_index = isolating.iter().copied().find(|&i| Arc::ptr_eq(&self.policies[i].key, &decider.key));
+        d.policy_index = Some(index);
         d.egress_address = decider.egress_address.clone();
         d
     }
