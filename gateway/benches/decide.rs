@@ -62,8 +62,7 @@ fn bench(c: &mut Criterion) {
         let snap = Snapshot::compile(DefaultAction::Deny, &policies(n, domains), None);
         id.selected = snap.selected(Some(&id)).into();
         let size = format!("{n}p_{}domains_{n}cidrs", n * domains);
-        let exact =
-            Target { host: Host::Name(format!("svc{}-{}.example.com", n - 10, domains.max(2) - 1).into()), port: 443 };
+        let exact = Target { host: Host::Name(format!("svc{}-{}.example.com", n - 10, domains.max(2) - 1)), port: 443 };
         let wild = Target { host: Host::Name("a.b.tenant0.example.net".into()), port: 443 };
         let miss = Target { host: Host::Name("www.unknown-site.example".into()), port: 443 };
         let ip = Target { host: Host::Ip("10.0.0.7".parse().unwrap()), port: 5432 };
