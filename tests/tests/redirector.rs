@@ -1191,7 +1191,9 @@ fn bench_redirected_vs_direct() {
     let body = format!(
         r#"
 {TRUSTED}
-clients: [{{cidr: 192.0.2.10/32, namespace: shop, name: web-1, labels: {{app: web}}}}]
+clients:
+  - {{cidr: 192.0.2.10/32, namespace: shop, name: web-1, labels: {{app: web}}}}
+  - {{cidr: 127.0.0.1/32, namespace: shop, name: web-2, labels: {{app: web}}}}
 policies:
   - apiVersion: egress.dev/v1alpha1
     kind: EgressPolicy
@@ -1200,6 +1202,7 @@ policies:
 "#
     );
     let gw = Gateway::start_with(Some(dns.addr), Some(&w.gw_ns), &body);
+    let gw_http = gw.http;
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("redirector.yaml");
     std::fs::write(&cfg, format!(
@@ -1289,6 +1292,48 @@ policies:
         };
         eprintln!("  CPU us/conn redirected: {}\n              direct:     {}", us(rc), us(dc));
         eprintln!("  CPU-bound ceiling of the ratio on these cores: {:.2}", dc.total / rc.total);
+        // The same requests as explicit CONNECTs to the gateway (from inside its namespace, a
+        // client of the same policy): the gateway's CPU per connection on its CONNECT front,
+        // to hold its transparent front's against, in the same run.
+        let cpu = CpuSample::now(pids);
+        let n = w.gw_ns.enter(move || {
+            let until = std::time::Instant::now() + Duration::from_secs(5);
+            let threads: Vec<_> = (0..8)
+                .map(|_| {
+                    std::thread::spawn(move || {
+                        use std::io::{Read, Write};
+                        let mut n = 0u64;
+                        while std::time::Instant::now() < until {
+                            let mut s = std::net::TcpStream::connect(gw_http).unwrap();
+                            s.write_all(
+                                format!("CONNECT allowed.test:{p} HTTP/1.1\r\nHost: allowed.test:{p}\r\n\r\n")
+                                    .as_bytes(),
+                            )
+                            .unwrap();
+                            let mut head = [0u8; 256];
+                            let k = s.read(&mut head).unwrap();
+                            assert!(head[..k].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head[..k]));
+                            s.write_all(b"GET /bytes/1024 HTTP/1.1\r\nHost: allowed.test\r\nConnection: close\r\n\r\n")
+                                .unwrap();
+                            let mut buf = Vec::new();
+                            s.read_to_end(&mut buf).unwrap();
+                            assert!(buf.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf));
+                            n += 1;
+                        }
+                        n
+                    })
+                })
+                .collect();
+            threads.into_iter().map(|t| t.join().unwrap()).sum::<u64>()
+        });
+        let cc = cpu.until_now(n as f64);
+        eprintln!("CONNECT to the gateway (8 parallel): {:.0}/s", n as f64 / 5.0);
+        eprintln!(
+            "  gateway CPU us/conn: CONNECT {:.1}, transparent {:.1} (ratio {:.2})",
+            cc.gateway * 1e6,
+            rc.gateway * 1e6,
+            rc.gateway / cc.gateway
+        );
     }
 }
 
