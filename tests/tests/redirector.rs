@@ -1245,27 +1245,8 @@ policies:
         let target: std::net::SocketAddr = format!("203.0.113.10:{p}").parse().unwrap();
         let cpu = CpuSample::now(pids);
         let n = w.pod_of(src).enter(move || {
-            let until = std::time::Instant::now() + Duration::from_secs(5);
-            let threads: Vec<_> = (0..8)
-                .map(|_| {
-                    // Spawned from a pinned thread when EGRESS_BENCH_PIN=1: they inherit CPU 0.
-                    std::thread::spawn(move || {
-                        let mut n = 0u64;
-                        while std::time::Instant::now() < until {
-                            let mut s = connect_from(src, target);
-                            use std::io::{Read, Write};
-                            s.write_all(b"GET /bytes/1024 HTTP/1.1\r\nHost: allowed.test\r\nConnection: close\r\n\r\n")
-                                .unwrap();
-                            let mut buf = Vec::new();
-                            s.read_to_end(&mut buf).unwrap();
-                            assert!(buf.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf));
-                            n += 1;
-                        }
-                        n
-                    })
-                })
-                .collect();
-            threads.into_iter().map(|t| t.join().unwrap()).sum::<u64>()
+            // Spawned from a pinned thread when EGRESS_BENCH_PIN=1: the threads inherit CPU 0.
+            connections_for_5s(move || get_1k(connect_from(src, target)))
         });
         (n as f64 / 5.0, cpu.until_now(n as f64))
     };
@@ -1297,34 +1278,16 @@ policies:
         // to hold its transparent front's against, in the same run.
         let cpu = CpuSample::now(pids);
         let n = w.gw_ns.enter(move || {
-            let until = std::time::Instant::now() + Duration::from_secs(5);
-            let threads: Vec<_> = (0..8)
-                .map(|_| {
-                    std::thread::spawn(move || {
-                        use std::io::{Read, Write};
-                        let mut n = 0u64;
-                        while std::time::Instant::now() < until {
-                            let mut s = std::net::TcpStream::connect(gw_http).unwrap();
-                            s.write_all(
-                                format!("CONNECT allowed.test:{p} HTTP/1.1\r\nHost: allowed.test:{p}\r\n\r\n")
-                                    .as_bytes(),
-                            )
-                            .unwrap();
-                            let mut head = [0u8; 256];
-                            let k = s.read(&mut head).unwrap();
-                            assert!(head[..k].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head[..k]));
-                            s.write_all(b"GET /bytes/1024 HTTP/1.1\r\nHost: allowed.test\r\nConnection: close\r\n\r\n")
-                                .unwrap();
-                            let mut buf = Vec::new();
-                            s.read_to_end(&mut buf).unwrap();
-                            assert!(buf.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf));
-                            n += 1;
-                        }
-                        n
-                    })
-                })
-                .collect();
-            threads.into_iter().map(|t| t.join().unwrap()).sum::<u64>()
+            connections_for_5s(move || {
+                use std::io::{Read, Write};
+                let mut s = std::net::TcpStream::connect(gw_http).unwrap();
+                s.write_all(format!("CONNECT allowed.test:{p} HTTP/1.1\r\nHost: allowed.test:{p}\r\n\r\n").as_bytes())
+                    .unwrap();
+                let mut head = [0u8; 256];
+                let k = s.read(&mut head).unwrap();
+                assert!(head[..k].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head[..k]));
+                get_1k(s)
+            })
         });
         let cc = cpu.until_now(n as f64);
         eprintln!("CONNECT to the gateway (8 parallel): {:.0}/s", n as f64 / 5.0);
@@ -1335,6 +1298,34 @@ policies:
             rc.gateway / cc.gateway
         );
     }
+}
+
+/// Opens connections with `one` from 8 threads for 5 seconds; returns how many completed.
+fn connections_for_5s(one: impl Fn() + Clone + Send + 'static) -> u64 {
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let one = one.clone();
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while std::time::Instant::now() < until {
+                    one();
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).sum()
+}
+
+/// One `GET /bytes/1024` on `s` (closing it), checked for a 200.
+fn get_1k(mut s: std::net::TcpStream) {
+    use std::io::{Read, Write};
+    s.write_all(b"GET /bytes/1024 HTTP/1.1\r\nHost: allowed.test\r\nConnection: close\r\n\r\n").unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).unwrap();
+    assert!(buf.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf));
 }
 
 /// CPU spent during a benchmark phase, per unit of work (GiB or connection): the relay's and the

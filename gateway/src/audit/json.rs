@@ -24,18 +24,9 @@ pub(super) fn write_event(out: &mut Vec<u8>, ev: &Event) {
     string(out, &ev.connection_id);
     out.extend_from_slice(b",\"decision\":");
     decision(out, &ev.decision);
-    if let Some(d) = &ev.dialled {
-        out.extend_from_slice(b",\"dialled\":");
-        display(out, d);
-    }
-    if let Some(p) = &ev.egress_pool {
-        out.extend_from_slice(b",\"egress_pool\":");
-        string(out, p);
-    }
-    if let Some(s) = &ev.egress_source {
-        out.extend_from_slice(b",\"egress_source\":");
-        display(out, s);
-    }
+    opt_display(out, b",\"dialled\":", ev.dialled.as_ref());
+    opt_string(out, b",\"egress_pool\":", ev.egress_pool.as_deref());
+    opt_display(out, b",\"egress_source\":", ev.egress_source.as_ref());
     out.extend_from_slice(b",\"event\":\"");
     out.extend_from_slice(match ev.event {
         EventKind::Decision => b"decision\"".as_slice(),
@@ -44,18 +35,12 @@ pub(super) fn write_event(out: &mut Vec<u8>, ev: &Event) {
     out.extend_from_slice(b",\"front\":\"");
     out.extend_from_slice(ev.front.as_str().as_bytes());
     out.push(b'"');
-    if let Some(h) = &ev.hash {
-        out.extend_from_slice(b",\"hash\":");
-        string(out, h);
-    }
+    opt_string(out, b",\"hash\":", ev.hash.as_deref());
     out.extend_from_slice(b",\"id\":");
     string(out, &ev.id);
     out.extend_from_slice(b",\"instance\":");
     string(out, &ev.instance);
-    if let Some(p) = &ev.prev_hash {
-        out.extend_from_slice(b",\"prev_hash\":");
-        string(out, p);
-    }
+    opt_string(out, b",\"prev_hash\":", ev.prev_hash.as_deref());
     out.extend_from_slice(b",\"request_id\":");
     string(out, &ev.request_id);
     if !ev.resolved.is_empty() {
@@ -94,24 +79,12 @@ fn client(out: &mut Vec<u8>, c: &ClientInfo) {
         }
         out.push(b'}');
     }
-    if let Some(n) = &c.name {
-        out.extend_from_slice(b",\"name\":");
-        string(out, n);
-    }
-    if let Some(n) = &c.namespace {
-        out.extend_from_slice(b",\"namespace\":");
-        string(out, n);
-    }
+    opt_string(out, b",\"name\":", c.name.as_deref());
+    opt_string(out, b",\"namespace\":", c.namespace.as_deref());
     out.extend_from_slice(b",\"port\":");
     number(out, u64::from(c.port));
-    if let Some(sa) = &c.service_account {
-        out.extend_from_slice(b",\"serviceAccount\":");
-        string(out, sa);
-    }
-    if let Some(id) = &c.spiffe_id {
-        out.extend_from_slice(b",\"spiffe_id\":");
-        string(out, id);
-    }
+    opt_string(out, b",\"serviceAccount\":", c.service_account.as_deref());
+    opt_string(out, b",\"spiffe_id\":", c.spiffe_id.as_deref());
     out.push(b'}');
 }
 
@@ -125,10 +98,7 @@ fn close(out: &mut Vec<u8>, c: &CloseInfo) {
     out.extend_from_slice(b",\"end\":\"");
     out.extend_from_slice(end(c.end).as_bytes());
     out.push(b'"');
-    if let Some(e) = &c.error {
-        out.extend_from_slice(b",\"error\":");
-        string(out, e);
-    }
+    opt_string(out, b",\"error\":", c.error.as_deref());
     if let Some(s) = c.http_status {
         out.extend_from_slice(b",\"http_status\":");
         number(out, u64::from(s));
@@ -141,14 +111,8 @@ fn decision(out: &mut Vec<u8>, d: &DecisionInfo) {
         Action::Allow => b"{\"action\":\"allow\"".as_slice(),
         Action::Deny => b"{\"action\":\"deny\"".as_slice(),
     });
-    if let Some(t) = &d.detail {
-        out.extend_from_slice(b",\"detail\":");
-        string(out, t);
-    }
-    if let Some(c) = d.guard_category {
-        out.extend_from_slice(b",\"guard_category\":");
-        string(out, c);
-    }
+    opt_string(out, b",\"detail\":", d.detail.as_deref());
+    opt_string(out, b",\"guard_category\":", d.guard_category);
     if !d.guard_exempt.is_empty() {
         out.extend_from_slice(b",\"guard_exempt\":[");
         for (i, n) in d.guard_exempt.iter().enumerate() {
@@ -163,17 +127,11 @@ fn decision(out: &mut Vec<u8>, d: &DecisionInfo) {
         egress_crds::Mode::Enforce => b",\"mode\":\"Enforce\"".as_slice(),
         egress_crds::Mode::Audit => b",\"mode\":\"Audit\"".as_slice(),
     });
-    if let Some(p) = &d.policy {
-        out.extend_from_slice(b",\"policy\":");
-        string(out, p);
-    }
+    opt_string(out, b",\"policy\":", d.policy.as_deref());
     out.extend_from_slice(b",\"reason\":\"");
     out.extend_from_slice(d.reason.as_str().as_bytes());
     out.push(b'"');
-    if let Some(r) = &d.rule {
-        out.extend_from_slice(b",\"rule\":");
-        string(out, r);
-    }
+    opt_string(out, b",\"rule\":", d.rule.as_deref());
     out.push(b'}');
 }
 
@@ -202,6 +160,22 @@ fn end(e: End) -> &'static str {
         End::ConnectFailed => "connect_failed",
         End::ClientError => "client_error",
         End::Error => "error",
+    }
+}
+
+/// `key` (`,"name":`) and the string, when there is one.
+fn opt_string(out: &mut Vec<u8>, key: &[u8], v: Option<&str>) {
+    if let Some(v) = v {
+        out.extend_from_slice(key);
+        string(out, v);
+    }
+}
+
+/// `key` and the value's `Display` string, when there is one.
+fn opt_display(out: &mut Vec<u8>, key: &[u8], v: Option<&impl std::fmt::Display>) {
+    if let Some(v) = v {
+        out.extend_from_slice(key);
+        display(out, v);
     }
 }
 

@@ -383,6 +383,29 @@ mod tests {
         assert_eq!(d.policy.as_deref(), Some("shop/try"));
     }
 
+    /// Several isolating policies and no rule matched: one in Enforce mode denies, whichever
+    /// comes first; only when all are in Audit mode does the request go through.
+    #[test]
+    fn a_no_match_is_denied_if_any_isolating_policy_enforces() {
+        let rules = json!([{"to": [{"domain": "a.test"}]}]);
+        let mixed = snapshot(
+            DefaultAction::Allow,
+            &[namespaced("a-try", "Audit", rules.clone()), namespaced("b-strict", "Enforce", rules.clone())],
+        );
+        let guard = Guard::new(Vec::new(), Vec::new());
+        let target = crate::target::parse_authority("b.test:443").unwrap();
+        let d = mixed.decide(&guard, Some(&pod(&mixed, "api")), &target, None);
+        assert_eq!((d.action, d.reason, d.mode), (Action::Deny, Reason::NoRuleMatched, Mode::Enforce));
+        assert_eq!(d.policy.as_deref(), Some("shop/b-strict"));
+        let audit = snapshot(
+            DefaultAction::Deny,
+            &[namespaced("a-try", "Audit", rules.clone()), namespaced("b-try", "Audit", rules)],
+        );
+        let d = audit.decide(&guard, Some(&pod(&audit, "api")), &target, None);
+        assert_eq!((d.action, d.reason, d.mode), (Action::Allow, Reason::AuditWouldDeny, Mode::Audit));
+        assert_eq!(d.policy.as_deref(), Some("shop/a-try"));
+    }
+
     #[test]
     fn rejects_internal_addresses_that_only_a_cidr_rule_names() {
         let s =
