@@ -190,11 +190,12 @@ pub async fn serve(listener: TcpListener, relay: Arc<Relay>) {
             continue;
         };
         let relay = relay.clone();
-        tokio::spawn(async move {
+        // Boxed, so that spawning and finishing the task move a pointer, not the relay's state.
+        tokio::spawn(Box::pin(async move {
             if let Err(e) = handle(client, peer, &relay).await {
                 tracing::debug!(peer = %peer, error = %e, "relay connection ended with an error");
             }
-        });
+        }));
     }
 }
 

@@ -198,7 +198,8 @@ async fn connect(gw: Gateway, ereq: EgressRequest, req: Request<Incoming>) -> Re
     };
     let tunnel = crate::relay::Tunnel::from(&gw.pipeline.limits());
     let gw2 = gw.clone();
-    gw.runtime.tracker.spawn(async move {
+    // Boxed (as every per-connection task): spawning moves a pointer, not the tunnel's state.
+    gw.runtime.tracker.spawn(Box::pin(async move {
         let _tunnel_permit = tunnel_permit;
         let upgraded = match hyper::upgrade::on(req).await {
             Ok(u) => u,
@@ -231,7 +232,7 @@ async fn connect(gw: Gateway, ereq: EgressRequest, req: Request<Incoming>) -> Re
             }
         };
         up.log.finish(r.up, r.down, r.end, None, r.error);
-    });
+    }));
     Response::new(empty())
 }
 
@@ -374,9 +375,9 @@ async fn forward(
             let handshake = hyper::client::conn::http1::Builder::new().handshake(TokioIo::new(up.stream)).await;
             match handshake {
                 Ok((sender, connection)) => {
-                    gw.runtime.tracker.spawn(async move {
+                    gw.runtime.tracker.spawn(Box::pin(async move {
                         let _ = connection.await;
-                    });
+                    }));
                     (sender, up.log, up.dialled, source, pool)
                 }
                 Err(e) => {

@@ -35,7 +35,10 @@ where
         match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                let conn = handle(gw.clone(), stream, peer);
+                // Boxed: a connection's future is several KiB (hyper's state machine), and a
+                // task moves its future a few times while it is spawned and again when it
+                // finishes; a box moves a pointer.
+                let conn = Box::pin(handle(gw.clone(), stream, peer));
                 let gw2 = gw.clone();
                 gw.runtime.tracker.spawn(async move {
                     gw2.pipeline.metrics.active_connections.inc();
