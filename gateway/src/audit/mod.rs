@@ -75,6 +75,37 @@ pub struct Audit {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AuditUnavailable;
 
+/// A decision event handed to [`Audit::commit`]: resolves once it is committed.
+#[must_use = "the event may not be committed yet: await it"]
+pub struct Commit(CommitState);
+
+enum CommitState {
+    /// Decided at the call (no spool, `fsync: always`, or the queue refused it).
+    Done(Option<Result<(), AuditUnavailable>>),
+    /// Queued for the group commit: the writer answers once it is on disk.
+    Waiting(tokio::sync::oneshot::Receiver<bool>),
+}
+
+impl Commit {
+    fn done(r: Result<(), AuditUnavailable>) -> Commit {
+        Commit(CommitState::Done(Some(r)))
+    }
+}
+
+impl std::future::Future for Commit {
+    type Output = Result<(), AuditUnavailable>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        match &mut self.0 {
+            CommitState::Done(r) => std::task::Poll::Ready(r.take().expect("Commit polled after completion")),
+            CommitState::Waiting(rx) => std::pin::Pin::new(rx).poll(cx).map(|r| match r {
+                Ok(true) => Ok(()),
+                _ => Err(AuditUnavailable),
+            }),
+        }
+    }
+}
+
 impl Audit {
     /// Opens the spool and every sink (errors name them) and starts the writer (and, with a
     /// spool, one delivery thread per sink). Returns the instance id of the event stream: the
@@ -126,24 +157,25 @@ impl Audit {
         }
     }
 
-    /// Writes a decision event and waits until it is committed. `Err` means the request must be
-    /// refused (`failClosed` and the event could not be committed).
-    pub async fn commit(&self, event: Event) -> Result<(), AuditUnavailable> {
+    /// Writes a decision event (handed over at the call, in the order of calls); the returned
+    /// future resolves once it is committed. `Err` means the request must be refused
+    /// (`failClosed` and the event could not be committed). Not an `async fn`: its future would
+    /// hold the event, and it is part of every request's future.
+    pub fn commit(&self, event: Event) -> Commit {
         let sp = match &self.writer {
             Writer::Direct(d) => {
                 d.append(event);
-                return Ok(());
+                return Commit::done(Ok(()));
             }
             Writer::Inline(sp) => {
-                return if sp.append_now(event, true) { Ok(()) } else { Err(AuditUnavailable) };
+                return Commit::done(if sp.append_now(event, true) { Ok(()) } else { Err(AuditUnavailable) });
             }
             Writer::GroupCommit(sp) => sp,
         };
-        failpoint!("audit::queue_full", |_| self.failed());
-        let Some(committed) = sp.queue(event) else { return self.failed() };
-        match committed.await {
-            Ok(true) => Ok(()),
-            _ => Err(AuditUnavailable),
+        failpoint!("audit::queue_full", |_| Commit::done(self.failed()));
+        match sp.queue(event) {
+            Some(committed) => Commit(CommitState::Waiting(committed)),
+            None => Commit::done(self.failed()),
         }
     }
 

@@ -145,7 +145,8 @@ async fn handle(
                 gw.pipeline.refuse_malformed(&ereq, Reason::MalformedRequest, "a CONNECT request carries no content");
             return refusal(&r, true);
         }
-        return connect(gw, ereq, req).await;
+        // Boxed, as the other paths that dial: out of every keep-alive request's future.
+        return Box::pin(connect(gw, ereq, req)).await;
     }
     let uri = req.uri().clone();
     let facts = http_facts(req.method().as_str(), uri.path());
@@ -367,12 +368,15 @@ async fn forward(
         }
         _ => {
             let pool = permit.pool.clone();
-            let up = match permit.connect().await {
+            // Dialling futures are boxed: they are large, and only a request that opens an
+            // upstream connection needs them (hyper moves the request's future as a whole).
+            let up = match Box::pin(permit.connect()).await {
                 Ok(u) => u,
                 Err(r) => return refusal(&r, false),
             };
             let source = up.stream.local_addr().ok();
-            let handshake = hyper::client::conn::http1::Builder::new().handshake(TokioIo::new(up.stream)).await;
+            let handshake =
+                Box::pin(hyper::client::conn::http1::Builder::new().handshake(TokioIo::new(up.stream))).await;
             match handshake {
                 Ok((sender, connection)) => {
                     gw.runtime.tracker.spawn(Box::pin(async move {

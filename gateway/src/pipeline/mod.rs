@@ -254,7 +254,7 @@ impl Pipeline {
         {
             // A key the set lacks: the cluster may have rotated its signing key. Fetch the set
             // again (at most once per interval, whoever asks) and decide on what it holds.
-            keys.refetch().await;
+            Box::pin(keys.refetch()).await; // rare: boxed, out of every request's future
             who = self.identify(&state, req);
         }
         let who = match who {

@@ -57,7 +57,9 @@ pub(crate) async fn resolve_checked(
         return Checked { decision, resolved: vec![], addrs: vec![], detail: None, dns_name: None };
     };
     let started = Instant::now();
-    let lookup = resolver.lookup(name).await;
+    // Boxed: the resolver's future is large, and an unboxed one would be part of every request's
+    // future (copied with it), IP-literal and keep-alive ones included.
+    let lookup = Box::pin(resolver.lookup(name)).await;
     if let Some(m) = metrics {
         m.dns_seconds.observe(started.elapsed().as_secs_f64());
     }
