@@ -165,6 +165,13 @@ impl Fam {
             Fam::V6 => "ipv6-icmp",
         }
     }
+    /// The chain of a selected Pod's packets of this family.
+    fn guard_chain(self) -> &'static str {
+        match self {
+            Fam::V4 => "selected_v4",
+            Fam::V6 => "selected_v6",
+        }
+    }
     fn of(a: IpAddr) -> Fam {
         if a.is_ipv4() { Fam::V4 } else { Fam::V6 }
     }
@@ -272,6 +279,8 @@ enum Verdict {
     Drop,
     Redirect(u16),
     Reset,
+    /// Continue in a regular chain (back here after its last rule).
+    Jump(&'static str),
 }
 
 /// One rule of one chain.
@@ -290,6 +299,7 @@ impl Rule {
             Verdict::Drop => "drop".into(),
             Verdict::Redirect(p) => format!("redirect to :{p}"),
             Verdict::Reset => "reject with tcp reset".into(),
+            Verdict::Jump(c) => format!("jump {c}"),
         });
         s.join(" ")
     }
@@ -301,17 +311,22 @@ impl Rule {
             Verdict::Drop => json!({"drop": null}),
             Verdict::Redirect(p) => json!({"redirect": {"port": p}}),
             Verdict::Reset => json!({"reject": {"type": "tcp reset"}}),
+            Verdict::Jump(c) => json!({"jump": {"target": c}}),
         });
         json!({"add": {"rule": {"family": "inet", "table": TABLE, "chain": self.chain, "expr": expr}}})
     }
 }
 
-/// The chains: name, type, hook, priority.
-const CHAINS: &[(&str, &str, &str, i32)] = &[
-    ("guard", "filter", "prerouting", -150),
-    ("steer", "nat", "prerouting", -100),
-    ("relay_in", "filter", "input", 0),
-    ("gateway_fwd", "filter", "forward", 0),
+/// The chains: name and, for a base chain, its type, hook and priority (the others are regular
+/// chains that `guard` jumps to).
+const CHAINS: &[(&str, Option<(&str, &str, i32)>)] = &[
+    ("guard", Some(("filter", "prerouting", -150))),
+    ("antispoof", None),
+    ("selected_v4", None),
+    ("selected_v6", None),
+    ("steer", Some(("nat", "prerouting", -100))),
+    ("relay_in", Some(("filter", "input", 0))),
+    ("gateway_fwd", Some(("filter", "forward", 0))),
 ];
 
 /// One named set: name, element type (one type, or a concatenation), interval, elements.
@@ -329,11 +344,18 @@ impl Desired {
         use Fam::*;
         let mut r = Vec::new();
         let mut add = |chain, matches: Vec<M>, verdict| r.push(Rule { chain, matches, verdict });
+        // The guard sees every packet that enters the node, most of them from Pods it does not
+        // concern: one set lookup sends a packet to the rules that concern it, instead of every
+        // rule testing it again (the relay's own traffic crosses it too).
+        add("guard", vec![M::Iif("selected_ifaces".into())], Verdict::Jump("antispoof"));
+        for f in [V4, V6] {
+            let s = f.suffix();
+            add("guard", vec![M::Saddr(f, format!("selected_{s}"), false)], Verdict::Jump(f.guard_chain()));
+        }
         // Anti-spoofing on the selected Pods' interfaces.
         add(
-            "guard",
+            "antispoof",
             vec![
-                M::Iif("selected_ifaces".into()),
                 M::SaddrNets(V6, vec!["::", "fe80::/10"]),
                 M::DaddrNets(V6, vec!["fe80::/10", "ff02::/16"]),
                 M::L4(vec!["ipv6-icmp"]),
@@ -341,36 +363,32 @@ impl Desired {
             Verdict::Accept,
         );
         for f in [V4, V6] {
-            add(
-                "guard",
-                vec![M::Iif("selected_ifaces".into()), M::IifSaddrNot(f, format!("pod_addrs_{}", f.suffix()))],
-                Verdict::Drop,
-            );
+            add("antispoof", vec![M::IifSaddrNot(f, format!("pod_addrs_{}", f.suffix()))], Verdict::Drop);
         }
+        // What a selected Pod's packets may do (its source address is in `selected_*`).
         for f in [V4, V6] {
-            let sel = || M::Saddr(f, format!("selected_{}", f.suffix()), false);
-            let s = f.suffix();
-            add("guard", vec![sel(), M::Daddr(f, format!("metadata_{s}"), false)], Verdict::Drop);
-            add("guard", vec![sel(), M::Daddr(f, format!("excluded_{s}"), false)], Verdict::Accept);
-            add("guard", vec![sel(), M::CtState(vec!["invalid"])], Verdict::Drop);
-            add("guard", vec![sel(), M::CtReply], Verdict::Accept);
+            let (c, s) = (f.guard_chain(), f.suffix());
+            add(c, vec![M::Daddr(f, format!("metadata_{s}"), false)], Verdict::Drop);
+            add(c, vec![M::Daddr(f, format!("excluded_{s}"), false)], Verdict::Accept);
+            add(c, vec![M::CtState(vec!["invalid"])], Verdict::Drop);
+            add(c, vec![M::CtReply], Verdict::Accept);
             add(
-                "guard",
-                vec![sel(), M::Daddr(f, format!("dns_{s}"), false), M::L4(vec!["tcp", "udp"]), M::Dport(53)],
+                c,
+                vec![M::Daddr(f, format!("dns_{s}"), false), M::L4(vec!["tcp", "udp"]), M::Dport(53)],
                 Verdict::Accept,
             );
-            add("guard", vec![sel(), M::L4(vec!["tcp"]), M::CtState(vec!["new"])], Verdict::Accept);
-            add("guard", vec![sel(), M::L4(vec!["tcp"]), M::CtDnat], Verdict::Accept);
-            add("guard", vec![sel(), M::CtState(vec!["related"]), M::L4(vec![f.icmp()])], Verdict::Accept);
+            add(c, vec![M::L4(vec!["tcp"]), M::CtState(vec!["new"])], Verdict::Accept);
+            add(c, vec![M::L4(vec!["tcp"]), M::CtDnat], Verdict::Accept);
+            add(c, vec![M::CtState(vec!["related"]), M::L4(vec![f.icmp()])], Verdict::Accept);
             if f == V6 {
                 // Neighbour discovery from the Pod's global address (to its router).
                 add(
-                    "guard",
-                    vec![sel(), M::Icmp6Type(vec!["nd-neighbor-solicit", "nd-neighbor-advert", "nd-router-solicit"])],
+                    c,
+                    vec![M::Icmp6Type(vec!["nd-neighbor-solicit", "nd-neighbor-advert", "nd-router-solicit"])],
                     Verdict::Accept,
                 );
             }
-            add("guard", vec![sel()], Verdict::Drop);
+            add(c, vec![], Verdict::Drop);
         }
         // DNS to the cluster resolvers goes through the forwarder (`dns.enabled`), one port per
         // resolver so that it knows which one each query was addressed to.
@@ -503,8 +521,11 @@ impl Desired {
             );
         }
         let rules = self.rules();
-        for (name, ty, hook, prio) in CHAINS {
-            let _ = writeln!(out, "\tchain {name} {{\n\t\ttype {ty} hook {hook} priority {prio}; policy accept;");
+        for (name, base) in CHAINS {
+            let _ = writeln!(out, "\tchain {name} {{");
+            if let Some((ty, hook, prio)) = base {
+                let _ = writeln!(out, "\t\ttype {ty} hook {hook} priority {prio}; policy accept;");
+            }
             for (i, r) in rules.iter().filter(|r| r.chain == *name).enumerate() {
                 let comment =
                     if *name == "guard" && i == 0 { format!(" comment \"{}\"", self.marker()) } else { String::new() };
@@ -536,8 +557,13 @@ impl Desired {
         for set in self.sets() {
             cmds.push(json!({"add": {"set": Desired::set_json(&set)}}));
         }
-        for (name, ty, hook, prio) in CHAINS {
-            cmds.push(json!({"add": {"chain": {"family": "inet", "table": TABLE, "name": name, "type": ty, "hook": hook, "prio": prio, "policy": "accept"}}}));
+        // Every chain before any rule: a jump needs its target.
+        for (name, base) in CHAINS {
+            let mut chain = json!({"family": "inet", "table": TABLE, "name": name});
+            if let Some((ty, hook, prio)) = base {
+                chain = json!({"family": "inet", "table": TABLE, "name": name, "type": ty, "hook": hook, "prio": prio, "policy": "accept"});
+            }
+            cmds.push(json!({"add": {"chain": chain}}));
         }
         let mut first = true;
         for r in self.rules() {
@@ -693,7 +719,11 @@ mod tests {
         let lines = text.lines().filter(|l| l.starts_with("\t\t") && !l.starts_with("\t\ttype ")).count();
         assert_eq!(lines, d.rule_count());
         assert!(text.contains("iifname . ip saddr != @pod_addrs_v4 drop"), "{text}");
-        assert!(text.contains("ip saddr @selected_v4 drop"), "{text}");
+        // One lookup sends a selected Pod's packet to its chain, which ends in a drop.
+        assert!(text.contains("\t\tip saddr @selected_v4 jump selected_v4\n"), "{text}");
+        assert!(text.contains("\t\tiifname @selected_ifaces jump antispoof"), "{text}");
+        let v4 = text.split("\tchain selected_v4 {\n").nth(1).and_then(|c| c.split("\t}").next()).unwrap();
+        assert!(v4.starts_with("\t\tip daddr @metadata_v4 drop\n") && v4.ends_with("\t\tdrop\n"), "{v4}");
         assert!(text.contains("tcp dport 15001 ct status dnat accept"), "{text}");
         assert!(text.contains("ip saddr @pods_v4 ip daddr . tcp dport @gateways_v4 drop"), "{text}");
         assert!(text.contains("elements = { veth1 . 192.0.2.10 }"), "{text}");
