@@ -317,9 +317,12 @@ impl Rule {
     }
 }
 
-/// The chains: name and, for a base chain, its type, hook and priority (the others are regular
-/// chains that `guard` jumps to).
-const CHAINS: &[(&str, Option<(&str, &str, i32)>)] = &[
+/// A base chain's type, hook and priority.
+type Hook = (&'static str, &'static str, i32);
+
+/// The chains: name and, for a base chain, its hook (the others are regular chains that `guard`
+/// jumps to).
+const CHAINS: &[(&str, Option<Hook>)] = &[
     ("guard", Some(("filter", "prerouting", -150))),
     ("antispoof", None),
     ("selected_v4", None),
