@@ -111,6 +111,17 @@ pub(crate) async fn happy_eyeballs(
     candidates: Vec<(SocketAddr, Option<IpAddr>)>,
     timeout: Duration,
 ) -> Result<(TcpStream, SocketAddr), DialError> {
+    if let [(dest, src)] = candidates[..] {
+        // One address (an IP literal, a name with one address of the pool's family): nothing to
+        // race, so no task per attempt; the errors are those of the race below.
+        return match tokio::time::timeout(timeout, connect_one(dest, src)).await {
+            Ok(Ok(s)) => Ok((s, dest)),
+            Ok(Err(e)) if is_local_resource(&e) => Err(DialError::LocalResources(e.to_string())),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => Err(DialError::Refused(e.to_string())),
+            Ok(Err(e)) => Err(DialError::Unreachable(e.to_string())),
+            Err(_) => Err(DialError::Timeout(timeout)),
+        };
+    }
     let work = async {
         let mut set = JoinSet::new();
         let mut next = candidates.into_iter();
@@ -171,6 +182,20 @@ mod tests {
         let (s, to) = happy_eyeballs(vec![(dest, None)], Duration::from_secs(5)).await.unwrap();
         assert_eq!(to, dest);
         assert!(s.nodelay().unwrap());
+    }
+
+    /// The single-address path and the race classify a refused connect alike.
+    #[tokio::test]
+    async fn a_refused_address_is_refused_alone_or_raced() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dest = listener.local_addr().unwrap();
+        drop(listener);
+        for n in [1, 2] {
+            match happy_eyeballs(vec![(dest, None); n], Duration::from_secs(5)).await {
+                Err(DialError::Refused(_)) => {}
+                other => panic!("{n} candidate(s): {:?}", other.map(|(_, d)| d)),
+            }
+        }
     }
 
     #[test]

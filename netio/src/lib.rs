@@ -260,9 +260,22 @@ async fn copy_once(from: &TcpStream, to: &TcpStream, pending: &mut Vec<u8>) -> i
         from.readable().await?;
         // No await in this block, so the buffer lives on the thread's stack, not in the future.
         let mut buf = [MaybeUninit::<u8>::uninit(); COPY];
-        let n = match from.try_io(Interest::READABLE, || recv(from.as_raw_fd(), &mut buf)) {
+        // A short read emptied the socket: its readiness is cleared with it (the closure answers
+        // WouldBlock, which is what clears it), as tokio's own reads do, so the next wait does
+        // not begin with a recv that finds nothing. Readiness that arrives meanwhile carries a
+        // newer tick and is kept: nothing is missed.
+        let mut got = None;
+        let read = from.try_io(Interest::READABLE, || {
+            let n = recv(from.as_raw_fd(), &mut buf)?;
+            got = Some(n);
+            if n > 0 && n < COPY { Err(io::ErrorKind::WouldBlock.into()) } else { Ok(n) }
+        });
+        let n = match read {
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => match got {
+                Some(n) => n,
+                None => continue,
+            },
             Err(e) => return Err(e),
         };
         if n == 0 {
@@ -551,6 +564,42 @@ mod tests {
         assert_eq!(moved, (50 * 300, 50 * 1200));
         assert_eq!(pipes.load(Ordering::Relaxed), 0);
         drop((a, b));
+        far.await.unwrap();
+        echo.await.unwrap();
+    }
+
+    /// A short read clears the socket's readiness: bytes that arrive after it (the second half
+    /// of a message, written a moment later) must still wake the relay, every time.
+    #[tokio::test]
+    async fn bytes_after_a_short_read_are_never_missed() {
+        let ((mut client, a), (mut server, b)) = pairs().await;
+        let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+        let far = tokio::spawn(async move {
+            for i in 0..100u8 {
+                client.write_all(&[i; 10]).await.unwrap();
+                if i % 2 == 0 {
+                    tokio::task::yield_now().await;
+                } else {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                client.write_all(&[i; 7]).await.unwrap();
+                let mut answer = [0u8; 17];
+                client.read_exact(&mut answer).await.unwrap();
+                assert_eq!(answer, [i; 17]);
+            }
+            client.shutdown().await.unwrap();
+        });
+        let echo = tokio::spawn(async move {
+            let mut q = [0u8; 17];
+            while server.read_exact(&mut q).await.is_ok() {
+                server.write_all(&q).await.unwrap();
+            }
+        });
+        let moved = tokio::time::timeout(Duration::from_secs(20), relay(&a, &b, &up, &down, DEFAULT_HOLD))
+            .await
+            .expect("a relay direction missed bytes that arrived after a short read")
+            .unwrap();
+        assert_eq!(moved, (100 * 17, 100 * 17));
         far.await.unwrap();
         echo.await.unwrap();
     }
