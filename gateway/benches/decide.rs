@@ -90,6 +90,18 @@ fn bench(c: &mut Criterion) {
     }
     g.finish();
 
+    // The policies selecting a client: made once per snapshot for address clients, and (since
+    // issue 18) once per state and account for token clients, which paid it on every request
+    // before. Every policy of the client's namespace and every cluster policy is evaluated.
+    let mut g = c.benchmark_group("select");
+    for n in [10usize, 1_000, 10_000] {
+        let snap = Snapshot::compile(DefaultAction::Deny, &policies(n, 1), None);
+        g.bench_with_input(BenchmarkId::from_parameter(format!("{n}p")), &snap, |b, s| {
+            b.iter(|| s.selected(Some(black_box(&id))))
+        });
+    }
+    g.finish();
+
     let mut g = c.benchmark_group("compile");
     g.sample_size(10);
     for (n, domains) in [(1_000usize, 1usize), (10_000, 10)] {

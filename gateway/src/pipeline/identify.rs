@@ -14,7 +14,11 @@
 //! present one. A SOCKS5 client that authenticated as a `socks5.users` entry naming an identity
 //! (`namespace`, `serviceAccount`, `labels`) is that identity (RFC 1929 caps a password at 255
 //! bytes, too short for a token); an entry that names none leaves the client to its address.
+//! The identity a verified credential makes, with the policies that select it, is kept for the
+//! state it was made under (`State::credential_identities`): the next request of the same
+//! account reuses it instead of evaluating every selector again.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -53,6 +57,9 @@ impl IdentitySource {
         }
     }
 }
+
+/// Labels borrowed from where an identity comes from, or made for it.
+type Labels<'a> = Cow<'a, BTreeMap<String, String>>;
 
 /// Why a client could not be identified: its credential was refused.
 pub(super) struct Unidentified {
@@ -168,7 +175,7 @@ impl Pipeline {
     ) -> Result<Arc<Identity>, Unidentified> {
         let (ns, sa) = (claim.namespace, claim.service_account);
         let c = &state.loaded.config;
-        let (name, labels, namespace_labels) = if c.kubernetes.enabled {
+        let (name, labels, namespace_labels): (&str, Labels<'_>, Labels<'_>) = if c.kubernetes.enabled {
             let same_account = from.is_some_and(|p| p.namespace == ns && p.service_account.as_deref() == Some(sa));
             let same_pod = match claim.pod {
                 Some((pod, _)) => same_account && from.is_some_and(|p| p.name == *pod),
@@ -199,36 +206,107 @@ impl Pipeline {
                         .ok_or_else(|| {
                             Unidentified::from((Reason::TokenInvalid, format!("pod gone: {ns}/{pod} no longer exists")))
                         })?;
-                    (pod.clone(), p.labels.clone(), p.namespace_labels.clone())
+                    (pod, Cow::Borrowed(&p.labels), Cow::Borrowed(&p.namespace_labels))
                 }
                 // The connection's own Pod, of the claimed ServiceAccount: that Pod.
                 None => match from.filter(|_| same_account) {
-                    Some(p) => (p.name.clone(), p.labels.clone(), p.namespace_labels.clone()),
-                    None => (sa.to_string(), BTreeMap::new(), state.labels_of_namespace(ns)),
+                    Some(p) => (&p.name, Cow::Borrowed(&p.labels), Cow::Borrowed(&p.namespace_labels)),
+                    None => (sa, Cow::Owned(BTreeMap::new()), Cow::Owned(state.labels_of_namespace(ns))),
                 },
             }
         } else {
             let row = c.clients.iter().find(|r| r.namespace == ns && r.service_account.as_deref() == Some(sa));
-            let name = claim.pod.map(|(p, _)| p.clone()).unwrap_or_else(|| sa.to_string());
-            (name, row.map(|r| r.labels.clone()).unwrap_or_default(), state.labels_of_namespace(ns))
+            let name = claim.pod.map_or(sa, |(p, _)| p.as_str());
+            let labels = row.map_or_else(|| Cow::Owned(BTreeMap::new()), |r| Cow::Borrowed(&r.labels));
+            (name, labels, Cow::Owned(state.labels_of_namespace(ns)))
         };
+        // Made before under this state: the same identity, unless its labels differ (then it is
+        // made again; the selection depends on nothing else).
+        let key = (ns.to_string(), name.to_string(), sa.to_string());
+        if let Some(id) = state.credential_identities.get(&key)
+            && id.labels == *labels
+            && id.namespace_labels == *namespace_labels
+        {
+            return Ok(id.clone());
+        }
         let mut id = Identity {
             namespace: ns.to_string(),
-            name,
+            name: name.to_string(),
             service_account: Some(sa.to_string()),
-            labels,
-            namespace_labels,
+            labels: labels.into_owned(),
+            namespace_labels: namespace_labels.into_owned(),
             verified: true,
             selected: Arc::from([]),
         };
         id.selected = state.snapshot.selected(Some(&id)).into();
-        Ok(Arc::new(id))
+        let id = Arc::new(id);
+        if state.credential_identities.len() < super::state::CREDENTIAL_IDENTITIES {
+            state.credential_identities.insert(key, id.clone());
+        }
+        Ok(id)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::IdentitySource::*;
+    use crate::request::{ClientConn, Credential, EgressRequest, Front};
+    use crate::token::testing::{Issuer, claims};
+
+    /// A token's identity is made once per state (its selection is what costs: every policy of
+    /// its namespace and every cluster policy), never shared between accounts, and made again
+    /// under the next state.
+    #[test]
+    fn a_credential_identity_is_made_once_per_state_and_never_shared() {
+        let issuer = Issuer::new();
+        let dir = tempfile::tempdir().unwrap();
+        let jwks = dir.path().join("jwks.json");
+        std::fs::write(&jwks, issuer.jwks()).unwrap();
+        let path = dir.path().join("gateway.yaml");
+        std::fs::write(
+            &path,
+            format!(
+                "audit: {{sinks: [{{type: file, path: {}}}]}}\nidentity:\n  tokens: {{issuer: \"https://kubernetes.default.svc\", jwksFile: {}}}\nclients:\n  - {{cidr: 192.0.2.1/32, namespace: shop, name: a, serviceAccount: api, labels: {{app: api}}}}\n  - {{cidr: 192.0.2.2/32, namespace: shop, name: w, serviceAccount: web, labels: {{app: web}}}}\npolicies:\n  - apiVersion: egress.dev/v1alpha1\n    kind: EgressPolicy\n    metadata: {{name: api-only, namespace: shop}}\n    spec: {{podSelector: {{matchLabels: {{app: api}}}}, rules: []}}\n",
+                dir.path().join("audit.jsonl").display(),
+                jwks.display()
+            ),
+        )
+        .unwrap();
+        let loaded = crate::config::load_with_secrets(&path).unwrap();
+        let gw = super::Pipeline::new(loaded, Arc::new(crate::metrics::Metrics::new()), None).unwrap();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let header = serde_json::json!({"alg": "ES256", "kid": "es-1", "typ": "JWT"});
+        let api = issuer.sign(&header, &claims(now));
+        let mut web_claims = claims(now);
+        web_claims["sub"] = "system:serviceaccount:shop:web".into();
+        web_claims["kubernetes.io"]["serviceaccount"]["name"] = "web".into();
+        web_claims["kubernetes.io"]["pod"]["name"] = "web-1".into();
+        let web = issuer.sign(&header, &web_claims);
+        let conn = Arc::new(ClientConn::new("c-1".into(), "127.0.0.1:4000".parse().unwrap()));
+        let who = |state: &super::State, token: &str| {
+            let req = EgressRequest {
+                credential: Some(Credential::Token(token.into())),
+                ..EgressRequest::bare(&conn, Front::Http)
+            };
+            let who = gw.identify(state, &req).unwrap_or_else(|e| panic!("{:?}: {}", e.reason, e.detail));
+            assert_eq!(who.source, Token);
+            who.identity.unwrap()
+        };
+        let state = gw.state();
+        let (a, b, w) = (who(&state, &api), who(&state, &api), who(&state, &web));
+        assert!(Arc::ptr_eq(&a, &b), "the second request of an account reuses its identity");
+        assert!(!Arc::ptr_eq(&a, &w));
+        assert_eq!((a.service_account.as_deref(), a.labels["app"].as_str()), (Some("api"), "api"));
+        assert_eq!((w.service_account.as_deref(), w.labels["app"].as_str()), (Some("web"), "web"));
+        assert_eq!((a.selected.len(), w.selected.len()), (1, 0), "selected by its own labels");
+        gw.reload().unwrap();
+        let next = gw.state();
+        let c = who(&next, &api);
+        assert!(!Arc::ptr_eq(&a, &c), "a new state makes it again");
+        assert_eq!((c.name.as_str(), c.selected.len()), ("api-1", 1));
+    }
 
     #[test]
     fn sources_are_counted_under_their_own_names() {

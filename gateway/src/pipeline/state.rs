@@ -42,7 +42,15 @@ pub(crate) struct State {
     pub socks5_users: Arc<[config::Socks5User]>,
     /// The `clients` rows that name a client certificate, in order, compiled with this snapshot.
     pub certificate_identities: Vec<(config::CertificateMatch, Arc<Identity>)>,
+    /// Identities that verified credentials (tokens, SPIFFE certificates) made under this state,
+    /// by `(namespace, name, serviceAccount)`: the policies that select one are found once per
+    /// state, not per request (see `Pipeline::account_identity`). At most
+    /// [`CREDENTIAL_IDENTITIES`] entries; past that, identities are computed per request.
+    pub credential_identities: dashmap::DashMap<(String, String, String), Arc<Identity>>,
 }
+
+/// The bound of [`State::credential_identities`].
+pub(crate) const CREDENTIAL_IDENTITIES: usize = 10_000;
 
 impl State {
     /// The labels of namespace `ns`: the API's, or (unknown namespace, standalone mode) only
@@ -122,6 +130,7 @@ impl State {
             }),
             namespace_labels,
             socks5_identities,
+            credential_identities: dashmap::DashMap::new(),
             pods_by_name: if c.identity.tokens.is_some() {
                 pods.iter().map(|p| ((p.namespace.clone(), p.name.clone()), p.clone())).collect()
             } else {
