@@ -25,8 +25,48 @@ pub fn gateway_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
     let bin = dir.join("egress-gateway");
-    assert!(bin.exists(), "{} is missing: run `cargo build -p egress-gateway` first", bin.display());
+    assert!(bin.exists(), "{} is missing: run `cargo build --workspace --bins` first", bin.display());
+    assert_fresh(&bin);
     bin
+}
+
+/// Panics when a source of the binary changed after `bin` was built: `cargo test` builds this
+/// crate, not the binaries it runs, so an edit followed by `cargo nextest run -p egress-e2e`
+/// alone would test the previous binaries (and pass or fail for the wrong reason). An explicit
+/// `EGRESS_GATEWAY_BIN` is taken as it is.
+fn assert_fresh(bin: &Path) {
+    let name = bin.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    // The workspace crates each binary is built from.
+    let crates: &[&str] = match name {
+        "egress-gateway" => &["crds", "gateway", "logging", "netio"],
+        "node-redirector" => &["crds", "logging", "netio", "node-redirector"],
+        _ => return,
+    };
+    let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
+    let mut dirs: Vec<PathBuf> = crates.iter().map(|c| repo_root().join(c).join("src")).collect();
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = e.path();
+            let Ok(meta) = e.metadata() else { continue };
+            if meta.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|x| x == "rs")
+                && let Ok(m) = meta.modified()
+                && newest.as_ref().is_none_or(|(t, _)| m > *t)
+            {
+                newest = Some((m, path));
+            }
+        }
+    }
+    let built = std::fs::metadata(bin).and_then(|m| m.modified()).expect("binary's mtime");
+    if let Some((changed, source)) = newest {
+        assert!(
+            built >= changed,
+            "{} is older than {}: run `cargo build --workspace --bins` (./scripts/test.sh does) before the end-to-end tests",
+            bin.display(),
+            source.display()
+        );
+    }
 }
 
 /// The pinned external tools (helm, kubernetes-validate, hadolint, the OCSF and ECS definitions)
@@ -842,6 +882,9 @@ pub fn curl(args: &[&str]) -> CurlResult {
 pub fn workspace_bin(name: &str) -> PathBuf {
     let bin = gateway_bin().with_file_name(name);
     assert!(bin.exists(), "{} is missing: run `cargo build --workspace --bins` first", bin.display());
+    if std::env::var_os("EGRESS_GATEWAY_BIN").is_none() {
+        assert_fresh(&bin);
+    }
     bin
 }
 
