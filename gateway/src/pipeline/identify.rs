@@ -220,10 +220,19 @@ impl Pipeline {
             let labels = row.map_or_else(|| Cow::Owned(BTreeMap::new()), |r| Cow::Borrowed(&r.labels));
             (name, labels, Cow::Owned(state.labels_of_namespace(ns)))
         };
-        // Made before under this state: the same identity, unless its labels differ (then it is
-        // made again; the selection depends on nothing else).
-        let key = (ns.to_string(), name.to_string(), sa.to_string());
+        // Made before under this state: the same identity, when every field it is made of is
+        // equal (the selection depends on nothing else). Looked up by a hash of the account, so
+        // a hit allocates nothing; a colliding account is made again and takes the slot.
+        let key = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (ns, name, sa).hash(&mut h);
+            h.finish()
+        };
         if let Some(id) = state.credential_identities.get(&key)
+            && id.namespace == ns
+            && id.name == name
+            && id.service_account.as_deref() == Some(sa)
             && id.labels == *labels
             && id.namespace_labels == *namespace_labels
         {

@@ -43,10 +43,11 @@ pub(crate) struct State {
     /// The `clients` rows that name a client certificate, in order, compiled with this snapshot.
     pub certificate_identities: Vec<(config::CertificateMatch, Arc<Identity>)>,
     /// Identities that verified credentials (tokens, SPIFFE certificates) made under this state,
-    /// by `(namespace, name, serviceAccount)`: the policies that select one are found once per
-    /// state, not per request (see `Pipeline::account_identity`). At most
-    /// [`CREDENTIAL_IDENTITIES`] entries; past that, identities are computed per request.
-    pub credential_identities: dashmap::DashMap<(String, String, String), Arc<Identity>>,
+    /// by a hash of `(namespace, name, serviceAccount)` (a hit is checked field by field): the
+    /// policies that select one are found once per state, not per request (see
+    /// `Pipeline::account_identity`). At most [`CREDENTIAL_IDENTITIES`] entries; past that,
+    /// identities are computed per request.
+    pub credential_identities: dashmap::DashMap<u64, Arc<Identity>>,
 }
 
 /// The bound of [`State::credential_identities`].
