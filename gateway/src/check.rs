@@ -21,7 +21,7 @@ pub fn parse_check_target(raw: &str, method: Option<&str>) -> Result<(Target, Op
             "http" => {
                 let port = uri.port_u16().unwrap_or(80);
                 let facts =
-                    HttpFacts { method: method.unwrap_or("GET").to_ascii_uppercase(), path: uri.path().to_string() };
+                    HttpFacts { method: method.unwrap_or("GET").to_ascii_uppercase().into(), path: uri.path().into() };
                 Ok((Target { host, port }, Some(facts)))
             }
             "https" => Ok((Target { host, port: uri.port_u16().unwrap_or(443) }, None)),

@@ -56,7 +56,18 @@ impl ClientConn {
     /// The next request id on this connection: `<connection id>.<n>`.
     pub(crate) fn next_request_id(&self) -> Arc<str> {
         let n = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
-        format!("{}.{n}", self.id).into()
+        let mut digits = itoa::Buffer::new();
+        let n = digits.format(n);
+        // Built on the stack and copied once into the Arc (connection ids are about 20 bytes).
+        let mut buf = [0u8; 64];
+        let len = self.id.len() + 1 + n.len();
+        if len > buf.len() {
+            return format!("{}.{n}", self.id).into();
+        }
+        buf[..self.id.len()].copy_from_slice(self.id.as_bytes());
+        buf[self.id.len()] = b'.';
+        buf[self.id.len() + 1..len].copy_from_slice(n.as_bytes());
+        std::str::from_utf8(&buf[..len]).map_or_else(|_| format!("{}.{n}", self.id).into(), Arc::from)
     }
 }
 
@@ -152,4 +163,21 @@ pub struct TransparentFacts {
     /// TLS server name from the ClientHello, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sni: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_number_the_connections_requests_from_one() {
+        let conn = ClientConn::new("4a181add0c56-7".into(), "127.0.0.1:1".parse().unwrap());
+        assert_eq!(&*conn.next_request_id(), "4a181add0c56-7.1");
+        assert_eq!(&*conn.next_request_id(), "4a181add0c56-7.2");
+        // An id too long for the stack buffer is formatted alike.
+        let long: String = "x".repeat(70);
+        let conn = ClientConn::new(long.as_str().into(), "127.0.0.1:1".parse().unwrap());
+        conn.requests.store(u32::MAX - 1, Ordering::Relaxed);
+        assert_eq!(&*conn.next_request_id(), format!("{long}.{}", u32::MAX));
+    }
 }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{chain, now_rfc3339, write_value};
+use super::{Timestamp, chain, write_value};
 
 /// When checkpoints are due.
 pub(super) struct Checkpoints {
@@ -50,7 +50,7 @@ impl Checkpoints {
             "event": "checkpoint",
             "id": uuid::Uuid::now_v7().to_string(),
             "seq": seq,
-            "time": now_rfc3339(),
+            "time": Timestamp::now().to_string(),
             "instance": instance,
             "checkpoint": {"key_id": self.signer.key_id, "covers_to_seq": seq - 1, "events": events},
         })

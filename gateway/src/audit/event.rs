@@ -7,6 +7,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::guard::Verdict;
+use crate::identity::Identity;
 use crate::policy::{Action, HttpFacts};
 use crate::reason::Reason;
 use crate::request::Front;
@@ -93,40 +94,82 @@ pub struct Event {
     /// Target.
     pub target: TargetInfo,
     /// RFC 3339 time (UTC) of the event.
-    pub time: String,
+    pub time: Timestamp,
     /// Transparent front: original destination, relay, SNI/Host, whether the original
-    /// destination was among the resolved addresses.
+    /// destination was among the resolved addresses. Boxed: the other fronts' events (nearly
+    /// all) carry a pointer, not the facts' 160 bytes, through every move.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub transparent: Option<crate::request::TransparentFacts>,
+    pub transparent: Option<Box<crate::request::TransparentFacts>>,
 }
 
 /// Who the client is.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Clone)]
 pub struct ClientInfo {
     /// Source address.
     pub address: IpAddr,
     /// How the identity below was established: `address`, `token`, `socks5_user` or
     /// `certificate`.
-    #[serde(rename = "identity_source")]
     pub identity_source: &'static str,
-    /// Labels.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub labels: Option<BTreeMap<String, String>>,
-    /// Name.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    /// Namespace (absent: unknown client).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
+    /// Who the client is (absent: unknown client), shared with the state it was found in:
+    /// written as `labels`, `name`, `namespace` and `serviceAccount`. An event holds the
+    /// identity itself, not copies of its strings and labels, so that building, cloning and
+    /// dropping an event allocates nothing for it.
+    pub identity: Option<Arc<Identity>>,
     /// Source port.
     pub port: u16,
-    /// Service account.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub service_account: Option<String>,
     /// The SPIFFE ID of the client certificate that identified the client.
-    #[serde(rename = "spiffe_id", skip_serializing_if = "Option::is_none")]
     pub spiffe_id: Option<Arc<str>>,
+}
+
+impl ClientInfo {
+    /// Namespace (absent: unknown client).
+    pub fn namespace(&self) -> Option<&str> {
+        self.identity.as_deref().map(|i| i.namespace.as_str())
+    }
+
+    /// Name.
+    pub fn name(&self) -> Option<&str> {
+        self.identity.as_deref().map(|i| i.name.as_str())
+    }
+
+    /// Labels.
+    pub fn labels(&self) -> Option<&BTreeMap<String, String>> {
+        self.identity.as_deref().map(|i| &i.labels)
+    }
+
+    /// Service account.
+    pub fn service_account(&self) -> Option<&str> {
+        self.identity.as_deref().and_then(|i| i.service_account.as_deref())
+    }
+}
+
+/// The members in RFC 8785 order, as the derive of every other struct here writes them:
+/// `address`, `identity_source`, `labels`, `name`, `namespace`, `port`, `serviceAccount`,
+/// `spiffe_id` (the identity's members are absent when it is).
+impl Serialize for ClientInfo {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let id = self.identity.as_deref();
+        let sa = self.service_account();
+        let len =
+            3 + if id.is_some() { 3 } else { 0 } + usize::from(sa.is_some()) + usize::from(self.spiffe_id.is_some());
+        let mut st = s.serialize_struct("ClientInfo", len)?;
+        st.serialize_field("address", &self.address)?;
+        st.serialize_field("identity_source", self.identity_source)?;
+        if let Some(i) = id {
+            st.serialize_field("labels", &i.labels)?;
+            st.serialize_field("name", &i.name)?;
+            st.serialize_field("namespace", &i.namespace)?;
+        }
+        st.serialize_field("port", &self.port)?;
+        if let Some(sa) = sa {
+            st.serialize_field("serviceAccount", sa)?;
+        }
+        if let Some(sp) = &self.spiffe_id {
+            st.serialize_field("spiffe_id", sp)?;
+        }
+        st.end()
+    }
 }
 
 /// Where to.
@@ -224,7 +267,39 @@ pub struct CloseInfo {
     pub http_status: Option<u16>,
 }
 
-/// The current time in RFC 3339 (UTC, nanoseconds).
-pub fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+/// When an event happened: read from the clock on the request's task, written as RFC 3339 (UTC,
+/// nanoseconds) by the audit writer, so that the request neither formats nor allocates it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timestamp(time::OffsetDateTime);
+
+impl Timestamp {
+    /// Now.
+    pub fn now() -> Timestamp {
+        Timestamp(time::OffsetDateTime::now_utc())
+    }
+
+    /// The instant `nanos` after the Unix epoch (years 1970 to 9999).
+    pub fn from_unix_nanos(nanos: i128) -> Option<Timestamp> {
+        time::OffsetDateTime::from_unix_timestamp_nanos(nanos).ok().map(Timestamp)
+    }
+
+    /// Appends the RFC 3339 form, without quotes; nothing for a year RFC 3339 cannot write
+    /// (after 9999), which a clock never gives.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        let _ = self.0.format_into(out, &time::format_description::well_known::Rfc3339);
+    }
+}
+
+impl std::fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut out = Vec::with_capacity(32);
+        self.write(&mut out);
+        f.write_str(std::str::from_utf8(&out).map_err(|_| std::fmt::Error)?)
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }

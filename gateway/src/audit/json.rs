@@ -54,8 +54,9 @@ pub(super) fn write_event(out: &mut Vec<u8>, ev: &Event) {
     number(out, ev.seq);
     out.extend_from_slice(b",\"target\":");
     target(out, &ev.target);
-    out.extend_from_slice(b",\"time\":");
-    string(out, &ev.time);
+    out.extend_from_slice(b",\"time\":\"");
+    ev.time.write(out);
+    out.push(b'"');
     if let Some(t) = &ev.transparent {
         out.extend_from_slice(b",\"transparent\":");
         serde(out, t);
@@ -69,7 +70,7 @@ fn client(out: &mut Vec<u8>, c: &ClientInfo) {
     out.push(b'"');
     out.extend_from_slice(b",\"identity_source\":");
     string(out, c.identity_source);
-    if let Some(labels) = &c.labels {
+    if let Some(labels) = c.labels() {
         out.extend_from_slice(b",\"labels\":{");
         for (i, (k, v)) in labels.iter().enumerate() {
             if i > 0 {
@@ -81,11 +82,11 @@ fn client(out: &mut Vec<u8>, c: &ClientInfo) {
         }
         out.push(b'}');
     }
-    opt_string(out, b",\"name\":", c.name.as_deref());
-    opt_string(out, b",\"namespace\":", c.namespace.as_deref());
+    opt_string(out, b",\"name\":", c.name());
+    opt_string(out, b",\"namespace\":", c.namespace());
     out.extend_from_slice(b",\"port\":");
     number(out, u64::from(c.port));
-    opt_string(out, b",\"serviceAccount\":", c.service_account.as_deref());
+    opt_string(out, b",\"serviceAccount\":", c.service_account());
     opt_string(out, b",\"spiffe_id\":", c.spiffe_id.as_deref());
     out.push(b'}');
 }
@@ -258,8 +259,9 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::audit::ResolvedAddr;
+    use crate::audit::{ResolvedAddr, Timestamp};
     use crate::guard::Verdict;
+    use crate::identity::Identity;
     use crate::policy::HttpFacts;
     use crate::reason::Reason;
     use crate::request::{Front, TransparentFacts};
@@ -282,28 +284,42 @@ mod tests {
         s.prop_map(Arc::from)
     }
 
+    fn identity() -> impl Strategy<Value = Arc<Identity>> {
+        (text(), text(), prop::option::of(text()), prop::collection::btree_map(text(), text(), 0..4)).prop_map(
+            |(namespace, name, service_account, labels)| {
+                Arc::new(Identity {
+                    namespace,
+                    name,
+                    service_account,
+                    labels,
+                    namespace_labels: BTreeMap::new(),
+                    verified: false,
+                    selected: Arc::from([]),
+                })
+            },
+        )
+    }
+
     fn client() -> impl Strategy<Value = ClientInfo> {
         (
             ip(),
             prop::sample::select(vec!["address", "token", "socks5_user", "certificate"]),
-            prop::option::of(prop::collection::btree_map(text(), text(), 0..4)),
-            (prop::option::of(text()), prop::option::of(text()), any::<u16>()),
-            (prop::option::of(text()), prop::option::of(arc(text()))),
+            prop::option::of(identity()),
+            any::<u16>(),
+            prop::option::of(arc(text())),
         )
-            .prop_map(
-                |(address, identity_source, labels, (name, namespace, port), (service_account, spiffe_id))| {
-                    ClientInfo {
-                        address,
-                        identity_source,
-                        labels: labels.map(|l: BTreeMap<String, String>| l),
-                        name,
-                        namespace,
-                        port,
-                        service_account,
-                        spiffe_id,
-                    }
-                },
-            )
+            .prop_map(|(address, identity_source, identity, port, spiffe_id)| ClientInfo {
+                address,
+                identity_source,
+                identity,
+                port,
+                spiffe_id,
+            })
+    }
+
+    /// Any instant RFC 3339 can write (years 1970 to 9999), to the nanosecond.
+    fn timestamp() -> impl Strategy<Value = Timestamp> {
+        (0..253_402_300_800_000_000_000i128).prop_map(|n| Timestamp::from_unix_nanos(n).expect("in range"))
     }
 
     fn close() -> impl Strategy<Value = CloseInfo> {
@@ -356,7 +372,7 @@ mod tests {
     fn target() -> impl Strategy<Value = TargetInfo> {
         (text(), prop::option::of((text(), text())), any::<u16>()).prop_map(|(host, http, port)| TargetInfo {
             host,
-            http: http.map(|(method, path)| HttpFacts { method, path }),
+            http: http.map(|(method, path): (String, String)| HttpFacts { method: method.into(), path: path.into() }),
             port,
         })
     }
@@ -402,7 +418,7 @@ mod tests {
                 arc(text()),
             ),
             (prop::option::of(text()), arc(text()), prop::collection::vec(resolved(), 0..3), any::<u64>()),
-            (target(), text(), prop::option::of(transparent())),
+            (target(), timestamp(), prop::option::of(transparent().prop_map(Box::new))),
         )
             .prop_map(
                 |(

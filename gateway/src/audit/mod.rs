@@ -24,7 +24,7 @@ mod spooled;
 pub(crate) mod syslog;
 mod tls;
 
-pub use event::{ClientInfo, CloseInfo, DecisionInfo, End, Event, EventKind, ResolvedAddr, TargetInfo, now_rfc3339};
+pub use event::{ClientInfo, CloseInfo, DecisionInfo, End, Event, EventKind, ResolvedAddr, TargetInfo, Timestamp};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
@@ -262,7 +262,7 @@ fn write_line(out: &mut Vec<u8>, ev: &mut Event, seq: u64, instance: &Arc<str>, 
     json::write_event(out, ev);
     // The compact serialisation is the canonical form (members declared in order), unless a
     // label name is outside ASCII (byte order and UTF-16 order may then differ).
-    let ascii_labels = ev.client.labels.as_ref().is_none_or(|l| l.keys().all(|k| k.is_ascii()));
+    let ascii_labels = ev.client.labels().is_none_or(|l| l.keys().all(|k| k.is_ascii()));
     let hash = if ascii_labels { chain::sha256_hex(&out[start..]) } else { chain::hash_of(&*ev) };
     debug_assert_eq!(hash, chain::hash_of(&*ev), "Event members are not in canonical order");
     // `{...}` -> `{...,"hash":"<hex>"}`: `hash` is the last member of the line.

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use super::checkpoint::Checkpoints;
 use super::spool::{self, Cursor, Reader, Shared, Spool};
-use super::{Event, Msg, QUEUE, deliver, now_rfc3339, sink, write_line, write_value};
+use super::{Event, Msg, QUEUE, Timestamp, deliver, sink, write_line, write_value};
 use crate::config::{AuditConfig, FsyncPolicy, OnFailure, SpoolConfig};
 use crate::metrics::{Metrics, SinkMetrics};
 
@@ -446,7 +446,7 @@ fn gap_event(seq: u64, instance: &str, from: u64, to: u64) -> serde_json::Value 
         "event": "audit_gap",
         "id": uuid::Uuid::now_v7().to_string(),
         "seq": seq,
-        "time": now_rfc3339(),
+        "time": Timestamp::now().to_string(),
         "instance": instance,
         "gap": {"from_seq": from, "to_seq": to, "lost": to - from + 1},
     })

@@ -306,38 +306,44 @@ fn credential(h: &HeaderMap) -> Option<Credential> {
     (!token.is_empty()).then(|| Credential::Token(token.into()))
 }
 
+/// The hop-by-hop headers RFC 9110 section 7.6.1 and RFC 9112 name, with a standard name.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// The legacy hop-by-hop headers.
+const HOP_BY_HOP_LEGACY: [&str; 2] = ["keep-alive", "proxy-connection"];
+
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus the proxy ones; headers named in `Connection` too.
+/// Allocates nothing: most messages carry none of them, and a response carries `Connection`.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // One pass over the names present (a handful) instead of a hashed lookup per hop-by-hop name;
-    // most requests carry none of them.
-    let mut found: Vec<HeaderName> = h.keys().filter(|n| is_hop_by_hop(n)).cloned().collect();
-    if found.is_empty() {
+    // One pass over the names present (a handful) instead of a hashed lookup per hop-by-hop name.
+    if !h.keys().any(is_hop_by_hop) {
         return;
     }
-    // Names the Connection header lists are hop-by-hop too.
-    found.extend(
-        h.get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok()),
-    );
-    for n in found {
+    // Names the Connection header lists are hop-by-hop too. Its values are kept by reference
+    // count (they share the read buffer) while the map changes.
+    let listed: smallvec::SmallVec<[HeaderValue; 2]> = h.get_all(header::CONNECTION).iter().cloned().collect();
+    for n in &HOP_BY_HOP {
         h.remove(n);
+    }
+    for n in HOP_BY_HOP_LEGACY {
+        h.remove(n);
+    }
+    for n in listed.iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')) {
+        // A name that is not a valid header name matches nothing.
+        h.remove(n.trim());
     }
 }
 
-/// The headers RFC 9110 section 7.6.1 and RFC 9112 name hop-by-hop, and the legacy ones.
 fn is_hop_by_hop(n: &HeaderName) -> bool {
-    *n == header::CONNECTION
-        || *n == header::PROXY_AUTHENTICATE
-        || *n == header::PROXY_AUTHORIZATION
-        || *n == header::TE
-        || *n == header::TRAILER
-        || *n == header::TRANSFER_ENCODING
-        || *n == header::UPGRADE
-        || n.as_str() == "keep-alive"
-        || n.as_str() == "proxy-connection"
+    HOP_BY_HOP.contains(n) || HOP_BY_HOP_LEGACY.contains(&n.as_str())
 }
 
 async fn forward(

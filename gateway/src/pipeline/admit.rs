@@ -53,7 +53,7 @@ impl Pipeline {
     pub(crate) fn refuse_malformed(&self, req: &EgressRequest, reason: Reason, detail: &str) -> Refusal {
         let id = self.state.load().identities.lookup(req.conn.peer.ip());
         let (host, port) = raw_host_port(&req.target);
-        let mut client = Self::client_info(req.conn.peer, id.as_deref(), super::identify::IdentitySource::Address);
+        let mut client = Self::client_info(req.conn.peer, id.as_ref(), super::identify::IdentitySource::Address);
         // A refused certificate's SPIFFE ID is part of the record (a token never is).
         if let Some(crate::request::Credential::Certificate(c)) = &req.credential {
             client.spiffe_id = c.spiffe.as_ref().map(|s| s.id.as_str().into());

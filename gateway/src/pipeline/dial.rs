@@ -61,30 +61,42 @@ impl Permit {
     }
 
     /// Audits the allow (with the dialled address, when there is one) and hands over the close
-    /// log, once the event is committed; refuses when it cannot be (`failClosed`).
-    async fn allowed(mut self, dialled: Option<SocketAddr>, source: Option<SocketAddr>) -> Result<CloseLog, Refusal> {
+    /// log, once the event is committed; refuses when it cannot be (`failClosed`). The event is
+    /// handed to the audit log at the call; the future holds the permit once, and the commit.
+    fn allowed(
+        mut self,
+        dialled: Option<SocketAddr>,
+        source: Option<SocketAddr>,
+    ) -> impl Future<Output = Result<CloseLog, Refusal>> {
         self.base.dialled = dialled;
         self.base.egress_source = source;
         // Crash tests: the process dies right before / right after the commit.
         failpoint!("pipeline::before_commit", |_| std::process::abort());
-        if self.gw.audit.commit(self.base.clone()).await.is_err() {
-            let mut ev = self.base.clone();
-            ev.decision.reason = Reason::AuditUnavailable;
-            self.gw.log_denial(&ev);
-            self.gw.metrics.decision(false, Reason::AuditUnavailable);
-            return Err(Refusal::audit_unavailable(self.base.request_id.clone()));
+        let committed = self.gw.audit.commit(self.base.clone());
+        async move {
+            if committed.await.is_err() {
+                let mut ev = self.base;
+                ev.decision.reason = Reason::AuditUnavailable;
+                self.gw.log_denial(&ev);
+                self.gw.metrics.decision(false, Reason::AuditUnavailable);
+                return Err(Refusal::audit_unavailable(ev.request_id));
+            }
+            failpoint!("pipeline::after_commit", |_| std::process::abort());
+            self.gw.metrics.decision(true, self.base.decision.reason);
+            if let Some(p) = &self.base.decision.policy {
+                self.gw.metrics.policy_decision(p, true, self.base.decision.reason);
+            }
+            Ok(CloseLog::start(self.gw, self.base))
         }
-        failpoint!("pipeline::after_commit", |_| std::process::abort());
-        self.gw.metrics.decision(true, self.base.decision.reason);
-        if let Some(p) = &self.base.decision.policy {
-            self.gw.metrics.policy_decision(p, true, self.base.decision.reason);
-        }
-        Ok(CloseLog::start(self.gw, self.base))
     }
 
     /// Reuses an upstream connection (plain HTTP keep-alive): audits the allow.
-    pub(crate) async fn reuse(self, dialled: SocketAddr, source: Option<SocketAddr>) -> Result<CloseLog, Refusal> {
-        self.allowed(Some(dialled), source).await
+    pub(crate) fn reuse(
+        self,
+        dialled: SocketAddr,
+        source: Option<SocketAddr>,
+    ) -> impl Future<Output = Result<CloseLog, Refusal>> {
+        self.allowed(Some(dialled), source)
     }
 
     /// Dials a checked address from the policy's pool and audits the allow. A failed connect is

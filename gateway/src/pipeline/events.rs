@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use super::identify::{IdentitySource, Who};
 use super::{Checked, Pipeline, Refusal, RefusalKind};
-use crate::audit::{ClientInfo, CloseInfo, DecisionInfo, End, Event, EventKind, TargetInfo, now_rfc3339};
+use crate::audit::{ClientInfo, CloseInfo, DecisionInfo, End, Event, EventKind, TargetInfo, Timestamp};
 use crate::identity::Identity;
 use crate::reason::Reason;
 use crate::request::EgressRequest;
@@ -41,7 +41,7 @@ impl CloseLog {
             self.gw.metrics.bytes_up.inc_by(up);
             self.gw.metrics.bytes_down.inc_by(down);
             ev.event = EventKind::Close;
-            ev.time = now_rfc3339();
+            ev.time = Timestamp::now();
             ev.resolved = Vec::new();
             ev.close = Some(CloseInfo {
                 bytes_up: up,
@@ -64,15 +64,12 @@ impl Drop for CloseLog {
 }
 
 impl Pipeline {
-    pub(super) fn client_info(peer: SocketAddr, id: Option<&Identity>, source: IdentitySource) -> ClientInfo {
+    pub(super) fn client_info(peer: SocketAddr, id: Option<&Arc<Identity>>, source: IdentitySource) -> ClientInfo {
         ClientInfo {
             address: target::canonical_ip(peer.ip()),
             identity_source: source.as_str(),
+            identity: id.cloned(),
             port: peer.port(),
-            namespace: id.map(|i| i.namespace.clone()),
-            name: id.map(|i| i.name.clone()),
-            service_account: id.and_then(|i| i.service_account.clone()),
-            labels: id.map(|i| i.labels.clone()),
             spiffe_id: None,
         }
     }
@@ -83,7 +80,7 @@ impl Pipeline {
             event: EventKind::Decision,
             id: String::new(),
             seq: 0,
-            time: now_rfc3339(),
+            time: Timestamp::now(),
             instance: Arc::from(""),
             connection_id: req.conn.id.clone(),
             request_id: req.id.clone(),
@@ -95,7 +92,7 @@ impl Pipeline {
             dialled: None,
             egress_source: None,
             egress_pool: None,
-            transparent: req.transparent.clone(),
+            transparent: req.transparent.clone().map(Box::new),
             close: None,
             prev_hash: None,
             hash: None,
@@ -109,9 +106,9 @@ impl Pipeline {
         if !self.state.load().loaded.config.log.denials {
             return;
         }
-        let who = match (&ev.client.namespace, &ev.client.name) {
+        let who = match (ev.client.namespace(), ev.client.name()) {
             (Some(ns), Some(name)) => format!("{ns}/{name}"),
-            (Some(ns), None) => ns.clone(),
+            (Some(ns), None) => ns.to_string(),
             _ => "unknown client".to_string(),
         };
         tracing::info!(
@@ -135,7 +132,7 @@ impl Pipeline {
             req,
             ClientInfo {
                 spiffe_id: who.spiffe_id.clone(),
-                ..Self::client_info(req.conn.peer, who.identity.as_deref(), who.source)
+                ..Self::client_info(req.conn.peer, who.identity.as_ref(), who.source)
             },
             TargetInfo { host: target.host.to_string(), port: target.port, http: req.http.clone() },
             DecisionInfo {
@@ -161,24 +158,29 @@ impl Pipeline {
     }
 
     /// Commits a denial and turns it into the refusal the front answers with (`failClosed`: an
-    /// uncommitted denial is answered `audit_unavailable`).
-    pub(super) async fn deny(&self, ev: Event, detail: Option<String>) -> Refusal {
+    /// uncommitted denial is answered `audit_unavailable`). The event is handed to the audit log
+    /// at the call; the future only waits for the commit (and holds no event: it is part of
+    /// every request's future).
+    pub(super) fn deny(&self, ev: Event, detail: Option<String>) -> impl Future<Output = Refusal> + '_ {
         let (reason, request_id) = (ev.decision.reason, ev.request_id.clone());
         if let Some(p) = &ev.decision.policy {
             self.metrics.policy_decision(p, false, reason);
         }
         self.log_denial(&ev);
-        let committed = self.audit.commit(ev).await;
-        self.metrics.decision(false, reason);
-        if committed.is_err() {
-            return Refusal::audit_unavailable(request_id);
+        let committed = self.audit.commit(ev);
+        async move {
+            let committed = committed.await;
+            self.metrics.decision(false, reason);
+            if committed.is_err() {
+                return Refusal::audit_unavailable(request_id);
+            }
+            let kind = match reason {
+                Reason::RateLimited => RefusalKind::RateLimited,
+                Reason::DnsFailure => RefusalKind::DnsFailure,
+                Reason::IdentityRequired => RefusalKind::AuthRequired,
+                _ => RefusalKind::Denied,
+            };
+            Refusal { kind, reason, request_id, detail: detail.unwrap_or_default() }
         }
-        let kind = match reason {
-            Reason::RateLimited => RefusalKind::RateLimited,
-            Reason::DnsFailure => RefusalKind::DnsFailure,
-            Reason::IdentityRequired => RefusalKind::AuthRequired,
-            _ => RefusalKind::Denied,
-        };
-        Refusal { kind, reason, request_id, detail: detail.unwrap_or_default() }
     }
 }

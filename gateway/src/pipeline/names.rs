@@ -57,7 +57,9 @@ impl Pipeline {
             if d.action != Action::Allow {
                 continue;
             }
-            return Some((by_name.clone(), self.checked_original(state, d, &by_name, ip, name).await));
+            // Boxed: only a connection allowed by one of its names resolves here, and the
+            // future of every request holds this one's.
+            return Some((by_name.clone(), Box::pin(self.checked_original(state, d, &by_name, ip, name)).await));
         }
         None
     }

@@ -42,5 +42,5 @@ pub(super) fn raw_host_port(raw: &RawTarget) -> (String, u16) {
 
 /// HTTP facts of a request.
 pub(crate) fn http_facts(method: &str, path: &str) -> HttpFacts {
-    HttpFacts { method: method.to_string(), path: path.to_string() }
+    HttpFacts { method: method.into(), path: path.into() }
 }

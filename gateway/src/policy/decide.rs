@@ -19,9 +19,9 @@ use crate::target::{Host, Target};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HttpFacts {
     /// Request method, upper case.
-    pub method: String,
+    pub method: Arc<str>,
     /// Path without the query string.
-    pub path: String,
+    pub path: Arc<str>,
 }
 
 /// Allow or deny.
