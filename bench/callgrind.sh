@@ -13,14 +13,19 @@
 # SHA-NI, which production x86 CPUs and this machine have); and `rep movsb` (glibc's memcpy for
 # large copies, e.g. a future moved into its task) counts one instruction per byte. Both are
 # visible by name in `callgrind_annotate`; keep the counts comparable run to run, not absolute.
-# CALLGRIND_KEEP=DIR keeps the three profiles for `callgrind_annotate`.
+# CALLGRIND_KEEP=DIR keeps the three profiles for `callgrind_annotate`. EGRESS_GATEWAY_BIN=PATH
+# counts that binary instead of building and counting this tree's (to compare two builds).
 #
 #   bench/callgrind.sh [N]        (default 2000)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-2000}
 command -v valgrind >/dev/null || { echo "valgrind is needed (apt-get install valgrind)" >&2; exit 2; }
-cargo build --release --locked -p egress-gateway >/dev/null
+bin=${EGRESS_GATEWAY_BIN:-}
+if [[ -z $bin ]]; then
+  cargo build --release --locked -p egress-gateway >/dev/null
+  bin=target/release/egress-gateway
+fi
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; [ -n "${CALLGRIND_KEEP:-}" ] && cp "$work"/callgrind.* "$CALLGRIND_KEEP"/ 2>/dev/null; rm -rf "$work"' EXIT
 
@@ -38,7 +43,7 @@ mkdir -p "$work/etc" && sed "s#/tmp/peerbench-work/egress-gateway-audit.jsonl#$w
 measure() {
   local out="$work/callgrind.$RANDOM"
   EGRESS_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out" \
-    target/release/egress-gateway run --config "$work/etc/gateway.yaml" 2>"$work/valgrind.log" &
+    "$bin" run --config "$work/etc/gateway.yaml" 2>"$work/valgrind.log" &
   local pid=$!
   for _ in $(seq 600); do
     curl -s -o /dev/null http://127.0.0.1:28190/readyz && break

@@ -95,8 +95,9 @@ pub(crate) struct EgressRequest {
     pub target: RawTarget,
     /// Method and path for plain-HTTP requests.
     pub http: Option<HttpFacts>,
-    /// What the transparent front knows (original destination, relay, SNI or Host).
-    pub transparent: Option<TransparentFacts>,
+    /// What the transparent front knows (original destination, relay, SNI or Host); boxed, as
+    /// in the events: the other fronts' requests carry a pointer through every stage.
+    pub transparent: Option<Box<TransparentFacts>>,
     /// A credential the client presented for this request (HTTP `Proxy-Authorization`).
     pub credential: Option<Credential>,
 }

@@ -9,9 +9,9 @@ use super::{Event, Msg};
 impl Spooled {
     /// Queues a decision event to the writer thread; the receiver says whether it was committed.
     /// `None`: the queue is full (the writer is that far behind) and the event was not queued.
-    pub(super) fn queue(&self, event: Event) -> Option<tokio::sync::oneshot::Receiver<bool>> {
+    pub(super) fn queue(&self, event: Box<Event>) -> Option<tokio::sync::oneshot::Receiver<bool>> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.tx.try_send(Msg::Event(Box::new(event), Some(tx))).ok()?;
+        self.tx.try_send(Msg::Event(event, Some(tx))).ok()?;
         Some(rx)
     }
 
@@ -19,7 +19,7 @@ impl Spooled {
     /// next batch or within one tick. Never waits for the writer: the list's lock is held only
     /// to push or to swap the list. `false`: the writer is far behind (a stalled disk) and the
     /// event is dropped; the caller counts it for the next `audit_gap`.
-    pub(super) fn hand_over(&self, event: Event) -> bool {
+    pub(super) fn hand_over(&self, event: Box<Event>) -> bool {
         let mut list = self.handed_over.lock().unwrap_or_else(|p| p.into_inner());
         if list.len() >= BACKLOG {
             return false;

@@ -13,19 +13,19 @@ impl Spooled {
     /// cache: cheaper than waking the writer thread and being woken by it. An event nothing waits
     /// for (a close) is queued in order and written with the next decision, or by the writer
     /// thread within one tick (at most the fsync period, or 200 ms).
-    pub(super) fn append_now(&self, event: Event, waits: bool) -> bool {
+    pub(super) fn append_now(&self, event: Box<Event>, waits: bool) -> bool {
         /// Close events held back at most (one write each time that many are queued).
         const DEFERRED: usize = 64;
         let mut w = self.writer();
         if !waits {
-            w.inline_batch.push((Box::new(event), None));
+            w.inline_batch.push((event, None));
             if w.inline_batch.len() >= DEFERRED {
                 w.commit_inline();
             }
             return true;
         }
         let (tx, mut rx) = tokio::sync::oneshot::channel();
-        w.inline_batch.push((Box::new(event), Some(tx)));
+        w.inline_batch.push((event, Some(tx)));
         w.commit_inline();
         drop(w);
         // `commit` answered before returning; nothing waits on the receiver.

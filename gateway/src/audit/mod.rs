@@ -142,7 +142,7 @@ impl Audit {
     /// among all events is the order of calls, except that under `fsync: always` it may be
     /// written after decisions queued at the same time (never before the decision of its own
     /// connection, which was committed before it was emitted).
-    pub fn emit(&self, event: Event) {
+    pub fn emit(&self, event: Box<Event>) {
         match &self.writer {
             Writer::Direct(d) => d.append(event),
             Writer::Inline(sp) => {
@@ -161,7 +161,7 @@ impl Audit {
     /// future resolves once it is committed. `Err` means the request must be refused
     /// (`failClosed` and the event could not be committed). Not an `async fn`: its future would
     /// hold the event, and it is part of every request's future.
-    pub fn commit(&self, event: Event) -> Commit {
+    pub fn commit(&self, event: Box<Event>) -> Commit {
         let sp = match &self.writer {
             Writer::Direct(d) => {
                 d.append(event);

@@ -116,70 +116,77 @@ where
     }
 }
 
-async fn handle(
+#[allow(clippy::manual_async_fn, reason = "an async fn would hold its arguments twice in its future")]
+fn handle(
     gw: Gateway,
     conn: Arc<ClientConn>,
     cache: Arc<Mutex<Option<Cached>>>,
     req: Request<Incoming>,
     certificate: Option<Credential>,
-) -> Response<ProxyBody> {
-    let id = conn.next_request_id();
-    let credential = credential(req.headers()).or(certificate);
-    if req.method() == Method::CONNECT {
-        let authority = req.uri().authority().map(|a| a.as_str().to_string()).unwrap_or_default();
-        let ereq = EgressRequest {
+) -> impl Future<Output = Response<ProxyBody>> {
+    // An async block, as in `forward`: the future hyper moves with every request.
+    async move {
+        let id = conn.next_request_id();
+        let credential = credential(req.headers()).or(certificate);
+        if req.method() == Method::CONNECT {
+            let authority = req.uri().authority().map(|a| a.as_str().to_string()).unwrap_or_default();
+            let ereq = EgressRequest {
+                conn,
+                id,
+                front: Front::Connect,
+                target: RawTarget::Authority(authority),
+                http: None,
+                transparent: None,
+                credential,
+            };
+            // A CONNECT request has no content (RFC 9110 §9.3.6): bytes announced as one would be
+            // either swallowed or sent on as tunnel data. Refused, and the connection closed.
+            let has_content = req.headers().contains_key(header::TRANSFER_ENCODING)
+                || req.headers().get(header::CONTENT_LENGTH).is_some_and(|v| v.as_bytes() != b"0");
+            if has_content {
+                let r = gw.pipeline.refuse_malformed(
+                    &ereq,
+                    Reason::MalformedRequest,
+                    "a CONNECT request carries no content",
+                );
+                return refusal(&r, true);
+            }
+            // Boxed, as the other paths that dial: out of every keep-alive request's future.
+            return Box::pin(connect(gw, ereq, req)).await;
+        }
+        let uri = req.uri().clone();
+        let facts = http_facts(req.method().as_str(), uri.path());
+        let mut ereq = EgressRequest {
             conn,
             id,
-            front: Front::Connect,
-            target: RawTarget::Authority(authority),
-            http: None,
+            front: Front::Http,
+            target: RawTarget::Authority(String::new()),
+            http: Some(facts),
             transparent: None,
             credential,
         };
-        // A CONNECT request has no content (RFC 9110 §9.3.6): bytes announced as one would be
-        // either swallowed or sent on as tunnel data. Refused, and the connection closed.
-        let has_content = req.headers().contains_key(header::TRANSFER_ENCODING)
-            || req.headers().get(header::CONTENT_LENGTH).is_some_and(|v| v.as_bytes() != b"0");
-        if has_content {
-            let r =
-                gw.pipeline.refuse_malformed(&ereq, Reason::MalformedRequest, "a CONNECT request carries no content");
-            return refusal(&r, true);
-        }
-        // Boxed, as the other paths that dial: out of every keep-alive request's future.
-        return Box::pin(connect(gw, ereq, req)).await;
-    }
-    let uri = req.uri().clone();
-    let facts = http_facts(req.method().as_str(), uri.path());
-    let mut ereq = EgressRequest {
-        conn,
-        id,
-        front: Front::Http,
-        target: RawTarget::Authority(String::new()),
-        http: Some(facts),
-        transparent: None,
-        credential,
-    };
-    match (uri.scheme_str(), uri.host()) {
-        (Some("http"), Some(host)) => {
-            ereq.target = RawTarget::HostPort(host.to_string(), uri.port_u16().unwrap_or(80));
-            forward(gw, ereq, cache, req).await
-        }
-        (None, _) => {
-            let r = gw.pipeline.refuse_malformed(
-                &ereq,
-                Reason::OriginForm,
-                "this is an egress proxy: send absolute-form requests (GET http://host/path) or CONNECT host:port",
-            );
-            refusal(&r, true)
-        }
-        (Some(scheme), _) => {
-            let msg = if scheme == "https" {
-                "https:// in absolute form is not proxied: use CONNECT host:443".to_string()
-            } else {
-                format!("scheme {scheme:?} is not supported: only http:// and CONNECT")
-            };
-            let r = gw.pipeline.refuse_malformed(&ereq, Reason::MalformedRequest, &msg);
-            refusal(&r, false)
+        match (uri.scheme_str(), uri.host()) {
+            (Some("http"), Some(host)) => {
+                ereq.target = RawTarget::HostPort(host.to_string(), uri.port_u16().unwrap_or(80));
+                forward(gw, ereq, cache, req).await
+            }
+            (None, _) => {
+                let r = gw.pipeline.refuse_malformed(
+                    &ereq,
+                    Reason::OriginForm,
+                    "this is an egress proxy: send absolute-form requests (GET http://host/path) or CONNECT host:port",
+                );
+                refusal(&r, true)
+            }
+            (Some(scheme), _) => {
+                let msg = if scheme == "https" {
+                    "https:// in absolute form is not proxied: use CONNECT host:443".to_string()
+                } else {
+                    format!("scheme {scheme:?} is not supported: only http:// and CONNECT")
+                };
+                let r = gw.pipeline.refuse_malformed(&ereq, Reason::MalformedRequest, &msg);
+                refusal(&r, false)
+            }
         }
     }
 }
@@ -346,107 +353,112 @@ fn is_hop_by_hop(n: &HeaderName) -> bool {
     HOP_BY_HOP.contains(n) || HOP_BY_HOP_LEGACY.contains(&n.as_str())
 }
 
-async fn forward(
+#[allow(clippy::manual_async_fn, reason = "an async fn would hold its arguments twice in its future")]
+fn forward(
     gw: Gateway,
     ereq: EgressRequest,
     cache: Arc<Mutex<Option<Cached>>>,
     req: Request<Incoming>,
-) -> Response<ProxyBody> {
-    let permit = match gw.pipeline.authorize(&ereq).await {
-        Ok(p) => p,
-        Err(r) => return refusal(&r, false),
-    };
-    let mut cached = cache.lock().ok().and_then(|mut c| c.take());
-    // An idle upstream connection may have been closed by the upstream since its last response:
-    // find out before committing the request to it (then a fresh connection is dialled).
-    if let Some(c) = cached.as_mut()
-        && (c.sender.is_closed() || c.sender.ready().await.is_err())
-    {
-        cached = None;
-    }
-    let (mut sender, log, dialled, source, pool) = match cached {
-        Some(c) if permit.accepts(c.dialled, &c.pool) => {
-            let log = match permit.reuse(c.dialled, c.source).await {
-                Ok(log) => log,
-                Err(r) => return refusal(&r, false),
-            };
-            (c.sender, log, c.dialled, c.source, c.pool)
+) -> impl Future<Output = Response<ProxyBody>> {
+    // An async block, not an async fn: an async fn keeps its arguments twice in its future
+    // (as captured and as locals), and this future is moved whole with every request.
+    async move {
+        let permit = match gw.pipeline.authorize(&ereq).await {
+            Ok(p) => p,
+            Err(r) => return refusal(&r, false),
+        };
+        let mut cached = cache.lock().ok().and_then(|mut c| c.take());
+        // An idle upstream connection may have been closed by the upstream since its last response:
+        // find out before committing the request to it (then a fresh connection is dialled).
+        if let Some(c) = cached.as_mut()
+            && (c.sender.is_closed() || c.sender.ready().await.is_err())
+        {
+            cached = None;
         }
-        _ => {
-            let pool = permit.pool.clone();
-            // Dialling futures are boxed: they are large, and only a request that opens an
-            // upstream connection needs them (hyper moves the request's future as a whole).
-            let up = match Box::pin(permit.connect()).await {
-                Ok(u) => u,
-                Err(r) => return refusal(&r, false),
-            };
-            let source = up.stream.local_addr().ok();
-            let handshake =
-                Box::pin(hyper::client::conn::http1::Builder::new().handshake(TokioIo::new(up.stream))).await;
-            match handshake {
-                Ok((sender, connection)) => {
-                    gw.runtime.tracker.spawn(Box::pin(async move {
-                        let _ = connection.await;
-                    }));
-                    (sender, up.log, up.dialled, source, pool)
-                }
-                Err(e) => {
-                    up.log.finish(0, 0, End::Error, None, Some(e.to_string()));
-                    return upstream_error(&ereq.id, StatusCode::BAD_GATEWAY, &e.to_string());
+        let (mut sender, log, dialled, source, pool) = match cached {
+            Some(c) if permit.accepts(c.dialled, &c.pool) => {
+                let log = match permit.reuse(c.dialled, c.source).await {
+                    Ok(log) => log,
+                    Err(r) => return refusal(&r, false),
+                };
+                (c.sender, log, c.dialled, c.source, c.pool)
+            }
+            _ => {
+                let pool = permit.pool.clone();
+                // Dialling futures are boxed: they are large, and only a request that opens an
+                // upstream connection needs them (hyper moves the request's future as a whole).
+                let up = match Box::pin(permit.connect()).await {
+                    Ok(u) => u,
+                    Err(r) => return refusal(&r, false),
+                };
+                let source = up.stream.local_addr().ok();
+                let handshake =
+                    Box::pin(hyper::client::conn::http1::Builder::new().handshake(TokioIo::new(up.stream))).await;
+                match handshake {
+                    Ok((sender, connection)) => {
+                        gw.runtime.tracker.spawn(Box::pin(async move {
+                            let _ = connection.await;
+                        }));
+                        (sender, up.log, up.dialled, source, pool)
+                    }
+                    Err(e) => {
+                        up.log.finish(0, 0, End::Error, None, Some(e.to_string()));
+                        return upstream_error(&ereq.id, StatusCode::BAD_GATEWAY, &e.to_string());
+                    }
                 }
             }
+        };
+        let (mut parts, body) = req.into_parts();
+        // Host from the URI's host and port only (never its userinfo), so that the upstream sees the
+        // name that was decided.
+        let authority = match (parts.uri.host(), parts.uri.port_u16()) {
+            (Some(h), Some(p)) => format!("{h}:{p}"),
+            (Some(h), None) => h.to_string(),
+            (None, _) => String::new(),
+        };
+        let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        parts.uri = Uri::try_from(pq).unwrap_or_else(|_| Uri::from_static("/"));
+        strip_hop_by_hop(&mut parts.headers);
+        if let Ok(v) = HeaderValue::from_str(&authority) {
+            parts.headers.insert(header::HOST, v);
         }
-    };
-    let (mut parts, body) = req.into_parts();
-    // Host from the URI's host and port only (never its userinfo), so that the upstream sees the
-    // name that was decided.
-    let authority = match (parts.uri.host(), parts.uri.port_u16()) {
-        (Some(h), Some(p)) => format!("{h}:{p}"),
-        (Some(h), None) => h.to_string(),
-        (None, _) => String::new(),
-    };
-    let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    parts.uri = Uri::try_from(pq).unwrap_or_else(|_| Uri::from_static("/"));
-    strip_hop_by_hop(&mut parts.headers);
-    if let Ok(v) = HeaderValue::from_str(&authority) {
-        parts.headers.insert(header::HOST, v);
-    }
-    let counters = Arc::new(Counters::default());
-    let upstream_req = Request::from_parts(parts, TrackedBody::request(body, counters.clone()));
-    if sender.ready().await.is_err() {
-        log.finish(0, 0, End::UpstreamClosed, None, Some("upstream connection closed".into()));
-        return upstream_error(&ereq.id, StatusCode::BAD_GATEWAY, "upstream connection closed");
-    }
-    match sender.send_request(upstream_req).await {
-        Ok(resp) => {
-            if let Ok(mut c) = cache.lock() {
-                *c = Some(Cached { dialled, source, pool, sender });
+        let counters = Arc::new(Counters::default());
+        let upstream_req = Request::from_parts(parts, TrackedBody::request(body, counters.clone()));
+        if sender.ready().await.is_err() {
+            log.finish(0, 0, End::UpstreamClosed, None, Some("upstream connection closed".into()));
+            return upstream_error(&ereq.id, StatusCode::BAD_GATEWAY, "upstream connection closed");
+        }
+        match sender.send_request(upstream_req).await {
+            Ok(resp) => {
+                if let Ok(mut c) = cache.lock() {
+                    *c = Some(Cached { dialled, source, pool, sender });
+                }
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                let status = parts.status.as_u16();
+                let body = TrackedBody::response(body, counters, log, status);
+                Response::from_parts(parts, body.boxed())
             }
-            let (mut parts, body) = resp.into_parts();
-            strip_hop_by_hop(&mut parts.headers);
-            let status = parts.status.as_u16();
-            let body = TrackedBody::response(body, counters, log, status);
-            Response::from_parts(parts, body.boxed())
-        }
-        Err(e) if counters.client_body_error.load(Ordering::Relaxed) => {
-            // The client's fault, not the upstream's: 400, and the connection closed (its framing
-            // is lost).
-            let up = counters.up.load(Ordering::Relaxed);
-            let detail = format!(
-                "malformed request body: {}",
-                std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string())
-            );
-            log.finish(up, 0, End::ClientError, None, Some(detail.clone()));
-            let body = format!(
-                "egress gateway: bad request\nreason: malformed_request\nrequest_id: {}\ndetail: {detail}\n",
-                ereq.id
-            );
-            text(StatusCode::BAD_REQUEST, body, "malformed_request", &ereq.id, true)
-        }
-        Err(e) => {
-            let up = counters.up.load(Ordering::Relaxed);
-            log.finish(up, 0, End::UpstreamClosed, None, Some(e.to_string()));
-            upstream_error(&ereq.id, StatusCode::BAD_GATEWAY, &e.to_string())
+            Err(e) if counters.client_body_error.load(Ordering::Relaxed) => {
+                // The client's fault, not the upstream's: 400, and the connection closed (its framing
+                // is lost).
+                let up = counters.up.load(Ordering::Relaxed);
+                let detail = format!(
+                    "malformed request body: {}",
+                    std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string())
+                );
+                log.finish(up, 0, End::ClientError, None, Some(detail.clone()));
+                let body = format!(
+                    "egress gateway: bad request\nreason: malformed_request\nrequest_id: {}\ndetail: {detail}\n",
+                    ereq.id
+                );
+                text(StatusCode::BAD_REQUEST, body, "malformed_request", &ereq.id, true)
+            }
+            Err(e) => {
+                let up = counters.up.load(Ordering::Relaxed);
+                log.finish(up, 0, End::UpstreamClosed, None, Some(e.to_string()));
+                upstream_error(&ereq.id, StatusCode::BAD_GATEWAY, &e.to_string())
+            }
         }
     }
 }

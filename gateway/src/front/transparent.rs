@@ -115,7 +115,7 @@ async fn serve_conn(gw: &Gateway, mut stream: TcpStream, relay: SocketAddr) {
         front: Front::Transparent,
         target,
         http: None,
-        transparent: Some(TransparentFacts {
+        transparent: Some(Box::new(TransparentFacts {
             original_dst,
             relay,
             sni,
@@ -123,7 +123,7 @@ async fn serve_conn(gw: &Gateway, mut stream: TcpStream, relay: SocketAddr) {
             original_in_resolved: None,
             dns_names,
             dns_name: None,
-        }),
+        })),
         credential: None,
     };
     let _tunnel_permit = match gw.pipeline.admit_tunnel(&req) {

@@ -23,7 +23,7 @@ use crate::target::Target;
 /// An allowed, checked request, ready to dial or reuse.
 pub(crate) struct Permit {
     gw: Arc<Pipeline>,
-    base: Event,
+    base: Box<Event>,
     /// The normalised target.
     pub target: Target,
     /// Addresses that may be dialled.
@@ -46,7 +46,7 @@ pub(crate) struct Upstream {
 impl Permit {
     pub(super) fn new(
         gw: Arc<Pipeline>,
-        base: Event,
+        base: Box<Event>,
         target: Target,
         addrs: Vec<IpAddr>,
         pool: Arc<str>,

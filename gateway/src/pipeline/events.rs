@@ -21,13 +21,13 @@ use crate::target::{self, Host, Target};
 /// An upstream connection or request in progress; emits the close event exactly once.
 pub(crate) struct CloseLog {
     gw: Arc<Pipeline>,
-    base: Option<Event>,
+    base: Option<Box<Event>>,
     started: Instant,
 }
 
 impl CloseLog {
     /// Starts timing the connection or request of an allow already committed as `base`.
-    pub(super) fn start(gw: Arc<Pipeline>, base: Event) -> CloseLog {
+    pub(super) fn start(gw: Arc<Pipeline>, base: Box<Event>) -> CloseLog {
         CloseLog { gw, base: Some(base), started: Instant::now() }
     }
 
@@ -74,8 +74,15 @@ impl Pipeline {
         }
     }
 
-    pub(super) fn event(req: &EgressRequest, client: ClientInfo, target: TargetInfo, decision: DecisionInfo) -> Event {
-        Event {
+    /// A request's event, boxed: it is moved from stage to stage and into the audit log's queue
+    /// (about 570 bytes).
+    pub(super) fn event(
+        req: &EgressRequest,
+        client: ClientInfo,
+        target: TargetInfo,
+        decision: DecisionInfo,
+    ) -> Box<Event> {
+        Box::new(Event {
             schema: "egress.v1",
             event: EventKind::Decision,
             id: String::new(),
@@ -92,11 +99,11 @@ impl Pipeline {
             dialled: None,
             egress_source: None,
             egress_pool: None,
-            transparent: req.transparent.clone().map(Box::new),
+            transparent: req.transparent.clone(),
             close: None,
             prev_hash: None,
             hash: None,
-        }
+        })
     }
 
     /// One concise line per denial (`log.denials`, target `egress_gateway::denials`): the
@@ -125,7 +132,13 @@ impl Pipeline {
     }
 
     /// The decision event of a request that went through stages 2 to 4.
-    pub(super) fn decision_event(&self, req: &EgressRequest, who: &Who, target: &Target, checked: &Checked) -> Event {
+    pub(super) fn decision_event(
+        &self,
+        req: &EgressRequest,
+        who: &Who,
+        target: &Target,
+        checked: &Checked,
+    ) -> Box<Event> {
         self.metrics.identified(who.source.index());
         let d = &checked.decision;
         let mut ev = Self::event(
@@ -161,7 +174,7 @@ impl Pipeline {
     /// uncommitted denial is answered `audit_unavailable`). The event is handed to the audit log
     /// at the call; the future only waits for the commit (and holds no event: it is part of
     /// every request's future).
-    pub(super) fn deny(&self, ev: Event, detail: Option<String>) -> impl Future<Output = Refusal> + '_ {
+    pub(super) fn deny(&self, ev: Box<Event>, detail: Option<String>) -> impl Future<Output = Refusal> + '_ {
         let (reason, request_id) = (ev.decision.reason, ev.request_id.clone());
         if let Some(p) = &ev.decision.policy {
             self.metrics.policy_decision(p, false, reason);
