@@ -21,8 +21,40 @@ impl fmt::Display for Host {
         match self {
             Host::Name(n) => f.write_str(n),
             Host::Ip(IpAddr::V6(a)) => write!(f, "[{a}]"),
-            Host::Ip(a) => write!(f, "{a}"),
+            Host::Ip(IpAddr::V4(a)) => f.write_str(Ipv4Text::new(*a).as_str()),
         }
+    }
+}
+
+/// An IPv4 address in dotted decimal, exactly as `Ipv4Addr`'s `Display` writes it, made octet by
+/// octet on the stack: `Display` goes through the formatter's padding machinery, and every
+/// request's events and target carry two or three addresses.
+pub(crate) struct Ipv4Text {
+    buf: [u8; 15],
+    len: usize,
+}
+
+impl Ipv4Text {
+    /// The text of `a`.
+    pub(crate) fn new(a: Ipv4Addr) -> Ipv4Text {
+        let mut t = Ipv4Text { buf: [0; 15], len: 0 };
+        for (i, o) in a.octets().into_iter().enumerate() {
+            if i > 0 {
+                t.buf[t.len] = b'.';
+                t.len += 1;
+            }
+            let mut digits = itoa::Buffer::new();
+            let d = digits.format(o).as_bytes();
+            t.buf[t.len..t.len + d.len()].copy_from_slice(d);
+            t.len += d.len();
+        }
+        t
+    }
+
+    /// The text.
+    pub(crate) fn as_str(&self) -> &str {
+        // Digits and dots only.
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
     }
 }
 
@@ -160,6 +192,15 @@ fn parse_ipv4_part(p: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv4_text_is_what_display_writes() {
+        for a in [[0, 0, 0, 0], [255, 255, 255, 255], [10, 0, 100, 9], [127, 0, 0, 1], [1, 22, 203, 90]] {
+            let a = Ipv4Addr::from(a);
+            assert_eq!(Ipv4Text::new(a).as_str(), a.to_string());
+            assert_eq!(Host::Ip(IpAddr::V4(a)).to_string(), a.to_string());
+        }
+    }
 
     fn ip(s: &str) -> Host {
         Host::Ip(s.parse().unwrap())

@@ -198,15 +198,7 @@ fn opt_sock(out: &mut Vec<u8>, key: &[u8], v: Option<&SocketAddr>) {
 /// and cost more than the rest of the event's numbers together.
 fn ip(out: &mut Vec<u8>, a: IpAddr) {
     match a {
-        IpAddr::V4(a) => {
-            let [a, b, c, d] = a.octets();
-            for (i, o) in [a, b, c, d].into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b'.');
-                }
-                out.extend_from_slice(itoa::Buffer::new().format(o).as_bytes());
-            }
-        }
+        IpAddr::V4(a) => out.extend_from_slice(crate::target::Ipv4Text::new(a).as_str().as_bytes()),
         IpAddr::V6(_) => {
             let _ = write!(Utf8(out), "{a}");
         }
@@ -214,9 +206,11 @@ fn ip(out: &mut Vec<u8>, a: IpAddr) {
 }
 
 /// A JSON string: copied whole when nothing in it needs escaping (no quote, backslash or control
-/// character: serde_json's and ECMAScript's rule), else escaped by serde_json.
+/// character: serde_json's and ECMAScript's rule), else escaped by serde_json. The test looks at
+/// every byte without stopping early, which the compiler turns into a few vector compares.
 fn string(out: &mut Vec<u8>, s: &str) {
-    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+    let needs_escape = s.bytes().fold(false, |any, b| any | (b < 0x20) | (b == b'"') | (b == b'\\'));
+    if !needs_escape {
         out.reserve(s.len() + 2);
         out.push(b'"');
         out.extend_from_slice(s.as_bytes());

@@ -331,16 +331,14 @@ const HOP_BY_HOP_LEGACY: [&str; 2] = ["keep-alive", "proxy-connection"];
 /// Allocates nothing: most messages carry none of them, and a response carries `Connection`.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
     // One pass over the names present (a handful) instead of a hashed lookup per hop-by-hop name.
-    if !h.keys().any(is_hop_by_hop) {
+    let found: smallvec::SmallVec<[HeaderName; 4]> = h.keys().filter(|n| is_hop_by_hop(n)).cloned().collect();
+    if found.is_empty() {
         return;
     }
     // Names the Connection header lists are hop-by-hop too. Its values are kept by reference
     // count (they share the read buffer) while the map changes.
     let listed: smallvec::SmallVec<[HeaderValue; 2]> = h.get_all(header::CONNECTION).iter().cloned().collect();
-    for n in &HOP_BY_HOP {
-        h.remove(n);
-    }
-    for n in HOP_BY_HOP_LEGACY {
+    for n in &found {
         h.remove(n);
     }
     for n in listed.iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')) {
@@ -391,7 +389,7 @@ fn forward(
                     Ok(u) => u,
                     Err(r) => return refusal(&r, false),
                 };
-                let source = up.stream.local_addr().ok();
+                let source = up.source;
                 let handshake =
                     Box::pin(hyper::client::conn::http1::Builder::new().handshake(TokioIo::new(up.stream))).await;
                 match handshake {

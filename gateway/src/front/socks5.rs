@@ -112,7 +112,7 @@ async fn serve_conn(gw: &Gateway, mut stream: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    let bound = up.stream.local_addr().ok();
+    let bound = up.source;
     if let Err(e) = stream.write_all(&reply_bytes(reply::SUCCEEDED, bound)).await {
         up.log.finish(0, 0, crate::audit::End::ClientClosed, None, Some(e.to_string()));
         return;

@@ -39,6 +39,8 @@ pub(crate) struct Upstream {
     pub stream: tokio::net::TcpStream,
     /// The address dialled.
     pub dialled: SocketAddr,
+    /// The local (egress source) address it was dialled from, as audited.
+    pub source: Option<SocketAddr>,
     /// Close-event handle.
     pub log: CloseLog,
 }
@@ -133,7 +135,7 @@ impl Permit {
                 self.gw.metrics.connect_seconds.observe(started.elapsed().as_secs_f64());
                 let source = stream.local_addr().ok();
                 let log = self.allowed(Some(dialled), source).await?;
-                Ok(Upstream { stream, dialled, log })
+                Ok(Upstream { stream, dialled, source, log })
             }
             Err(e) => {
                 self.gw.metrics.connect_failures.inc();
