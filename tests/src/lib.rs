@@ -500,13 +500,16 @@ async fn serve_upstream(s: tokio::net::TcpStream, peer: SocketAddr) {
         let method = req.method().to_string();
         let path = req.uri().path().to_string();
         let host = req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or("").to_string();
+        let hosts = req.headers().get_all("host").iter().count();
+        let path_and_query = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
         let hop = req.headers().contains_key("proxy-authorization") || req.headers().contains_key("proxy-connection");
         let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         let out = if let Some(n) = path.strip_prefix("/bytes/") {
             UpBody::Pattern { at: 0, len: n.parse().unwrap_or(0) }
         } else {
             let v = serde_json::json!({
-                "method": method, "path": path, "peer": peer.to_string(), "host": host,
+                "method": method, "path": path, "path_and_query": path_and_query, "peer": peer.to_string(),
+                "host": host, "hosts": hosts,
                 "body_len": body.len(), "proxy_headers_seen": hop,
             });
             UpBody::Full(Some(bytes::Bytes::from(v.to_string())))

@@ -417,6 +417,44 @@ fn check_offline(gw: &Gateway, target: &str) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)))
 }
 
+/// The upstream sees the name that was decided, whatever Host header the client sent: one Host
+/// header, the URI's host and port (a virtual-hosting upstream must never serve a name the policy
+/// did not see), and the path and query as sent. Each case twice on one connection, so that the
+/// reused upstream connection is covered too.
+#[test]
+fn the_upstream_sees_the_decided_host_once_and_the_path_and_query_as_sent() {
+    let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
+    let gw = Gateway::start(&dns, &config(up.addr.port(), ""));
+    let p = up.addr.port();
+    let decided = format!("up.test:{p}");
+    for (label, sent) in [
+        ("the same host", format!("Host: up.test:{p}\r\n")),
+        ("another name", "Host: evil.test\r\n".to_string()),
+        ("the name without the port", "Host: up.test\r\n".to_string()),
+        ("two Host headers", format!("Host: up.test:{p}\r\nHost: evil.test\r\n")),
+        ("no Host header", String::new()),
+    ] {
+        let mut s = TcpStream::connect(gw.http).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        for _ in 0..2 {
+            write!(s, "GET http://up.test:{p}/x/y?q=1&r=%20 HTTP/1.1\r\n{sent}\r\n").unwrap();
+            let (status, h) = read_head(&mut r);
+            let mut body = vec![0u8; h["content-length"].parse().unwrap()];
+            r.read_exact(&mut body).unwrap();
+            if status == 400 && label == "two Host headers" {
+                // Refusing it outright is as safe as forwarding one Host.
+                break;
+            }
+            assert_eq!(status, 200, "{label}: {}", String::from_utf8_lossy(&body));
+            let seen: Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(seen["host"], decided.as_str(), "{label}: {seen}");
+            assert_eq!(seen["hosts"], 1, "{label}: {seen}");
+            assert_eq!(seen["path_and_query"], "/x/y?q=1&r=%20", "{label}: {seen}");
+        }
+    }
+}
+
 #[test]
 fn a_second_request_on_a_keep_alive_connection_is_decided_again() {
     let (dns, up) = (dns(), Upstream::start("127.0.0.2"));

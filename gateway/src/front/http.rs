@@ -407,17 +407,19 @@ fn forward(
             }
         };
         let (mut parts, body) = req.into_parts();
-        // Host from the URI's host and port only (never its userinfo), so that the upstream sees the
-        // name that was decided.
-        let authority = match (parts.uri.host(), parts.uri.port_u16()) {
-            (Some(h), Some(p)) => format!("{h}:{p}"),
-            (Some(h), None) => h.to_string(),
-            (None, _) => String::new(),
-        };
-        let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        parts.uri = Uri::try_from(pq).unwrap_or_else(|_| Uri::from_static("/"));
+        // Host from the URI's host and port only (never its userinfo), so that the upstream sees
+        // the name that was decided. Most clients send exactly that already: the header then
+        // stays as it came.
+        let host = host_header(&parts.uri);
+        let sent = parts.headers.get_all(header::HOST);
+        let keep = sent.iter().count() == 1 && sent.iter().next().is_some_and(|v| v.as_bytes() == host.as_slice());
+        // Origin form, keeping the path and query the client sent (shared, not copied).
+        let mut uri = std::mem::take(&mut parts.uri).into_parts();
+        uri.scheme = None;
+        uri.authority = None;
+        parts.uri = Uri::from_parts(uri).unwrap_or_else(|_| Uri::from_static("/"));
         strip_hop_by_hop(&mut parts.headers);
-        if let Ok(v) = HeaderValue::from_str(&authority) {
+        if !keep && let Ok(v) = HeaderValue::from_bytes(&host) {
             parts.headers.insert(header::HOST, v);
         }
         let counters = Arc::new(Counters::default());
@@ -459,6 +461,20 @@ fn forward(
             }
         }
     }
+}
+
+/// The Host header an absolute-form request is forwarded with: the URI's host, and its port when
+/// the URI names one (never its userinfo).
+fn host_header(uri: &Uri) -> smallvec::SmallVec<[u8; 64]> {
+    let mut out = smallvec::SmallVec::new();
+    if let Some(h) = uri.host() {
+        out.extend_from_slice(h.as_bytes());
+        if let Some(p) = uri.port_u16() {
+            out.push(b':');
+            out.extend_from_slice(itoa::Buffer::new().format(p).as_bytes());
+        }
+    }
+    out
 }
 
 #[derive(Default)]
@@ -590,6 +606,20 @@ fn upstream_error(request_id: &str, status: StatusCode, detail: &str) -> Respons
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_host_header_is_the_uris_host_and_port_without_userinfo() {
+        for (uri, host) in [
+            ("http://up.test/x", "up.test"),
+            ("http://Up.Test:8080/x?q", "Up.Test:8080"),
+            ("http://user:secret@up.test:81/", "up.test:81"),
+            ("http://[::1]:80/", "[::1]:80"),
+            ("http://10.0.0.1/", "10.0.0.1"),
+        ] {
+            let uri: Uri = uri.parse().unwrap();
+            assert_eq!(host_header(&uri).as_slice(), host.as_bytes(), "{uri}");
+        }
+    }
 
     #[test]
     fn strips_hop_by_hop_and_proxy_headers_and_those_connection_names() {
