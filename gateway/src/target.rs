@@ -145,14 +145,14 @@ pub fn parse_port(s: &str) -> Option<u16> {
 /// The WHATWG URL IPv4 parser (what browsers, curl and most libraries accept): 1-4 parts, each
 /// decimal, `0x` hex or leading-zero octal; the last part fills the remaining bytes.
 pub fn parse_ipv4_whatwg(s: &str) -> Option<Ipv4Addr> {
-    let parts: Vec<&str> = s.split('.').collect();
-    if parts.is_empty() || parts.len() > 4 {
-        return None;
+    // At most four parts, on the stack: every IP-literal target comes through here.
+    let mut parts = [0u64; 4];
+    let mut len = 0;
+    for p in s.split('.') {
+        *parts.get_mut(len)? = parse_ipv4_part(p)?;
+        len += 1;
     }
-    let mut nums = Vec::with_capacity(4);
-    for p in &parts {
-        nums.push(parse_ipv4_part(p)?);
-    }
+    let nums = &parts[..len];
     let (last, init) = nums.split_last()?;
     if init.iter().any(|n| *n > 255) {
         return None;

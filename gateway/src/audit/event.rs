@@ -75,8 +75,9 @@ pub struct Event {
     /// SHA-256 of the RFC 8785 canonical JSON of this event without `hash`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hash: Option<String>,
-    /// Unique event id (UUIDv7), assigned when written.
-    pub id: String,
+    /// Unique event id (UUIDv7), assigned when written (nil before).
+    #[serde(serialize_with = "hyphenated")]
+    pub id: uuid::Uuid,
     /// Gateway instance id (random per process start).
     pub instance: Arc<str>,
     /// `hash` of the event written before this one in the instance's stream (tamper evidence).
@@ -100,6 +101,11 @@ pub struct Event {
     /// all) carry a pointer, not the facts' 160 bytes, through every move.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub transparent: Option<Box<crate::request::TransparentFacts>>,
+}
+
+/// A UUID as its lower-case hyphenated string.
+fn hyphenated<S: serde::Serializer>(id: &uuid::Uuid, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(id.hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()))
 }
 
 /// Who the client is.

@@ -37,8 +37,9 @@ pub(super) fn write_event(out: &mut Vec<u8>, ev: &Event) {
     out.extend_from_slice(ev.front.as_str().as_bytes());
     out.push(b'"');
     opt_string(out, b",\"hash\":", ev.hash.as_deref());
-    out.extend_from_slice(b",\"id\":");
-    string(out, &ev.id);
+    out.extend_from_slice(b",\"id\":\"");
+    out.extend_from_slice(ev.id.hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()).as_bytes());
+    out.push(b'"');
     out.extend_from_slice(b",\"instance\":");
     string(out, &ev.instance);
     opt_string(out, b",\"prev_hash\":", ev.prev_hash.as_deref());
@@ -408,7 +409,7 @@ mod tests {
                 prop::sample::select(vec![EventKind::Decision, EventKind::Close]),
                 prop::sample::select(Front::ALL.to_vec()),
                 prop::option::of(text()),
-                text(),
+                any::<u128>().prop_map(uuid::Uuid::from_u128),
                 arc(text()),
             ),
             (prop::option::of(text()), arc(text()), prop::collection::vec(resolved(), 0..3), any::<u64>()),

@@ -254,7 +254,7 @@ impl Audit {
 /// (`prev` is the previous event's hash and becomes this one's) into `out` (one JSON line).
 fn write_line(out: &mut Vec<u8>, ev: &mut Event, seq: u64, instance: &Arc<str>, prev: &mut String) {
     ev.seq = seq;
-    ev.id = uuid::Uuid::now_v7().to_string();
+    ev.id = uuid::Uuid::now_v7();
     ev.instance = instance.clone();
     ev.prev_hash = Some(std::mem::take(prev));
     ev.hash = None;

@@ -85,7 +85,7 @@ impl Pipeline {
         Box::new(Event {
             schema: "egress.v1",
             event: EventKind::Decision,
-            id: String::new(),
+            id: uuid::Uuid::nil(),
             seq: 0,
             time: Timestamp::now(),
             instance: Arc::from(""),

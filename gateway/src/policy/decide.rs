@@ -15,6 +15,10 @@ use crate::identity::Identity;
 use crate::reason::Reason;
 use crate::target::{Host, Target};
 
+/// The rules a target may match, by index: on the stack for the usual handful (every decision,
+/// and every resolved address of a name, collects them).
+type Candidates = smallvec::SmallVec<[usize; 8]>;
+
 /// What the gateway sees of a plain-HTTP request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HttpFacts {
@@ -105,9 +109,9 @@ impl Snapshot {
         out
     }
 
-    fn cidr_candidates(&self, ip: IpAddr) -> Vec<usize> {
+    fn cidr_candidates(&self, ip: IpAddr) -> Candidates {
         let keep = |e: &CidrEntry| !e.except.iter().any(|x| x.contains(&ip));
-        let mut out = Vec::new();
+        let mut out = Candidates::new();
         match ip {
             IpAddr::V4(a) => {
                 for (_, v) in self.cidr_v4.cover(&ipnet::Ipv4Net::from(a)) {
@@ -123,8 +127,8 @@ impl Snapshot {
         out
     }
 
-    fn name_candidates(&self, host: &str) -> Vec<usize> {
-        let mut out: Vec<usize> = self.exact.get(host).cloned().unwrap_or_default();
+    fn name_candidates(&self, host: &str) -> Candidates {
+        let mut out: Candidates = self.exact.get(host).map(|v| v.iter().copied().collect()).unwrap_or_default();
         let mut rest = host;
         while let Some((_, parent)) = rest.split_once('.') {
             if let Some(v) = self.suffix.get(parent) {
@@ -187,7 +191,7 @@ impl Snapshot {
                 (self.name_candidates(n), PeerMatch::Domain)
             }
         };
-        let mut applicable: Vec<usize> =
+        let mut applicable: Candidates =
             candidates.into_iter().filter(|&ri| self.rule_applies(ri, &selected, target.port, http)).collect();
         applicable.sort_unstable();
         let verified = id.is_some_and(|i| i.verified);
