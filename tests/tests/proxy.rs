@@ -92,6 +92,31 @@ fn socks(gw: &Gateway) -> String {
     format!("{}", gw.socks)
 }
 
+/// One client connection to a listener, for requests written by hand, answered in turn.
+struct Raw {
+    s: TcpStream,
+    r: BufReader<TcpStream>,
+}
+
+impl Raw {
+    fn connect(addr: std::net::SocketAddr) -> Raw {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let r = BufReader::new(s.try_clone().unwrap());
+        Raw { s, r }
+    }
+
+    /// Writes `text` and reads the answer: its status and its body (Content-Length framed; none
+    /// without one, as for a CONNECT's 200).
+    fn exchange(&mut self, text: &str) -> (u16, Vec<u8>) {
+        self.s.write_all(text.as_bytes()).unwrap();
+        let (status, h) = read_head(&mut self.r);
+        let mut body = vec![0u8; h.get("content-length").map_or(0, |n| n.parse().unwrap())];
+        self.r.read_exact(&mut body).unwrap();
+        (status, body)
+    }
+}
+
 #[test]
 fn allowed_exact_and_wildcard_domains_through_every_front() {
     let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
@@ -434,14 +459,9 @@ fn the_upstream_sees_the_decided_host_once_and_the_path_and_query_as_sent() {
         ("two Host headers", format!("Host: up.test:{p}\r\nHost: evil.test\r\n")),
         ("no Host header", String::new()),
     ] {
-        let mut s = TcpStream::connect(gw.http).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut c = Raw::connect(gw.http);
         for _ in 0..2 {
-            write!(s, "GET http://up.test:{p}/x/y?q=1&r=%20 HTTP/1.1\r\n{sent}\r\n").unwrap();
-            let (status, h) = read_head(&mut r);
-            let mut body = vec![0u8; h["content-length"].parse().unwrap()];
-            r.read_exact(&mut body).unwrap();
+            let (status, body) = c.exchange(&format!("GET http://up.test:{p}/x/y?q=1&r=%20 HTTP/1.1\r\n{sent}\r\n"));
             if status == 400 && label == "two Host headers" {
                 // Refusing it outright is as safe as forwarding one Host.
                 break;
@@ -460,21 +480,10 @@ fn a_second_request_on_a_keep_alive_connection_is_decided_again() {
     let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
     let gw = Gateway::start(&dns, &config(up.addr.port(), ""));
     let p = up.addr.port();
-    let mut s = TcpStream::connect(gw.http).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    write!(s, "GET http://up.test:{p}/one HTTP/1.1\r\nHost: up.test:{p}\r\n\r\n").unwrap();
-    let (status, h) = read_head(&mut r);
-    assert_eq!(status, 200);
-    let mut body = vec![0u8; h["content-length"].parse().unwrap()];
-    r.read_exact(&mut body).unwrap();
-    write!(s, "GET http://meta.test:{p}/two HTTP/1.1\r\nHost: meta.test:{p}\r\n\r\n").unwrap();
-    let (status, h) = read_head(&mut r);
-    assert_eq!(status, 403);
-    let mut body = vec![0u8; h["content-length"].parse().unwrap()];
-    r.read_exact(&mut body).unwrap();
-    write!(s, "GET http://up.test:{p}/three HTTP/1.1\r\nHost: up.test:{p}\r\n\r\n").unwrap();
-    let (status, _) = read_head(&mut r);
+    let mut c = Raw::connect(gw.http);
+    assert_eq!(c.exchange(&format!("GET http://up.test:{p}/one HTTP/1.1\r\nHost: up.test:{p}\r\n\r\n")).0, 200);
+    assert_eq!(c.exchange(&format!("GET http://meta.test:{p}/two HTTP/1.1\r\nHost: meta.test:{p}\r\n\r\n")).0, 403);
+    let (status, _) = c.exchange(&format!("GET http://up.test:{p}/three HTTP/1.1\r\nHost: up.test:{p}\r\n\r\n"));
     assert_eq!(status, 200, "the connection keeps serving after a denial");
     let ev = gw.events_at_least(4);
     let decisions: Vec<&Value> = ev.iter().filter(|e| e["event"] == "decision").collect();
@@ -715,26 +724,17 @@ fn hot_reload_adds_and_removes_rules_without_dropping_open_tunnels_and_keeps_the
     let p = up.addr.port();
     let gw = Gateway::start(&dns, &config(p, ""));
     // an open tunnel
-    let mut t = TcpStream::connect(gw.http).unwrap();
-    t.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(t, "CONNECT up.test:{p} HTTP/1.1\r\nHost: up.test:{p}\r\n\r\n").unwrap();
-    let mut tr = BufReader::new(t.try_clone().unwrap());
-    assert_eq!(read_head(&mut tr).0, 200);
-    let tunnel_get = |t: &mut TcpStream, tr: &mut BufReader<TcpStream>, path: &str| {
-        write!(t, "GET {path} HTTP/1.1\r\nHost: up.test\r\n\r\n").unwrap();
-        let (s, h) = read_head(tr);
-        let mut b = vec![0u8; h["content-length"].parse().unwrap()];
-        tr.read_exact(&mut b).unwrap();
-        s
-    };
-    assert_eq!(tunnel_get(&mut t, &mut tr, "/before"), 200);
+    let mut t = Raw::connect(gw.http);
+    assert_eq!(t.exchange(&format!("CONNECT up.test:{p} HTTP/1.1\r\nHost: up.test:{p}\r\n\r\n")).0, 200);
+    let tunnel_get = |t: &mut Raw, path: &str| t.exchange(&format!("GET {path} HTTP/1.1\r\nHost: up.test\r\n\r\n")).0;
+    assert_eq!(tunnel_get(&mut t, "/before"), 200);
     assert_eq!(curl(&["-x", &proxy(&gw), &format!("http://up.test:{p}/")]).status, 200);
     // remove every allow
     let empty = "guard: {allowCidrs: [127.0.0.2/32]}\nclients: [{cidr: 127.0.0.1/32, namespace: shop, name: api, labels: {app: api}}]\npolicies:\n  - {apiVersion: egress.dev/v1alpha1, kind: EgressPolicy, metadata: {name: api-egress, namespace: shop}, spec: {podSelector: {}}}\n";
     gw.write_config(&dns, empty);
     wait_until(Duration::from_secs(10), || gw.metric("egress_config_reloads_total{result=\"ok\"}") >= Some(1.0));
     assert_eq!(curl(&["-x", &proxy(&gw), &format!("http://up.test:{p}/")]).status, 403);
-    assert_eq!(tunnel_get(&mut t, &mut tr, "/after-removal"), 200, "open tunnel survives the reload");
+    assert_eq!(tunnel_get(&mut t, "/after-removal"), 200, "open tunnel survives the reload");
     // add it back
     gw.write_config(&dns, &config(p, ""));
     wait_until(Duration::from_secs(10), || gw.metric("egress_config_reloads_total{result=\"ok\"}") >= Some(2.0));
@@ -751,7 +751,7 @@ fn hot_reload_adds_and_removes_rules_without_dropping_open_tunnels_and_keeps_the
     gw.signal("HUP");
     wait_until(Duration::from_secs(10), || gw.metric("egress_config_reloads_total{result=\"ok\"}") >= Some(3.0));
     assert_eq!(curl(&["-x", &proxy(&gw), &format!("http://up.test:{p}/")]).status, 403);
-    assert_eq!(tunnel_get(&mut t, &mut tr, "/still-open"), 200);
+    assert_eq!(tunnel_get(&mut t, "/still-open"), 200);
 }
 
 #[test]
@@ -1096,15 +1096,10 @@ fn an_upstream_closing_an_idle_connection_is_redialled() {
         }
     });
     let gw = Gateway::start(&dns, &config(p, ""));
-    let mut s = TcpStream::connect(gw.http).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut c = Raw::connect(gw.http);
     for i in 0..2 {
-        write!(s, "GET http://up.test:{p}/{i} HTTP/1.1\r\nHost: up.test:{p}\r\n\r\n").unwrap();
-        let (status, h) = read_head(&mut r);
+        let (status, _) = c.exchange(&format!("GET http://up.test:{p}/{i} HTTP/1.1\r\nHost: up.test:{p}\r\n\r\n"));
         assert_eq!(status, 200, "request {i}");
-        let mut body = vec![0u8; h["content-length"].parse().unwrap()];
-        r.read_exact(&mut body).unwrap();
         // The upstream has closed the pooled connection before the next request is sent.
         closed.recv_timeout(Duration::from_secs(10)).expect("the upstream closed its connection");
     }
@@ -1442,17 +1437,11 @@ fn an_idle_keep_alive_connection_times_out_without_a_false_denial() {
     let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
     let p = up.addr.port();
     let gw = Gateway::start(&dns, &format!("{}limits: {{headerTimeout: 1s}}\n", config(p, "")));
-    let mut s = TcpStream::connect(gw.http).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    write!(s, "GET http://up.test:{p}/pooled HTTP/1.1\r\nHost: up.test:{p}\r\n\r\n").unwrap();
-    let (status, h) = read_head(&mut r);
-    assert_eq!(status, 200);
-    let mut body = vec![0u8; h["content-length"].parse().unwrap()];
-    r.read_exact(&mut body).unwrap();
+    let mut c = Raw::connect(gw.http);
+    assert_eq!(c.exchange(&format!("GET http://up.test:{p}/pooled HTTP/1.1\r\nHost: up.test:{p}\r\n\r\n")).0, 200);
     // Idle until the gateway closes it.
     let mut rest = Vec::new();
-    assert_eq!(r.read_to_end(&mut rest).unwrap(), 0, "closed without a response");
+    assert_eq!(c.r.read_to_end(&mut rest).unwrap(), 0, "closed without a response");
     let conn = gw.decision(|e| e["target"]["http"]["path"] == "/pooled")["connection_id"].clone();
     // The positive control: half a head, then silence.
     let out = exchange_lossy(gw.http, format!("GET http://up.test:{p}/half HTTP/1.1\r\nHo").as_bytes());

@@ -75,8 +75,8 @@ pub struct Event {
     /// SHA-256 of the RFC 8785 canonical JSON of this event without `hash`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hash: Option<String>,
-    /// Unique event id (UUIDv7), assigned when written (nil before).
-    #[serde(serialize_with = "hyphenated")]
+    /// Unique event id (UUIDv7), assigned when written (nil before); serialised hyphenated, lower
+    /// case.
     pub id: uuid::Uuid,
     /// Gateway instance id (random per process start).
     pub instance: Arc<str>,
@@ -101,11 +101,6 @@ pub struct Event {
     /// all) carry a pointer, not the facts' 160 bytes, through every move.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub transparent: Option<Box<crate::request::TransparentFacts>>,
-}
-
-/// A UUID as its lower-case hyphenated string.
-fn hyphenated<S: serde::Serializer>(id: &uuid::Uuid, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(id.hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()))
 }
 
 /// Who the client is.
@@ -285,7 +280,8 @@ impl Timestamp {
     }
 
     /// The instant `nanos` after the Unix epoch (years 1970 to 9999).
-    pub fn from_unix_nanos(nanos: i128) -> Option<Timestamp> {
+    #[cfg(test)]
+    pub(crate) fn from_unix_nanos(nanos: i128) -> Option<Timestamp> {
         time::OffsetDateTime::from_unix_timestamp_nanos(nanos).ok().map(Timestamp)
     }
 

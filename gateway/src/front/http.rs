@@ -411,8 +411,8 @@ fn forward(
         // the name that was decided. Most clients send exactly that already: the header then
         // stays as it came.
         let host = host_header(&parts.uri);
-        let sent = parts.headers.get_all(header::HOST);
-        let keep = sent.iter().count() == 1 && sent.iter().next().is_some_and(|v| v.as_bytes() == host.as_slice());
+        let mut sent = parts.headers.get_all(header::HOST).iter();
+        let keep = sent.next().is_some_and(|v| v.as_bytes() == host.as_slice()) && sent.next().is_none();
         // Origin form, keeping the path and query the client sent (shared, not copied).
         let mut uri = std::mem::take(&mut parts.uri).into_parts();
         uri.scheme = None;

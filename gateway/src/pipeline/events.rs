@@ -113,10 +113,9 @@ impl Pipeline {
         if !self.state.load().loaded.config.log.denials {
             return;
         }
-        let who = match (ev.client.namespace(), ev.client.name()) {
-            (Some(ns), Some(name)) => format!("{ns}/{name}"),
-            (Some(ns), None) => ns.to_string(),
-            _ => "unknown client".to_string(),
+        let who = match ev.client.identity.as_deref() {
+            Some(i) => format!("{}/{}", i.namespace, i.name),
+            None => "unknown client".to_string(),
         };
         tracing::info!(
             target: "egress_gateway::denials",
