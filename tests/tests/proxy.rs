@@ -1110,6 +1110,108 @@ fn an_upstream_closing_an_idle_connection_is_redialled() {
     );
 }
 
+/// The keep-alive race: an upstream gives up an idle connection just as the next request goes
+/// out on it, so the request meets a closed connection and no answer (here the upstream reads the
+/// second request of every connection and closes without a word). The gateway sends an
+/// idempotent request without a body once more, on a new connection, decided and audited again
+/// under the same request id (RFC 9110 section 9.2.2). A POST, or a request with a body, is never
+/// sent twice (502), and a new connection that fails the same way is an upstream error, not a
+/// reason to go on (502).
+#[test]
+fn a_request_lost_to_an_idle_close_is_retried_once_on_a_new_connection_only_when_idempotent() {
+    let dns = dns();
+    let upstream = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+    let p = upstream.local_addr().unwrap().port();
+    // (upstream connection, request line) in the order the upstream read them.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(usize, String)>::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for (i, conn) in upstream.incoming().enumerate() {
+            let Ok(mut c) = conn else { return };
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(c.try_clone().unwrap());
+                for n in 0.. {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut len = 0;
+                    let mut h = String::new();
+                    while r.read_line(&mut h).map(|n| n > 2).unwrap_or(false) {
+                        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap();
+                        }
+                        h.clear();
+                    }
+                    let mut body = vec![0; len];
+                    r.read_exact(&mut body).unwrap();
+                    log.lock().unwrap().push((i, line.trim_end().to_string()));
+                    if n > 0 || line.contains("/never") {
+                        return; // closed without an answer
+                    }
+                    c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").unwrap();
+                }
+            });
+        }
+    });
+    let gw = Gateway::start(&dns, &config(p, ""));
+    let mut c = Raw::connect(gw.http);
+    let host = format!("up.test:{p}");
+    let mut statuses = Vec::new();
+    // Each request here finds the upstream connection the one before it left (a failed request
+    // leaves none).
+    let requests = ["GET /a", "GET /b", "DELETE /c", "PUT /d", "GET /e", "POST /f", "GET /g", "GET /never"];
+    for req in requests {
+        let body = if req == "PUT /d" { "Content-Length: 1\r\n\r\nx" } else { "Content-Length: 0\r\n\r\n" };
+        let (method, path) = req.split_once(' ').unwrap();
+        let (status, _) = c.exchange(&format!("{method} http://{host}{path} HTTP/1.1\r\nHost: {host}\r\n{body}"));
+        statuses.push(status);
+    }
+    assert_eq!(
+        statuses,
+        [200, 200, 200, 502, 200, 502, 200, 502],
+        "GET /b and DELETE /c went again; PUT /d (a body) and POST /f did not; GET /never went twice at most"
+    );
+    let seen: Vec<(usize, String)> = seen.lock().unwrap().clone();
+    let expected: Vec<(usize, String)> = [
+        (0, "GET /a"),
+        (0, "GET /b"),
+        (1, "GET /b"),
+        (1, "DELETE /c"),
+        (2, "DELETE /c"),
+        (2, "PUT /d"),
+        (3, "GET /e"),
+        (3, "POST /f"),
+        (4, "GET /g"),
+        (4, "GET /never"),
+        (5, "GET /never"),
+    ]
+    .iter()
+    .map(|(i, r)| (*i, format!("{r} HTTP/1.1")))
+    .collect();
+    assert_eq!(seen, expected, "each request went out as many times as it should, on the connections it should");
+    // The retried request: two allows and two closes under one request id, the first close
+    // saying that the reused connection was lost and the request sent again.
+    let events = gw.events_at_least(22);
+    let of = |path: &str| -> Vec<&Value> { events.iter().filter(|e| e["target"]["http"]["path"] == path).collect() };
+    let b = of("/b");
+    let kinds: Vec<(&str, &str)> =
+        b.iter().map(|e| (e["event"].as_str().unwrap(), e["decision"]["action"].as_str().unwrap())).collect();
+    assert_eq!(kinds, [("decision", "allow"), ("close", "allow"), ("decision", "allow"), ("close", "allow")]);
+    assert!(b.iter().all(|e| e["request_id"] == b[0]["request_id"]), "{b:#?}");
+    assert_eq!(b[1]["close"]["end"], "upstream_closed", "{:#}", b[1]);
+    assert!(b[1]["close"]["error"].as_str().unwrap().contains("sent again on a new connection"), "{:#}", b[1]);
+    assert_eq!(b[3]["close"]["end"], "completed", "{:#}", b[3]);
+    assert_eq!(of("/c").len(), 4, "DELETE /c was sent twice, audited twice");
+    assert_eq!(of("/never").len(), 4, "GET /never was sent twice, audited twice");
+    for once in ["/d", "/f"] {
+        let e = of(once);
+        assert_eq!(e.len(), 2, "one allow and one close: {e:#?}");
+        assert_eq!(e[1]["close"]["end"], "upstream_closed", "{:#}", e[1]);
+    }
+}
+
 /// A resolver that answers A but never AAAA (some middleboxes drop AAAA queries): hickory caches
 /// no failure, so without a hold every request would ask again and wait for AAAA to time out.
 /// The first request waits for AAAA at most `SECOND_FAMILY_WAIT`; then AAAA is not asked for the

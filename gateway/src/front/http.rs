@@ -22,7 +22,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::audit::End;
-use crate::pipeline::{CloseLog, Refusal, RefusalKind, http_facts};
+use crate::pipeline::{CloseLog, Permit, Refusal, RefusalKind, http_facts};
 use crate::reason::Reason;
 use crate::request::{ClientConn, Credential, EgressRequest, Front, RawTarget};
 use crate::runtime::Gateway;
@@ -373,38 +373,19 @@ fn forward(
         {
             cached = None;
         }
-        let (mut sender, log, dialled, source, pool) = match cached {
-            Some(c) if permit.accepts(c.dialled, &c.pool) => {
-                let log = match permit.reuse(c.dialled, c.source).await {
-                    Ok(log) => log,
-                    Err(r) => return refusal(&r, false),
-                };
-                (c.sender, log, c.dialled, c.source, c.pool)
-            }
-            _ => {
-                let pool = permit.pool.clone();
-                // Dialling futures are boxed: they are large, and only a request that opens an
-                // upstream connection needs them (hyper moves the request's future as a whole).
-                let up = match Box::pin(permit.connect()).await {
-                    Ok(u) => u,
-                    Err(r) => return refusal(&r, false),
-                };
-                let source = up.source;
-                let handshake =
-                    Box::pin(hyper::client::conn::http1::Builder::new().handshake(TokioIo::new(up.stream))).await;
-                match handshake {
-                    Ok((sender, connection)) => {
-                        gw.runtime.tracker.spawn(Box::pin(async move {
-                            let _ = connection.await;
-                        }));
-                        (sender, up.log, up.dialled, source, pool)
-                    }
-                    Err(e) => {
-                        up.log.finish(0, 0, End::Error, None, Some(e.to_string()));
-                        return upstream_error(&ereq.id, StatusCode::BAD_GATEWAY, &e.to_string());
-                    }
+        let mut leg = match cached {
+            Some(c) if permit.accepts(c.dialled, &c.pool) => match permit.reuse(c.dialled, c.source).await {
+                Ok(log) => {
+                    Leg { sender: c.sender, log, dialled: c.dialled, source: c.source, pool: c.pool, reused: true }
                 }
-            }
+                Err(r) => return refusal(&r, false),
+            },
+            // Dialling futures are boxed: they are large, and only a request that opens an
+            // upstream connection needs them (hyper moves the request's future as a whole).
+            _ => match Box::pin(open(permit, &gw, &ereq.id)).await {
+                Ok(leg) => leg,
+                Err(resp) => return resp,
+            },
         };
         let (mut parts, body) = req.into_parts();
         // Host from the URI's host and port only (never its userinfo), so that the upstream sees
@@ -422,44 +403,166 @@ fn forward(
         if !keep && let Ok(v) = HeaderValue::from_bytes(&host) {
             parts.headers.insert(header::HOST, v);
         }
+        // What it takes to send the request once more, kept only when that may be needed.
+        let mut replay = (leg.reused && Replay::allowed(&parts.method, &body)).then(|| Replay::of(&parts));
         let counters = Arc::new(Counters::default());
-        let upstream_req = Request::from_parts(parts, TrackedBody::request(body, counters.clone()));
-        if sender.ready().await.is_err() {
-            log.finish(0, 0, End::UpstreamClosed, None, Some("upstream connection closed".into()));
-            return upstream_error(&ereq.id, StatusCode::BAD_GATEWAY, "upstream connection closed");
-        }
-        match sender.send_request(upstream_req).await {
-            Ok(resp) => {
-                if let Ok(mut c) = cache.lock() {
-                    *c = Some(Cached { dialled, source, pool, sender });
-                }
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                let status = parts.status.as_u16();
-                let body = TrackedBody::response(body, counters, log, status);
-                Response::from_parts(parts, body.boxed())
+        let mut upstream_req = Request::from_parts(parts, TrackedBody::request(Some(body), counters.clone()));
+        let (resp, leg) = loop {
+            let (e, unsent) = match send(&mut leg.sender, upstream_req).await {
+                Ok(resp) => break (resp, leg),
+                Err(failed) => failed,
+            };
+            // The keep-alive race: the upstream closed this pooled connection while the request
+            // was on its way. A request that never went out is sent again on a new connection,
+            // and so is one that may be repeated (RFC 9110 section 9.2.2: idempotent, no body)
+            // when nothing came back; a proxy never repeats any other (502).
+            // Only a reused connection's request goes again, on a new connection: once at most.
+            let client_fault = counters.client_body_error.load(Ordering::Relaxed);
+            let again = match unsent {
+                Some(r) if leg.reused => Some(r),
+                // `replay` is kept for a reused connection only.
+                None if !client_fault && lost_connection(&e) => replay.take().map(|r| r.request(counters.clone())),
+                _ => None,
+            };
+            if let Some(again) = again {
+                let detail = format!("{e}; the request was sent again on a new connection");
+                leg.log.finish(0, 0, End::UpstreamClosed, None, Some(detail));
+                // A new attempt: decided again on the state in force now, and audited as one.
+                leg = match Box::pin(redial(&gw, &ereq)).await {
+                    Ok(leg) => leg,
+                    Err(resp) => return resp,
+                };
+                upstream_req = again;
+                continue;
             }
-            Err(e) if counters.client_body_error.load(Ordering::Relaxed) => {
+            let up = counters.up.load(Ordering::Relaxed);
+            if client_fault {
                 // The client's fault, not the upstream's: 400, and the connection closed (its framing
                 // is lost).
-                let up = counters.up.load(Ordering::Relaxed);
                 let detail = format!(
                     "malformed request body: {}",
                     std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string())
                 );
-                log.finish(up, 0, End::ClientError, None, Some(detail.clone()));
+                leg.log.finish(up, 0, End::ClientError, None, Some(detail.clone()));
                 let body = format!(
                     "egress gateway: bad request\nreason: malformed_request\nrequest_id: {}\ndetail: {detail}\n",
                     ereq.id
                 );
-                text(StatusCode::BAD_REQUEST, body, "malformed_request", &ereq.id, true)
+                return text(StatusCode::BAD_REQUEST, body, "malformed_request", &ereq.id, true);
             }
-            Err(e) => {
-                let up = counters.up.load(Ordering::Relaxed);
-                log.finish(up, 0, End::UpstreamClosed, None, Some(e.to_string()));
-                upstream_error(&ereq.id, StatusCode::BAD_GATEWAY, &e.to_string())
-            }
+            leg.log.finish(up, 0, End::UpstreamClosed, None, Some(e.to_string()));
+            return upstream_error(&ereq.id, StatusCode::BAD_GATEWAY, &e.to_string());
+        };
+        if let Ok(mut c) = cache.lock() {
+            *c = Some(Cached { dialled: leg.dialled, source: leg.source, pool: leg.pool, sender: leg.sender });
         }
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let status = parts.status.as_u16();
+        let body = TrackedBody::response(body, counters, leg.log, status);
+        Response::from_parts(parts, body.boxed())
+    }
+}
+
+/// An upstream connection carrying one request, with the close log of that request's allow.
+struct Leg {
+    sender: SendRequest<TrackedBody>,
+    log: CloseLog,
+    dialled: SocketAddr,
+    source: Option<SocketAddr>,
+    pool: Arc<str>,
+    /// Kept from an earlier request: the upstream may have closed it meanwhile.
+    reused: bool,
+}
+
+/// Dials for `permit` (auditing the allow) and makes the HTTP/1.1 handshake.
+async fn open(permit: Permit, gw: &Gateway, request_id: &str) -> Result<Leg, Response<ProxyBody>> {
+    let pool = permit.pool.clone();
+    let up = permit.connect().await.map_err(|r| refusal(&r, false))?;
+    match hyper::client::conn::http1::Builder::new().handshake(TokioIo::new(up.stream)).await {
+        Ok((sender, connection)) => {
+            gw.runtime.tracker.spawn(Box::pin(async move {
+                let _ = connection.await;
+            }));
+            Ok(Leg { sender, log: up.log, dialled: up.dialled, source: up.source, pool, reused: false })
+        }
+        Err(e) => {
+            up.log.finish(0, 0, End::Error, None, Some(e.to_string()));
+            Err(upstream_error(request_id, StatusCode::BAD_GATEWAY, &e.to_string()))
+        }
+    }
+}
+
+/// Decides `ereq` again and dials a new upstream connection for it.
+async fn redial(gw: &Gateway, ereq: &EgressRequest) -> Result<Leg, Response<ProxyBody>> {
+    let permit = gw.pipeline.authorize(ereq).await.map_err(|r| refusal(&r, false))?;
+    open(permit, gw, &ereq.id).await
+}
+
+/// Sends `req` once `sender` is ready. On failure: the error, and the request when it never went
+/// out (the connection was closed before it was taken).
+async fn send(
+    sender: &mut SendRequest<TrackedBody>,
+    req: Request<TrackedBody>,
+) -> Result<Response<Incoming>, (hyper::Error, Option<Request<TrackedBody>>)> {
+    if let Err(e) = sender.ready().await {
+        return Err((e, Some(req)));
+    }
+    sender.try_send_request(req).await.map_err(|mut e| {
+        let unsent = e.take_message();
+        (e.into_error(), unsent)
+    })
+}
+
+/// Whether `e` says that the connection was lost before a response came: closed, reset or cut
+/// off. Not an answer the upstream gave (a malformed response is one).
+fn lost_connection(e: &hyper::Error) -> bool {
+    if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            return matches!(io.kind(), ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof);
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// A request's head, kept so that it can be sent once more; for requests without a body only.
+struct Replay {
+    method: Method,
+    uri: Uri,
+    version: http::Version,
+    headers: HeaderMap,
+}
+
+impl Replay {
+    /// Whether a request may be sent twice: an idempotent method (RFC 9110 section 9.2.2) and
+    /// no body.
+    fn allowed(method: &Method, body: &Incoming) -> bool {
+        matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
+            && body.is_end_stream()
+    }
+
+    fn of(parts: &http::request::Parts) -> Replay {
+        Replay {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: parts.headers.clone(),
+        }
+    }
+
+    fn request(self, counters: Arc<Counters>) -> Request<TrackedBody> {
+        let mut r = Request::new(TrackedBody::request(None, counters));
+        *r.method_mut() = self.method;
+        *r.uri_mut() = self.uri;
+        *r.version_mut() = self.version;
+        *r.headers_mut() = self.headers;
+        r
     }
 }
 
@@ -487,20 +590,21 @@ struct Counters {
 
 /// A body that counts what passes and, for responses, emits the close event at its end.
 struct TrackedBody {
-    inner: Incoming,
+    /// `None`: no body (a request sent once more, see [`Replay`]).
+    inner: Option<Incoming>,
     counters: Arc<Counters>,
     upstream: bool,
     close: Option<(CloseLog, u16)>,
 }
 
 impl TrackedBody {
-    fn request(inner: Incoming, counters: Arc<Counters>) -> Self {
+    fn request(inner: Option<Incoming>, counters: Arc<Counters>) -> Self {
         TrackedBody { inner, counters, upstream: true, close: None }
     }
 
     fn response(inner: Incoming, counters: Arc<Counters>, log: CloseLog, status: u16) -> Self {
-        let mut b = TrackedBody { inner, counters, upstream: false, close: Some((log, status)) };
-        if b.inner.is_end_stream() {
+        let mut b = TrackedBody { inner: Some(inner), counters, upstream: false, close: Some((log, status)) };
+        if b.is_end_stream() {
             b.finish(End::Completed, None);
         }
         b
@@ -520,14 +624,15 @@ impl Body for TrackedBody {
     type Error = BoxError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        let Some(inner) = self.inner.as_mut() else { return Poll::Ready(None) };
+        let r = Pin::new(inner).poll_frame(cx);
         match &r {
             Poll::Ready(Some(Ok(f))) => {
                 if let Some(d) = f.data_ref() {
                     let c = if self.upstream { &self.counters.up } else { &self.counters.down };
                     c.fetch_add(d.len() as u64, Ordering::Relaxed);
                 }
-                if self.inner.is_end_stream() {
+                if self.is_end_stream() {
                     self.finish(End::Completed, None);
                 }
             }
@@ -545,11 +650,11 @@ impl Body for TrackedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Incoming::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner.as_ref().map_or_else(|| SizeHint::with_exact(0), Incoming::size_hint)
     }
 }
 
