@@ -387,71 +387,31 @@ fn forward(
                 Err(resp) => return resp,
             },
         };
-        let (mut parts, body) = req.into_parts();
-        // Host from the URI's host and port only (never its userinfo), so that the upstream sees
-        // the name that was decided. Most clients send exactly that already: the header then
-        // stays as it came.
-        let host = host_header(&parts.uri);
-        let mut sent = parts.headers.get_all(header::HOST).iter();
-        let keep = sent.next().is_some_and(|v| v.as_bytes() == host.as_slice()) && sent.next().is_none();
-        // Origin form, keeping the path and query the client sent (shared, not copied).
-        let mut uri = std::mem::take(&mut parts.uri).into_parts();
-        uri.scheme = None;
-        uri.authority = None;
-        parts.uri = Uri::from_parts(uri).unwrap_or_else(|_| Uri::from_static("/"));
-        strip_hop_by_hop(&mut parts.headers);
-        if !keep && let Ok(v) = HeaderValue::from_bytes(&host) {
-            parts.headers.insert(header::HOST, v);
-        }
-        // What it takes to send the request once more, kept only when that may be needed.
-        let mut replay = (leg.reused && Replay::allowed(&parts.method, &body)).then(|| Replay::of(&parts));
-        let counters = Arc::new(Counters::default());
-        let mut upstream_req = Request::from_parts(parts, TrackedBody::request(Some(body), counters.clone()));
+        // Only what lives across the awaits below is kept in this future, which hyper moves.
+        let (mut upstream_req, mut replay, counters) = upstream_request(req, leg.reused);
         let (resp, leg) = loop {
-            let (e, unsent) = match send(&mut leg.sender, upstream_req).await {
-                Ok(resp) => break (resp, leg),
-                Err(failed) => failed,
+            // On failure: the error, and the request when it never went out (the connection was
+            // closed before the request was taken).
+            let (e, unsent) = match leg.sender.ready().await {
+                Err(e) => (e, Some(upstream_req)),
+                Ok(()) => match leg.sender.try_send_request(upstream_req).await {
+                    Ok(resp) => break (resp, leg),
+                    Err(mut e) => {
+                        let unsent = e.take_message();
+                        (e.into_error(), unsent)
+                    }
+                },
             };
-            // The keep-alive race: the upstream closed this pooled connection while the request
-            // was on its way. A request that never went out is sent again on a new connection,
-            // and so is one that may be repeated (RFC 9110 section 9.2.2: idempotent, no body)
-            // when nothing came back; a proxy never repeats any other (502).
-            // Only a reused connection's request goes again, on a new connection: once at most.
-            let client_fault = counters.client_body_error.load(Ordering::Relaxed);
-            let again = match unsent {
-                Some(r) if leg.reused => Some(r),
-                // `replay` is kept for a reused connection only.
-                None if !client_fault && lost_connection(&e) => replay.take().map(|r| r.request(counters.clone())),
-                _ => None,
+            let Some(again) = resend(&e, unsent, leg.reused, &mut replay, &counters) else {
+                return failed(&e, leg.log, &counters, &ereq.id);
             };
-            if let Some(again) = again {
-                let detail = format!("{e}; the request was sent again on a new connection");
-                leg.log.finish(0, 0, End::UpstreamClosed, None, Some(detail));
-                // A new attempt: decided again on the state in force now, and audited as one.
-                leg = match Box::pin(redial(&gw, &ereq)).await {
-                    Ok(leg) => leg,
-                    Err(resp) => return resp,
-                };
-                upstream_req = again;
-                continue;
-            }
-            let up = counters.up.load(Ordering::Relaxed);
-            if client_fault {
-                // The client's fault, not the upstream's: 400, and the connection closed (its framing
-                // is lost).
-                let detail = format!(
-                    "malformed request body: {}",
-                    std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string())
-                );
-                leg.log.finish(up, 0, End::ClientError, None, Some(detail.clone()));
-                let body = format!(
-                    "egress gateway: bad request\nreason: malformed_request\nrequest_id: {}\ndetail: {detail}\n",
-                    ereq.id
-                );
-                return text(StatusCode::BAD_REQUEST, body, "malformed_request", &ereq.id, true);
-            }
-            leg.log.finish(up, 0, End::UpstreamClosed, None, Some(e.to_string()));
-            return upstream_error(&ereq.id, StatusCode::BAD_GATEWAY, &e.to_string());
+            let detail = format!("{e}; the request was sent again on a new connection");
+            leg.log.finish(0, 0, End::UpstreamClosed, None, Some(detail));
+            // A new attempt: decided again on the state in force now, and audited as one.
+            (leg, upstream_req) = match Box::pin(redial(&gw, &ereq, again)).await {
+                Ok(next) => next,
+                Err(resp) => return resp,
+            };
         };
         if let Ok(mut c) = cache.lock() {
             *c = Some(Cached { dialled: leg.dialled, source: leg.source, pool: leg.pool, sender: leg.sender });
@@ -493,25 +453,84 @@ async fn open(permit: Permit, gw: &Gateway, request_id: &str) -> Result<Leg, Res
     }
 }
 
-/// Decides `ereq` again and dials a new upstream connection for it.
-async fn redial(gw: &Gateway, ereq: &EgressRequest) -> Result<Leg, Response<ProxyBody>> {
+/// Decides `ereq` again and dials a new upstream connection for `req` (kept here, not in the
+/// request's future, while that happens).
+async fn redial(
+    gw: &Gateway,
+    ereq: &EgressRequest,
+    req: Request<TrackedBody>,
+) -> Result<(Leg, Request<TrackedBody>), Response<ProxyBody>> {
     let permit = gw.pipeline.authorize(ereq).await.map_err(|r| refusal(&r, false))?;
-    open(permit, gw, &ereq.id).await
+    Ok((open(permit, gw, &ereq.id).await?, req))
 }
 
-/// Sends `req` once `sender` is ready. On failure: the error, and the request when it never went
-/// out (the connection was closed before it was taken).
-async fn send(
-    sender: &mut SendRequest<TrackedBody>,
-    req: Request<TrackedBody>,
-) -> Result<Response<Incoming>, (hyper::Error, Option<Request<TrackedBody>>)> {
-    if let Err(e) = sender.ready().await {
-        return Err((e, Some(req)));
+/// The request to send upstream, built from the client's: origin form, one Host, no hop-by-hop
+/// headers; with what it takes to send it once more when that may be needed (`reused`: the
+/// upstream connection is a kept one), and its byte counters.
+fn upstream_request(
+    req: Request<Incoming>,
+    reused: bool,
+) -> (Request<TrackedBody>, Option<Box<Replay>>, Arc<Counters>) {
+    let (mut parts, body) = req.into_parts();
+    // Host from the URI's host and port only (never its userinfo), so that the upstream sees
+    // the name that was decided. Most clients send exactly that already: the header then
+    // stays as it came.
+    let host = host_header(&parts.uri);
+    let mut sent = parts.headers.get_all(header::HOST).iter();
+    let keep = sent.next().is_some_and(|v| v.as_bytes() == host.as_slice()) && sent.next().is_none();
+    // Origin form, keeping the path and query the client sent (shared, not copied).
+    let mut uri = std::mem::take(&mut parts.uri).into_parts();
+    uri.scheme = None;
+    uri.authority = None;
+    parts.uri = Uri::from_parts(uri).unwrap_or_else(|_| Uri::from_static("/"));
+    strip_hop_by_hop(&mut parts.headers);
+    if !keep && let Ok(v) = HeaderValue::from_bytes(&host) {
+        parts.headers.insert(header::HOST, v);
     }
-    sender.try_send_request(req).await.map_err(|mut e| {
-        let unsent = e.take_message();
-        (e.into_error(), unsent)
-    })
+    let replay = (reused && Replay::allowed(&parts.method, &body)).then(|| Box::new(Replay::of(&parts)));
+    let counters = Arc::new(Counters::default());
+    (Request::from_parts(parts, TrackedBody::request(Some(body), counters.clone())), replay, counters)
+}
+
+/// The keep-alive race: the upstream closed a kept connection while a request was on its way
+/// (`e`). Only a kept connection's request goes again, on a new connection, so once at most: one
+/// that never went out (`unsent`), or one that may be repeated (`replay`, RFC 9110 section
+/// 9.2.2: idempotent, no body) when the connection was lost before an answer. A proxy never
+/// repeats any other request.
+fn resend(
+    e: &hyper::Error,
+    unsent: Option<Request<TrackedBody>>,
+    reused: bool,
+    replay: &mut Option<Box<Replay>>,
+    counters: &Arc<Counters>,
+) -> Option<Request<TrackedBody>> {
+    match unsent {
+        Some(r) if reused => Some(r),
+        // `replay` is kept for a kept connection only.
+        None if !counters.client_body_error.load(Ordering::Relaxed) && lost_connection(e) => {
+            replay.take().map(|r| r.request(counters.clone()))
+        }
+        _ => None,
+    }
+}
+
+/// The answer to a request that failed upstream (`e`), its close event written: 400 when the
+/// client's body was malformed (the connection is then closed: its framing is lost), else 502.
+fn failed(e: &hyper::Error, log: CloseLog, counters: &Counters, request_id: &str) -> Response<ProxyBody> {
+    let up = counters.up.load(Ordering::Relaxed);
+    if counters.client_body_error.load(Ordering::Relaxed) {
+        let detail = format!(
+            "malformed request body: {}",
+            std::error::Error::source(e).map_or_else(|| e.to_string(), |s| s.to_string())
+        );
+        log.finish(up, 0, End::ClientError, None, Some(detail.clone()));
+        let body = format!(
+            "egress gateway: bad request\nreason: malformed_request\nrequest_id: {request_id}\ndetail: {detail}\n"
+        );
+        return text(StatusCode::BAD_REQUEST, body, "malformed_request", request_id, true);
+    }
+    log.finish(up, 0, End::UpstreamClosed, None, Some(e.to_string()));
+    upstream_error(request_id, StatusCode::BAD_GATEWAY, &e.to_string())
 }
 
 /// Whether `e` says that the connection was lost before a response came: closed, reset or cut
@@ -556,7 +575,7 @@ impl Replay {
         }
     }
 
-    fn request(self, counters: Arc<Counters>) -> Request<TrackedBody> {
+    fn request(self: Box<Self>, counters: Arc<Counters>) -> Request<TrackedBody> {
         let mut r = Request::new(TrackedBody::request(None, counters));
         *r.method_mut() = self.method;
         *r.uri_mut() = self.uri;
