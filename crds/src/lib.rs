@@ -11,6 +11,7 @@
 
 pub mod cel;
 pub mod domain;
+pub mod lenient;
 pub mod manifests;
 pub mod selector;
 pub mod validate;
@@ -21,6 +22,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use lenient::{Lenient, Undecodable};
 pub use selector::{LabelSelector, LabelSelectorRequirement};
 pub use validate::FieldError;
 

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use egress_crds::{AnyPolicy, ClusterEgressPolicy, EgressPolicy};
+use egress_crds::{AnyPolicy, ClusterEgressPolicy, EgressPolicy, Lenient};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -299,6 +299,33 @@ async fn report(client: Client, pods: Store<Pod>, mut rx: watch::Receiver<Option
     }
 }
 
+/// What of a policy steers: its selectors and `redirect`, whether or not the policy is valid. The
+/// gateway skips an invalid policy whole (what only it allowed is denied); were its Pods not
+/// steered, their traffic would leave directly instead. A policy object that does not decode
+/// steers by its selectors and `redirect` when those can be read; when not, nothing can be said
+/// of what it selects, and it is reported.
+fn steering<K: DeserializeOwned + Clone>(p: &Lenient<K>, any: fn(K) -> AnyPolicy) -> Option<AnyPolicy> {
+    let selection = p.selection().map(any);
+    match (&selection, p) {
+        (Some(sel), Lenient::Decoded(_)) => {
+            let problems = sel.validate();
+            if !problems.is_empty() {
+                let problems: Vec<String> = problems.iter().map(|e| e.to_string()).collect();
+                tracing::warn!(policy = %sel.key(), problems = %problems.join("; "), "invalid policy: its Pods are steered all the same, and the gateway skips it");
+            }
+        }
+        (Some(_), Lenient::Undecodable(u)) => {
+            let problems: Vec<String> = u.problems.iter().map(|e| e.to_string()).collect();
+            tracing::warn!(policy = %u.key(), problems = %problems.join("; "), "policy does not decode: its Pods are steered by its selectors, and the gateway skips it");
+        }
+        (None, Lenient::Undecodable(u)) => {
+            tracing::error!(policy = %u.key(), "policy does not decode, not even its selectors: the Pods it means to steer cannot be known");
+        }
+        (None, Lenient::Decoded(_)) => {}
+    }
+    selection
+}
+
 /// Starts the watchers; the receiver gets new inputs after every (coalesced) change, and its first
 /// value once every watcher has listed. The [`Reporter`] writes the Pod condition.
 pub async fn start(cfg: &Config, node: String) -> anyhow::Result<(watch::Receiver<Option<Inputs>>, Reporter, Client)> {
@@ -318,10 +345,15 @@ pub async fn start(cfg: &Config, node: String) -> anyhow::Result<(watch::Receive
     );
     let namespaces =
         reflect(Api::<Namespace>::all(client.clone()), watcher::Config::default(), "namespaces", tx.clone());
-    let policies =
-        reflect(Api::<EgressPolicy>::all(client.clone()), watcher::Config::default(), "egresspolicies", tx.clone());
+    // Lenient: one policy object that does not decode must not stop the watch of the others.
+    let policies = reflect(
+        Api::<Lenient<EgressPolicy>>::all(client.clone()),
+        watcher::Config::default(),
+        "egresspolicies",
+        tx.clone(),
+    );
     let cluster = reflect(
-        Api::<ClusterEgressPolicy>::all(client.clone()),
+        Api::<Lenient<ClusterEgressPolicy>>::all(client.clone()),
         watcher::Config::default(),
         "clusteregresspolicies",
         tx.clone(),
@@ -368,15 +400,8 @@ pub async fn start(cfg: &Config, node: String) -> anyhow::Result<(watch::Receive
                 policies: cluster
                     .state()
                     .iter()
-                    .map(|p| AnyPolicy::Cluster((**p).clone()))
-                    .chain(policies.state().iter().map(|p| AnyPolicy::Namespaced((**p).clone())))
-                    .filter(|p| {
-                        let problems = p.validate();
-                        if !problems.is_empty() {
-                            tracing::warn!(policy = %p.key(), "invalid policy ignored");
-                        }
-                        problems.is_empty()
-                    })
+                    .filter_map(|p| steering(p, AnyPolicy::Cluster))
+                    .chain(policies.state().iter().filter_map(|p| steering(p, AnyPolicy::Namespaced)))
                     .collect(),
                 gateways: endpoints(&slices.state(), port_name.as_deref()),
                 interfaces: Default::default(),

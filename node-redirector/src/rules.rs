@@ -40,7 +40,8 @@ pub struct Inputs {
     pub pods: Vec<PodEntry>,
     /// Namespace labels.
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
-    /// Valid policies.
+    /// The policies whose selection steers (in Kubernetes mode, invalid ones too: see
+    /// `k8s::steering`).
     pub policies: Vec<AnyPolicy>,
     /// Gateway transparent endpoints.
     pub gateways: Vec<SocketAddr>,

@@ -286,6 +286,64 @@ fn invalid_policies_are_skipped_whole() {
     s.eventually("127.0.0.1", "up.test", 200);
 }
 
+/// A policy object that does not decode as this version's types (what a newer CRD version may
+/// store: a field this version does not know; or a port by name) is skipped whole and reported
+/// in its status, and the watch goes on: the other policies apply, and later changes too. A
+/// watch of the plain type fails its whole list on that one object and retries it for ever.
+#[test]
+fn a_policy_that_does_not_decode_is_skipped_whole_and_reported_and_the_others_apply() {
+    let dns = Dns::start(&[("up.test", "127.0.0.2"), ("other.test", "127.0.0.2")]);
+    let up = Upstream::start("127.0.0.2");
+    let port = up.addr.port();
+    let api = FakeApi::start();
+    api.apply(NAMESPACES, namespace("shop", json!({})));
+    api.apply(PODS, pod("shop", "api", &["127.0.0.1"], json!({"app": "api"}), "Running"));
+    api.apply(POLICIES, egress_policy("shop", "good", json!({}), allow_up(port)));
+    let mut newer = egress_policy(
+        "shop",
+        "newer",
+        json!({}),
+        json!([{"name": "other", "to": [{"domain": "other.test"}], "ports": [{"port": "http"}]}]),
+    );
+    newer["spec"]["futureField"] = json!(true);
+    api.apply(POLICIES, newer);
+    let gw = start_gateway(&api, &dns, "gw-a", "");
+    let get = |host: &str| {
+        curl(&["--interface", "127.0.0.1", "-x", &format!("http://{}", gw.http), &format!("http://{host}:{port}/")])
+    };
+    let eventually = |host: &str, status: u16| {
+        wait_for(&format!("{status} for {host}"), Duration::from_secs(10), || get(host).status == status)
+    };
+    eventually("up.test", 200);
+    let r = get("other.test");
+    assert_eq!(r.status, 403, "the undecodable policy's rule is not applied: {r:?}");
+    let p = wait_patch(&api, |p| p.path.ends_with("/namespaces/shop/egresspolicies/newer/status"));
+    let c = &p.body["status"]["conditions"][0];
+    assert_eq!(
+        (c["type"].as_str(), c["status"].as_str(), c["reason"].as_str()),
+        (Some("Accepted"), Some("False"), Some("Undecodable")),
+        "{c}"
+    );
+    let message = c["message"].as_str().unwrap();
+    assert!(message.contains("spec.futureField: unknown field"), "{message}");
+    assert!(message.contains("spec.rules[0].ports[0].port: invalid type"), "{message}");
+    assert_eq!(p.body["status"]["observedGeneration"], 1);
+    wait_until(Duration::from_secs(5), || gw.log_text().contains("shop/newer"));
+    // The watch goes on.
+    api.apply(
+        POLICIES,
+        egress_policy(
+            "shop",
+            "later",
+            json!({}),
+            json!([{"to": [{"domain": "other.test"}], "ports": [{"port": port}]}]),
+        ),
+    );
+    eventually("other.test", 200);
+    let good = wait_patch(&api, |p| p.path.ends_with("/namespaces/shop/egresspolicies/later/status"));
+    assert_eq!(good.body["status"]["conditions"][0]["status"], "True");
+}
+
 #[test]
 fn watch_410_gone_relists_and_api_outage_keeps_the_last_snapshot() {
     let s = setup(|api, port| {

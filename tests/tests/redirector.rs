@@ -1444,6 +1444,23 @@ policies:
         let c = &p.body["status"]["conditions"][0];
         seen2.lock().unwrap().push((p.path.clone(), c["status"].as_str().unwrap_or("").to_string(), in_set));
     });
+    // A Transparent policy that does not decode (a port by name in a rule) and one that is
+    // invalid (a bad domain): the gateway skips both whole, and both still steer the Pods they
+    // select, so that those Pods' traffic is denied at the gateway instead of leaving directly.
+    for (name, ip, bad_rule) in [
+        ("legacy", "192.0.2.14", json!({"to": [{"domain": "allowed.test"}], "ports": [{"port": "http"}]})),
+        ("broken", "192.0.2.15", json!({"to": [{"domain": "a.*.b"}]})),
+    ] {
+        let mut p = pod("shop", &format!("{name}-1"), &[ip], json!({"app": name}), "Running");
+        p["spec"]["nodeName"] = json!("node-1");
+        api.apply(PODS, p);
+        api.apply(
+            POLICIES,
+            json!({"apiVersion": "egress.dev/v1alpha1", "kind": "EgressPolicy",
+            "metadata": {"name": name, "namespace": "shop"},
+            "spec": {"podSelector": {"matchLabels": {"app": name}}, "redirect": "Transparent", "rules": [bad_rule]}}),
+        );
+    }
     let mut elsewhere = pod("shop", "web-2", &["192.0.2.11"], json!({"app": "web"}), "Running");
     elsewhere["spec"]["nodeName"] = json!("node-2");
     api.apply(PODS, elsewhere);
@@ -1476,6 +1493,8 @@ policies:
     let child = spawn_redirector(&w.node, &cfg, &[], Stdio::null());
     let _r = Proc(child);
     wait_until(Duration::from_secs(10), || selected_set(&w.node).contains("192.0.2.10"));
+    let set = selected_set(&w.node);
+    assert!(set.contains("192.0.2.14") && set.contains("192.0.2.15"), "undecodable and invalid policies steer: {set}");
     let t = node_table(&w.node).unwrap();
     assert!(!t.contains("192.0.2.11"), "a Pod of another node is not steered (nor known): {t}");
     let resolve = format!("allowed.test:{p}:203.0.113.10");
@@ -1495,8 +1514,15 @@ policies:
     let c = condition("web-1").unwrap();
     assert_eq!(c["reason"], "Redirected", "{c}");
     assert!(c["lastTransitionTime"].as_str().is_some_and(|t| t.ends_with('Z')), "{c}");
+    // web-1's writes (legacy-1 and broken-1, steered too, get theirs).
+    let web_1 = || -> Vec<(String, String, bool)> {
+        seen.lock().unwrap().iter().filter(|(path, ..)| path.ends_with("/pods/web-1/status")).cloned().collect()
+    };
+    wait_until(Duration::from_secs(10), || {
+        ["legacy-1", "broken-1"].iter().all(|n| condition(n).is_some_and(|c| c["status"] == "True"))
+    });
     assert_eq!(
-        seen.lock().unwrap().clone(),
+        web_1(),
         vec![("/api/v1/namespaces/shop/pods/web-1/status".to_string(), "True".to_string(), true)],
         "written once, after the address was in the kernel's set"
     );
@@ -1546,16 +1572,16 @@ policies:
     wait_until(Duration::from_secs(10), || condition("web-1").is_some_and(|c| c["status"] == "False"));
     assert_eq!(condition("web-1").unwrap()["reason"], "NotSelected");
     assert_eq!(
-        seen.lock().unwrap().last().unwrap(),
+        web_1().last().unwrap(),
         &("/api/v1/namespaces/shop/pods/web-1/status".to_string(), "False".to_string(), false)
     );
     assert!(condition("db-1").is_none(), "an unselected Pod without the gate is not written");
-    assert_eq!(seen.lock().unwrap().len(), 2, "one write per change");
+    assert_eq!(web_1().len(), 2, "one write per change");
     // The admin endpoint (inside the node namespace) reports readiness and the change.
     let admin: std::net::SocketAddr = "127.0.0.1:9791".parse().unwrap();
     assert_eq!(w.node.enter(move || admin_get(admin, "/readyz")).map(|r| r.0), Some(200));
     let metrics = w.node.enter(move || admin_get(admin, "/metrics")).unwrap().1;
-    assert!(metrics.contains("egress_redirector_selected_addresses 0"), "{metrics}");
+    assert!(metrics.contains("egress_redirector_selected_addresses 2"), "legacy-1 and broken-1: {metrics}");
     // Three changes: the endpoint unready, ready again, the Pod's labels.
     assert!(metrics.contains("egress_redirector_table_updates_total 3"), "{metrics}");
     assert!(metrics.contains("egress_redirector_relay_pipe_refused_total 0"), "relay paths are exported: {metrics}");

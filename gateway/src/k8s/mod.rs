@@ -4,7 +4,9 @@
 //! - Readiness: `/readyz` stays false until every watcher has its first full list.
 //! - Outage: once ready, an unreachable API keeps the last snapshot serving; the metric
 //!   `egress_kube_stale_seconds` and a warning log say for how long it has been stale.
-//! - Invalid policies are skipped whole (never half-applied) and logged.
+//! - Invalid policies are skipped whole (never half-applied) and logged; so is a policy object
+//!   that does not decode (policies are watched as [`Lenient`]: one such object never stops the
+//!   watch of the others).
 
 mod identity;
 mod keys;
@@ -17,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use egress_crds::{AnyPolicy, ClusterEgressPolicy, EgressPolicy};
+use egress_crds::{AnyPolicy, ClusterEgressPolicy, EgressPolicy, Lenient};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::runtime::WatchStreamExt;
@@ -37,8 +39,8 @@ use crate::inputs::KubeInputs;
 pub(crate) struct Stores {
     pods: Store<Pod>,
     namespaces: Store<Namespace>,
-    policies: Store<EgressPolicy>,
-    cluster: Store<ClusterEgressPolicy>,
+    policies: Store<Lenient<EgressPolicy>>,
+    cluster: Store<Lenient<ClusterEgressPolicy>>,
 }
 
 impl Stores {
@@ -61,15 +63,31 @@ impl Stores {
             ..Default::default()
         };
         out.namespace_labels = Arc::new(ns_labels);
-        let mut ns_pol: Vec<Arc<EgressPolicy>> = self.policies.state();
-        ns_pol.sort_by_key(|p| (p.metadata.namespace.clone(), p.metadata.name.clone()));
-        let mut cl_pol: Vec<Arc<ClusterEgressPolicy>> = self.cluster.state();
-        cl_pol.sort_by_key(|p| p.metadata.name.clone());
+        fn key<K: Resource>(p: &Arc<K>) -> (Option<String>, Option<String>) {
+            (p.meta().namespace.clone(), p.meta().name.clone())
+        }
+        let mut ns_pol = self.policies.state();
+        ns_pol.sort_by_key(key);
+        let mut cl_pol = self.cluster.state();
+        cl_pol.sort_by_key(key);
         let all = cl_pol
-            .into_iter()
-            .map(|p| ("ClusterEgressPolicy", AnyPolicy::Cluster((*p).clone())))
-            .chain(ns_pol.into_iter().map(|p| ("EgressPolicy", AnyPolicy::Namespaced((*p).clone()))));
+            .iter()
+            .map(|p| match &**p {
+                Lenient::Decoded(p) => ("ClusterEgressPolicy", Ok(AnyPolicy::Cluster(p.clone()))),
+                Lenient::Undecodable(u) => ("ClusterEgressPolicy", Err(u)),
+            })
+            .chain(ns_pol.iter().map(|p| match &**p {
+                Lenient::Decoded(p) => ("EgressPolicy", Ok(AnyPolicy::Namespaced(p.clone()))),
+                Lenient::Undecodable(u) => ("EgressPolicy", Err(u)),
+            }));
         for (kind, p) in all {
+            let p = match p {
+                Ok(p) => p,
+                Err(undecodable) => {
+                    out.invalid.push((kind, undecodable.key(), undecodable.errors()));
+                    continue;
+                }
+            };
             let mut errors = p.validate();
             let pool = match &p {
                 AnyPolicy::Namespaced(p) => p.spec.egress_address.clone(),
@@ -307,7 +325,7 @@ pub(crate) async fn start(cfg: crate::config::KubernetesConfig, cx: Context) -> 
             health.clone(),
         ),
         policies: watch(
-            Api::<EgressPolicy>::all(client.clone()),
+            Api::<Lenient<EgressPolicy>>::all(client.clone()),
             "egresspolicies",
             2,
             trim_meta,
@@ -315,7 +333,7 @@ pub(crate) async fn start(cfg: crate::config::KubernetesConfig, cx: Context) -> 
             health.clone(),
         ),
         cluster: watch(
-            Api::<ClusterEgressPolicy>::all(client.clone()),
+            Api::<Lenient<ClusterEgressPolicy>>::all(client.clone()),
             "clusteregresspolicies",
             3,
             trim_meta,

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use egress_crds::{AnyPolicy, ClusterEgressPolicy, Condition, EgressPolicy, FieldError, PolicyStatus};
+use egress_crds::{AnyPolicy, ClusterEgressPolicy, Condition, EgressPolicy, FieldError, Lenient, PolicyStatus};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
@@ -244,56 +244,88 @@ async fn announce(events: &Recorder, reference: &ObjectReference, key: &str, wan
     }
 }
 
+/// What status writing needs of each policy kind.
+trait PolicyKind: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug {
+    /// `kind` of the status patch.
+    const KIND: &'static str;
+    /// The policy as the pipeline sees it.
+    fn any(&self) -> AnyPolicy;
+    /// Its status as last written.
+    fn status(&self) -> Option<&PolicyStatus>;
+    /// Where its status is written (Lenient: the answer is the whole object, which may be one
+    /// that does not decode).
+    fn api(client: Client, namespace: Option<&str>) -> Api<Lenient<Self>>;
+}
+
+impl PolicyKind for EgressPolicy {
+    const KIND: &'static str = "EgressPolicy";
+    fn any(&self) -> AnyPolicy {
+        AnyPolicy::Namespaced(self.clone())
+    }
+    fn status(&self) -> Option<&PolicyStatus> {
+        self.status.as_ref()
+    }
+    fn api(client: Client, namespace: Option<&str>) -> Api<Lenient<Self>> {
+        Api::namespaced(client, namespace.unwrap_or_default())
+    }
+}
+
+impl PolicyKind for ClusterEgressPolicy {
+    const KIND: &'static str = "ClusterEgressPolicy";
+    fn any(&self) -> AnyPolicy {
+        AnyPolicy::Cluster(self.clone())
+    }
+    fn status(&self) -> Option<&PolicyStatus> {
+        self.status.as_ref()
+    }
+    fn api(client: Client, _: Option<&str>) -> Api<Lenient<Self>> {
+        Api::all(client)
+    }
+}
+
 /// Writes every status that differs from what the API has, and records an Event on each
 /// policy whose `Accepted` condition changed.
 pub(crate) async fn write_statuses(client: &Client, stores: &Stores, inputs: &KubeInputs, events: &Recorder) {
+    write_kind(client, &stores.policies, inputs, events).await;
+    write_kind(client, &stores.cluster, inputs, events).await;
+}
+
+/// [`write_statuses`] for one kind. A policy that does not decode gets its status too: `Accepted`
+/// `False`, reason `Undecodable`, each problem at its field.
+async fn write_kind<K: PolicyKind>(
+    client: &Client,
+    store: &kube::runtime::reflector::Store<Lenient<K>>,
+    inputs: &KubeInputs,
+    events: &Recorder,
+) {
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    let error_of = |key: &str, cluster: bool| {
-        inputs
+    let cluster = K::KIND == "ClusterEgressPolicy";
+    for p in store.state() {
+        let (key, selected, current) = match &*p {
+            Lenient::Decoded(d) => {
+                let any = d.any();
+                (any.key(), selected_pods(&any, inputs), d.status())
+            }
+            Lenient::Undecodable(u) => (u.key(), 0, u.status.as_ref()),
+        };
+        let errors = inputs
             .invalid
             .iter()
-            .find(|(kind, k, _)| k == key && (*kind == "ClusterEgressPolicy") == cluster)
-            .map(|(_, _, e)| e.as_slice())
-    };
-    for p in stores.policies.state() {
-        let any = AnyPolicy::Namespaced((*p).clone());
-        let want =
-            desired(p.metadata.generation, error_of(&any.key(), false), selected_pods(&any, inputs), p.status.as_ref());
-        if same(&want, p.status.as_ref()) {
+            .find(|(kind, k, _)| *k == key && (*kind == "ClusterEgressPolicy") == cluster)
+            .map(|(_, _, e)| e.as_slice());
+        let want = desired(p.meta().generation, errors, selected, current);
+        if same(&want, current) {
             continue;
         }
-        let (Some(ns), Some(name)) = (p.metadata.namespace.as_deref(), p.metadata.name.as_deref()) else {
-            continue;
-        };
-        let body = serde_json::json!({"apiVersion": egress_crds::API_VERSION, "kind": "EgressPolicy", "status": want});
-        let api: Api<EgressPolicy> = Api::namespaced(client.clone(), ns);
+        let Some(name) = p.meta().name.as_deref() else { continue };
+        let body = serde_json::json!({"apiVersion": egress_crds::API_VERSION, "kind": K::KIND, "status": want});
+        let api = K::api(client.clone(), p.meta().namespace.as_deref());
         match api.patch_status(name, &params, &Patch::Apply(&body)).await {
-            Ok(_) if accepted(Some(&want)) != accepted(p.status.as_ref()) => {
-                announce(events, &p.object_ref(&()), &any.key(), &want).await;
+            Ok(_) if accepted(Some(&want)) != accepted(current) => {
+                announce(events, &p.object_ref(&()), &key, &want).await;
             }
             Ok(_) => {}
-            Err(e) => tracing::warn!(policy = %any.key(), error = %e, "status write failed"),
-        }
-    }
-    for p in stores.cluster.state() {
-        let any = AnyPolicy::Cluster((*p).clone());
-        let want =
-            desired(p.metadata.generation, error_of(&any.key(), true), selected_pods(&any, inputs), p.status.as_ref());
-        if same(&want, p.status.as_ref()) {
-            continue;
-        }
-        let Some(name) = p.metadata.name.as_deref() else {
-            continue;
-        };
-        let body =
-            serde_json::json!({"apiVersion": egress_crds::API_VERSION, "kind": "ClusterEgressPolicy", "status": want});
-        let api: Api<ClusterEgressPolicy> = Api::all(client.clone());
-        match api.patch_status(name, &params, &Patch::Apply(&body)).await {
-            Ok(_) if accepted(Some(&want)) != accepted(p.status.as_ref()) => {
-                announce(events, &p.object_ref(&()), &any.key(), &want).await;
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(policy = %any.key(), error = %e, "status write failed"),
+            Err(e) => tracing::warn!(policy = %key, error = %e, "status write failed"),
         }
     }
 }
