@@ -166,6 +166,11 @@ pub struct RelayConfig {
     /// first probe that connects brings it back.
     #[serde(default = "default_probe_interval", with = "humantime_serde_compat")]
     pub probe_interval: std::time::Duration,
+    /// The node's own addresses that steered connections are DNAT'ed to, at most one IPv4 and one
+    /// IPv6 (empty: found at start, an address of the default route's interface; see
+    /// `routes::node_addresses`).
+    #[serde(default)]
+    pub addresses: Vec<std::net::IpAddr>,
 }
 
 impl Default for RelayConfig {
@@ -176,6 +181,7 @@ impl Default for RelayConfig {
             coalesce: default_coalesce(),
             key_file: None,
             probe_interval: default_probe_interval(),
+            addresses: Vec::new(),
         }
     }
 }
@@ -286,6 +292,7 @@ impl Loaded {
             policies: self.policies.clone(),
             gateways: self.config.gateways.clone(),
             interfaces: Default::default(),
+            relay_to: Default::default(),
             changed_at: None,
         }
     }
@@ -305,6 +312,15 @@ pub fn load(path: &Path) -> Result<Loaded, Vec<String>> {
         }
     } else if config.gateways.is_empty() {
         errors.push(format!("{f}: gateways: at least one gateway transparent endpoint is required"));
+    }
+    for v4 in [true, false] {
+        let of: Vec<_> = config.relay.addresses.iter().filter(|a| a.is_ipv4() == v4).collect();
+        if of.len() > 1 {
+            errors.push(format!("{f}: relay.addresses: at most one IPv{} address", if v4 { 4 } else { 6 }));
+        }
+    }
+    if let Some(a) = config.relay.addresses.iter().find(|a| a.is_loopback() || a.is_unspecified() || a.is_multicast()) {
+        errors.push(format!("{f}: relay.addresses: {a} is not an address forwarded packets can be delivered to"));
     }
     if let Err(e) = egress_netio::check_hold(config.relay.coalesce) {
         errors.push(format!("{f}: relay.coalesce: {e}"));

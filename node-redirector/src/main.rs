@@ -135,6 +135,7 @@ fn main() -> ExitCode {
             Ok(l) => {
                 let mut inputs = l.inputs();
                 inputs.interfaces = routes::host_routes();
+                inputs.relay_to = relay_addresses(&l.config);
                 print!("{}", rules::desired(&inputs, &l.config).render());
                 ExitCode::SUCCESS
             }
@@ -186,6 +187,7 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
         relay_metrics.clone(),
     ));
     let key = loaded.relay_keys().map_err(anyhow::Error::msg)?.swap_remove(0);
+    let relay_to = relay_addresses(&loaded.config);
     // The DNS forwarder, listening before the table redirects DNS to it.
     let dns_metrics = Arc::new(dnsfwd::DnsMetrics::default());
     let forwarder = if loaded.config.dns.enabled {
@@ -193,8 +195,9 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
         let fwd = dnsfwd::Forwarder::new(d.max_names_per_pod, d.grace, dns_metrics.clone());
         for (resolver, port) in rules::dns_forward_ports(&loaded.config) {
             let upstream = std::net::SocketAddr::new(resolver, 53);
-            let v4 = tokio::net::UdpSocket::bind(("0.0.0.0", port)).await?;
-            let v6 = udp_v6only(port)?;
+            let v4 =
+                tokio::net::UdpSocket::bind((relay_to.v4.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED), port)).await?;
+            let v6 = udp_v6only(relay_to.v6.unwrap_or(std::net::Ipv6Addr::UNSPECIFIED), port)?;
             let t4 = tokio::net::TcpListener::bind(("0.0.0.0", port)).await?;
             let t6 = {
                 let sock = socket_v6only(tokio::net::TcpSocket::new_v6()?)?;
@@ -254,7 +257,9 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
         if cfg.cni.enabled { admit::Admissions::load(&admissions_file) } else { admit::Admissions::default() };
     let mut desired_inputs = admissions.merged(&inputs);
     inputs.interfaces = routes::host_routes();
+    inputs.relay_to = relay_to;
     desired_inputs.interfaces = inputs.interfaces.clone();
+    desired_inputs.relay_to = relay_to;
     endpoints.set(inputs.gateways.clone());
     let mut desired = rules::desired(&desired_inputs, &cfg);
     if let Some(f) = &forwarder {
@@ -337,6 +342,7 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
         }
         endpoints.set(inputs.gateways.clone());
         inputs.interfaces = routes::host_routes();
+        inputs.relay_to = relay_to;
         let merged = admissions.merged(&inputs);
         if let Some(f) = &forwarder {
             f.set_pods(&merged.pods);
@@ -587,12 +593,34 @@ fn ensure_conflist(c: &config::CniConfig) {
 }
 
 /// A UDP socket on `[::]:port`, IPv6 only (the IPv4 one is separate).
-fn udp_v6only(port: u16) -> std::io::Result<tokio::net::UdpSocket> {
+fn udp_v6only(ip: std::net::Ipv6Addr, port: u16) -> std::io::Result<tokio::net::UdpSocket> {
     let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
     s.set_only_v6(true)?;
     s.set_nonblocking(true)?;
-    s.bind(&std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())?;
+    s.bind(&std::net::SocketAddr::from((ip, port)).into())?;
     tokio::net::UdpSocket::from_std(s.into())
+}
+
+/// Where steered connections go on this node, fixed for the life of the process:
+/// `relay.addresses`, else the addresses found on the node (see `routes::node_addresses`). The
+/// DNS forwarder's UDP sockets are bound to them, so that its answers leave from the address the
+/// queries were sent to (conntrack then gives them back the resolver's address).
+fn relay_addresses(c: &config::Config) -> rules::RelayTo {
+    let mut r = if c.relay.addresses.is_empty() { routes::node_addresses() } else { rules::RelayTo::default() };
+    for a in &c.relay.addresses {
+        match a {
+            std::net::IpAddr::V4(x) => r.v4 = Some(*x),
+            std::net::IpAddr::V6(x) => r.v6 = Some(*x),
+        }
+    }
+    tracing::info!(ipv4 = ?r.v4, ipv6 = ?r.v6, "steered connections are sent to these node addresses");
+    if r.v4.is_none() {
+        tracing::warn!(
+            "no IPv4 address to send steered connections to (relay.addresses): they are redirected to the \
+             address of the interface they arrive on, and dropped where that interface has none"
+        );
+    }
+    r
 }
 
 fn socket_v6only(s: tokio::net::TcpSocket) -> std::io::Result<tokio::net::TcpSocket> {

@@ -50,6 +50,8 @@ pub struct Inputs {
     pub interfaces: BTreeMap<IpAddr, String>,
     /// When the first API event of the change that produced these inputs arrived (Kubernetes).
     pub changed_at: Option<std::time::Instant>,
+    /// Where steered connections go on this node (found at start; see [`RelayTo`]).
+    pub relay_to: RelayTo,
 }
 
 /// The table the redirector owns entirely.
@@ -83,6 +85,40 @@ pub struct Desired {
     pub dns_forward: Vec<(IpAddr, u16)>,
     /// Relay port.
     pub relay_port: u16,
+    /// The node's own addresses steered connections are DNAT'ed to (see [`RelayTo`]).
+    pub relay_to: RelayTo,
+}
+
+/// The node's own addresses that steered connections (TCP to the relay, DNS to the forwarder)
+/// are sent to, one per family (`relay.addresses`, else found at start: see
+/// [`crate::routes::node_addresses`]). `redirect` would use the primary address of the interface
+/// a packet came in on, and the kernel drops the packet when that interface has none: the case
+/// of the host side of a Pod's veth under Calico, Cilium or the AWS VPC CNI. A family without an
+/// address falls back to `redirect` (which works where the Pod's interface has an address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RelayTo {
+    /// For IPv4.
+    pub v4: Option<std::net::Ipv4Addr>,
+    /// For IPv6.
+    pub v6: Option<std::net::Ipv6Addr>,
+}
+
+impl RelayTo {
+    /// The address for family `f`.
+    fn of(&self, f: Fam) -> Option<IpAddr> {
+        match f {
+            Fam::V4 => self.v4.map(IpAddr::V4),
+            Fam::V6 => self.v6.map(IpAddr::V6),
+        }
+    }
+
+    /// To `port` on this node: DNAT to the family's address, or `redirect`.
+    fn verdict(&self, f: Fam, port: u16) -> Verdict {
+        match self.of(f) {
+            Some(a) => Verdict::Dnat(a, port),
+            None => Verdict::Redirect(port),
+        }
+    }
 }
 
 /// Whether a `redirect: Transparent` policy selects `pod`.
@@ -100,8 +136,12 @@ pub fn is_selected(i: &Inputs, pod: &PodEntry) -> bool {
 
 /// The table for the Pods of this node.
 pub fn desired(i: &Inputs, c: &Config) -> Desired {
-    let mut d =
-        Desired { relay_port: c.relay.port, dns: c.cluster_dns.iter().copied().collect(), ..Desired::default() };
+    let mut d = Desired {
+        relay_port: c.relay.port,
+        dns: c.cluster_dns.iter().copied().collect(),
+        relay_to: i.relay_to,
+        ..Desired::default()
+    };
     if c.dns.enabled {
         d.dns_forward = dns_forward_ports(c);
     }
@@ -279,6 +319,8 @@ enum Verdict {
     Accept,
     Drop,
     Redirect(u16),
+    /// DNAT to an address of this node and a port.
+    Dnat(IpAddr, u16),
     Reset,
     /// Continue in a regular chain (back here after its last rule).
     Jump(&'static str),
@@ -299,6 +341,8 @@ impl Rule {
             Verdict::Accept => "accept".into(),
             Verdict::Drop => "drop".into(),
             Verdict::Redirect(p) => format!("redirect to :{p}"),
+            Verdict::Dnat(IpAddr::V4(a), p) => format!("dnat ip to {a}:{p}"),
+            Verdict::Dnat(IpAddr::V6(a), p) => format!("dnat ip6 to [{a}]:{p}"),
             Verdict::Reset => "reject with tcp reset".into(),
             Verdict::Jump(c) => format!("jump {c}"),
         });
@@ -311,6 +355,9 @@ impl Rule {
             Verdict::Accept => json!({"accept": null}),
             Verdict::Drop => json!({"drop": null}),
             Verdict::Redirect(p) => json!({"redirect": {"port": p}}),
+            Verdict::Dnat(a, p) => {
+                json!({"dnat": {"family": Fam::of(a).ip(), "addr": a.to_string(), "port": p}})
+            }
             Verdict::Reset => json!({"reject": {"type": "tcp reset"}}),
             Verdict::Jump(c) => json!({"jump": {"target": c}}),
         });
@@ -406,7 +453,7 @@ impl Desired {
                     M::L4(vec!["tcp", "udp"]),
                     M::Dport(53),
                 ],
-                Verdict::Redirect(port),
+                self.relay_to.verdict(f, port),
             );
         }
         for f in [V4, V6] {
@@ -420,7 +467,7 @@ impl Desired {
             add(
                 "steer",
                 vec![sel(), M::Daddr(f, format!("excluded_{s}"), true), M::L4(vec!["tcp"])],
-                Verdict::Redirect(self.relay_port),
+                self.relay_to.verdict(f, self.relay_port),
             );
         }
         add("relay_in", vec![M::TcpDport(self.relay_port), M::CtDnat], Verdict::Accept);
@@ -677,6 +724,7 @@ mod tests {
             dns: ["10.96.0.10".parse().unwrap()].into(),
             dns_forward: vec![("10.96.0.10".parse().unwrap(), 15053)],
             relay_port: 15001,
+            relay_to: RelayTo::default(),
         }
     }
 
@@ -696,6 +744,7 @@ mod tests {
             gateways: vec![],
             interfaces: BTreeMap::new(),
             changed_at: None,
+            relay_to: RelayTo::default(),
         };
         let pod = |sa: Option<&str>| PodEntry {
             namespace: "shop".into(),
@@ -733,6 +782,35 @@ mod tests {
         assert!(text.contains("elements = { veth1 . 192.0.2.10 }"), "{text}");
         assert!(text.contains(&format!("comment \"{SHAPE_MARK}{}\"", d.shape())), "{text}");
         // The JSON fits the nftables crate's schema.
+        serde_json::from_value::<nftables::schema::Nftables>(json).unwrap();
+    }
+
+    #[test]
+    fn steered_connections_are_dnated_to_the_node_address_of_their_family_else_redirected() {
+        let mut d = d();
+        d.dns_forward.push(("fd00::a".parse().unwrap(), 15054));
+        let text = d.render();
+        assert!(text.contains("tcp redirect to :15001") && text.contains("redirect to :15053"), "{text}");
+        d.relay_to = RelayTo { v4: Some("10.0.0.5".parse().unwrap()), v6: None };
+        let text = d.render();
+        assert!(text.contains("ip daddr != @excluded_v4 meta l4proto tcp dnat ip to 10.0.0.5:15001"), "{text}");
+        assert!(text.contains("dport 53 dnat ip to 10.0.0.5:15053"), "{text}");
+        assert!(text.contains("ip6 daddr != @excluded_v6 meta l4proto tcp redirect to :15001"), "{text}");
+        assert!(text.contains("dport 53 redirect to :15054"), "{text}");
+        d.relay_to.v6 = Some("2001:db8::5".parse().unwrap());
+        let text = d.render();
+        assert!(text.contains("dnat ip6 to [2001:db8::5]:15001") && text.contains("dnat ip6 to [2001:db8::5]:15054"));
+        assert!(!text.contains("redirect to"), "{text}");
+        let json = d.json();
+        let dnat: Vec<&Value> = json["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|c| c["add"]["rule"]["expr"].as_array()?.last().filter(|e| e.get("dnat").is_some()))
+            .collect();
+        assert_eq!(dnat.len(), 4, "{dnat:?}");
+        assert!(dnat.contains(&&json!({"dnat": {"family": "ip", "addr": "10.0.0.5", "port": 15001}})), "{dnat:?}");
+        assert!(dnat.contains(&&json!({"dnat": {"family": "ip6", "addr": "2001:db8::5", "port": 15054}})), "{dnat:?}");
         serde_json::from_value::<nftables::schema::Nftables>(json).unwrap();
     }
 

@@ -195,10 +195,20 @@ fn rendered_configs_are_accepted_by_the_release_binaries() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     // The schema only checks that `redirector.coalesce` is a duration; the binary bounds it.
     let bad = dir.path().join("bad-redirector.yaml");
-    std::fs::write(&bad, "nodeName: n\ngateways: [127.0.0.1:1]\nrelay: {coalesce: 1s}\n").unwrap();
+    std::fs::write(
+        &bad,
+        "nodeName: n\ngateways: [127.0.0.1:1]\nrelay: {coalesce: 1s, addresses: [10.0.0.5, 10.0.0.6, \"::1\"]}\n",
+    )
+    .unwrap();
     let out = run(Command::new(release.join("node-redirector")).arg("validate").arg("--config").arg(&bad));
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(text(&out).contains("relay.coalesce: 1s is longer than 100ms"), "{}", text(&out));
+    for problem in [
+        "relay.coalesce: 1s is longer than 100ms",
+        "relay.addresses: at most one IPv4 address",
+        "relay.addresses: ::1 is not an address forwarded packets can be delivered to",
+    ] {
+        assert!(text(&out).contains(problem), "{problem}: {}", text(&out));
+    }
 }
 
 fn release_dir() -> PathBuf {
@@ -231,6 +241,7 @@ fn the_values_schema_rejects_wrong_values() {
         ("gateway: {limits: {tunnelCoalesce: 1}}", "tunnelCoalesce"),
         ("redirector: {coalesce: fast}", "coalesce"),
         ("redirector: {probeInterval: 1}", "probeInterval"),
+        ("redirector: {relayAddresses: [node-ip]}", "relayAddresses"),
         ("redirector: {cni: {failurePolicy: Allow}}", "failurePolicy"),
         ("redirector: {uninstallTimeout: forever}", "uninstallTimeout"),
         ("redirector: {cni: {binDir: opt/cni/bin}}", "binDir"),
@@ -438,6 +449,7 @@ fn the_redirector_has_only_net_admin_and_trusted_relays_are_the_nodes() {
     // Never steered: Pod, Service and node ranges.
     assert_eq!(rd["excludeCidrs"], json!(["10.244.0.0/16", "10.96.0.0/12", "192.168.10.0/24"]));
     assert_eq!(rd["clusterDns"], json!(["10.96.0.10"]));
+    assert!(rd["relay"].get("addresses").is_none(), "each redirector finds its node's address: {rd}");
     // The relay finds the gateways through the transparent Service, by port name.
     let (ns, svc) = rd["kubernetes"]["gatewayService"].as_str().unwrap().split_once('/').unwrap();
     assert_eq!(ns, NAMESPACE);
@@ -521,6 +533,9 @@ fn the_redirector_has_only_net_admin_and_trusted_relays_are_the_nodes() {
         assert_eq!(o["metadata"]["annotations"]["helm.sh/hook-weight"], "-10", "{kind} exists before the Job");
     }
     assert_eq!(container(job, "uninstall")["securityContext"]["runAsNonRoot"], true);
+    let (_, docs) = render(&set, &["--set", "redirector.relayAddresses={10.0.0.5,fd00::5}"]).unwrap();
+    let rd = yaml(&config_map_file(&docs, REDIRECTOR, "node-redirector.yaml"));
+    assert_eq!(rd["relay"]["addresses"], json!(["10.0.0.5", "fd00::5"]));
     let (_, docs) = render(&set, &["--set", "redirector.uninstallOnDelete=false"]).unwrap();
     assert!(find(&docs, "Job", &format!("{REDIRECTOR}-uninstall")).is_none());
 

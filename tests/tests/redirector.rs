@@ -32,8 +32,11 @@ struct World {
     pod2_inner_if: String,
 }
 
-/// A node as point-to-point CNIs build one: each Pod has its own veth, a `/32` address and a
-/// default route via an address of the node's end; the node has a host route to each Pod.
+/// A node as point-to-point CNIs build one: each Pod has its own veth and a `/32` address, and the
+/// node a host route to each Pod. The node's end of `pod`'s veth carries the address `pod` routes
+/// through (as kindnet and the CNI ptp plugin do); the node's end of `pod2`'s carries none, and
+/// `pod2` routes through 169.254.1.1, which the node answers for (as Calico, Cilium and the AWS VPC
+/// CNI do): `redirect` would drop what arrives there, so steering must DNAT to a node address.
 fn world() -> World {
     let t = unique_tag();
     let w = World {
@@ -47,11 +50,13 @@ fn world() -> World {
         pod_inner_if: format!("rpa{t}"),
         pod2_inner_if: format!("rpb{t}"),
     };
-    for (pod, inner, outer, ip, via) in [
-        (&w.pod, &w.pod_inner_if, &w.pod_if, "192.0.2.10", "192.0.2.1"),
-        (&w.pod2, &w.pod2_inner_if, &w.pod2_if, "192.0.2.11", "192.0.2.2"),
+    // The node answers ARP for an address it holds on any interface (arp_ignore 0).
+    w.node.exec_ok("ip", &["addr", "add", "169.254.1.1/32", "dev", "lo"]);
+    for (pod, inner, outer, ip, via, node_end) in [
+        (&w.pod, &w.pod_inner_if, &w.pod_if, "192.0.2.10", "192.0.2.1", Some("192.0.2.1/32")),
+        (&w.pod2, &w.pod2_inner_if, &w.pod2_if, "192.0.2.11", "169.254.1.1", None),
     ] {
-        Netns::link(pod, inner, &[&format!("{ip}/32")], &w.node, outer, &[&format!("{via}/32")]);
+        Netns::link(pod, inner, &[&format!("{ip}/32")], &w.node, outer, node_end.as_slice());
         pod.exec_ok("ip", &["route", "add", via, "dev", inner]);
         pod.exec_ok("ip", &["route", "add", "default", "via", via]);
         w.node.exec_ok("ip", &["route", "add", &format!("{ip}/32"), "dev", outer]);
@@ -350,6 +355,21 @@ fn selected_pods_are_steered_through_the_gateway_with_real_nftables() {
         "one repair, no false drift"
     );
 
+    // db-1 becomes selected (the file is re-read): its node-side interface has no address, where
+    // `redirect` drops every packet; DNAT to a node address steers it like web-1. The gateway
+    // knows no client at its address: its default action refuses it, and the decision shows the
+    // connection arrived through the relay.
+    let cfg = dir.path().join("redirector.yaml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let relabelled = text.replace("ips: [192.0.2.11], labels: {app: db}", "ips: [192.0.2.11], labels: {app: web}");
+    assert_ne!(relabelled, text);
+    std::fs::write(&cfg, relabelled).unwrap();
+    wait_until(Duration::from_secs(10), || selected_set(&w.node).contains("192.0.2.11"));
+    let r = curl_in(Some(&w.pod2), &["--max-time", "5", "--resolve", &resolve, &format!("http://allowed.test:{p}/")]);
+    assert_eq!(r.status, 403, "steered to the gateway, which knows no such client: {r:?}");
+    let d = gw.decision(|e| e["client"]["address"] == "192.0.2.11");
+    assert_eq!((d["front"].as_str(), d["decision"]["action"].as_str()), (Some("transparent"), Some("deny")), "{d}");
+
     // SIGTERM stops the redirector and leaves the table: the selected Pod's connections are
     // refused (nothing listens on the relay port), never sent directly.
     let handle = table_handle(&w.node);
@@ -557,7 +577,7 @@ fn pods_cannot_walk_around_the_steering() {
     );
 
     // A direct connection to the relay port: reset by the table...
-    let relay_port: std::net::SocketAddr = "192.0.2.2:15001".parse().unwrap();
+    let relay_port: std::net::SocketAddr = "169.254.1.1:15001".parse().unwrap();
     let direct = w.pod2.enter(move || {
         std::net::TcpStream::connect_timeout(&relay_port, Duration::from_secs(2)).map(|_| ()).map_err(|e| e.kind())
     });
@@ -1665,7 +1685,12 @@ fn the_names_a_pod_resolved_decide_what_its_payload_does_not_name() {
         Proc(spawn_redirector(&w.node, &dir.path().join("redirector.yaml"), &["--reconcile", "500ms"], log));
     wait_until(Duration::from_secs(10), || node_table(&w.node).is_some());
     let t = node_table(&w.node).unwrap();
-    assert!(t.contains("ip daddr 203.0.113.10 meta l4proto { tcp, udp } th dport 53 redirect to :15053"), "{t}");
+    // To the forwarder at the node's first usable address (no default route here: the first
+    // interface's, the node end of web-1's veth), which its UDP socket is bound to.
+    assert!(
+        t.contains("ip daddr 203.0.113.10 meta l4proto { tcp, udp } th dport 53 dnat ip to 192.0.2.1:15053"),
+        "{t}"
+    );
     let nameless = "GET /x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n";
     let to = |ip: &str| format!("{ip}:{p}");
 

@@ -158,6 +158,9 @@ relay:
   connectTimeout: {{ $r.connectTimeout }}
   probeInterval: {{ $r.probeInterval }}
   coalesce: {{ $r.coalesce }}
+  {{- with $r.relayAddresses }}
+  addresses: {{ toJson . }}
+  {{- end }}
   keyFile: /etc/node-redirector/relay-key/{{ $r.relayKey.key }}
 {{- if $r.adminPort }}
 admin: {{ include "egress.listen" (dict "bind" $r.adminBindAddress "port" $r.adminPort) }}
