@@ -303,27 +303,81 @@ async fn report(client: Client, pods: Store<Pod>, mut rx: watch::Receiver<Option
 /// gateway skips an invalid policy whole (what only it allowed is denied); were its Pods not
 /// steered, their traffic would leave directly instead. A policy object that does not decode
 /// steers by its selectors and `redirect` when those can be read; when not, nothing can be said
-/// of what it selects, and it is reported.
-fn steering<K: DeserializeOwned + Clone>(p: &Lenient<K>, any: fn(K) -> AnyPolicy) -> Option<AnyPolicy> {
+/// of what it selects. What is wrong with it comes back too, for [`Reported`].
+fn steering<K: DeserializeOwned + Clone>(
+    p: &Lenient<K>,
+    any: fn(K) -> AnyPolicy,
+) -> (Option<AnyPolicy>, Option<Problem>) {
     let selection = p.selection().map(any);
-    match (&selection, p) {
+    let joined = |v: Vec<String>| v.join("; ");
+    let problem = match (&selection, p) {
         (Some(sel), Lenient::Decoded(_)) => {
             let problems = sel.validate();
-            if !problems.is_empty() {
-                let problems: Vec<String> = problems.iter().map(|e| e.to_string()).collect();
-                tracing::warn!(policy = %sel.key(), problems = %problems.join("; "), "invalid policy: its Pods are steered all the same, and the gateway skips it");
+            (!problems.is_empty()).then(|| Problem {
+                key: sel.key(),
+                text: joined(problems.iter().map(|e| e.to_string()).collect()),
+                kind: ProblemKind::Invalid,
+            })
+        }
+        (Some(_), Lenient::Undecodable(u)) => Some(Problem {
+            key: u.key(),
+            text: joined(u.problems.iter().map(|e| e.to_string()).collect()),
+            kind: ProblemKind::Undecodable,
+        }),
+        (None, Lenient::Undecodable(u)) => Some(Problem {
+            key: u.key(),
+            text: joined(u.problems.iter().map(|e| e.to_string()).collect()),
+            kind: ProblemKind::Unreadable,
+        }),
+        (None, Lenient::Decoded(_)) => None,
+    };
+    (selection, problem)
+}
+
+/// A policy [`steering`] found something wrong with.
+struct Problem {
+    key: String,
+    text: String,
+    kind: ProblemKind,
+}
+
+enum ProblemKind {
+    /// Decodes, but does not validate.
+    Invalid,
+    /// Does not decode; its selectors do.
+    Undecodable,
+    /// Not even its selectors decode.
+    Unreadable,
+}
+
+/// The problems logged so far: each policy's is logged when it appears or changes, not at every
+/// rebuild of the inputs.
+#[derive(Default)]
+struct Reported(HashMap<String, String>);
+
+impl Reported {
+    /// Logs what is new in `problems` and keeps exactly those (a policy fixed and broken again is
+    /// logged again).
+    fn update(&mut self, problems: Vec<Problem>) {
+        let mut now = HashMap::with_capacity(problems.len());
+        for p in problems {
+            if self.0.get(&p.key) != Some(&p.text) {
+                match p.kind {
+                    ProblemKind::Invalid => {
+                        tracing::warn!(policy = %p.key, problems = %p.text, "invalid policy: its Pods are steered all the same, and the gateway skips it")
+                    }
+                    ProblemKind::Undecodable => {
+                        tracing::warn!(policy = %p.key, problems = %p.text, "policy does not decode: its Pods are steered by its selectors, and the gateway skips it")
+                    }
+                    ProblemKind::Unreadable => {
+                        tracing::error!(policy = %p.key, problems = %p.text, "policy does not decode, not even its selectors: the Pods it means to steer cannot be known")
+                    }
+                }
             }
+            now.insert(p.key, p.text);
         }
-        (Some(_), Lenient::Undecodable(u)) => {
-            let problems: Vec<String> = u.problems.iter().map(|e| e.to_string()).collect();
-            tracing::warn!(policy = %u.key(), problems = %problems.join("; "), "policy does not decode: its Pods are steered by its selectors, and the gateway skips it");
-        }
-        (None, Lenient::Undecodable(u)) => {
-            tracing::error!(policy = %u.key(), "policy does not decode, not even its selectors: the Pods it means to steer cannot be known");
-        }
-        (None, Lenient::Decoded(_)) => {}
+        self.0 = now;
     }
-    selection
 }
 
 /// Starts the watchers; the receiver gets new inputs after every (coalesced) change, and its first
@@ -380,6 +434,7 @@ pub async fn start(cfg: &Config, node: String) -> anyhow::Result<(watch::Receive
             return;
         }
         let mut changed_at = None;
+        let mut reported = Reported::default();
         loop {
             let inputs = Inputs {
                 node_name: node.clone(),
@@ -397,12 +452,16 @@ pub async fn start(cfg: &Config, node: String) -> anyhow::Result<(watch::Receive
                     .iter()
                     .filter_map(|n| Some((n.metadata.name.clone()?, n.metadata.labels.clone().unwrap_or_default())))
                     .collect::<BTreeMap<_, _>>(),
-                policies: cluster
-                    .state()
-                    .iter()
-                    .filter_map(|p| steering(p, AnyPolicy::Cluster))
-                    .chain(policies.state().iter().filter_map(|p| steering(p, AnyPolicy::Namespaced)))
-                    .collect(),
+                policies: {
+                    let (cluster, policies) = (cluster.state(), policies.state());
+                    let (steer, problems): (Vec<_>, Vec<_>) = cluster
+                        .iter()
+                        .map(|p| steering(p, AnyPolicy::Cluster))
+                        .chain(policies.iter().map(|p| steering(p, AnyPolicy::Namespaced)))
+                        .unzip();
+                    reported.update(problems.into_iter().flatten().collect());
+                    steer.into_iter().flatten().collect()
+                },
                 gateways: endpoints(&slices.state(), port_name.as_deref()),
                 interfaces: Default::default(),
                 relay_to: Default::default(),

@@ -1510,7 +1510,8 @@ policies:
         dir.path().join("cni.sock").display(),
         dir.path().join("cni.log").display()
     )).unwrap();
-    let child = spawn_redirector(&w.node, &cfg, &[], Stdio::null());
+    let log_path = dir.path().join("redirector.log");
+    let child = spawn_redirector(&w.node, &cfg, &[], std::fs::File::create(&log_path).unwrap());
     let _r = Proc(child);
     wait_until(Duration::from_secs(10), || selected_set(&w.node).contains("192.0.2.10"));
     let set = selected_set(&w.node);
@@ -1596,6 +1597,12 @@ policies:
         &("/api/v1/namespaces/shop/pods/web-1/status".to_string(), "False".to_string(), false)
     );
     assert!(condition("db-1").is_none(), "an unselected Pod without the gate is not written");
+    // The two broken policies were logged once each, not at every one of these rebuilds.
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    for (what, policy) in [("policy does not decode", "shop/legacy"), ("invalid policy", "shop/broken")] {
+        let n = log.lines().filter(|l| l.contains(what) && l.contains(policy)).count();
+        assert_eq!(n, 1, "{what} {policy}:\n{log}");
+    }
     assert_eq!(web_1().len(), 2, "one write per change");
     // The admin endpoint (inside the node namespace) reports readiness and the change.
     let admin: std::net::SocketAddr = "127.0.0.1:9791".parse().unwrap();
