@@ -388,7 +388,7 @@ fn forward(
             },
         };
         // Only what lives across the awaits below is kept in this future, which hyper moves.
-        let (mut upstream_req, mut replay, counters) = upstream_request(req, leg.reused);
+        let (mut upstream_req, counters) = upstream_request(req, leg.reused);
         let (resp, leg) = loop {
             // On failure: the error, and the request when it never went out (the connection was
             // closed before the request was taken).
@@ -402,7 +402,7 @@ fn forward(
                     }
                 },
             };
-            let Some(again) = resend(&e, unsent, leg.reused, &mut replay, &counters) else {
+            let Some(again) = resend(&e, unsent, leg.reused, &counters) else {
                 return failed(&e, leg.log, &counters, &ereq.id);
             };
             let detail = format!("{e}; the request was sent again on a new connection");
@@ -465,12 +465,9 @@ async fn redial(
 }
 
 /// The request to send upstream, built from the client's: origin form, one Host, no hop-by-hop
-/// headers; with what it takes to send it once more when that may be needed (`reused`: the
-/// upstream connection is a kept one), and its byte counters.
-fn upstream_request(
-    req: Request<Incoming>,
-    reused: bool,
-) -> (Request<TrackedBody>, Option<Box<Replay>>, Arc<Counters>) {
+/// headers; and its byte counters, which also keep what it takes to send it once more when that
+/// may be needed (`reused`: the upstream connection is a kept one).
+fn upstream_request(req: Request<Incoming>, reused: bool) -> (Request<TrackedBody>, Arc<Counters>) {
     let (mut parts, body) = req.into_parts();
     // Host from the URI's host and port only (never its userinfo), so that the upstream sees
     // the name that was decided. Most clients send exactly that already: the header then
@@ -487,28 +484,29 @@ fn upstream_request(
     if !keep && let Ok(v) = HeaderValue::from_bytes(&host) {
         parts.headers.insert(header::HOST, v);
     }
-    let replay = (reused && Replay::allowed(&parts.method, &body)).then(|| Box::new(Replay::of(&parts)));
-    let counters = Arc::new(Counters::default());
-    (Request::from_parts(parts, TrackedBody::request(Some(body), counters.clone())), replay, counters)
+    // Kept in the counters' allocation: no allocation of its own, nothing in the request's future.
+    let replay = (reused && Replay::allowed(&parts.method, &body)).then(|| Replay::of(&parts));
+    let counters = Arc::new(Counters { replay: Mutex::new(replay), ..Counters::default() });
+    (Request::from_parts(parts, TrackedBody::request(Some(body), counters.clone())), counters)
 }
 
 /// The keep-alive race: the upstream closed a kept connection while a request was on its way
 /// (`e`). Only a kept connection's request goes again, on a new connection, so once at most: one
-/// that never went out (`unsent`), or one that may be repeated (`replay`, RFC 9110 section
+/// that never went out (`unsent`), or one that may be repeated (its kept head, RFC 9110 section
 /// 9.2.2: idempotent, no body) when the connection was lost before an answer. A proxy never
 /// repeats any other request.
 fn resend(
     e: &hyper::Error,
     unsent: Option<Request<TrackedBody>>,
     reused: bool,
-    replay: &mut Option<Box<Replay>>,
     counters: &Arc<Counters>,
 ) -> Option<Request<TrackedBody>> {
     match unsent {
         Some(r) if reused => Some(r),
-        // `replay` is kept for a kept connection only.
+        // The head is kept for a kept connection only.
         None if !counters.client_body_error.load(Ordering::Relaxed) && lost_connection(e) => {
-            replay.take().map(|r| r.request(counters.clone()))
+            let replay = counters.replay.lock().ok().and_then(|mut r| r.take());
+            replay.map(|r| r.request(counters.clone()))
         }
         _ => None,
     }
@@ -575,7 +573,7 @@ impl Replay {
         }
     }
 
-    fn request(self: Box<Self>, counters: Arc<Counters>) -> Request<TrackedBody> {
+    fn request(self, counters: Arc<Counters>) -> Request<TrackedBody> {
         let mut r = Request::new(TrackedBody::request(None, counters));
         *r.method_mut() = self.method;
         *r.uri_mut() = self.uri;
@@ -605,6 +603,9 @@ struct Counters {
     down: AtomicU64,
     /// The client's request body could not be decoded (bad chunked framing, cut short).
     client_body_error: std::sync::atomic::AtomicBool,
+    /// What it takes to send the request once more ([`Replay`]), when that may be needed. Locked
+    /// only on a failure.
+    replay: Mutex<Option<Replay>>,
 }
 
 /// A body that counts what passes and, for responses, emits the close event at its end.
