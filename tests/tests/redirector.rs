@@ -1056,6 +1056,11 @@ policies:
     let child = spawn_redirector(&w.node, &cfg, &[], Stdio::null());
     let _redirector = Proc(child);
     wait_until(Duration::from_secs(10), || node_table(&w.node).is_some());
+    // Both families are DNAT'ed to a node address of their own (the first usable one: the node
+    // end of web-1's veth).
+    let t = node_table(&w.node).unwrap();
+    assert!(t.contains("meta l4proto tcp dnat ip to 192.0.2.1:15001"), "{t}");
+    assert!(t.contains("meta l4proto tcp dnat ip6 to [2001:db8:2::1]:15001"), "{t}");
     let https = |src: &str, name: &str, ip: &str, cacert: &std::path::Path| {
         let resolve = if ip.contains(':') { format!("{name}:{p}:[{ip}]") } else { format!("{name}:{p}:{ip}") };
         curl_in(
