@@ -1656,6 +1656,70 @@ policies:
     }
 }
 
+/// An operator trimmed the redirector's RBAC of `patch pods/status`: steering is unaffected (the
+/// selected Pod's address is in the kernel's set), the forbidden condition write is logged and
+/// tried again at the next application or reconcile, never in a loop.
+#[test]
+fn a_forbidden_status_write_costs_the_condition_never_the_steering() {
+    use egress_e2e::kubeapi::*;
+    use serde_json::json;
+    let w = world();
+    let api = w.node.enter(FakeApi::start);
+    let rbac = std::fs::read_to_string(repo_root().join("deploy/node-redirector-rbac.yaml")).unwrap();
+    let trimmed = rbac.replace("  - apiGroups: [\"\"]\n    resources: [pods/status]\n    verbs: [patch]\n", "");
+    assert_ne!(trimmed, rbac, "the rule is in the manifest");
+    api.set_rbac(&[&trimmed]);
+    api.apply(NAMESPACES, namespace("shop", json!({})));
+    let mut web = pod("shop", "web-1", &["192.0.2.10"], json!({"app": "web"}), "Running");
+    web["spec"]["nodeName"] = json!("node-1");
+    web["spec"]["readinessGates"] = json!([{"conditionType": "egress.dev/redirected"}]);
+    api.apply(PODS, web);
+    api.apply(
+        POLICIES,
+        json!({"apiVersion": "egress.dev/v1alpha1", "kind": "EgressPolicy",
+        "metadata": {"name": "steer", "namespace": "shop"},
+        "spec": {"podSelector": {"matchLabels": {"app": "web"}}, "redirect": "Transparent", "rules": []}}),
+    );
+    api.apply(SLICES, json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+        "metadata": {"name": "egress-transparent-abc", "namespace": "egress-system", "labels": {"kubernetes.io/service-name": "egress-transparent"}},
+        "ports": [{"name": "transparent", "port": 15080, "protocol": "TCP"}],
+        "endpoints": [{"addresses": ["198.51.100.2"], "conditions": {"ready": true}}]}));
+    let dir = tempfile::tempdir().unwrap();
+    let (kc, cfg) = (dir.path().join("kubeconfig"), dir.path().join("redirector.yaml"));
+    std::fs::write(&kc, api.kubeconfig()).unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "nodeName: node-1\nrelay: {{keyFile: {}}}\nexcludeCidrs: [192.0.2.0/24, 198.51.100.0/24]\nkubernetes: {{enabled: true, kubeconfig: {}, gatewayService: egress-system/egress-transparent, gatewayPortName: transparent}}\n",
+            relay_key_file().display(),
+            kc.display(),
+        ),
+    )
+    .unwrap();
+    let log_path = dir.path().join("redirector.log");
+    let child = spawn_redirector(&w.node, &cfg, &["--reconcile", "500ms"], std::fs::File::create(&log_path).unwrap());
+    let mut redirector = Proc(child);
+    wait_until(Duration::from_secs(10), || selected_set(&w.node).contains("192.0.2.10"));
+    let patch = "PATCH /api/v1/namespaces/shop/pods/web-1/status";
+    let refused = || api.forbidden().iter().filter(|l| l.starts_with(patch)).count();
+    wait_until(Duration::from_secs(10), || refused() >= 2);
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("cannot write the egress.dev/redirected condition; retrying"), "{log}");
+    // Retried at the reconciles (every 500 ms), not in a loop: a few in two seconds, not hundreds.
+    let before = refused();
+    std::thread::sleep(Duration::from_secs(2));
+    let retries = refused() - before;
+    assert!(retries <= 10, "{retries} retries in 2 s");
+    assert_eq!(
+        api.forbidden().iter().filter(|l| !l.starts_with(patch)).count(),
+        0,
+        "nothing else was refused: {:?}",
+        api.forbidden()
+    );
+    assert!(redirector.0.try_wait().unwrap().is_none(), "still running:\n{log}");
+    assert!(selected_set(&w.node).contains("192.0.2.10"), "still steered");
+}
+
 /// The commented standalone example next to the gateway's validates and renders: the selected
 /// Pod of this node is steered, the unselected one and the other node's are not.
 #[test]
