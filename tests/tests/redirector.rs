@@ -1656,9 +1656,11 @@ policies:
     }
 }
 
-/// An operator trimmed the redirector's RBAC of `patch pods/status`: steering is unaffected (the
-/// selected Pod's address is in the kernel's set), the forbidden condition write is logged and
-/// tried again at the next application or reconcile, never in a loop.
+/// An operator trimmed the redirector's RBAC of `patch pods/status` and `get pods`: steering is
+/// unaffected (the selected Pod's address is in the kernel's set), the forbidden condition write
+/// is logged and tried again at the next application or reconcile, never in a loop, and the CNI
+/// plugin's cache miss fails the sandbox with the API's refusal in its error (the kubelet retries
+/// it; nothing starts unsteered).
 #[test]
 fn a_forbidden_status_write_costs_the_condition_never_the_steering() {
     use egress_e2e::kubeapi::*;
@@ -1666,8 +1668,16 @@ fn a_forbidden_status_write_costs_the_condition_never_the_steering() {
     let w = world();
     let api = w.node.enter(FakeApi::start);
     let rbac = std::fs::read_to_string(repo_root().join("deploy/node-redirector-rbac.yaml")).unwrap();
-    let trimmed = rbac.replace("  - apiGroups: [\"\"]\n    resources: [pods/status]\n    verbs: [patch]\n", "");
-    assert_ne!(trimmed, rbac, "the rule is in the manifest");
+    let trimmed =
+        rbac.replace("  - apiGroups: [\"\"]\n    resources: [pods/status]\n    verbs: [patch]\n", "").replace(
+            "    resources: [pods]\n    verbs: [get, list, watch]\n",
+            "    resources: [pods]\n    verbs: [list, watch]\n",
+        );
+    assert!(
+        !trimmed.contains("resources: [pods/status]\n    verbs: [patch]")
+            && trimmed.contains("resources: [pods]\n    verbs: [list, watch]"),
+        "both rules were in the manifest: {trimmed}"
+    );
     api.set_rbac(&[&trimmed]);
     api.apply(NAMESPACES, namespace("shop", json!({})));
     let mut web = pod("shop", "web-1", &["192.0.2.10"], json!({"app": "web"}), "Running");
@@ -1690,9 +1700,11 @@ fn a_forbidden_status_write_costs_the_condition_never_the_steering() {
     std::fs::write(
         &cfg,
         format!(
-            "nodeName: node-1\nrelay: {{keyFile: {}}}\nexcludeCidrs: [192.0.2.0/24, 198.51.100.0/24]\nkubernetes: {{enabled: true, kubeconfig: {}, gatewayService: egress-system/egress-transparent, gatewayPortName: transparent}}\n",
+            "nodeName: node-1\nrelay: {{keyFile: {}}}\nexcludeCidrs: [192.0.2.0/24, 198.51.100.0/24]\nkubernetes: {{enabled: true, kubeconfig: {}, gatewayService: egress-system/egress-transparent, gatewayPortName: transparent}}\ncni: {{enabled: true, socket: {}, logFile: {}}}\n",
             relay_key_file().display(),
             kc.display(),
+            dir.path().join("cni.sock").display(),
+            dir.path().join("cni.log").display()
         ),
     )
     .unwrap();
@@ -1714,6 +1726,26 @@ fn a_forbidden_status_write_costs_the_condition_never_the_steering() {
         api.forbidden().iter().filter(|l| !l.starts_with(patch)).count(),
         0,
         "nothing else was refused: {:?}",
+        api.forbidden()
+    );
+    // The CNI plugin asks about a Pod the watch has not shown: the GET is refused.
+    let conf = json!({"cniVersion": "1.0.0", "name": "k8s", "type": "egress-redirector",
+        "socket": dir.path().join("cni.sock"), "logFile": dir.path().join("cni.log"),
+        "prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "192.0.2.13/32"}]}});
+    let mut cmd = Command::new(workspace_bin("node-redirector"));
+    cmd.arg("cni");
+    let env = [
+        ("CNI_COMMAND", "ADD"),
+        ("CNI_CONTAINERID", "new-sandbox"),
+        ("CNI_ARGS", "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-2"),
+    ];
+    let (code, e) = invoke_plugin(cmd, &env, &conf);
+    assert_eq!(code, 1, "{e}");
+    assert_eq!(e["msg"], "egress node-redirector cannot admit shop/web-2", "{e}");
+    assert!(e["details"].as_str().unwrap().contains("forbidden"), "{e}");
+    assert!(
+        api.forbidden().iter().any(|l| l.starts_with("GET /api/v1/namespaces/shop/pods/web-2")),
+        "{:?}",
         api.forbidden()
     );
     assert!(redirector.0.try_wait().unwrap().is_none(), "still running:\n{log}");
