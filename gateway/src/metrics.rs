@@ -61,6 +61,8 @@ pub struct Metrics {
     pub audit_errors: Counter,
     /// Seconds the Kubernetes snapshot has been possibly stale (0: watchers healthy).
     pub kube_stale_seconds: Gauge,
+    /// Policies from the Kubernetes API skipped whole: invalid, or not decodable.
+    pub kube_policies_invalid: Gauge,
     /// Audit events that could not be committed (spool full or unwritable).
     pub audit_dropped: Counter,
     /// 1 while audit events cannot be committed.
@@ -280,6 +282,12 @@ impl Metrics {
             "Seconds since a Kubernetes watcher started failing (0 while all are healthy); the last snapshot keeps serving",
             kube_stale_seconds.clone(),
         );
+        let kube_policies_invalid = Gauge::default();
+        registry.register(
+            "kube_policies_invalid",
+            "Policies from the Kubernetes API skipped whole because they are invalid or do not decode (see their Accepted condition)",
+            kube_policies_invalid.clone(),
+        );
         let audit_dropped = Counter::default();
         registry.register(
             "audit_dropped",
@@ -336,6 +344,7 @@ impl Metrics {
             policy_counters: arc_swap::ArcSwap::from_pointee(std::collections::HashMap::new()),
             audit_sinks,
             kube_stale_seconds,
+            kube_policies_invalid,
             registry,
             process: egress_netio::exposition::process_registry(),
             connections,

@@ -281,9 +281,11 @@ fn invalid_policies_are_skipped_whole() {
     let r = s.eventually("127.0.0.1", "up.test", 403);
     assert!(r.body.contains("default_deny"), "{r:?}");
     wait_until(Duration::from_secs(5), || s.gw.log_text().contains("spec.rules[1].to[0].domain"));
+    assert_eq!(s.gw.metric("egress_kube_policies_invalid "), Some(1.0));
     // Fixed: applied.
     s.api.apply(POLICIES, egress_policy("shop", "half-bad", json!({}), allow_up(s.port)));
     s.eventually("127.0.0.1", "up.test", 200);
+    assert_eq!(s.gw.metric("egress_kube_policies_invalid "), Some(0.0));
 }
 
 /// A policy object that does not decode as this version's types (what a newer CRD version may
@@ -329,6 +331,7 @@ fn a_policy_that_does_not_decode_is_skipped_whole_and_reported_and_the_others_ap
     assert!(message.contains("spec.rules[0].ports[0].port: invalid type"), "{message}");
     assert_eq!(p.body["status"]["observedGeneration"], 1);
     wait_until(Duration::from_secs(5), || gw.log_text().contains("shop/newer"));
+    assert_eq!(gw.metric("egress_kube_policies_invalid "), Some(1.0), "what EgressPolicyInvalid alerts on");
     // The watch goes on.
     api.apply(
         POLICIES,

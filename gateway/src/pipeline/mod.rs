@@ -187,6 +187,8 @@ impl Pipeline {
         self.kube.store(Some(inputs.clone()));
         let next = State::build(state.loaded.clone(), Some(&inputs), Some(&state), &self.own);
         self.metrics.set_policies(next.snapshot.policies.iter().map(|p| &p.key));
+        // Set before the state is stored: whoever sees the new state's decisions sees this too.
+        self.metrics.kube_policies_invalid.set(inputs.invalid.len() as i64);
         self.state.store(Arc::new(next));
         if let Some(n) = inputs.ready_replicas {
             self.metrics.rate_limit_replicas.set(i64::from(n.max(1)));
