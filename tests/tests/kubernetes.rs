@@ -289,8 +289,8 @@ fn invalid_policies_are_skipped_whole() {
 }
 
 /// A policy object that does not decode as this version's types (what a newer CRD version may
-/// store: a field this version does not know; or a port by name) is skipped whole and reported
-/// in its status, and the watch goes on: the other policies apply, and later changes too. A
+/// store: a field this version does not know, a mode it does not have; or a port by name) is
+/// skipped whole and reported in its status, namespaced or cluster-scoped, and the watch goes on: the other policies apply, and later changes too. A
 /// watch of the plain type fails its whole list on that one object and retries it for ever.
 #[test]
 fn a_policy_that_does_not_decode_is_skipped_whole_and_reported_and_the_others_apply() {
@@ -309,6 +309,10 @@ fn a_policy_that_does_not_decode_is_skipped_whole_and_reported_and_the_others_ap
     );
     newer["spec"]["futureField"] = json!(true);
     api.apply(POLICIES, newer);
+    // And a cluster-scoped one (its status is written through the cluster-wide endpoint).
+    let mut cluster = cluster_policy("cluster-newer", json!({}), json!([]));
+    cluster["spec"]["mode"] = json!("Shadow");
+    api.apply(CLUSTER_POLICIES, cluster);
     let gw = start_gateway(&api, &dns, "gw-a", "");
     let get = |host: &str| {
         curl(&["--interface", "127.0.0.1", "-x", &format!("http://{}", gw.http), &format!("http://{host}:{port}/")])
@@ -331,7 +335,12 @@ fn a_policy_that_does_not_decode_is_skipped_whole_and_reported_and_the_others_ap
     assert!(message.contains("spec.rules[0].ports[0].port: invalid type"), "{message}");
     assert_eq!(p.body["status"]["observedGeneration"], 1);
     wait_until(Duration::from_secs(5), || gw.log_text().contains("shop/newer"));
-    assert_eq!(gw.metric("egress_kube_policies_invalid "), Some(1.0), "what EgressPolicyInvalid alerts on");
+    let p = wait_patch(&api, |p| p.path.ends_with("/clusteregresspolicies/cluster-newer/status"));
+    let c = &p.body["status"]["conditions"][0];
+    assert_eq!((c["status"].as_str(), c["reason"].as_str()), (Some("False"), Some("Undecodable")), "{c}");
+    assert!(c["message"].as_str().unwrap().starts_with("spec.mode: unknown variant `Shadow`"), "{c}");
+    assert_eq!(p.body["kind"], "ClusterEgressPolicy");
+    assert_eq!(gw.metric("egress_kube_policies_invalid "), Some(2.0), "what EgressPolicyInvalid alerts on");
     // The watch goes on.
     api.apply(
         POLICIES,
