@@ -292,7 +292,6 @@ impl Loaded {
             policies: self.policies.clone(),
             gateways: self.config.gateways.clone(),
             interfaces: Default::default(),
-            relay_to: Default::default(),
             changed_at: None,
         }
     }

@@ -464,7 +464,6 @@ pub async fn start(cfg: &Config, node: String) -> anyhow::Result<(watch::Receive
                 },
                 gateways: endpoints(&slices.state(), port_name.as_deref()),
                 interfaces: Default::default(),
-                relay_to: Default::default(),
                 changed_at,
             };
             if out_tx.send(Some(inputs)).is_err() || rx.recv().await.is_none() {

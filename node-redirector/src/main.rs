@@ -135,8 +135,7 @@ fn main() -> ExitCode {
             Ok(l) => {
                 let mut inputs = l.inputs();
                 inputs.interfaces = routes::host_routes();
-                inputs.relay_to = relay_addresses(&l.config);
-                print!("{}", rules::desired(&inputs, &l.config).render());
+                print!("{}", rules::desired(&inputs, &l.config, relay_addresses(&l.config)).render());
                 ExitCode::SUCCESS
             }
             Err(c) => c,
@@ -257,11 +256,9 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
         if cfg.cni.enabled { admit::Admissions::load(&admissions_file) } else { admit::Admissions::default() };
     let mut desired_inputs = admissions.merged(&inputs);
     inputs.interfaces = routes::host_routes();
-    inputs.relay_to = relay_to;
     desired_inputs.interfaces = inputs.interfaces.clone();
-    desired_inputs.relay_to = relay_to;
     endpoints.set(inputs.gateways.clone());
-    let mut desired = rules::desired(&desired_inputs, &cfg);
+    let mut desired = rules::desired(&desired_inputs, &cfg, relay_to);
     if let Some(f) = &forwarder {
         f.set_pods(&desired_inputs.pods);
     }
@@ -342,12 +339,11 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
         }
         endpoints.set(inputs.gateways.clone());
         inputs.interfaces = routes::host_routes();
-        inputs.relay_to = relay_to;
         let merged = admissions.merged(&inputs);
         if let Some(f) = &forwarder {
             f.set_pods(&merged.pods);
         }
-        let next = rules::desired(&merged, &cfg);
+        let next = rules::desired(&merged, &cfg, relay_to);
         let mut applied = Ok(());
         if next != desired {
             match nft::update(&desired, &next) {

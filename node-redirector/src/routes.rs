@@ -77,6 +77,8 @@ fn default_v6(text: &str) -> Option<String> {
 /// loopback or link-local address (a forwarded packet is never delivered to those).
 pub fn node_addresses() -> crate::rules::RelayTo {
     let ifaces = if_addrs::get_if_addrs().unwrap_or_default();
+    // `lo` reports no operational state (UNKNOWN), yet a global address on it (some BGP setups
+    // put the node's address there) is as local as any.
     let addrs: Vec<(String, IpAddr)> =
         ifaces.iter().filter(|i| i.is_oper_up() || i.name == "lo").map(|i| (i.name.clone(), i.ip())).collect();
     let (d4, d6) = default_route_ifaces();
@@ -85,22 +87,27 @@ pub fn node_addresses() -> crate::rules::RelayTo {
 
 /// [`node_addresses`]' choice among `(interface, address)` pairs.
 fn pick(addrs: &[(String, IpAddr)], default_v4: Option<&str>, default_v6: Option<&str>) -> crate::rules::RelayTo {
-    let usable = |ip: &IpAddr| match ip {
-        IpAddr::V4(a) => !a.is_loopback() && !a.is_link_local() && !a.is_unspecified(),
-        IpAddr::V6(a) => !a.is_loopback() && !a.is_unicast_link_local() && !a.is_unspecified() && !a.is_multicast(),
-    };
-    let choose = |v4: bool, default: Option<&str>| {
-        let fam = addrs.iter().filter(|(_, ip)| ip.is_ipv4() == v4 && usable(ip));
-        fam.clone().find(|(i, _)| Some(i.as_str()) == default).or_else(|| fam.clone().next()).map(|(_, ip)| *ip)
-    };
+    /// The first of `addrs` that `of` takes, on `default`'s interface if it has one.
+    fn choose<T: Copy>(
+        addrs: &[(String, IpAddr)],
+        default: Option<&str>,
+        of: impl Fn(&IpAddr) -> Option<T>,
+    ) -> Option<T> {
+        let on_default = addrs.iter().filter(|(i, _)| Some(i.as_str()) == default);
+        on_default.chain(addrs).find_map(|(_, ip)| of(ip))
+    }
     crate::rules::RelayTo {
-        v4: choose(true, default_v4).and_then(|ip| match ip {
-            IpAddr::V4(a) => Some(a),
-            IpAddr::V6(_) => None,
+        v4: choose(addrs, default_v4, |ip| match ip {
+            IpAddr::V4(a) if !a.is_loopback() && !a.is_link_local() && !a.is_unspecified() => Some(*a),
+            _ => None,
         }),
-        v6: choose(false, default_v6).and_then(|ip| match ip {
-            IpAddr::V6(a) => Some(a),
-            IpAddr::V4(_) => None,
+        v6: choose(addrs, default_v6, |ip| match ip {
+            IpAddr::V6(a)
+                if !a.is_loopback() && !a.is_unicast_link_local() && !a.is_unspecified() && !a.is_multicast() =>
+            {
+                Some(*a)
+            }
+            _ => None,
         }),
     }
 }

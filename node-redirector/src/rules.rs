@@ -50,8 +50,6 @@ pub struct Inputs {
     pub interfaces: BTreeMap<IpAddr, String>,
     /// When the first API event of the change that produced these inputs arrived (Kubernetes).
     pub changed_at: Option<std::time::Instant>,
-    /// Where steered connections go on this node (found at start; see [`RelayTo`]).
-    pub relay_to: RelayTo,
 }
 
 /// The table the redirector owns entirely.
@@ -134,12 +132,13 @@ pub fn is_selected(i: &Inputs, pod: &PodEntry) -> bool {
     i.policies.iter().any(|p| p.redirect() == Redirect::Transparent && p.selects(&w))
 }
 
-/// The table for the Pods of this node.
-pub fn desired(i: &Inputs, c: &Config) -> Desired {
+/// The table for the Pods of this node, whose steered connections go to `relay_to` (fixed for
+/// the life of the process).
+pub fn desired(i: &Inputs, c: &Config, relay_to: RelayTo) -> Desired {
     let mut d = Desired {
         relay_port: c.relay.port,
         dns: c.cluster_dns.iter().copied().collect(),
-        relay_to: i.relay_to,
+        relay_to,
         ..Desired::default()
     };
     if c.dns.enabled {
@@ -744,7 +743,6 @@ mod tests {
             gateways: vec![],
             interfaces: BTreeMap::new(),
             changed_at: None,
-            relay_to: RelayTo::default(),
         };
         let pod = |sa: Option<&str>| PodEntry {
             namespace: "shop".into(),
