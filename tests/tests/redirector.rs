@@ -700,6 +700,52 @@ fn run_plugin(
     invoke_plugin(Command::new(bin), &env, &stdin)
 }
 
+/// A `redirect: Transparent` EgressPolicy of namespace `shop` selecting `app: <app>`.
+fn transparent_policy(name: &str, app: &str, rules: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({"apiVersion": "egress.dev/v1alpha1", "kind": "EgressPolicy",
+        "metadata": {"name": name, "namespace": "shop"},
+        "spec": {"podSelector": {"matchLabels": {"app": app}}, "redirect": "Transparent", "rules": rules}})
+}
+
+/// The gateway transparent Service's EndpointSlice: the gateway 198.51.100.2 on `port`.
+fn gateway_slice(port: u16, ready: bool) -> serde_json::Value {
+    serde_json::json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+        "metadata": {"name": "egress-transparent-abc", "namespace": "egress-system", "labels": {"kubernetes.io/service-name": "egress-transparent"}},
+        "ports": [{"name": "transparent", "port": port, "protocol": "TCP"}],
+        "endpoints": [{"addresses": ["198.51.100.2"], "conditions": {"ready": ready}}]})
+}
+
+/// Writes a kubeconfig for `api` and a Kubernetes-mode config for node-1 (the CNI plugin served
+/// on a socket in `dir`, `extra` lines added) into `dir`; the config's path.
+fn kube_redirector_config(
+    dir: &std::path::Path,
+    api: &egress_e2e::kubeapi::FakeApi,
+    extra: &str,
+) -> std::path::PathBuf {
+    let (kc, cfg) = (dir.join("kubeconfig"), dir.join("redirector.yaml"));
+    std::fs::write(&kc, api.kubeconfig()).unwrap();
+    std::fs::write(&cfg, format!(
+        "nodeName: node-1\n{extra}relay: {{keyFile: {}}}\nexcludeCidrs: [192.0.2.0/24, 198.51.100.0/24]\nkubernetes: {{enabled: true, kubeconfig: {}, gatewayService: egress-system/egress-transparent, gatewayPortName: transparent}}\ncni: {{enabled: true, socket: {}, logFile: {}}}\n",
+        relay_key_file().display(),
+        kc.display(),
+        dir.join("cni.sock").display(),
+        dir.join("cni.log").display()
+    )).unwrap();
+    cfg
+}
+
+/// The CNI plugin's ADD (sandbox `container`) for Pod shop/`name`, which the watch has not shown,
+/// against the redirector of [`kube_redirector_config`] in `dir`: (exit code, the plugin's error).
+fn cni_add_unshown(dir: &std::path::Path, container: &str, name: &str) -> (i32, serde_json::Value) {
+    let conf = serde_json::json!({"cniVersion": "1.0.0", "name": "k8s", "type": "egress-redirector",
+        "socket": dir.join("cni.sock"), "logFile": dir.join("cni.log"),
+        "prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "192.0.2.13/32"}]}});
+    let mut cmd = Command::new(workspace_bin("node-redirector"));
+    cmd.arg("cni");
+    let args = format!("K8S_POD_NAMESPACE=shop;K8S_POD_NAME={name}");
+    invoke_plugin(cmd, &[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", container), ("CNI_ARGS", &args)], &conf)
+}
+
 /// Runs a CNI plugin command with only `env` in its environment and `stdin` on its standard
 /// input: (exit code, stdout as JSON, `Null` when empty).
 fn invoke_plugin(mut cmd: Command, env: &[(&str, &str)], stdin: &serde_json::Value) -> (i32, serde_json::Value) {
@@ -1479,26 +1525,13 @@ policies:
         let mut p = pod("shop", &format!("{name}-1"), &[ip], json!({"app": name}), "Running");
         p["spec"]["nodeName"] = json!("node-1");
         api.apply(PODS, p);
-        api.apply(
-            POLICIES,
-            json!({"apiVersion": "egress.dev/v1alpha1", "kind": "EgressPolicy",
-            "metadata": {"name": name, "namespace": "shop"},
-            "spec": {"podSelector": {"matchLabels": {"app": name}}, "redirect": "Transparent", "rules": [bad_rule]}}),
-        );
+        api.apply(POLICIES, transparent_policy(name, name, json!([bad_rule])));
     }
     let mut elsewhere = pod("shop", "web-2", &["192.0.2.11"], json!({"app": "web"}), "Running");
     elsewhere["spec"]["nodeName"] = json!("node-2");
     api.apply(PODS, elsewhere);
-    api.apply(
-        POLICIES,
-        json!({"apiVersion": "egress.dev/v1alpha1", "kind": "EgressPolicy",
-        "metadata": {"name": "steer", "namespace": "shop"},
-        "spec": {"podSelector": {"matchLabels": {"app": "web"}}, "redirect": "Transparent", "rules": []}}),
-    );
-    api.apply(SLICES, json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
-        "metadata": {"name": "egress-transparent-abc", "namespace": "egress-system", "labels": {"kubernetes.io/service-name": "egress-transparent"}},
-        "ports": [{"name": "transparent", "port": gw.transparent.port(), "protocol": "TCP"}],
-        "endpoints": [{"addresses": ["198.51.100.2"], "conditions": {"ready": true}}]}));
+    api.apply(POLICIES, transparent_policy("steer", "web", json!([])));
+    api.apply(SLICES, gateway_slice(gw.transparent.port(), true));
     // Another Service's slice in the same namespace: its endpoints must never be relayed to (the
     // redirector lists slices by the gateway Service's label; the scripted API applies selectors).
     api.apply(SLICES, json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
@@ -1506,15 +1539,7 @@ policies:
         "ports": [{"name": "transparent", "port": 9, "protocol": "TCP"}],
         "endpoints": [{"addresses": ["198.51.100.99"], "conditions": {"ready": true}}]}));
     let dir = tempfile::tempdir().unwrap();
-    let (kc, cfg) = (dir.path().join("kubeconfig"), dir.path().join("redirector.yaml"));
-    std::fs::write(&kc, api.kubeconfig()).unwrap();
-    std::fs::write(&cfg, format!(
-        "nodeName: node-1\nadmin: 127.0.0.1:9791\nrelay: {{keyFile: {}}}\nexcludeCidrs: [192.0.2.0/24, 198.51.100.0/24]\nkubernetes: {{enabled: true, kubeconfig: {}, gatewayService: egress-system/egress-transparent, gatewayPortName: transparent}}\ncni: {{enabled: true, socket: {}, logFile: {}}}\n",
-        relay_key_file().display(),
-        kc.display(),
-        dir.path().join("cni.sock").display(),
-        dir.path().join("cni.log").display()
-    )).unwrap();
+    let cfg = kube_redirector_config(dir.path(), &api, "admin: 127.0.0.1:9791\n");
     let log_path = dir.path().join("redirector.log");
     let child = spawn_redirector(&w.node, &cfg, &[], std::fs::File::create(&log_path).unwrap());
     let _r = Proc(child);
@@ -1563,12 +1588,7 @@ policies:
         vec![format!("egress_redirector_endpoint_up{{endpoint=\"198.51.100.2:{}\"}} 1", gw.transparent.port())]
     );
     let gw_ep = format!("egress_redirector_endpoint_up{{endpoint=\"198.51.100.2:{}\"}}", gw.transparent.port());
-    let slice = |ready: bool| {
-        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
-        "metadata": {"name": "egress-transparent-abc", "namespace": "egress-system", "labels": {"kubernetes.io/service-name": "egress-transparent"}},
-        "ports": [{"name": "transparent", "port": gw.transparent.port(), "protocol": "TCP"}],
-        "endpoints": [{"addresses": ["198.51.100.2"], "conditions": {"ready": ready}}]})
-    };
+    let slice = |ready: bool| gateway_slice(gw.transparent.port(), ready);
     api.apply(SLICES, slice(false));
     wait_until(Duration::from_secs(10), || !metrics().contains(&gw_ep));
     let before = up.hits();
@@ -1625,18 +1645,7 @@ policies:
     assert_eq!(r.json()["peer"].as_str().unwrap().rsplit_once(':').unwrap().0, "192.0.2.10", "direct again");
     // The CNI plugin asks about a Pod the watch has not shown: the redirector asks the API (a
     // cache miss), which does not know it either: the sandbox fails, to be retried.
-    let conf = serde_json::json!({"cniVersion": "1.0.0", "name": "k8s", "type": "egress-redirector",
-        "socket": dir.path().join("cni.sock"), "logFile": dir.path().join("cni.log")});
-    let mut stdin = conf.clone();
-    stdin["prevResult"] = json!({"cniVersion": "1.0.0", "ips": [{"address": "192.0.2.13/32"}]});
-    let mut cmd = Command::new(workspace_bin("node-redirector"));
-    cmd.arg("cni");
-    let env = [
-        ("CNI_COMMAND", "ADD"),
-        ("CNI_CONTAINERID", "ghost-sandbox"),
-        ("CNI_ARGS", "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=ghost"),
-    ];
-    let (code, e) = invoke_plugin(cmd, &env, &stdin);
+    let (code, e) = cni_add_unshown(dir.path(), "ghost-sandbox", "ghost");
     assert_eq!(code, 1, "{e}");
     assert_eq!(e["msg"], "egress node-redirector cannot admit shop/ghost", "{e}");
     assert!(e["details"].as_str().unwrap().contains("Pod shop/ghost does not exist"), "{e}");
@@ -1684,30 +1693,10 @@ fn a_forbidden_status_write_costs_the_condition_never_the_steering() {
     web["spec"]["nodeName"] = json!("node-1");
     web["spec"]["readinessGates"] = json!([{"conditionType": "egress.dev/redirected"}]);
     api.apply(PODS, web);
-    api.apply(
-        POLICIES,
-        json!({"apiVersion": "egress.dev/v1alpha1", "kind": "EgressPolicy",
-        "metadata": {"name": "steer", "namespace": "shop"},
-        "spec": {"podSelector": {"matchLabels": {"app": "web"}}, "redirect": "Transparent", "rules": []}}),
-    );
-    api.apply(SLICES, json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
-        "metadata": {"name": "egress-transparent-abc", "namespace": "egress-system", "labels": {"kubernetes.io/service-name": "egress-transparent"}},
-        "ports": [{"name": "transparent", "port": 15080, "protocol": "TCP"}],
-        "endpoints": [{"addresses": ["198.51.100.2"], "conditions": {"ready": true}}]}));
+    api.apply(POLICIES, transparent_policy("steer", "web", json!([])));
+    api.apply(SLICES, gateway_slice(15080, true));
     let dir = tempfile::tempdir().unwrap();
-    let (kc, cfg) = (dir.path().join("kubeconfig"), dir.path().join("redirector.yaml"));
-    std::fs::write(&kc, api.kubeconfig()).unwrap();
-    std::fs::write(
-        &cfg,
-        format!(
-            "nodeName: node-1\nrelay: {{keyFile: {}}}\nexcludeCidrs: [192.0.2.0/24, 198.51.100.0/24]\nkubernetes: {{enabled: true, kubeconfig: {}, gatewayService: egress-system/egress-transparent, gatewayPortName: transparent}}\ncni: {{enabled: true, socket: {}, logFile: {}}}\n",
-            relay_key_file().display(),
-            kc.display(),
-            dir.path().join("cni.sock").display(),
-            dir.path().join("cni.log").display()
-        ),
-    )
-    .unwrap();
+    let cfg = kube_redirector_config(dir.path(), &api, "");
     let log_path = dir.path().join("redirector.log");
     let child = spawn_redirector(&w.node, &cfg, &["--reconcile", "500ms"], std::fs::File::create(&log_path).unwrap());
     let mut redirector = Proc(child);
@@ -1729,17 +1718,7 @@ fn a_forbidden_status_write_costs_the_condition_never_the_steering() {
         api.forbidden()
     );
     // The CNI plugin asks about a Pod the watch has not shown: the GET is refused.
-    let conf = json!({"cniVersion": "1.0.0", "name": "k8s", "type": "egress-redirector",
-        "socket": dir.path().join("cni.sock"), "logFile": dir.path().join("cni.log"),
-        "prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "192.0.2.13/32"}]}});
-    let mut cmd = Command::new(workspace_bin("node-redirector"));
-    cmd.arg("cni");
-    let env = [
-        ("CNI_COMMAND", "ADD"),
-        ("CNI_CONTAINERID", "new-sandbox"),
-        ("CNI_ARGS", "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-2"),
-    ];
-    let (code, e) = invoke_plugin(cmd, &env, &conf);
+    let (code, e) = cni_add_unshown(dir.path(), "new-sandbox", "web-2");
     assert_eq!(code, 1, "{e}");
     assert_eq!(e["msg"], "egress node-redirector cannot admit shop/web-2", "{e}");
     assert!(e["details"].as_str().unwrap().contains("forbidden"), "{e}");
