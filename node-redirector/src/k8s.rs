@@ -309,27 +309,21 @@ fn steering<K: DeserializeOwned + Clone>(
     any: fn(K) -> AnyPolicy,
 ) -> (Option<AnyPolicy>, Option<Problem>) {
     let selection = p.selection().map(any);
-    let joined = |v: Vec<String>| v.join("; ");
-    let problem = match (&selection, p) {
-        (Some(sel), Lenient::Decoded(_)) => {
-            let problems = sel.validate();
-            (!problems.is_empty()).then(|| Problem {
-                key: sel.key(),
-                text: joined(problems.iter().map(|e| e.to_string()).collect()),
-                kind: ProblemKind::Invalid,
-            })
+    fn joined<T: std::fmt::Display>(items: &[T]) -> String {
+        items.iter().map(T::to_string).collect::<Vec<_>>().join("; ")
+    }
+    let problem = match (p, &selection) {
+        (Lenient::Decoded(_), Some(sel)) => {
+            let errors = sel.validate();
+            (!errors.is_empty()).then(|| Problem { key: sel.key(), text: joined(&errors), kind: ProblemKind::Invalid })
         }
-        (Some(_), Lenient::Undecodable(u)) => Some(Problem {
+        (Lenient::Undecodable(u), sel) => Some(Problem {
             key: u.key(),
-            text: joined(u.problems.iter().map(|e| e.to_string()).collect()),
-            kind: ProblemKind::Undecodable,
+            text: joined(&u.problems),
+            kind: if sel.is_some() { ProblemKind::Undecodable } else { ProblemKind::Unreadable },
         }),
-        (None, Lenient::Undecodable(u)) => Some(Problem {
-            key: u.key(),
-            text: joined(u.problems.iter().map(|e| e.to_string()).collect()),
-            kind: ProblemKind::Unreadable,
-        }),
-        (None, Lenient::Decoded(_)) => None,
+        // A decoded policy always has its selection.
+        (Lenient::Decoded(_), None) => None,
     };
     (selection, problem)
 }
