@@ -299,7 +299,6 @@ async fn write_kind<K: PolicyKind>(
     events: &Recorder,
 ) {
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    let cluster = K::KIND == "ClusterEgressPolicy";
     for p in store.state() {
         let (key, selected, current) = match &*p {
             Lenient::Decoded(d) => {
@@ -308,11 +307,8 @@ async fn write_kind<K: PolicyKind>(
             }
             Lenient::Undecodable(u) => (u.key(), 0, u.status.as_ref()),
         };
-        let errors = inputs
-            .invalid
-            .iter()
-            .find(|(kind, k, _)| *k == key && (*kind == "ClusterEgressPolicy") == cluster)
-            .map(|(_, _, e)| e.as_slice());
+        let errors =
+            inputs.invalid.iter().find(|(kind, k, _)| *k == key && *kind == K::KIND).map(|(_, _, e)| e.as_slice());
         let want = desired(p.meta().generation, errors, selected, current);
         if same(&want, current) {
             continue;
