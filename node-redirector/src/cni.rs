@@ -126,8 +126,10 @@ pub fn pod_from_args(args: &str) -> Option<(String, String)> {
 
 /// The Pod's addresses and host-side interface from a `prevResult` (any of the supported
 /// versions): `ips[].address` in CIDR form; the interface is the one entry of `interfaces`
-/// without a `sandbox` (the host end of the Pod's link), when there is exactly one.
-pub fn addresses(prev: &Value) -> Result<(Vec<IpAddr>, Option<String>), String> {
+/// without a `sandbox` (the host end of the Pod's link) that is not a bridge (`is_bridge`), when
+/// there is exactly one. Bridge CNIs (the bridge plugin, flannel, kubenet) list the bridge they
+/// attached the Pod's veth to next to that veth.
+pub fn addresses(prev: &Value, is_bridge: impl Fn(&str) -> bool) -> Result<(Vec<IpAddr>, Option<String>), String> {
     let mut ips = Vec::new();
     for ip in prev["ips"].as_array().into_iter().flatten() {
         let a = ip["address"].as_str().ok_or("prevResult.ips[].address missing")?;
@@ -140,9 +142,16 @@ pub fn addresses(prev: &Value) -> Result<(Vec<IpAddr>, Option<String>), String> 
         .flatten()
         .filter(|i| i["sandbox"].as_str().is_none_or(str::is_empty))
         .filter_map(|i| i["name"].as_str())
+        .filter(|name| !is_bridge(name))
         .collect();
     let iface = (host.len() == 1).then(|| host[0].to_string());
     Ok((ips, iface))
+}
+
+/// Whether the node's interface `name` is a bridge (the plugin runs in the node's network
+/// namespace, as the runtime runs every CNI plugin).
+fn is_bridge(name: &str) -> bool {
+    !name.contains('/') && Path::new("/sys/class/net").join(name).join("bridge").is_dir()
 }
 
 /// Sends one request to the node-redirector and reads its answer.
@@ -241,7 +250,8 @@ fn run_plugin(command: &str, env: &BTreeMap<String, String>, conf: &NetConf) -> 
                     "egress-redirector is a chained plugin: list it after the primary CNI plugin",
                 )
             })?;
-            let (ips, interface) = addresses(prev).map_err(|e| CniError::new(7, "prevResult unreadable", e))?;
+            let (ips, interface) =
+                addresses(prev, is_bridge).map_err(|e| CniError::new(7, "prevResult unreadable", e))?;
             let req = Request {
                 command: command.into(),
                 container_id,
@@ -363,15 +373,27 @@ mod tests {
         let ptp = json!({"cniVersion": "1.0.0",
             "interfaces": [{"name": "veth1234", "mac": "aa:bb:cc:dd:ee:ff"}, {"name": "eth0", "sandbox": "/var/run/netns/x"}],
             "ips": [{"address": "10.244.1.5/24", "gateway": "10.244.1.1", "interface": 1}, {"address": "fd00:10:244:1::5/64", "interface": 1}]});
+        let no_bridge = |_: &str| false;
         assert_eq!(
-            addresses(&ptp).unwrap(),
+            addresses(&ptp, no_bridge).unwrap(),
             (vec!["10.244.1.5".parse().unwrap(), "fd00:10:244:1::5".parse().unwrap()], Some("veth1234".into()))
         );
+        // The bridge plugin (flannel, kubenet): the bridge, the Pod's port on it, the Pod's eth0.
+        let bridge = json!({"cniVersion": "1.0.0",
+            "interfaces": [{"name": "cni0", "mac": "aa:bb:cc:00:00:01"}, {"name": "veth5678", "mac": "aa:bb:cc:00:00:02"},
+                           {"name": "eth0", "mac": "aa:bb:cc:00:00:03", "sandbox": "/var/run/netns/x"}],
+            "ips": [{"address": "10.244.1.6/24", "gateway": "10.244.1.1", "interface": 2}]});
+        let cni0 = |name: &str| name == "cni0";
+        assert_eq!(addresses(&bridge, cni0).unwrap(), (vec!["10.244.1.6".parse().unwrap()], Some("veth5678".into())));
+        // Two host-side interfaces, neither a bridge: none is taken for the Pod's.
+        assert_eq!(addresses(&bridge, no_bridge).unwrap().1, None);
         // Calico 0.3.1: only the container's interface; the host interface comes from the route.
         let calico = json!({"cniVersion": "0.3.1", "interfaces": [{"name": "eth0", "sandbox": "/var/run/netns/x"}],
             "ips": [{"version": "4", "address": "192.168.1.7/32"}]});
-        assert_eq!(addresses(&calico).unwrap(), (vec!["192.168.1.7".parse().unwrap()], None));
-        assert!(addresses(&json!({"ips": [{"address": "not-an-ip/32"}]})).unwrap_err().contains("not-an-ip"));
+        assert_eq!(addresses(&calico, no_bridge).unwrap(), (vec!["192.168.1.7".parse().unwrap()], None));
+        assert!(
+            addresses(&json!({"ips": [{"address": "not-an-ip/32"}]}), no_bridge).unwrap_err().contains("not-an-ip")
+        );
         assert_eq!(pod_from_args("K8S_POD_NAME=a;K8S_POD_NAMESPACE=b"), Some(("b".into(), "a".into())));
         assert_eq!(pod_from_args("IgnoreUnknown=1"), None);
     }

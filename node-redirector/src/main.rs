@@ -404,7 +404,7 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
 fn uninstall(config: Option<&std::path::Path>) -> ExitCode {
     let mut ok = true;
     match nft::remove() {
-        Ok(()) => println!("table inet {} removed", rules::TABLE),
+        Ok(()) => println!("tables inet {0} and bridge {0} removed", rules::TABLE),
         Err(e) => {
             eprintln!("error: {e}");
             ok = false;

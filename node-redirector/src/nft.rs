@@ -5,7 +5,7 @@ use serde_json::Value;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::rules::{Desired, SHAPE_MARK, TABLE, canonical};
+use crate::rules::{Desired, SHAPE_MARK, TABLE, Table, canonical};
 
 /// Errors talking to nft.
 #[derive(Debug, thiserror::Error)]
@@ -18,7 +18,7 @@ pub enum NftError {
     Nft(String),
 }
 
-/// Replaces the whole table in one transaction.
+/// Replaces both tables whole in one transaction.
 pub fn apply(d: &Desired) -> Result<(), NftError> {
     run(d.json())
 }
@@ -50,26 +50,27 @@ pub fn adopt(d: &Desired) -> Result<bool, NftError> {
     }
 }
 
-/// Deletes the table (`node-redirector uninstall`: an explicit act, never on shutdown). Absent is
-/// fine.
+/// Deletes both tables (`node-redirector uninstall`: an explicit act, never on shutdown). Absent
+/// is fine.
 pub fn remove() -> Result<(), NftError> {
-    let out = std::process::Command::new("nft")
-        .args(["delete", "table", "inet", TABLE])
-        .output()
-        .map_err(|e| NftError::Nft(e.to_string()))?;
-    if out.status.success() || String::from_utf8_lossy(&out.stderr).contains("No such file") {
-        Ok(())
-    } else {
-        Err(NftError::Nft(String::from_utf8_lossy(&out.stderr).trim().to_string()))
+    for table in Table::ALL {
+        let out = std::process::Command::new("nft")
+            .args(["delete", "table", table.family(), TABLE])
+            .output()
+            .map_err(|e| NftError::Nft(e.to_string()))?;
+        if !out.status.success() && !String::from_utf8_lossy(&out.stderr).contains("No such file") {
+            return Err(NftError::Nft(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+        }
     }
+    Ok(())
 }
 
-/// The table as the kernel has it.
+/// The tables as the kernel has them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Observed {
     /// The shape fingerprint from the first rule's comment.
     pub shape: Option<String>,
-    /// Number of rules.
+    /// Number of rules, in both tables.
     pub rules: usize,
     /// Every set's elements, canonical (see [`crate::rules::canonical`]).
     pub elements: BTreeMap<String, BTreeSet<String>>,
@@ -82,30 +83,41 @@ impl Observed {
             && self.rules == d.rule_count()
             && self.elements == d.elements()
     }
-}
 
-/// What the kernel has now: `None` when the table is missing.
-pub fn observed() -> Result<Option<Observed>, NftError> {
-    let out = std::process::Command::new("nft")
-        .args(["-j", "list", "table", "inet", TABLE])
-        .output()
-        .map_err(|e| NftError::Nft(e.to_string()))?;
-    if !out.status.success() {
-        return Ok(None);
-    }
-    let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| NftError::Nft(e.to_string()))?;
-    let mut o = Observed { shape: None, rules: 0, elements: BTreeMap::new() };
-    for it in v["nftables"].as_array().into_iter().flatten() {
-        if let Some(s) = it.get("set") {
-            let elems = s["elem"].as_array().into_iter().flatten().map(canonical).collect();
-            o.elements.insert(s["name"].as_str().unwrap_or_default().to_string(), elems);
-        }
-        if let Some(r) = it.get("rule") {
-            o.rules += 1;
-            if let Some(shape) = r["comment"].as_str().and_then(|c| c.strip_prefix(SHAPE_MARK)) {
-                o.shape = Some(shape.to_string());
+    /// Counts the rules and sets of one table's `nft -j list table` output.
+    fn add(&mut self, v: &Value) {
+        for it in v["nftables"].as_array().into_iter().flatten() {
+            if let Some(s) = it.get("set") {
+                let elems = s["elem"].as_array().into_iter().flatten().map(canonical).collect();
+                self.elements.insert(s["name"].as_str().unwrap_or_default().to_string(), elems);
+            }
+            if let Some(r) = it.get("rule") {
+                self.rules += 1;
+                if let Some(shape) = r["comment"].as_str().and_then(|c| c.strip_prefix(SHAPE_MARK)) {
+                    self.shape = Some(shape.to_string());
+                }
             }
         }
+    }
+}
+
+/// What the kernel has now: `None` when the `inet` table is missing (a missing `bridge` table
+/// shows as fewer rules and sets than desired).
+pub fn observed() -> Result<Option<Observed>, NftError> {
+    let mut o = Observed { shape: None, rules: 0, elements: BTreeMap::new() };
+    for table in Table::ALL {
+        let out = std::process::Command::new("nft")
+            .args(["-j", "list", "table", table.family(), TABLE])
+            .output()
+            .map_err(|e| NftError::Nft(e.to_string()))?;
+        if !out.status.success() {
+            if table == Table::Inet {
+                return Ok(None);
+            }
+            continue;
+        }
+        let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| NftError::Nft(e.to_string()))?;
+        o.add(&v);
     }
     Ok(Some(o))
 }

@@ -8,7 +8,11 @@
 //! 1. Its interface carries only its own addresses (anti-spoofing): a packet from the interface
 //!    of a selected Pod whose source is not an address of a Pod on that interface is dropped, so
 //!    a second address added inside the Pod gets nowhere. IPv6 neighbour discovery from
-//!    link-local addresses stays on the link and passes.
+//!    link-local addresses stays on the link and passes. A routed interface (one veth per Pod,
+//!    the node routing to it) is checked in the `inet` table; a bridge port (flannel, kubenet,
+//!    the CNI bridge plugin: every Pod behind one bridge) in a second table of the `bridge`
+//!    family, as frames enter the bridge, where the port is still known: there ARP is checked
+//!    too (a Pod may claim only its own addresses) and any other kind of frame is dropped.
 //! 2. Cloud metadata is dropped.
 //! 3. Cluster destinations (`excludeCidrs`, the gateways) are left alone.
 //! 4. Of the rest only two kinds of traffic leave: TCP, which the `steer` chain redirects to the
@@ -52,8 +56,33 @@ pub struct Inputs {
     pub changed_at: Option<std::time::Instant>,
 }
 
-/// The table the redirector owns entirely.
+/// The name of the tables the redirector owns entirely: one of the `inet` family (everything),
+/// and one of the `bridge` family (anti-spoofing on bridge ports); see [`Table`].
 pub const TABLE: &str = "egress_redirector";
+
+/// The redirector's two tables, both named [`TABLE`], changed together in one transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    /// `inet`: steering, and everything checked of routed packets.
+    Inet,
+    /// `bridge`: anti-spoofing of the frames a selected Pod sends into a bridge (its port is
+    /// its host-side interface): after the bridge, the routed packet's interface is the bridge
+    /// itself, shared by every Pod behind it.
+    Bridge,
+}
+
+impl Table {
+    /// Both, in the order they are written.
+    pub const ALL: [Table; 2] = [Table::Inet, Table::Bridge];
+
+    /// The nft family.
+    pub fn family(self) -> &'static str {
+        match self {
+            Table::Inet => "inet",
+            Table::Bridge => "bridge",
+        }
+    }
+}
 
 /// Addresses the node drops from selected Pods, whatever else happens (defence in depth; the
 /// gateway's guard blocks them too).
@@ -234,6 +263,15 @@ enum M {
     Iif(String),
     /// `iifname . ip saddr != @set`.
     IifSaddrNot(Fam, String),
+    /// `iifname . ip saddr @set`.
+    IifSaddr(Fam, String),
+    /// `arp htype 1 arp ptype ip arp hlen 6 arp plen 4`: ARP for IPv4 over Ethernet, the only
+    /// kind whose sender address the next matches read.
+    ArpIpv4,
+    /// `arp saddr ip ADDR`.
+    ArpSaddrIs(&'static str),
+    /// `iifname . arp saddr ip @set`.
+    IifArpSaddr(String),
     /// `ip daddr . tcp dport @set`.
     DaddrDport(Fam, String),
     /// `meta l4proto { .. }`.
@@ -264,6 +302,10 @@ impl M {
             M::DaddrIs(a) => format!("{} daddr {a}", Fam::of(*a).ip()),
             M::Iif(s) => format!("iifname @{s}"),
             M::IifSaddrNot(f, s) => format!("iifname . {} saddr != @{s}", f.ip()),
+            M::IifSaddr(f, s) => format!("iifname . {} saddr @{s}", f.ip()),
+            M::ArpIpv4 => "arp htype 1 arp ptype ip arp hlen 6 arp plen 4".to_string(),
+            M::ArpSaddrIs(a) => format!("arp saddr ip {a}"),
+            M::IifArpSaddr(s) => format!("iifname . arp saddr ip @{s}"),
             M::DaddrDport(f, s) => format!("{} daddr . tcp dport @{s}", f.ip()),
             M::L4(v) => format!("meta l4proto {}", list(v)),
             M::Dport(p) => format!("th dport {p}"),
@@ -275,7 +317,8 @@ impl M {
         }
     }
 
-    fn json(&self) -> Value {
+    /// The libnftables JSON expressions of this match (one, except for [`M::ArpIpv4`]).
+    fn json(&self) -> Vec<Value> {
         let payload = |proto: &str, field: &str| json!({"payload": {"protocol": proto, "field": field}});
         let m = |op: &str, left: Value, right: Value| json!({"match": {"op": op, "left": left, "right": right}});
         let eq = |neg: bool| if neg { "!=" } else { "==" };
@@ -290,7 +333,7 @@ impl M {
             if items.len() == 1 { items[0].clone() } else { json!({"set": items}) }
         };
         let iif = json!({"meta": {"key": "iifname"}});
-        match self {
+        vec![match self {
             M::Saddr(f, s, neg) => m(eq(*neg), payload(f.ip(), "saddr"), json!(format!("@{s}"))),
             M::Daddr(f, s, neg) => m(eq(*neg), payload(f.ip(), "daddr"), json!(format!("@{s}"))),
             M::SaddrNets(f, v) => m("==", payload(f.ip(), "saddr"), anon(v)),
@@ -298,6 +341,18 @@ impl M {
             M::DaddrIs(a) => m("==", payload(Fam::of(*a).ip(), "daddr"), json!(a.to_string())),
             M::Iif(s) => m("==", iif, json!(format!("@{s}"))),
             M::IifSaddrNot(f, s) => m("!=", json!({"concat": [iif, payload(f.ip(), "saddr")]}), json!(format!("@{s}"))),
+            M::IifSaddr(f, s) => m("==", json!({"concat": [iif, payload(f.ip(), "saddr")]}), json!(format!("@{s}"))),
+            M::ArpIpv4 => {
+                let arp = |field: &str, v: Value| m("==", payload("arp", field), v);
+                return vec![
+                    arp("htype", json!(1)),
+                    arp("ptype", json!("ip")),
+                    arp("hlen", json!(6)),
+                    arp("plen", json!(4)),
+                ];
+            }
+            M::ArpSaddrIs(a) => m("==", payload("arp", "saddr ip"), json!(a)),
+            M::IifArpSaddr(s) => m("==", json!({"concat": [iif, payload("arp", "saddr ip")]}), json!(format!("@{s}"))),
             M::DaddrDport(f, s) => {
                 m("==", json!({"concat": [payload(f.ip(), "daddr"), payload("tcp", "dport")]}), json!(format!("@{s}")))
             }
@@ -308,7 +363,7 @@ impl M {
             M::CtState(v) => m("in", json!({"ct": {"key": "state"}}), json!(v)),
             M::CtReply => m("==", json!({"ct": {"key": "direction"}}), json!("reply")),
             M::CtDnat => m("in", json!({"ct": {"key": "status"}}), json!("dnat")),
-        }
+        }]
     }
 }
 
@@ -349,7 +404,7 @@ impl Rule {
     }
 
     fn json(&self) -> Value {
-        let mut expr: Vec<Value> = self.matches.iter().map(M::json).collect();
+        let mut expr: Vec<Value> = self.matches.iter().flat_map(M::json).collect();
         expr.push(match self.verdict {
             Verdict::Accept => json!({"accept": null}),
             Verdict::Drop => json!({"drop": null}),
@@ -360,27 +415,39 @@ impl Rule {
             Verdict::Reset => json!({"reject": {"type": "tcp reset"}}),
             Verdict::Jump(c) => json!({"jump": {"target": c}}),
         });
-        json!({"add": {"rule": {"family": "inet", "table": TABLE, "chain": self.chain, "expr": expr}}})
+        let family = table_of(self.chain).family();
+        json!({"add": {"rule": {"family": family, "table": TABLE, "chain": self.chain, "expr": expr}}})
     }
 }
 
 /// A base chain's type, hook and priority.
 type Hook = (&'static str, &'static str, i32);
 
-/// The chains: name and, for a base chain, its hook (the others are regular chains that `guard`
-/// jumps to).
-const CHAINS: &[(&str, Option<Hook>)] = &[
-    ("guard", Some(("filter", "prerouting", -150))),
-    ("antispoof", None),
-    ("selected_v4", None),
-    ("selected_v6", None),
-    ("steer", Some(("nat", "prerouting", -100))),
-    ("relay_in", Some(("filter", "input", 0))),
-    ("gateway_fwd", Some(("filter", "forward", 0))),
+/// The chains: name, table and, for a base chain, its hook (the others are regular chains that
+/// `guard` or `port_guard` jump to). Names are unique across both tables.
+const CHAINS: &[(&str, Table, Option<Hook>)] = &[
+    ("guard", Table::Inet, Some(("filter", "prerouting", -150))),
+    ("antispoof", Table::Inet, None),
+    ("selected_v4", Table::Inet, None),
+    ("selected_v6", Table::Inet, None),
+    ("steer", Table::Inet, Some(("nat", "prerouting", -100))),
+    ("relay_in", Table::Inet, Some(("filter", "input", 0))),
+    ("gateway_fwd", Table::Inet, Some(("filter", "forward", 0))),
+    // Before anything else of the bridge sees the frame (bridge filter priority), br_netfilter
+    // included.
+    ("port_guard", Table::Bridge, Some(("filter", "prerouting", -200))),
+    ("port_antispoof", Table::Bridge, None),
 ];
 
-/// One named set: name, element type (one type, or a concatenation), interval, elements.
+/// The table of a chain of [`CHAINS`].
+fn table_of(chain: &str) -> Table {
+    CHAINS.iter().find(|(name, ..)| *name == chain).map_or(Table::Inet, |(_, t, _)| *t)
+}
+
+/// One named set: its table, name (unique across both tables), element type (one type, or a
+/// concatenation), interval, elements.
 struct Set {
+    table: Table,
     name: String,
     ty: Vec<&'static str>,
     interval: bool,
@@ -415,6 +482,26 @@ impl Desired {
         for f in [V4, V6] {
             add("antispoof", vec![M::IifSaddrNot(f, format!("pod_addrs_{}", f.suffix()))], Verdict::Drop);
         }
+        // The same on bridge ports, as frames enter the bridge (the `bridge` table): a selected
+        // Pod's port carries only IP from its own addresses, link-local neighbour discovery, and
+        // ARP that claims only its own address (or none: a probe). Anything else is dropped:
+        // another source address, ARP for another, VLAN-tagged or any other kind of frame.
+        add("port_guard", vec![M::Iif("selected_ports".into())], Verdict::Jump("port_antispoof"));
+        for f in [V4, V6] {
+            add("port_antispoof", vec![M::IifSaddr(f, format!("port_addrs_{}", f.suffix()))], Verdict::Accept);
+        }
+        add(
+            "port_antispoof",
+            vec![
+                M::SaddrNets(V6, vec!["::", "fe80::/10"]),
+                M::DaddrNets(V6, vec!["fe80::/10", "ff02::/16"]),
+                M::L4(vec!["ipv6-icmp"]),
+            ],
+            Verdict::Accept,
+        );
+        add("port_antispoof", vec![M::ArpIpv4, M::ArpSaddrIs("0.0.0.0")], Verdict::Accept);
+        add("port_antispoof", vec![M::ArpIpv4, M::IifArpSaddr("port_addrs_v4".into())], Verdict::Accept);
+        add("port_antispoof", vec![], Verdict::Drop);
         // What a selected Pod's packets may do (its source address is in `selected_*`).
         for f in [V4, V6] {
             let (c, s) = (f.guard_chain(), f.suffix());
@@ -486,18 +573,31 @@ impl Desired {
         let addr = |a: &IpAddr| json!(a.to_string());
         let net = |n: &IpNet| json!({"prefix": {"addr": n.addr().to_string(), "len": n.prefix_len()}});
         let metadata: Vec<IpNet> = METADATA.iter().filter_map(|s| s.parse().ok()).collect();
-        let mut out = vec![Set {
-            name: "selected_ifaces".into(),
-            ty: vec!["ifname"],
-            interval: false,
-            elems: self.selected_ifaces.iter().map(|i| json!(i)).collect(),
-            dynamic: true,
-        }];
+        let ifaces = || self.selected_ifaces.iter().map(|i| json!(i)).collect();
+        let mut out = vec![
+            Set {
+                table: Table::Inet,
+                name: "selected_ifaces".into(),
+                ty: vec!["ifname"],
+                interval: false,
+                elems: ifaces(),
+                dynamic: true,
+            },
+            Set {
+                table: Table::Bridge,
+                name: "selected_ports".into(),
+                ty: vec!["ifname"],
+                interval: false,
+                elems: ifaces(),
+                dynamic: true,
+            },
+        ];
         for f in [Fam::V4, Fam::V6] {
             let s = f.suffix();
             let t = f.addr_type();
             let of = |a: &IpAddr| Fam::of(*a) == f;
             let mk = |name: &str, ty: Vec<&'static str>, interval, elems: Vec<Value>, dynamic| Set {
+                table: Table::Inet,
                 name: format!("{name}_{s}"),
                 ty,
                 interval,
@@ -505,17 +605,15 @@ impl Desired {
                 dynamic,
             };
             out.push(mk("selected", vec![t], false, self.selected.iter().filter(|a| of(a)).map(addr).collect(), true));
-            out.push(mk(
-                "pod_addrs",
-                vec!["ifname", t],
-                false,
+            let pod_addrs = || -> Vec<Value> {
                 self.pod_addrs
                     .iter()
                     .filter(|(_, a)| of(a))
                     .map(|(i, a)| json!({"concat": [i, a.to_string()]}))
-                    .collect(),
-                true,
-            ));
+                    .collect()
+            };
+            out.push(mk("pod_addrs", vec!["ifname", t], false, pod_addrs(), true));
+            out.push(Set { table: Table::Bridge, ..mk("port_addrs", vec!["ifname", t], false, pod_addrs(), true) });
             out.push(mk("pods", vec![t], false, self.pods.iter().filter(|a| of(a)).map(addr).collect(), true));
             out.push(mk(
                 "gateways",
@@ -558,38 +656,44 @@ impl Desired {
 
     /// nft syntax.
     pub fn render(&self) -> String {
-        let mut out = format!("table inet {TABLE} {{\n");
-        for set in self.sets() {
-            let elems: Vec<String> = set.elems.iter().map(canonical).collect();
-            let _ = writeln!(
-                out,
-                "\tset {} {{ type {};{}{} }}",
-                set.name,
-                set.ty.join(" . "),
-                if set.interval { " flags interval;" } else { "" },
-                if elems.is_empty() { String::new() } else { format!(" elements = {{ {} }};", elems.join(", ")) }
-            );
-        }
-        let rules = self.rules();
-        for (name, base) in CHAINS {
-            let _ = writeln!(out, "\tchain {name} {{");
-            if let Some((ty, hook, prio)) = base {
-                let _ = writeln!(out, "\t\ttype {ty} hook {hook} priority {prio}; policy accept;");
+        let (sets, rules) = (self.sets(), self.rules());
+        let mut out = String::new();
+        for table in Table::ALL {
+            let _ = writeln!(out, "table {} {TABLE} {{", table.family());
+            for set in sets.iter().filter(|s| s.table == table) {
+                let elems: Vec<String> = set.elems.iter().map(canonical).collect();
+                let _ = writeln!(
+                    out,
+                    "\tset {} {{ type {};{}{} }}",
+                    set.name,
+                    set.ty.join(" . "),
+                    if set.interval { " flags interval;" } else { "" },
+                    if elems.is_empty() { String::new() } else { format!(" elements = {{ {} }};", elems.join(", ")) }
+                );
             }
-            for (i, r) in rules.iter().filter(|r| r.chain == *name).enumerate() {
-                let comment =
-                    if *name == "guard" && i == 0 { format!(" comment \"{}\"", self.marker()) } else { String::new() };
-                let _ = writeln!(out, "\t\t{}{comment}", r.text());
+            for (name, _, base) in CHAINS.iter().filter(|(_, t, _)| *t == table) {
+                let _ = writeln!(out, "\tchain {name} {{");
+                if let Some((ty, hook, prio)) = base {
+                    let _ = writeln!(out, "\t\ttype {ty} hook {hook} priority {prio}; policy accept;");
+                }
+                for (i, r) in rules.iter().filter(|r| r.chain == *name).enumerate() {
+                    let comment = if *name == "guard" && i == 0 {
+                        format!(" comment \"{}\"", self.marker())
+                    } else {
+                        String::new()
+                    };
+                    let _ = writeln!(out, "\t\t{}{comment}", r.text());
+                }
+                out.push_str("\t}\n");
             }
-            out.push_str("\t}\n");
+            out.push_str("}\n");
         }
-        out.push_str("}\n");
         out
     }
 
     fn set_json(set: &Set) -> Value {
         let ty = if set.ty.len() == 1 { json!(set.ty[0]) } else { json!(set.ty) };
-        let mut s = json!({"family": "inet", "table": TABLE, "name": set.name, "type": ty});
+        let mut s = json!({"family": set.table.family(), "table": TABLE, "name": set.name, "type": ty});
         if set.interval {
             s["flags"] = json!(["interval"]);
         }
@@ -599,19 +703,21 @@ impl Desired {
         s
     }
 
-    /// libnftables JSON for one transaction that replaces the whole table.
+    /// libnftables JSON for one transaction that replaces both tables whole.
     pub fn json(&self) -> Value {
-        let t = json!({"family": "inet", "name": TABLE});
-        let mut cmds =
-            vec![json!({"add": {"table": t}}), json!({"delete": {"table": t}}), json!({"add": {"table": t}})];
+        let mut cmds = Vec::new();
+        for table in Table::ALL {
+            let t = json!({"family": table.family(), "name": TABLE});
+            cmds.extend([json!({"add": {"table": t}}), json!({"delete": {"table": t}}), json!({"add": {"table": t}})]);
+        }
         for set in self.sets() {
             cmds.push(json!({"add": {"set": Desired::set_json(&set)}}));
         }
         // Every chain before any rule: a jump needs its target.
-        for (name, base) in CHAINS {
-            let mut chain = json!({"family": "inet", "table": TABLE, "name": name});
+        for (name, table, base) in CHAINS {
+            let mut chain = json!({"family": table.family(), "table": TABLE, "name": name});
             if let Some((ty, hook, prio)) = base {
-                chain = json!({"family": "inet", "table": TABLE, "name": name, "type": ty, "hook": hook, "prio": prio, "policy": "accept"});
+                chain = json!({"family": table.family(), "table": TABLE, "name": name, "type": ty, "hook": hook, "prio": prio, "policy": "accept"});
             }
             cmds.push(json!({"add": {"chain": chain}}));
         }
@@ -643,8 +749,9 @@ impl Desired {
             for (verb, from, to) in [("add", &had, &has), ("delete", &has, &had)] {
                 let changed: Vec<&Value> = to.iter().filter(|(k, _)| !from.contains_key(*k)).map(|(_, v)| *v).collect();
                 if !changed.is_empty() {
+                    let family = n.table.family();
                     cmds.push(
-                        json!({verb: {"element": {"family": "inet", "table": TABLE, "name": n.name, "elem": changed}}}),
+                        json!({verb: {"element": {"family": family, "table": TABLE, "name": n.name, "elem": changed}}}),
                     );
                 }
             }
@@ -661,7 +768,8 @@ impl Desired {
             bare.as_object_mut().map(|o| o.remove("elem"));
             cmds.push(json!({"flush": {"set": bare}}));
             if !set.elems.is_empty() {
-                cmds.push(json!({"add": {"element": {"family": "inet", "table": TABLE, "name": set.name, "elem": set.elems}}}));
+                let family = set.table.family();
+                cmds.push(json!({"add": {"element": {"family": family, "table": TABLE, "name": set.name, "elem": set.elems}}}));
             }
         }
         json!({"nftables": cmds})
@@ -780,6 +888,50 @@ mod tests {
         assert!(text.contains("elements = { veth1 . 192.0.2.10 }"), "{text}");
         assert!(text.contains(&format!("comment \"{SHAPE_MARK}{}\"", d.shape())), "{text}");
         // The JSON fits the nftables crate's schema.
+        serde_json::from_value::<nftables::schema::Nftables>(json).unwrap();
+    }
+
+    #[test]
+    fn bridge_ports_of_selected_pods_carry_only_their_pods_addresses() {
+        let d = d();
+        let text = d.render();
+        let bridge = text.split("table bridge egress_redirector {\n").nth(1).expect("a bridge table");
+        assert!(bridge.contains("set selected_ports { type ifname; elements = { veth1 }; }"), "{bridge}");
+        assert!(bridge.contains("set port_addrs_v4 { type ifname . ipv4_addr; elements = { veth1 . 192.0.2.10 }; }"));
+        assert!(bridge.contains("type filter hook prerouting priority -200; policy accept;\n\t\tiifname @selected_ports jump port_antispoof\n"), "{bridge}");
+        let chain = bridge.split("\tchain port_antispoof {\n").nth(1).and_then(|c| c.split("\t}").next()).unwrap();
+        assert_eq!(
+            chain.lines().map(str::trim).collect::<Vec<_>>(),
+            [
+                "iifname . ip saddr @port_addrs_v4 accept",
+                "iifname . ip6 saddr @port_addrs_v6 accept",
+                "ip6 saddr { ::, fe80::/10 } ip6 daddr { fe80::/10, ff02::/16 } meta l4proto ipv6-icmp accept",
+                "arp htype 1 arp ptype ip arp hlen 6 arp plen 4 arp saddr ip 0.0.0.0 accept",
+                "arp htype 1 arp ptype ip arp hlen 6 arp plen 4 iifname . arp saddr ip @port_addrs_v4 accept",
+                "drop",
+            ]
+        );
+        // The JSON: both tables replaced in one transaction, the bridge's rules in the bridge table.
+        let json = d.json();
+        let cmds = json["nftables"].as_array().unwrap();
+        let tables: Vec<&Value> = cmds.iter().filter_map(|c| c["delete"].get("table")).collect();
+        assert_eq!(tables, [&json!({"family": "inet", "name": TABLE}), &json!({"family": "bridge", "name": TABLE})]);
+        let bridge_rules: Vec<&Value> =
+            cmds.iter().filter_map(|c| c["add"].get("rule")).filter(|r| r["family"] == "bridge").collect();
+        assert_eq!(bridge_rules.len(), 7);
+        assert!(bridge_rules.iter().all(|r| r["chain"].as_str().unwrap().starts_with("port_")), "{bridge_rules:?}");
+        let arp = bridge_rules[5]["expr"].as_array().unwrap();
+        assert_eq!(arp.len(), 6, "four ARP header checks, the sender address, the verdict: {arp:?}");
+        assert_eq!(arp[4]["match"]["left"]["concat"][1], json!({"payload": {"protocol": "arp", "field": "saddr ip"}}));
+        // Element changes reach the bridge table's sets too.
+        let mut e = d.clone();
+        e.selected_ifaces.insert("veth2".into());
+        let delta = e.delta_from(&d).unwrap().to_string();
+        assert!(
+            delta.contains(r#"{"add":{"element":{"elem":["veth2"],"family":"bridge","name":"selected_ports""#),
+            "{delta}"
+        );
+        assert!(e.refill_json().to_string().contains(r#""family":"bridge","name":"port_addrs_v4""#));
         serde_json::from_value::<nftables::schema::Nftables>(json).unwrap();
     }
 
