@@ -36,11 +36,13 @@ if ((${#need[@]})); then
 fi
 
 probe="egress-test-probe-$$"
-if ! nft add table inet "$probe" 2>/dev/null; then
-  echo "nftables does not work here (no nf_tables in the kernel, or no CAP_NET_ADMIN): the redirector tests need it" >&2
-  exit 1
-fi
-nft delete table inet "$probe"
+for family in inet bridge; do
+  if ! nft add table "$family" "$probe" 2>/dev/null; then
+    echo "nftables does not work here (no nf_tables with the $family family in the kernel, or no CAP_NET_ADMIN): the redirector tests need it" >&2
+    exit 1
+  fi
+  nft delete table "$family" "$probe"
+done
 
 # rustfmt and clippy come with the toolchain's default profile; a minimal toolchain lacks them.
 for component in rustfmt clippy; do

@@ -61,16 +61,74 @@ fn world() -> World {
         pod.exec_ok("ip", &["route", "add", "default", "via", via]);
         w.node.exec_ok("ip", &["route", "add", &format!("{ip}/32"), "dev", outer]);
     }
-    Netns::link(&w.gw_ns, &format!("rg{t}"), &["198.51.100.2/24"], &w.node, &format!("rng{t}"), &["198.51.100.1/24"]);
-    Netns::link(&w.inet, &format!("ri{t}"), &["203.0.113.10/24"], &w.node, &format!("rni{t}"), &["203.0.113.1/24"]);
-    w.gw_ns.exec_ok("ip", &["route", "add", "default", "via", "198.51.100.1"]);
-    w.inet.exec_ok("ip", &["route", "add", "192.0.2.0/24", "via", "203.0.113.1"]);
-    w.inet.exec_ok("ip", &["route", "add", "198.51.100.0/24", "via", "203.0.113.1"]);
-    w.node.exec_ok("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+    w.outside(&t);
     w
 }
 
+/// A node as bridge CNIs build one (flannel, kubenet, the CNI bridge plugin): every Pod's veth is
+/// a port of one bridge, which holds the Pods' gateway address 192.0.2.1/24, and the node reaches
+/// the Pods through the bridge's subnet route (no host route names a Pod's interface). Returns the
+/// world and the bridge's name.
+fn bridge_world() -> (World, String) {
+    let t = unique_tag();
+    let w = World {
+        pod: Netns::new("rbpod"),
+        pod2: Netns::new("rbpod2"),
+        node: Netns::new("rbnode"),
+        gw_ns: Netns::new("rbgw"),
+        inet: Netns::new("rbinet"),
+        pod_if: format!("rna{t}"),
+        pod2_if: format!("rnb{t}"),
+        pod_inner_if: format!("rpa{t}"),
+        pod2_inner_if: format!("rpb{t}"),
+    };
+    let bridge = format!("rbr{t}");
+    w.node.exec_ok("ip", &["link", "add", &bridge, "type", "bridge"]);
+    w.node.exec_ok("ip", &["addr", "add", "192.0.2.1/24", "dev", &bridge]);
+    w.node.exec_ok("ip", &["link", "set", &bridge, "up"]);
+    for (pod, inner, outer, ip) in
+        [(&w.pod, &w.pod_inner_if, &w.pod_if, "192.0.2.10"), (&w.pod2, &w.pod2_inner_if, &w.pod2_if, "192.0.2.11")]
+    {
+        Netns::link(pod, inner, &[&format!("{ip}/24")], &w.node, outer, &[]);
+        w.node.exec_ok("ip", &["link", "set", outer, "master", &bridge]);
+        pod.exec_ok("ip", &["route", "add", "default", "via", "192.0.2.1"]);
+    }
+    w.outside(&t);
+    (w, bridge)
+}
+
 impl World {
+    /// Links the node to the gateway's namespace (198.51.100.0/24) and to the "internet"
+    /// (203.0.113.0/24), and makes it route.
+    fn outside(&self, t: &str) {
+        Netns::link(
+            &self.gw_ns,
+            &format!("rg{t}"),
+            &["198.51.100.2/24"],
+            &self.node,
+            &format!("rng{t}"),
+            &["198.51.100.1/24"],
+        );
+        Netns::link(
+            &self.inet,
+            &format!("ri{t}"),
+            &["203.0.113.10/24"],
+            &self.node,
+            &format!("rni{t}"),
+            &["203.0.113.1/24"],
+        );
+        self.gw_ns.exec_ok("ip", &["route", "add", "default", "via", "198.51.100.1"]);
+        self.inet.exec_ok("ip", &["route", "add", "192.0.2.0/24", "via", "203.0.113.1"]);
+        self.inet.exec_ok("ip", &["route", "add", "198.51.100.0/24", "via", "203.0.113.1"]);
+        self.node.exec_ok("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+    }
+
+    /// The MAC address of interface `ifname` in `ns`.
+    fn mac(ns: &Netns, ifname: &str) -> String {
+        let out = ns.command("cat").arg(format!("/sys/class/net/{ifname}/address")).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
     /// The namespace of the Pod with address `ip`.
     fn pod_of(&self, ip: &str) -> &Netns {
         if ip == "192.0.2.11" { &self.pod2 } else { &self.pod }
@@ -601,6 +659,122 @@ fn pods_cannot_walk_around_the_steering() {
     // Meanwhile the selected Pod's steered traffic works.
     let resolve = format!("allowed.test:{p}:203.0.113.10");
     assert_eq!(curl_in(Some(&w.pod), &["--resolve", &resolve, &format!("http://allowed.test:{p}/")]).status, 200);
+}
+
+/// Sends, from `ns`'s interface `ifname` (MAC `mac`), an ARP reply to `to_mac` that says
+/// "`claimed` is at `mac`": what a Pod does to take over a neighbour's address.
+fn arp_claim(ns: &Netns, ifname: &str, mac: &str, claimed: &str, to_mac: &str) {
+    let script = format!(
+        r#"
+import socket, struct
+me, to = bytes.fromhex("{mac}".replace(":", "")), bytes.fromhex("{to_mac}".replace(":", ""))
+arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 2, me, socket.inet_aton("{claimed}"), to, socket.inet_aton("192.0.2.1"))
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(("{ifname}", 0))
+s.send(to + me + b"\x08\x06" + arp)
+"#
+    );
+    let out = ns.command("python3").arg("-c").arg(script).output().unwrap();
+    assert!(out.status.success(), "ARP from {ifname}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The node's neighbour entry for `ip` on `dev`: its MAC address, if it has one.
+fn neighbour(node: &Netns, ip: &str, dev: &str) -> Option<String> {
+    let out = node.command("ip").args(["neigh", "show", ip, "dev", dev]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    text.split("lladdr ").nth(1).and_then(|s| s.split_whitespace().next()).map(str::to_string)
+}
+
+/// On a bridge CNI every Pod's packets reach the node's IP layer from the bridge, so the Pod's own
+/// interface is known only where the frame enters the bridge: there, a selected Pod's port
+/// carries only its own addresses, in IP and in ARP. The port comes from the bridge CNI's result
+/// through the chained plugin, as a real node learns it. Each probe has a positive control: the
+/// unselected Pod's same attempt succeeds.
+#[test]
+fn a_pod_behind_a_bridge_cannot_walk_around_the_steering() {
+    let (w, bridge) = bridge_world();
+    let (_dns, up, gw, dir) = standalone(&w, "", "");
+    let p = up.addr.port();
+    let d = dir.path();
+    let cfg = d.join("redirector.yaml");
+    let text = std::fs::read_to_string(&cfg).unwrap()
+        + &format!("cni: {{enabled: true, socket: {0}/cni.sock, logFile: {0}/cni.log}}\n", d.display());
+    std::fs::write(&cfg, text).unwrap();
+    let _redirector = Proc(spawn_redirector(&w.node, &cfg, &["--reconcile", "1h"], Stdio::null()));
+    wait_until(Duration::from_secs(10), || node_table(&w.node).is_some() && d.join("cni.sock").exists());
+
+    // The bridge plugin's result: the bridge, web-1's port on it, web-1's eth0. The plugin runs in
+    // the node's namespace, as the runtime runs it, and tells the bridge from the port.
+    let conf = serde_json::json!({"cniVersion": "1.0.0", "name": "cbr0", "type": "egress-redirector",
+        "socket": d.join("cni.sock"), "logFile": d.join("cni.log"),
+        "prevResult": {"cniVersion": "1.0.0",
+            "interfaces": [{"name": bridge}, {"name": w.pod_if}, {"name": "eth0", "sandbox": "/var/run/netns/web-1"}],
+            "ips": [{"address": "192.0.2.10/24", "gateway": "192.0.2.1", "interface": 2}]}});
+    let mut plugin = w.node.command(workspace_bin("node-redirector"));
+    plugin.arg("cni");
+    let env = [
+        ("CNI_COMMAND", "ADD"),
+        ("CNI_CONTAINERID", "sandbox-web-1"),
+        ("CNI_ARGS", "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-1"),
+    ];
+    let (code, out) = invoke_plugin(plugin, &env, &conf);
+    assert_eq!(code, 0, "{out}");
+    let listed = w.node.command("nft").args(["list", "table", "bridge", "egress_redirector"]).output().unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout).to_string();
+    assert!(listed.contains(&format!("\"{}\" . 192.0.2.10", w.pod_if)), "web-1's port, not the bridge: {listed}");
+    assert!(!listed.contains(&format!("\"{bridge}\"")), "{listed}");
+
+    // Its steered traffic works (and its ARP for the node's address passes).
+    let resolve = format!("allowed.test:{p}:203.0.113.10");
+    let r = curl_in(Some(&w.pod), &["--resolve", &resolve, &format!("http://allowed.test:{p}/")]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(gw.decision(|e| e["target"]["host"] == "allowed.test")["client"]["address"], "192.0.2.10");
+
+    // A second address: nothing from it leaves the node, neither steered nor direct. The same
+    // from the unselected Pod's port gets out (the control: the probe would see a leak).
+    let arrivals = Arrivals::start(&w.inet, &["192.0.2.99", "192.0.2.98"], &["tcp", "udp"]);
+    w.pod.exec_ok("ip", &["addr", "add", "192.0.2.99/24", "dev", &w.pod_inner_if]);
+    w.pod2.exec_ok("ip", &["addr", "add", "192.0.2.98/24", "dev", &w.pod2_inner_if]);
+    let r =
+        curl_in(Some(&w.pod), &["--interface", "192.0.2.99", "--max-time", "2", &format!("http://203.0.113.10:{p}/")]);
+    assert_eq!(r.status, 0, "{r:?}");
+    assert_eq!(udp_probe(&w.pod, "192.0.2.99", "203.0.113.10", 9999, "00"), "silence");
+    let r =
+        curl_in(Some(&w.pod2), &["--interface", "192.0.2.98", "--max-time", "2", &format!("http://203.0.113.10:{p}/")]);
+    assert_eq!(r.status, 200, "the unselected Pod's second address goes direct: {r:?}");
+    assert!(arrivals.packets("192.0.2.98", "tcp") >= 1);
+    for proto in ["tcp", "udp"] {
+        assert_eq!(arrivals.packets("192.0.2.99", proto), 0, "{proto} from a second address left the node");
+    }
+    assert!(!up.peers().iter().any(|a| a.ip().to_string() == "192.0.2.99"));
+    assert!(gw.events().iter().all(|e| e["client"]["address"] != "192.0.2.99"), "not steered either");
+
+    // ARP: web-1 claims db-1's address to the node; the node keeps db-1's MAC. Then db-1 (whose
+    // port nothing guards) claims web-1's, and the node takes it: the control.
+    let (web_mac, db_mac) = (World::mac(&w.pod, &w.pod_inner_if), World::mac(&w.pod2, &w.pod2_inner_if));
+    let bridge_mac = World::mac(&w.node, &bridge);
+    let _ = w.node.command("curl").args(["-s", "--max-time", "2", "http://192.0.2.11:9/"]).output();
+    assert_eq!(neighbour(&w.node, "192.0.2.11", &bridge).as_deref(), Some(db_mac.as_str()));
+    // An entry newer than the kernel's lock time (1 s) keeps its address whatever comes.
+    std::thread::sleep(Duration::from_millis(1200));
+    arp_claim(&w.pod, &w.pod_inner_if, &web_mac, "192.0.2.11", &bridge_mac);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        neighbour(&w.node, "192.0.2.11", &bridge).as_deref(),
+        Some(db_mac.as_str()),
+        "web-1 took db-1's address"
+    );
+    assert_eq!(neighbour(&w.node, "192.0.2.10", &bridge).as_deref(), Some(web_mac.as_str()));
+    std::thread::sleep(Duration::from_millis(1200));
+    arp_claim(&w.pod2, &w.pod2_inner_if, &db_mac, "192.0.2.10", &bridge_mac);
+    std::thread::sleep(Duration::from_millis(300));
+    let all = w.node.command("ip").args(["neigh"]).output().unwrap();
+    assert_eq!(
+        neighbour(&w.node, "192.0.2.10", &bridge).as_deref(),
+        Some(db_mac.as_str()),
+        "the control: an unguarded port's claim is taken ({web_mac} was web-1's): {}",
+        String::from_utf8_lossy(&all.stdout)
+    );
 }
 
 /// A restart (a DaemonSet rolling update, a crash) never lets a selected Pod's traffic go direct:
