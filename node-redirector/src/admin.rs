@@ -26,6 +26,8 @@ pub struct Admin {
     pub updates: Counter,
     /// Selected Pod addresses in the table.
     pub selected: Gauge,
+    /// Of those, addresses whose host-side interface is unknown: steered, without anti-spoofing.
+    pub unguarded: Gauge,
     /// 1 while the last table update failed (retried at every reconcile).
     pub apply_failing: Gauge,
     /// Seconds from an input change (Pod, policy, config) to its rules being applied.
@@ -44,6 +46,12 @@ pub struct ResultLabel {
 }
 
 impl Admin {
+    /// Publishes what the table `d` now in the kernel steers.
+    pub fn table(&self, d: &crate::rules::Desired) {
+        self.selected.set(d.selected.len() as i64);
+        self.unguarded.set(d.unguarded().len() as i64);
+    }
+
     /// The registry, with the relay's metrics in it.
     pub fn new(relay: &crate::relay::RelayMetrics, dns: &crate::dnsfwd::DnsMetrics) -> Self {
         let mut registry = Registry::with_prefix("egress_redirector");
@@ -58,6 +66,13 @@ impl Admin {
         registry.register("table_updates", "Table updates applied", updates.clone());
         let selected = Gauge::default();
         registry.register("selected_addresses", "Pod addresses steered to the gateway", selected.clone());
+        let unguarded = Gauge::default();
+        registry.register(
+            "unguarded_addresses",
+            "Steered Pod addresses whose host-side interface is unknown, so that anti-spoofing cannot apply to \
+             them (Pods the CNI plugin never admitted, with no host route naming their interface)",
+            unguarded.clone(),
+        );
         let apply_failing = Gauge::default();
         registry.register(
             "table_apply_failing",
@@ -116,6 +131,7 @@ impl Admin {
             drift_repairs,
             updates,
             selected,
+            unguarded,
             apply_failing,
             apply_seconds,
             cni_admit_seconds,

@@ -2,6 +2,7 @@
 
 #![forbid(unsafe_code)]
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -266,7 +267,9 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
     // listened; adopt it rather than remove it.
     let adopted = nft::adopt(&desired)?;
     metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
-    metrics.selected.set(desired.selected.len() as i64);
+    metrics.table(&desired);
+    let mut unguarded = BTreeSet::new();
+    report_unguarded(&desired, &mut unguarded);
     tracing::info!(selected = desired.selected.len(), port, adopted, "table in place; relay listening");
     report(&desired_inputs);
     drop(desired_inputs);
@@ -350,7 +353,8 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
                 Ok(incremental) => {
                     metrics.updates.inc();
                     metrics.apply_failing.set(0);
-                    metrics.selected.set(next.selected.len() as i64);
+                    metrics.table(&next);
+                    report_unguarded(&next, &mut unguarded);
                     if let Some(t) = inputs.changed_at.take() {
                         metrics.apply_seconds.observe(t.elapsed().as_secs_f64());
                     }
@@ -399,6 +403,25 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
     }
     tracing::info!("stopped; the table stays in the kernel (node-redirector uninstall removes it)");
     Ok(())
+}
+
+/// Logs the steered addresses without anti-spoofing (their host-side interface is unknown) when
+/// they change; `last` is what was logged before.
+fn report_unguarded(d: &rules::Desired, last: &mut BTreeSet<std::net::IpAddr>) {
+    let now = d.unguarded();
+    if now == *last {
+        return;
+    }
+    if now.is_empty() {
+        tracing::info!("every steered Pod address has anti-spoofing on its interface");
+    } else {
+        tracing::warn!(
+            addresses = ?now,
+            "steered Pod addresses without anti-spoofing: their host-side interface is unknown (no CNI plugin \
+             admission, no host route); restart those Pods so that the CNI plugin admits them, or set pods[].interface"
+        );
+    }
+    *last = now;
 }
 
 fn uninstall(config: Option<&std::path::Path>) -> ExitCode {

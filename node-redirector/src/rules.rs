@@ -781,6 +781,13 @@ impl Desired {
         self.sets().iter().map(|s| (s.name.clone(), s.elems.iter().map(canonical).collect())).collect()
     }
 
+    /// Selected addresses whose host-side interface is unknown: steered by their address, with no
+    /// anti-spoofing (see [`Desired::pod_addrs`]).
+    pub fn unguarded(&self) -> BTreeSet<IpAddr> {
+        let guarded: BTreeSet<IpAddr> = self.pod_addrs.iter().map(|(_, a)| *a).collect();
+        self.selected.difference(&guarded).copied().collect()
+    }
+
     /// The number of rules.
     pub fn rule_count(&self) -> usize {
         self.rules().len()
@@ -923,6 +930,11 @@ mod tests {
         let arp = bridge_rules[5]["expr"].as_array().unwrap();
         assert_eq!(arp.len(), 6, "four ARP header checks, the sender address, the verdict: {arp:?}");
         assert_eq!(arp[4]["match"]["left"]["concat"][1], json!({"payload": {"protocol": "arp", "field": "saddr ip"}}));
+        // A selected address whose interface is unknown is steered, without anti-spoofing.
+        assert!(d.unguarded().is_empty());
+        let mut u = d.clone();
+        u.selected.insert("192.0.2.12".parse().unwrap());
+        assert_eq!(u.unguarded(), ["192.0.2.12".parse().unwrap()].into());
         // Element changes reach the bridge table's sets too.
         let mut e = d.clone();
         e.selected_ifaces.insert("veth2".into());

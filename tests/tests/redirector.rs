@@ -717,8 +717,12 @@ fn a_pod_behind_a_bridge_cannot_walk_around_the_steering() {
         ("CNI_CONTAINERID", "sandbox-web-1"),
         ("CNI_ARGS", "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-1"),
     ];
+    // Listed with its address only: steered, but its port is unknown until the plugin says it.
+    let unguarded = || redirector_metric(&w.node, "egress_redirector_unguarded_addresses ");
+    assert_eq!(unguarded(), Some(1.0));
     let (code, out) = invoke_plugin(plugin, &env, &conf);
     assert_eq!(code, 0, "{out}");
+    assert_eq!(unguarded(), Some(0.0));
     let listed = w.node.command("nft").args(["list", "table", "bridge", "egress_redirector"]).output().unwrap();
     let listed = String::from_utf8_lossy(&listed.stdout).to_string();
     assert!(listed.contains(&format!("\"{}\" . 192.0.2.10", w.pod_if)), "web-1's port, not the bridge: {listed}");
