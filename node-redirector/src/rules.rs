@@ -270,8 +270,10 @@ enum M {
     ArpIpv4,
     /// `arp saddr ip ADDR`.
     ArpSaddrIs(&'static str),
-    /// `iifname . arp saddr ip @set`.
-    IifArpSaddr(String),
+    /// `arp saddr ip @set`.
+    ArpSaddr(String),
+    /// `iifname . arp saddr ip @set` (or `!=`).
+    IifArpSaddr(String, bool),
     /// `ip daddr . tcp dport @set`.
     DaddrDport(Fam, String),
     /// `meta l4proto { .. }`.
@@ -305,7 +307,8 @@ impl M {
             M::IifSaddr(f, s) => format!("iifname . {} saddr @{s}", f.ip()),
             M::ArpIpv4 => "arp htype 1 arp ptype ip arp hlen 6 arp plen 4".to_string(),
             M::ArpSaddrIs(a) => format!("arp saddr ip {a}"),
-            M::IifArpSaddr(s) => format!("iifname . arp saddr ip @{s}"),
+            M::ArpSaddr(s) => format!("arp saddr ip @{s}"),
+            M::IifArpSaddr(s, neg) => format!("iifname . arp saddr ip {}", set(*neg, s)),
             M::DaddrDport(f, s) => format!("{} daddr . tcp dport @{s}", f.ip()),
             M::L4(v) => format!("meta l4proto {}", list(v)),
             M::Dport(p) => format!("th dport {p}"),
@@ -352,7 +355,10 @@ impl M {
                 ];
             }
             M::ArpSaddrIs(a) => m("==", payload("arp", "saddr ip"), json!(a)),
-            M::IifArpSaddr(s) => m("==", json!({"concat": [iif, payload("arp", "saddr ip")]}), json!(format!("@{s}"))),
+            M::ArpSaddr(s) => m("==", payload("arp", "saddr ip"), json!(format!("@{s}"))),
+            M::IifArpSaddr(s, neg) => {
+                m(eq(*neg), json!({"concat": [iif, payload("arp", "saddr ip")]}), json!(format!("@{s}")))
+            }
             M::DaddrDport(f, s) => {
                 m("==", json!({"concat": [payload(f.ip(), "daddr"), payload("tcp", "dport")]}), json!(format!("@{s}")))
             }
@@ -487,6 +493,23 @@ impl Desired {
         // ARP that claims only its own address (or none: a probe). Anything else is dropped:
         // another source address, ARP for another, VLAN-tagged or any other kind of frame.
         add("port_guard", vec![M::Iif("selected_ports".into())], Verdict::Jump("port_antispoof"));
+        // From any port, selected or not: the address of a Pod whose port is known comes only
+        // from that port, so that no neighbour takes a Pod's address (to be steered, decided and
+        // audited as that Pod) in IP or in ARP. Other addresses of unselected Pods are theirs to
+        // use: nothing else changes for them.
+        for f in [V4, V6] {
+            let s = f.suffix();
+            add(
+                "port_guard",
+                vec![M::Saddr(f, format!("port_known_{s}"), false), M::IifSaddrNot(f, format!("port_addrs_{s}"))],
+                Verdict::Drop,
+            );
+        }
+        add(
+            "port_guard",
+            vec![M::ArpIpv4, M::ArpSaddr("port_known_v4".into()), M::IifArpSaddr("port_addrs_v4".into(), true)],
+            Verdict::Drop,
+        );
         for f in [V4, V6] {
             add("port_antispoof", vec![M::IifSaddr(f, format!("port_addrs_{}", f.suffix()))], Verdict::Accept);
         }
@@ -500,7 +523,7 @@ impl Desired {
             Verdict::Accept,
         );
         add("port_antispoof", vec![M::ArpIpv4, M::ArpSaddrIs("0.0.0.0")], Verdict::Accept);
-        add("port_antispoof", vec![M::ArpIpv4, M::IifArpSaddr("port_addrs_v4".into())], Verdict::Accept);
+        add("port_antispoof", vec![M::ArpIpv4, M::IifArpSaddr("port_addrs_v4".into(), false)], Verdict::Accept);
         add("port_antispoof", vec![], Verdict::Drop);
         // What a selected Pod's packets may do (its source address is in `selected_*`).
         for f in [V4, V6] {
@@ -614,6 +637,9 @@ impl Desired {
             };
             out.push(mk("pod_addrs", vec!["ifname", t], false, pod_addrs(), true));
             out.push(Set { table: Table::Bridge, ..mk("port_addrs", vec!["ifname", t], false, pod_addrs(), true) });
+            let known: BTreeSet<&IpAddr> = self.pod_addrs.iter().map(|(_, a)| a).filter(|a| of(a)).collect();
+            let known = known.into_iter().map(addr).collect();
+            out.push(Set { table: Table::Bridge, ..mk("port_known", vec![t], false, known, true) });
             out.push(mk("pods", vec![t], false, self.pods.iter().filter(|a| of(a)).map(addr).collect(), true));
             out.push(mk(
                 "gateways",
@@ -905,7 +931,19 @@ mod tests {
         let bridge = text.split("table bridge egress_redirector {\n").nth(1).expect("a bridge table");
         assert!(bridge.contains("set selected_ports { type ifname; elements = { veth1 }; }"), "{bridge}");
         assert!(bridge.contains("set port_addrs_v4 { type ifname . ipv4_addr; elements = { veth1 . 192.0.2.10 }; }"));
-        assert!(bridge.contains("type filter hook prerouting priority -200; policy accept;\n\t\tiifname @selected_ports jump port_antispoof\n"), "{bridge}");
+        let guard = bridge.split("\tchain port_guard {\n").nth(1).and_then(|c| c.split("\t}").next()).unwrap();
+        assert_eq!(
+            guard.lines().map(str::trim).collect::<Vec<_>>(),
+            [
+                "type filter hook prerouting priority -200; policy accept;",
+                "iifname @selected_ports jump port_antispoof",
+                // Any port: a known Pod's address only from its own port.
+                "ip saddr @port_known_v4 iifname . ip saddr != @port_addrs_v4 drop",
+                "ip6 saddr @port_known_v6 iifname . ip6 saddr != @port_addrs_v6 drop",
+                "arp htype 1 arp ptype ip arp hlen 6 arp plen 4 arp saddr ip @port_known_v4 iifname . arp saddr ip != @port_addrs_v4 drop",
+            ]
+        );
+        assert!(bridge.contains("set port_known_v4 { type ipv4_addr; elements = { 192.0.2.10 }; }"), "{bridge}");
         let chain = bridge.split("\tchain port_antispoof {\n").nth(1).and_then(|c| c.split("\t}").next()).unwrap();
         assert_eq!(
             chain.lines().map(str::trim).collect::<Vec<_>>(),
@@ -925,9 +963,9 @@ mod tests {
         assert_eq!(tables, [&json!({"family": "inet", "name": TABLE}), &json!({"family": "bridge", "name": TABLE})]);
         let bridge_rules: Vec<&Value> =
             cmds.iter().filter_map(|c| c["add"].get("rule")).filter(|r| r["family"] == "bridge").collect();
-        assert_eq!(bridge_rules.len(), 7);
+        assert_eq!(bridge_rules.len(), 10);
         assert!(bridge_rules.iter().all(|r| r["chain"].as_str().unwrap().starts_with("port_")), "{bridge_rules:?}");
-        let arp = bridge_rules[5]["expr"].as_array().unwrap();
+        let arp = bridge_rules[8]["expr"].as_array().unwrap();
         assert_eq!(arp.len(), 6, "four ARP header checks, the sender address, the verdict: {arp:?}");
         assert_eq!(arp[4]["match"]["left"]["concat"][1], json!({"payload": {"protocol": "arp", "field": "saddr ip"}}));
         // A selected address whose interface is unknown is steered, without anti-spoofing.

@@ -661,17 +661,18 @@ fn pods_cannot_walk_around_the_steering() {
     assert_eq!(curl_in(Some(&w.pod), &["--resolve", &resolve, &format!("http://allowed.test:{p}/")]).status, 200);
 }
 
-/// Sends, from `ns`'s interface `ifname` (MAC `mac`), an ARP reply to `to_mac` that says
-/// "`claimed` is at `mac`": what a Pod does to take over a neighbour's address.
-fn arp_claim(ns: &Netns, ifname: &str, mac: &str, claimed: &str, to_mac: &str) {
+/// Broadcasts, from `ns`'s interface `ifname` (MAC `mac`), a gratuitous ARP request that says
+/// "`claimed` is at `mac`": what a Pod does to take over a neighbour's address. A node updates
+/// an existing entry from a gratuitous ARP at once, whatever its lock time.
+fn arp_claim(ns: &Netns, ifname: &str, mac: &str, claimed: &str) {
     let script = format!(
         r#"
 import socket, struct
-me, to = bytes.fromhex("{mac}".replace(":", "")), bytes.fromhex("{to_mac}".replace(":", ""))
-arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 2, me, socket.inet_aton("{claimed}"), to, socket.inet_aton("192.0.2.1"))
+me, ip = bytes.fromhex("{mac}".replace(":", "")), socket.inet_aton("{claimed}")
+arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, me, ip, bytes(6), ip)
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
 s.bind(("{ifname}", 0))
-s.send(to + me + b"\x08\x06" + arp)
+s.send(b"\xff" * 6 + me + b"\x08\x06" + arp)
 "#
     );
     let out = ns.command("python3").arg("-c").arg(script).output().unwrap();
@@ -753,32 +754,52 @@ fn a_pod_behind_a_bridge_cannot_walk_around_the_steering() {
     assert!(!up.peers().iter().any(|a| a.ip().to_string() == "192.0.2.99"));
     assert!(gw.events().iter().all(|e| e["client"]["address"] != "192.0.2.99"), "not steered either");
 
-    // ARP: web-1 claims db-1's address to the node; the node keeps db-1's MAC. Then db-1 (whose
-    // port nothing guards) claims web-1's, and the node takes it: the control.
+    // ARP: web-1 claims db-1's address to the node; the node keeps db-1's MAC. db-1, whose port
+    // is not selected, may not take web-1's either: a Pod's address whose port is known comes
+    // only from that port. The control: db-1's claim of an address no Pod holds is taken.
     let (web_mac, db_mac) = (World::mac(&w.pod, &w.pod_inner_if), World::mac(&w.pod2, &w.pod2_inner_if));
     let bridge_mac = World::mac(&w.node, &bridge);
+    let neighbours =
+        || String::from_utf8_lossy(&w.node.command("ip").arg("neigh").output().unwrap().stdout).to_string();
     let _ = w.node.command("curl").args(["-s", "--max-time", "2", "http://192.0.2.11:9/"]).output();
     assert_eq!(neighbour(&w.node, "192.0.2.11", &bridge).as_deref(), Some(db_mac.as_str()));
-    // An entry newer than the kernel's lock time (1 s) keeps its address whatever comes.
-    std::thread::sleep(Duration::from_millis(1200));
-    arp_claim(&w.pod, &w.pod_inner_if, &web_mac, "192.0.2.11", &bridge_mac);
+    arp_claim(&w.pod, &w.pod_inner_if, &web_mac, "192.0.2.11");
+    arp_claim(&w.pod2, &w.pod2_inner_if, &db_mac, "192.0.2.10");
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         neighbour(&w.node, "192.0.2.11", &bridge).as_deref(),
         Some(db_mac.as_str()),
-        "web-1 took db-1's address"
+        "web-1 took db-1's address: {}",
+        neighbours()
     );
-    assert_eq!(neighbour(&w.node, "192.0.2.10", &bridge).as_deref(), Some(web_mac.as_str()));
-    std::thread::sleep(Duration::from_millis(1200));
-    arp_claim(&w.pod2, &w.pod2_inner_if, &db_mac, "192.0.2.10", &bridge_mac);
-    std::thread::sleep(Duration::from_millis(300));
-    let all = w.node.command("ip").args(["neigh"]).output().unwrap();
     assert_eq!(
         neighbour(&w.node, "192.0.2.10", &bridge).as_deref(),
-        Some(db_mac.as_str()),
-        "the control: an unguarded port's claim is taken ({web_mac} was web-1's): {}",
-        String::from_utf8_lossy(&all.stdout)
+        Some(web_mac.as_str()),
+        "db-1 took web-1's address: {}",
+        neighbours()
     );
+    let _ = w.node.command("curl").args(["-s", "--max-time", "1", "http://192.0.2.77:9/"]).output();
+    arp_claim(&w.pod2, &w.pod2_inner_if, &db_mac, "192.0.2.77");
+    wait_until(Duration::from_secs(5), || {
+        neighbour(&w.node, "192.0.2.77", &bridge).as_deref() == Some(db_mac.as_str())
+    });
+
+    // IP: db-1 sending from web-1's address (which the table would steer, and the gateway take
+    // for web-1) is dropped as it enters the bridge; from its own second address it reaches the
+    // node (the control). Its neighbour entry for the node is pinned, so that its packets leave
+    // it whatever its ARP for web-1's address meets.
+    let at_node = Arrivals::start(&w.node, &["192.0.2.10", "192.0.2.98"], &["tcp"]);
+    w.pod2.exec_ok(
+        "ip",
+        &["neigh", "replace", "192.0.2.1", "lladdr", &bridge_mac, "dev", &w.pod2_inner_if, "nud", "permanent"],
+    );
+    w.pod2.exec_ok("ip", &["addr", "add", "192.0.2.10/32", "dev", &w.pod2_inner_if]);
+    for src in ["192.0.2.10", "192.0.2.98"] {
+        let _ = curl_in(Some(&w.pod2), &["--interface", src, "--max-time", "1", "http://203.0.113.10:9/"]);
+    }
+    assert!(at_node.packets("192.0.2.98", "tcp") >= 1);
+    assert_eq!(at_node.packets("192.0.2.10", "tcp"), 0, "db-1's packets from web-1's address reached the node");
+    assert!(gw.events().iter().all(|e| e["target"]["port"] != 9), "nothing steered as web-1");
 }
 
 /// A restart (a DaemonSet rolling update, a crash) never lets a selected Pod's traffic go direct:
