@@ -72,7 +72,7 @@ pub fn endpoints(slices: &[std::sync::Arc<EndpointSlice>], port_name: Option<&st
 }
 
 /// A Pod as the table needs it.
-fn entry(p: &Pod) -> PodEntry {
+fn entry_of(p: &Pod) -> PodEntry {
     PodEntry {
         namespace: p.metadata.namespace.clone().unwrap_or_default(),
         name: p.metadata.name.clone().unwrap_or_default(),
@@ -97,7 +97,7 @@ fn entry(p: &Pod) -> PodEntry {
 pub async fn get_pod(client: &Client, namespace: &str, name: &str) -> Result<Option<PodEntry>, String> {
     let api = Api::<Pod>::namespaced(client.clone(), namespace);
     match tokio::time::timeout(Duration::from_secs(5), api.get_opt(name)).await {
-        Ok(Ok(p)) => Ok(p.as_ref().map(entry)),
+        Ok(Ok(p)) => Ok(p.as_ref().map(entry_of)),
         Ok(Err(e)) => Err(format!("GET pod {namespace}/{name}: {e}")),
         Err(_) => Err(format!("GET pod {namespace}/{name}: no answer within 5s")),
     }
@@ -263,6 +263,13 @@ async fn report(client: Client, pods: Store<Pod>, mut rx: watch::Receiver<Option
             let Some(pod) = pods.get(&ObjectRef::new(&entry.name).within(&entry.namespace)) else { continue };
             if pod.metadata.uid.as_deref() != Some(entry.uid.as_str()) {
                 continue; // replaced since: its own round comes
+            }
+            // The watch's store may already hold a newer version of the Pod than the table was
+            // computed from (its labels changed, the inputs not yet rebuilt): judged against the
+            // old table it would be written what it no longer is. Its own round comes.
+            let shown = entry_of(&pod);
+            if shown.labels != entry.labels || shown.service_account != entry.service_account {
+                continue;
             }
             let Some(want) = wanted(&applied, entry, &pod) else { continue };
             if observed(&pod) == Some(want) {
@@ -439,7 +446,7 @@ pub async fn start(cfg: &Config, node: String) -> anyhow::Result<(watch::Receive
                     .filter(|p| {
                         !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
                     })
-                    .map(|p| entry(p))
+                    .map(|p| entry_of(p))
                     .collect(),
                 namespaces: namespaces
                     .state()

@@ -1827,7 +1827,7 @@ policies:
         let n = log.lines().filter(|l| l.contains(what) && l.contains(policy)).count();
         assert_eq!(n, 1, "{what} {policy}:\n{log}");
     }
-    assert_eq!(web_1().len(), 2, "one write per change");
+    assert_eq!(web_1().len(), 2, "one write per change: {:?}", web_1());
     // The admin endpoint (inside the node namespace) reports readiness and the change.
     let admin: std::net::SocketAddr = "127.0.0.1:9791".parse().unwrap();
     assert_eq!(w.node.enter(move || admin_get(admin, "/readyz")).map(|r| r.0), Some(200));
