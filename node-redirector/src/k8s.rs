@@ -240,6 +240,14 @@ fn wanted(applied: &Inputs, entry: &PodEntry, pod: &Pod) -> Option<Report> {
     (gate || shown).then_some(Report { status: false, reason })
 }
 
+/// Whether `pod` (from the watch's store) has the labels and ServiceAccount `entry` (what the
+/// applied table was computed from) has: what a policy selects by.
+fn selects_as(pod: &Pod, entry: &PodEntry) -> bool {
+    let labels = pod.metadata.labels.as_ref().map_or(entry.labels.is_empty(), |l| *l == entry.labels);
+    let account = pod.spec.as_ref().and_then(|s| s.service_account_name.as_deref());
+    labels && account == entry.service_account.as_deref()
+}
+
 /// The condition as the Pod carries it now.
 fn observed(pod: &Pod) -> Option<Report> {
     let c = pod.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == CONDITION)?;
@@ -267,8 +275,7 @@ async fn report(client: Client, pods: Store<Pod>, mut rx: watch::Receiver<Option
             // The watch's store may already hold a newer version of the Pod than the table was
             // computed from (its labels changed, the inputs not yet rebuilt): judged against the
             // old table it would be written what it no longer is. Its own round comes.
-            let shown = entry_of(&pod);
-            if shown.labels != entry.labels || shown.service_account != entry.service_account {
+            if !selects_as(&pod, entry) {
                 continue;
             }
             let Some(want) = wanted(&applied, entry, &pod) else { continue };

@@ -261,10 +261,8 @@ enum M {
     DaddrIs(IpAddr),
     /// `iifname @set`.
     Iif(String),
-    /// `iifname . ip saddr != @set`.
-    IifSaddrNot(Fam, String),
-    /// `iifname . ip saddr @set`.
-    IifSaddr(Fam, String),
+    /// `iifname . ip saddr @set` (or `!=`).
+    IifSaddr(Fam, String, bool),
     /// `arp htype 1 arp ptype ip arp hlen 6 arp plen 4`: ARP for IPv4 over Ethernet, the only
     /// kind whose sender address the next matches read.
     ArpIpv4,
@@ -303,8 +301,7 @@ impl M {
             M::DaddrNets(f, v) => format!("{} daddr {}", f.ip(), list(v)),
             M::DaddrIs(a) => format!("{} daddr {a}", Fam::of(*a).ip()),
             M::Iif(s) => format!("iifname @{s}"),
-            M::IifSaddrNot(f, s) => format!("iifname . {} saddr != @{s}", f.ip()),
-            M::IifSaddr(f, s) => format!("iifname . {} saddr @{s}", f.ip()),
+            M::IifSaddr(f, s, neg) => format!("iifname . {} saddr {}", f.ip(), set(*neg, s)),
             M::ArpIpv4 => "arp htype 1 arp ptype ip arp hlen 6 arp plen 4".to_string(),
             M::ArpSaddrIs(a) => format!("arp saddr ip {a}"),
             M::ArpSaddr(s) => format!("arp saddr ip @{s}"),
@@ -343,8 +340,9 @@ impl M {
             M::DaddrNets(f, v) => m("==", payload(f.ip(), "daddr"), anon(v)),
             M::DaddrIs(a) => m("==", payload(Fam::of(*a).ip(), "daddr"), json!(a.to_string())),
             M::Iif(s) => m("==", iif, json!(format!("@{s}"))),
-            M::IifSaddrNot(f, s) => m("!=", json!({"concat": [iif, payload(f.ip(), "saddr")]}), json!(format!("@{s}"))),
-            M::IifSaddr(f, s) => m("==", json!({"concat": [iif, payload(f.ip(), "saddr")]}), json!(format!("@{s}"))),
+            M::IifSaddr(f, s, neg) => {
+                m(eq(*neg), json!({"concat": [iif, payload(f.ip(), "saddr")]}), json!(format!("@{s}")))
+            }
             M::ArpIpv4 => {
                 let arp = |field: &str, v: Value| m("==", payload("arp", field), v);
                 return vec![
@@ -486,7 +484,7 @@ impl Desired {
             Verdict::Accept,
         );
         for f in [V4, V6] {
-            add("antispoof", vec![M::IifSaddrNot(f, format!("pod_addrs_{}", f.suffix()))], Verdict::Drop);
+            add("antispoof", vec![M::IifSaddr(f, format!("pod_addrs_{}", f.suffix()), true)], Verdict::Drop);
         }
         // The same on bridge ports, as frames enter the bridge (the `bridge` table): a selected
         // Pod's port carries only IP from its own addresses, link-local neighbour discovery, and
@@ -501,7 +499,7 @@ impl Desired {
             let s = f.suffix();
             add(
                 "port_guard",
-                vec![M::Saddr(f, format!("port_known_{s}"), false), M::IifSaddrNot(f, format!("port_addrs_{s}"))],
+                vec![M::Saddr(f, format!("port_known_{s}"), false), M::IifSaddr(f, format!("port_addrs_{s}"), true)],
                 Verdict::Drop,
             );
         }
@@ -511,7 +509,7 @@ impl Desired {
             Verdict::Drop,
         );
         for f in [V4, V6] {
-            add("port_antispoof", vec![M::IifSaddr(f, format!("port_addrs_{}", f.suffix()))], Verdict::Accept);
+            add("port_antispoof", vec![M::IifSaddr(f, format!("port_addrs_{}", f.suffix()), false)], Verdict::Accept);
         }
         add(
             "port_antispoof",
