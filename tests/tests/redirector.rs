@@ -5,7 +5,9 @@
 //!  pod2 (192.0.2.11, not)     ---- node (nftables + relay) -- gw (gateway, 198.51.100.2)
 //!                                                  \-- inet (upstream + DNS, 203.0.113.10)
 //! ```
-//! All addresses are documentation ranges that exist only inside these namespaces.
+//! Each Pod has its own veth, as point-to-point CNIs build it ([`world`]); [`bridge_world`] puts
+//! both behind one bridge instead, as bridge CNIs do. All addresses are documentation ranges that
+//! exist only inside these namespaces.
 
 #![forbid(unsafe_code)]
 
