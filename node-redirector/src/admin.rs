@@ -49,7 +49,7 @@ impl Admin {
     /// Publishes what the table `d` now in the kernel steers.
     pub fn table(&self, d: &crate::rules::Desired) {
         self.selected.set(d.selected.len() as i64);
-        self.unguarded.set(d.unguarded().len() as i64);
+        self.unguarded.set(d.unguarded(crate::routes::is_bridge_port).len() as i64);
     }
 
     /// The registry, with the relay's metrics in it.

@@ -148,12 +148,6 @@ pub fn addresses(prev: &Value, is_bridge: impl Fn(&str) -> bool) -> Result<(Vec<
     Ok((ips, iface))
 }
 
-/// Whether the node's interface `name` is a bridge (the plugin runs in the node's network
-/// namespace, as the runtime runs every CNI plugin).
-fn is_bridge(name: &str) -> bool {
-    !name.contains('/') && Path::new("/sys/class/net").join(name).join("bridge").is_dir()
-}
-
 /// Sends one request to the node-redirector and reads its answer.
 pub fn ask(socket: &Path, req: &Request, timeout: Duration) -> Result<Response, String> {
     let mut s = UnixStream::connect(socket)
@@ -251,7 +245,9 @@ fn run_plugin(command: &str, env: &BTreeMap<String, String>, conf: &NetConf) -> 
                 )
             })?;
             let (ips, interface) =
-                addresses(prev, is_bridge).map_err(|e| CniError::new(7, "prevResult unreadable", e))?;
+                // The plugin runs in the node's network namespace, as the runtime runs every plugin.
+                addresses(prev, crate::routes::is_bridge)
+                    .map_err(|e| CniError::new(7, "prevResult unreadable", e))?;
             let req = Request {
                 command: command.into(),
                 container_id,

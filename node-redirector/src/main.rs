@@ -136,7 +136,8 @@ fn main() -> ExitCode {
             Ok(l) => {
                 let mut inputs = l.inputs();
                 inputs.interfaces = routes::host_routes();
-                print!("{}", rules::desired(&inputs, &l.config, relay_addresses(&l.config)).render());
+                let node = rules::Node { relay_to: relay_addresses(&l.config), bridge: nft::bridge_family_available() };
+                print!("{}", rules::desired(&inputs, &l.config, node).render());
                 ExitCode::SUCCESS
             }
             Err(c) => c,
@@ -188,6 +189,13 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
     ));
     let key = loaded.relay_keys().map_err(anyhow::Error::msg)?.swap_remove(0);
     let relay_to = relay_addresses(&loaded.config);
+    let node = rules::Node { relay_to, bridge: nft::bridge_family_available() };
+    if !node.bridge {
+        tracing::error!(
+            "the kernel has no nf_tables bridge family: no anti-spoofing on bridge ports (bridge CNIs); their Pods \
+             are steered without it and counted in egress_redirector_unguarded_addresses"
+        );
+    }
     // The DNS forwarder, listening before the table redirects DNS to it.
     let dns_metrics = Arc::new(dnsfwd::DnsMetrics::default());
     let forwarder = if loaded.config.dns.enabled {
@@ -259,7 +267,7 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
     inputs.interfaces = routes::host_routes();
     desired_inputs.interfaces = inputs.interfaces.clone();
     endpoints.set(inputs.gateways.clone());
-    let mut desired = rules::desired(&desired_inputs, &cfg, relay_to);
+    let mut desired = rules::desired(&desired_inputs, &cfg, node);
     if let Some(f) = &forwarder {
         f.set_pods(&desired_inputs.pods);
     }
@@ -346,7 +354,7 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
         if let Some(f) = &forwarder {
             f.set_pods(&merged.pods);
         }
-        let next = rules::desired(&merged, &cfg, relay_to);
+        let next = rules::desired(&merged, &cfg, node);
         let mut applied = Ok(());
         if next != desired {
             match nft::update(&desired, &next) {
@@ -408,7 +416,7 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
 /// Logs the steered addresses without anti-spoofing (their host-side interface is unknown) when
 /// they change; `last` is what was logged before.
 fn report_unguarded(d: &rules::Desired, last: &mut BTreeSet<std::net::IpAddr>) {
-    let now = d.unguarded();
+    let now = d.unguarded(routes::is_bridge_port);
     if now == *last {
         return;
     }

@@ -50,10 +50,22 @@ pub fn adopt(d: &Desired) -> Result<bool, NftError> {
     }
 }
 
+/// Whether the kernel has nf_tables' `bridge` family: `nft --check` sends the table to the kernel
+/// and leaves nothing behind.
+pub fn bridge_family_available() -> bool {
+    std::process::Command::new("nft")
+        .args(["--check", "add", "table", "bridge", TABLE])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
 /// Deletes both tables (`node-redirector uninstall`: an explicit act, never on shutdown). Absent
-/// is fine.
+/// is fine, and so is the `bridge` one where the kernel has no such family.
 pub fn remove() -> Result<(), NftError> {
     for table in Table::ALL {
+        if table == Table::Bridge && !bridge_family_available() {
+            continue;
+        }
         let out = std::process::Command::new("nft")
             .args(["delete", "table", table.family(), TABLE])
             .output()

@@ -9,6 +9,23 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+/// Whether the node's interface `name` is a bridge.
+pub fn is_bridge(name: &str) -> bool {
+    sysfs_dir(name, "bridge")
+}
+
+/// Whether the node's interface `name` is a port of a bridge.
+pub fn is_bridge_port(name: &str) -> bool {
+    sysfs_dir(name, "brport")
+}
+
+fn sysfs_dir(name: &str, dir: &str) -> bool {
+    !name.is_empty()
+        && !name.contains('/')
+        && !name.starts_with('.')
+        && std::path::Path::new("/sys/class/net").join(name).join(dir).is_dir()
+}
+
 /// Host routes: address -> interface.
 pub fn host_routes() -> BTreeMap<IpAddr, String> {
     let mut out = BTreeMap::new();

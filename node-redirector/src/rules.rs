@@ -114,6 +114,20 @@ pub struct Desired {
     pub relay_port: u16,
     /// The node's own addresses steered connections are DNAT'ed to (see [`RelayTo`]).
     pub relay_to: RelayTo,
+    /// Whether the `bridge` table is part of the state (see [`Node::bridge`]).
+    pub bridge: bool,
+}
+
+/// What the table depends on of the node itself: found once at start, fixed for the life of the
+/// process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Node {
+    /// Where steered connections go.
+    pub relay_to: RelayTo,
+    /// Whether the kernel has nf_tables' `bridge` family (every distribution kernel does). Without
+    /// it there is no `bridge` table: steering works, and Pods on bridge ports go without
+    /// anti-spoofing, counted as unguarded (see [`Desired::unguarded`]).
+    pub bridge: bool,
 }
 
 /// The node's own addresses that steered connections (TCP to the relay, DNS to the forwarder)
@@ -161,13 +175,13 @@ pub fn is_selected(i: &Inputs, pod: &PodEntry) -> bool {
     i.policies.iter().any(|p| p.redirect() == Redirect::Transparent && p.selects(&w))
 }
 
-/// The table for the Pods of this node, whose steered connections go to `relay_to` (fixed for
-/// the life of the process).
-pub fn desired(i: &Inputs, c: &Config, relay_to: RelayTo) -> Desired {
+/// The tables for the Pods of this node (`node`: what they depend on of the node itself).
+pub fn desired(i: &Inputs, c: &Config, node: Node) -> Desired {
     let mut d = Desired {
         relay_port: c.relay.port,
         dns: c.cluster_dns.iter().copied().collect(),
-        relay_to,
+        relay_to: node.relay_to,
+        bridge: node.bridge,
         ..Desired::default()
     };
     if c.dns.enabled {
@@ -587,7 +601,13 @@ impl Desired {
                 Verdict::Drop,
             );
         }
+        r.retain(|rule| self.tables().contains(&table_of(rule.chain)));
         r
+    }
+
+    /// The tables of this state: both, or only `inet` where the kernel has no `bridge` family.
+    fn tables(&self) -> &'static [Table] {
+        if self.bridge { &Table::ALL } else { &[Table::Inet] }
     }
 
     fn sets(&self) -> Vec<Set> {
@@ -657,6 +677,7 @@ impl Desired {
             out.push(mk("dns", vec![t], false, self.dns.iter().filter(|a| of(a)).map(addr).collect(), false));
             out.push(mk("metadata", vec![t], true, nets(&mut metadata.iter()), false));
         }
+        out.retain(|set| self.tables().contains(&set.table));
         out
     }
 
@@ -682,7 +703,7 @@ impl Desired {
     pub fn render(&self) -> String {
         let (sets, rules) = (self.sets(), self.rules());
         let mut out = String::new();
-        for table in Table::ALL {
+        for &table in self.tables() {
             let _ = writeln!(out, "table {} {TABLE} {{", table.family());
             for set in sets.iter().filter(|s| s.table == table) {
                 let elems: Vec<String> = set.elems.iter().map(canonical).collect();
@@ -730,7 +751,7 @@ impl Desired {
     /// libnftables JSON for one transaction that replaces both tables whole.
     pub fn json(&self) -> Value {
         let mut cmds = Vec::new();
-        for table in Table::ALL {
+        for table in self.tables() {
             let t = json!({"family": table.family(), "name": TABLE});
             cmds.extend([json!({"add": {"table": t}}), json!({"delete": {"table": t}}), json!({"add": {"table": t}})]);
         }
@@ -738,7 +759,7 @@ impl Desired {
             cmds.push(json!({"add": {"set": Desired::set_json(&set)}}));
         }
         // Every chain before any rule: a jump needs its target.
-        for (name, table, base) in CHAINS {
+        for (name, table, base) in CHAINS.iter().filter(|(_, t, _)| self.tables().contains(t)) {
             let mut chain = json!({"family": table.family(), "table": TABLE, "name": name});
             if let Some((ty, hook, prio)) = base {
                 chain = json!({"family": table.family(), "table": TABLE, "name": name, "type": ty, "hook": hook, "prio": prio, "policy": "accept"});
@@ -805,10 +826,12 @@ impl Desired {
         self.sets().iter().map(|s| (s.name.clone(), s.elems.iter().map(canonical).collect())).collect()
     }
 
-    /// Selected addresses whose host-side interface is unknown: steered by their address, with no
-    /// anti-spoofing (see [`Desired::pod_addrs`]).
-    pub fn unguarded(&self) -> BTreeSet<IpAddr> {
-        let guarded: BTreeSet<IpAddr> = self.pod_addrs.iter().map(|(_, a)| *a).collect();
+    /// Selected addresses steered by their address with no anti-spoofing: their host-side
+    /// interface is unknown (see [`Desired::pod_addrs`]), or it is a bridge port
+    /// (`is_bridge_port`) and there is no `bridge` table.
+    pub fn unguarded(&self, is_bridge_port: impl Fn(&str) -> bool) -> BTreeSet<IpAddr> {
+        let guarded: BTreeSet<IpAddr> =
+            self.pod_addrs.iter().filter(|(i, _)| self.bridge || !is_bridge_port(i)).map(|(_, a)| *a).collect();
         self.selected.difference(&guarded).copied().collect()
     }
 
@@ -863,6 +886,7 @@ mod tests {
             dns_forward: vec![("10.96.0.10".parse().unwrap(), 15053)],
             relay_port: 15001,
             relay_to: RelayTo::default(),
+            bridge: true,
         }
     }
 
@@ -967,10 +991,20 @@ mod tests {
         assert_eq!(arp.len(), 6, "four ARP header checks, the sender address, the verdict: {arp:?}");
         assert_eq!(arp[4]["match"]["left"]["concat"][1], json!({"payload": {"protocol": "arp", "field": "saddr ip"}}));
         // A selected address whose interface is unknown is steered, without anti-spoofing.
-        assert!(d.unguarded().is_empty());
+        let no_port = |_: &str| false;
+        assert!(d.unguarded(no_port).is_empty());
         let mut u = d.clone();
         u.selected.insert("192.0.2.12".parse().unwrap());
-        assert_eq!(u.unguarded(), ["192.0.2.12".parse().unwrap()].into());
+        assert_eq!(u.unguarded(no_port), ["192.0.2.12".parse().unwrap()].into());
+        // Without the kernel's bridge family: no bridge table, and a selected Pod on a bridge port
+        // is steered without anti-spoofing.
+        let mut n = d.clone();
+        n.bridge = false;
+        assert!(!n.render().contains("table bridge") && !n.json().to_string().contains("\"bridge\""));
+        assert_eq!(n.rule_count(), d.rule_count() - 10);
+        assert!(n.unguarded(no_port).is_empty(), "a routed interface is checked in the inet table");
+        assert_eq!(n.unguarded(|i| i == "veth1"), ["192.0.2.10".parse().unwrap()].into());
+        assert!(d.unguarded(|i| i == "veth1").is_empty());
         // Element changes reach the bridge table's sets too.
         let mut e = d.clone();
         e.selected_ifaces.insert("veth2".into());

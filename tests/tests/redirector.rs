@@ -804,6 +804,64 @@ fn a_pod_behind_a_bridge_cannot_walk_around_the_steering() {
     assert!(gw.events().iter().all(|e| e["target"]["port"] != 9), "nothing steered as web-1");
 }
 
+/// A kernel without nf_tables' bridge family (an `nft` in front of the real one that refuses
+/// it, as such a kernel does): the redirector still steers, without the bridge table, and says
+/// that the Pod on a bridge port goes without anti-spoofing: a log line and the unguarded gauge.
+#[test]
+fn without_the_bridge_family_pods_on_bridge_ports_are_steered_and_reported_unguarded() {
+    let (w, _bridge) = bridge_world();
+    let (_dns, up, gw, dir) = standalone(&w, "", "");
+    let p = up.addr.port();
+    let d = dir.path();
+    let cfg = d.join("redirector.yaml");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "ips: [192.0.2.10], labels: {app: web}}",
+        &format!("ips: [192.0.2.10], labels: {{app: web}}, interface: {}}}", w.pod_if),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let real = String::from_utf8(Command::new("sh").args(["-c", "command -v nft"]).output().unwrap().stdout).unwrap();
+    let bin = d.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let wrapper = bin.join("nft");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\ninput=''\ncase \" $* \" in *' -f - '*) input=$(cat);; esac\n\
+             if printf '%s %s' \"$*\" \"$input\" | grep -q bridge; then\n  \
+             echo 'Error: Could not process rule: Address family not supported by protocol' >&2; exit 1\nfi\n\
+             if [ -n \"$input\" ]; then printf '%s' \"$input\" | exec {real} \"$@\"; fi\nexec {real} \"$@\"\n",
+            real = real.trim()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+    let log_path = d.join("redirector.log");
+    let child = w
+        .node
+        .command(workspace_bin("node-redirector"))
+        .args(["run", "--reconcile", "1h", "--config"])
+        .arg(&cfg)
+        .env("PATH", path)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let _redirector = Proc(child);
+    wait_until(Duration::from_secs(10), || node_table(&w.node).is_some());
+    let bridge_table = w.node.command("nft").args(["list", "table", "bridge", "egress_redirector"]).output().unwrap();
+    assert!(!bridge_table.status.success(), "no bridge table");
+    let resolve = format!("allowed.test:{p}:203.0.113.10");
+    let r = curl_in(Some(&w.pod), &["--resolve", &resolve, &format!("http://allowed.test:{p}/")]);
+    assert_eq!(r.status, 200, "still steered: {r:?}");
+    assert_eq!(gw.decision(|e| e["target"]["host"] == "allowed.test")["client"]["address"], "192.0.2.10");
+    assert_eq!(redirector_metric(&w.node, "egress_redirector_unguarded_addresses "), Some(1.0));
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("the kernel has no nf_tables bridge family"), "{log}");
+    assert!(log.contains("steered Pod addresses without anti-spoofing") && log.contains("192.0.2.10"), "{log}");
+}
+
 /// A restart (a DaemonSet rolling update, a crash) never lets a selected Pod's traffic go direct:
 /// the table stays in the kernel while no relay listens (connections are refused), and the next
 /// instance adopts it (same table, no replacement).
