@@ -244,10 +244,9 @@ fn run_plugin(command: &str, env: &BTreeMap<String, String>, conf: &NetConf) -> 
                     "egress-redirector is a chained plugin: list it after the primary CNI plugin",
                 )
             })?;
+            // The plugin runs in the node's network namespace, as the runtime runs every plugin.
             let (ips, interface) =
-                // The plugin runs in the node's network namespace, as the runtime runs every plugin.
-                addresses(prev, crate::routes::is_bridge)
-                    .map_err(|e| CniError::new(7, "prevResult unreadable", e))?;
+                addresses(prev, crate::routes::is_bridge).map_err(|e| CniError::new(7, "prevResult unreadable", e))?;
             let req = Request {
                 command: command.into(),
                 container_id,

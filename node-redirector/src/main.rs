@@ -413,8 +413,9 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
     Ok(())
 }
 
-/// Logs the steered addresses without anti-spoofing (their host-side interface is unknown) when
-/// they change; `last` is what was logged before.
+/// Logs the steered addresses without anti-spoofing (their host-side interface is unknown, or a
+/// bridge port while the kernel has no bridge family) when they change; `last` is what was logged
+/// before.
 fn report_unguarded(d: &rules::Desired, last: &mut BTreeSet<std::net::IpAddr>) {
     let now = d.unguarded(routes::is_bridge_port);
     if now == *last {
