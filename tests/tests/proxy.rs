@@ -1212,6 +1212,62 @@ fn a_request_lost_to_an_idle_close_is_retried_once_on_a_new_connection_only_when
     }
 }
 
+/// The request sent once more after the keep-alive race does not take a second token from the
+/// client's rate limit: a client within its burst gets its answer, not a 429 it never earned.
+/// The limiter stays in force for the client's next requests.
+#[test]
+fn a_request_sent_again_after_an_idle_close_takes_no_second_rate_limit_token() {
+    let dns = dns();
+    let upstream = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+    let p = upstream.local_addr().unwrap().port();
+    // Answers the first request of each connection, and closes on the second without answering.
+    std::thread::spawn(move || {
+        for conn in upstream.incoming() {
+            let Ok(mut c) = conn else { return };
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(c.try_clone().unwrap());
+                for n in 0.. {
+                    let mut line = String::new();
+                    while r.read_line(&mut line).map(|k| k > 2).unwrap_or(false) {
+                        line.clear();
+                    }
+                    if n > 0 || line.is_empty() {
+                        return;
+                    }
+                    c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").unwrap();
+                }
+            });
+        }
+    });
+    let body = single_policy(
+        "limited",
+        &format!(
+            "      rateLimit: {{requestsPerSecond: 1, burst: 2}}\n      rules: [{{name: up, to: [{{domain: up.test}}], ports: [{{port: {p}}}]}}]"
+        ),
+        "",
+    );
+    let gw = Gateway::start(&dns, &body);
+    let mut c = Raw::connect(gw.http);
+    let host = format!("up.test:{p}");
+    let get = |c: &mut Raw, path: &str| {
+        c.exchange(&format!("GET http://{host}{path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n")).0
+    };
+    // Two tokens: /a, then /b, which meets the idle close and goes again on a new connection.
+    assert_eq!(get(&mut c, "/a"), 200);
+    assert_eq!(get(&mut c, "/b"), 200, "the resend took a second token");
+    let b: Vec<Value> = gw.events_at_least(6).into_iter().filter(|e| e["target"]["http"]["path"] == "/b").collect();
+    let decisions: Vec<&str> =
+        b.iter().filter(|e| e["event"] == "decision").map(|e| e["decision"]["action"].as_str().unwrap()).collect();
+    assert_eq!(decisions, ["allow", "allow"], "both attempts decided and audited: {b:#?}");
+    // The bucket is empty now: the next requests get 429 until it refills (no wall-clock
+    // assertion: a slow machine only refills it, so ask until the 429 comes).
+    let mut codes = Vec::new();
+    while !codes.contains(&429) {
+        assert!(codes.len() < 20, "no 429: {codes:?}");
+        codes.push(get(&mut c, &format!("/c{}", codes.len())));
+    }
+}
+
 /// A resolver that answers A but never AAAA (some middleboxes drop AAAA queries): hickory caches
 /// no failure, so without a hold every request would ask again and wait for AAAA to time out.
 /// The first request waits for AAAA at most `SECOND_FAMILY_WAIT`; then AAAA is not asked for the

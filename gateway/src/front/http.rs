@@ -407,7 +407,8 @@ fn forward(
             };
             let detail = format!("{e}; the request was sent again on a new connection");
             leg.log.finish(0, 0, End::UpstreamClosed, None, Some(detail));
-            // A new attempt: decided again on the state in force now, and audited as one.
+            // A new attempt: decided again on the state in force now (without a second rate-limit
+            // token: the client asked once), and audited as one.
             (leg, upstream_req) = match Box::pin(redial(&gw, &ereq, again)).await {
                 Ok(next) => next,
                 Err(resp) => return resp,
@@ -460,7 +461,7 @@ async fn redial(
     ereq: &EgressRequest,
     req: Request<TrackedBody>,
 ) -> Result<(Leg, Request<TrackedBody>), Response<ProxyBody>> {
-    let permit = gw.pipeline.authorize(ereq).await.map_err(|r| refusal(&r, false))?;
+    let permit = gw.pipeline.reauthorize(ereq).await.map_err(|r| refusal(&r, false))?;
     Ok((open(permit, gw, &ereq.id).await?, req))
 }
 

@@ -9,17 +9,25 @@
 //! `guard_blocked_name`), `cluster_deny`, `no_rule_matched`, `default_deny` and `rate_limited`
 //! (HTTP 429). A name is not resolved here: stage 5 checks its addresses.
 
-use super::State;
+use super::{Charge, State};
 use crate::identity::Identity;
 use crate::policy::{Action, Decision};
 use crate::reason::Reason;
 use crate::request::EgressRequest;
 use crate::target::{self, Target};
 
-/// The decision for `target` by the client of `req`, rate limit included.
-pub(super) fn decide(state: &State, identity: Option<&Identity>, target: &Target, req: &EgressRequest) -> Decision {
+/// The decision for `target` by the client of `req`, rate limit included (unless `charge` says
+/// the request was counted already).
+pub(super) fn decide(
+    state: &State,
+    identity: Option<&Identity>,
+    target: &Target,
+    req: &EgressRequest,
+    charge: Charge,
+) -> Decision {
     let decision = state.snapshot.decide(&state.guard, identity, target, req.http.as_ref());
     if decision.action == Action::Allow
+        && charge == Charge::Token
         && let Some(pi) = decision.policy_index
         && let Some(rate) = &state.snapshot.policies[pi].rate_limit
         && rate.limiter.check_key(&target::canonical_ip(req.conn.peer.ip())).is_err()

@@ -245,6 +245,18 @@ impl Pipeline {
     /// resolve and check) on one snapshot of the state. A denial is audited before it is returned; an allow
     /// is a [`Permit`] for stage 5, audited when it is used.
     pub(crate) async fn authorize(self: &Arc<Self>, req: &EgressRequest) -> Result<Permit, Refusal> {
+        self.authorize_as(req, Charge::Token).await
+    }
+
+    /// [`Self::authorize`] for a request sent once more on a new connection after an upstream
+    /// closed the kept one under it (the HTTP front's keep-alive race): decided again on the
+    /// state in force now, without taking a second token from its rate limit, since the client
+    /// asked once.
+    pub(crate) async fn reauthorize(self: &Arc<Self>, req: &EgressRequest) -> Result<Permit, Refusal> {
+        self.authorize_as(req, Charge::Paid).await
+    }
+
+    async fn authorize_as(self: &Arc<Self>, req: &EgressRequest, charge: Charge) -> Result<Permit, Refusal> {
         let state = self.state.load_full();
         let target = match parse_target(&req.target) {
             Ok(t) => t,
@@ -263,7 +275,7 @@ impl Pipeline {
             Ok(who) => who,
             Err(e) => return Err(self.refuse_malformed(req, e.reason, &e.detail)),
         };
-        let decision = decide::decide(&state, who.identity.as_deref(), &target, req);
+        let decision = decide::decide(&state, who.identity.as_deref(), &target, req, charge);
         let (target, checked) =
             match self.decide_by_names(&state, who.identity.as_deref(), req, &target, &decision).await {
                 Some(by_name) => by_name,
@@ -280,6 +292,15 @@ impl Pipeline {
         let pool = checked.decision.egress_address.clone();
         Ok(Permit::new(self.clone(), ev, target, checked.addrs, pool, state))
     }
+}
+
+/// Whether a decision takes a token from the rate limit of the policy that allows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Charge {
+    /// A request of the client's: it counts.
+    Token,
+    /// The same request once more, already counted.
+    Paid,
 }
 
 fn front_index(f: Front) -> usize {

@@ -53,7 +53,7 @@ impl Pipeline {
             // A name that reads as an address is not a name.
             let Ok(Host::Name(n)) = target::parse_host(name) else { continue };
             let by_name = Target { host: Host::Name(n), port: target.port };
-            let d = super::decide::decide(state, identity, &by_name, req);
+            let d = super::decide::decide(state, identity, &by_name, req, super::Charge::Token);
             if d.action != Action::Allow {
                 continue;
             }
