@@ -23,8 +23,9 @@
 //!
 //! Where the script is simpler than a real server: server-side apply is recorded and applied as
 //! "replace `.status`" (a real server merges by field manager: with one manager owning the whole
-//! status, the result is the same); list pagination (`limit`/`continue`) is ignored and everything
-//! is returned in one page; no bookmarks are sent; no authentication or authorisation is enforced
+//! status, the result is the same); a paged list (`limit`/`continue`) serves its later pages from
+//! the current objects rather than the first page's snapshot (the watch from that version replays
+//! what changed, so the client ends in the same state); no bookmarks are sent; no authentication or authorisation is enforced
 //! (the bearer token is only recorded to tell replicas apart; RBAC is checked separately against
 //! deploy/rbac.yaml).
 
@@ -450,10 +451,38 @@ async fn handle(
         {
             return Ok(status_with(410, "Expired", "too old resource version"));
         }
-        let rv = st.rv;
-        let items: Vec<Value> = st.kinds[&kind].objects.values().filter(|o| selector.matches(o)).cloned().collect();
+        // Pages (`limit`, `continue`), as a real server serves a list in chunks: each page after
+        // the first goes on after the last key of the one before and carries the first page's
+        // resourceVersion, which the client then watches from. (A real server serves every page
+        // from that version's snapshot; here the later pages come from the current objects, which
+        // the watch from that version then replays: the client ends in the same state.)
+        // The token: the version, and the last key in hex (nothing in it to escape in a URL).
+        let (rv, after) = match query.get("continue") {
+            Some(token) => match continue_token(token) {
+                Some((v, key)) => (v, Some(key)),
+                None => return Ok(status_with(400, "BadRequest", "invalid continue token")),
+            },
+            None => (st.rv, None),
+        };
+        let limit = query.get("limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| *l > 0);
+        let mut matching = st.kinds[&kind]
+            .objects
+            .iter()
+            .filter(|(key, _)| after.as_ref().is_none_or(|a| key.as_str() > a.as_str()))
+            .filter(|(_, o)| selector.matches(o));
+        let page: Vec<(&String, &Value)> = matching.by_ref().take(limit.unwrap_or(usize::MAX)).collect();
+        let remaining = matching.count();
+        let items: Vec<Value> = page.iter().map(|(_, o)| (*o).clone()).collect();
         let (api_version, list) = list_kind(&kind);
-        let list = json!({"apiVersion": api_version, "kind": list, "metadata": {"resourceVersion": rv.to_string()}, "items": items});
+        let mut metadata = json!({"resourceVersion": rv.to_string()});
+        if remaining > 0
+            && let Some((last, _)) = page.last()
+        {
+            let hex: String = last.bytes().map(|b| format!("{b:02x}")).collect();
+            metadata["continue"] = json!(format!("{rv}-{hex}"));
+            metadata["remainingItemCount"] = json!(remaining);
+        }
+        let list = json!({"apiVersion": api_version, "kind": list, "metadata": metadata, "items": items});
         return Ok(json_response(200, &list));
     }
     let mut cursor: u64 = asked.unwrap_or(0);
@@ -910,6 +939,14 @@ pub fn pod(namespace: &str, name: &str, ips: &[&str], labels: Value, phase: &str
         "status": {"phase": phase, "podIP": ips.first().copied().unwrap_or(""),
                    "podIPs": ips.iter().map(|i| json!({"ip": i})).collect::<Vec<_>>()}
     })
+}
+
+/// A list's continue token (`VERSION-HEXKEY`): the version and the last key of the page before.
+fn continue_token(token: &str) -> Option<(u64, String)> {
+    let (v, hex) = token.split_once('-')?;
+    let bytes: Option<Vec<u8>> =
+        (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok()).collect();
+    Some((v.parse().ok()?, String::from_utf8(bytes?).ok()?))
 }
 
 /// A Namespace object.

@@ -154,6 +154,32 @@ fn pods_and_policies_from_the_api_drive_decisions() {
 }
 
 /// A gateway replica: a Pod of namespace `egress` with the Deployment's labels.
+/// A list longer than a page: kube-rs lists in pages of 500 (`limit`, then `continue` with the
+/// token of the page before), and the Pod that comes on the last page is known as well as the first.
+#[test]
+fn a_list_longer_than_a_page_is_read_whole() {
+    let s = setup(|api, port| {
+        api.apply(NAMESPACES, namespace("shop", json!({})));
+        for i in 0..1100 {
+            let ip = format!("10.99.{}.{}", i / 250, i % 250 + 1);
+            api.apply(PODS, pod("shop", &format!("filler-{i:04}"), &[&ip], json!({"app": "filler"}), "Running"));
+        }
+        // Listed after every filler: on the third page.
+        api.apply(PODS, pod("shop", "zz-api-1", &["127.0.0.1"], json!({"app": "api"}), "Running"));
+        api.apply(
+            POLICIES,
+            egress_policy("shop", "api-egress", json!({"matchLabels": {"app": "api"}}), allow_up(port)),
+        );
+    });
+    s.eventually("127.0.0.1", "up.test", 200);
+    let d = s.gw.decision(|e| e["target"]["host"] == "up.test" && e["decision"]["action"] == "allow");
+    assert_eq!(d["client"]["name"], "zz-api-1", "{d}");
+    let pages: Vec<String> =
+        s.api.requests().into_iter().filter(|r| r.contains("/pods?") && !r.contains("watch=true")).collect();
+    assert!(pages.iter().any(|r| r.contains("limit=500")), "{pages:?}");
+    assert!(pages.iter().filter(|r| r.contains("continue=")).count() >= 2, "three pages: {pages:?}");
+}
+
 fn gateway_pod(name: &str, ip: &str, ready: bool) -> Value {
     let mut p = pod("egress", name, &[ip], json!({"app": "egress-gateway"}), "Running");
     p["status"]["conditions"] = json!([{"type": "Ready", "status": if ready { "True" } else { "False" }}, {"type": "PodScheduled", "status": "True"}]);
