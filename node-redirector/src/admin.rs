@@ -46,10 +46,11 @@ pub struct ResultLabel {
 }
 
 impl Admin {
-    /// Publishes what the table `d` now in the kernel steers.
-    pub fn table(&self, d: &crate::rules::Desired) {
+    /// Publishes what the table `d` now in the kernel steers, `unguarded` of its addresses
+    /// without anti-spoofing.
+    pub fn table(&self, d: &crate::rules::Desired, unguarded: usize) {
         self.selected.set(d.selected.len() as i64);
-        self.unguarded.set(d.unguarded(crate::routes::is_bridge_port).len() as i64);
+        self.unguarded.set(unguarded as i64);
     }
 
     /// The registry, with the relay's metrics in it.

@@ -275,9 +275,8 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
     // listened; adopt it rather than remove it.
     let adopted = nft::adopt(&desired)?;
     metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
-    metrics.table(&desired);
     let mut unguarded = BTreeSet::new();
-    report_unguarded(&desired, &mut unguarded);
+    publish(&metrics, &desired, &mut unguarded);
     tracing::info!(selected = desired.selected.len(), port, adopted, "table in place; relay listening");
     report(&desired_inputs);
     drop(desired_inputs);
@@ -361,8 +360,7 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
                 Ok(incremental) => {
                     metrics.updates.inc();
                     metrics.apply_failing.set(0);
-                    metrics.table(&next);
-                    report_unguarded(&next, &mut unguarded);
+                    publish(&metrics, &next, &mut unguarded);
                     if let Some(t) = inputs.changed_at.take() {
                         metrics.apply_seconds.observe(t.elapsed().as_secs_f64());
                     }
@@ -413,11 +411,12 @@ async fn run(path: PathBuf, loaded: config::Loaded, period: Duration) -> anyhow:
     Ok(())
 }
 
-/// Logs the steered addresses without anti-spoofing (their host-side interface is unknown, or a
-/// bridge port while the kernel has no bridge family) when they change; `last` is what was logged
-/// before.
-fn report_unguarded(d: &rules::Desired, last: &mut BTreeSet<std::net::IpAddr>) {
+/// Publishes what the table `d`, now in the kernel, steers: the gauges, and a log line when the
+/// steered addresses without anti-spoofing (their host-side interface is unknown, or a bridge port
+/// while the kernel has no bridge family) change; `last` is what was logged before.
+fn publish(metrics: &admin::Admin, d: &rules::Desired, last: &mut BTreeSet<std::net::IpAddr>) {
     let now = d.unguarded(routes::is_bridge_port);
+    metrics.table(d, now.len());
     if now == *last {
         return;
     }
@@ -427,7 +426,8 @@ fn report_unguarded(d: &rules::Desired, last: &mut BTreeSet<std::net::IpAddr>) {
         tracing::warn!(
             addresses = ?now,
             "steered Pod addresses without anti-spoofing: their host-side interface is unknown (no CNI plugin \
-             admission, no host route); restart those Pods so that the CNI plugin admits them, or set pods[].interface"
+             admission, no host route; restart those Pods so that the CNI plugin admits them, or set \
+             pods[].interface), or a bridge port while the kernel has no bridge family"
         );
     }
     *last = now;

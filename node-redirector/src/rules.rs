@@ -112,15 +112,14 @@ pub struct Desired {
     pub dns_forward: Vec<(IpAddr, u16)>,
     /// Relay port.
     pub relay_port: u16,
-    /// The node's own addresses steered connections are DNAT'ed to (see [`RelayTo`]).
-    pub relay_to: RelayTo,
-    /// Whether the `bridge` table is part of the state (see [`Node::bridge`]).
-    pub bridge: bool,
+    /// What the tables depend on of the node itself: where steered connections are DNAT'ed to,
+    /// and whether there is a `bridge` table.
+    pub node: Node,
 }
 
 /// What the table depends on of the node itself: found once at start, fixed for the life of the
 /// process.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Node {
     /// Where steered connections go.
     pub relay_to: RelayTo,
@@ -177,13 +176,8 @@ pub fn is_selected(i: &Inputs, pod: &PodEntry) -> bool {
 
 /// The tables for the Pods of this node (`node`: what they depend on of the node itself).
 pub fn desired(i: &Inputs, c: &Config, node: Node) -> Desired {
-    let mut d = Desired {
-        relay_port: c.relay.port,
-        dns: c.cluster_dns.iter().copied().collect(),
-        relay_to: node.relay_to,
-        bridge: node.bridge,
-        ..Desired::default()
-    };
+    let mut d =
+        Desired { relay_port: c.relay.port, dns: c.cluster_dns.iter().copied().collect(), node, ..Desired::default() };
     if c.dns.enabled {
         d.dns_forward = dns_forward_ports(c);
     }
@@ -438,6 +432,16 @@ impl Rule {
     }
 }
 
+/// IPv6 neighbour discovery from the unspecified or a link-local address to a link-local or
+/// link-scope multicast one: stays on the link, passes anti-spoofing.
+fn link_local_nd() -> Vec<M> {
+    vec![
+        M::SaddrNets(Fam::V6, vec!["::", "fe80::/10"]),
+        M::DaddrNets(Fam::V6, vec!["fe80::/10", "ff02::/16"]),
+        M::L4(vec!["ipv6-icmp"]),
+    ]
+}
+
 /// A base chain's type, hook and priority.
 type Hook = (&'static str, &'static str, i32);
 
@@ -488,15 +492,7 @@ impl Desired {
             add("guard", vec![M::Saddr(f, format!("selected_{s}"), false)], Verdict::Jump(f.guard_chain()));
         }
         // Anti-spoofing on the selected Pods' interfaces.
-        add(
-            "antispoof",
-            vec![
-                M::SaddrNets(V6, vec!["::", "fe80::/10"]),
-                M::DaddrNets(V6, vec!["fe80::/10", "ff02::/16"]),
-                M::L4(vec!["ipv6-icmp"]),
-            ],
-            Verdict::Accept,
-        );
+        add("antispoof", link_local_nd(), Verdict::Accept);
         for f in [V4, V6] {
             add("antispoof", vec![M::IifSaddr(f, format!("pod_addrs_{}", f.suffix()), true)], Verdict::Drop);
         }
@@ -525,15 +521,7 @@ impl Desired {
         for f in [V4, V6] {
             add("port_antispoof", vec![M::IifSaddr(f, format!("port_addrs_{}", f.suffix()), false)], Verdict::Accept);
         }
-        add(
-            "port_antispoof",
-            vec![
-                M::SaddrNets(V6, vec!["::", "fe80::/10"]),
-                M::DaddrNets(V6, vec!["fe80::/10", "ff02::/16"]),
-                M::L4(vec!["ipv6-icmp"]),
-            ],
-            Verdict::Accept,
-        );
+        add("port_antispoof", link_local_nd(), Verdict::Accept);
         add("port_antispoof", vec![M::ArpIpv4, M::ArpSaddrIs("0.0.0.0")], Verdict::Accept);
         add("port_antispoof", vec![M::ArpIpv4, M::IifArpSaddr("port_addrs_v4".into(), false)], Verdict::Accept);
         add("port_antispoof", vec![], Verdict::Drop);
@@ -574,7 +562,7 @@ impl Desired {
                     M::L4(vec!["tcp", "udp"]),
                     M::Dport(53),
                 ],
-                self.relay_to.verdict(f, port),
+                self.node.relay_to.verdict(f, port),
             );
         }
         for f in [V4, V6] {
@@ -588,7 +576,7 @@ impl Desired {
             add(
                 "steer",
                 vec![sel(), M::Daddr(f, format!("excluded_{s}"), true), M::L4(vec!["tcp"])],
-                self.relay_to.verdict(f, self.relay_port),
+                self.node.relay_to.verdict(f, self.relay_port),
             );
         }
         add("relay_in", vec![M::TcpDport(self.relay_port), M::CtDnat], Verdict::Accept);
@@ -607,7 +595,7 @@ impl Desired {
 
     /// The tables of this state: both, or only `inet` where the kernel has no `bridge` family.
     fn tables(&self) -> &'static [Table] {
-        if self.bridge { &Table::ALL } else { &[Table::Inet] }
+        if self.node.bridge { &Table::ALL } else { &[Table::Inet] }
     }
 
     fn sets(&self) -> Vec<Set> {
@@ -831,7 +819,7 @@ impl Desired {
     /// (`is_bridge_port`) and there is no `bridge` table.
     pub fn unguarded(&self, is_bridge_port: impl Fn(&str) -> bool) -> BTreeSet<IpAddr> {
         let guarded: BTreeSet<IpAddr> =
-            self.pod_addrs.iter().filter(|(i, _)| self.bridge || !is_bridge_port(i)).map(|(_, a)| *a).collect();
+            self.pod_addrs.iter().filter(|(i, _)| self.node.bridge || !is_bridge_port(i)).map(|(_, a)| *a).collect();
         self.selected.difference(&guarded).copied().collect()
     }
 
@@ -885,8 +873,7 @@ mod tests {
             dns: ["10.96.0.10".parse().unwrap()].into(),
             dns_forward: vec![("10.96.0.10".parse().unwrap(), 15053)],
             relay_port: 15001,
-            relay_to: RelayTo::default(),
-            bridge: true,
+            node: Node { relay_to: RelayTo::default(), bridge: true },
         }
     }
 
@@ -999,7 +986,7 @@ mod tests {
         // Without the kernel's bridge family: no bridge table, and a selected Pod on a bridge port
         // is steered without anti-spoofing.
         let mut n = d.clone();
-        n.bridge = false;
+        n.node.bridge = false;
         assert!(!n.render().contains("table bridge") && !n.json().to_string().contains("\"bridge\""));
         assert_eq!(n.rule_count(), d.rule_count() - 10);
         assert!(n.unguarded(no_port).is_empty(), "a routed interface is checked in the inet table");
@@ -1023,13 +1010,13 @@ mod tests {
         d.dns_forward.push(("fd00::a".parse().unwrap(), 15054));
         let text = d.render();
         assert!(text.contains("tcp redirect to :15001") && text.contains("redirect to :15053"), "{text}");
-        d.relay_to = RelayTo { v4: Some("10.0.0.5".parse().unwrap()), v6: None };
+        d.node.relay_to = RelayTo { v4: Some("10.0.0.5".parse().unwrap()), v6: None };
         let text = d.render();
         assert!(text.contains("ip daddr != @excluded_v4 meta l4proto tcp dnat ip to 10.0.0.5:15001"), "{text}");
         assert!(text.contains("dport 53 dnat ip to 10.0.0.5:15053"), "{text}");
         assert!(text.contains("ip6 daddr != @excluded_v6 meta l4proto tcp redirect to :15001"), "{text}");
         assert!(text.contains("dport 53 redirect to :15054"), "{text}");
-        d.relay_to.v6 = Some("2001:db8::5".parse().unwrap());
+        d.node.relay_to.v6 = Some("2001:db8::5".parse().unwrap());
         let text = d.render();
         assert!(text.contains("dnat ip6 to [2001:db8::5]:15001") && text.contains("dnat ip6 to [2001:db8::5]:15054"));
         assert!(!text.contains("redirect to"), "{text}");
