@@ -25,8 +25,8 @@
 //! "replace `.status`" (a real server merges by field manager: with one manager owning the whole
 //! status, the result is the same); a paged list (`limit`/`continue`) serves its later pages from
 //! the current objects rather than the first page's snapshot (the watch from that version replays
-//! what changed, so the client ends in the same state); no bookmarks are sent; no authentication or authorisation is enforced
-//! (the bearer token is only recorded to tell replicas apart; RBAC is checked separately against
+//! what changed, so the client ends in the same state); no bookmarks are sent; no authentication
+//! or authorisation is enforced (the bearer token is only recorded to tell replicas apart; RBAC is checked separately against
 //! deploy/rbac.yaml).
 
 use std::collections::{BTreeMap, HashMap};
@@ -456,7 +456,6 @@ async fn handle(
         // resourceVersion, which the client then watches from. (A real server serves every page
         // from that version's snapshot; here the later pages come from the current objects, which
         // the watch from that version then replays: the client ends in the same state.)
-        // The token: the version, and the last key in hex (nothing in it to escape in a URL).
         let (rv, after) = match query.get("continue") {
             Some(token) => match continue_token(token) {
                 Some((v, key)) => (v, Some(key)),
@@ -478,8 +477,7 @@ async fn handle(
         if remaining > 0
             && let Some((last, _)) = page.last()
         {
-            let hex: String = last.bytes().map(|b| format!("{b:02x}")).collect();
-            metadata["continue"] = json!(format!("{rv}-{hex}"));
+            metadata["continue"] = json!(continue_token_of(rv, last));
             metadata["remainingItemCount"] = json!(remaining);
         }
         let list = json!({"apiVersion": api_version, "kind": list, "metadata": metadata, "items": items});
@@ -941,7 +939,14 @@ pub fn pod(namespace: &str, name: &str, ips: &[&str], labels: Value, phase: &str
     })
 }
 
-/// A list's continue token (`VERSION-HEXKEY`): the version and the last key of the page before.
+/// A list's continue token: the version of its first page, and the last key of the page before
+/// in hex (nothing in it to escape in a URL): `VERSION-HEXKEY`.
+fn continue_token_of(rv: u64, last: &str) -> String {
+    let hex: String = last.bytes().map(|b| format!("{b:02x}")).collect();
+    format!("{rv}-{hex}")
+}
+
+/// The version and the key a [`continue_token_of`] token carries.
 fn continue_token(token: &str) -> Option<(u64, String)> {
     let (v, hex) = token.split_once('-')?;
     let bytes: Option<Vec<u8>> =

@@ -41,17 +41,7 @@ struct World {
 /// CNI do): `redirect` would drop what arrives there, so steering must DNAT to a node address.
 fn world() -> World {
     let t = unique_tag();
-    let w = World {
-        pod: Netns::new("rpod"),
-        pod2: Netns::new("rpod2"),
-        node: Netns::new("rnode"),
-        gw_ns: Netns::new("rgw"),
-        inet: Netns::new("rinet"),
-        pod_if: format!("rna{t}"),
-        pod2_if: format!("rnb{t}"),
-        pod_inner_if: format!("rpa{t}"),
-        pod2_inner_if: format!("rpb{t}"),
-    };
+    let w = World::namespaces("r", &t);
     // The node answers ARP for an address it holds on any interface (arp_ignore 0).
     w.node.exec_ok("ip", &["addr", "add", "169.254.1.1/32", "dev", "lo"]);
     for (pod, inner, outer, ip, via, node_end) in [
@@ -73,17 +63,7 @@ fn world() -> World {
 /// world and the bridge's name.
 fn bridge_world() -> (World, String) {
     let t = unique_tag();
-    let w = World {
-        pod: Netns::new("rbpod"),
-        pod2: Netns::new("rbpod2"),
-        node: Netns::new("rbnode"),
-        gw_ns: Netns::new("rbgw"),
-        inet: Netns::new("rbinet"),
-        pod_if: format!("rna{t}"),
-        pod2_if: format!("rnb{t}"),
-        pod_inner_if: format!("rpa{t}"),
-        pod2_inner_if: format!("rpb{t}"),
-    };
+    let w = World::namespaces("rb", &t);
     let bridge = format!("rbr{t}");
     w.node.exec_ok("ip", &["link", "add", &bridge, "type", "bridge"]);
     w.node.exec_ok("ip", &["addr", "add", "192.0.2.1/24", "dev", &bridge]);
@@ -100,6 +80,22 @@ fn bridge_world() -> (World, String) {
 }
 
 impl World {
+    /// The namespaces (names starting with `prefix`), not linked yet, and the Pods' interface
+    /// names (tagged `t`).
+    fn namespaces(prefix: &str, t: &str) -> World {
+        World {
+            pod: Netns::new(&format!("{prefix}pod")),
+            pod2: Netns::new(&format!("{prefix}pod2")),
+            node: Netns::new(&format!("{prefix}node")),
+            gw_ns: Netns::new(&format!("{prefix}gw")),
+            inet: Netns::new(&format!("{prefix}inet")),
+            pod_if: format!("rna{t}"),
+            pod2_if: format!("rnb{t}"),
+            pod_inner_if: format!("rpa{t}"),
+            pod2_inner_if: format!("rpb{t}"),
+        }
+    }
+
     /// Links the node to the gateway's namespace (198.51.100.0/24) and to the "internet"
     /// (203.0.113.0/24), and makes it route.
     fn outside(&self, t: &str) {
