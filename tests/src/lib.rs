@@ -1044,6 +1044,11 @@ impl Netns {
 
     /// Runs `f` on a thread that has entered this namespace: sockets it creates live there.
     pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.spawn(f).join().expect("netns thread")
+    }
+
+    /// Runs `f` on a new thread inside the namespace, without waiting for it.
+    pub fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
         let path = format!("/var/run/netns/{}", self.name);
         std::thread::spawn(move || {
             let file = std::fs::File::open(&path).expect("netns file");
@@ -1053,8 +1058,6 @@ impl Netns {
                 .expect("setns");
             f()
         })
-        .join()
-        .expect("netns thread")
     }
 }
 

@@ -1586,6 +1586,20 @@ policies:
         eprintln!("bulk 100 MiB: redirected {r:.0} MiB/s, direct {d:.0} MiB/s, ratio {:.2}", r / d);
         eprintln!("  CPU s/GiB   redirected: {rc}\n              direct:     {dc}");
         eprintln!("  CPU-bound ceiling of the ratio on these cores: {:.2}", dc.total / rc.total);
+        let floor = NodeFloor::start(&w, Floor::Relay(format!("203.0.113.10:{p}").parse().unwrap()));
+        let url = format!("http://{}/bytes/104857600", floor.listener.local_addr().unwrap());
+        let before = floor.cpu();
+        for _ in 0..5 {
+            // The floor relays one exchange per connection: the upstream must close after it.
+            assert_eq!(curl_in(Some(&w.pod2), &["-H", "Connection: close", "-o", "/dev/null", &url]).status, 200);
+        }
+        let relayed = (floor.cpu() - before) / (500.0 / 1024.0);
+        eprintln!(
+            "node floor, CPU s/GiB of one blocking thread on the node splicing the download over a second \
+             connection: {relayed:.3}; the relay: {:.3} ({:.2}x the floor)",
+            rc.relay,
+            rc.relay / relayed
+        );
     }
     if only != "bulk" {
         let ((r, rc), (d, dc)) = (rate("192.0.2.10"), rate("192.0.2.11"));
@@ -1623,6 +1637,155 @@ policies:
             rc.gateway * 1e6,
             rc.gateway / cc.gateway
         );
+        let upstream = format!("203.0.113.10:{p}").parse().unwrap();
+        let [answer, relayed, shared] =
+            [Floor::Answer, Floor::Relay(upstream), Floor::Shared(upstream)].map(|f| NodeFloor::per_connection(&w, f));
+        eprintln!(
+            "node floors, CPU us/conn of one blocking thread on the node: answering the GET itself {answer:.1}; \
+             relaying it over a second connection {relayed:.1}, over one shared connection {shared:.1}; \
+             the relay: {:.1} ({:.2}x the floor of its design)",
+            rc.relay * 1e6,
+            rc.relay * 1e6 / relayed
+        );
+    }
+}
+
+/// How a [`NodeFloor`] serves a Pod's connection.
+#[derive(Clone, Copy)]
+enum Floor {
+    /// Answers the request itself (a 1 KiB body).
+    Answer,
+    /// Connects to the upstream, passes the request on, splices the answer back (through one
+    /// pipe, made once) and closes both: a relay with a second connection per Pod connection.
+    Relay(std::net::SocketAddr),
+    /// Passes the request on over one keep-alive connection to the upstream, made once, and
+    /// copies the answer back: a relay over a link shared by every Pod connection (what a
+    /// multiplexed node-gateway link would cost, its framing aside).
+    Shared(std::net::SocketAddr),
+}
+
+/// The least CPU a node can spend on the connections of a Pod's that it terminates in user space,
+/// measured the way the relay's is: one blocking thread in the node namespace (no event loop)
+/// serves the unselected Pod's connections to a node address, one at a time, as [`Floor`] says.
+/// Its kernel work (the TCP connections, and the receive processing that veth runs in the
+/// sender's context) is what any design that terminates the Pod's TCP on the node pays.
+struct NodeFloor {
+    listener: std::net::TcpListener,
+    tid: i32,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    server: Option<std::thread::JoinHandle<()>>,
+}
+
+impl NodeFloor {
+    fn start(w: &World, how: Floor) -> NodeFloor {
+        use std::io::{Read, Write};
+        use std::os::fd::{AsFd, BorrowedFd};
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let server = w.node.spawn({
+            let stop = stop.clone();
+            move || {
+                let listener = std::net::TcpListener::bind("192.0.2.1:0").unwrap();
+                let tid = rustix::thread::gettid().as_raw_nonzero().get();
+                tx.send((listener.try_clone().unwrap(), tid)).unwrap();
+                let mut answer = b"HTTP/1.1 200 OK\r\nContent-Length: 1024\r\nConnection: close\r\n\r\n".to_vec();
+                answer.extend_from_slice(&[b'x'; 1024]);
+                let (pipe_r, pipe_w) = rustix::pipe::pipe().unwrap();
+                let mut shared = match how {
+                    Floor::Shared(to) => Some(std::net::TcpStream::connect(to).unwrap()),
+                    _ => None,
+                };
+                let mut buf = [0u8; 4096];
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((mut s, _)) = listener.accept() else { continue };
+                    let mut got = 0;
+                    while !buf[..got].ends_with(b"\r\n\r\n") {
+                        match s.read(&mut buf[got..]) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => got += n,
+                        }
+                    }
+                    if !buf[..got].ends_with(b"\r\n\r\n") {
+                        continue;
+                    }
+                    match how {
+                        Floor::Answer => {
+                            let _ = s.write_all(&answer);
+                        }
+                        Floor::Relay(to) => {
+                            let Ok(mut up) = std::net::TcpStream::connect(to) else { continue };
+                            let _ = up.write_all(&buf[..got]);
+                            let splice = |from: BorrowedFd, to: BorrowedFd| {
+                                rustix::pipe::splice(from, None, to, None, 1 << 16, rustix::pipe::SpliceFlags::empty())
+                            };
+                            while let Ok(n @ 1..) = splice(up.as_fd(), pipe_w.as_fd()) {
+                                let mut left = n;
+                                while left > 0 {
+                                    left -= splice(pipe_r.as_fd(), s.as_fd()).expect("splice to the Pod");
+                                }
+                            }
+                        }
+                        Floor::Shared(_) => {
+                            let up = shared.as_mut().unwrap();
+                            let request = String::from_utf8_lossy(&buf[..got])
+                                .replace("Connection: close", "Connection: keep-alive");
+                            up.write_all(request.as_bytes()).unwrap();
+                            // The answer: its head, then Content-Length bytes.
+                            let mut got = 0;
+                            let head = loop {
+                                got += up.read(&mut buf[got..]).unwrap();
+                                if let Some(i) = buf[..got].windows(4).position(|w| w == b"\r\n\r\n") {
+                                    break i + 4;
+                                }
+                            };
+                            let text = String::from_utf8_lossy(&buf[..head]).to_ascii_lowercase();
+                            let length: usize = text
+                                .split("content-length: ")
+                                .nth(1)
+                                .unwrap()
+                                .split("\r\n")
+                                .next()
+                                .unwrap()
+                                .parse()
+                                .unwrap();
+                            while got < head + length {
+                                got += up.read(&mut buf[got..]).unwrap();
+                            }
+                            let _ = s.write_all(&buf[..got]);
+                        }
+                    }
+                }
+            }
+        });
+        let (listener, tid) = rx.recv().unwrap();
+        NodeFloor { listener, tid, stop, server: Some(server) }
+    }
+
+    /// On-CPU seconds of the serving thread so far.
+    fn cpu(&self) -> f64 {
+        let s = std::fs::read_to_string(format!("/proc/self/task/{}/schedstat", self.tid)).unwrap();
+        s.split_whitespace().next().unwrap().parse::<f64>().unwrap() / 1e9
+    }
+
+    /// CPU microseconds per connection over 5 seconds of `get_1k` from 8 threads of the Pod.
+    fn per_connection(w: &World, how: Floor) -> f64 {
+        let floor = NodeFloor::start(w, how);
+        let (addr, before) = (floor.listener.local_addr().unwrap(), floor.cpu());
+        let n =
+            w.pod_of("192.0.2.11").enter(move || connections_for_5s(move || get_1k(connect_from("192.0.2.11", addr))));
+        (floor.cpu() - before) * 1e6 / n as f64
+    }
+}
+
+impl Drop for NodeFloor {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        // Wakes the server's accept (with an error) to see the flag.
+        let _ = socket2::SockRef::from(&self.listener).shutdown(std::net::Shutdown::Both);
+        if let Some(server) = self.server.take() {
+            let _ = server.join();
+        }
     }
 }
 
