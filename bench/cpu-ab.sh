@@ -12,6 +12,10 @@
 # run). The medians per binary and their ratio close the output. PERF=1 also records a
 # cpu-clock call-graph profile of each binary's last run (perf.data.A / perf.data.B in $OUT).
 #
+# Either binary may be netio's floor proxy (`cargo build --release --example floor_proxy -p
+# egress-netio`: target/release/examples/floor_proxy), the least a forward proxy can spend on the
+# same work on this machine: the gateway's cost is then read as a multiple of that floor.
+#
 #   bench/cpu-ab.sh A_BINARY B_BINARY [http_ka|connect_rate]
 #   ROUNDS=5 DURATION=5 OUT=/tmp/cpu-ab
 set -euo pipefail
@@ -51,9 +55,20 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 run() {
   local label=$1 bin=$2
   rm -f "$work/audit.jsonl"
-  EGRESS_LOG=warn taskset -c 1 "$bin" run --config "$work/etc/gateway.yaml" >/dev/null 2>&1 &
+  if [[ $(basename "$bin") == floor_proxy ]]; then
+    taskset -c 1 "$bin" 127.0.0.1:28128 >/dev/null 2>&1 &
+  else
+    EGRESS_LOG=warn taskset -c 1 "$bin" run --config "$work/etc/gateway.yaml" >/dev/null 2>&1 &
+  fi
   local pid=$!
-  for _ in $(seq 100); do curl -s -o /dev/null http://127.0.0.1:28190/readyz && break; sleep 0.05; done
+  for _ in $(seq 100); do
+    if [[ $(basename "$bin") == floor_proxy ]]; then
+      (exec 3<>/dev/tcp/127.0.0.1/28128) 2>/dev/null && break
+    else
+      curl -s -o /dev/null http://127.0.0.1:28190/readyz && break
+    fi
+    sleep 0.05
+  done
   local perf_pid=""
   if [[ -n ${PERF:-} ]]; then
     perf record -q -e cpu-clock -g -p "$pid" -o "$out/perf.data.$label" >/dev/null 2>&1 &
