@@ -55,14 +55,17 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 run() {
   local label=$1 bin=$2
   rm -f "$work/audit.jsonl"
-  if [[ $(basename "$bin") == floor_proxy ]]; then
+  local floor=""
+  [[ $(basename "$bin") == floor_proxy ]] && floor=1
+  if [[ -n $floor ]]; then
     taskset -c 1 "$bin" 127.0.0.1:28128 >/dev/null 2>&1 &
   else
     EGRESS_LOG=warn taskset -c 1 "$bin" run --config "$work/etc/gateway.yaml" >/dev/null 2>&1 &
   fi
   local pid=$!
+  # Ready: the gateway's /readyz answers; the floor proxy (no admin port) accepts.
   for _ in $(seq 100); do
-    if [[ $(basename "$bin") == floor_proxy ]]; then
+    if [[ -n $floor ]]; then
       (exec 3<>/dev/tcp/127.0.0.1/28128) 2>/dev/null && break
     else
       curl -s -o /dev/null http://127.0.0.1:28190/readyz && break
@@ -90,7 +93,7 @@ run() {
   wait "$pid" || true
   local us
   us=$(python3 -c "print(round(($after - $before) / $(getconf CLK_TCK) * 1e6 / max($n, 1), 1))")
-  echo "$label $workload: $n requests, $us us of gateway CPU per request"
+  echo "$label $workload: $n requests, $us us of the proxy's CPU per request"
   echo "$us" >>"$out/result.$label"
 }
 
