@@ -1500,8 +1500,9 @@ fn a_silent_endpoint_costs_one_timeout_and_traffic_returns_when_it_answers() {
 
 /// Benchmark (not a test; `cargo test -p egress-e2e --test redirector -- --ignored --nocapture`):
 /// a 100 MiB download and the new-connection rate through pod -> node relay -> gateway, against
-/// the same Pod network with redirection off (the unselected address). Prints the ratios and the
-/// CPU each hop costs. Use release binaries: `EGRESS_GATEWAY_BIN=target/release/egress-gateway`
+/// the same Pod network with redirection off (the unselected address). Prints the ratios, the
+/// CPU each hop costs, and the relay's cost against the floors of its design ([`NodeFloor`]).
+/// Use release binaries: `EGRESS_GATEWAY_BIN=target/release/egress-gateway`
 /// (the redirector is taken from the same folder). `EGRESS_BENCH=bulk|rate` runs one half;
 /// `EGRESS_BENCH_PIN=1` puts the node (Pod clients, relay) on CPU 0 and the rest on CPU 1.
 #[test]
