@@ -277,7 +277,7 @@ impl Pipeline {
         };
         let decision = decide::decide(&state, who.identity.as_deref(), &target, req, charge);
         let (target, checked) =
-            match self.decide_by_names(&state, who.identity.as_deref(), req, &target, &decision).await {
+            match self.decide_by_names(&state, who.identity.as_deref(), req, &target, &decision, charge).await {
                 Some(by_name) => by_name,
                 None => {
                     let checked =

@@ -20,7 +20,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::resolve::{Checked, resolve_checked};
-use super::{Pipeline, State};
+use super::{Charge, Pipeline, State};
 use crate::guard::Verdict;
 use crate::identity::Identity;
 use crate::policy::{Action, Decision};
@@ -31,7 +31,7 @@ use crate::target::{self, Host, Target};
 impl Pipeline {
     /// The decision by one of the request's DNS names, when the payload named nothing and the
     /// address decision `by_address` refused for want of a rule; `None` otherwise (the address
-    /// decision stands).
+    /// decision stands). `charge`: as for the address decision.
     pub(super) async fn decide_by_names(
         &self,
         state: &State,
@@ -39,6 +39,7 @@ impl Pipeline {
         req: &EgressRequest,
         target: &Target,
         by_address: &Decision,
+        charge: Charge,
     ) -> Option<(Target, Checked)> {
         let facts = req.transparent.as_ref()?;
         let Host::Ip(ip) = target.host else { return None };
@@ -53,7 +54,7 @@ impl Pipeline {
             // A name that reads as an address is not a name.
             let Ok(Host::Name(n)) = target::parse_host(name) else { continue };
             let by_name = Target { host: Host::Name(n), port: target.port };
-            let d = super::decide::decide(state, identity, &by_name, req, super::Charge::Token);
+            let d = super::decide::decide(state, identity, &by_name, req, charge);
             if d.action != Action::Allow {
                 continue;
             }
