@@ -53,18 +53,23 @@ fn ctl(ep: RawFd, op: libc::c_int, fd: RawFd, events: u32, token: u64) {
     let _ = unsafe { libc::epoll_ctl(ep, op, fd, &mut ev) };
 }
 
-fn nodelay(fd: RawFd) {
+/// Turns a boolean socket option on.
+fn set_on(fd: RawFd, level: libc::c_int, option: libc::c_int) {
     let on: libc::c_int = 1;
     // SAFETY: setsockopt with a c_int value and its size.
     unsafe {
         libc::setsockopt(
             fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_NODELAY,
+            level,
+            option,
             (&on as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
+}
+
+fn nodelay(fd: RawFd) {
+    set_on(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY);
 }
 
 fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_in, libc::socklen_t) {
@@ -124,14 +129,7 @@ fn main() {
             libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0),
             "socket",
         );
-        let on: libc::c_int = 1;
-        libc::setsockopt(
-            lfd,
-            libc::SOL_SOCKET,
-            libc::SO_REUSEADDR,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
+        set_on(lfd, libc::SOL_SOCKET, libc::SO_REUSEADDR);
         let (sa, len) = sockaddr(listen);
         check(libc::bind(lfd, (&sa as *const libc::sockaddr_in).cast(), len), "bind");
         check(libc::listen(lfd, 4096), "listen");
