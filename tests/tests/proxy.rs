@@ -75,6 +75,15 @@ fn single_policy(name: &str, spec: &str, extra: &str) -> String {
     )
 }
 
+/// [`single_policy`] `limited`, allowing up.test:`port` at one request per second after a burst
+/// of `burst`.
+fn rate_limited_policy(port: u16, burst: u32) -> String {
+    let spec = format!(
+        "      rateLimit: {{requestsPerSecond: 1, burst: {burst}}}\n      rules: [{{name: up, to: [{{domain: up.test}}], ports: [{{port: {port}}}]}}]"
+    );
+    single_policy("limited", &spec, "")
+}
+
 /// Two network namespaces joined by a veth pair: the gateway's host (`gw{tag}`, holding
 /// `gw_addrs`) and the upstream's (`up{tag}`, holding `up_addr`).
 fn gateway_and_upstream_hosts(tag: &str, gw_addrs: &[&str], up_addr: &str) -> (Netns, Netns) {
@@ -497,13 +506,7 @@ fn a_second_request_on_a_keep_alive_connection_is_decided_again() {
 fn rate_limit_answers_429_and_socks_0x02_once_the_burst_is_spent() {
     let (dns, up) = (dns(), Upstream::start("127.0.0.2"));
     let p = up.addr.port();
-    let body = single_policy(
-        "limited",
-        &format!(
-            "      rateLimit: {{requestsPerSecond: 1, burst: 3}}\n      rules: [{{name: up, to: [{{domain: up.test}}], ports: [{{port: {p}}}]}}]"
-        ),
-        "",
-    );
+    let body = rate_limited_policy(p, 3);
     let gw = Gateway::start(&dns, &body);
     let url = format!("http://up.test:{p}/");
     // The burst is served; then requests faster than one a second get 429. No wall-clock
@@ -1239,13 +1242,7 @@ fn a_request_sent_again_after_an_idle_close_takes_no_second_rate_limit_token() {
             });
         }
     });
-    let body = single_policy(
-        "limited",
-        &format!(
-            "      rateLimit: {{requestsPerSecond: 1, burst: 2}}\n      rules: [{{name: up, to: [{{domain: up.test}}], ports: [{{port: {p}}}]}}]"
-        ),
-        "",
-    );
+    let body = rate_limited_policy(p, 2);
     let gw = Gateway::start(&dns, &body);
     let mut c = Raw::connect(gw.http);
     let host = format!("up.test:{p}");
